@@ -1,0 +1,13 @@
+//! CSI v1.12 wire types, clients and server traits.
+//!
+//! Everything here is generated at build time from `proto/csi.proto`; the
+//! crate exists so that the (slow to compile) generated code is built once and
+//! shared by the driver, its CLI and the tests.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("csi.v1");
+}
+
+pub use v1::*;

@@ -1,0 +1,81 @@
+//! Command-line interface: `ferrovol serve` and friends.
+//!
+//! Every `serve` flag has a `FERROVOL_*` environment variable so the same
+//! binary is configured the same way from a shell, a systemd unit or a pod.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_DRIVER_NAME: &str = "local.csi.ferrovol.io";
+
+#[derive(Debug, Parser)]
+#[command(name = "ferrovol", version = crate::version::VERSION, about = "A Kubernetes CSI storage driver")]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, env = "FERROVOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the CSI gRPC services on a socket.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Which CSI services this process registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Identity + Controller (+ GroupController, SnapshotMetadata).
+    Controller,
+    /// Identity + Node.
+    Node,
+    /// Everything: the usual choice for the node-local engine.
+    All,
+}
+
+impl Mode {
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+    pub fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// CSI endpoint: unix:///abs/path.sock, a plain path, or tcp://host:port
+    /// (debugging only). Default: <state-dir>/csi.sock.
+    #[arg(long, env = "FERROVOL_ENDPOINT")]
+    pub endpoint: Option<String>,
+
+    /// This node's id as reported to the CO. Default: the hostname.
+    #[arg(long, env = "FERROVOL_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// The CSI driver name (must match the CSIDriver object and StorageClasses).
+    #[arg(long, env = "FERROVOL_DRIVER_NAME", default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+
+    /// Which services to register.
+    #[arg(long, env = "FERROVOL_MODE", value_enum, default_value_t = Mode::All)]
+    pub mode: Mode,
+
+    /// Directory for the driver's state (created if missing).
+    #[arg(long, env = "FERROVOL_STATE_DIR", default_value = "./ferrovol-data")]
+    pub state_dir: PathBuf,
+
+    /// Seconds to let in-flight RPCs finish after SIGTERM/SIGINT.
+    #[arg(long, env = "FERROVOL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    pub shutdown_timeout: u64,
+}

@@ -1,0 +1,147 @@
+//! The driver's error type, and the one place where errors become gRPC codes.
+//!
+//! Engines and services speak in terms of *what went wrong* (a missing volume,
+//! a conflicting name, a full pool); which CSI status code that means is
+//! decided here only, so the spec's error table is applied consistently.
+
+use std::fmt;
+use std::io;
+
+use tonic::{Code, Status};
+
+/// What went wrong, in CSI terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The request itself is malformed or asks for something never possible.
+    InvalidArgument(String),
+    /// A volume, snapshot, group or path the request names does not exist.
+    NotFound(String),
+    /// The name is taken by an object created with incompatible arguments.
+    AlreadyExists(String),
+    /// Another operation on the same name or ID is in flight; retry later.
+    Aborted(String),
+    /// The object is in a state that forbids the call (e.g. still published).
+    FailedPrecondition(String),
+    /// A size outside what this engine can ever provide.
+    OutOfRange(String),
+    /// Not enough space (or another resource) right now.
+    ResourceExhausted(String),
+    /// The call is not supported by this driver or engine.
+    Unimplemented(String),
+    /// The backend cannot be reached or is not ready; retrying may help.
+    Unavailable(String),
+    /// A bug or an unexpected system failure.
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Aborted(_) => Code::Aborted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Error::InvalidArgument(m)
+            | Error::NotFound(m)
+            | Error::AlreadyExists(m)
+            | Error::Aborted(m)
+            | Error::FailedPrecondition(m)
+            | Error::OutOfRange(m)
+            | Error::ResourceExhausted(m)
+            | Error::Unimplemented(m)
+            | Error::Unavailable(m)
+            | Error::Internal(m) => m,
+        }
+    }
+
+    /// Wraps an I/O error with what we were doing. A full disk or quota is
+    /// RESOURCE_EXHAUSTED (the CO may retry elsewhere or later); everything
+    /// else is INTERNAL, because callers decide NOT_FOUND themselves.
+    pub fn io(context: impl fmt::Display, err: io::Error) -> Error {
+        let msg = format!("{context}: {err}");
+        match rustix::io::Errno::from_io_error(&err) {
+            Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => {
+                Error::ResourceExhausted(msg)
+            }
+            _ => Error::Internal(msg),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code(), self.message())
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        Status::new(e.code(), e.message().to_string())
+    }
+}
+
+/// Shorthand constructors that read well at call sites.
+macro_rules! err_ctor {
+    ($($fn_name:ident => $variant:ident),* $(,)?) => {
+        $(
+            pub fn $fn_name(msg: impl Into<String>) -> Error {
+                Error::$variant(msg.into())
+            }
+        )*
+    };
+}
+
+err_ctor! {
+    invalid => InvalidArgument,
+    not_found => NotFound,
+    already_exists => AlreadyExists,
+    aborted => Aborted,
+    failed_precondition => FailedPrecondition,
+    out_of_range => OutOfRange,
+    exhausted => ResourceExhausted,
+    unimplemented => Unimplemented,
+    unavailable => Unavailable,
+    internal => Internal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_disk_is_resource_exhausted() {
+        let e = Error::io("writing", rustix::io::Errno::NOSPC.into());
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        let e = Error::io("writing", rustix::io::Errno::DQUOT.into());
+        assert_eq!(e.code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn other_io_errors_are_internal_with_context() {
+        let e = Error::io("opening pool", io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(e.code(), Code::Internal);
+        assert!(e.message().starts_with("opening pool: "));
+    }
+
+    #[test]
+    fn status_carries_code_and_message() {
+        let s: Status = not_found("volume vol-x").into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), "volume vol-x");
+    }
+}

@@ -1,0 +1,153 @@
+//! The single path every RPC takes: one tracing span per call carrying the
+//! method, a request id and the object ids of the request, then one line with
+//! the resulting gRPC code and latency.
+//!
+//! Requests are never logged whole: CSI requests carry `secrets` maps, and the
+//! only way to be sure they never reach a log is to log chosen fields only.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ferrovol_csi as csi;
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, field, info, info_span, warn, Instrument};
+
+use crate::error::{Error, Result};
+
+static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The identifiers of a request that are worth a span field. Never secrets,
+/// parameters or contexts: only names and ids.
+#[derive(Default)]
+pub struct Ids<'a> {
+    pub name: Option<&'a str>,
+    pub volume_id: Option<&'a str>,
+    pub snapshot_id: Option<&'a str>,
+    pub group_snapshot_id: Option<&'a str>,
+}
+
+pub trait RequestIds {
+    fn ids(&self) -> Ids<'_> {
+        Ids::default()
+    }
+}
+
+/// Methods polled constantly by the CO; their successes are logged at debug
+/// so that real operations stand out at info.
+fn is_chatty(method: &str) -> bool {
+    matches!(
+        method,
+        "Probe"
+            | "GetPluginInfo"
+            | "GetPluginCapabilities"
+            | "ControllerGetCapabilities"
+            | "NodeGetCapabilities"
+            | "GroupControllerGetCapabilities"
+            | "NodeGetInfo"
+            | "NodeGetVolumeStats"
+            | "GetCapacity"
+            | "ListVolumes"
+            | "ListSnapshots"
+    )
+}
+
+/// Runs one RPC inside its span and maps the outcome to a gRPC response.
+pub async fn handle<Req, Resp, F, Fut>(
+    method: &'static str,
+    request: Request<Req>,
+    body: F,
+) -> Result<Response<Resp>, Status>
+where
+    Req: RequestIds,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Resp>>,
+{
+    let req = request.into_inner();
+    let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!(
+        "rpc",
+        method,
+        request_id,
+        name = field::Empty,
+        volume_id = field::Empty,
+        snapshot_id = field::Empty,
+        group_snapshot_id = field::Empty,
+    );
+    {
+        let ids = req.ids();
+        for (key, value) in [
+            ("name", ids.name),
+            ("volume_id", ids.volume_id),
+            ("snapshot_id", ids.snapshot_id),
+            ("group_snapshot_id", ids.group_snapshot_id),
+        ] {
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                span.record(key, v);
+            }
+        }
+    }
+
+    let started = Instant::now();
+    let outcome = body(req).instrument(span.clone()).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+    let _entered = span.enter();
+    match &outcome {
+        Ok(_) if is_chatty(method) => debug!(code = "OK", latency_ms, "rpc done"),
+        Ok(_) => info!(code = "OK", latency_ms, "rpc done"),
+        Err(e @ (Error::Internal(_) | Error::Unavailable(_))) => {
+            error!(code = ?e.code(), latency_ms, error = e.message(), "rpc failed")
+        }
+        Err(e) => warn!(code = ?e.code(), latency_ms, error = e.message(), "rpc failed"),
+    }
+    outcome.map(Response::new).map_err(Status::from)
+}
+
+macro_rules! request_ids {
+    ($($ty:ident { $($kind:ident : $field:ident),* $(,)? })*) => {
+        $(
+            impl RequestIds for csi::$ty {
+                #[allow(clippy::needless_update)]
+                fn ids(&self) -> Ids<'_> {
+                    Ids { $($kind: Some(self.$field.as_str()),)* ..Ids::default() }
+                }
+            }
+        )*
+    };
+}
+
+request_ids! {
+    GetPluginInfoRequest {}
+    GetPluginCapabilitiesRequest {}
+    ProbeRequest {}
+    CreateVolumeRequest { name: name }
+    DeleteVolumeRequest { volume_id: volume_id }
+    ControllerPublishVolumeRequest { volume_id: volume_id }
+    ControllerUnpublishVolumeRequest { volume_id: volume_id }
+    ValidateVolumeCapabilitiesRequest { volume_id: volume_id }
+    ListVolumesRequest {}
+    GetCapacityRequest {}
+    ControllerGetCapabilitiesRequest {}
+    CreateSnapshotRequest { name: name, volume_id: source_volume_id }
+    DeleteSnapshotRequest { snapshot_id: snapshot_id }
+    ListSnapshotsRequest { volume_id: source_volume_id, snapshot_id: snapshot_id }
+    GetSnapshotRequest { snapshot_id: snapshot_id }
+    ControllerExpandVolumeRequest { volume_id: volume_id }
+    ControllerGetVolumeRequest { volume_id: volume_id }
+    ControllerModifyVolumeRequest { volume_id: volume_id }
+    GroupControllerGetCapabilitiesRequest {}
+    CreateVolumeGroupSnapshotRequest { name: name }
+    DeleteVolumeGroupSnapshotRequest { group_snapshot_id: group_snapshot_id }
+    GetVolumeGroupSnapshotRequest { group_snapshot_id: group_snapshot_id }
+    GetMetadataAllocatedRequest { snapshot_id: snapshot_id }
+    GetMetadataDeltaRequest { snapshot_id: target_snapshot_id }
+    NodeStageVolumeRequest { volume_id: volume_id }
+    NodeUnstageVolumeRequest { volume_id: volume_id }
+    NodePublishVolumeRequest { volume_id: volume_id }
+    NodeUnpublishVolumeRequest { volume_id: volume_id }
+    NodeGetVolumeStatsRequest { volume_id: volume_id }
+    NodeExpandVolumeRequest { volume_id: volume_id }
+    NodeGetCapabilitiesRequest {}
+    NodeGetInfoRequest {}
+}

@@ -1,0 +1,129 @@
+//! `ferrovol serve`: binds the endpoint, registers the services the mode asks
+//! for, and shuts down gracefully on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrovol_csi as csi;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::cli::ServeArgs;
+use crate::endpoint::{self, Endpoint, SocketState};
+use crate::services::identity::IdentityService;
+use crate::services::Driver;
+
+/// Logged once the socket accepts connections; tests and scripts wait for it.
+pub const READY_MESSAGE: &str = "ferrovol is serving";
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("creating state dir {}: {e}", args.state_dir.display()))?;
+    let endpoint = match &args.endpoint {
+        Some(s) => Endpoint::parse(s)?,
+        None => Endpoint::Unix(args.state_dir.join("csi.sock")),
+    };
+    let node_id = match &args.node_id {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => hostname()?,
+    };
+    let driver = Arc::new(Driver {
+        name: args.driver_name.clone(),
+        node_id,
+        mode: args.mode,
+        state_dir: args.state_dir.clone(),
+    });
+
+    let router = Server::builder().add_service(csi::identity_server::IdentityServer::new(
+        IdentityService::new(driver.clone()),
+    ));
+
+    // Installed before we announce readiness: a SIGTERM that arrives right
+    // after must take the graceful path, not the default "die at once".
+    let signals = Signals::install()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let mut socket_path: Option<PathBuf> = None;
+    let server = match &endpoint {
+        Endpoint::Unix(path) => {
+            let (listener, state) =
+                endpoint::bind_unix(path).map_err(|e| format!("binding {endpoint}: {e}"))?;
+            if state == SocketState::Stale {
+                warn!(socket = %path.display(), "replaced a stale socket left by a dead process");
+            }
+            socket_path = Some(path.clone());
+            let incoming = UnixListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding {endpoint}: {e}"))?;
+            let incoming = TcpListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
+    info!(
+        endpoint = %endpoint,
+        driver = %driver.name,
+        node_id = %driver.node_id,
+        mode = ?driver.mode,
+        version = crate::version::VERSION,
+        "{READY_MESSAGE}"
+    );
+
+    let signal = signals.wait().await;
+    info!(signal, "shutting down: no new connections, finishing in-flight RPCs");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "server task failed"),
+        Err(_) => warn!(?grace, "in-flight RPCs did not finish in time; exiting anyway"),
+    }
+    if let Some(path) = socket_path {
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(socket = %path.display(), error = %e, "could not remove socket");
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+        let int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+        Ok(Signals { term, int })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+fn hostname() -> Result<String, String> {
+    let name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    if name.is_empty() {
+        return Err("cannot determine the hostname; pass --node-id".into());
+    }
+    Ok(name)
+}
