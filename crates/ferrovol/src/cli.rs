@@ -24,6 +24,29 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI gRPC services on a socket.
     Serve(ServeArgs),
+    /// Manage the local engine's pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Create a reflink-capable pool (XFS or btrfs on an image file) and
+    /// mount it at --dir, for hosts whose filesystem cannot share blocks.
+    Init {
+        /// Where the pool is mounted (an empty or missing directory).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Image size, e.g. 20G.
+        #[arg(long, value_parser = crate::poolinit::parse_size)]
+        size: u64,
+        /// Filesystem of the pool.
+        #[arg(long, value_enum, default_value_t = crate::poolinit::PoolFs::Xfs)]
+        fs: crate::poolinit::PoolFs,
+        /// The image file. Default: <dir>.img beside the directory.
+        #[arg(long)]
+        image: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,6 +97,10 @@ pub struct ServeArgs {
     /// Directory for the driver's state (created if missing).
     #[arg(long, env = "FERROVOL_STATE_DIR", default_value = "./ferrovol-data")]
     pub state_dir: PathBuf,
+
+    /// The local engine's pool directory. Default: <state-dir>/pool.
+    #[arg(long, env = "FERROVOL_POOL_DIR")]
+    pub pool_dir: Option<PathBuf>,
 
     /// Seconds to let in-flight RPCs finish after SIGTERM/SIGINT.
     #[arg(long, env = "FERROVOL_SHUTDOWN_TIMEOUT", default_value_t = 10)]

@@ -3,14 +3,23 @@
 //! Layout (see docs/architecture.md):
 //! - [`endpoint`], [`server`]: the socket and the gRPC server;
 //! - [`rpc`]: the path every RPC takes (span, ids, code, latency);
-//! - [`services`]: the CSI services;
+//! - [`services`]: the CSI services, validating requests and taking
+//!   [`locks`] before calling an [`engine`];
+//! - [`engine`]: storage engines (the local engine keeps a [`journal`]);
 //! - [`error`]: our errors and their one mapping to gRPC codes;
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod endpoint;
+pub mod engine;
 pub mod error;
+pub mod exec;
+pub mod failpoint;
+pub mod fsutil;
+pub mod journal;
+pub mod locks;
 pub mod logging;
+pub mod poolinit;
 pub mod rpc;
 pub mod server;
 pub mod services;

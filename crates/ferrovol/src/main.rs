@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferrovol::cli::{Cli, Command};
+use ferrovol::cli::{Cli, Command, PoolCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,6 +16,24 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => ferrovol::server::run(args).await,
+            Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
+                let image = image.unwrap_or_else(|| dir.with_extension("img"));
+                let pool = ferrovol::poolinit::init(&dir, &image, size, fs)
+                    .await
+                    .map_err(|e| e.message().to_string())?;
+                println!(
+                    "pool ready: {} ({}) mounted on {} from {}\n\
+                     to mount it at boot, add to /etc/fstab:\n  {} {} {} loop 0 0",
+                    pool.image.display(),
+                    fs.name(),
+                    pool.mountpoint.display(),
+                    pool.device.display(),
+                    pool.image.display(),
+                    pool.mountpoint.display(),
+                    fs.name()
+                );
+                Ok(())
+            }
         }
     });
     match result {

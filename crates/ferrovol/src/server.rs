@@ -12,6 +12,9 @@ use tracing::{info, warn};
 
 use crate::cli::ServeArgs;
 use crate::endpoint::{self, Endpoint, SocketState};
+use crate::engine::local::LocalEngine;
+use crate::locks::OpLocks;
+use crate::services::controller::ControllerService;
 use crate::services::identity::IdentityService;
 use crate::services::Driver;
 
@@ -29,16 +32,27 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
     };
+    let pool_dir = args.pool_dir.clone().unwrap_or_else(|| args.state_dir.join("pool"));
+    let engine = LocalEngine::open(&pool_dir, &node_id)
+        .await
+        .map_err(|e| format!("opening pool {}: {}", pool_dir.display(), e.message()))?;
     let driver = Arc::new(Driver {
         name: args.driver_name.clone(),
         node_id,
         mode: args.mode,
         state_dir: args.state_dir.clone(),
+        engine: Arc::new(engine),
+        locks: OpLocks::new(),
     });
 
-    let router = Server::builder().add_service(csi::identity_server::IdentityServer::new(
+    let mut router = Server::builder().add_service(csi::identity_server::IdentityServer::new(
         IdentityService::new(driver.clone()),
     ));
+    if driver.mode.controller() {
+        router = router.add_service(csi::controller_server::ControllerServer::new(
+            ControllerService::new(driver.clone()),
+        ));
+    }
 
     // Installed before we announce readiness: a SIGTERM that arrives right
     // after must take the graceful path, not the default "die at once".

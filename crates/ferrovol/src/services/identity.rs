@@ -1,9 +1,6 @@
 //! Identity service: who we are, what we can do, and whether we are healthy.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +26,7 @@ impl IdentityService {
     }
 
     fn manifest(&self) -> HashMap<String, String> {
-        let mut m = HashMap::new();
+        let mut m: HashMap<String, String> = self.driver.engine.manifest().into_iter().collect();
         m.insert("mode".into(), format!("{:?}", self.driver.mode).to_lowercase());
         if !version::GIT_REVISION.is_empty() {
             m.insert("git_revision".into(), version::GIT_REVISION.into());
@@ -38,39 +35,49 @@ impl IdentityService {
     }
 
     fn capabilities(&self) -> Vec<csi::PluginCapability> {
-        // Grows as services land; only what truly works is listed.
-        Vec::new()
+        use csi::plugin_capability::service::Type as Service;
+        let mut services = Vec::new();
+        if self.driver.mode.controller() {
+            services.push(Service::ControllerService);
+        }
+        if !self.driver.engine.topology().is_empty() {
+            services.push(Service::VolumeAccessibilityConstraints);
+        }
+        services
+            .into_iter()
+            .map(|s| csi::PluginCapability {
+                r#type: Some(csi::plugin_capability::Type::Service(
+                    csi::plugin_capability::Service { r#type: s as i32 },
+                )),
+            })
+            .collect()
     }
 
     async fn check_ready(&self) -> Result<()> {
         let dir = self.driver.state_dir.clone();
-        let check = tokio::task::spawn_blocking(move || state_dir_writable(&dir));
+        let check = tokio::task::spawn_blocking(move || crate::fsutil::check_writable(&dir));
         match tokio::time::timeout(PROBE_CHECK_TIMEOUT, check).await {
+            Err(_) => {
+                return Err(error::failed_precondition(format!(
+                    "state dir {} did not answer within {PROBE_CHECK_TIMEOUT:?}",
+                    self.driver.state_dir.display()
+                )))
+            }
+            Ok(joined) => joined.map_err(|e| error::internal(format!("probe task: {e}")))??,
+        }
+        match tokio::time::timeout(PROBE_CHECK_TIMEOUT, self.driver.engine.health()).await {
             Err(_) => Err(error::failed_precondition(format!(
-                "state dir {} did not answer within {PROBE_CHECK_TIMEOUT:?}",
-                self.driver.state_dir.display()
+                "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
+                self.driver.engine.kind()
             ))),
-            Ok(joined) => joined.map_err(|e| error::internal(format!("probe task: {e}")))?,
+            Ok(Err(e)) => Err(error::failed_precondition(format!(
+                "the {} engine is not healthy: {}",
+                self.driver.engine.kind(),
+                e.message()
+            ))),
+            Ok(Ok(())) => Ok(()),
         }
     }
-}
-
-static PROBE_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Really writes (and syncs) a file: a read-only remount, a full disk or a
-/// vanished directory all show up here, not at the next CreateVolume.
-fn state_dir_writable(dir: &Path) -> Result<()> {
-    let seq = PROBE_SEQ.fetch_add(1, Ordering::Relaxed);
-    let path = dir.join(format!(".probe-{}-{seq}", std::process::id()));
-    let attempt = (|| {
-        let mut f = std::fs::File::create(&path)?;
-        f.write_all(b"ok")?;
-        f.sync_data()
-    })();
-    let _ = std::fs::remove_file(&path);
-    attempt.map_err(|e| {
-        error::failed_precondition(format!("state dir {} is not writable: {e}", dir.display()))
-    })
 }
 
 #[tonic::async_trait]

@@ -23,6 +23,7 @@ pub struct Driver {
     child: Option<Child>,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    pub pool_dir: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
 }
@@ -30,6 +31,7 @@ pub struct Driver {
 pub struct DriverBuilder {
     socket: PathBuf,
     state_dir: PathBuf,
+    pool_dir: Option<PathBuf>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -40,6 +42,7 @@ impl DriverBuilder {
         DriverBuilder {
             socket: root.join("csi.sock"),
             state_dir: root.join("state"),
+            pool_dir: None,
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "debug,h2=info,hyper=info,tower=info".into())],
         }
@@ -47,6 +50,11 @@ impl DriverBuilder {
 
     pub fn socket(mut self, p: impl Into<PathBuf>) -> Self {
         self.socket = p.into();
+        self
+    }
+
+    pub fn pool(mut self, p: &TestPool) -> Self {
+        self.pool_dir = Some(p.dir.clone());
         self
     }
 
@@ -75,6 +83,11 @@ impl DriverBuilder {
             .arg("--node-id")
             .arg("test-node")
             .args(&self.args)
+            .args(
+                self.pool_dir
+                    .iter()
+                    .flat_map(|p| [std::ffi::OsStr::new("--pool-dir"), p.as_os_str()]),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -105,10 +118,12 @@ impl DriverBuilder {
                 let _ = tx.send(line);
             }
         });
+        let pool_dir = self.pool_dir.unwrap_or_else(|| self.state_dir.join("pool"));
         Driver {
             child: Some(child),
             socket: self.socket,
             state_dir: self.state_dir,
+            pool_dir,
             logs,
             lines: rx,
         }
@@ -179,4 +194,194 @@ impl Drop for Driver {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Which filesystem a test pool sits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolFs {
+    /// XFS with reflink, on a loop-mounted image: the copy-on-write path.
+    Xfs,
+    /// A plain directory on the root ext4: the copy fallback.
+    Ext4,
+}
+
+/// A pool directory for one test, unmounted and detached on drop (even when
+/// the test panics), so no loop device or mount outlives the test.
+pub struct TestPool {
+    pub dir: PathBuf,
+    pub fs: PoolFs,
+    image: Option<ferrovol::poolinit::PoolImage>,
+    _root: tempfile::TempDir,
+}
+
+impl TestPool {
+    pub async fn new(fs: PoolFs) -> TestPool {
+        Self::with_size(fs, 4 << 30).await
+    }
+
+    pub async fn with_size(fs: PoolFs, size: u64) -> TestPool {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("pool");
+        let image = match fs {
+            PoolFs::Xfs => Some(
+                ferrovol::poolinit::init(
+                    &dir,
+                    &root.path().join("pool.img"),
+                    size,
+                    ferrovol::poolinit::PoolFs::Xfs,
+                )
+                .await
+                .expect("making an XFS pool"),
+            ),
+            PoolFs::Ext4 => {
+                std::fs::create_dir(&dir).unwrap();
+                None
+            }
+        };
+        TestPool { dir, fs, image, _root: root }
+    }
+
+    /// The file backing a volume or snapshot, by the pool's layout.
+    pub fn volume_file(&self, id: &str) -> PathBuf {
+        self.dir.join("volumes").join(format!("{id}.img"))
+    }
+
+    pub fn snapshot_file(&self, id: &str) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{id}.img"))
+    }
+
+    pub fn files(&self, sub: &str) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(self.dir.join(sub))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Free bytes in the pool filesystem.
+    pub fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(&self.dir).unwrap();
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        if let Some(img) = self.image.take() {
+            if ferrovol::poolinit::unmount(&img).is_err() {
+                // Still busy (a driver that has not exited): detach lazily so
+                // the kernel frees both as soon as the last user goes.
+                let _ =
+                    rustix::mount::unmount(&img.mountpoint, rustix::mount::UnmountFlags::DETACH);
+                let _ = ferrovol::engine::local::loopdev::detach(&img.device);
+            }
+        }
+    }
+}
+
+pub mod req {
+    //! Terse builders for CSI requests.
+    use ferrovol_csi as csi;
+    use ferrovol_csi::volume_capability::access_mode::Mode;
+    use ferrovol_csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+
+    pub const GIB: i64 = 1 << 30;
+    pub const MIB: i64 = 1 << 20;
+
+    pub fn mount_cap(fs: &str) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    pub fn block_cap() -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+            access_type: Some(AccessType::Block(BlockVolume {})),
+        }
+    }
+
+    pub fn cap_with_mode(mode: Mode) -> csi::VolumeCapability {
+        let mut c = mount_cap("ext4");
+        c.access_mode = Some(AccessMode { mode: mode as i32 });
+        c
+    }
+
+    pub fn range(required: i64, limit: i64) -> Option<csi::CapacityRange> {
+        Some(csi::CapacityRange { required_bytes: required, limit_bytes: limit })
+    }
+
+    pub fn create(name: &str, required: i64) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: range(required, 0),
+            volume_capabilities: vec![mount_cap("ext4")],
+            ..Default::default()
+        }
+    }
+
+    pub fn from_snapshot(name: &str, snapshot_id: &str, required: i64) -> csi::CreateVolumeRequest {
+        use csi::volume_content_source::{SnapshotSource, Type};
+        csi::CreateVolumeRequest {
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: snapshot_id.into() })),
+            }),
+            ..create(name, required)
+        }
+    }
+
+    pub fn from_volume(name: &str, volume_id: &str, required: i64) -> csi::CreateVolumeRequest {
+        use csi::volume_content_source::{Type, VolumeSource};
+        csi::CreateVolumeRequest {
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(Type::Volume(VolumeSource { volume_id: volume_id.into() })),
+            }),
+            ..create(name, required)
+        }
+    }
+
+    pub fn snapshot(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+        csi::CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: source.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn delete(id: &str) -> csi::DeleteVolumeRequest {
+        csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() }
+    }
+
+    pub fn delete_snapshot(id: &str) -> csi::DeleteSnapshotRequest {
+        csi::DeleteSnapshotRequest { snapshot_id: id.into(), ..Default::default() }
+    }
+}
+
+/// Writes `len` bytes of a pattern derived from `seed` at `offset` of a file.
+pub fn write_pattern(path: &Path, offset: u64, len: usize, seed: u8) {
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(std::io::SeekFrom::Start(offset)).unwrap();
+    let block: Vec<u8> =
+        (0..1 << 20).map(|i: usize| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len());
+        f.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Reads `len` bytes at `offset`.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf
 }

@@ -1,0 +1,600 @@
+//! The local engine: a volume is a sparse file in a pool directory on this
+//! node, a snapshot is a read-only file beside it, and both are made by
+//! reflink (O(metadata)) where the pool's filesystem can share blocks.
+//!
+//! Every change follows the journal's discipline: reserve the name and ID,
+//! touch files, then commit the record `Ready` (or roll back on failure).
+//! Callers serialize operations per name and per ID (the services' operation
+//! locks); the engine relies on that, and on nothing else, for exclusion.
+
+pub mod loopdev;
+pub mod pool;
+pub mod recovery;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+
+use crate::engine::ids::{self, Kind};
+use crate::engine::{
+    choose_size, AccessType, Capacity, Condition, ContentSource, Engine, ExpansionSite, NewVolume,
+    Page, Snapshot, SnapshotFilter, Volume,
+};
+use crate::error::{self, Error, Result};
+use crate::failpoint;
+use crate::journal::{Journal, Record, Reservation, SnapshotRecord, State, VolumeRecord};
+use pool::{CowMethod, Pool, GRANULARITY};
+
+/// The topology key under which local volumes report the node they live on.
+/// The same key is used by NodeGetInfo, StorageClasses and docs.
+pub const TOPOLOGY_KEY: &str = "local.csi.ferrovol.io/node";
+
+/// StorageClass parameter: `thin` (default, sparse) or `thick` (preallocated).
+pub const PARAM_PROVISIONING: &str = "provisioning";
+
+pub struct LocalEngine {
+    pool: Pool,
+    journal: Journal,
+    node_id: String,
+    method: CowMethod,
+}
+
+/// Runs blocking file work off the async executor.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| error::internal(format!("worker failed: {e}")))?
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn from_nanos(n: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
+}
+
+fn is_thick(parameters: &BTreeMap<String, String>) -> bool {
+    parameters.get(PARAM_PROVISIONING).is_some_and(|v| v == "thick")
+}
+
+fn to_volume(r: &VolumeRecord) -> Volume {
+    let source = if !r.source_snapshot.is_empty() {
+        Some(ContentSource::Snapshot(r.source_snapshot.clone()))
+    } else if !r.source_volume.is_empty() {
+        Some(ContentSource::Volume(r.source_volume.clone()))
+    } else {
+        None
+    };
+    Volume {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        capacity: r.capacity,
+        source,
+        access: if r.block {
+            AccessType::Block
+        } else {
+            AccessType::Mount { fs_type: r.fs_type.clone() }
+        },
+        parameters: r.parameters.clone(),
+        topology: r.topology.clone(),
+        created: from_nanos(r.created_unix_nanos),
+    }
+}
+
+fn to_snapshot(r: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        source_volume: r.source_volume.clone(),
+        size: r.size,
+        created: from_nanos(r.created_unix_nanos),
+        ready: r.state() == State::Ready,
+        group_id: (!r.group_id.is_empty()).then(|| r.group_id.clone()),
+    }
+}
+
+impl LocalEngine {
+    /// Opens the pool, detects copy-on-write support, and runs recovery so
+    /// that every record is settled before the first request.
+    pub async fn open(pool_dir: &Path, node_id: &str) -> Result<LocalEngine> {
+        let pool = Pool::open(pool_dir)?;
+        let journal = Journal::open(&pool.journal_path())?;
+        let method = pool.probe_cow_method()?;
+        if method == CowMethod::Copy {
+            warn!(
+                pool = %pool.root().display(),
+                "pool filesystem has no reflink: snapshots and clones will copy data \
+                 (use `ferrovol pool init` to make an XFS or btrfs pool)"
+            );
+        }
+        let report = recovery::recover(&pool, &journal).await?;
+        if report.is_clean() {
+            info!(pool = %pool.root().display(), cow = method.as_str(), "pool open");
+        } else {
+            warn!(pool = %pool.root().display(), cow = method.as_str(), %report, "pool open after recovery");
+        }
+        Ok(LocalEngine { pool, journal, node_id: node_id.to_string(), method })
+    }
+
+    pub fn cow_method(&self) -> CowMethod {
+        self.method
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn ready_volume(&self, id: &str) -> Result<VolumeRecord> {
+        let missing = || error::not_found(format!("volume {id:?} does not exist"));
+        if !ids::is_valid(Kind::Volume, id) {
+            return Err(missing());
+        }
+        match self.journal.get::<VolumeRecord>(id)? {
+            Some(r) if r.state() == State::Ready => Ok(r),
+            _ => Err(missing()),
+        }
+    }
+
+    fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        let missing = || error::not_found(format!("snapshot {id:?} does not exist"));
+        if !ids::is_valid(Kind::Snapshot, id) {
+            return Err(missing());
+        }
+        match self.journal.get::<SnapshotRecord>(id)? {
+            Some(r) if r.state() == State::Ready => Ok(r),
+            _ => Err(missing()),
+        }
+    }
+
+    /// The file to copy from and its size, for a content source.
+    fn resolve_source(&self, source: &Option<ContentSource>) -> Result<Option<(PathBuf, u64)>> {
+        Ok(match source {
+            None => None,
+            Some(ContentSource::Snapshot(id)) => {
+                let s = self.ready_snapshot(id)?;
+                Some((self.pool.path(Kind::Snapshot, id)?, s.size))
+            }
+            Some(ContentSource::Volume(id)) => {
+                let v = self.ready_volume(id)?;
+                Some((self.pool.path(Kind::Volume, id)?, v.capacity))
+            }
+        })
+    }
+
+    /// Removes what a failed or interrupted operation left under a name we
+    /// now own (the caller holds the name's lock, so nobody else is working
+    /// on it).
+    async fn discard<R: Record>(&self, kind: Kind, record: &R) -> Result<()> {
+        let path = self.pool.path(kind, record.id())?;
+        let pool = self.pool.clone();
+        blocking(move || {
+            pool::remove(&path)?;
+            pool.sync_dir(kind)
+        })
+        .await?;
+        self.journal.remove(record).await
+    }
+
+    async fn attached_devices(&self, path: PathBuf) -> Result<Vec<loopdev::Attached>> {
+        blocking(move || {
+            loopdev::find(&path).map_err(|e| Error::io("reading loop devices from sysfs", e))
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Engine for LocalEngine {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn manifest(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("engine".to_string(), "local".to_string()),
+            ("cow_method".to_string(), self.method.as_str().to_string()),
+            ("pool".to_string(), self.pool.root().display().to_string()),
+        ])
+    }
+
+    fn topology(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
+    }
+
+    fn multi_node(&self) -> bool {
+        false
+    }
+
+    fn expansion_site(&self) -> ExpansionSite {
+        // The file lives on this node, next to the filesystem that must grow
+        // with it; see docs/architecture.md.
+        ExpansionSite::Node
+    }
+
+    async fn health(&self) -> Result<()> {
+        let root = self.pool.root().to_path_buf();
+        let journal = self.journal.clone();
+        blocking(move || {
+            crate::fsutil::check_writable(&root)?;
+            journal.get::<VolumeRecord>("health-check").map(|_| ())
+        })
+        .await
+    }
+
+    fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
+        for (k, v) in parameters {
+            match k.as_str() {
+                PARAM_PROVISIONING if v == "thin" || v == "thick" => {}
+                PARAM_PROVISIONING => {
+                    return Err(error::invalid(format!(
+                        "parameter {PARAM_PROVISIONING}={v:?}: expected \"thin\" or \"thick\""
+                    )))
+                }
+                _ => {
+                    return Err(error::invalid(format!(
+                        "unknown parameter {k:?} (the local engine accepts: {PARAM_PROVISIONING})"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
+        self.validate_parameters(&req.parameters)?;
+        let thick = is_thick(&req.parameters);
+        let source = self.resolve_source(&req.source)?;
+        let (available, total) = self.pool.space()?;
+        let source_size = source.as_ref().map_or(0, |(_, size)| *size);
+        let capacity =
+            choose_size(req.required_bytes, req.limit_bytes, source_size, GRANULARITY, total)?;
+
+        if let Some(existing) = self.journal.by_name::<VolumeRecord>(&req.name)? {
+            if existing.state() == State::Ready {
+                return compatible_volume(existing, &req);
+            }
+            self.discard(Kind::Volume, &existing).await?;
+        }
+        if capacity > available {
+            return Err(error::exhausted(format!(
+                "pool has {available} bytes free, volume needs {capacity}"
+            )));
+        }
+
+        let (source_snapshot, source_volume) = match &req.source {
+            Some(ContentSource::Snapshot(id)) => (id.clone(), String::new()),
+            Some(ContentSource::Volume(id)) => (String::new(), id.clone()),
+            None => (String::new(), String::new()),
+        };
+        let (block, fs_type) = match &req.access {
+            AccessType::Block => (true, String::new()),
+            AccessType::Mount { fs_type } => (false, fs_type.clone()),
+        };
+        let mut record = VolumeRecord {
+            id: ids::mint(Kind::Volume),
+            name: req.name.clone(),
+            state: State::Creating as i32,
+            capacity,
+            source_snapshot,
+            source_volume,
+            block,
+            fs_type,
+            parameters: req.parameters.clone(),
+            topology: self.topology(),
+            created_unix_nanos: now_nanos(),
+        };
+        if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
+            return Err(error::aborted(format!("volume {:?} is being created", req.name)));
+        }
+
+        let path = self.pool.path(Kind::Volume, &record.id)?;
+        let (pool, method) = (self.pool.clone(), self.method);
+        let made = blocking(move || {
+            failpoint::hit("create-volume-after-reserve");
+            match source {
+                None => pool::create_empty(&path, capacity, thick)?,
+                Some((src, _)) => {
+                    pool::clone_file(&src, &path, capacity, method)?;
+                    if thick {
+                        pool::grow(&path, capacity, true)?;
+                    }
+                }
+            }
+            pool.sync_dir(Kind::Volume)?;
+            failpoint::hit("create-volume-before-commit");
+            Ok(())
+        })
+        .await;
+        if let Err(e) = made {
+            self.discard(Kind::Volume, &record).await?;
+            return Err(e);
+        }
+        record.set_state(State::Ready);
+        if let Err(e) = self.journal.put(&record).await {
+            let _ = self.discard(Kind::Volume, &record).await;
+            return Err(e);
+        }
+        Ok(to_volume(&record))
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<()> {
+        if !ids::is_valid(Kind::Volume, id) {
+            return Ok(()); // cannot exist, so it is already deleted
+        }
+        let Some(mut record) = self.journal.get::<VolumeRecord>(id)? else {
+            return Ok(());
+        };
+        let path = self.pool.path(Kind::Volume, id)?;
+        if let Some(a) = self.attached_devices(path.clone()).await?.first() {
+            return Err(error::failed_precondition(format!(
+                "volume {id} is attached as {} on this node (still staged or published)",
+                a.device.display()
+            )));
+        }
+        record.set_state(State::Deleting);
+        self.journal.put(&record).await?;
+        let pool = self.pool.clone();
+        blocking(move || {
+            failpoint::hit("delete-volume-after-mark");
+            pool::remove(&path)?;
+            pool.sync_dir(Kind::Volume)
+        })
+        .await?;
+        self.journal.remove(&record).await
+    }
+
+    async fn volume(&self, id: &str) -> Result<Volume> {
+        self.ready_volume(id).map(|r| to_volume(&r))
+    }
+
+    async fn volume_condition(&self, id: &str) -> Result<Condition> {
+        let record = self.ready_volume(id)?;
+        let path = self.pool.path(Kind::Volume, id)?;
+        blocking(move || {
+            Ok(match std::fs::File::open(&path).and_then(|f| f.metadata()) {
+                Err(e) => Condition::Abnormal(format!(
+                    "backing file {} is missing or unreadable: {e}",
+                    path.display()
+                )),
+                Ok(m) if m.len() < record.capacity => Condition::Abnormal(format!(
+                    "backing file {} is {} bytes, less than the volume's {} bytes",
+                    path.display(),
+                    m.len(),
+                    record.capacity
+                )),
+                Ok(_) => Condition::Healthy,
+            })
+        })
+        .await
+    }
+
+    async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
+        if token.is_some_and(|t| !ids::is_valid(Kind::Volume, t)) {
+            return Err(error::aborted("starting_token is not one this driver issued"));
+        }
+        let mut records = self
+            .journal
+            .scan::<VolumeRecord>(token, max.saturating_add(1), |r| r.state() == State::Ready)?;
+        let next = next_token(&mut records, max, |r| r.id.clone());
+        Ok(Page { items: records.iter().map(to_volume).collect(), next })
+    }
+
+    async fn capacity(&self) -> Result<Capacity> {
+        let (available, total) = self.pool.space()?;
+        Ok(Capacity {
+            available: available / GRANULARITY * GRANULARITY,
+            maximum_volume_size: total / GRANULARITY * GRANULARITY,
+            minimum_volume_size: GRANULARITY,
+        })
+    }
+
+    async fn expand_volume(&self, id: &str, required: u64, limit: u64) -> Result<u64> {
+        let mut record = self.ready_volume(id)?;
+        let wanted = pool::round_up(required)
+            .ok_or_else(|| error::out_of_range(format!("{required} bytes is too large")))?;
+        if wanted <= record.capacity {
+            return Ok(record.capacity); // never shrink; already big enough
+        }
+        if limit > 0 && wanted > limit {
+            return Err(error::out_of_range(format!(
+                "{required} bytes rounded to {wanted} exceeds the limit of {limit}"
+            )));
+        }
+        let (available, total) = self.pool.space()?;
+        if wanted > total {
+            return Err(error::out_of_range(format!(
+                "{wanted} bytes is more than the whole pool ({total} bytes)"
+            )));
+        }
+        let thick = is_thick(&record.parameters);
+        if thick && wanted - record.capacity > available {
+            return Err(error::exhausted(format!(
+                "pool has {available} bytes free, growing needs {}",
+                wanted - record.capacity
+            )));
+        }
+        let path = self.pool.path(Kind::Volume, id)?;
+        blocking(move || pool::grow(&path, wanted, thick)).await?;
+        record.capacity = wanted;
+        self.journal.put(&record).await?;
+        Ok(wanted)
+    }
+
+    async fn create_snapshot(&self, name: &str, source_volume: &str) -> Result<Snapshot> {
+        if let Some(existing) = self.journal.by_name::<SnapshotRecord>(name)? {
+            if existing.state() == State::Ready {
+                if existing.source_volume != source_volume {
+                    return Err(error::already_exists(format!(
+                        "snapshot {name:?} exists for volume {}, not {source_volume}",
+                        existing.source_volume
+                    )));
+                }
+                return Ok(to_snapshot(&existing));
+            }
+            self.discard(Kind::Snapshot, &existing).await?;
+        }
+        let volume = self.ready_volume(source_volume)?;
+        let mut record = SnapshotRecord {
+            id: ids::mint(Kind::Snapshot),
+            name: name.to_string(),
+            state: State::Creating as i32,
+            source_volume: source_volume.to_string(),
+            size: volume.capacity,
+            created_unix_nanos: now_nanos(),
+            group_id: String::new(),
+        };
+        if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
+            return Err(error::aborted(format!("snapshot {name:?} is being created")));
+        }
+        let src = self.pool.path(Kind::Volume, source_volume)?;
+        let dst = self.pool.path(Kind::Snapshot, &record.id)?;
+        let (pool, method, size) = (self.pool.clone(), self.method, volume.capacity);
+        let made = blocking(move || {
+            failpoint::hit("create-snapshot-after-reserve");
+            pool::clone_file(&src, &dst, size, method)?;
+            pool::seal(&dst)?;
+            pool.sync_dir(Kind::Snapshot)?;
+            failpoint::hit("create-snapshot-before-commit");
+            Ok(())
+        })
+        .await;
+        if let Err(e) = made {
+            self.discard(Kind::Snapshot, &record).await?;
+            return Err(e);
+        }
+        record.set_state(State::Ready);
+        if let Err(e) = self.journal.put(&record).await {
+            let _ = self.discard(Kind::Snapshot, &record).await;
+            return Err(e);
+        }
+        Ok(to_snapshot(&record))
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        if !ids::is_valid(Kind::Snapshot, id) {
+            return Ok(());
+        }
+        let Some(mut record) = self.journal.get::<SnapshotRecord>(id)? else {
+            return Ok(());
+        };
+        if !record.group_id.is_empty() && record.state() == State::Ready {
+            return Err(error::failed_precondition(format!(
+                "snapshot {id} belongs to group snapshot {}; delete the group instead",
+                record.group_id
+            )));
+        }
+        record.set_state(State::Deleting);
+        self.journal.put(&record).await?;
+        let path = self.pool.path(Kind::Snapshot, id)?;
+        let pool = self.pool.clone();
+        blocking(move || {
+            pool::remove(&path)?;
+            pool.sync_dir(Kind::Snapshot)
+        })
+        .await?;
+        self.journal.remove(&record).await
+    }
+
+    async fn snapshot(&self, id: &str) -> Result<Snapshot> {
+        self.ready_snapshot(id).map(|r| to_snapshot(&r))
+    }
+
+    async fn list_snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        token: Option<&str>,
+        max: usize,
+    ) -> Result<Page<Snapshot>> {
+        let source_matches = |r: &SnapshotRecord| {
+            filter.source_volume.as_ref().is_none_or(|v| &r.source_volume == v)
+        };
+        if let Some(id) = &filter.snapshot_id {
+            // A filter by ID answers that snapshot or nothing, never an error.
+            let found = self.ready_snapshot(id).ok().filter(source_matches);
+            return Ok(Page { items: found.iter().map(to_snapshot).collect(), next: None });
+        }
+        if token.is_some_and(|t| !ids::is_valid(Kind::Snapshot, t)) {
+            return Err(error::aborted("starting_token is not one this driver issued"));
+        }
+        let mut records =
+            self.journal.scan::<SnapshotRecord>(token, max.saturating_add(1), |r| {
+                r.state() == State::Ready && source_matches(r)
+            })?;
+        let next = next_token(&mut records, max, |r| r.id.clone());
+        Ok(Page { items: records.iter().map(to_snapshot).collect(), next })
+    }
+
+    async fn attach(&self, id: &str) -> Result<PathBuf> {
+        self.ready_volume(id)?;
+        let path = self.pool.path(Kind::Volume, id)?;
+        if let Some(a) = self.attached_devices(path.clone()).await?.into_iter().next() {
+            return Ok(a.device);
+        }
+        blocking(move || {
+            loopdev::attach(&path, false)
+                .map_err(|e| Error::io(format!("attaching {} to a loop device", path.display()), e))
+        })
+        .await
+    }
+
+    async fn detach(&self, id: &str) -> Result<()> {
+        if !ids::is_valid(Kind::Volume, id) {
+            return Ok(());
+        }
+        let path = self.pool.path(Kind::Volume, id)?;
+        for a in self.attached_devices(path).await? {
+            let device = a.device.clone();
+            blocking(move || {
+                loopdev::detach(&device)
+                    .map_err(|e| Error::io(format!("detaching {}", device.display()), e))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn attached_device(&self, id: &str) -> Result<Option<PathBuf>> {
+        if !ids::is_valid(Kind::Volume, id) {
+            return Ok(None);
+        }
+        let path = self.pool.path(Kind::Volume, id)?;
+        Ok(self.attached_devices(path).await?.into_iter().next().map(|a| a.device))
+    }
+}
+
+/// Trims a page fetched with one extra item and answers the next token.
+fn next_token<T>(items: &mut Vec<T>, max: usize, id: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() > max {
+        items.truncate(max);
+        items.last().map(id)
+    } else {
+        None
+    }
+}
+
+/// The idempotency rule: a repeated CreateVolume gets the existing volume
+/// when it would have been an acceptable answer to the new request.
+fn compatible_volume(existing: VolumeRecord, req: &NewVolume) -> Result<Volume> {
+    let volume = to_volume(&existing);
+    let mismatch = if volume.source != req.source {
+        Some("a different content source")
+    } else if volume.parameters != req.parameters {
+        Some("different parameters")
+    } else if volume.capacity < req.required_bytes
+        || (req.limit_bytes > 0 && volume.capacity > req.limit_bytes)
+    {
+        Some("a capacity outside the requested range")
+    } else {
+        None
+    };
+    match mismatch {
+        None => Ok(volume),
+        Some(what) => Err(error::already_exists(format!(
+            "volume {:?} already exists as {} with {what}",
+            req.name, existing.id
+        ))),
+    }
+}

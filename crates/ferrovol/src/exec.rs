@@ -1,0 +1,106 @@
+//! Running the external tools a storage driver cannot avoid (mkfs, fsck,
+//! filesystem growers): always with a timeout, with their stderr in the
+//! error, and with a clear message naming the package when a tool is missing.
+
+use std::ffi::OsStr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::error::{self, Result};
+
+/// The Debian package that ships a tool, for "please install" messages.
+pub fn package_for(program: &str) -> &'static str {
+    match program {
+        "mkfs.ext4" | "resize2fs" | "e2fsck" | "tune2fs" => "e2fsprogs",
+        "mkfs.xfs" | "xfs_growfs" | "xfs_repair" | "xfs_admin" => "xfsprogs",
+        "mkfs.btrfs" | "btrfs" => "btrfs-progs",
+        "blkid" | "mount" | "umount" | "wipefs" => "util-linux",
+        _ => "the package providing it",
+    }
+}
+
+/// Output of a successful run.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args…`; fails on a non-zero exit, a timeout (the child is
+/// killed) or a missing program.
+pub async fn run<I, S>(program: &str, args: I, timeout: Duration) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = run_status(program, args, timeout).await?;
+    match out.0 {
+        0 => Ok(out.1),
+        code => {
+            Err(error::internal(format!("{program} failed (exit {code}): {}", out.1.stderr.trim())))
+        }
+    }
+}
+
+/// Like [`run`] but answers the exit code instead of failing on non-zero
+/// (for tools whose exit codes carry meaning, like blkid or fsck).
+pub async fn run_status<I, S>(program: &str, args: I, timeout: Duration) -> Result<(i32, Output)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => error::failed_precondition(format!(
+                "{program} is not installed on this node (install the {} package)",
+                package_for(program)
+            )),
+            _ => error::internal(format!("starting {program}: {e}")),
+        })?;
+    let waited = tokio::time::timeout(timeout, child.wait_with_output()).await;
+    let out = match waited {
+        Err(_) => {
+            return Err(error::internal(format!("{program} did not finish within {timeout:?}")))
+        }
+        Ok(r) => r.map_err(|e| error::internal(format!("waiting for {program}: {e}")))?,
+    };
+    let output = Output {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    Ok((out.status.code().unwrap_or(-1), output))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[tokio::test]
+    async fn missing_tool_names_its_package() {
+        let e = run("mkfs.nonexistent-fs", ["x"], Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("not installed"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn stderr_is_in_the_error() {
+        let e =
+            run("sh", ["-c", "echo boom >&2; exit 3"], Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.message().contains("exit 3") && e.message().contains("boom"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn hung_tool_is_killed_at_the_timeout() {
+        let e = run("sleep", ["30"], Duration::from_millis(100)).await.unwrap_err();
+        assert!(e.message().contains("did not finish"), "{e}");
+    }
+}

@@ -1,0 +1,512 @@
+//! The journal: a durable map of request names to IDs and of IDs to records,
+//! in an embedded transactional store (redb) inside the pool.
+//!
+//! Every change is *reserved* here before it touches storage and *completed*
+//! after, so a crash at any point leaves a record that start-up recovery can
+//! finish or roll back (see `engine::local::recovery`).
+//!
+//! Writes are group-committed: one writer thread drains every pending change
+//! into a single transaction and one fsync, so durability costs one sync per
+//! batch rather than one per request.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use crate::error::{self, Error, Result};
+
+/// Lifecycle of a journalled object. Only `Ready` objects exist for the CO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum State {
+    /// Name and ID reserved; storage may be partly created.
+    Creating = 0,
+    Ready = 1,
+    /// Removal started; storage may be partly removed.
+    Deleting = 2,
+}
+
+/// A volume as the journal knows it.
+#[derive(Clone, PartialEq, Message)]
+pub struct VolumeRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(enumeration = "State", tag = "3")]
+    pub state: i32,
+    #[prost(uint64, tag = "4")]
+    pub capacity: u64,
+    /// Snapshot this volume was restored from, if any.
+    #[prost(string, tag = "5")]
+    pub source_snapshot: String,
+    /// Volume this volume was cloned from, if any.
+    #[prost(string, tag = "6")]
+    pub source_volume: String,
+    #[prost(bool, tag = "7")]
+    pub block: bool,
+    #[prost(string, tag = "8")]
+    pub fs_type: String,
+    #[prost(btree_map = "string, string", tag = "9")]
+    pub parameters: BTreeMap<String, String>,
+    #[prost(btree_map = "string, string", tag = "10")]
+    pub topology: BTreeMap<String, String>,
+    #[prost(int64, tag = "11")]
+    pub created_unix_nanos: i64,
+}
+
+/// A snapshot as the journal knows it.
+#[derive(Clone, PartialEq, Message)]
+pub struct SnapshotRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(enumeration = "State", tag = "3")]
+    pub state: i32,
+    #[prost(string, tag = "4")]
+    pub source_volume: String,
+    #[prost(uint64, tag = "5")]
+    pub size: u64,
+    #[prost(int64, tag = "6")]
+    pub created_unix_nanos: i64,
+    /// Set for members of a volume group snapshot.
+    #[prost(string, tag = "7")]
+    pub group_id: String,
+}
+
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// A kind of journalled object: where its records and its names live.
+pub trait Record: Message + Default + Clone + Send + 'static {
+    const RECORDS: Table;
+    const NAMES: Table;
+    fn id(&self) -> &str;
+    fn name(&self) -> &str;
+    fn state(&self) -> State;
+    fn set_state(&mut self, state: State);
+}
+
+macro_rules! record_kind {
+    ($ty:ty, $records:literal, $names:literal) => {
+        impl Record for $ty {
+            const RECORDS: Table = TableDefinition::new($records);
+            const NAMES: Table = TableDefinition::new($names);
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn state(&self) -> State {
+                State::try_from(self.state).unwrap_or(State::Creating)
+            }
+            fn set_state(&mut self, state: State) {
+                self.state = state as i32;
+            }
+        }
+    };
+}
+
+record_kind!(VolumeRecord, "volumes", "volume_names");
+record_kind!(SnapshotRecord, "snapshots", "snapshot_names");
+
+/// The outcome of a reservation.
+#[derive(Debug)]
+pub enum Reservation<R> {
+    /// The name was free and is now ours, with the record in `Creating`.
+    Reserved,
+    /// The name already maps to this record (created earlier, or half-done).
+    Existing(R),
+}
+
+/// One change, applied inside the writer's batch transaction.
+enum Change {
+    /// Insert the record under its name unless the name is taken; answers the
+    /// existing record's bytes when it is.
+    Reserve {
+        records: Table,
+        names: Table,
+        id: String,
+        name: String,
+        bytes: Vec<u8>,
+    },
+    Put {
+        records: Table,
+        id: String,
+        bytes: Vec<u8>,
+    },
+    Remove {
+        records: Table,
+        names: Table,
+        id: String,
+        name: String,
+    },
+}
+
+type Outcome = Result<Option<Vec<u8>>>;
+
+struct Pending {
+    change: Change,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Most changes one transaction takes; bounds the latency of a batch.
+const MAX_BATCH: usize = 512;
+
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    writer: Option<std::sync::mpsc::SyncSender<Pending>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Closing the queue ends the writer after its last batch; joining it
+    /// releases the database (and its file lock) before `drop` returns.
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn store_err(what: &str, e: impl std::fmt::Display) -> Error {
+    error::internal(format!("journal {what}: {e}"))
+}
+
+impl Journal {
+    /// Opens (or creates) the journal. Fails if another process holds it, so
+    /// two drivers can never share one pool.
+    pub fn open(path: &Path) -> Result<Journal> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => error::unavailable(format!(
+                "journal {} is locked by another process (is another ferrovol serving this pool?)",
+                path.display()
+            )),
+            e => store_err(&format!("open {}", path.display()), e),
+        })?;
+        let db = Arc::new(db);
+        // Create every table up front so read transactions never miss one.
+        let txn = db.begin_write().map_err(|e| store_err("begin", e))?;
+        for t in [
+            VolumeRecord::RECORDS,
+            VolumeRecord::NAMES,
+            SnapshotRecord::RECORDS,
+            SnapshotRecord::NAMES,
+        ] {
+            txn.open_table(t).map_err(|e| store_err("create table", e))?;
+        }
+        txn.commit().map_err(|e| store_err("commit", e))?;
+
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Pending>(MAX_BATCH * 4);
+        let writer_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer_loop(&writer_db, rx))
+            .map_err(|e| store_err("spawn writer", e))?;
+        Ok(Journal { inner: Arc::new(Inner { db, writer: Some(tx), thread: Some(thread) }) })
+    }
+
+    fn db(&self) -> &Database {
+        &self.inner.db
+    }
+
+    async fn submit(&self, change: Change) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        let writer = self.inner.writer.clone().expect("writer lives as long as the journal");
+        // The channel is bounded; a full queue means the writer is busy, and
+        // waiting for room must not block the async executor.
+        tokio::task::spawn_blocking(move || writer.send(Pending { change, reply }))
+            .await
+            .map_err(|e| store_err("submit", e))?
+            .map_err(|_| error::unavailable("journal writer has stopped"))?;
+        answer.await.map_err(|_| error::unavailable("journal writer has stopped"))?
+    }
+
+    /// Reserves `record.name()` for `record` (stored in state `Creating`), or
+    /// answers the record that already owns the name.
+    pub async fn reserve<R: Record>(&self, record: &R) -> Result<Reservation<R>> {
+        let mut r = record.clone();
+        r.set_state(State::Creating);
+        let answer = self
+            .submit(Change::Reserve {
+                records: R::RECORDS,
+                names: R::NAMES,
+                id: r.id().to_string(),
+                name: r.name().to_string(),
+                bytes: r.encode_to_vec(),
+            })
+            .await?;
+        match answer {
+            None => Ok(Reservation::Reserved),
+            Some(bytes) => Ok(Reservation::Existing(decode(&bytes)?)),
+        }
+    }
+
+    /// Stores a record (its name mapping is left as it is).
+    pub async fn put<R: Record>(&self, record: &R) -> Result<()> {
+        self.submit(Change::Put {
+            records: R::RECORDS,
+            id: record.id().to_string(),
+            bytes: record.encode_to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes a record and its name mapping.
+    pub async fn remove<R: Record>(&self, record: &R) -> Result<()> {
+        self.submit(Change::Remove {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub fn get<R: Record>(&self, id: &str) -> Result<Option<R>> {
+        let txn = self.db().begin_read().map_err(|e| store_err("read", e))?;
+        let table = txn.open_table(R::RECORDS).map_err(|e| store_err("open", e))?;
+        let found = table.get(id).map_err(|e| store_err("get", e))?;
+        found.map(|v| decode(v.value())).transpose()
+    }
+
+    pub fn by_name<R: Record>(&self, name: &str) -> Result<Option<R>> {
+        let txn = self.db().begin_read().map_err(|e| store_err("read", e))?;
+        let names = txn.open_table(R::NAMES).map_err(|e| store_err("open", e))?;
+        let Some(id) = names.get(name).map_err(|e| store_err("get", e))? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(id.value()).into_owned();
+        let table = txn.open_table(R::RECORDS).map_err(|e| store_err("open", e))?;
+        let found = table.get(id.as_str()).map_err(|e| store_err("get", e))?;
+        found.map(|v| decode(v.value())).transpose()
+    }
+
+    /// Records in id order, strictly after `after`, at most `limit`, keeping
+    /// those `keep` accepts. A consistent snapshot of the journal.
+    pub fn scan<R: Record>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&R) -> bool,
+    ) -> Result<Vec<R>> {
+        let txn = self.db().begin_read().map_err(|e| store_err("read", e))?;
+        let table = txn.open_table(R::RECORDS).map_err(|e| store_err("open", e))?;
+        let iter = match after {
+            Some(a) => {
+                table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+            }
+            None => table.range::<&str>(..),
+        }
+        .map_err(|e| store_err("range", e))?;
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item.map_err(|e| store_err("iterate", e))?;
+            let r: R = decode(v.value())?;
+            if keep(&r) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record of a kind, whatever its state (recovery, checks).
+    pub fn all<R: Record>(&self) -> Result<Vec<R>> {
+        self.scan(None, usize::MAX, |_| true)
+    }
+}
+
+fn decode<R: Record>(bytes: &[u8]) -> Result<R> {
+    R::decode(bytes).map_err(|e| store_err("decode", e))
+}
+
+fn writer_loop(db: &Database, rx: std::sync::mpsc::Receiver<Pending>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (changes, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.change, p.reply)).unzip();
+        match apply_batch(db, changes) {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Applies changes in order in one transaction. A change that cannot apply
+/// (e.g. a name already taken) answers without writing; the others commit.
+fn apply_batch(db: &Database, changes: Vec<Change>) -> Result<Vec<Outcome>> {
+    let txn = db.begin_write().map_err(|e| store_err("begin", e))?;
+    let mut outcomes = Vec::with_capacity(changes.len());
+    for change in changes {
+        outcomes.push(apply(&txn, change));
+    }
+    txn.commit().map_err(|e| store_err("commit", e))?;
+    Ok(outcomes)
+}
+
+fn apply(txn: &redb::WriteTransaction, change: Change) -> Outcome {
+    match change {
+        Change::Reserve { records, names, id, name, bytes } => {
+            let mut names = txn.open_table(names).map_err(|e| store_err("open", e))?;
+            let mut records = txn.open_table(records).map_err(|e| store_err("open", e))?;
+            let owner = names
+                .get(name.as_str())
+                .map_err(|e| store_err("get", e))?
+                .map(|v| v.value().to_vec());
+            if let Some(owner) = owner {
+                let owner = String::from_utf8_lossy(&owner).into_owned();
+                let existing = records.get(owner.as_str()).map_err(|e| store_err("get", e))?;
+                if let Some(existing) = existing {
+                    return Ok(Some(existing.value().to_vec()));
+                }
+                // A name without a record cannot be produced by our own
+                // writes; treat it as free rather than wedge the name forever.
+            }
+            names.insert(name.as_str(), id.as_bytes()).map_err(|e| store_err("insert", e))?;
+            records.insert(id.as_str(), bytes.as_slice()).map_err(|e| store_err("insert", e))?;
+            Ok(None)
+        }
+        Change::Put { records, id, bytes } => {
+            let mut records = txn.open_table(records).map_err(|e| store_err("open", e))?;
+            records.insert(id.as_str(), bytes.as_slice()).map_err(|e| store_err("insert", e))?;
+            Ok(None)
+        }
+        Change::Remove { records, names, id, name } => {
+            let mut names = txn.open_table(names).map_err(|e| store_err("open", e))?;
+            // Only drop the name if it still points at this record.
+            let points_here = names
+                .get(name.as_str())
+                .map_err(|e| store_err("get", e))?
+                .is_some_and(|v| v.value() == id.as_bytes());
+            if points_here {
+                names.remove(name.as_str()).map_err(|e| store_err("remove", e))?;
+            }
+            let mut records = txn.open_table(records).map_err(|e| store_err("open", e))?;
+            records.remove(id.as_str()).map_err(|e| store_err("remove", e))?;
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(id: &str, name: &str) -> VolumeRecord {
+        VolumeRecord { id: id.into(), name: name.into(), capacity: 4096, ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn reserve_is_first_come_and_remove_frees_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        assert!(matches!(j.reserve(&vol("a", "n")).await.unwrap(), Reservation::Reserved));
+        match j.reserve(&vol("b", "n")).await.unwrap() {
+            Reservation::Existing(r) => {
+                assert_eq!(r.id, "a");
+                assert_eq!(r.state(), State::Creating);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut a: VolumeRecord = j.get("a").unwrap().unwrap();
+        a.set_state(State::Ready);
+        j.put(&a).await.unwrap();
+        assert_eq!(j.by_name::<VolumeRecord>("n").unwrap().unwrap().state(), State::Ready);
+        j.remove(&a).await.unwrap();
+        assert!(j.get::<VolumeRecord>("a").unwrap().is_none());
+        assert!(j.by_name::<VolumeRecord>("n").unwrap().is_none());
+        assert!(matches!(j.reserve(&vol("c", "n")).await.unwrap(), Reservation::Reserved));
+    }
+
+    #[tokio::test]
+    async fn concurrent_reservations_of_one_name_yield_one_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let j = j.clone();
+                tokio::spawn(async move { j.reserve(&vol(&format!("id{i:02}"), "same")).await })
+            })
+            .collect();
+        let mut reserved = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap().unwrap(), Reservation::Reserved) {
+                reserved += 1;
+            }
+        }
+        assert_eq!(reserved, 1);
+        assert_eq!(j.all::<VolumeRecord>().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn scan_pages_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.redb")).unwrap();
+        for i in 0..10 {
+            j.reserve(&vol(&format!("v{i}"), &format!("n{i}"))).await.unwrap();
+        }
+        let page = j.scan::<VolumeRecord>(None, 4, |_| true).unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["v0", "v1", "v2", "v3"]
+        );
+        let page = j.scan::<VolumeRecord>(Some("v3"), 4, |r| r.id != "v5").unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["v4", "v6", "v7", "v8"]
+        );
+    }
+
+    #[test]
+    fn a_second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        let _first = Journal::open(&path).unwrap();
+        // redb's lock is per file handle, so even this process is refused.
+        let err = Journal::open(&path).err().expect("second open must fail");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("locked"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.reserve(&vol("a", "n")).await.unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.by_name::<VolumeRecord>("n").unwrap().unwrap().id, "a");
+    }
+}

@@ -1,0 +1,141 @@
+//! `ferrovol pool init`: a reflink-capable pool on an image file, for hosts
+//! whose own filesystem (e.g. ext4) cannot share blocks.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::engine::local::loopdev;
+use crate::error::{self, Error, Result};
+use crate::exec;
+
+const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolFs {
+    Xfs,
+    Btrfs,
+}
+
+impl PoolFs {
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolFs::Xfs => "xfs",
+            PoolFs::Btrfs => "btrfs",
+        }
+    }
+}
+
+/// What `init` made; `device` is the loop device the image is mounted from.
+#[derive(Debug, Clone)]
+pub struct PoolImage {
+    pub image: PathBuf,
+    pub device: PathBuf,
+    pub mountpoint: PathBuf,
+    pub fs: PoolFs,
+}
+
+/// Creates a sparse image of `size` bytes, formats it with `fs` (reflink on),
+/// and mounts it at `dir` through a loop device.
+pub async fn init(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<PoolImage> {
+    if size < 512 << 20 {
+        return Err(error::invalid("a pool image needs at least 512 MiB"));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    if std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+        .next()
+        .is_some()
+    {
+        return Err(error::failed_precondition(format!(
+            "{} is not empty; a pool is mounted on an empty directory",
+            dir.display()
+        )));
+    }
+    if image.exists() {
+        return Err(error::already_exists(format!("{} already exists", image.display())));
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(image)
+        .map_err(|e| Error::io(format!("creating {}", image.display()), e))?;
+    file.set_len(size).map_err(|e| Error::io(format!("sizing {}", image.display()), e))?;
+    drop(file);
+
+    let made = async {
+        let img = image.as_os_str();
+        let q = OsStr::new("-q");
+        match fs {
+            PoolFs::Xfs => {
+                let reflink = [q, OsStr::new("-m"), OsStr::new("reflink=1"), img];
+                exec::run("mkfs.xfs", reflink, MKFS_TIMEOUT).await?
+            }
+            PoolFs::Btrfs => exec::run("mkfs.btrfs", [q, img], MKFS_TIMEOUT).await?,
+        };
+        let device = loopdev::attach(image, false)
+            .map_err(|e| Error::io(format!("attaching {}", image.display()), e))?;
+        if let Err(e) =
+            rustix::mount::mount(&device, dir, fs.name(), rustix::mount::MountFlags::empty(), None)
+        {
+            let _ = loopdev::detach(&device);
+            return Err(error::internal(format!(
+                "mounting {} on {}: {e}",
+                device.display(),
+                dir.display()
+            )));
+        }
+        Ok(device)
+    }
+    .await;
+    match made {
+        Ok(device) => {
+            Ok(PoolImage { image: image.to_path_buf(), device, mountpoint: dir.to_path_buf(), fs })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(image);
+            Err(e)
+        }
+    }
+}
+
+/// Unmounts a pool made by `init` and detaches its loop device (the image
+/// file and its data stay).
+pub fn unmount(pool: &PoolImage) -> Result<()> {
+    rustix::mount::unmount(&pool.mountpoint, rustix::mount::UnmountFlags::empty())
+        .map_err(|e| error::internal(format!("unmounting {}: {e}", pool.mountpoint.display())))?;
+    loopdev::detach(&pool.device)
+        .map_err(|e| Error::io(format!("detaching {}", pool.device.display()), e))
+}
+
+/// Parses sizes like `512M`, `20G`, `1T` or plain bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2Gi").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("G").is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! Controller service: volumes and snapshots, engine-agnostic.
+//!
+//! Each RPC validates its request, takes the operation locks it needs
+//! (ABORTED when the name or ID is busy), and calls the engine.
+
+use std::sync::Arc;
+
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_service_capability::rpc::Type as Cap;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{ContentSource, ExpansionSite, NewVolume, SnapshotFilter};
+use crate::error::{self, Result};
+use crate::locks;
+use crate::rpc::handle;
+use crate::services::{convert, validate, Driver};
+
+pub struct ControllerService {
+    driver: Arc<Driver>,
+}
+
+impl ControllerService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        ControllerService { driver }
+    }
+
+    /// Exactly what works, no more: the CO plans around this list.
+    pub fn capabilities(driver: &Driver) -> Vec<Cap> {
+        let mut caps = vec![
+            Cap::CreateDeleteVolume,
+            Cap::ListVolumes,
+            Cap::GetCapacity,
+            Cap::CreateDeleteSnapshot,
+            Cap::ListSnapshots,
+            Cap::GetSnapshot,
+            Cap::CloneVolume,
+            Cap::GetVolume,
+            Cap::VolumeCondition,
+            Cap::SingleNodeMultiWriter,
+        ];
+        if driver.engine.expansion_site() == ExpansionSite::Controller {
+            caps.push(Cap::ExpandVolume);
+        }
+        caps
+    }
+
+    async fn create_volume(
+        &self,
+        req: csi::CreateVolumeRequest,
+    ) -> Result<csi::CreateVolumeResponse> {
+        let engine = &self.driver.engine;
+        validate::name(&req.name, "name")?;
+        let access = validate::capabilities(&req.volume_capabilities, engine.multi_node())?;
+        let (required_bytes, limit_bytes) = validate::capacity_range(req.capacity_range.as_ref())?;
+        let parameters = validate::engine_parameters(&req.parameters);
+        engine.validate_parameters(&parameters)?;
+        if !req.mutable_parameters.is_empty() {
+            return Err(error::invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
+        }
+        let source = convert::content_source_from_wire(req.volume_content_source.as_ref())?;
+        if let Some(reqs) = &req.accessibility_requirements {
+            let ours = engine.topology();
+            if !reqs.requisite.is_empty()
+                && !reqs.requisite.iter().any(|t| validate::topology_matches(&ours, &t.segments))
+            {
+                return Err(error::exhausted(format!(
+                    "the requisite topology excludes this node ({ours:?})"
+                )));
+            }
+        }
+
+        let shared = match &source {
+            Some(ContentSource::Snapshot(id)) => vec![locks::snapshot(id)],
+            Some(ContentSource::Volume(id)) => vec![locks::volume(id)],
+            None => vec![],
+        };
+        let _guard = self.driver.locks.acquire(&[locks::volume_name(&req.name)], &shared)?;
+        let volume = engine
+            .create_volume(NewVolume {
+                name: req.name,
+                required_bytes,
+                limit_bytes,
+                access,
+                parameters,
+                source,
+            })
+            .await?;
+        Ok(csi::CreateVolumeResponse { volume: Some(convert::volume(&volume)) })
+    }
+
+    async fn delete_volume(
+        &self,
+        req: csi::DeleteVolumeRequest,
+    ) -> Result<csi::DeleteVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        self.driver.engine.delete_volume(&req.volume_id).await?;
+        Ok(csi::DeleteVolumeResponse {})
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: csi::ValidateVolumeCapabilitiesRequest,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
+        let engine = &self.driver.engine;
+        validate::id(&req.volume_id, "volume_id")?;
+        if req.volume_capabilities.is_empty() {
+            return Err(error::invalid("volume_capabilities is required"));
+        }
+        engine.volume(&req.volume_id).await?;
+        // Unsupported capabilities are an answer ("not confirmed"), not an
+        // error: the CO asked a question.
+        let problem = req
+            .volume_capabilities
+            .iter()
+            .find_map(|c| validate::capability(c, engine.multi_node()).err())
+            .or_else(|| {
+                engine.validate_parameters(&validate::engine_parameters(&req.parameters)).err()
+            });
+        Ok(match problem {
+            Some(e) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: e.message().to_string(),
+            },
+            None => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+        })
+    }
+
+    async fn list_volumes(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
+        let max = validate::max_entries(req.max_entries)?;
+        let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
+        let page = self.driver.engine.list_volumes(token, max).await?;
+        let mut entries = Vec::with_capacity(page.items.len());
+        for v in &page.items {
+            let condition = self.driver.engine.volume_condition(&v.id).await.ok();
+            entries.push(csi::list_volumes_response::Entry {
+                volume: Some(convert::volume(v)),
+                status: Some(csi::list_volumes_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: condition.as_ref().map(convert::condition),
+                }),
+            });
+        }
+        Ok(csi::ListVolumesResponse { entries, next_token: page.next.unwrap_or_default() })
+    }
+
+    async fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
+        let engine = &self.driver.engine;
+        let capacity = engine.capacity().await?;
+        // Capacity for something we cannot create (wrong place, unsupported
+        // capability or parameters) is zero, which is the spec's answer.
+        let servable = req
+            .accessible_topology
+            .as_ref()
+            .is_none_or(|t| validate::topology_matches(&engine.topology(), &t.segments))
+            && req
+                .volume_capabilities
+                .iter()
+                .all(|c| validate::capability(c, engine.multi_node()).is_ok())
+            && engine.validate_parameters(&validate::engine_parameters(&req.parameters)).is_ok();
+        Ok(csi::GetCapacityResponse {
+            available_capacity: if servable { capacity.available as i64 } else { 0 },
+            maximum_volume_size: Some(capacity.maximum_volume_size as i64),
+            minimum_volume_size: Some(capacity.minimum_volume_size as i64),
+        })
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: csi::CreateSnapshotRequest,
+    ) -> Result<csi::CreateSnapshotResponse> {
+        validate::name(&req.name, "name")?;
+        validate::id(&req.source_volume_id, "source_volume_id")?;
+        if let Some(k) = validate::engine_parameters(&req.parameters).keys().next() {
+            return Err(error::invalid(format!("unknown snapshot parameter {k:?}")));
+        }
+        let _guard = self
+            .driver
+            .locks
+            .acquire(&[locks::snapshot_name(&req.name)], &[locks::volume(&req.source_volume_id)])?;
+        let snapshot = self.driver.engine.create_snapshot(&req.name, &req.source_volume_id).await?;
+        Ok(csi::CreateSnapshotResponse { snapshot: Some(convert::snapshot(&snapshot)) })
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: csi::DeleteSnapshotRequest,
+    ) -> Result<csi::DeleteSnapshotResponse> {
+        validate::id(&req.snapshot_id, "snapshot_id")?;
+        let _guard = self.driver.locks.exclusive(locks::snapshot(&req.snapshot_id))?;
+        self.driver.engine.delete_snapshot(&req.snapshot_id).await?;
+        Ok(csi::DeleteSnapshotResponse {})
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: csi::ListSnapshotsRequest,
+    ) -> Result<csi::ListSnapshotsResponse> {
+        let max = validate::max_entries(req.max_entries)?;
+        let filter = SnapshotFilter {
+            snapshot_id: (!req.snapshot_id.is_empty()).then(|| req.snapshot_id.clone()),
+            source_volume: (!req.source_volume_id.is_empty()).then(|| req.source_volume_id.clone()),
+        };
+        let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
+        let page = self.driver.engine.list_snapshots(&filter, token, max).await?;
+        Ok(csi::ListSnapshotsResponse {
+            entries: page
+                .items
+                .iter()
+                .map(|s| csi::list_snapshots_response::Entry {
+                    snapshot: Some(convert::snapshot(s)),
+                })
+                .collect(),
+            next_token: page.next.unwrap_or_default(),
+        })
+    }
+
+    async fn get_snapshot(&self, req: csi::GetSnapshotRequest) -> Result<csi::GetSnapshotResponse> {
+        validate::id(&req.snapshot_id, "snapshot_id")?;
+        let s = self.driver.engine.snapshot(&req.snapshot_id).await?;
+        Ok(csi::GetSnapshotResponse { snapshot: Some(convert::snapshot(&s)) })
+    }
+
+    async fn expand_volume(
+        &self,
+        req: csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse> {
+        let engine = &self.driver.engine;
+        if engine.expansion_site() != ExpansionSite::Controller {
+            return Err(error::unimplemented(format!(
+                "the {} engine grows volumes on the node (NodeExpandVolume)",
+                engine.kind()
+            )));
+        }
+        validate::id(&req.volume_id, "volume_id")?;
+        let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let capacity = engine.expand_volume(&req.volume_id, required, limit).await?;
+        let block = matches!(
+            req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
+            Some(csi::volume_capability::AccessType::Block(_))
+        );
+        Ok(csi::ControllerExpandVolumeResponse {
+            capacity_bytes: capacity as i64,
+            node_expansion_required: !block,
+        })
+    }
+
+    async fn get_volume(
+        &self,
+        req: csi::ControllerGetVolumeRequest,
+    ) -> Result<csi::ControllerGetVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let volume = self.driver.engine.volume(&req.volume_id).await?;
+        let condition = self.driver.engine.volume_condition(&req.volume_id).await?;
+        Ok(csi::ControllerGetVolumeResponse {
+            volume: Some(convert::volume(&volume)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids: vec![],
+                volume_condition: Some(convert::condition(&condition)),
+            }),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl csi::controller_server::Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        handle("CreateVolume", request, |r| self.create_volume(r)).await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        handle("DeleteVolume", request, |r| self.delete_volume(r)).await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        request: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        handle("ControllerPublishVolume", request, |_| async {
+            Err(error::unimplemented(
+                "volumes need no controller attach step (attachRequired: false)",
+            ))
+        })
+        .await
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        request: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        handle("ControllerUnpublishVolume", request, |_| async {
+            Err(error::unimplemented(
+                "volumes need no controller attach step (attachRequired: false)",
+            ))
+        })
+        .await
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        handle("ValidateVolumeCapabilities", request, |r| self.validate_volume_capabilities(r))
+            .await
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        handle("ListVolumes", request, |r| self.list_volumes(r)).await
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        handle("GetCapacity", request, |r| self.get_capacity(r)).await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        request: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        handle("ControllerGetCapabilities", request, |_| async {
+            let capabilities = Self::capabilities(&self.driver)
+                .into_iter()
+                .map(|c| csi::ControllerServiceCapability {
+                    r#type: Some(csi::controller_service_capability::Type::Rpc(
+                        csi::controller_service_capability::Rpc { r#type: c as i32 },
+                    )),
+                })
+                .collect();
+            Ok(csi::ControllerGetCapabilitiesResponse { capabilities })
+        })
+        .await
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        handle("CreateSnapshot", request, |r| self.create_snapshot(r)).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        handle("DeleteSnapshot", request, |r| self.delete_snapshot(r)).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        handle("ListSnapshots", request, |r| self.list_snapshots(r)).await
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        handle("GetSnapshot", request, |r| self.get_snapshot(r)).await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        request: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        handle("ControllerExpandVolume", request, |r| self.expand_volume(r)).await
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        handle("ControllerGetVolume", request, |r| self.get_volume(r)).await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        request: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        handle("ControllerModifyVolume", request, |_| async {
+            Err(error::unimplemented("ControllerModifyVolume is not supported"))
+        })
+        .await
+    }
+}

@@ -1,0 +1,233 @@
+//! Request validation shared by the services: pure functions from wire types
+//! to checked values, so every RPC applies the same rules and the rules can be
+//! tested (and fuzzed) without a server.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ferrovol_csi as csi;
+use ferrovol_csi::volume_capability::access_mode::Mode;
+
+use crate::engine::AccessType;
+use crate::error::{self, Result};
+
+/// CSI caps strings at 128 bytes.
+pub const MAX_STRING: usize = 128;
+
+/// Prefix of the keys Kubernetes' sidecars add to parameters for their own
+/// use (pvc/pv names, secret references, fstype); never engine parameters.
+pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Filesystems the node service can format and grow.
+pub const FS_TYPES: [&str; 3] = ["ext4", "xfs", "btrfs"];
+pub const DEFAULT_FS_TYPE: &str = "ext4";
+
+/// A required name (of a volume, snapshot or group): non-empty, at most 128
+/// bytes, and free of the control characters the spec bans.
+pub fn name(value: &str, what: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(error::invalid(format!("{what} is required")));
+    }
+    if value.len() > MAX_STRING {
+        return Err(error::invalid(format!(
+            "{what} is {} bytes; at most {MAX_STRING}",
+            value.len()
+        )));
+    }
+    let banned =
+        |c: char| matches!(c as u32, 0x00..=0x08 | 0x0B | 0x0C | 0x0E..=0x1F | 0x7F..=0x9F);
+    if value.chars().any(banned) {
+        return Err(error::invalid(format!("{what} contains control characters")));
+    }
+    Ok(())
+}
+
+/// A required ID field: present and of sane length. Whether it names
+/// anything is the engine's question (NOT_FOUND), not a validation one.
+pub fn id(value: &str, what: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(error::invalid(format!("{what} is required")));
+    }
+    if value.len() > MAX_STRING {
+        return Err(error::invalid(format!(
+            "{what} is {} bytes; at most {MAX_STRING}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// (required, limit) in bytes; 0 means unset.
+pub fn capacity_range(range: Option<&csi::CapacityRange>) -> Result<(u64, u64)> {
+    let Some(r) = range else { return Ok((0, 0)) };
+    if r.required_bytes < 0 || r.limit_bytes < 0 {
+        return Err(error::invalid("capacity_range values must not be negative"));
+    }
+    let (required, limit) = (r.required_bytes as u64, r.limit_bytes as u64);
+    if limit > 0 && required > limit {
+        return Err(error::invalid(format!(
+            "required_bytes {required} is greater than limit_bytes {limit}"
+        )));
+    }
+    Ok((required, limit))
+}
+
+fn is_multi_node(mode: Mode) -> bool {
+    matches!(
+        mode,
+        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
+    )
+}
+
+/// Checks one capability; the error says why it cannot be served.
+pub fn capability(cap: &csi::VolumeCapability, multi_node: bool) -> Result<AccessType> {
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .and_then(|m| Mode::try_from(m.mode).ok())
+        .filter(|m| *m != Mode::Unknown)
+        .ok_or_else(|| error::invalid("volume capability needs a known access_mode"))?;
+    if is_multi_node(mode) && !multi_node {
+        return Err(error::invalid(format!(
+            "access mode {} needs several nodes; this engine's volumes live on one node",
+            mode.as_str_name()
+        )));
+    }
+    match &cap.access_type {
+        None => Err(error::invalid("volume capability needs an access_type (mount or block)")),
+        Some(csi::volume_capability::AccessType::Block(_)) => Ok(AccessType::Block),
+        Some(csi::volume_capability::AccessType::Mount(m)) => {
+            if !m.fs_type.is_empty() && !FS_TYPES.contains(&m.fs_type.as_str()) {
+                return Err(error::invalid(format!(
+                    "fs_type {:?} is not supported (one of {FS_TYPES:?})",
+                    m.fs_type
+                )));
+            }
+            Ok(AccessType::Mount { fs_type: m.fs_type.clone() })
+        }
+    }
+}
+
+/// Checks a required capability list; answers the first one's access type
+/// (what the volume is created for).
+pub fn capabilities(caps: &[csi::VolumeCapability], multi_node: bool) -> Result<AccessType> {
+    if caps.is_empty() {
+        return Err(error::invalid("volume_capabilities is required"));
+    }
+    let mut first = None;
+    for cap in caps {
+        let access = capability(cap, multi_node)?;
+        first.get_or_insert(access);
+    }
+    Ok(first.expect("non-empty"))
+}
+
+/// Engine parameters: the CO's own keys removed.
+pub fn engine_parameters(parameters: &HashMap<String, String>) -> BTreeMap<String, String> {
+    parameters
+        .iter()
+        .filter(|(k, _)| !k.starts_with(CO_PARAMETER_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A listing's page size: 0 means "as many as you like".
+pub fn max_entries(value: i32) -> Result<usize> {
+    match value {
+        n if n < 0 => Err(error::invalid("max_entries must not be negative")),
+        0 => Ok(usize::MAX),
+        n => Ok(n as usize),
+    }
+}
+
+/// Whether a requested topology segment set describes where we are.
+pub fn topology_matches(ours: &BTreeMap<String, String>, theirs: &HashMap<String, String>) -> bool {
+    theirs.iter().all(|(k, v)| ours.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use csi::volume_capability::{AccessMode, AccessType as Wire, BlockVolume, MountVolume};
+    use tonic::Code;
+
+    fn cap(mode: Mode, access: Option<Wire>) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: access,
+        }
+    }
+
+    fn mount(fs: &str) -> Option<Wire> {
+        Some(Wire::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }))
+    }
+
+    #[test]
+    fn single_node_modes_and_known_filesystems_pass() {
+        for mode in [
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            for fs in ["", "ext4", "xfs", "btrfs"] {
+                capability(&cap(mode, mount(fs)), false).unwrap();
+            }
+            assert_eq!(
+                capability(&cap(mode, Some(Wire::Block(BlockVolume {}))), false).unwrap(),
+                AccessType::Block
+            );
+        }
+    }
+
+    #[test]
+    fn bad_capabilities_are_invalid_argument() {
+        let bad = [
+            cap(Mode::MultiNodeMultiWriter, mount("ext4")),
+            cap(Mode::MultiNodeReaderOnly, mount("")),
+            cap(Mode::Unknown, mount("ext4")),
+            cap(Mode::SingleNodeWriter, None),
+            cap(Mode::SingleNodeWriter, mount("ntfs")),
+            csi::VolumeCapability { access_mode: None, access_type: mount("") },
+            csi::VolumeCapability {
+                access_mode: Some(AccessMode { mode: 99 }),
+                access_type: mount(""),
+            },
+        ];
+        for c in &bad {
+            assert_eq!(capability(c, false).unwrap_err().code(), Code::InvalidArgument, "{c:?}");
+        }
+        assert_eq!(capabilities(&[], false).unwrap_err().code(), Code::InvalidArgument);
+        capability(&cap(Mode::MultiNodeMultiWriter, mount("")), true).expect("multi-node engine");
+    }
+
+    #[test]
+    fn capacity_ranges() {
+        let r = |req, lim| csi::CapacityRange { required_bytes: req, limit_bytes: lim };
+        assert_eq!(capacity_range(None).unwrap(), (0, 0));
+        assert_eq!(capacity_range(Some(&r(10, 20))).unwrap(), (10, 20));
+        for bad in [r(-1, 0), r(0, -1), r(30, 20)] {
+            assert_eq!(capacity_range(Some(&bad)).unwrap_err().code(), Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn names() {
+        name("pvc-0b6c1f1e-1234", "name").unwrap();
+        name("ünïcödé ok", "name").unwrap();
+        for bad in ["", "a\u{0}b", "a\u{7}", "\u{85}", &"x".repeat(129)] {
+            assert_eq!(name(bad, "name").unwrap_err().code(), Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn co_keys_are_not_engine_parameters() {
+        let p = HashMap::from([
+            ("csi.storage.k8s.io/pvc/name".to_string(), "x".to_string()),
+            ("provisioning".to_string(), "thick".to_string()),
+        ]);
+        assert_eq!(
+            engine_parameters(&p),
+            BTreeMap::from([("provisioning".to_string(), "thick".to_string())])
+        );
+    }
+}

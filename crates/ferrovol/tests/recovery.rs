@@ -1,0 +1,160 @@
+//! Crash consistency of the journal: the real driver aborts (SIGABRT, no
+//! cleanup) at chosen points, restarts on the same pool, and the sidecars'
+//! retries converge with nothing leaked.
+
+mod common;
+
+use common::req::{self, MIB};
+use common::{DriverBuilder, PoolFs, TestPool};
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+
+/// Starts a driver that crashes at `failpoint`, makes `call` crash it, and
+/// restarts a healthy driver on the same state and pool.
+async fn crash_then_restart<F, Fut>(
+    pool: &TestPool,
+    root: &std::path::Path,
+    failpoint: &str,
+    call: F,
+) -> common::Driver
+where
+    F: FnOnce(ControllerClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut crashing = DriverBuilder::new(root)
+        .pool(pool)
+        .env("FERROVOL_FAILPOINTS", &format!("{failpoint}=abort"))
+        .start();
+    call(ControllerClient::new(crashing.channel().await)).await;
+    let status = crashing.wait();
+    assert!(!status.success(), "the driver must have crashed at {failpoint}");
+    assert!(crashing.logs().contains("failpoint reached"));
+    DriverBuilder::new(root).pool(pool).start()
+}
+
+fn volume_names(list: &csi::ListVolumesResponse) -> Vec<String> {
+    list.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.clone()).collect()
+}
+
+async fn create_crash_converges(failpoint: &str) {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let driver = crash_then_restart(&pool, root.path(), failpoint, |mut c| async move {
+        let err = c.create_volume(req::create("mysql-pvc", 64 * MIB)).await.unwrap_err();
+        assert_ne!(err.code(), tonic::Code::Ok);
+    })
+    .await;
+    assert!(driver.logs().contains("rolled back"), "{}", driver.logs());
+    assert!(pool.files("volumes").is_empty(), "the half-made volume was removed");
+
+    // The provisioner retries with the same name: one volume, as asked.
+    let mut c = ControllerClient::new(driver.channel().await);
+    let v = c
+        .create_volume(req::create("mysql-pvc", 64 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let again = c
+        .create_volume(req::create("mysql-pvc", 64 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, again.volume_id);
+    assert_eq!(pool.files("volumes"), vec![pool.volume_file(&v.volume_id)]);
+    let list = c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(volume_names(&list), vec![v.volume_id]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_reservation_before_the_file_converges() {
+    create_crash_converges("create-volume-after-reserve").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_the_file_before_the_commit_converges() {
+    create_crash_converges("create-volume-before-commit").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_delete_finishes_the_delete() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let id = {
+        let healthy = DriverBuilder::new(root.path()).pool(&pool).start();
+        let mut c = ControllerClient::new(healthy.channel().await);
+        let v = c
+            .create_volume(req::create("doomed", 8 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        v.volume_id
+    };
+    let vid = id.clone();
+    let driver =
+        crash_then_restart(&pool, root.path(), "delete-volume-after-mark", |mut c| async move {
+            assert!(c.delete_volume(req::delete(&vid)).await.is_err());
+        })
+        .await;
+    assert!(driver.logs().contains("finished deletes"), "{}", driver.logs());
+    assert!(!pool.volume_file(&id).exists());
+    let mut c = ControllerClient::new(driver.channel().await);
+    c.delete_volume(req::delete(&id)).await.expect("the retried delete succeeds");
+    let list = c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert!(list.entries.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_snapshot_converges() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let vid = {
+        let healthy = DriverBuilder::new(root.path()).pool(&pool).start();
+        let mut c = ControllerClient::new(healthy.channel().await);
+        c.create_volume(req::create("src", 8 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id
+    };
+    let v = vid.clone();
+    let driver = crash_then_restart(
+        &pool,
+        root.path(),
+        "create-snapshot-before-commit",
+        |mut c| async move {
+            assert!(c.create_snapshot(req::snapshot("snap", &v)).await.is_err());
+        },
+    )
+    .await;
+    assert!(pool.files("snapshots").is_empty(), "the unfinished snapshot file was removed");
+    let mut c = ControllerClient::new(driver.channel().await);
+    let s = c
+        .create_snapshot(req::snapshot("snap", &vid))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(s.ready_to_use);
+    assert_eq!(pool.files("snapshots"), vec![pool.snapshot_file(&s.snapshot_id)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orphans_are_reported_and_never_deleted() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(pool.dir.join("volumes")).unwrap();
+    let stray = pool.dir.join("volumes").join("someone-elses.img");
+    std::fs::write(&stray, b"not ours").unwrap();
+    let driver = DriverBuilder::new(root.path()).pool(&pool).start();
+    assert!(driver.logs().contains("orphans"), "{}", driver.logs());
+    assert_eq!(std::fs::read(&stray).unwrap(), b"not ours");
+}
