@@ -24,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI gRPC services on a socket.
     Serve(ServeArgs),
+    /// Measure the driver: provisioning rate, snapshot/restore/clone latency.
+    Bench(crate::bench::BenchArgs),
     /// Manage the local engine's pool.
     #[command(subcommand)]
     Pool(PoolCommand),

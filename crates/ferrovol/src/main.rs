@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => ferrovol::server::run(args).await,
+            Command::Bench(args) => ferrovol::bench::run(args).await,
             Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
                 let image = image.unwrap_or_else(|| dir.with_extension("img"));
                 let pool = ferrovol::poolinit::init(&dir, &image, size, fs)

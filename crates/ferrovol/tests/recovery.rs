@@ -44,8 +44,10 @@ async fn create_crash_converges(failpoint: &str) {
         assert_ne!(err.code(), tonic::Code::Ok);
     })
     .await;
-    assert!(driver.logs().contains("rolled back"), "{}", driver.logs());
+    // Whether the reservation reached the disk before the crash or not,
+    // nothing of the unfinished volume may remain.
     assert!(pool.files("volumes").is_empty(), "the half-made volume was removed");
+    assert!(pool.files("staging").is_empty(), "no staged leftovers");
 
     // The provisioner retries with the same name: one volume, as asked.
     let mut c = ControllerClient::new(driver.channel().await);
@@ -80,6 +82,31 @@ async fn crash_after_the_file_before_the_commit_converges() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn crash_after_commit_before_publish_keeps_the_volume() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let driver =
+        crash_then_restart(&pool, root.path(), "create-after-commit", |mut c| async move {
+            assert!(c.create_volume(req::create("committed", 16 * MIB)).await.is_err());
+        })
+        .await;
+    assert!(driver.logs().contains("published"), "{}", driver.logs());
+    let mut c = ControllerClient::new(driver.channel().await);
+    let v = c
+        .create_volume(req::create("committed", 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(pool.files("volumes"), vec![pool.volume_file(&v.volume_id)], "moved into place");
+    assert!(pool.files("staging").is_empty());
+    let get = csi::ControllerGetVolumeRequest { volume_id: v.volume_id };
+    let cond = c.controller_get_volume(get).await.unwrap().into_inner().status.unwrap();
+    assert!(!cond.volume_condition.unwrap().abnormal);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn crash_during_delete_finishes_the_delete() {
     let pool = TestPool::new(PoolFs::Ext4).await;
     let root = tempfile::tempdir().unwrap();
@@ -96,11 +123,10 @@ async fn crash_during_delete_finishes_the_delete() {
         v.volume_id
     };
     let vid = id.clone();
-    let driver =
-        crash_then_restart(&pool, root.path(), "delete-volume-after-mark", |mut c| async move {
-            assert!(c.delete_volume(req::delete(&vid)).await.is_err());
-        })
-        .await;
+    let driver = crash_then_restart(&pool, root.path(), "delete-after-trash", |mut c| async move {
+        assert!(c.delete_volume(req::delete(&vid)).await.is_err());
+    })
+    .await;
     assert!(driver.logs().contains("finished deletes"), "{}", driver.logs());
     assert!(!pool.volume_file(&id).exists());
     let mut c = ControllerClient::new(driver.channel().await);

@@ -168,14 +168,54 @@ impl LocalEngine {
     /// now own (the caller holds the name's lock, so nobody else is working
     /// on it).
     async fn discard<R: Record>(&self, kind: Kind, record: &R) -> Result<()> {
-        let path = self.pool.path(kind, record.id())?;
-        let pool = self.pool.clone();
+        let staged = self.pool.staging_path(kind, record.id())?;
+        let placed = self.pool.path(kind, record.id())?;
         blocking(move || {
-            pool::remove(&path)?;
-            pool.sync_dir(kind)
+            pool::remove(&staged)?;
+            pool::remove(&placed)
         })
         .await?;
-        self.journal.remove(record).await
+        let dirs = self.pool.staging_dir();
+        self.journal.remove_after_sync(record, Some(&dirs)).await
+    }
+
+    /// The second half of every creation, once the file is complete in
+    /// staging: the record becomes `Ready` durably (staging synced first, in
+    /// the same group commit), then the file moves into place. A crash before
+    /// the commit leaves a staged file recovery removes; after it, one
+    /// recovery moves into place.
+    async fn commit_created<R: Record>(&self, kind: Kind, record: &mut R) -> Result<()> {
+        record.set_state(State::Ready);
+        let staging = self.pool.staging_dir();
+        let committed = match self.journal.put_after_sync(record, Some(&staging)).await {
+            Ok(()) => {
+                failpoint::hit("create-after-commit");
+                let (pool, id) = (self.pool.clone(), record.id().to_string());
+                blocking(move || pool.publish(kind, &id)).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            let _ = self.discard(kind, record).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Deletion in three steps, each safe to crash after: the file moves to
+    /// the trash (atomic), the record goes once that move is durable, then
+    /// the trash file is unlinked. Recovery finishes any delete whose file it
+    /// finds in the trash, and empties the trash.
+    async fn delete_file_and_record<R: Record>(&self, kind: Kind, record: &R) -> Result<()> {
+        let (pool, id) = (self.pool.clone(), record.id().to_string());
+        let trashed = blocking(move || {
+            let trashed = pool.move_to_trash(kind, &id)?;
+            failpoint::hit("delete-after-trash");
+            Ok(trashed)
+        })
+        .await?;
+        self.journal.remove_after_sync(record, Some(&self.pool.dir(kind))).await?;
+        blocking(move || pool::remove(&trashed)).await
     }
 
     async fn attached_devices(&self, path: PathBuf) -> Result<Vec<loopdev::Attached>> {
@@ -290,8 +330,8 @@ impl Engine for LocalEngine {
             return Err(error::aborted(format!("volume {:?} is being created", req.name)));
         }
 
-        let path = self.pool.path(Kind::Volume, &record.id)?;
-        let (pool, method) = (self.pool.clone(), self.method);
+        let path = self.pool.staging_path(Kind::Volume, &record.id)?;
+        let method = self.method;
         let made = blocking(move || {
             failpoint::hit("create-volume-after-reserve");
             match source {
@@ -303,7 +343,6 @@ impl Engine for LocalEngine {
                     }
                 }
             }
-            pool.sync_dir(Kind::Volume)?;
             failpoint::hit("create-volume-before-commit");
             Ok(())
         })
@@ -312,11 +351,7 @@ impl Engine for LocalEngine {
             self.discard(Kind::Volume, &record).await?;
             return Err(e);
         }
-        record.set_state(State::Ready);
-        if let Err(e) = self.journal.put(&record).await {
-            let _ = self.discard(Kind::Volume, &record).await;
-            return Err(e);
-        }
+        self.commit_created(Kind::Volume, &mut record).await?;
         Ok(to_volume(&record))
     }
 
@@ -324,7 +359,7 @@ impl Engine for LocalEngine {
         if !ids::is_valid(Kind::Volume, id) {
             return Ok(()); // cannot exist, so it is already deleted
         }
-        let Some(mut record) = self.journal.get::<VolumeRecord>(id)? else {
+        let Some(record) = self.journal.get::<VolumeRecord>(id)? else {
             return Ok(());
         };
         let path = self.pool.path(Kind::Volume, id)?;
@@ -334,16 +369,7 @@ impl Engine for LocalEngine {
                 a.device.display()
             )));
         }
-        record.set_state(State::Deleting);
-        self.journal.put(&record).await?;
-        let pool = self.pool.clone();
-        blocking(move || {
-            failpoint::hit("delete-volume-after-mark");
-            pool::remove(&path)?;
-            pool.sync_dir(Kind::Volume)
-        })
-        .await?;
-        self.journal.remove(&record).await
+        self.delete_file_and_record(Kind::Volume, &record).await
     }
 
     async fn volume(&self, id: &str) -> Result<Volume> {
@@ -450,13 +476,12 @@ impl Engine for LocalEngine {
             return Err(error::aborted(format!("snapshot {name:?} is being created")));
         }
         let src = self.pool.path(Kind::Volume, source_volume)?;
-        let dst = self.pool.path(Kind::Snapshot, &record.id)?;
-        let (pool, method, size) = (self.pool.clone(), self.method, volume.capacity);
+        let dst = self.pool.staging_path(Kind::Snapshot, &record.id)?;
+        let (method, size) = (self.method, volume.capacity);
         let made = blocking(move || {
             failpoint::hit("create-snapshot-after-reserve");
             pool::clone_file(&src, &dst, size, method)?;
             pool::seal(&dst)?;
-            pool.sync_dir(Kind::Snapshot)?;
             failpoint::hit("create-snapshot-before-commit");
             Ok(())
         })
@@ -465,11 +490,7 @@ impl Engine for LocalEngine {
             self.discard(Kind::Snapshot, &record).await?;
             return Err(e);
         }
-        record.set_state(State::Ready);
-        if let Err(e) = self.journal.put(&record).await {
-            let _ = self.discard(Kind::Snapshot, &record).await;
-            return Err(e);
-        }
+        self.commit_created(Kind::Snapshot, &mut record).await?;
         Ok(to_snapshot(&record))
     }
 
@@ -477,7 +498,7 @@ impl Engine for LocalEngine {
         if !ids::is_valid(Kind::Snapshot, id) {
             return Ok(());
         }
-        let Some(mut record) = self.journal.get::<SnapshotRecord>(id)? else {
+        let Some(record) = self.journal.get::<SnapshotRecord>(id)? else {
             return Ok(());
         };
         if !record.group_id.is_empty() && record.state() == State::Ready {
@@ -486,16 +507,7 @@ impl Engine for LocalEngine {
                 record.group_id
             )));
         }
-        record.set_state(State::Deleting);
-        self.journal.put(&record).await?;
-        let path = self.pool.path(Kind::Snapshot, id)?;
-        let pool = self.pool.clone();
-        blocking(move || {
-            pool::remove(&path)?;
-            pool.sync_dir(Kind::Snapshot)
-        })
-        .await?;
-        self.journal.remove(&record).await
+        self.delete_file_and_record(Kind::Snapshot, &record).await
     }
 
     async fn snapshot(&self, id: &str) -> Result<Snapshot> {

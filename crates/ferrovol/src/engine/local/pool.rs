@@ -43,7 +43,8 @@ pub struct Pool {
 impl Pool {
     /// Opens the pool directory, creating its layout when missing.
     pub fn open(root: &Path) -> Result<Pool> {
-        for dir in [root.to_path_buf(), root.join("volumes"), root.join("snapshots")] {
+        let dirs = ["volumes", "snapshots", "staging", "trash"].map(|d| root.join(d));
+        for dir in std::iter::once(root.to_path_buf()).chain(dirs) {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
@@ -61,7 +62,7 @@ impl Pool {
         self.root.join("journal.redb")
     }
 
-    fn dir(&self, kind: Kind) -> PathBuf {
+    pub fn dir(&self, kind: Kind) -> PathBuf {
         match kind {
             Kind::Volume => self.root.join("volumes"),
             Kind::Snapshot => self.root.join("snapshots"),
@@ -78,10 +79,66 @@ impl Pool {
         Ok(self.dir(kind).join(format!("{id}.img")))
     }
 
+    /// Where a file is built until the journal durably says it exists. Only
+    /// unfinished creations are here, so recovery may remove anything in it
+    /// that no `Ready` record claims.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    /// The staging path of an object being created.
+    pub fn staging_path(&self, kind: Kind, id: &str) -> Result<PathBuf> {
+        let path = self.path(kind, id)?;
+        Ok(self.staging_dir().join(path.file_name().expect("object paths have a file name")))
+    }
+
+    /// Moves a finished object from staging to its place.
+    pub fn publish(&self, kind: Kind, id: &str) -> Result<()> {
+        let (from, to) = (self.staging_path(kind, id)?, self.path(kind, id)?);
+        std::fs::rename(&from, &to)
+            .map_err(|e| Error::io(format!("moving {} into place", from.display()), e))
+    }
+
+    /// Where a file goes while it is being deleted. Only deletions ever put
+    /// files here, so anything in it may be removed at any time.
+    pub fn trash_dir(&self) -> PathBuf {
+        self.root.join("trash")
+    }
+
+    /// Moves an object's file to the trash (atomically; a missing file is
+    /// fine) and answers the trash path.
+    pub fn move_to_trash(&self, kind: Kind, id: &str) -> Result<PathBuf> {
+        let from = self.path(kind, id)?;
+        let to = self.trash_dir().join(from.file_name().expect("object paths have a file name"));
+        match std::fs::rename(&from, &to) {
+            Ok(()) => Ok(to),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(to),
+            Err(e) => Err(Error::io(format!("moving {} to the trash", from.display()), e)),
+        }
+    }
+
+    /// Empties the trash (recovery).
+    pub fn empty_trash(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.trash_dir();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let mut removed = Vec::new();
+        for e in entries {
+            let p = e.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?.path();
+            remove(&p)?;
+            removed.push(p);
+        }
+        Ok(removed)
+    }
+
     /// Files in a kind's directory (for recovery and checks).
     pub fn files(&self, kind: Kind) -> Result<Vec<PathBuf>> {
-        let dir = self.dir(kind);
-        let entries = std::fs::read_dir(&dir)
+        self.files_in(&self.dir(kind))
+    }
+
+    /// Files in one of the pool's directories, sorted.
+    pub fn files_in(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let entries = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
         let mut out = Vec::new();
         for e in entries {
@@ -117,15 +174,6 @@ impl Pool {
         let st = rustix::fs::statvfs(&self.root)
             .map_err(|e| Error::io(format!("statvfs {}", self.root.display()), e.into()))?;
         Ok((st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize))
-    }
-
-    /// fsyncs a directory so that a file created or removed in it survives a
-    /// crash.
-    pub fn sync_dir(&self, kind: Kind) -> Result<()> {
-        let dir = self.dir(kind);
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
     }
 }
 

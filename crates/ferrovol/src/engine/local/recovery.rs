@@ -2,7 +2,11 @@
 //!
 //! - `Creating`: the operation never completed, and the CO will retry it by
 //!   name; roll it back (remove the partial file, drop the reservation).
-//! - `Deleting`: the CO asked for removal; finish it.
+//! - `Ready` with its file still in staging: committed but not yet moved
+//!   into place; move it. Everything else in staging is unfinished work that
+//!   no record claims, and is removed.
+//! - `Deleting`, or `Ready` with its file in the trash: a deletion was under
+//!   way; finish it. The trash is then emptied (only deletions fill it).
 //! - `Ready` whose file grew past the record: an expansion reached the disk
 //!   but not the journal; the file is the truth.
 //! - `Ready` whose file is missing: reported as dangling, never hidden (the
@@ -25,6 +29,10 @@ pub struct Report {
     pub rolled_back: Vec<String>,
     /// Interrupted deletions that were finished.
     pub finished_deletes: Vec<String>,
+    /// Committed creations whose file recovery moved into place.
+    pub published: Vec<String>,
+    /// Staged files of creations that never committed, removed.
+    pub unclaimed_staged: Vec<PathBuf>,
     /// Records brought up to their file's (larger) size.
     pub resized: Vec<String>,
     /// Ready records whose file is missing.
@@ -44,8 +52,15 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "rolled back {:?}, finished deletes {:?}, resized {:?}, dangling {:?}, orphans {:?}",
-            self.rolled_back, self.finished_deletes, self.resized, self.dangling, self.orphans
+            "rolled back {:?}, finished deletes {:?}, published {:?}, removed unclaimed staged \
+             files {:?}, resized {:?}, dangling {:?}, orphans {:?}",
+            self.rolled_back,
+            self.finished_deletes,
+            self.published,
+            self.unclaimed_staged,
+            self.resized,
+            self.dangling,
+            self.orphans
         )
     }
 }
@@ -59,6 +74,10 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
         if settle_unfinished(pool, journal, Kind::Volume, &rec, &mut report).await? {
             continue;
         }
+        if finish_trashed(pool, journal, Kind::Volume, &rec, &mut report).await? {
+            continue;
+        }
+        finish_publish(pool, Kind::Volume, &rec.id, &mut report)?;
         match std::fs::metadata(&path) {
             Ok(m) if m.len() > rec.capacity => {
                 rec.capacity = m.len();
@@ -75,9 +94,18 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
         if settle_unfinished(pool, journal, Kind::Snapshot, &rec, &mut report).await? {
             continue;
         }
+        if finish_trashed(pool, journal, Kind::Snapshot, &rec, &mut report).await? {
+            continue;
+        }
+        finish_publish(pool, Kind::Snapshot, &rec.id, &mut report)?;
         if !path.exists() {
             report.dangling.push(rec.id.clone());
         }
+    }
+    pool.empty_trash()?;
+    for staged in pool.files_in(&pool.staging_dir())? {
+        pool::remove(&staged)?;
+        report.unclaimed_staged.push(staged);
     }
     for kind in [Kind::Volume, Kind::Snapshot] {
         for file in pool.files(kind)? {
@@ -87,6 +115,33 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// A `Ready` record whose file is still staged: move it into place.
+fn finish_publish(pool: &Pool, kind: Kind, id: &str, report: &mut Report) -> Result<()> {
+    if !pool.path(kind, id)?.exists() && pool.staging_path(kind, id)?.exists() {
+        pool.publish(kind, id)?;
+        report.published.push(id.to_string());
+    }
+    Ok(())
+}
+
+/// A `Ready` record whose file is in the trash was being deleted: finish.
+async fn finish_trashed<R: Record>(
+    pool: &Pool,
+    journal: &Journal,
+    kind: Kind,
+    rec: &R,
+    report: &mut Report,
+) -> Result<bool> {
+    let path = pool.path(kind, rec.id())?;
+    let trashed = pool.trash_dir().join(path.file_name().expect("object paths have a file name"));
+    if path.exists() || !trashed.exists() {
+        return Ok(false);
+    }
+    journal.remove_after_sync(rec, Some(&pool.dir(kind))).await?;
+    report.finished_deletes.push(rec.id().to_string());
+    Ok(true)
 }
 
 /// Rolls back a `Creating` record or finishes a `Deleting` one; answers
@@ -103,9 +158,9 @@ async fn settle_unfinished<R: Record>(
         State::Creating => &mut report.rolled_back,
         State::Deleting => &mut report.finished_deletes,
     };
+    pool::remove(&pool.staging_path(kind, rec.id())?)?;
     pool::remove(&pool.path(kind, rec.id())?)?;
-    pool.sync_dir(kind)?;
-    journal.remove(rec).await?;
+    journal.remove_after_sync(rec, Some(&pool.dir(kind))).await?;
     list.push(rec.id().to_string());
     Ok(true)
 }

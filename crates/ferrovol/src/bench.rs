@@ -1,0 +1,280 @@
+//! `ferrovol bench`: numbers, not assertions. Starts the real driver (this
+//! binary) on a fresh XFS pool and measures it over its unix socket, the way
+//! the sidecars reach it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use tonic::transport::Channel;
+
+use crate::endpoint::{self, Endpoint};
+use crate::poolinit::{self, PoolFs, PoolImage};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Use this pool directory instead of making a temporary XFS pool.
+    #[arg(long)]
+    pub pool_dir: Option<PathBuf>,
+    /// Create+delete pairs per concurrency level.
+    #[arg(long, default_value_t = 4000)]
+    pub pairs: usize,
+    /// Data written into the source volume before snapshot/restore/clone.
+    #[arg(long, default_value_t = 1024)]
+    pub data_mib: u64,
+    /// Samples per latency measurement.
+    #[arg(long, default_value_t = 21)]
+    pub samples: usize,
+}
+
+/// The driver under test, killed on drop.
+struct Served {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mount_cap() -> csi::VolumeCapability {
+    use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+fn create_request(
+    name: String,
+    bytes: i64,
+    source: Option<csi::VolumeContentSource>,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name,
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![mount_cap()],
+        volume_content_source: source,
+        ..Default::default()
+    }
+}
+
+/// p50, p90 and max of a set of durations, in milliseconds.
+pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| ms(samples[((samples.len() - 1) as f64 * q).round() as usize]);
+    (at(0.5), at(0.9), ms(*samples.last().unwrap()))
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let work = tempfile_dir()?;
+    let (pool_dir, image) = match &args.pool_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let dir = work.join("pool");
+            let img = poolinit::init(&dir, &work.join("pool.img"), 16 << 30, PoolFs::Xfs)
+                .await
+                .map_err(|e| format!("making an XFS pool (needs root): {}", e.message()))?;
+            (dir, Some(img))
+        }
+    };
+    let result = bench(&args, &work, &pool_dir).await;
+    if let Some(img) = image {
+        cleanup_pool(&img);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn tempfile_dir() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("ferrovol-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+fn cleanup_pool(img: &PoolImage) {
+    if poolinit::unmount(img).is_err() {
+        let _ = rustix::mount::unmount(&img.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        let _ = crate::engine::local::loopdev::detach(&img.device);
+    }
+}
+
+async fn start_driver(work: &Path, pool_dir: &Path) -> Result<Served, String> {
+    let socket = work.join("csi.sock");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let child = Command::new(exe)
+        .args(["serve", "--node-id", "bench", "--endpoint"])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .arg("--pool-dir")
+        .arg(pool_dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the driver: {e}"))?;
+    let served = Served { child, socket };
+    // A benchmark may poll: it measures, it does not assert.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&served.socket).is_err() {
+        if Instant::now() > deadline {
+            return Err("the driver did not start within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(served)
+}
+
+async fn bench(args: &BenchArgs, work: &Path, pool_dir: &Path) -> Result<(), String> {
+    let served = start_driver(work, pool_dir).await?;
+    let channel = endpoint::connect(&Endpoint::Unix(served.socket.clone()))
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    println!("ferrovol bench: pool {} (driver {})", pool_dir.display(), crate::version::VERSION);
+
+    for concurrency in [1usize, 8] {
+        let rate = provisioning(&channel, concurrency, args.pairs).await?;
+        println!("create+delete pairs/s  concurrency {concurrency}: {rate:.0}");
+    }
+    copy_on_write_latency(&channel, pool_dir, args).await
+}
+
+/// Pairs of CreateVolume+DeleteVolume per second with `concurrency` clients.
+async fn provisioning(channel: &Channel, concurrency: usize, pairs: usize) -> Result<f64, String> {
+    let per_worker = pairs.div_ceil(concurrency);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let mut c = ControllerClient::new(channel.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let name = format!("bench-{concurrency}-{w}-{i}");
+                let v = c
+                    .create_volume(create_request(name, 1 << 30, None))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner()
+                    .volume
+                    .ok_or("no volume")?;
+                c.delete_volume(csi::DeleteVolumeRequest {
+                    volume_id: v.volume_id,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn copy_on_write_latency(
+    channel: &Channel,
+    pool_dir: &Path,
+    args: &BenchArgs,
+) -> Result<(), String> {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let mut c = ControllerClient::new(channel.clone());
+    let size = ((args.data_mib << 20) as i64).max(1 << 30);
+    let src = c
+        .create_volume(create_request("bench-source".into(), size, None))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .volume
+        .ok_or("no volume")?;
+    let file = pool_dir.join("volumes").join(format!("{}.img", src.volume_id));
+    fill(&file, args.data_mib << 20).map_err(|e| format!("writing data: {e}"))?;
+    println!("source volume: {} MiB of data written", args.data_mib);
+
+    let (mut snap_t, mut restore_t, mut clone_t) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.samples {
+        let t = Instant::now();
+        let snap = c
+            .create_snapshot(csi::CreateSnapshotRequest {
+                name: format!("bench-snap-{i}"),
+                source_volume_id: src.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .snapshot
+            .ok_or("no snapshot")?;
+        snap_t.push(t.elapsed());
+
+        let from_snapshot = csi::VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() })),
+        };
+        let t = Instant::now();
+        let restored = c
+            .create_volume(create_request(format!("bench-restore-{i}"), size, Some(from_snapshot)))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .volume
+            .ok_or("no volume")?;
+        restore_t.push(t.elapsed());
+
+        let from_volume = csi::VolumeContentSource {
+            r#type: Some(Type::Volume(VolumeSource { volume_id: src.volume_id.clone() })),
+        };
+        let t = Instant::now();
+        let cloned = c
+            .create_volume(create_request(format!("bench-clone-{i}"), size, Some(from_volume)))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .volume
+            .ok_or("no volume")?;
+        clone_t.push(t.elapsed());
+
+        for id in [restored.volume_id, cloned.volume_id] {
+            c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        c.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    for (what, samples) in
+        [("snapshot", &mut snap_t), ("restore", &mut restore_t), ("clone", &mut clone_t)]
+    {
+        let (p50, p90, max) = percentiles(samples);
+        println!(
+            "{what:<8} of {} MiB: p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({} samples)",
+            args.data_mib,
+            samples.len()
+        );
+    }
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id: src.volume_id, ..Default::default() })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Writes `bytes` of non-zero data (so nothing is a hole) and syncs.
+fn fill(path: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let block: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    for _ in 0..bytes >> 20 {
+        f.write_all(&block)?;
+    }
+    f.sync_all()
+}
