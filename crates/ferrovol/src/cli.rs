@@ -104,6 +104,14 @@ pub struct ServeArgs {
     #[arg(long, env = "FERROVOL_POOL_DIR")]
     pub pool_dir: Option<PathBuf>,
 
+    /// Staging and target paths must lie under this directory.
+    #[arg(long, env = "FERROVOL_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+
+    /// Reported in NodeGetInfo; 0 means no limit.
+    #[arg(long, env = "FERROVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
+    pub max_volumes_per_node: i64,
+
     /// Seconds to let in-flight RPCs finish after SIGTERM/SIGINT.
     #[arg(long, env = "FERROVOL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,

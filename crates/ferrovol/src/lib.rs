@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod journal;
 pub mod locks;
 pub mod logging;
+pub mod node;
 pub mod poolinit;
 pub mod rpc;
 pub mod server;

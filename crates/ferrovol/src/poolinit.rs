@@ -74,7 +74,9 @@ pub async fn init(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<Poo
             }
             PoolFs::Btrfs => exec::run("mkfs.btrfs", [q, img], MKFS_TIMEOUT).await?,
         };
-        let device = loopdev::attach(image, false)
+        // Block size 0: the image was formatted as a file, with whatever
+        // sector size mkfs chose; let the kernel match it.
+        let device = loopdev::attach(image, false, 0)
             .map_err(|e| Error::io(format!("attaching {}", image.display()), e))?;
         if let Err(e) =
             rustix::mount::mount(&device, dir, fs.name(), rustix::mount::MountFlags::empty(), None)

@@ -16,6 +16,7 @@ use crate::engine::local::LocalEngine;
 use crate::locks::OpLocks;
 use crate::services::controller::ControllerService;
 use crate::services::identity::IdentityService;
+use crate::services::node::{NodeConfig, NodeService};
 use crate::services::Driver;
 
 /// Logged once the socket accepts connections; tests and scripts wait for it.
@@ -52,6 +53,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         router = router.add_service(csi::controller_server::ControllerServer::new(
             ControllerService::new(driver.clone()),
         ));
+    }
+    if driver.mode.node() {
+        let config = NodeConfig {
+            kubelet_dir: args.kubelet_dir.clone(),
+            max_volumes_per_node: args.max_volumes_per_node,
+        };
+        router = router.add_service(csi::node_server::NodeServer::new(NodeService::new(
+            driver.clone(),
+            config,
+        )));
     }
 
     // Installed before we announce readiness: a SIGTERM that arrives right

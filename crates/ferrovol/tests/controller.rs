@@ -314,7 +314,8 @@ async fn delete_is_idempotent_and_refuses_attached_volumes() {
         }
     }
     let dev = Detach(
-        ferrovol::engine::local::loopdev::attach(&pool.volume_file(&v.volume_id), false).unwrap(),
+        ferrovol::engine::local::loopdev::attach(&pool.volume_file(&v.volume_id), false, 4096)
+            .unwrap(),
     );
     assert_eq!(code(c.delete_volume(req::delete(&v.volume_id)).await), Code::FailedPrecondition);
     assert!(pool.volume_file(&v.volume_id).exists());

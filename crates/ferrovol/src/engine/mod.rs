@@ -180,6 +180,10 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The device the volume is attached as on this node, if it is.
     async fn attached_device(&self, id: &str) -> Result<Option<PathBuf>>;
+
+    /// Makes the attached device show the volume's current size after an
+    /// expansion (some devices follow on their own; others must be told).
+    async fn refresh_device(&self, id: &str) -> Result<()>;
 }
 
 /// Size of a volume created without a capacity range.

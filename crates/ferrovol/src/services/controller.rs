@@ -51,7 +51,18 @@ impl ControllerService {
         let engine = &self.driver.engine;
         validate::name(&req.name, "name")?;
         let access = validate::capabilities(&req.volume_capabilities, engine.multi_node())?;
-        let (required_bytes, limit_bytes) = validate::capacity_range(req.capacity_range.as_ref())?;
+        let (mut required_bytes, limit_bytes) =
+            validate::capacity_range(req.capacity_range.as_ref())?;
+        // A filesystem volume must be big enough for its mkfs to accept.
+        if let crate::engine::AccessType::Mount { fs_type } = &access {
+            let minimum = crate::node::fs::minimum_size(fs_type);
+            if limit_bytes > 0 && limit_bytes < minimum {
+                return Err(error::out_of_range(format!(
+                    "{fs_type} needs at least {minimum} bytes; the limit is {limit_bytes}"
+                )));
+            }
+            required_bytes = required_bytes.max(minimum);
+        }
         let parameters = validate::engine_parameters(&req.parameters);
         engine.validate_parameters(&parameters)?;
         if !req.mutable_parameters.is_empty() {
@@ -186,7 +197,13 @@ impl ControllerService {
             .driver
             .locks
             .acquire(&[locks::snapshot_name(&req.name)], &[locks::volume(&req.source_volume_id)])?;
-        let snapshot = self.driver.engine.create_snapshot(&req.name, &req.source_volume_id).await?;
+        // A filesystem staged on this node is frozen for the instant of the
+        // copy-on-write clone; the guard thaws it on every path.
+        let frozen =
+            crate::services::quiesce(self.driver.engine.as_ref(), &req.source_volume_id).await?;
+        let snapshot = self.driver.engine.create_snapshot(&req.name, &req.source_volume_id).await;
+        drop(frozen);
+        let snapshot = snapshot?;
         Ok(csi::CreateSnapshotResponse { snapshot: Some(convert::snapshot(&snapshot)) })
     }
 

@@ -43,14 +43,25 @@ impl IdentityService {
         if !self.driver.engine.topology().is_empty() {
             services.push(Service::VolumeAccessibilityConstraints);
         }
-        services
+        let mut caps: Vec<csi::PluginCapability> = services
             .into_iter()
             .map(|s| csi::PluginCapability {
                 r#type: Some(csi::plugin_capability::Type::Service(
                     csi::plugin_capability::Service { r#type: s as i32 },
                 )),
             })
-            .collect()
+            .collect();
+        if self.driver.mode.node() {
+            // Filesystems grow while mounted (NodeExpandVolume).
+            caps.push(csi::PluginCapability {
+                r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                    csi::plugin_capability::VolumeExpansion {
+                        r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                    },
+                )),
+            });
+        }
+        caps
     }
 
     async fn check_ready(&self) -> Result<()> {

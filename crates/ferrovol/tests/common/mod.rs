@@ -32,6 +32,7 @@ pub struct DriverBuilder {
     socket: PathBuf,
     state_dir: PathBuf,
     pool_dir: Option<PathBuf>,
+    kubelet_dir: Option<PathBuf>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -43,6 +44,7 @@ impl DriverBuilder {
             socket: root.join("csi.sock"),
             state_dir: root.join("state"),
             pool_dir: None,
+            kubelet_dir: None,
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "debug,h2=info,hyper=info,tower=info".into())],
         }
@@ -55,6 +57,11 @@ impl DriverBuilder {
 
     pub fn pool(mut self, p: &TestPool) -> Self {
         self.pool_dir = Some(p.dir.clone());
+        self
+    }
+
+    pub fn kubelet(mut self, k: &Kubelet) -> Self {
+        self.kubelet_dir = Some(k.dir.clone());
         self
     }
 
@@ -87,6 +94,11 @@ impl DriverBuilder {
                 self.pool_dir
                     .iter()
                     .flat_map(|p| [std::ffi::OsStr::new("--pool-dir"), p.as_os_str()]),
+            )
+            .args(
+                self.kubelet_dir
+                    .iter()
+                    .flat_map(|p| [std::ffi::OsStr::new("--kubelet-dir"), p.as_os_str()]),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -384,4 +396,80 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, offset).unwrap();
     buf
+}
+
+/// A private kubelet root for node tests. On drop it force-cleans whatever a
+/// failed test left (mounts below it, loop devices backed by its pool), so no
+/// test ever leaks kernel state; `assert_clean` checks that nothing needed it.
+pub struct Kubelet {
+    pub dir: PathBuf,
+    pool_dir: PathBuf,
+    _root: tempfile::TempDir,
+}
+
+impl Kubelet {
+    pub fn new(pool: &TestPool) -> Kubelet {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("kubelet");
+        std::fs::create_dir_all(&dir).unwrap();
+        Kubelet {
+            dir: dir.canonicalize().unwrap(),
+            pool_dir: pool.dir.canonicalize().unwrap(),
+            _root: root,
+        }
+    }
+
+    pub fn staging(&self, pv: &str) -> PathBuf {
+        let p = self.dir.join("plugins/kubernetes.io/csi/pv").join(pv).join("globalmount");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn target(&self, pod: &str, pv: &str) -> PathBuf {
+        let p = self.dir.join("pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
+        std::fs::create_dir_all(&p).unwrap();
+        p.join("mount")
+    }
+
+    /// Mount points below the kubelet root, deepest first.
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = ferrovol::node::mountinfo::read()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(&self.dir))
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        v
+    }
+
+    /// Loop devices whose backing file is in this test's pool.
+    pub fn loops(&self) -> Vec<ferrovol::engine::local::loopdev::Attached> {
+        ferrovol::engine::local::loopdev::list()
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.backing.starts_with(&self.pool_dir))
+            .collect()
+    }
+
+    pub fn assert_clean(&self) {
+        assert!(self.mounts().is_empty(), "mounts left behind: {:?}", self.mounts());
+        assert!(self.loops().is_empty(), "loop devices left behind: {:?}", self.loops());
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        for m in self.mounts() {
+            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+        }
+        for l in self.loops() {
+            let _ = ferrovol::engine::local::loopdev::detach(&l.device);
+        }
+    }
+}
+
+/// Is `path` a mount point right now (by the kernel's mount table)?
+pub fn is_mounted(path: &Path) -> bool {
+    ferrovol::node::mountinfo::read().unwrap().iter().any(|m| m.mount_point == path)
 }

@@ -8,7 +8,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
@@ -59,10 +58,17 @@ fn ioctl_result(ret: libc::c_int) -> io::Result<libc::c_int> {
 /// handed between GET_FREE and CONFIGURE.
 const ATTACH_RETRIES: usize = 64;
 
+/// Logical block size of volume loop devices. Fixed, because left to the
+/// kernel it follows the backing file's direct-I/O alignment, which on XFS
+/// changes once a file shares blocks (after a snapshot or clone): a
+/// filesystem made with smaller blocks would then no longer mount.
+pub const VOLUME_BLOCK_SIZE: u32 = 4096;
+
 /// Attaches `backing` to a free loop device with direct I/O (no second copy
 /// in the page cache); falls back to buffered I/O where the backing
-/// filesystem refuses direct I/O. Returns the device path.
-pub fn attach(backing: &Path, read_only: bool) -> io::Result<PathBuf> {
+/// filesystem refuses direct I/O. `block_size` 0 lets the kernel choose
+/// (right for images made elsewhere). Returns the device path.
+pub fn attach(backing: &Path, read_only: bool, block_size: u32) -> io::Result<PathBuf> {
     let file = OpenOptions::new().read(true).write(!read_only).open(backing)?;
     let control = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
     let mut last_err = None;
@@ -82,14 +88,14 @@ pub fn attach(backing: &Path, read_only: bool) -> io::Result<PathBuf> {
         if read_only {
             flags |= 1; // LO_FLAGS_READ_ONLY
         }
-        match configure(&dev, &file, flags) {
+        match configure(&dev, &file, flags, block_size) {
             Ok(()) => return Ok(dev_path),
             // Someone else configured this device first: try another.
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last_err = Some(e),
             // The backing filesystem cannot do direct I/O with this block
             // size: buffered I/O still works.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                match configure(&dev, &file, flags & !LO_FLAGS_DIRECT_IO) {
+                match configure(&dev, &file, flags & !LO_FLAGS_DIRECT_IO, block_size) {
                     Ok(()) => return Ok(dev_path),
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last_err = Some(e),
                     Err(e) => return Err(e),
@@ -101,13 +107,11 @@ pub fn attach(backing: &Path, read_only: bool) -> io::Result<PathBuf> {
     Err(last_err.unwrap_or_else(|| io::Error::other("no free loop device")))
 }
 
-fn configure(dev: &File, backing: &File, flags: u32) -> io::Result<()> {
+fn configure(dev: &File, backing: &File, flags: u32, block_size: u32) -> io::Result<()> {
     // SAFETY: all-zero is a valid loop_config; we then set the fields we use.
     let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
     cfg.fd = backing.as_raw_fd() as u32;
-    // 0: the kernel picks the backing device's logical block size, which keeps
-    // direct I/O possible and still mounts filesystems made with 512-byte sectors.
-    cfg.block_size = 0;
+    cfg.block_size = block_size;
     cfg.info.lo_flags = flags;
     // SAFETY: LOOP_CONFIGURE reads a loop_config we own for the whole call.
     ioctl_result(unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) })
@@ -171,16 +175,4 @@ pub fn list() -> io::Result<Vec<Attached>> {
 /// The loop devices backed by `backing` (normally zero or one).
 pub fn find(backing: &Path) -> io::Result<Vec<Attached>> {
     Ok(list()?.into_iter().filter(|a| a.backing == backing).collect())
-}
-
-/// The size in bytes of a block device.
-pub fn device_size(device: &Path) -> io::Result<u64> {
-    let meta = std::fs::metadata(device)?;
-    if !meta.file_type().is_block_device() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a block device"));
-    }
-    let name = device.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size"))?;
-    let sectors: u64 = sectors.trim().parse().map_err(io::Error::other)?;
-    Ok(sectors * 512)
 }

@@ -546,7 +546,7 @@ impl Engine for LocalEngine {
             return Ok(a.device);
         }
         blocking(move || {
-            loopdev::attach(&path, false)
+            loopdev::attach(&path, false, loopdev::VOLUME_BLOCK_SIZE)
                 .map_err(|e| Error::io(format!("attaching {} to a loop device", path.display()), e))
         })
         .await
@@ -566,6 +566,19 @@ impl Engine for LocalEngine {
             .await?;
         }
         Ok(())
+    }
+
+    async fn refresh_device(&self, id: &str) -> Result<()> {
+        let Some(device) = self.attached_device(id).await? else {
+            return Err(error::failed_precondition(format!(
+                "volume {id} is not attached on this node"
+            )));
+        };
+        blocking(move || {
+            loopdev::refresh_capacity(&device)
+                .map_err(|e| Error::io(format!("refreshing the size of {}", device.display()), e))
+        })
+        .await
     }
 
     async fn attached_device(&self, id: &str) -> Result<Option<PathBuf>> {

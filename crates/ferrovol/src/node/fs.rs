@@ -1,0 +1,249 @@
+//! Filesystems on block devices: detect, format (only when blank), mount,
+//! bind, grow. External tools run through [`crate::exec`] with timeouts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::error::{self, Result};
+use crate::exec;
+
+const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
+const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What is on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// No signature at all: safe to format.
+    Blank,
+    /// A filesystem of this type.
+    Filesystem(String),
+    /// Some other signature (partition table, LUKS, RAID member…): data we
+    /// do not understand, never to be formatted over.
+    Unknown(String),
+}
+
+/// Looks for any signature on the device (`blkid -p`, which reads the device
+/// itself rather than a cache).
+pub async fn probe(device: &Path) -> Result<Content> {
+    let (code, out) = exec::run_status(
+        "blkid",
+        ["-p".as_ref(), "-o".as_ref(), "export".as_ref(), device.as_os_str()],
+        PROBE_TIMEOUT,
+    )
+    .await?;
+    match code {
+        0 => {
+            let field = |key: &str| {
+                out.stdout.lines().find_map(|l| l.strip_prefix(key).map(str::to_string))
+            };
+            Ok(match field("TYPE=") {
+                Some(t) => Content::Filesystem(t),
+                None => Content::Unknown(out.stdout.trim().replace('\n', " ")),
+            })
+        }
+        2 => Ok(Content::Blank),
+        _ => Err(error::internal(format!(
+            "blkid could not probe {} (exit {code}): {}",
+            device.display(),
+            out.stderr.trim()
+        ))),
+    }
+}
+
+/// Formats a blank device. Options favour speed on a fresh sparse file: no
+/// discard (nothing to discard), lazy ext4 inode tables, no reserved blocks.
+pub async fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
+    let dev = device.as_os_str();
+    match fs_type {
+        "ext4" => {
+            // 4 KiB blocks whatever the size: small ext4 filesystems default to
+            // 1 KiB blocks, which a 4 KiB-sector device cannot mount.
+            let opts = [
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            ];
+            exec::run("mkfs.ext4", opts.iter().map(|s| s.as_ref()).chain([dev]), MKFS_TIMEOUT)
+                .await?
+        }
+        "xfs" => exec::run("mkfs.xfs", ["-q".as_ref(), "-K".as_ref(), dev], MKFS_TIMEOUT).await?,
+        "btrfs" => {
+            exec::run("mkfs.btrfs", ["-q".as_ref(), "-K".as_ref(), dev], MKFS_TIMEOUT).await?
+        }
+        other => return Err(error::invalid(format!("cannot format {other:?}"))),
+    };
+    Ok(())
+}
+
+/// Smallest device each filesystem's mkfs accepts (xfsprogs refuses under
+/// 300 MiB, btrfs-progs under about 114 MiB).
+pub fn minimum_size(fs_type: &str) -> u64 {
+    match fs_type {
+        "xfs" => 300 << 20,
+        "btrfs" => 120 << 20,
+        _ => 0,
+    }
+}
+
+/// Whether this process holds a capability (by number, see capabilities(7)).
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|eff| eff & (1 << cap) != 0)
+}
+
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Grows a mounted filesystem to fill its (already larger) device.
+pub async fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
+    match fs_type {
+        "ext4" | "ext3" | "ext2" => {
+            // The kernel's online ext4 resize demands CAP_SYS_RESOURCE; say
+            // so instead of relaying resize2fs's bare "Permission denied".
+            if !has_capability(CAP_SYS_RESOURCE) {
+                return Err(error::failed_precondition(
+                    "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which this process \
+                     lacks (grant it to the ferrovol container); the volume itself has grown",
+                ));
+            }
+            exec::run("resize2fs", [device.as_os_str()], GROW_TIMEOUT).await?
+        }
+        "xfs" => exec::run("xfs_growfs", [mount_point.as_os_str()], GROW_TIMEOUT).await?,
+        "btrfs" => {
+            let args =
+                ["filesystem".as_ref(), "resize".as_ref(), "max".as_ref(), mount_point.as_os_str()];
+            exec::run("btrfs", args, GROW_TIMEOUT).await?
+        }
+        other => return Err(error::invalid(format!("cannot grow a {other} filesystem"))),
+    };
+    Ok(())
+}
+
+/// Mount options from a CSI capability: the generic ones become flags, the
+/// rest is passed to the filesystem.
+pub fn split_mount_flags(flags: &[String]) -> (MountFlags, String) {
+    let mut bits = MountFlags::empty();
+    let mut data = Vec::new();
+    for opt in flags.iter().flat_map(|f| f.split(',')).map(str::trim).filter(|o| !o.is_empty()) {
+        match opt {
+            "ro" => bits |= MountFlags::RDONLY,
+            "rw" | "defaults" | "bind" => {}
+            "nosuid" => bits |= MountFlags::NOSUID,
+            "nodev" => bits |= MountFlags::NODEV,
+            "noexec" => bits |= MountFlags::NOEXEC,
+            "sync" => bits |= MountFlags::SYNCHRONOUS,
+            "dirsync" => bits |= MountFlags::DIRSYNC,
+            "noatime" => bits |= MountFlags::NOATIME,
+            "nodiratime" => bits |= MountFlags::NODIRATIME,
+            "relatime" => bits |= MountFlags::RELATIME,
+            "strictatime" => bits |= MountFlags::STRICTATIME,
+            other => data.push(other),
+        }
+    }
+    (bits, data.join(","))
+}
+
+/// Mounts a filesystem. XFS gets `nouuid`: restores and clones carry their
+/// source's UUID, and XFS would otherwise refuse to mount both on one node.
+pub fn mount(
+    device: &Path,
+    target: &Path,
+    fs_type: &str,
+    flags: &[String],
+    read_only: bool,
+) -> Result<()> {
+    let (mut bits, mut data) = split_mount_flags(flags);
+    if read_only {
+        bits |= MountFlags::RDONLY;
+    }
+    if fs_type == "xfs" && !data.split(',').any(|o| o == "nouuid") {
+        data = if data.is_empty() { "nouuid".into() } else { format!("{data},nouuid") };
+    }
+    let data =
+        std::ffi::CString::new(data).map_err(|_| error::invalid("mount flags contain NUL"))?;
+    let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
+    rustix::mount::mount(device, target, fs_type, bits, data).map_err(|e| {
+        error::internal(format!(
+            "mounting {} ({fs_type}) on {}: {e}",
+            device.display(),
+            target.display()
+        ))
+    })
+}
+
+/// Bind-mounts `source` on `target`, then applies read-only and the generic
+/// flags (a bind mount ignores them until remounted).
+pub fn bind(source: &Path, target: &Path, flags: &[String], read_only: bool) -> Result<()> {
+    rustix::mount::mount_bind(source, target).map_err(|e| {
+        error::internal(format!("bind-mounting {} on {}: {e}", source.display(), target.display()))
+    })?;
+    let (mut bits, _) = split_mount_flags(flags);
+    if read_only {
+        bits |= MountFlags::RDONLY;
+    }
+    if !bits.is_empty() {
+        if let Err(e) = rustix::mount::mount_remount(target, bits | MountFlags::BIND, "") {
+            let _ = unmount(target);
+            return Err(error::internal(format!(
+                "applying mount flags on {}: {e}",
+                target.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Size in bytes of a block device (or a bind mount of its node).
+pub fn block_device_size(device: &Path) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    // _IOR(0x12, 114, size_t) from <linux/fs.h>.
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let f = std::fs::File::open(device)
+        .map_err(|e| crate::error::Error::io(format!("opening {}", device.display()), e))?;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer we own.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(crate::error::Error::io(format!("sizing {}", device.display()), e));
+    }
+    Ok(size)
+}
+
+/// Unmounts `target`; not mounted is fine.
+pub fn unmount(target: &Path) -> Result<()> {
+    match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+        Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(error::internal(format!("unmounting {}: {e}", target.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generic_flags_become_bits_the_rest_data() {
+        let (bits, data) = split_mount_flags(&[
+            "noatime,discard".into(),
+            "nosuid".into(),
+            "ro".into(),
+            "commit=30".into(),
+        ]);
+        assert!(bits.contains(MountFlags::NOATIME | MountFlags::NOSUID | MountFlags::RDONLY));
+        assert_eq!(data, "discard,commit=30");
+    }
+}

@@ -1,0 +1,586 @@
+//! Node service: makes a volume usable in a pod and takes it away again.
+//!
+//! Stage attaches the volume (engine → block device), formats it only if it
+//! is blank, and mounts it at the staging path; a raw block volume's device
+//! is bind-mounted onto a marker file there instead. Publish bind-mounts the
+//! staging mount (or the device) onto the pod's target. Every decision reads
+//! the kernel's own state (mountinfo, the engine's attachments), so a
+//! restarted driver converges on repeated calls and never attaches twice.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use ferrovol_csi as csi;
+use ferrovol_csi::node_service_capability::rpc::Type as Cap;
+use ferrovol_csi::volume_capability::access_mode::Mode;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{AccessType, ExpansionSite};
+use crate::error::{self, Error, Result};
+use crate::locks;
+use crate::node::fs::{self as nodefs, Content};
+use crate::node::mountinfo::{self, MountEntry};
+use crate::rpc::handle;
+use crate::services::{convert, validate, Driver};
+
+/// Name of the file a raw block volume's device is bind-mounted onto inside
+/// its staging directory: the kernel-visible record that it is staged.
+const BLOCK_MARKER: &str = "device";
+
+/// CSI caps paths at 4 KiB like any other string field it bounds.
+const MAX_PATH: usize = 4096;
+
+pub struct NodeConfig {
+    /// Staging and target paths must lie under this directory.
+    pub kubelet_dir: PathBuf,
+    pub max_volumes_per_node: i64,
+}
+
+pub struct NodeService {
+    driver: Arc<Driver>,
+    kubelet_dir: PathBuf,
+    max_volumes_per_node: i64,
+    /// Why node operations cannot work here (no CAP_SYS_ADMIN), if so.
+    unprivileged: Option<String>,
+}
+
+/// Node operations mount filesystems and configure loop devices: both need
+/// CAP_SYS_ADMIN. Said once, clearly, rather than as a cryptic EPERM.
+fn privilege_problem() -> Option<String> {
+    (!nodefs::has_capability(nodefs::CAP_SYS_ADMIN)).then(|| {
+        "node operations need CAP_SYS_ADMIN (run ferrovol as root, or privileged in its pod)"
+            .to_string()
+    })
+}
+
+impl NodeService {
+    pub fn new(driver: Arc<Driver>, config: NodeConfig) -> Self {
+        let kubelet_dir = config.kubelet_dir.canonicalize().unwrap_or(config.kubelet_dir);
+        NodeService {
+            driver,
+            kubelet_dir,
+            max_volumes_per_node: config.max_volumes_per_node,
+            unprivileged: privilege_problem(),
+        }
+    }
+
+    pub fn capabilities() -> Vec<Cap> {
+        vec![
+            Cap::StageUnstageVolume,
+            Cap::GetVolumeStats,
+            Cap::ExpandVolume,
+            Cap::VolumeCondition,
+            Cap::SingleNodeMultiWriter,
+        ]
+    }
+
+    fn require_privilege(&self) -> Result<()> {
+        match &self.unprivileged {
+            Some(why) => Err(error::failed_precondition(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// An absolute, `..`-free path under the kubelet directory whose
+    /// existing part does not escape it through a symlink.
+    fn checked_path(&self, raw: &str, what: &str) -> Result<PathBuf> {
+        if raw.is_empty() {
+            return Err(error::invalid(format!("{what} is required")));
+        }
+        if raw.len() > MAX_PATH || raw.contains('\0') {
+            return Err(error::invalid(format!("{what} is not a usable path")));
+        }
+        let path = PathBuf::from(raw);
+        if !path.is_absolute()
+            || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        {
+            return Err(error::invalid(format!("{what} {raw:?} must be absolute and normalized")));
+        }
+        if !path.starts_with(&self.kubelet_dir) {
+            return Err(error::invalid(format!(
+                "{what} {raw:?} is outside the kubelet directory {}",
+                self.kubelet_dir.display()
+            )));
+        }
+        let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        let resolved =
+            existing.canonicalize().map_err(|e| Error::io(format!("resolving {raw}"), e))?;
+        if !resolved.starts_with(&self.kubelet_dir) {
+            return Err(error::invalid(format!(
+                "{what} {raw:?} leads outside the kubelet directory through a symlink"
+            )));
+        }
+        Ok(path)
+    }
+
+    fn access(
+        cap: Option<&csi::VolumeCapability>,
+        multi_node: bool,
+    ) -> Result<(AccessType, Mode, Vec<String>)> {
+        let cap = cap.ok_or_else(|| error::invalid("volume_capability is required"))?;
+        let access = validate::capability(cap, multi_node)?;
+        let mode = cap
+            .access_mode
+            .as_ref()
+            .and_then(|m| Mode::try_from(m.mode).ok())
+            .unwrap_or(Mode::Unknown);
+        let flags = match &cap.access_type {
+            Some(csi::volume_capability::AccessType::Mount(m)) => m.mount_flags.clone(),
+            _ => vec![],
+        };
+        Ok((access, mode, flags))
+    }
+
+    /// The mounts of the volume's device, if it is attached here.
+    async fn volume_mounts(&self, volume_id: &str) -> Result<(Option<PathBuf>, Vec<MountEntry>)> {
+        let device = self.driver.engine.attached_device(volume_id).await?;
+        let Some(dev) = device.clone() else { return Ok((None, vec![])) };
+        let mounts = tokio::task::spawn_blocking(move || -> Result<Vec<MountEntry>> {
+            let all = read_mounts()?;
+            let of = mountinfo::mounts_of_device(&all, &dev)
+                .map_err(|e| Error::io(format!("inspecting {}", dev.display()), e))?;
+            Ok(of.into_iter().cloned().collect())
+        })
+        .await
+        .map_err(|e| error::internal(e.to_string()))??;
+        Ok((device, mounts))
+    }
+
+    async fn stage(
+        &self,
+        req: csi::NodeStageVolumeRequest,
+    ) -> Result<csi::NodeStageVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
+        let engine = &self.driver.engine;
+        let (access, mode, flags) =
+            Self::access(req.volume_capability.as_ref(), engine.multi_node())?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let volume = engine.volume(&req.volume_id).await?;
+        let read_only = mode == Mode::SingleNodeReaderOnly;
+
+        let was_attached = engine.attached_device(&req.volume_id).await?.is_some();
+        let device = engine.attach(&req.volume_id).await?;
+        let staged = self.stage_on(&device, &staging, &access, &flags, read_only, &volume.id).await;
+        if staged.is_err() && !was_attached {
+            // Nothing of a failed first stage may stay attached.
+            let _ = engine.detach(&req.volume_id).await;
+        }
+        staged.map(|()| csi::NodeStageVolumeResponse {})
+    }
+
+    async fn stage_on(
+        &self,
+        device: &Path,
+        staging: &Path,
+        access: &AccessType,
+        flags: &[String],
+        read_only: bool,
+        volume_id: &str,
+    ) -> Result<()> {
+        let mounts = read_mounts()?;
+        let ours = mountinfo::mounts_of_device(&mounts, device)
+            .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
+        let target = match access {
+            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Mount { .. } => staging.to_path_buf(),
+        };
+        if let Some(m) = mountinfo::at(&mounts, &target) {
+            if ours.iter().any(|o| o.mount_point == m.mount_point) {
+                return Ok(()); // already staged here: idempotent
+            }
+            return Err(error::already_exists(format!(
+                "staging path {} already holds another mount ({})",
+                target.display(),
+                m.source
+            )));
+        }
+        std::fs::create_dir_all(staging)
+            .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
+
+        match access {
+            AccessType::Block => {
+                create_file(&target)?;
+                nodefs::bind(device, &target, &[], false)
+            }
+            AccessType::Mount { fs_type } => {
+                let fs_type = match nodefs::probe(device).await? {
+                    Content::Blank => {
+                        let fs = if fs_type.is_empty() { validate::DEFAULT_FS_TYPE } else { fs_type };
+                        let size = nodefs::block_device_size(device)?;
+                        if size < nodefs::minimum_size(fs) {
+                            return Err(error::failed_precondition(format!(
+                                "volume {volume_id} ({size} bytes) is too small for {fs} (needs {})",
+                                nodefs::minimum_size(fs)
+                            )));
+                        }
+                        if read_only {
+                            return Err(error::failed_precondition(format!(
+                                "volume {volume_id} is blank and cannot be formatted read-only"
+                            )));
+                        }
+                        nodefs::mkfs(device, fs).await?;
+                        fs.to_string()
+                    }
+                    Content::Filesystem(found) if fs_type.is_empty() || *fs_type == found => found,
+                    Content::Filesystem(found) => {
+                        return Err(error::failed_precondition(format!(
+                            "volume {volume_id} holds a {found} filesystem, not the requested {fs_type}; \
+                             it will not be reformatted"
+                        )))
+                    }
+                    Content::Unknown(what) => {
+                        return Err(error::failed_precondition(format!(
+                            "volume {volume_id} holds data that is not a filesystem ({what}); \
+                             it will not be formatted"
+                        )))
+                    }
+                };
+                nodefs::mount(device, staging, &fs_type, flags, read_only)
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        req: csi::NodePublishVolumeRequest,
+    ) -> Result<csi::NodePublishVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
+        let target = self.checked_path(&req.target_path, "target_path")?;
+        let engine = &self.driver.engine;
+        let (access, mode, flags) =
+            Self::access(req.volume_capability.as_ref(), engine.multi_node())?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        engine.volume(&req.volume_id).await?;
+        let read_only = req.readonly || mode == Mode::SingleNodeReaderOnly;
+
+        let (device, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let staged_at = match access {
+            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Mount { .. } => staging.clone(),
+        };
+        let device = match device {
+            Some(d) if mounts.iter().any(|m| m.mount_point == staged_at) => d,
+            _ => {
+                return Err(error::failed_precondition(format!(
+                    "volume {} is not staged at {}",
+                    req.volume_id,
+                    staging.display()
+                )))
+            }
+        };
+        if let Some(m) = mounts.iter().find(|m| m.mount_point == target) {
+            if m.has_option("ro") == read_only {
+                return Ok(csi::NodePublishVolumeResponse {});
+            }
+            return Err(error::already_exists(format!(
+                "volume {} is already published at {} with a different read-only setting",
+                req.volume_id,
+                target.display()
+            )));
+        }
+        if mode == Mode::SingleNodeSingleWriter {
+            if let Some(other) = mounts.iter().find(|m| m.mount_point != staged_at) {
+                return Err(error::failed_precondition(format!(
+                    "volume {} is single-writer (ReadWriteOncePod) and already published at {}",
+                    req.volume_id,
+                    other.mount_point.display()
+                )));
+            }
+        }
+        let all = read_mounts()?;
+        if let Some(m) = mountinfo::at(&all, &target) {
+            return Err(error::failed_precondition(format!(
+                "target {} is already a mount of something else ({})",
+                target.display(),
+                m.source
+            )));
+        }
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(error::invalid(format!("target {} is a symlink", target.display())));
+        }
+        match access {
+            AccessType::Block => {
+                create_file(&target)?;
+                nodefs::bind(&device, &target, &[], read_only)
+            }
+            AccessType::Mount { .. } => {
+                std::fs::create_dir_all(&target)
+                    .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
+                nodefs::bind(&staging, &target, &flags, read_only)
+            }
+        }?;
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::NodeUnpublishVolumeRequest,
+    ) -> Result<csi::NodeUnpublishVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let target = self.checked_path(&req.target_path, "target_path")?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        self.driver.engine.volume(&req.volume_id).await?;
+        unmount_all_and_remove(&target)?;
+        Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        req: csi::NodeUnstageVolumeRequest,
+    ) -> Result<csi::NodeUnstageVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        self.driver.engine.volume(&req.volume_id).await?;
+        let (_, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let marker = staging.join(BLOCK_MARKER);
+        if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
+        {
+            return Err(error::failed_precondition(format!(
+                "volume {} is still published at {}",
+                req.volume_id,
+                p.mount_point.display()
+            )));
+        }
+        if marker.exists() {
+            unmount_all_and_remove(&marker)?;
+        }
+        unmount_all(&staging)?;
+        self.driver.engine.detach(&req.volume_id).await?;
+        Ok(csi::NodeUnstageVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse> {
+        use csi::volume_usage::Unit;
+        validate::id(&req.volume_id, "volume_id")?;
+        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        let engine = &self.driver.engine;
+        engine.volume(&req.volume_id).await?;
+        let meta = std::fs::metadata(&path).map_err(|_| {
+            error::not_found(format!("volume path {} does not exist", path.display()))
+        })?;
+        let (device, mounts) = self.volume_mounts(&req.volume_id).await?;
+
+        let mut usage = Vec::new();
+        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            let total = nodefs::block_device_size(&path)?;
+            usage.push(csi::VolumeUsage {
+                total: total as i64,
+                unit: Unit::Bytes as i32,
+                ..Default::default()
+            });
+        } else {
+            let st = rustix::fs::statvfs(&path)
+                .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+            let f = st.f_frsize as i64;
+            usage.push(csi::VolumeUsage {
+                available: st.f_bavail as i64 * f,
+                total: st.f_blocks as i64 * f,
+                used: (st.f_blocks - st.f_bfree) as i64 * f,
+                unit: Unit::Bytes as i32,
+            });
+            usage.push(csi::VolumeUsage {
+                available: st.f_favail as i64,
+                total: st.f_files as i64,
+                used: (st.f_files - st.f_ffree) as i64,
+                unit: Unit::Inodes as i32,
+            });
+        }
+
+        let problem = match engine.volume_condition(&req.volume_id).await? {
+            crate::engine::Condition::Abnormal(m) => Some(m),
+            crate::engine::Condition::Healthy => match (&device, mounts.iter().find(|m| m.mount_point == path)) {
+                (None, _) => Some("the volume is not attached on this node".to_string()),
+                (Some(_), None) => Some(format!("the volume is no longer mounted at {}", path.display())),
+                (Some(_), Some(m)) if m.super_read_only() && !m.has_option("ro") => Some(
+                    "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)".into(),
+                ),
+                _ => None,
+            },
+        };
+        let condition = match problem {
+            Some(m) => crate::engine::Condition::Abnormal(m),
+            None => crate::engine::Condition::Healthy,
+        };
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(convert::condition(&condition)),
+        })
+    }
+
+    async fn expand(
+        &self,
+        req: csi::NodeExpandVolumeRequest,
+    ) -> Result<csi::NodeExpandVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
+        self.require_privilege()?;
+        let engine = &self.driver.engine;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let volume = engine.volume(&req.volume_id).await?;
+        let capacity = match engine.expansion_site() {
+            ExpansionSite::Node => engine.expand_volume(&req.volume_id, required, limit).await?,
+            ExpansionSite::Controller => volume.capacity,
+        };
+        let (device, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let device = device.ok_or_else(|| {
+            error::failed_precondition(format!(
+                "volume {} is not staged on this node",
+                req.volume_id
+            ))
+        })?;
+        engine.refresh_device(&req.volume_id).await?;
+
+        let is_block = std::fs::metadata(&path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        if !is_block {
+            let mount = mounts
+                .iter()
+                .find(|m| m.mount_point == path)
+                .or_else(|| mounts.iter().find(|m| m.fs_type != "devtmpfs"))
+                .ok_or_else(|| {
+                    error::failed_precondition(format!(
+                        "volume {} has no mounted filesystem",
+                        req.volume_id
+                    ))
+                })?;
+            nodefs::grow(&mount.fs_type, &device, &mount.mount_point).await?;
+        }
+        Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })
+    }
+}
+
+fn read_mounts() -> Result<Vec<MountEntry>> {
+    mountinfo::read().map_err(|e| Error::io("reading /proc/self/mountinfo", e))
+}
+
+fn create_file(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map(drop)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+}
+
+/// Unmounts everything stacked at `path`.
+fn unmount_all(path: &Path) -> Result<()> {
+    // Bounded: a path can only hold so many stacked mounts, and a loop that
+    // never empties the stack must not spin forever.
+    for _ in 0..16 {
+        if mountinfo::at(&read_mounts()?, path).is_none() {
+            return Ok(());
+        }
+        nodefs::unmount(path)?;
+    }
+    Err(error::internal(format!("{} stays mounted", path.display())))
+}
+
+/// Unmounts `path` and removes the directory or file there; gone is fine.
+fn unmount_all_and_remove(path: &Path) -> Result<()> {
+    unmount_all(path)?;
+    let removed = match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => std::fs::remove_dir(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        handle("NodeStageVolume", request, |r| self.stage(r)).await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        handle("NodeUnstageVolume", request, |r| self.unstage(r)).await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        handle("NodePublishVolume", request, |r| self.publish(r)).await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        handle("NodeUnpublishVolume", request, |r| self.unpublish(r)).await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        handle("NodeGetVolumeStats", request, |r| self.stats(r)).await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        handle("NodeExpandVolume", request, |r| self.expand(r)).await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        handle("NodeGetCapabilities", request, |_| async {
+            let capabilities = Self::capabilities()
+                .into_iter()
+                .map(|c| csi::NodeServiceCapability {
+                    r#type: Some(csi::node_service_capability::Type::Rpc(
+                        csi::node_service_capability::Rpc { r#type: c as i32 },
+                    )),
+                })
+                .collect();
+            Ok(csi::NodeGetCapabilitiesResponse { capabilities })
+        })
+        .await
+    }
+
+    async fn node_get_info(
+        &self,
+        request: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        handle("NodeGetInfo", request, |_| async {
+            let topology = self.driver.engine.topology();
+            Ok(csi::NodeGetInfoResponse {
+                node_id: self.driver.node_id.clone(),
+                max_volumes_per_node: self.max_volumes_per_node,
+                accessible_topology: (!topology.is_empty()).then(|| convert::topology(&topology)),
+            })
+        })
+        .await
+    }
+}

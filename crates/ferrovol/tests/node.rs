@@ -1,0 +1,531 @@
+//! Node service against the real kernel: loop devices, mkfs, mounts, bind
+//! mounts, online growth, freeze. Every test ends with a leak check, and the
+//! `Kubelet` fixture force-cleans on drop even when a test fails.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use common::req::{self, GIB, MIB};
+use common::{is_mounted, DriverBuilder, Kubelet, PoolFs, TestPool};
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use ferrovol_csi::volume_capability::access_mode::Mode;
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Env {
+    // Field order is drop order: the driver stops before mounts are forced
+    // away and the pool is unmounted.
+    driver: common::Driver,
+    kubelet: Kubelet,
+    pool: TestPool,
+    _root: tempfile::TempDir,
+}
+
+async fn env(fs: PoolFs) -> Env {
+    let pool = TestPool::new(fs).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let driver = DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
+    Env { driver, kubelet, pool, _root: root }
+}
+
+impl Env {
+    async fn clients(&self) -> (ControllerClient<Channel>, NodeClient<Channel>) {
+        let ch = self.driver.channel().await;
+        (ControllerClient::new(ch.clone()), NodeClient::new(ch))
+    }
+
+    fn restart(&mut self) {
+        self.driver.kill();
+        let root = self.driver.socket.parent().unwrap().to_path_buf();
+        self.driver = DriverBuilder::new(&root).pool(&self.pool).kubelet(&self.kubelet).start();
+    }
+}
+
+fn stage_req(id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: csi::VolumeCapability,
+    ro: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap),
+        readonly: ro,
+        ..Default::default()
+    }
+}
+
+fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+async fn new_volume(
+    c: &mut ControllerClient<Channel>,
+    name: &str,
+    size: i64,
+    cap: csi::VolumeCapability,
+) -> String {
+    let r = csi::CreateVolumeRequest { volume_capabilities: vec![cap], ..req::create(name, size) };
+    c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id
+}
+
+fn fs_of(path: &Path) -> String {
+    ferrovol::node::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+        .map(|m| m.fs_type)
+        .unwrap_or_default()
+}
+
+async fn filesystem_lifecycle(fs_type: &str) {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap(fs_type);
+    let id = new_volume(&mut c, "mysql-pvc", 256 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv1");
+    let target = e.kubelet.target("pod-a", "pv1");
+    let target_ro = e.kubelet.target("pod-b", "pv1");
+
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    assert_eq!(fs_of(&staging), if fs_type.is_empty() { "ext4" } else { fs_type });
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.expect("stage is idempotent");
+    assert_eq!(e.kubelet.loops().len(), 1, "attached once");
+
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false)).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false))
+        .await
+        .expect("idempotent");
+    std::fs::write(target.join("ibdata1"), b"database pages").unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target_ro, cap.clone(), true)).await.unwrap();
+    assert_eq!(std::fs::read(target_ro.join("ibdata1")).unwrap(), b"database pages");
+    let err = std::fs::write(target_ro.join("x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "read-only publish");
+    assert_eq!(
+        n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), true))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists,
+        "same target, different read-only setting"
+    );
+
+    for t in [&target, &target_ro] {
+        n.node_unpublish_volume(unpublish_req(&id, t)).await.unwrap();
+        assert!(!t.exists(), "target removed");
+        n.node_unpublish_volume(unpublish_req(&id, t)).await.expect("unpublish is idempotent");
+    }
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.expect("unstage is idempotent");
+    e.kubelet.assert_clean();
+
+    // Staging again finds the filesystem and never formats it.
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    assert_eq!(std::fs::read(staging.join("ibdata1")).unwrap(), b"database pages");
+    let other = if fs_type == "xfs" { "ext4" } else { "xfs" };
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    let wrong =
+        n.node_stage_volume(stage_req(&id, &staging, req::mount_cap(other))).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::FailedPrecondition, "{wrong:?}");
+    e.kubelet.assert_clean();
+    n.node_stage_volume(stage_req(&id, &staging, req::mount_cap(""))).await.unwrap();
+    assert_eq!(std::fs::read(staging.join("ibdata1")).unwrap(), b"database pages", "data survived");
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_stage_publish_unpublish_unstage() {
+    filesystem_lifecycle("ext4").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn xfs_stage_publish_unpublish_unstage() {
+    filesystem_lifecycle("xfs").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn default_filesystem_is_ext4() {
+    filesystem_lifecycle("").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_block_volume_is_a_device_in_the_pod() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::block_cap();
+    let id = new_volume(&mut c, "raw", 64 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv-raw");
+    let target = e.kubelet.target("pod", "pv-raw");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false)).await.unwrap();
+    let meta = std::fs::metadata(&target).unwrap();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()),
+        "a device at the target"
+    );
+
+    {
+        let mut dev = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+        dev.write_all(&[0xAB; 4096]).unwrap();
+        dev.sync_all().unwrap();
+    }
+    assert_eq!(
+        common::read_at(&e.pool.volume_file(&id), 0, 4096),
+        vec![0xAB; 4096],
+        "bytes reach the volume"
+    );
+    let stats = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage[0].total, 64 * MIB);
+
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    assert!(!target.exists());
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_write_once_pod_allows_one_target() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::cap_with_mode(Mode::SingleNodeSingleWriter);
+    let id = new_volume(&mut c, "rwop", 64 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv");
+    let (a, b) = (e.kubelet.target("pod-a", "pv"), e.kubelet.target("pod-b", "pv"));
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &a, cap.clone(), false)).await.unwrap();
+    let err = n
+        .node_publish_volume(publish_req(&id, &staging, &b, cap.clone(), false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(!is_mounted(&b));
+    n.node_publish_volume(publish_req(&id, &staging, &a, cap.clone(), false))
+        .await
+        .expect("same target: OK");
+    let busy = n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "cannot unstage while published");
+    let del = c.delete_volume(req::delete(&id)).await.unwrap_err();
+    assert_eq!(del.code(), Code::FailedPrecondition, "cannot delete while staged");
+    n.node_unpublish_volume(unpublish_req(&id, &a)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    c.delete_volume(req::delete(&id)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+async fn online_expansion(fs_type: &str) {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap(fs_type);
+    let id = new_volume(&mut c, "grow", 512 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv");
+    let target = e.kubelet.target("pod", "pv");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false)).await.unwrap();
+
+    // The application keeps a file open and writing across the resize.
+    let mut held = std::fs::File::create(target.join("log")).unwrap();
+    held.write_all(b"before ").unwrap();
+    let before = rustix::fs::statvfs(&target).unwrap();
+    let expand = csi::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: target.display().to_string(),
+        capacity_range: req::range(GIB, 0),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    // The kernel grows a mounted ext4 only for CAP_SYS_RESOURCE; where that
+    // is withheld (as in some sandboxes) the driver must say exactly that,
+    // and the volume itself must still have grown.
+    let ext4_without_cap = fs_type == "ext4"
+        && !ferrovol::node::fs::has_capability(ferrovol::node::fs::CAP_SYS_RESOURCE);
+    if ext4_without_cap {
+        let err = n.node_expand_volume(expand).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.message().contains("CAP_SYS_RESOURCE"), "{err:?}");
+        assert_eq!(std::fs::metadata(e.pool.volume_file(&id)).unwrap().len(), GIB as u64);
+        eprintln!("note: CAP_SYS_RESOURCE is withheld here; ext4 online growth checked for its error path");
+        drop(held);
+        n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+        e.kubelet.assert_clean();
+        return;
+    }
+    let r = n.node_expand_volume(expand).await.unwrap().into_inner();
+    assert_eq!(r.capacity_bytes, GIB);
+    let after = rustix::fs::statvfs(&target).unwrap();
+    let total = |s: &rustix::fs::StatVfs| s.f_blocks * s.f_frsize;
+    assert!(
+        total(&after) > total(&before) + (400 << 20),
+        "{} -> {}",
+        total(&before),
+        total(&after)
+    );
+    held.write_all(b"after").unwrap();
+    held.sync_all().unwrap();
+    drop(held);
+    assert_eq!(std::fs::read(target.join("log")).unwrap(), b"before after");
+    assert_eq!(std::fs::metadata(e.pool.volume_file(&id)).unwrap().len(), GIB as u64);
+    let got = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        got.into_inner().volume.unwrap().capacity_bytes,
+        GIB,
+        "the journal knows the new size"
+    );
+
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_grows_online_while_in_use() {
+    online_expansion("ext4").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn xfs_grows_online_while_in_use() {
+    online_expansion("xfs").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_and_abnormal_conditions() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let id = new_volume(&mut c, "watched", 128 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv");
+    let target = e.kubelet.target("pod", "pv");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false)).await.unwrap();
+    let stats = |path: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.clone(),
+        volume_path: path.display().to_string(),
+        ..Default::default()
+    };
+
+    let s = n.node_get_volume_stats(stats(&target)).await.unwrap().into_inner();
+    assert_eq!(s.usage.len(), 2, "bytes and inodes");
+    assert!(s.usage[0].total > 100 * MIB && s.usage[0].available > 0 && s.usage[1].total > 0);
+    assert!(!s.volume_condition.unwrap().abnormal);
+
+    // Unmounted behind the driver's back.
+    rustix::mount::unmount(&target, rustix::mount::UnmountFlags::empty()).unwrap();
+    let s = n.node_get_volume_stats(stats(&target)).await.unwrap().into_inner();
+    let cond = s.volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("no longer mounted"), "{cond:?}");
+
+    // The backing file deleted while attached.
+    std::fs::remove_file(e.pool.volume_file(&id)).unwrap();
+    let s = n.node_get_volume_stats(stats(&staging)).await.unwrap().into_inner();
+    let cond = s.volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("missing"), "{cond:?}");
+
+    let mut unknown = stats(&target);
+    unknown.volume_id = "vol-unknown".into();
+    assert_eq!(n.node_get_volume_stats(unknown).await.unwrap_err().code(), Code::NotFound);
+    let missing = stats(&e.kubelet.dir.join("nowhere"));
+    assert_eq!(n.node_get_volume_stats(missing).await.unwrap_err().code(), Code::NotFound);
+
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_between_calls_converge() {
+    let mut e = env(PoolFs::Ext4).await;
+    let cap = req::mount_cap("ext4");
+    let staging = e.kubelet.staging("pv");
+    let target = e.kubelet.target("pod", "pv");
+    let id = {
+        let (mut c, mut n) = e.clients().await;
+        let id = new_volume(&mut c, "survivor", 64 * MIB, cap.clone()).await;
+        n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+        id
+    };
+    e.restart(); // between stage and publish
+    {
+        let (_, mut n) = e.clients().await;
+        n.node_stage_volume(stage_req(&id, &staging, cap.clone()))
+            .await
+            .expect("repeat after restart");
+        n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false))
+            .await
+            .unwrap();
+        assert_eq!(e.kubelet.loops().len(), 1, "never attached twice");
+    }
+    e.restart(); // between publish and unpublish
+    let (_, mut n) = e.clients().await;
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false))
+        .await
+        .expect("repeat");
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paths_outside_the_kubelet_dir_are_refused() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let id = new_volume(&mut c, "guarded", 16 * MIB, cap.clone()).await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let link = e.kubelet.dir.join("escape");
+    std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+    let bad = [
+        elsewhere.path().join("staging"),
+        Path::new("relative/path").to_path_buf(),
+        e.kubelet.dir.join("../outside"),
+        link.join("staging"),
+    ];
+    for p in &bad {
+        let err = n.node_stage_volume(stage_req(&id, p, cap.clone())).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{p:?}: {err:?}");
+    }
+    let empty = csi::NodeStageVolumeRequest {
+        staging_target_path: String::new(),
+        ..stage_req(&id, &bad[0], cap.clone())
+    };
+    assert_eq!(n.node_stage_volume(empty).await.unwrap_err().code(), Code::InvalidArgument);
+    let no_cap = csi::NodeStageVolumeRequest {
+        volume_capability: None,
+        ..stage_req(&id, &e.kubelet.staging("x"), cap.clone())
+    };
+    assert_eq!(n.node_stage_volume(no_cap).await.unwrap_err().code(), Code::InvalidArgument);
+    let unknown =
+        n.node_stage_volume(stage_req("vol-nope", &e.kubelet.staging("y"), cap.clone())).await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+    assert!(
+        std::fs::read_dir(elsewhere.path()).unwrap().next().is_none(),
+        "nothing created outside"
+    );
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staging_path_holding_another_volume_is_refused() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let a = new_volume(&mut c, "a", 16 * MIB, cap.clone()).await;
+    let b = new_volume(&mut c, "b", 16 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("shared");
+    n.node_stage_volume(stage_req(&a, &staging, cap.clone())).await.unwrap();
+    let err = n.node_stage_volume(stage_req(&b, &staging, cap.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(e.kubelet.loops().len(), 1, "the refused volume was not left attached");
+    n.node_unstage_volume(unstage_req(&a, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_of_a_mounted_filesystem_are_clean() {
+    let e = env(PoolFs::Xfs).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let id = new_volume(&mut c, "live", 128 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv");
+    let target = e.kubelet.target("pod", "pv");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false)).await.unwrap();
+    // Written but never synced: only a freeze puts it on the device.
+    std::fs::write(target.join("unsynced"), vec![7u8; 1 << 20]).unwrap();
+
+    let snap = c
+        .create_snapshot(req::snapshot("clean", &id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    std::fs::write(target.join("after"), b"thawed").expect("the filesystem is writable again");
+
+    let restored = c
+        .create_volume(req::from_snapshot("restored", &snap.snapshot_id, 128 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging2 = e.kubelet.staging("pv-restored");
+    n.node_stage_volume(stage_req(&restored, &staging2, cap.clone())).await.unwrap();
+    assert_eq!(std::fs::read(staging2.join("unsynced")).unwrap(), vec![7u8; 1 << 20]);
+    assert!(!staging2.join("after").exists(), "point in time");
+
+    n.node_unstage_volume(unstage_req(&restored, &staging2)).await.unwrap();
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_info_and_capabilities() {
+    let e = env(PoolFs::Ext4).await;
+    let (_, mut n) = e.clients().await;
+    let info = n.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.node_id, "test-node");
+    assert_eq!(info.max_volumes_per_node, 0);
+    assert_eq!(
+        info.accessible_topology.unwrap().segments["local.csi.ferrovol.io/node"],
+        "test-node"
+    );
+    let caps =
+        n.node_get_capabilities(csi::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    use csi::node_service_capability::rpc::Type as Cap;
+    let got: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| {
+            c.r#type.as_ref().map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    for want in
+        [Cap::StageUnstageVolume, Cap::GetVolumeStats, Cap::ExpandVolume, Cap::VolumeCondition]
+    {
+        assert!(got.contains(&(want as i32)), "{want:?}");
+    }
+    assert!(!got.contains(&(Cap::VolumeMountGroup as i32)), "fsGroup is left to the kubelet");
+}
