@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
 use crate::endpoint::{self, Endpoint};
@@ -27,6 +28,9 @@ pub struct BenchArgs {
     /// Samples per latency measurement.
     #[arg(long, default_value_t = 21)]
     pub samples: usize,
+    /// Seconds per fio run (0 skips the data-path comparison).
+    #[arg(long, default_value_t = 3)]
+    pub fio_seconds: u64,
 }
 
 /// The driver under test, killed on drop.
@@ -115,6 +119,8 @@ async fn start_driver(work: &Path, pool_dir: &Path) -> Result<Served, String> {
         .arg(work.join("state"))
         .arg("--pool-dir")
         .arg(pool_dir)
+        .arg("--kubelet-dir")
+        .arg(work.join("kubelet"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -143,7 +149,207 @@ async fn bench(args: &BenchArgs, work: &Path, pool_dir: &Path) -> Result<(), Str
         let rate = provisioning(&channel, concurrency, args.pairs).await?;
         println!("create+delete pairs/s  concurrency {concurrency}: {rate:.0}");
     }
-    copy_on_write_latency(&channel, pool_dir, args).await
+    copy_on_write_latency(&channel, pool_dir, args).await?;
+    node_cycles(&channel, work, args.samples).await?;
+    if args.fio_seconds > 0 {
+        data_path(&channel, work, pool_dir, args.fio_seconds).await?;
+    }
+    Ok(())
+}
+
+fn node_cap() -> csi::VolumeCapability {
+    mount_cap_fs("ext4")
+}
+
+fn mount_cap_fs(fs: &str) -> csi::VolumeCapability {
+    let mut c = mount_cap();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+        m.fs_type = fs.into();
+    }
+    c
+}
+
+/// Paths of one volume's staging and target dirs under the bench's kubelet.
+fn node_paths(work: &Path, tag: &str) -> Result<(PathBuf, PathBuf), String> {
+    let staging = work.join("kubelet/plugins/staging").join(tag);
+    let target = work.join("kubelet/pods").join(tag).join("mount");
+    std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(target.parent().unwrap()).map_err(|e| e.to_string())?;
+    Ok((staging, target))
+}
+
+async fn stage_publish(
+    n: &mut NodeClient<Channel>,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), String> {
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(node_cap()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    n.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(node_cap()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn unpublish_unstage(
+    n: &mut NodeClient<Channel>,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), String> {
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// stage → publish → unpublish → unstage of a fresh 1 GiB ext4 volume
+/// (includes mkfs), then of the same volume again (already formatted).
+async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(), String> {
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let (mut first, mut again) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let id = c
+            .create_volume(csi::CreateVolumeRequest {
+                volume_capabilities: vec![node_cap()],
+                ..create_request(format!("bench-node-{i}"), 1 << 30, None)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .volume
+            .ok_or("no volume")?
+            .volume_id;
+        let (staging, target) = node_paths(work, &format!("n{i}"))?;
+        for times in [&mut first, &mut again] {
+            let t = Instant::now();
+            stage_publish(&mut n, &id, &staging, &target).await?;
+            unpublish_unstage(&mut n, &id, &staging, &target).await?;
+            times.push(t.elapsed());
+        }
+        c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for (what, samples) in [("first use (mkfs)", &mut first), ("re-stage", &mut again)] {
+        let (p50, p90, max) = percentiles(samples);
+        println!(
+            "node cycle {what:<16}: p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  (1 GiB ext4, {} samples)",
+            samples.len()
+        );
+    }
+    Ok(())
+}
+
+const FIO_ROUNDS: usize = 3;
+
+fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v[v.len() / 2]
+}
+
+/// One fio job; answers (KiB/s, IOPS).
+fn fio(file: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), String> {
+    let out = Command::new("fio")
+        .args(["--name=bench", "--size=512M", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(["--time_based", "--output-format=terse", "--randrepeat=0"])
+        .output()
+        .map_err(|e| format!("running fio (install the fio package): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.lines().last().unwrap_or_default().split(';').collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Terse v3: read bw/iops are fields 7/8, write bw/iops 48/49 (1-based).
+    Ok(if rw.contains("read") { (num(6), num(7)) } else { (num(47), num(48)) })
+}
+
+/// fio through a published volume vs the same fio on a file in the pool.
+async fn data_path(
+    channel: &Channel,
+    work: &Path,
+    pool_dir: &Path,
+    seconds: u64,
+) -> Result<(), String> {
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let id = c
+        .create_volume(csi::CreateVolumeRequest {
+            volume_capabilities: vec![node_cap()],
+            ..create_request("bench-fio".into(), 2 << 30, None)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .volume
+        .ok_or("no volume")?
+        .volume_id;
+    let (staging, target) = node_paths(work, "fio")?;
+    stage_publish(&mut n, &id, &staging, &target).await?;
+    let through = target.join("fio.dat");
+    let direct = pool_dir.join("fio-direct.dat");
+    let jobs = [
+        ("read", "1M", "seq read 1M"),
+        ("write", "1M", "seq write 1M"),
+        ("randread", "4k", "rand read 4k"),
+        ("randwrite", "4k", "rand write 4k"),
+    ];
+    let result = (|| -> Result<(), String> {
+        for (rw, bs, label) in jobs {
+            // This machine's I/O rate drifts between runs as much as the gap
+            // we measure: alternate the two sides and keep medians.
+            let (mut vol, mut dir) = (Vec::new(), Vec::new());
+            for _ in 0..FIO_ROUNDS {
+                vol.push(fio(&through, rw, bs, seconds)?);
+                dir.push(fio(&direct, rw, bs, seconds)?);
+            }
+            let ((vol_bw, vol_iops), (dir_bw, dir_iops)) = (median(&mut vol), median(&mut dir));
+            let pct = if dir_bw > 0.0 { vol_bw / dir_bw * 100.0 } else { 0.0 };
+            println!(
+                "fio {label:<14}: volume {:>8.1} MiB/s {:>8.0} IOPS | pool file {:>8.1} MiB/s {:>8.0} IOPS | {pct:.0}%",
+                vol_bw / 1024.0,
+                vol_iops,
+                dir_bw / 1024.0,
+                dir_iops
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&direct);
+    let _ = std::fs::remove_file(&through);
+    unpublish_unstage(&mut n, &id, &staging, &target).await?;
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() })
+        .await
+        .map_err(|e| e.to_string())?;
+    result
 }
 
 /// Pairs of CreateVolume+DeleteVolume per second with `concurrency` clients.

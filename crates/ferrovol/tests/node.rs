@@ -529,3 +529,24 @@ async fn node_info_and_capabilities() {
     }
     assert!(!got.contains(&(Cap::VolumeMountGroup as i32)), "fsGroup is left to the kubelet");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_cap_sys_admin_node_calls_say_so_and_controller_works() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let driver = DriverBuilder::new(root.path())
+        .pool(&pool)
+        .kubelet(&kubelet)
+        .wrapped_in(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"])
+        .start();
+    let ch = driver.channel().await;
+    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let cap = req::mount_cap("ext4");
+    let id = new_volume(&mut c, "unprivileged", 16 * MIB, cap.clone()).await;
+    let err = n.node_stage_volume(stage_req(&id, &kubelet.staging("pv"), cap)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("CAP_SYS_ADMIN"), "{err:?}");
+    c.delete_volume(req::delete(&id)).await.expect("controller calls still work");
+    kubelet.assert_clean();
+}

@@ -33,6 +33,9 @@ pub struct DriverBuilder {
     state_dir: PathBuf,
     pool_dir: Option<PathBuf>,
     kubelet_dir: Option<PathBuf>,
+    /// A program (with arguments) that runs the driver, e.g. to drop
+    /// capabilities.
+    wrapper: Vec<String>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -45,6 +48,7 @@ impl DriverBuilder {
             state_dir: root.join("state"),
             pool_dir: None,
             kubelet_dir: None,
+            wrapper: Vec::new(),
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "debug,h2=info,hyper=info,tower=info".into())],
         }
@@ -65,6 +69,11 @@ impl DriverBuilder {
         self
     }
 
+    pub fn wrapped_in<I: IntoIterator<Item = S>, S: Into<String>>(mut self, w: I) -> Self {
+        self.wrapper = w.into_iter().map(Into::into).collect();
+        self
+    }
+
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
@@ -81,7 +90,14 @@ impl DriverBuilder {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
