@@ -68,6 +68,26 @@ fn create_request(
     }
 }
 
+/// CreateVolume, answering the volume or the error as text.
+async fn create(
+    c: &mut ControllerClient<Channel>,
+    r: csi::CreateVolumeRequest,
+) -> Result<csi::Volume, String> {
+    c.create_volume(r)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .volume
+        .ok_or_else(|| "no volume".into())
+}
+
+async fn delete(c: &mut ControllerClient<Channel>, volume_id: String) -> Result<(), String> {
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id, ..Default::default() })
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// p50, p90 and max of a set of durations, in milliseconds.
 pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
     samples.sort();
@@ -232,17 +252,15 @@ async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(
     let mut n = NodeClient::new(channel.clone());
     let (mut first, mut again) = (Vec::new(), Vec::new());
     for i in 0..samples {
-        let id = c
-            .create_volume(csi::CreateVolumeRequest {
+        let id = create(
+            &mut c,
+            csi::CreateVolumeRequest {
                 volume_capabilities: vec![node_cap()],
                 ..create_request(format!("bench-node-{i}"), 1 << 30, None)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .volume
-            .ok_or("no volume")?
-            .volume_id;
+            },
+        )
+        .await?
+        .volume_id;
         let (staging, target) = node_paths(work, &format!("n{i}"))?;
         for times in [&mut first, &mut again] {
             let t = Instant::now();
@@ -250,9 +268,7 @@ async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(
             unpublish_unstage(&mut n, &id, &staging, &target).await?;
             times.push(t.elapsed());
         }
-        c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() })
-            .await
-            .map_err(|e| e.to_string())?;
+        delete(&mut c, id).await?;
     }
     for (what, samples) in [("first use (mkfs)", &mut first), ("re-stage", &mut again)] {
         let (p50, p90, max) = percentiles(samples);
@@ -301,17 +317,15 @@ async fn data_path(
 ) -> Result<(), String> {
     let mut c = ControllerClient::new(channel.clone());
     let mut n = NodeClient::new(channel.clone());
-    let id = c
-        .create_volume(csi::CreateVolumeRequest {
+    let id = create(
+        &mut c,
+        csi::CreateVolumeRequest {
             volume_capabilities: vec![node_cap()],
             ..create_request("bench-fio".into(), 2 << 30, None)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner()
-        .volume
-        .ok_or("no volume")?
-        .volume_id;
+        },
+    )
+    .await?
+    .volume_id;
     let (staging, target) = node_paths(work, "fio")?;
     stage_publish(&mut n, &id, &staging, &target).await?;
     let through = target.join("fio.dat");
@@ -346,9 +360,7 @@ async fn data_path(
     let _ = std::fs::remove_file(&direct);
     let _ = std::fs::remove_file(&through);
     unpublish_unstage(&mut n, &id, &staging, &target).await?;
-    c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() })
-        .await
-        .map_err(|e| e.to_string())?;
+    delete(&mut c, id).await?;
     result
 }
 
@@ -362,19 +374,8 @@ async fn provisioning(channel: &Channel, concurrency: usize, pairs: usize) -> Re
         workers.push(tokio::spawn(async move {
             for i in 0..per_worker {
                 let name = format!("bench-{concurrency}-{w}-{i}");
-                let v = c
-                    .create_volume(create_request(name, 1 << 30, None))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner()
-                    .volume
-                    .ok_or("no volume")?;
-                c.delete_volume(csi::DeleteVolumeRequest {
-                    volume_id: v.volume_id,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
+                let v = create(&mut c, create_request(name, 1 << 30, None)).await?;
+                delete(&mut c, v.volume_id).await?;
             }
             Ok::<_, String>(())
         }));
@@ -393,13 +394,7 @@ async fn copy_on_write_latency(
     use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
     let mut c = ControllerClient::new(channel.clone());
     let size = ((args.data_mib << 20) as i64).max(1 << 30);
-    let src = c
-        .create_volume(create_request("bench-source".into(), size, None))
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner()
-        .volume
-        .ok_or("no volume")?;
+    let src = create(&mut c, create_request("bench-source".into(), size, None)).await?;
     let file = pool_dir.join("volumes").join(format!("{}.img", src.volume_id));
     fill(&file, args.data_mib << 20).map_err(|e| format!("writing data: {e}"))?;
     println!("source volume: {} MiB of data written", args.data_mib);
@@ -424,32 +419,22 @@ async fn copy_on_write_latency(
             r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() })),
         };
         let t = Instant::now();
-        let restored = c
-            .create_volume(create_request(format!("bench-restore-{i}"), size, Some(from_snapshot)))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .volume
-            .ok_or("no volume")?;
+        let restored =
+            create(&mut c, create_request(format!("bench-restore-{i}"), size, Some(from_snapshot)))
+                .await?;
         restore_t.push(t.elapsed());
 
         let from_volume = csi::VolumeContentSource {
             r#type: Some(Type::Volume(VolumeSource { volume_id: src.volume_id.clone() })),
         };
         let t = Instant::now();
-        let cloned = c
-            .create_volume(create_request(format!("bench-clone-{i}"), size, Some(from_volume)))
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .volume
-            .ok_or("no volume")?;
+        let cloned =
+            create(&mut c, create_request(format!("bench-clone-{i}"), size, Some(from_volume)))
+                .await?;
         clone_t.push(t.elapsed());
 
         for id in [restored.volume_id, cloned.volume_id] {
-            c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() })
-                .await
-                .map_err(|e| e.to_string())?;
+            delete(&mut c, id).await?;
         }
         c.delete_snapshot(csi::DeleteSnapshotRequest {
             snapshot_id: snap.snapshot_id,
@@ -468,9 +453,7 @@ async fn copy_on_write_latency(
             samples.len()
         );
     }
-    c.delete_volume(csi::DeleteVolumeRequest { volume_id: src.volume_id, ..Default::default() })
-        .await
-        .map_err(|e| e.to_string())?;
+    delete(&mut c, src.volume_id).await?;
     Ok(())
 }
 

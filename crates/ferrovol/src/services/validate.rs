@@ -24,15 +24,7 @@ pub const DEFAULT_FS_TYPE: &str = "ext4";
 /// A required name (of a volume, snapshot or group): non-empty, at most 128
 /// bytes, and free of the control characters the spec bans.
 pub fn name(value: &str, what: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(error::invalid(format!("{what} is required")));
-    }
-    if value.len() > MAX_STRING {
-        return Err(error::invalid(format!(
-            "{what} is {} bytes; at most {MAX_STRING}",
-            value.len()
-        )));
-    }
+    id(value, what)?;
     let banned =
         |c: char| matches!(c as u32, 0x00..=0x08 | 0x0B | 0x0C | 0x0E..=0x1F | 0x7F..=0x9F);
     if value.chars().any(banned) {

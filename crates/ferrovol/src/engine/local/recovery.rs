@@ -71,13 +71,9 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
     for mut rec in journal.all::<VolumeRecord>()? {
         let path = pool.path(Kind::Volume, &rec.id)?;
         known.push(path.clone());
-        if settle_unfinished(pool, journal, Kind::Volume, &rec, &mut report).await? {
+        if !settle(pool, journal, Kind::Volume, &rec, &mut report).await? {
             continue;
         }
-        if finish_trashed(pool, journal, Kind::Volume, &rec, &mut report).await? {
-            continue;
-        }
-        finish_publish(pool, Kind::Volume, &rec.id, &mut report)?;
         match std::fs::metadata(&path) {
             Ok(m) if m.len() > rec.capacity => {
                 rec.capacity = m.len();
@@ -91,13 +87,9 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
     for rec in journal.all::<SnapshotRecord>()? {
         let path = pool.path(Kind::Snapshot, &rec.id)?;
         known.push(path.clone());
-        if settle_unfinished(pool, journal, Kind::Snapshot, &rec, &mut report).await? {
+        if !settle(pool, journal, Kind::Snapshot, &rec, &mut report).await? {
             continue;
         }
-        if finish_trashed(pool, journal, Kind::Snapshot, &rec, &mut report).await? {
-            continue;
-        }
-        finish_publish(pool, Kind::Snapshot, &rec.id, &mut report)?;
         if !path.exists() {
             report.dangling.push(rec.id.clone());
         }
@@ -115,6 +107,24 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Finishes whatever the record's last operation left undone; answers
+/// whether the record still describes a live object.
+async fn settle<R: Record>(
+    pool: &Pool,
+    journal: &Journal,
+    kind: Kind,
+    rec: &R,
+    report: &mut Report,
+) -> Result<bool> {
+    if settle_unfinished(pool, journal, kind, rec, report).await?
+        || finish_trashed(pool, journal, kind, rec, report).await?
+    {
+        return Ok(false);
+    }
+    finish_publish(pool, kind, rec.id(), report)?;
+    Ok(true)
 }
 
 /// A `Ready` record whose file is still staged: move it into place.
