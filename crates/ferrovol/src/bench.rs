@@ -141,9 +141,12 @@ async fn start_driver(work: &Path, pool_dir: &Path) -> Result<Served, String> {
         .arg(pool_dir)
         .arg("--kubelet-dir")
         .arg(work.join("kubelet"))
-        .env("RUST_LOG", "warn")
+        // The freeze window of group snapshots is read back from this log.
+        .env("RUST_LOG", "warn,ferrovol::services::group_controller=info")
+        .env("FERROVOL_LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join("driver.log")).map_err(|e| e.to_string())?)
         .spawn()
         .map_err(|e| format!("starting the driver: {e}"))?;
     let served = Served { child, socket };
@@ -171,6 +174,8 @@ async fn bench(args: &BenchArgs, work: &Path, pool_dir: &Path) -> Result<(), Str
     }
     copy_on_write_latency(&channel, pool_dir, args).await?;
     node_cycles(&channel, work, args.samples).await?;
+    group_snapshots(&channel, work, args.samples.min(11)).await?;
+    changed_blocks(&channel, pool_dir).await?;
     if args.fio_seconds > 0 {
         data_path(&channel, work, pool_dir, args.fio_seconds).await?;
     }
@@ -285,6 +290,140 @@ const FIO_ROUNDS: usize = 3;
 fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     v[v.len() / 2]
+}
+
+/// Group snapshots of 4 mounted ext4 volumes holding 256 MiB of data each:
+/// total latency, and the freeze window the driver logs.
+async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Result<(), String> {
+    use ferrovol_csi::group_controller_client::GroupControllerClient;
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let mut members = Vec::new();
+    for i in 0..4 {
+        let id = create(
+            &mut c,
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![node_cap()],
+                ..create_request(format!("bench-member-{i}"), 320 << 20, None)
+            },
+        )
+        .await?
+        .volume_id;
+        let (staging, target) = node_paths(work, &format!("g{i}"))?;
+        stage_publish(&mut n, &id, &staging, &target).await?;
+        fill_new(&target.join("data"), 256 << 20).map_err(|e| format!("writing data: {e}"))?;
+        members.push((id, staging, target));
+    }
+    let ids: Vec<String> = members.iter().map(|m| m.0.clone()).collect();
+    let mut g = GroupControllerClient::new(channel.clone());
+    let mut totals = Vec::new();
+    for i in 0..samples {
+        let t = Instant::now();
+        let group = g
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: format!("bench-group-{i}"),
+                source_volume_ids: ids.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .group_snapshot
+            .ok_or("no group")?;
+        totals.push(t.elapsed());
+        g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    let log = std::fs::read_to_string(work.join("driver.log")).unwrap_or_default();
+    let mut windows: Vec<Duration> = log
+        .lines()
+        .filter_map(|l| l.split("\"freeze_window_ms\":").nth(1))
+        .filter_map(|v| v.split([',', '}']).next()?.parse::<f64>().ok())
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .collect();
+    let (p50, p90, max) = percentiles(&mut totals);
+    println!("group snapshot 4 x 256 MiB : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({samples} samples)");
+    if !windows.is_empty() {
+        let (p50, p90, max) = percentiles(&mut windows);
+        println!("  freeze window            : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms");
+    }
+    for (id, staging, target) in members {
+        unpublish_unstage(&mut n, &id, &staging, &target).await?;
+        delete(&mut c, id).await?;
+    }
+    Ok(())
+}
+
+/// GetMetadataDelta between two snapshots of a 10 GiB volume full of data,
+/// 1% of whose 4 KiB blocks changed in between.
+async fn changed_blocks(channel: &Channel, pool_dir: &Path) -> Result<(), String> {
+    use ferrovol_csi::snapshot_metadata_client::SnapshotMetadataClient;
+    const SIZE: u64 = 10 << 30;
+    let mut c = ControllerClient::new(channel.clone());
+    let v = create(&mut c, create_request("bench-cbt".into(), SIZE as i64, None)).await?;
+    let file = pool_dir.join("volumes").join(format!("{}.img", v.volume_id));
+    fill(&file, SIZE).map_err(|e| format!("writing 10 GiB: {e}"))?;
+    let snap = |name: &str| csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: v.volume_id.clone(),
+        ..Default::default()
+    };
+    let base =
+        c.create_snapshot(snap("bench-cbt-base")).await.map_err(|e| e.to_string())?.into_inner();
+    let blocks = SIZE / 4096;
+    let changed = blocks / 100;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).map_err(|e| e.to_string())?;
+        // A fixed-seed generator: the same blocks every run.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..changed {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            f.write_all_at(&[0xEE; 4096], (x % blocks) * 4096).map_err(|e| e.to_string())?;
+        }
+        f.sync_all().map_err(|e| e.to_string())?;
+    }
+    let target =
+        c.create_snapshot(snap("bench-cbt-target")).await.map_err(|e| e.to_string())?.into_inner();
+    let (base, target) =
+        (base.snapshot.ok_or("no snapshot")?, target.snapshot.ok_or("no snapshot")?);
+    let mut m = SnapshotMetadataClient::new(channel.clone());
+    let mut times = Vec::new();
+    let mut found = 0u64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut stream = m
+            .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                base_snapshot_id: base.snapshot_id.clone(),
+                target_snapshot_id: target.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        found = 0;
+        while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
+            found += msg.block_metadata.iter().map(|b| b.size_bytes as u64).sum::<u64>();
+        }
+        times.push(t.elapsed());
+    }
+    let (p50, p90, max) = percentiles(&mut times);
+    println!(
+        "delta 10 GiB, 1% changed   : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({} MiB reported changed)",
+        found >> 20
+    );
+    for id in [base.snapshot_id, target.snapshot_id] {
+        c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: id, ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    delete(&mut c, v.volume_id).await
 }
 
 /// One fio job; answers (KiB/s, IOPS).
@@ -455,6 +594,12 @@ async fn copy_on_write_latency(
     }
     delete(&mut c, src.volume_id).await?;
     Ok(())
+}
+
+/// Creates a file of `bytes` non-zero data and syncs it.
+fn fill_new(path: &Path, bytes: u64) -> std::io::Result<()> {
+    std::fs::File::create(path)?;
+    fill(path, bytes)
 }
 
 /// Writes `bytes` of non-zero data (so nothing is a hole) and syncs.

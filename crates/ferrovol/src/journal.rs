@@ -83,6 +83,25 @@ pub struct SnapshotRecord {
     pub group_id: String,
 }
 
+/// A volume group snapshot: its members are ordinary snapshot records that
+/// carry the group's id.
+#[derive(Clone, PartialEq, Message)]
+pub struct GroupRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(enumeration = "State", tag = "3")]
+    pub state: i32,
+    #[prost(string, repeated, tag = "4")]
+    pub source_volumes: Vec<String>,
+    /// Member snapshot ids, in the order of `source_volumes`.
+    #[prost(string, repeated, tag = "5")]
+    pub snapshot_ids: Vec<String>,
+    #[prost(int64, tag = "6")]
+    pub created_unix_nanos: i64,
+}
+
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
 /// A kind of journalled object: where its records and its names live.
@@ -118,6 +137,7 @@ macro_rules! record_kind {
 
 record_kind!(VolumeRecord, "volumes", "volume_names");
 record_kind!(SnapshotRecord, "snapshots", "snapshot_names");
+record_kind!(GroupRecord, "groups", "group_names");
 
 /// The outcome of a reservation.
 #[derive(Debug)]
@@ -212,6 +232,8 @@ impl Journal {
             VolumeRecord::NAMES,
             SnapshotRecord::RECORDS,
             SnapshotRecord::NAMES,
+            GroupRecord::RECORDS,
+            GroupRecord::NAMES,
         ] {
             txn.open_table(t).map_err(|e| store_err("create table", e))?;
         }

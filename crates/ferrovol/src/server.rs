@@ -15,8 +15,10 @@ use crate::endpoint::{self, Endpoint, SocketState};
 use crate::engine::local::LocalEngine;
 use crate::locks::OpLocks;
 use crate::services::controller::ControllerService;
+use crate::services::group_controller::GroupControllerService;
 use crate::services::identity::IdentityService;
 use crate::services::node::{NodeConfig, NodeService};
+use crate::services::snapshot_metadata::SnapshotMetadataService;
 use crate::services::Driver;
 
 /// Logged once the socket accepts connections; tests and scripts wait for it.
@@ -50,9 +52,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         IdentityService::new(driver.clone()),
     ));
     if driver.mode.controller() {
-        router = router.add_service(csi::controller_server::ControllerServer::new(
-            ControllerService::new(driver.clone()),
-        ));
+        router = router
+            .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
+                driver.clone(),
+            )))
+            .add_service(csi::group_controller_server::GroupControllerServer::new(
+                GroupControllerService::new(driver.clone()),
+            ))
+            .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+                SnapshotMetadataService::new(driver.clone()),
+            ));
     }
     if driver.mode.node() {
         let config = NodeConfig {

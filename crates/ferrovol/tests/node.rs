@@ -8,93 +8,13 @@ use std::io::Write;
 use std::path::Path;
 
 use common::req::{self, GIB, MIB};
-use common::{is_mounted, DriverBuilder, Kubelet, PoolFs, TestPool};
+use common::req::{new_volume, publish_req, stage_req, unpublish_req, unstage_req};
+use common::{env, is_mounted, DriverBuilder, Kubelet, PoolFs, TestPool};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use ferrovol_csi::volume_capability::access_mode::Mode;
-use tonic::transport::Channel;
 use tonic::Code;
-
-struct Env {
-    // Field order is drop order: the driver stops before mounts are forced
-    // away and the pool is unmounted.
-    driver: common::Driver,
-    kubelet: Kubelet,
-    pool: TestPool,
-    _root: tempfile::TempDir,
-}
-
-async fn env(fs: PoolFs) -> Env {
-    let pool = TestPool::new(fs).await;
-    let kubelet = Kubelet::new(&pool);
-    let root = tempfile::tempdir().unwrap();
-    let driver = DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
-    Env { driver, kubelet, pool, _root: root }
-}
-
-impl Env {
-    async fn clients(&self) -> (ControllerClient<Channel>, NodeClient<Channel>) {
-        let ch = self.driver.channel().await;
-        (ControllerClient::new(ch.clone()), NodeClient::new(ch))
-    }
-
-    fn restart(&mut self) {
-        self.driver.kill();
-        let root = self.driver.socket.parent().unwrap().to_path_buf();
-        self.driver = DriverBuilder::new(&root).pool(&self.pool).kubelet(&self.kubelet).start();
-    }
-}
-
-fn stage_req(id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
-    csi::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn publish_req(
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: csi::VolumeCapability,
-    ro: bool,
-) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap),
-        readonly: ro,
-        ..Default::default()
-    }
-}
-
-fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
-    csi::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-    }
-}
-
-fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
-    csi::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    }
-}
-
-async fn new_volume(
-    c: &mut ControllerClient<Channel>,
-    name: &str,
-    size: i64,
-    cap: csi::VolumeCapability,
-) -> String {
-    let r = csi::CreateVolumeRequest { volume_capabilities: vec![cap], ..req::create(name, size) };
-    c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id
-}
 
 fn fs_of(path: &Path) -> String {
     ferrovol::node::mountinfo::read()

@@ -72,6 +72,26 @@ pub struct Snapshot {
     pub group_id: Option<String>,
 }
 
+/// A crash-consistent snapshot of several volumes at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupSnapshot {
+    pub id: String,
+    pub name: String,
+    pub snapshots: Vec<Snapshot>,
+    pub created: SystemTime,
+    pub ready: bool,
+}
+
+/// Quiesces the group's members (freezes their filesystems) and answers a
+/// guard that releases them when dropped. The engine calls it after every
+/// slow preparation and right before the first copy-on-write clone, and
+/// drops the guard right after the last, so the window is as short as the
+/// clones themselves.
+pub type Quiesce = Box<dyn FnOnce() -> Result<Box<dyn Send>> + Send>;
+
+/// A byte range of a volume or snapshot: (offset, length).
+pub type Range = (u64, u64);
+
 /// Health of one volume as the engine sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Condition {
@@ -170,6 +190,31 @@ pub trait Engine: Send + Sync + 'static {
         token: Option<&str>,
         max: usize,
     ) -> Result<Page<Snapshot>>;
+
+    /// Snapshots every volume at one instant: `quiesce` runs after the
+    /// members are reserved and before the first clone; its guard is dropped
+    /// after the last. Idempotent by name (same members: the same group;
+    /// other members: ALREADY_EXISTS). A failure leaves no member behind.
+    /// Answers the group and how long the members were quiesced.
+    async fn create_group_snapshot(
+        &self,
+        name: &str,
+        volumes: &[String],
+        quiesce: Quiesce,
+    ) -> Result<(GroupSnapshot, std::time::Duration)>;
+
+    /// Deletes a group and its members; an unknown group is already deleted.
+    async fn delete_group_snapshot(&self, id: &str) -> Result<()>;
+
+    async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot>;
+
+    /// The snapshot's size and its allocated ranges, in order.
+    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)>;
+
+    /// The target snapshot's size and the ranges that differ from `base`
+    /// (both snapshots of one volume), in order. May over-report (a range
+    /// written with the same bytes), never under-report.
+    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)>;
 
     /// Makes the volume a block device on this node; answers its path.
     /// Attaching an attached volume answers the same device.

@@ -200,7 +200,17 @@ impl ControllerService {
         // A filesystem staged on this node is frozen for the instant of the
         // copy-on-write clone; the guard thaws it on every path.
         let frozen =
-            crate::services::quiesce(self.driver.engine.as_ref(), &req.source_volume_id).await?;
+            match crate::services::holder(self.driver.engine.as_ref(), &req.source_volume_id)
+                .await?
+            {
+                crate::services::Holder::Filesystem(mount) => {
+                    tokio::task::spawn_blocking(move || crate::services::freeze_all(&[mount]))
+                        .await
+                        .map_err(|e| error::internal(e.to_string()))??
+                }
+                // Raw block or idle: crash-consistent, as a power cut would leave it.
+                _ => Vec::new(),
+            };
         let snapshot = self.driver.engine.create_snapshot(&req.name, &req.source_volume_id).await;
         drop(frozen);
         let snapshot = snapshot?;

@@ -39,6 +39,8 @@ impl IdentityService {
         let mut services = Vec::new();
         if self.driver.mode.controller() {
             services.push(Service::ControllerService);
+            services.push(Service::GroupControllerService);
+            services.push(Service::SnapshotMetadataService);
         }
         if !self.driver.engine.topology().is_empty() {
             services.push(Service::VolumeAccessibilityConstraints);

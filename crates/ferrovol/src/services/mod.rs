@@ -4,8 +4,10 @@
 
 pub mod controller;
 pub mod convert;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
+pub mod snapshot_metadata;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -15,32 +17,50 @@ use crate::cli::Mode;
 use crate::engine::Engine;
 use crate::locks::OpLocks;
 
-/// Freezes the filesystem of a volume that is staged on this node, so that a
-/// snapshot taken while the guard lives holds a clean filesystem. None when
-/// the volume is not attached here, or attached only as a raw block device
-/// (nothing to quiesce: the snapshot is crash-consistent).
-pub async fn quiesce(
-    engine: &dyn Engine,
-    volume_id: &str,
-) -> crate::error::Result<Option<crate::node::freeze::Frozen>> {
-    use crate::error::{failed_precondition, Error};
-    let Some(device) = engine.attached_device(volume_id).await? else { return Ok(None) };
+/// How a volume is held on this node, for quiescing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// Not attached here: nobody writes to it through this node.
+    Idle,
+    /// Its filesystem is mounted here (first mount point).
+    Filesystem(std::path::PathBuf),
+    /// Attached as a raw block device only: nothing we can quiesce.
+    RawBlock,
+}
+
+/// Finds how the volume is held on this node (engine attachments and the
+/// kernel's mount table).
+pub async fn holder(engine: &dyn Engine, volume_id: &str) -> crate::error::Result<Holder> {
+    use crate::error::Error;
+    let Some(device) = engine.attached_device(volume_id).await? else { return Ok(Holder::Idle) };
     tokio::task::spawn_blocking(move || {
         let mounts =
             crate::node::mountinfo::read().map_err(|e| Error::io("reading mountinfo", e))?;
         let ours = crate::node::mountinfo::mounts_of_device(&mounts, &device)
             .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
-        let Some(fs_mount) =
-            ours.iter().find(|m| !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs"))
-        else {
-            return Ok(None);
-        };
-        crate::node::freeze::Frozen::freeze(&fs_mount.mount_point).map(Some).map_err(|e| {
-            failed_precondition(format!("cannot freeze {}: {e}", fs_mount.mount_point.display()))
+        Ok(match ours.iter().find(|m| !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")) {
+            Some(fs) => Holder::Filesystem(fs.mount_point.clone()),
+            None if ours.is_empty() => Holder::Idle,
+            None => Holder::RawBlock,
         })
     })
     .await
     .map_err(|e| crate::error::internal(e.to_string()))?
+}
+
+/// Freezes every filesystem in `mounts`, in order; the guards thaw them
+/// when dropped (on success, error or panic alike).
+pub fn freeze_all(
+    mounts: &[std::path::PathBuf],
+) -> crate::error::Result<Vec<crate::node::freeze::Frozen>> {
+    mounts
+        .iter()
+        .map(|m| {
+            crate::node::freeze::Frozen::freeze(m).map_err(|e| {
+                crate::error::failed_precondition(format!("cannot freeze {}: {e}", m.display()))
+            })
+        })
+        .collect()
 }
 
 /// What every service needs to know about this driver instance.

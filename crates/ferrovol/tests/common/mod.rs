@@ -309,9 +309,13 @@ impl Drop for TestPool {
 
 pub mod req {
     //! Terse builders for CSI requests.
+    use std::path::Path;
+
     use ferrovol_csi as csi;
+    use ferrovol_csi::controller_client::ControllerClient;
     use ferrovol_csi::volume_capability::access_mode::Mode;
     use ferrovol_csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    use tonic::transport::Channel;
 
     pub const GIB: i64 = 1 << 30;
     pub const MIB: i64 = 1 << 20;
@@ -386,6 +390,60 @@ pub mod req {
 
     pub fn delete_snapshot(id: &str) -> csi::DeleteSnapshotRequest {
         csi::DeleteSnapshotRequest { snapshot_id: id.into(), ..Default::default() }
+    }
+
+    pub fn stage_req(
+        id: &str,
+        staging: &Path,
+        cap: csi::VolumeCapability,
+    ) -> csi::NodeStageVolumeRequest {
+        csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        }
+    }
+
+    pub fn publish_req(
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: csi::VolumeCapability,
+        ro: bool,
+    ) -> csi::NodePublishVolumeRequest {
+        csi::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap),
+            readonly: ro,
+            ..Default::default()
+        }
+    }
+
+    pub fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+        csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.display().to_string(),
+        }
+    }
+
+    pub fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+        csi::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+        }
+    }
+
+    pub async fn new_volume(
+        c: &mut ControllerClient<Channel>,
+        name: &str,
+        size: i64,
+        cap: csi::VolumeCapability,
+    ) -> String {
+        let r = csi::CreateVolumeRequest { volume_capabilities: vec![cap], ..create(name, size) };
+        c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id
     }
 }
 
@@ -488,4 +546,42 @@ impl Drop for Kubelet {
 /// Is `path` a mount point right now (by the kernel's mount table)?
 pub fn is_mounted(path: &Path) -> bool {
     ferrovol::node::mountinfo::read().unwrap().iter().any(|m| m.mount_point == path)
+}
+
+pub struct Env {
+    // Field order is drop order: the driver stops before mounts are forced
+    // away and the pool is unmounted.
+    pub driver: Driver,
+    pub kubelet: Kubelet,
+    pub pool: TestPool,
+    _root: tempfile::TempDir,
+}
+
+pub async fn env(fs: PoolFs) -> Env {
+    let pool = TestPool::new(fs).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let driver = DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
+    Env { driver, kubelet, pool, _root: root }
+}
+
+impl Env {
+    pub async fn clients(
+        &self,
+    ) -> (
+        ferrovol_csi::controller_client::ControllerClient<tonic::transport::Channel>,
+        ferrovol_csi::node_client::NodeClient<tonic::transport::Channel>,
+    ) {
+        let ch = self.driver.channel().await;
+        (
+            ferrovol_csi::controller_client::ControllerClient::new(ch.clone()),
+            ferrovol_csi::node_client::NodeClient::new(ch),
+        )
+    }
+
+    pub fn restart(&mut self) {
+        self.driver.kill();
+        let root = self.driver.socket.parent().unwrap().to_path_buf();
+        self.driver = DriverBuilder::new(&root).pool(&self.pool).kubelet(&self.kubelet).start();
+    }
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use crate::engine::ids::Kind;
 use crate::error::Result;
-use crate::journal::{Journal, Record, SnapshotRecord, State, VolumeRecord};
+use crate::journal::{GroupRecord, Journal, Record, SnapshotRecord, State, VolumeRecord};
 
 use super::pool::{self, Pool};
 
@@ -67,6 +67,25 @@ impl fmt::Display for Report {
 
 pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
     let mut report = Report::default();
+    // A group that never became Ready takes its members with it (even ones
+    // already Ready: half a group is no group); one being deleted finishes.
+    for group in journal.all::<GroupRecord>()? {
+        if group.state() == State::Ready {
+            continue;
+        }
+        for id in &group.snapshot_ids {
+            if let Some(member) = journal.get::<SnapshotRecord>(id)? {
+                pool::remove(&pool.staging_path(Kind::Snapshot, id)?)?;
+                pool::remove(&pool.path(Kind::Snapshot, id)?)?;
+                journal.remove_after_sync(&member, Some(&pool.dir(Kind::Snapshot))).await?;
+            }
+        }
+        journal.remove(&group).await?;
+        match group.state() {
+            State::Deleting => report.finished_deletes.push(group.id.clone()),
+            _ => report.rolled_back.push(group.id.clone()),
+        }
+    }
     let mut known = Vec::new();
     for mut rec in journal.all::<VolumeRecord>()? {
         let path = pool.path(Kind::Volume, &rec.id)?;

@@ -1,0 +1,175 @@
+//! GroupController service: crash-consistent snapshots of several volumes
+//! at one instant.
+//!
+//! Every member whose filesystem is mounted on this node is frozen, all
+//! members are cloned, and all are thawed: one short window for the whole
+//! group. A member attached only as a raw block device cannot be quiesced
+//! here, so the request is refused rather than answered with a torn group.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use ferrovol_csi as csi;
+use ferrovol_csi::group_controller_service_capability::rpc::Type as Cap;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::engine::{GroupSnapshot, Quiesce};
+use crate::error::{self, Result};
+use crate::locks;
+use crate::rpc::handle;
+use crate::services::{convert, freeze_all, holder, validate, Driver, Holder};
+
+pub struct GroupControllerService {
+    driver: Arc<Driver>,
+}
+
+fn to_wire(g: &GroupSnapshot) -> csi::VolumeGroupSnapshot {
+    csi::VolumeGroupSnapshot {
+        group_snapshot_id: g.id.clone(),
+        snapshots: g.snapshots.iter().map(convert::snapshot).collect(),
+        creation_time: Some(convert::timestamp(g.created)),
+        ready_to_use: g.ready,
+    }
+}
+
+/// The spec's `snapshot_ids` check: when given, they must be exactly the
+/// group's members.
+fn check_members(g: &GroupSnapshot, snapshot_ids: &[String]) -> Result<()> {
+    if snapshot_ids.is_empty() {
+        return Ok(());
+    }
+    let given: HashSet<&str> = snapshot_ids.iter().map(String::as_str).collect();
+    let actual: HashSet<&str> = g.snapshots.iter().map(|s| s.id.as_str()).collect();
+    if given != actual {
+        return Err(error::invalid(format!(
+            "snapshot_ids do not match the members of group snapshot {}",
+            g.id
+        )));
+    }
+    Ok(())
+}
+
+impl GroupControllerService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        GroupControllerService { driver }
+    }
+
+    async fn create(
+        &self,
+        req: csi::CreateVolumeGroupSnapshotRequest,
+    ) -> Result<csi::CreateVolumeGroupSnapshotResponse> {
+        validate::name(&req.name, "name")?;
+        if req.source_volume_ids.is_empty() {
+            return Err(error::invalid("source_volume_ids must name at least one volume"));
+        }
+        let mut seen = HashSet::new();
+        for id in &req.source_volume_ids {
+            validate::id(id, "source_volume_ids")?;
+            if !seen.insert(id.as_str()) {
+                return Err(error::invalid(format!("volume {id} is listed twice")));
+            }
+        }
+        if let Some(k) = validate::engine_parameters(&req.parameters).keys().next() {
+            return Err(error::invalid(format!("unknown group snapshot parameter {k:?}")));
+        }
+        let shared: Vec<String> = req.source_volume_ids.iter().map(|v| locks::volume(v)).collect();
+        let _guard = self.driver.locks.acquire(&[locks::group_name(&req.name)], &shared)?;
+
+        let engine = self.driver.engine.as_ref();
+        let mut mounts = Vec::new();
+        for id in &req.source_volume_ids {
+            match holder(engine, id).await? {
+                Holder::Idle => {}
+                Holder::Filesystem(m) => mounts.push(m),
+                Holder::RawBlock => {
+                    return Err(error::failed_precondition(format!(
+                        "volume {id} is attached as a raw block device and cannot be quiesced; \
+                         a group snapshot would not be consistent"
+                    )))
+                }
+            }
+        }
+        let frozen_count = mounts.len();
+        let quiesce: Quiesce =
+            Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>));
+        let (group, window) =
+            engine.create_group_snapshot(&req.name, &req.source_volume_ids, quiesce).await?;
+        info!(
+            group_snapshot_id = %group.id,
+            members = group.snapshots.len(),
+            frozen = frozen_count,
+            freeze_window_ms = window.as_secs_f64() * 1000.0,
+            "group snapshot taken"
+        );
+        Ok(csi::CreateVolumeGroupSnapshotResponse { group_snapshot: Some(to_wire(&group)) })
+    }
+
+    async fn delete(
+        &self,
+        req: csi::DeleteVolumeGroupSnapshotRequest,
+    ) -> Result<csi::DeleteVolumeGroupSnapshotResponse> {
+        validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
+        let _guard = self.driver.locks.exclusive(locks::group(&req.group_snapshot_id))?;
+        let engine = &self.driver.engine;
+        match engine.group_snapshot(&req.group_snapshot_id).await {
+            Ok(g) => check_members(&g, &req.snapshot_ids)?,
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        engine.delete_group_snapshot(&req.group_snapshot_id).await?;
+        Ok(csi::DeleteVolumeGroupSnapshotResponse {})
+    }
+
+    async fn get(
+        &self,
+        req: csi::GetVolumeGroupSnapshotRequest,
+    ) -> Result<csi::GetVolumeGroupSnapshotResponse> {
+        validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
+        let g = self.driver.engine.group_snapshot(&req.group_snapshot_id).await?;
+        check_members(&g, &req.snapshot_ids)?;
+        Ok(csi::GetVolumeGroupSnapshotResponse { group_snapshot: Some(to_wire(&g)) })
+    }
+}
+
+#[tonic::async_trait]
+impl csi::group_controller_server::GroupController for GroupControllerService {
+    async fn group_controller_get_capabilities(
+        &self,
+        request: Request<csi::GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
+        handle("GroupControllerGetCapabilities", request, |_| async {
+            Ok(csi::GroupControllerGetCapabilitiesResponse {
+                capabilities: vec![csi::GroupControllerServiceCapability {
+                    r#type: Some(csi::group_controller_service_capability::Type::Rpc(
+                        csi::group_controller_service_capability::Rpc {
+                            r#type: Cap::CreateDeleteGetVolumeGroupSnapshot as i32,
+                        },
+                    )),
+                }],
+            })
+        })
+        .await
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        request: Request<csi::CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
+        handle("CreateVolumeGroupSnapshot", request, |r| self.create(r)).await
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
+        handle("DeleteVolumeGroupSnapshot", request, |r| self.delete(r)).await
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        request: Request<csi::GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
+        handle("GetVolumeGroupSnapshot", request, |r| self.get(r)).await
+    }
+}
