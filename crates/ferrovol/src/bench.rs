@@ -28,9 +28,22 @@ pub struct BenchArgs {
     /// Samples per latency measurement.
     #[arg(long, default_value_t = 21)]
     pub samples: usize,
+    /// Run only these sections (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Section>,
     /// Seconds per fio run (0 skips the data-path comparison).
     #[arg(long, default_value_t = 3)]
     pub fio_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Provisioning,
+    Cow,
+    Node,
+    Group,
+    Delta,
+    Fio,
 }
 
 /// The driver under test, killed on drop.
@@ -168,15 +181,26 @@ async fn bench(args: &BenchArgs, work: &Path, pool_dir: &Path) -> Result<(), Str
         .map_err(|e| format!("connecting: {e}"))?;
     println!("ferrovol bench: pool {} (driver {})", pool_dir.display(), crate::version::VERSION);
 
-    for concurrency in [1usize, 8] {
-        let rate = provisioning(&channel, concurrency, args.pairs).await?;
-        println!("create+delete pairs/s  concurrency {concurrency}: {rate:.0}");
+    let run = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    if run(Section::Provisioning) {
+        for concurrency in [1usize, 8] {
+            let rate = provisioning(&channel, concurrency, args.pairs).await?;
+            println!("create+delete pairs/s  concurrency {concurrency}: {rate:.0}");
+        }
     }
-    copy_on_write_latency(&channel, pool_dir, args).await?;
-    node_cycles(&channel, work, args.samples).await?;
-    group_snapshots(&channel, work, args.samples.min(11)).await?;
-    changed_blocks(&channel, pool_dir).await?;
-    if args.fio_seconds > 0 {
+    if run(Section::Cow) {
+        copy_on_write_latency(&channel, pool_dir, args).await?;
+    }
+    if run(Section::Node) {
+        node_cycles(&channel, work, args.samples).await?;
+    }
+    if run(Section::Group) {
+        group_snapshots(&channel, work, args.samples.min(11)).await?;
+    }
+    if run(Section::Delta) {
+        changed_blocks(&channel, pool_dir).await?;
+    }
+    if run(Section::Fio) && args.fio_seconds > 0 {
         data_path(&channel, work, pool_dir, args.fio_seconds).await?;
     }
     Ok(())
