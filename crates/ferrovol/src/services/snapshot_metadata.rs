@@ -51,6 +51,22 @@ fn paginate(
     Ok(blocks.chunks(page).map(<[_]>::to_vec).collect())
 }
 
+/// The pages as a stream of response messages built by `message`.
+fn stream<T: Send + 'static>(
+    ranges: Vec<Range>,
+    start: u64,
+    capacity: u64,
+    max_results: i32,
+    message: fn(i32, i64, Vec<csi::BlockMetadata>) -> T,
+) -> Result<Pages<T>> {
+    let kind = csi::BlockMetadataType::VariableLength as i32;
+    let messages: Vec<Result<T, Status>> = paginate(ranges, start, capacity, max_results)?
+        .into_iter()
+        .map(|page| Ok(message(kind, capacity as i64, page)))
+        .collect();
+    Ok(Box::pin(tokio_stream::iter(messages)))
+}
+
 fn start_offset(v: i64) -> Result<u64> {
     u64::try_from(v).map_err(|_| error::invalid("starting_offset must not be negative"))
 }
@@ -67,15 +83,19 @@ impl SnapshotMetadataService {
         validate::id(&req.snapshot_id, "snapshot_id")?;
         let start = start_offset(req.starting_offset)?;
         let (capacity, ranges) = self.driver.engine.allocated_ranges(&req.snapshot_id).await?;
-        let pages = paginate(ranges, start, capacity, req.max_results)?;
-        let messages = pages.into_iter().map(move |block_metadata| {
-            Ok(csi::GetMetadataAllocatedResponse {
-                block_metadata_type: csi::BlockMetadataType::VariableLength as i32,
-                volume_capacity_bytes: capacity as i64,
-                block_metadata,
-            })
-        });
-        Ok(Box::pin(tokio_stream::iter(messages.collect::<Vec<_>>())))
+        stream(
+            ranges,
+            start,
+            capacity,
+            req.max_results,
+            |block_metadata_type, volume_capacity_bytes, block_metadata| {
+                csi::GetMetadataAllocatedResponse {
+                    block_metadata_type,
+                    volume_capacity_bytes,
+                    block_metadata,
+                }
+            },
+        )
     }
 
     async fn delta(
@@ -90,15 +110,19 @@ impl SnapshotMetadataService {
             .engine
             .changed_ranges(&req.base_snapshot_id, &req.target_snapshot_id)
             .await?;
-        let pages = paginate(ranges, start, capacity, req.max_results)?;
-        let messages = pages.into_iter().map(move |block_metadata| {
-            Ok(csi::GetMetadataDeltaResponse {
-                block_metadata_type: csi::BlockMetadataType::VariableLength as i32,
-                volume_capacity_bytes: capacity as i64,
-                block_metadata,
-            })
-        });
-        Ok(Box::pin(tokio_stream::iter(messages.collect::<Vec<_>>())))
+        stream(
+            ranges,
+            start,
+            capacity,
+            req.max_results,
+            |block_metadata_type, volume_capacity_bytes, block_metadata| {
+                csi::GetMetadataDeltaResponse {
+                    block_metadata_type,
+                    volume_capacity_bytes,
+                    block_metadata,
+                }
+            },
+        )
     }
 }
 
