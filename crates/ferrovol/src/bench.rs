@@ -155,7 +155,10 @@ async fn start_driver(work: &Path, pool_dir: &Path) -> Result<Served, String> {
         .arg("--kubelet-dir")
         .arg(work.join("kubelet"))
         // The freeze window of group snapshots is read back from this log.
-        .env("RUST_LOG", "warn,ferrovol::services::group_controller=info")
+        .env(
+            "RUST_LOG",
+            "warn,ferrovol::services::group_controller=info,ferrovol::engine::local=debug",
+        )
         .env("FERROVOL_LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -363,17 +366,28 @@ async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Resu
         .map_err(|e| e.to_string())?;
     }
     let log = std::fs::read_to_string(work.join("driver.log")).unwrap_or_default();
-    let mut windows: Vec<Duration> = log
-        .lines()
-        .filter_map(|l| l.split("\"freeze_window_ms\":").nth(1))
-        .filter_map(|v| v.split([',', '}']).next()?.parse::<f64>().ok())
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .collect();
+    let logged = |field: &str| -> Vec<Duration> {
+        let key = format!("\"{field}\":");
+        log.lines()
+            .filter_map(|l| l.split(key.as_str()).nth(1))
+            .filter_map(|v| v.split([',', '}']).next()?.parse::<f64>().ok())
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect()
+    };
+    let mut windows = logged("freeze_window_ms");
+    let (mut quiesce, mut clones) = (logged("quiesce_ms"), logged("clone_ms"));
     let (p50, p90, max) = percentiles(&mut totals);
     println!("group snapshot 4 x 256 MiB : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({samples} samples)");
     if !windows.is_empty() {
         let (p50, p90, max) = percentiles(&mut windows);
         println!("  freeze window            : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms");
+    }
+    if !quiesce.is_empty() && !clones.is_empty() {
+        let (q50, _, qmax) = percentiles(&mut quiesce);
+        let (c50, _, cmax) = percentiles(&mut clones);
+        println!(
+            "    of which freezing p50 {q50:.2} ms (max {qmax:.2}), cloning p50 {c50:.2} ms (max {cmax:.2})"
+        );
     }
     for (id, staging, target) in members {
         unpublish_unstage(&mut n, &id, &staging, &target).await?;

@@ -18,7 +18,7 @@ use crate::engine::{GroupSnapshot, Quiesce};
 use crate::error::{self, Result};
 use crate::locks;
 use crate::rpc::handle;
-use crate::services::{convert, freeze_all, holder, validate, Driver, Holder};
+use crate::services::{convert, freeze_all, holder, presync, validate, Driver, Holder};
 
 pub struct GroupControllerService {
     driver: Arc<Driver>,
@@ -91,6 +91,10 @@ impl GroupControllerService {
             }
         }
         let frozen_count = mounts.len();
+        let flush = mounts.clone();
+        tokio::task::spawn_blocking(move || presync(&flush))
+            .await
+            .map_err(|e| error::internal(e.to_string()))?;
         let quiesce: Quiesce =
             Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>));
         let (group, window) =

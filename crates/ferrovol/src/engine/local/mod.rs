@@ -606,13 +606,21 @@ impl Engine for LocalEngine {
         let made = blocking(move || {
             // The window: quiesce, clone every member, release. Nothing
             // else (no journal write, no allocation of note) happens inside.
-            let hold = quiesce()?;
+            // It is measured from the first freeze, so it is what the
+            // earliest-frozen member's writers wait at most.
             let started = std::time::Instant::now();
+            let hold = quiesce()?;
+            let quiesced = started.elapsed();
             for (src, dst, size) in &copies {
                 pool::clone_file(src, dst, *size, method)?;
             }
             let window = started.elapsed();
             drop(hold);
+            tracing::debug!(
+                quiesce_ms = quiesced.as_secs_f64() * 1000.0,
+                clone_ms = (window - quiesced).as_secs_f64() * 1000.0,
+                "group snapshot window"
+            );
             for (_, dst, _) in &copies {
                 pool::seal(dst)?;
             }
