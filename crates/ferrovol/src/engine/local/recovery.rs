@@ -75,9 +75,7 @@ pub async fn recover(pool: &Pool, journal: &Journal) -> Result<Report> {
         }
         for id in &group.snapshot_ids {
             if let Some(member) = journal.get::<SnapshotRecord>(id)? {
-                pool::remove(&pool.staging_path(Kind::Snapshot, id)?)?;
-                pool::remove(&pool.path(Kind::Snapshot, id)?)?;
-                journal.remove_after_sync(&member, Some(&pool.dir(Kind::Snapshot))).await?;
+                erase(pool, journal, Kind::Snapshot, &member).await?;
             }
         }
         journal.remove(&group).await?;
@@ -187,9 +185,15 @@ async fn settle_unfinished<R: Record>(
         State::Creating => &mut report.rolled_back,
         State::Deleting => &mut report.finished_deletes,
     };
-    pool::remove(&pool.staging_path(kind, rec.id())?)?;
-    pool::remove(&pool.path(kind, rec.id())?)?;
-    journal.remove_after_sync(rec, Some(&pool.dir(kind))).await?;
+    erase(pool, journal, kind, rec).await?;
     list.push(rec.id().to_string());
     Ok(true)
+}
+
+/// Removes an object's files, wherever they are, then its record once the
+/// removal is durable.
+async fn erase<R: Record>(pool: &Pool, journal: &Journal, kind: Kind, rec: &R) -> Result<()> {
+    pool::remove(&pool.staging_path(kind, rec.id())?)?;
+    pool::remove(&pool.path(kind, rec.id())?)?;
+    journal.remove_after_sync(rec, Some(&pool.dir(kind))).await
 }
