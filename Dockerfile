@@ -1,0 +1,17 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t ferrovol/ferrovol:0.1.0 .
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p ferrovol
+
+# Runtime: the binary plus exactly the tools the node service runs
+# (mkfs.*, resize2fs, xfs_growfs, btrfs, blkid). Checked by deploy/check.py.
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends e2fsprogs xfsprogs btrfs-progs util-linux \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/ferrovol /usr/local/bin/ferrovol
+ENTRYPOINT ["/usr/local/bin/ferrovol"]
+CMD ["serve"]

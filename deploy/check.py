@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Offline checks of the Kubernetes deployment and examples.
+
+Renders every kustomize target and example, validates built-in objects
+against the schemas of the oldest and newest supported Kubernetes, checks
+the snapshot custom resources for the fields their CRDs require, and
+cross-checks the manifests against the driver itself (its flags, its
+capabilities, its topology key, the tools its node service runs).
+
+Usage: check.py FERROVOL_BINARY   (run from the repository root)
+Ends with "N passed, N failed" and exits non-zero on any failure.
+"""
+
+import glob
+import re
+import subprocess
+import sys
+
+import yaml
+
+MIN_K8S, MAX_K8S = "1.30.0", "1.37.0"
+TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local"]
+CRD_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io")
+
+passed, failed = 0, 0
+
+
+def check(ok, what):
+    global passed, failed
+    if ok:
+        passed += 1
+    else:
+        failed += 1
+        print(f"FAIL: {what}")
+
+
+def render(target):
+    out = subprocess.run(["kubectl", "kustomize", target], check=True, capture_output=True, text=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def of_kind(docs, kind):
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def validate_schemas(path, docs):
+    builtin = [d for d in docs if d["apiVersion"].split("/")[0] not in CRD_GROUPS]
+    if not builtin:
+        return
+    text = yaml.safe_dump_all(builtin)
+    for version in (MIN_K8S, MAX_K8S):
+        r = subprocess.run(
+            ["kubernetes-validate", "--strict", "--quiet", "-k", version, "-"],
+            input=text, capture_output=True, text=True,
+        )
+        check(r.returncode == 0, f"{path} against Kubernetes {version}: {r.stdout}{r.stderr}")
+
+
+def check_crds(path, docs):
+    """Fields the snapshot CRDs (external-snapshotter v8) require."""
+    for d in docs:
+        kind, spec = d.get("kind"), d.get("spec", {})
+        where = f"{path}: {kind} {d['metadata'].get('name')}"
+        if kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
+            check(bool(d.get("driver")), f"{where}: driver is required")
+            check(d.get("deletionPolicy") in ("Delete", "Retain"), f"{where}: deletionPolicy")
+        elif kind == "VolumeSnapshot":
+            src = spec.get("source", {})
+            check(len([k for k in ("persistentVolumeClaimName", "volumeSnapshotContentName") if k in src]) == 1,
+                  f"{where}: exactly one source")
+        elif kind == "VolumeSnapshotContent":
+            src, ref = spec.get("source", {}), spec.get("volumeSnapshotRef", {})
+            check(spec.get("driver") and spec.get("deletionPolicy") in ("Delete", "Retain"), f"{where}: driver, deletionPolicy")
+            check(len([k for k in ("snapshotHandle", "volumeHandle") if k in src]) == 1, f"{where}: one source")
+            check(ref.get("name") and ref.get("namespace"), f"{where}: volumeSnapshotRef name+namespace")
+        elif kind == "VolumeGroupSnapshot":
+            src = spec.get("source", {})
+            check(len([k for k in ("selector", "volumeGroupSnapshotContentName") if k in src]) == 1,
+                  f"{where}: exactly one source")
+
+
+def containers(ds):
+    return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+
+
+def arg(container, flag):
+    for a in container.get("args", []):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def grants(roles, bindings, sa, ns, resource, verb):
+    """Whether the service account may `verb` `resource` through some binding."""
+    for b in bindings:
+        if not any(s.get("kind") == "ServiceAccount" and s["name"] == sa and s.get("namespace", ns) == ns
+                   for s in b.get("subjects", [])):
+            continue
+        role = roles.get((b["roleRef"]["kind"], b["roleRef"]["name"]))
+        if role and any(resource in r["resources"] and verb in r["verbs"] for r in role.get("rules", [])):
+            return True
+    return False
+
+
+def cross_checks(docs, binary):
+    src = open("crates/ferrovol/src/cli.rs").read()
+    driver_default = re.search(r'DEFAULT_DRIVER_NAME: &str = "([^"]+)"', src).group(1)
+    topology_key = re.search(r'TOPOLOGY_KEY: &str = "([^"]+)"',
+                             open("crates/ferrovol/src/engine/local/mod.rs").read()).group(1)
+    controller_caps = open("crates/ferrovol/src/services/controller.rs").read()
+    node_caps = open("crates/ferrovol/src/services/node.rs").read()
+    caps_fn = re.search(r"pub fn capabilities\(driver: &Driver\).*?\n    }\n", controller_caps, re.S).group(0)
+    node_fn = re.search(r"pub fn capabilities\(\).*?\n    }\n", node_caps, re.S).group(0)
+
+    (csidriver,) = of_kind(docs, "CSIDriver")
+    (ds,) = of_kind(docs, "DaemonSet")
+    cs = containers(ds)
+    drv = cs["ferrovol"]
+    name = csidriver["metadata"]["name"]
+
+    # One driver name everywhere.
+    check(name == driver_default, f"CSIDriver {name} != driver default {driver_default}")
+    check(arg(drv, "--driver-name") == name, "ferrovol --driver-name matches the CSIDriver")
+    for sc in of_kind(docs, "StorageClass"):
+        check(sc["provisioner"] == name, f"StorageClass {sc['metadata']['name']} provisioner")
+    for k in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
+        for c in of_kind(docs, k):
+            check(c["driver"] == name, f"{k} {c['metadata']['name']} driver")
+
+    # The socket the registrar announces is where the plugin listens.
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    mount_of = {c: {m["name"]: m["mountPath"] for m in cs[c].get("volumeMounts", [])} for c in cs}
+    endpoint = arg(drv, "--endpoint")
+    check(endpoint and endpoint.startswith("unix://"), "ferrovol listens on a unix socket")
+    sock = endpoint[len("unix://"):]
+    sock_dir = sock.rsplit("/", 1)[0]
+    host_dir = vols["socket-dir"]["hostPath"]["path"]
+    check(mount_of["ferrovol"].get("socket-dir") == sock_dir, "ferrovol's socket dir is the socket-dir volume")
+    check(arg(cs["node-driver-registrar"], "--kubelet-registration-path") == host_dir + "/csi.sock",
+          "registrar announces the host path of the plugin socket")
+    check(host_dir == f"/var/lib/kubelet/plugins/{name}", "socket under the kubelet's plugins dir, named for the driver")
+    for c in cs:
+        if c != "ferrovol":
+            check(arg(cs[c], "--csi-address") == sock and mount_of[c].get("socket-dir") == sock_dir,
+                  f"{c} talks to the plugin socket")
+
+    # The driver container's flags are ones `ferrovol serve` accepts, and the
+    # kubelet dir it guards is the one mounted with bidirectional propagation.
+    help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
+    for a in drv.get("args", [])[1:]:
+        flag = a.split("=", 1)[0]
+        check(flag in help_text, f"ferrovol serve accepts {flag}")
+    kubelet = [m for m in drv["volumeMounts"] if m["name"] == "kubelet-dir"][0]
+    check(kubelet.get("mountPropagation") == "Bidirectional", "kubelet dir mounted Bidirectional")
+    check(arg(drv, "--kubelet-dir") == kubelet["mountPath"], "--kubelet-dir is the mounted kubelet dir")
+    check(drv.get("securityContext", {}).get("privileged") is True, "driver container is privileged")
+
+    # The CSIDriver object says what the driver does.
+    check(csidriver["spec"]["attachRequired"] == ("PublishUnpublishVolume" in caps_fn),
+          "attachRequired matches PUBLISH_UNPUBLISH_VOLUME")
+    check((csidriver["spec"].get("fsGroupPolicy") == "File") == ("VolumeMountGroup" not in node_fn),
+          "fsGroupPolicy File exactly when VOLUME_MOUNT_GROUP is not advertised")
+    check(csidriver["spec"].get("storageCapacity") == (arg(cs["csi-provisioner"], "--enable-capacity") == "true"),
+          "storageCapacity matches the provisioner's --enable-capacity")
+    check("ExpandVolume" not in caps_fn.split("ExpansionSite::Controller")[0] and "csi-resizer" in cs,
+          "expansion: node-side driver with a resizer that can run in node-only mode")
+
+    # Each sidecar's account is bound to what that sidecar calls.
+    sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    ns = ds["metadata"].get("namespace", "ferrovol")
+    check(any(s["metadata"]["name"] == sa for s in of_kind(docs, "ServiceAccount")), f"service account {sa} exists")
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
+    needs = {
+        "csi-provisioner": [("persistentvolumes", "create"), ("persistentvolumes", "delete"),
+                            ("persistentvolumeclaims", "update"), ("storageclasses", "get"),
+                            ("csistoragecapacities", "create"), ("volumesnapshotcontents", "get"),
+                            ("csinodes", "get"), ("nodes", "get")],
+        "csi-snapshotter": [("volumesnapshotcontents", "update"), ("volumesnapshotcontents/status", "update"),
+                            ("volumesnapshotclasses", "get"), ("volumegroupsnapshotcontents", "update"),
+                            ("volumegroupsnapshotcontents/status", "update"), ("volumegroupsnapshotclasses", "get")],
+        "csi-resizer": [("persistentvolumes", "patch"), ("persistentvolumeclaims/status", "patch"),
+                        ("leases", "create"), ("leases", "update")],
+    }
+    for sidecar, pairs in needs.items():
+        for resource, verb in pairs:
+            check(grants(roles, bindings, sa, ns, resource, verb), f"{sidecar} may {verb} {resource}")
+
+    # Topology: the key in the driver is the key the docs and examples use.
+    docs_text = open("docs/kubernetes.md").read() + open("docs/architecture.md").read()
+    check(topology_key in docs_text, f"docs mention the topology key {topology_key}")
+    for path in glob.glob("examples/*.yaml"):
+        for d in load(path):
+            for term in d.get("spec", {}).get("nodeAffinity", {}).get("required", {}).get("nodeSelectorTerms", []):
+                for e in term.get("matchExpressions", []):
+                    check(e["key"] == topology_key, f"{path}: node affinity uses {topology_key}")
+
+    # Every tool the node service runs is installed in the runtime image.
+    exec_rs = open("crates/ferrovol/src/exec.rs").read()
+    package_of = {}
+    for progs, pkg in re.findall(r'((?:"[\w.]+"\s*\|?\s*)+)=>\s*"([\w-]+)"', exec_rs):
+        for p in re.findall(r'"([\w.]+)"', progs):
+            package_of[p] = pkg
+    used = set()
+    for f in glob.glob("crates/ferrovol/src/node/*.rs") + ["crates/ferrovol/src/poolinit.rs"]:
+        used |= set(re.findall(r'exec::run(?:_status)?\(\s*"([\w.]+)"', open(f).read()))
+    dockerfile = open("Dockerfile").read()
+    runtime = dockerfile.split("FROM ")[-1]
+    for prog in sorted(used):
+        pkg = package_of.get(prog)
+        check(pkg is not None, f"{prog} has a package in exec::package_for")
+        check(pkg is not None and re.search(rf"\b{re.escape(pkg)}\b", runtime), f"runtime image installs {pkg} for {prog}")
+    check(re.search(r'ENTRYPOINT \["/usr/local/bin/ferrovol"\]', runtime), "image entrypoint is ferrovol")
+
+
+def main():
+    binary = sys.argv[1]
+    rendered = {}
+    for t in TARGETS:
+        docs = render(t)
+        rendered[t] = docs
+        check(len(docs) > 0, f"{t} renders")
+        validate_schemas(t, docs)
+        check_crds(t, docs)
+    for path in sorted(glob.glob("examples/*.yaml")):
+        docs = load(path)
+        validate_schemas(path, docs)
+        check_crds(path, docs)
+    cross_checks(rendered["deploy/kubernetes/overlays/local"], binary)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
