@@ -146,7 +146,8 @@ def cross_checks(docs, binary):
     check(host_dir == f"/var/lib/kubelet/plugins/{name}", "socket under the kubelet's plugins dir, named for the driver")
     for c in cs:
         if c != "ferrovol":
-            check(arg(cs[c], "--csi-address") == sock and mount_of[c].get("socket-dir") == sock_dir,
+            address = (arg(cs[c], "--csi-address") or "").removeprefix("unix://")
+            check(address == sock and mount_of[c].get("socket-dir") == sock_dir,
                   f"{c} talks to the plugin socket")
 
     # The driver container's flags are ones `ferrovol serve` accepts, and the
@@ -155,6 +156,16 @@ def cross_checks(docs, binary):
     for a in drv.get("args", [])[1:]:
         flag = a.split("=", 1)[0]
         check(flag in help_text, f"ferrovol serve accepts {flag}")
+    # The liveness container is `ferrovol probe`, serving the port the driver
+    # container's probes use.
+    prober = cs["liveness-probe"]
+    probe_help = subprocess.run([binary, "probe", "--help"], check=True, capture_output=True, text=True).stdout
+    check(prober["args"][0] == "probe", "liveness container runs ferrovol probe")
+    for a in prober["args"][1:]:
+        check(a.split("=", 1)[0] in probe_help, f"ferrovol probe accepts {a.split('=', 1)[0]}")
+    health_port = [p["containerPort"] for p in drv["ports"] if p["name"] == "healthz"][0]
+    check(arg(prober, "--metrics-addr").endswith(f":{health_port}"), "prober serves the driver's healthz port")
+    check(drv["livenessProbe"]["httpGet"]["path"] == "/healthz", "driver liveness uses /healthz")
     kubelet = [m for m in drv["volumeMounts"] if m["name"] == "kubelet-dir"][0]
     check(kubelet.get("mountPropagation") == "Bidirectional", "kubelet dir mounted Bidirectional")
     check(arg(drv, "--kubelet-dir") == kubelet["mountPath"], "--kubelet-dir is the mounted kubelet dir")

@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI gRPC services on a socket.
     Serve(ServeArgs),
+    /// Liveness prober for any CSI driver: Probe every interval, export
+    /// csi_liveness, serve /healthz.
+    Probe(crate::prober::ProbeArgs),
     /// Measure the driver: provisioning rate, snapshot/restore/clone latency.
     Bench(crate::bench::BenchArgs),
     /// Manage the local engine's pool.
@@ -111,6 +114,10 @@ pub struct ServeArgs {
     /// Reported in NodeGetInfo; 0 means no limit.
     #[arg(long, env = "FERROVOL_MAX_VOLUMES_PER_NODE", default_value_t = 0)]
     pub max_volumes_per_node: i64,
+
+    /// Serve Prometheus /metrics and /healthz on this address (off if unset).
+    #[arg(long, env = "FERROVOL_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 
     /// Seconds to let in-flight RPCs finish after SIGTERM/SIGINT.
     #[arg(long, env = "FERROVOL_SHUTDOWN_TIMEOUT", default_value_t = 10)]

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => ferrovol::server::run(args).await,
             Command::Bench(args) => ferrovol::bench::run(args).await,
+            Command::Probe(args) => ferrovol::prober::run(args).await,
             Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
                 let image = image.unwrap_or_else(|| dir.with_extension("img"));
                 let pool = ferrovol::poolinit::init(&dir, &image, size, fs)

@@ -92,6 +92,8 @@ where
     let outcome = body(req).instrument(span.clone()).await;
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
 
+    let code = outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok);
+    crate::metrics::global().observe_rpc(method, code, latency_ms / 1000.0);
     let _entered = span.enter();
     match &outcome {
         Ok(_) if is_chatty(method) => debug!(code = "OK", latency_ms, "rpc done"),

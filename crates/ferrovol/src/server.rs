@@ -74,6 +74,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         )));
     }
 
+    if let Some(addr) = &args.metrics_addr {
+        let local = crate::metrics::listen(addr, driver_endpoints(driver.clone())).await?;
+        info!(addr = %local, "metrics listening");
+    }
+
     // Installed before we announce readiness: a SIGTERM that arrives right
     // after must take the graceful path, not the default "die at once".
     let signals = Signals::install()?;
@@ -131,6 +136,28 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// /metrics from fresh engine figures; /healthz is what Probe checks.
+fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
+    let for_metrics = driver.clone();
+    crate::metrics::Endpoints {
+        metrics: Arc::new(move || {
+            let driver = for_metrics.clone();
+            Box::pin(async move {
+                let stats = driver.engine.stats().await.unwrap_or_default();
+                tokio::task::spawn_blocking(move || crate::metrics::global().render(&stats))
+                    .await
+                    .unwrap_or_default()
+            })
+        }),
+        health: Arc::new(move || {
+            let identity = IdentityService::new(driver.clone());
+            Box::pin(
+                async move { identity.check_ready().await.map_err(|e| e.message().to_string()) },
+            )
+        }),
+    }
 }
 
 struct Signals {

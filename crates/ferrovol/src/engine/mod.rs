@@ -89,6 +89,21 @@ pub struct GroupSnapshot {
 /// clones themselves.
 pub type Quiesce = Box<dyn FnOnce() -> Result<Box<dyn Send>> + Send>;
 
+/// Figures for metrics, read fresh from the engine's own records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub volumes: u64,
+    pub snapshots: u64,
+    pub groups: u64,
+    pub pool_capacity_bytes: u64,
+    pub pool_used_bytes: u64,
+    pub provisioned_bytes: u64,
+    /// Block devices of volumes attached on this node.
+    pub attached: Vec<PathBuf>,
+    /// How copies are made ("reflink", "copy"; empty if not applicable).
+    pub cow_method: String,
+}
+
 /// A byte range of a volume or snapshot: (offset, length).
 pub type Range = (u64, u64);
 
@@ -152,6 +167,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Checks that the engine can do its work now (Probe).
     async fn health(&self) -> Result<()>;
+
+    /// Counts and sizes for metrics.
+    async fn stats(&self) -> Result<EngineStats>;
 
     /// Rejects parameters this engine does not understand.
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()>;

@@ -99,6 +99,7 @@ impl GroupControllerService {
             Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>));
         let (group, window) =
             engine.create_group_snapshot(&req.name, &req.source_volume_ids, quiesce).await?;
+        crate::metrics::global().observe_freeze(window.as_secs_f64());
         info!(
             group_snapshot_id = %group.id,
             members = group.snapshots.len(),

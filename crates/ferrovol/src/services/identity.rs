@@ -66,7 +66,9 @@ impl IdentityService {
         caps
     }
 
-    async fn check_ready(&self) -> Result<()> {
+    /// What Probe checks: the state dir takes a synced write and the engine
+    /// is healthy.
+    pub async fn check_ready(&self) -> Result<()> {
         let dir = self.driver.state_dir.clone();
         let check = tokio::task::spawn_blocking(move || crate::fsutil::check_writable(&dir));
         match tokio::time::timeout(PROBE_CHECK_TIMEOUT, check).await {

@@ -135,27 +135,31 @@ impl DriverBuilder {
 
     /// Starts the driver without waiting for readiness.
     pub fn spawn(self) -> Driver {
-        let mut child = self.command().spawn().expect("spawning ferrovol");
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let pool_dir = self.pool_dir.unwrap_or_else(|| self.state_dir.join("pool"));
-        Driver {
-            child: Some(child),
-            socket: self.socket,
-            state_dir: self.state_dir,
-            pool_dir,
-            logs,
-            lines: rx,
-        }
+        let pool_dir = self.pool_dir.clone().unwrap_or_else(|| self.state_dir.join("pool"));
+        spawn_logged(self.command(), self.socket, self.state_dir, pool_dir)
     }
+}
+
+/// Runs any command with its stderr captured line by line (for waiting on
+/// log lines and asserting on them); killed on drop.
+pub fn spawn_logged(
+    mut cmd: Command,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    pool_dir: PathBuf,
+) -> Driver {
+    let mut child = cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning");
+    let stderr = child.stderr.take().unwrap();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    Driver { child: Some(child), socket, state_dir, pool_dir, logs, lines: rx }
 }
 
 impl Driver {
@@ -173,6 +177,18 @@ impl Driver {
         if let Some(l) = self.logs.lock().unwrap().iter().find(|l| l.contains(needle)) {
             return Some(l.clone());
         }
+        loop {
+            match self.lines.recv_timeout(START_TIMEOUT) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Like `wait_for_log`, but only for lines logged from now on.
+    pub fn wait_for_new_log(&mut self, needle: &str) -> Option<String> {
+        while self.lines.try_recv().is_ok() {}
         loop {
             match self.lines.recv_timeout(START_TIMEOUT) {
                 Ok(line) if line.contains(needle) => return Some(line),
@@ -284,6 +300,18 @@ impl TestPool {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// Bytes allocated to volume and snapshot files (the journal aside):
+    /// what the pool itself holds, whatever else shares its filesystem.
+    pub fn allocated(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        ["volumes", "snapshots", "staging", "trash"]
+            .iter()
+            .flat_map(|d| self.files(d))
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
     }
 
     /// Free bytes in the pool filesystem.
@@ -584,4 +612,27 @@ impl Env {
         let root = self.driver.socket.parent().unwrap().to_path_buf();
         self.driver = DriverBuilder::new(&root).pool(&self.pool).kubelet(&self.kubelet).start();
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connecting");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The `addr=` field of a log line.
+pub fn logged_addr(line: &str) -> String {
+    line.split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("addr in log line")
+        .to_string()
 }

@@ -267,6 +267,31 @@ impl Engine for LocalEngine {
         .await
     }
 
+    async fn stats(&self) -> Result<crate::engine::EngineStats> {
+        let ready = |s: State| s == State::Ready;
+        let volumes = self.journal.scan::<VolumeRecord>(None, usize::MAX, |r| ready(r.state()))?;
+        let snapshots =
+            self.journal.scan::<SnapshotRecord>(None, usize::MAX, |r| ready(r.state()))?;
+        let groups = self.journal.scan::<GroupRecord>(None, usize::MAX, |r| ready(r.state()))?;
+        let (available, total) = self.pool.space()?;
+        let root = self.pool.root().to_path_buf();
+        let attached = blocking(move || {
+            let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
+            Ok(all.into_iter().filter(|a| a.backing.starts_with(&root)).map(|a| a.device).collect())
+        })
+        .await?;
+        Ok(crate::engine::EngineStats {
+            volumes: volumes.len() as u64,
+            snapshots: snapshots.len() as u64,
+            groups: groups.len() as u64,
+            pool_capacity_bytes: total,
+            pool_used_bytes: total.saturating_sub(available),
+            provisioned_bytes: volumes.iter().map(|v| v.capacity).sum(),
+            attached,
+            cow_method: self.method.as_str().to_string(),
+        })
+    }
+
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
         for (k, v) in parameters {
             match k.as_str() {

@@ -1,0 +1,248 @@
+//! Prometheus metrics (`/metrics`) and health (`/healthz`) over HTTP.
+//!
+//! RPC counters and latency histograms are recorded as calls finish (in
+//! `rpc::handle`); engine and node gauges are read fresh at each scrape, so
+//! they never drift from the journal and the kernel.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::engine::EngineStats;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CowLabel {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    revision: String,
+}
+
+type Latency = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s: from Probe to a large copy.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// The driver's metrics.
+pub struct Metrics {
+    registry: Registry,
+    rpcs: Family<RpcLabels, Counter>,
+    latency: Latency,
+    freeze: Histogram,
+    volumes: Gauge,
+    snapshots: Gauge,
+    groups: Gauge,
+    pool_capacity: Gauge,
+    pool_used: Gauge,
+    provisioned: Gauge,
+    attached: Gauge,
+    staged: Gauge,
+    published: Gauge,
+    cow: Family<CowLabel, Gauge>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn global() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "ferrovol_rpc_requests",
+            "CSI calls finished, by method and gRPC code",
+            rpcs.clone(),
+        );
+        let latency: Latency = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "ferrovol_rpc_duration_seconds",
+            "CSI call latency by method",
+            latency.clone(),
+        );
+        let freeze = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "ferrovol_group_snapshot_freeze_seconds",
+            "How long group snapshot members stayed frozen",
+            freeze.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let volumes = gauge(&mut registry, "ferrovol_volumes", "Volumes in the journal");
+        let snapshots = gauge(&mut registry, "ferrovol_snapshots", "Snapshots in the journal");
+        let groups =
+            gauge(&mut registry, "ferrovol_group_snapshots", "Group snapshots in the journal");
+        let pool_capacity =
+            gauge(&mut registry, "ferrovol_pool_capacity_bytes", "Size of the pool filesystem");
+        let pool_used =
+            gauge(&mut registry, "ferrovol_pool_used_bytes", "Bytes used in the pool filesystem");
+        let provisioned =
+            gauge(&mut registry, "ferrovol_pool_provisioned_bytes", "Sum of volume capacities");
+        let attached = gauge(
+            &mut registry,
+            "ferrovol_devices_attached",
+            "Volumes attached as block devices here",
+        );
+        let staged =
+            gauge(&mut registry, "ferrovol_node_volumes_staged", "Volumes staged on this node");
+        let published = gauge(
+            &mut registry,
+            "ferrovol_node_volumes_published",
+            "Publications (pod mounts) on this node",
+        );
+        let cow = Family::<CowLabel, Gauge>::default();
+        registry.register(
+            "ferrovol_cow_method",
+            "How the pool copies (1 for the method in use)",
+            cow.clone(),
+        );
+        registry.register(
+            "ferrovol_build",
+            "Build of this driver",
+            Info::new(BuildLabels {
+                version: crate::version::VERSION.to_string(),
+                revision: crate::version::GIT_REVISION.to_string(),
+            }),
+        );
+        Metrics {
+            registry,
+            rpcs,
+            latency,
+            freeze,
+            volumes,
+            snapshots,
+            groups,
+            pool_capacity,
+            pool_used,
+            provisioned,
+            attached,
+            staged,
+            published,
+            cow,
+        }
+    }
+
+    pub fn observe_rpc(&self, method: &str, code: tonic::Code, seconds: f64) {
+        let code = format!("{code:?}");
+        self.rpcs.get_or_create(&RpcLabels { method: method.to_string(), code }).inc();
+        self.latency.get_or_create(&MethodLabel { method: method.to_string() }).observe(seconds);
+    }
+
+    pub fn observe_freeze(&self, seconds: f64) {
+        self.freeze.observe(seconds);
+    }
+
+    /// Sets the gauges from fresh engine figures and the kernel's mount
+    /// table, and renders everything.
+    pub fn render(&self, stats: &EngineStats) -> String {
+        // Each attached volume is staged once; every further mount of its
+        // device is a publication into a pod.
+        let mounts = crate::node::mountinfo::read().unwrap_or_default();
+        let published: usize = stats
+            .attached
+            .iter()
+            .filter_map(|d| crate::node::mountinfo::mounts_of_device(&mounts, d).ok())
+            .map(|m| m.len().saturating_sub(1))
+            .sum();
+        let node = (stats.attached.len() as u64, published as u64);
+        let set = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.volumes, stats.volumes);
+        set(&self.snapshots, stats.snapshots);
+        set(&self.groups, stats.groups);
+        set(&self.pool_capacity, stats.pool_capacity_bytes);
+        set(&self.pool_used, stats.pool_used_bytes);
+        set(&self.provisioned, stats.provisioned_bytes);
+        set(&self.attached, stats.attached.len() as u64);
+        set(&self.staged, node.0);
+        set(&self.published, node.1);
+        if !stats.cow_method.is_empty() {
+            self.cow.get_or_create(&CowLabel { method: stats.cow_method.clone() }).set(1);
+        }
+        encode(&self.registry)
+    }
+}
+
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What the HTTP endpoints answer: the metrics text, and health (Err with
+/// the reason when unhealthy).
+#[derive(Clone)]
+pub struct Endpoints {
+    pub metrics: Arc<dyn Fn() -> BoxFuture<String> + Send + Sync>,
+    pub health: Arc<dyn Fn() -> BoxFuture<Result<(), String>> + Send + Sync>,
+}
+
+async fn metrics_handler(State(ep): State<Endpoints>) -> impl IntoResponse {
+    let body = (ep.metrics)().await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+}
+
+async fn health_handler(State(ep): State<Endpoints>) -> impl IntoResponse {
+    match (ep.health)().await {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` in the background; answers the
+/// bound address (useful with port 0).
+pub async fn listen(addr: &str, endpoints: Endpoints) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("binding metrics address {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(health_handler))
+        .with_state(endpoints);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(local)
+}
