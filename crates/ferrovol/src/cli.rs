@@ -24,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI gRPC services on a socket.
     Serve(ServeArgs),
+    /// A CSI client for any driver (volumes so far).
+    Ctl(crate::ctl::CtlArgs),
     /// Liveness prober for any CSI driver: Probe every interval, export
     /// csi_liveness, serve /healthz.
     Probe(crate::prober::ProbeArgs),

@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod ctl;
 pub mod endpoint;
 pub mod engine;
 pub mod error;

@@ -13,37 +13,47 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // ctl prints results on stdout and failures on stderr, with an exit code
+    // per failure class; every other command fails with 1.
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => ferrovol::server::run(args).await,
-            Command::Bench(args) => ferrovol::bench::run(args).await,
-            Command::Probe(args) => ferrovol::prober::run(args).await,
-            Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
-                let image = image.unwrap_or_else(|| dir.with_extension("img"));
-                let pool = ferrovol::poolinit::init(&dir, &image, size, fs)
-                    .await
-                    .map_err(|e| e.message().to_string())?;
-                println!(
-                    "pool ready: {} ({}) mounted on {} from {}\n\
-                     to mount it at boot, add to /etc/fstab:\n  {} {} {} loop 0 0",
-                    pool.image.display(),
-                    fs.name(),
-                    pool.mountpoint.display(),
-                    pool.device.display(),
-                    pool.image.display(),
-                    pool.mountpoint.display(),
-                    fs.name()
-                );
-                Ok(())
-            }
+            Command::Ctl(args) => ferrovol::ctl::run(args).await.map_err(|e| (e.message, e.code)),
+            other => run(other).await.map_err(|e| (e, 1)),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "ferrovol failed");
-            eprintln!("ferrovol: {e}");
-            ExitCode::FAILURE
+        Err((message, code)) => {
+            tracing::error!(error = %message, "ferrovol failed");
+            eprintln!("ferrovol: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Serve(args) => ferrovol::server::run(args).await,
+        Command::Bench(args) => ferrovol::bench::run(args).await,
+        Command::Probe(args) => ferrovol::prober::run(args).await,
+        Command::Ctl(_) => Err("ctl is dispatched by main".into()),
+        Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
+            let image = image.unwrap_or_else(|| dir.with_extension("img"));
+            let pool = ferrovol::poolinit::init(&dir, &image, size, fs)
+                .await
+                .map_err(|e| e.message().to_string())?;
+            println!(
+                "pool ready: {} ({}) mounted on {} from {}\n\
+                 to mount it at boot, add to /etc/fstab:\n  {} {} {} loop 0 0",
+                pool.image.display(),
+                fs.name(),
+                pool.mountpoint.display(),
+                pool.device.display(),
+                pool.image.display(),
+                pool.mountpoint.display(),
+                fs.name()
+            );
+            Ok(())
         }
     }
 }
