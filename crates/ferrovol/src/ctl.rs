@@ -536,11 +536,9 @@ async fn info(ch: Channel, t: Duration) -> Result<Value, CtlError> {
             .controller_get_capabilities(request(csi::ControllerGetCapabilitiesRequest {}, t))
             .await
             .map(|r| {
-                let types =
-                    r.into_inner().capabilities.into_iter().filter_map(|c| match c.r#type {
-                        Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-                        None => None,
-                    });
+                let types = r.into_inner().capabilities.into_iter().filter_map(|c| {
+                    c.r#type.map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type)
+                });
                 names(types, |v| C::try_from(v).ok(), C::as_str_name)
             }),
     )?;
@@ -549,11 +547,9 @@ async fn info(ch: Channel, t: Duration) -> Result<Value, CtlError> {
             .node_get_capabilities(request(csi::NodeGetCapabilitiesRequest {}, t))
             .await
             .map(|r| {
-                let types =
-                    r.into_inner().capabilities.into_iter().filter_map(|c| match c.r#type {
-                        Some(csi::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-                        None => None,
-                    });
+                let types = r.into_inner().capabilities.into_iter().filter_map(|c| {
+                    c.r#type.map(|csi::node_service_capability::Type::Rpc(r)| r.r#type)
+                });
                 names(types, |v| N::try_from(v).ok(), N::as_str_name)
             }),
     )?;
@@ -565,13 +561,9 @@ async fn info(ch: Channel, t: Duration) -> Result<Value, CtlError> {
             ))
             .await
             .map(|r| {
-                let types =
-                    r.into_inner().capabilities.into_iter().filter_map(|c| match c.r#type {
-                        Some(csi::group_controller_service_capability::Type::Rpc(r)) => {
-                            Some(r.r#type)
-                        }
-                        None => None,
-                    });
+                let types = r.into_inner().capabilities.into_iter().filter_map(|c| {
+                    c.r#type.map(|csi::group_controller_service_capability::Type::Rpc(r)| r.r#type)
+                });
                 names(types, |v| G::try_from(v).ok(), G::as_str_name)
             }),
     )?;
