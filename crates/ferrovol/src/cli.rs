@@ -24,7 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the CSI gRPC services on a socket.
     Serve(ServeArgs),
-    /// A CSI client for any driver (volumes so far).
+    /// The walkthrough, end to end, narrated (needs root).
+    Demo(crate::demo::DemoArgs),
+    /// A CSI client for any CSI driver.
     Ctl(crate::ctl::CtlArgs),
     /// Liveness prober for any CSI driver: Probe every interval, export
     /// csi_liveness, serve /healthz.

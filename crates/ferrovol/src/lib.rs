@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod cli;
 pub mod ctl;
+pub mod demo;
 pub mod endpoint;
 pub mod engine;
 pub mod error;

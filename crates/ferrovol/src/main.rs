@@ -36,6 +36,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Serve(args) => ferrovol::server::run(args).await,
         Command::Bench(args) => ferrovol::bench::run(args).await,
         Command::Probe(args) => ferrovol::prober::run(args).await,
+        Command::Demo(args) => ferrovol::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
         Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
             let image = image.unwrap_or_else(|| dir.with_extension("img"));

@@ -68,6 +68,7 @@ pub struct Metrics {
     attached: Gauge,
     staged: Gauge,
     published: Gauge,
+    mounts: Gauge,
     cow: Family<CowLabel, Gauge>,
 }
 
@@ -125,6 +126,11 @@ impl Metrics {
             "ferrovol_node_volumes_published",
             "Publications (pod mounts) on this node",
         );
+        let mounts = gauge(
+            &mut registry,
+            "ferrovol_node_mounts",
+            "Mounts of attached volumes held on this node",
+        );
         let cow = Family::<CowLabel, Gauge>::default();
         registry.register(
             "ferrovol_cow_method",
@@ -153,6 +159,7 @@ impl Metrics {
             attached,
             staged,
             published,
+            mounts,
             cow,
         }
     }
@@ -170,19 +177,22 @@ impl Metrics {
     /// Sets the gauges from fresh engine figures and the kernel's mount
     /// table, and renders everything.
     pub fn render(&self, stats: &EngineStats) -> String {
-        // Each attached volume is staged once; every further mount of its
-        // device is a publication into a pod.
-        let mounts = crate::node::mountinfo::read().unwrap_or_default();
-        let published: usize = stats
-            .attached
-            .iter()
-            .filter_map(|d| crate::node::mountinfo::mounts_of_device(&mounts, d).ok())
-            .map(|m| m.len().saturating_sub(1))
-            .sum();
-        let node = (stats.attached.len() as u64, published as u64);
         let set = |g: &Gauge, v: u64| {
             g.set(i64::try_from(v).unwrap_or(i64::MAX));
         };
+
+        // Each attached volume is staged once; every further mount of its
+        // device is a publication into a pod.
+        let mounts = crate::node::mountinfo::read().unwrap_or_default();
+        let per_device: Vec<usize> = stats
+            .attached
+            .iter()
+            .filter_map(|d| crate::node::mountinfo::mounts_of_device(&mounts, d).ok())
+            .map(|m| m.len())
+            .collect();
+        let published: usize = per_device.iter().map(|n| n.saturating_sub(1)).sum();
+        let node = (stats.attached.len() as u64, published as u64);
+        set(&self.mounts, per_device.iter().sum::<usize>() as u64);
         set(&self.volumes, stats.volumes);
         set(&self.snapshots, stats.snapshots);
         set(&self.groups, stats.groups);
