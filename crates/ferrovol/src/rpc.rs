@@ -106,6 +106,43 @@ where
     outcome.map(Response::new).map_err(Status::from)
 }
 
+/// Like [`handle`], for calls that change state. The work runs in a task of
+/// its own: a caller that gives up (its deadline passes, it disconnects)
+/// drops only its wait, never the work, which finishes or rolls back while
+/// still holding its operation locks — so the sidecar's retry meanwhile is
+/// ABORTED, and afterwards finds the finished result.
+pub async fn handle_detached<Req, Resp, F, Fut>(
+    method: &'static str,
+    request: Request<Req>,
+    body: F,
+) -> Result<Response<Resp>, Status>
+where
+    Req: RequestIds,
+    Resp: Send + 'static,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Resp>> + Send + 'static,
+{
+    handle(method, request, |req| {
+        let work = body(req);
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(
+                async move {
+                    let outcome = work.await;
+                    let code = outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok);
+                    if tx.send(outcome).is_err() {
+                        info!(?code, "finished after the caller stopped waiting");
+                    }
+                }
+                .in_current_span(),
+            );
+            rx.await
+                .map_err(|_| crate::error::internal(format!("{method} stopped unexpectedly")))?
+        }
+    })
+    .await
+}
+
 macro_rules! request_ids {
     ($($ty:ident { $($kind:ident : $field:ident),* $(,)? })*) => {
         $(

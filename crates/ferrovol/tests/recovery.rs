@@ -184,3 +184,59 @@ async fn orphans_are_reported_and_never_deleted() {
     assert!(driver.logs().contains("orphans"), "{}", driver.logs());
     assert_eq!(std::fs::read(&stray).unwrap(), b"not ours");
 }
+
+/// The provisioner's deadline expires while CreateVolume is still working:
+/// the call must finish anyway (or roll back), and the retry must converge
+/// on the same volume, never ALREADY_EXISTS for its own half-done work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_outlives_its_deadline_still_completes() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let fifo = root.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let mut driver = DriverBuilder::new(root.path())
+        .pool(&pool)
+        .env(
+            "FERROVOL_FAILPOINTS",
+            &format!("create-volume-after-reserve=pause:{}", fifo.display()),
+        )
+        .start();
+    let mut c = ControllerClient::new(driver.channel().await);
+
+    let mut first = tonic::Request::new(req::create("slow-pvc", 16 * MIB));
+    first.set_timeout(std::time::Duration::from_millis(300));
+    let call = tokio::spawn({
+        let mut c = c.clone();
+        async move { c.create_volume(first).await }
+    });
+    assert!(driver.wait_for_log("failpoint reached").is_some());
+    let err = call.await.unwrap().unwrap_err();
+    // Go sidecars see DEADLINE_EXCEEDED; tonic's client reports CANCELLED.
+    assert!(
+        matches!(err.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        "{err:?}"
+    );
+
+    // The sidecar retries while the first call is still in flight.
+    // (Bounded: were the first call's work cancelled, this retry would start
+    // a second creation and block at the same failpoint.)
+    let mut retry = tonic::Request::new(req::create("slow-pvc", 16 * MIB));
+    retry.set_timeout(std::time::Duration::from_secs(10));
+    let busy = c.create_volume(retry).await.unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::Aborted, "{busy:?}");
+
+    std::fs::write(&fifo, b"go").unwrap();
+    let done = driver
+        .wait_for_log("finished after the caller stopped waiting")
+        .expect("the call finished");
+    assert!(done.contains("Ok"), "{done}");
+    let volume = c
+        .create_volume(req::create("slow-pvc", 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(pool.files("volumes"), vec![pool.volume_file(&volume.volume_id)]);
+    assert!(pool.files("staging").is_empty());
+}

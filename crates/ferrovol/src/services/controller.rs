@@ -12,9 +12,10 @@ use tonic::{Request, Response, Status};
 use crate::engine::{ContentSource, ExpansionSite, NewVolume, SnapshotFilter};
 use crate::error::{self, Result};
 use crate::locks;
-use crate::rpc::handle;
+use crate::rpc::{handle, handle_detached};
 use crate::services::{convert, validate, Driver};
 
+#[derive(Clone)]
 pub struct ControllerService {
     driver: Arc<Driver>,
 }
@@ -304,14 +305,30 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         request: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
-        handle("CreateVolume", request, |r| self.create_volume(r)).await
+        {
+            let this = self.clone();
+            handle_detached(
+                "CreateVolume",
+                request,
+                move |r| async move { this.create_volume(r).await },
+            )
+            .await
+        }
     }
 
     async fn delete_volume(
         &self,
         request: Request<csi::DeleteVolumeRequest>,
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
-        handle("DeleteVolume", request, |r| self.delete_volume(r)).await
+        {
+            let this = self.clone();
+            handle_detached(
+                "DeleteVolume",
+                request,
+                move |r| async move { this.delete_volume(r).await },
+            )
+            .await
+        }
     }
 
     async fn controller_publish_volume(
@@ -382,14 +399,26 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         request: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        handle("CreateSnapshot", request, |r| self.create_snapshot(r)).await
+        {
+            let this = self.clone();
+            handle_detached("CreateSnapshot", request, move |r| async move {
+                this.create_snapshot(r).await
+            })
+            .await
+        }
     }
 
     async fn delete_snapshot(
         &self,
         request: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        handle("DeleteSnapshot", request, |r| self.delete_snapshot(r)).await
+        {
+            let this = self.clone();
+            handle_detached("DeleteSnapshot", request, move |r| async move {
+                this.delete_snapshot(r).await
+            })
+            .await
+        }
     }
 
     async fn list_snapshots(
@@ -410,7 +439,13 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         request: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        handle("ControllerExpandVolume", request, |r| self.expand_volume(r)).await
+        {
+            let this = self.clone();
+            handle_detached("ControllerExpandVolume", request, move |r| async move {
+                this.expand_volume(r).await
+            })
+            .await
+        }
     }
 
     async fn controller_get_volume(

@@ -17,9 +17,10 @@ use tracing::info;
 use crate::engine::{GroupSnapshot, Quiesce};
 use crate::error::{self, Result};
 use crate::locks;
-use crate::rpc::handle;
+use crate::rpc::{handle, handle_detached};
 use crate::services::{convert, freeze_all, holder, presync, validate, Driver, Holder};
 
+#[derive(Clone)]
 pub struct GroupControllerService {
     driver: Arc<Driver>,
 }
@@ -161,14 +162,26 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
         &self,
         request: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
-        handle("CreateVolumeGroupSnapshot", request, |r| self.create(r)).await
+        {
+            let this = self.clone();
+            handle_detached("CreateVolumeGroupSnapshot", request, move |r| async move {
+                this.create(r).await
+            })
+            .await
+        }
     }
 
     async fn delete_volume_group_snapshot(
         &self,
         request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
-        handle("DeleteVolumeGroupSnapshot", request, |r| self.delete(r)).await
+        {
+            let this = self.clone();
+            handle_detached("DeleteVolumeGroupSnapshot", request, move |r| async move {
+                this.delete(r).await
+            })
+            .await
+        }
     }
 
     async fn get_volume_group_snapshot(

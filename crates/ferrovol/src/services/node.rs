@@ -20,7 +20,7 @@ use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::node::fs::{self as nodefs, Content};
 use crate::node::mountinfo::{self, MountEntry};
-use crate::rpc::handle;
+use crate::rpc::{handle, handle_detached};
 use crate::services::{convert, validate, Driver};
 
 /// Name of the file a raw block volume's device is bind-mounted onto inside
@@ -36,6 +36,7 @@ pub struct NodeConfig {
     pub max_volumes_per_node: i64,
 }
 
+#[derive(Clone)]
 pub struct NodeService {
     driver: Arc<Driver>,
     kubelet_dir: PathBuf,
@@ -513,28 +514,54 @@ impl csi::node_server::Node for NodeService {
         &self,
         request: Request<csi::NodeStageVolumeRequest>,
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        handle("NodeStageVolume", request, |r| self.stage(r)).await
+        {
+            let this = self.clone();
+            handle_detached("NodeStageVolume", request, move |r| async move { this.stage(r).await })
+                .await
+        }
     }
 
     async fn node_unstage_volume(
         &self,
         request: Request<csi::NodeUnstageVolumeRequest>,
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        handle("NodeUnstageVolume", request, |r| self.unstage(r)).await
+        {
+            let this = self.clone();
+            handle_detached(
+                "NodeUnstageVolume",
+                request,
+                move |r| async move { this.unstage(r).await },
+            )
+            .await
+        }
     }
 
     async fn node_publish_volume(
         &self,
         request: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        handle("NodePublishVolume", request, |r| self.publish(r)).await
+        {
+            let this = self.clone();
+            handle_detached(
+                "NodePublishVolume",
+                request,
+                move |r| async move { this.publish(r).await },
+            )
+            .await
+        }
     }
 
     async fn node_unpublish_volume(
         &self,
         request: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        handle("NodeUnpublishVolume", request, |r| self.unpublish(r)).await
+        {
+            let this = self.clone();
+            handle_detached("NodeUnpublishVolume", request, move |r| async move {
+                this.unpublish(r).await
+            })
+            .await
+        }
     }
 
     async fn node_get_volume_stats(
@@ -548,7 +575,15 @@ impl csi::node_server::Node for NodeService {
         &self,
         request: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        handle("NodeExpandVolume", request, |r| self.expand(r)).await
+        {
+            let this = self.clone();
+            handle_detached(
+                "NodeExpandVolume",
+                request,
+                move |r| async move { this.expand(r).await },
+            )
+            .await
+        }
     }
 
     async fn node_get_capabilities(
