@@ -56,6 +56,22 @@ pub enum PoolCommand {
         #[arg(long)]
         image: Option<PathBuf>,
     },
+    /// Check the journal against the pool's files (read-only unless
+    /// --repair); exits 0 only when clean. Run it while the driver is
+    /// stopped: the driver holds the journal, and runs the same repair at
+    /// start-up.
+    Check {
+        /// The driver's state dir (the pool is <state-dir>/pool).
+        #[arg(long, default_value = "./ferrovol-data")]
+        state_dir: PathBuf,
+        /// The pool, when not under the state dir.
+        #[arg(long)]
+        pool_dir: Option<PathBuf>,
+        /// Finish or roll back interrupted work. Dangling records and
+        /// orphaned files are reported, never changed.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

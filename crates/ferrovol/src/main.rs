@@ -38,6 +38,28 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Probe(args) => ferrovol::prober::run(args).await,
         Command::Demo(args) => ferrovol::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
+        Command::Pool(PoolCommand::Check { state_dir, pool_dir, repair }) => {
+            let pool_dir = pool_dir.unwrap_or_else(|| state_dir.join("pool"));
+            let report = ferrovol::engine::local::LocalEngine::check_pool(&pool_dir, repair)
+                .await
+                .map_err(|e| e.message().to_string())?;
+            let verb = if repair { "repaired" } else { "would repair" };
+            if report.is_clean() {
+                println!("pool {} is clean", pool_dir.display());
+                return Ok(());
+            }
+            println!("pool {}: {verb}: {report}", pool_dir.display());
+            if report.needs_a_person() {
+                return Err(
+                    "dangling records or orphaned files need a person (see docs/architecture.md)"
+                        .into(),
+                );
+            }
+            if !repair {
+                return Err("the pool needs repair (run with --repair, or start the driver)".into());
+            }
+            Ok(())
+        }
         Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
             let image = image.unwrap_or_else(|| dir.with_extension("img"));
             let pool = ferrovol::poolinit::init(&dir, &image, size, fs)

@@ -122,6 +122,19 @@ impl LocalEngine {
         Ok(LocalEngine { pool, journal, node_id: node_id.to_string(), method })
     }
 
+    /// `ferrovol pool check`: what recovery would do (or, with `repair`,
+    /// does) to this pool. Needs the journal, so not while a driver serves
+    /// the pool.
+    pub async fn check_pool(pool_dir: &Path, repair: bool) -> Result<recovery::Report> {
+        let pool = Pool::open(pool_dir)?;
+        let journal = Journal::open(&pool.journal_path())?;
+        if repair {
+            recovery::recover(&pool, &journal).await
+        } else {
+            recovery::inspect(&pool, &journal).await
+        }
+    }
+
     pub fn cow_method(&self) -> CowMethod {
         self.method
     }
