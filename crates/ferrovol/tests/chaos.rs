@@ -1,0 +1,268 @@
+//! Chaos: a mixed workload shaped like the sidecars and the kubelet runs
+//! against the real driver while it is killed (SIGKILL) at random moments
+//! and restarted. Every request is retried with the same name until it
+//! succeeds, as the sidecars do. After each round:
+//! - the pool is clean (`ferrovol pool check`: no orphan, no dangling
+//!   record, nothing half-done);
+//! - every acknowledged write is in its volume and in the snapshot, restore
+//!   and clone taken after it;
+//! - one name never made two volumes;
+//! - once everything is unpublished and unstaged, no loop device or mount
+//!   of the test remains.
+//!
+//! Bounded: a fixed number of rounds and kills, seeded for reproducibility.
+
+mod common;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
+use common::{DriverBuilder, Kubelet, PoolFs, TestPool};
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use tonic::transport::Channel;
+
+const ROUNDS: u64 = 6;
+
+/// xorshift: reproducible kill moments without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Retries a call the way a sidecar does: on a dead or restarting driver
+/// (or ABORTED for work in flight) it reconnects and repeats, bounded.
+async fn retry<T, F, Fut>(socket: &std::path::Path, mut call: F) -> T
+where
+    F: FnMut(Channel) -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    for _ in 0..2000 {
+        if let Ok(ch) =
+            ferrovol::endpoint::connect(&ferrovol::endpoint::Endpoint::Unix(socket.into())).await
+        {
+            match call(ch).await {
+                Ok(v) => return v,
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Aborted
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                    ) => {}
+                Err(s) => panic!("a retry got a final error: {s:?}"),
+            }
+        }
+        // Backoff between retries, as the sidecars do: not synchronisation.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no success after 2000 retries");
+}
+
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let start = || DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
+    let mut driver = start();
+    let socket = driver.socket.clone();
+    let mut rng = Rng(0x5eed_f00d);
+    let mut kills = 0;
+
+    for round in 0..ROUNDS {
+        let cap = req::mount_cap("ext4");
+        // The workload: the controller side in one task, the node side in
+        // another, both retrying through kills.
+        let controller = {
+            let (socket, cap) = (socket.clone(), cap.clone());
+            tokio::spawn(async move {
+                let mut made = Vec::new();
+                for i in 0..4 {
+                    let name = format!("r{round}-v{i}");
+                    let r = csi::CreateVolumeRequest {
+                        volume_capabilities: vec![cap.clone()],
+                        ..req::create(&name, 8 * MIB)
+                    };
+                    let v = retry(&socket, |ch| {
+                        let r = r.clone();
+                        async move { ControllerClient::new(ch).create_volume(r).await }
+                    })
+                    .await
+                    .into_inner()
+                    .volume
+                    .unwrap()
+                    .volume_id;
+                    let s = retry(&socket, |ch| {
+                        let r = req::snapshot(&format!("r{round}-s{i}"), &v);
+                        async move { ControllerClient::new(ch).create_snapshot(r).await }
+                    })
+                    .await
+                    .into_inner()
+                    .snapshot
+                    .unwrap()
+                    .snapshot_id;
+                    let restored = retry(&socket, |ch| {
+                        let r = req::from_snapshot(&format!("r{round}-restore{i}"), &s, 8 * MIB);
+                        async move { ControllerClient::new(ch).create_volume(r).await }
+                    })
+                    .await
+                    .into_inner()
+                    .volume
+                    .unwrap()
+                    .volume_id;
+                    retry(&socket, |ch| {
+                        let r = req::delete(&restored);
+                        async move { ControllerClient::new(ch).delete_volume(r).await }
+                    })
+                    .await;
+                    made.push((name, v, s));
+                }
+                made
+            })
+        };
+        let node = {
+            let (socket, cap) = (socket.clone(), cap.clone());
+            let staging = kubelet.staging(&format!("r{round}"));
+            let target = kubelet.target(&format!("pod{round}"), "data");
+            tokio::spawn(async move {
+                let name = format!("r{round}-data");
+                let r = csi::CreateVolumeRequest {
+                    volume_capabilities: vec![cap.clone()],
+                    ..req::create(&name, 64 * MIB)
+                };
+                let v = retry(&socket, |ch| {
+                    let r = r.clone();
+                    async move { ControllerClient::new(ch).create_volume(r).await }
+                })
+                .await
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id;
+                let sr = stage_req(&v, &staging, cap.clone());
+                retry(&socket, |ch| {
+                    let r = sr.clone();
+                    async move { NodeClient::new(ch).node_stage_volume(r).await }
+                })
+                .await;
+                let pr = publish_req(&v, &staging, &target, cap.clone(), false);
+                retry(&socket, |ch| {
+                    let r = pr.clone();
+                    async move { NodeClient::new(ch).node_publish_volume(r).await }
+                })
+                .await;
+                // Acknowledged writes: fsync'd before we count them.
+                let bytes: Vec<u8> = (0..(1u32 << 20))
+                    .map(|i| (i ^ round as u32).wrapping_mul(2654435761) as u8)
+                    .collect();
+                let path = target.join("acked");
+                std::fs::write(&path, &bytes).unwrap();
+                std::fs::File::open(&path).unwrap().sync_all().unwrap();
+                (name, v, staging, target, checksum(&bytes))
+            })
+        };
+
+        // Kill at a random moment while the workload runs, and bring the
+        // driver back: twice per round.
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(rng.next() % 40)).await;
+            driver.kill();
+            kills += 1;
+            driver = start();
+        }
+        let made = controller.await.unwrap();
+        let (data_name, data, staging, target, sum) = node.await.unwrap();
+
+        // Acknowledged data is in the volume, and in a snapshot taken after
+        // it, its restore and a clone.
+        assert_eq!(
+            checksum(&std::fs::read(target.join("acked")).unwrap()),
+            sum,
+            "round {round}: volume"
+        );
+        let snap = retry(&socket, |ch| {
+            let r = req::snapshot(&format!("r{round}-data-snap"), &data);
+            async move { ControllerClient::new(ch).create_snapshot(r).await }
+        })
+        .await
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+        let mut c = ControllerClient::new(driver.channel().await);
+        let mut n = NodeClient::new(driver.channel().await);
+        let restored = c
+            .create_volume(req::from_snapshot(&format!("r{round}-data-restore"), &snap, 64 * MIB))
+            .await
+            .unwrap();
+        let clone = c
+            .create_volume(req::from_volume(&format!("r{round}-data-clone"), &data, 64 * MIB))
+            .await
+            .unwrap();
+        for (tag, v) in [("restore", restored), ("clone", clone)] {
+            let id = v.into_inner().volume.unwrap().volume_id;
+            let st = kubelet.staging(&format!("r{round}-{tag}"));
+            n.node_stage_volume(stage_req(&id, &st, cap.clone())).await.unwrap();
+            assert_eq!(
+                checksum(&std::fs::read(st.join("acked")).unwrap()),
+                sum,
+                "round {round}: {tag}"
+            );
+            n.node_unstage_volume(unstage_req(&id, &st)).await.unwrap();
+            c.delete_volume(req::delete(&id)).await.unwrap();
+        }
+        c.delete_snapshot(req::delete_snapshot(&snap)).await.unwrap();
+
+        // One name, one volume.
+        let listed = c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+        let ids: Vec<String> =
+            listed.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.clone()).collect();
+        let expected: HashSet<String> =
+            made.iter().map(|m| m.1.clone()).chain(std::iter::once(data.clone())).collect();
+        assert_eq!(
+            ids.iter().cloned().collect::<HashSet<_>>(),
+            expected,
+            "round {round}: {data_name}"
+        );
+        assert_eq!(ids.len(), expected.len());
+
+        // Tear the round down and prove nothing is left.
+        n.node_unpublish_volume(unpublish_req(&data, &target)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&data, &staging)).await.unwrap();
+        for (_, v, s) in &made {
+            c.delete_snapshot(req::delete_snapshot(s)).await.unwrap();
+            c.delete_volume(req::delete(v)).await.unwrap();
+        }
+        c.delete_volume(req::delete(&data)).await.unwrap();
+        kubelet.assert_clean();
+        let status = driver.terminate();
+        assert!(status.success());
+        let check = std::process::Command::new(common::BIN)
+            .args(["pool", "check", "--pool-dir"])
+            .arg(&pool.dir)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        assert!(pool.files("volumes").is_empty() && pool.files("snapshots").is_empty());
+        driver = start();
+    }
+    eprintln!("chaos: {ROUNDS} rounds, {kills} kills, all invariants held");
+}
