@@ -52,6 +52,10 @@ fn is_chatty(method: &str) -> bool {
     )
 }
 
+fn code_of<T>(outcome: &Result<T>) -> tonic::Code {
+    outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok)
+}
+
 /// Runs one RPC inside its span and maps the outcome to a gRPC response.
 pub async fn handle<Req, Resp, F, Fut>(
     method: &'static str,
@@ -92,7 +96,7 @@ where
     let outcome = body(req).instrument(span.clone()).await;
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-    let code = outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok);
+    let code = code_of(&outcome);
     crate::metrics::global().observe_rpc(method, code, latency_ms / 1000.0);
     let _entered = span.enter();
     match &outcome {
@@ -129,7 +133,7 @@ where
             tokio::spawn(
                 async move {
                     let outcome = work.await;
-                    let code = outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok);
+                    let code = code_of(&outcome);
                     if tx.send(outcome).is_err() {
                         info!(?code, "finished after the caller stopped waiting");
                     }

@@ -68,6 +68,19 @@ where
     panic!("no success after 2000 retries");
 }
 
+/// CreateVolume retried through kills; answers the volume id.
+async fn create_retrying(socket: &std::path::Path, r: csi::CreateVolumeRequest) -> String {
+    retry(socket, |ch| {
+        let r = r.clone();
+        async move { ControllerClient::new(ch).create_volume(r).await }
+    })
+    .await
+    .into_inner()
+    .volume
+    .unwrap()
+    .volume_id
+}
+
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
@@ -97,15 +110,7 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
                         volume_capabilities: vec![cap.clone()],
                         ..req::create(&name, 8 * MIB)
                     };
-                    let v = retry(&socket, |ch| {
-                        let r = r.clone();
-                        async move { ControllerClient::new(ch).create_volume(r).await }
-                    })
-                    .await
-                    .into_inner()
-                    .volume
-                    .unwrap()
-                    .volume_id;
+                    let v = create_retrying(&socket, r).await;
                     let s = retry(&socket, |ch| {
                         let r = req::snapshot(&format!("r{round}-s{i}"), &v);
                         async move { ControllerClient::new(ch).create_snapshot(r).await }
@@ -115,15 +120,11 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
                     .snapshot
                     .unwrap()
                     .snapshot_id;
-                    let restored = retry(&socket, |ch| {
-                        let r = req::from_snapshot(&format!("r{round}-restore{i}"), &s, 8 * MIB);
-                        async move { ControllerClient::new(ch).create_volume(r).await }
-                    })
-                    .await
-                    .into_inner()
-                    .volume
-                    .unwrap()
-                    .volume_id;
+                    let restored = create_retrying(
+                        &socket,
+                        req::from_snapshot(&format!("r{round}-restore{i}"), &s, 8 * MIB),
+                    )
+                    .await;
                     retry(&socket, |ch| {
                         let r = req::delete(&restored);
                         async move { ControllerClient::new(ch).delete_volume(r).await }
@@ -144,15 +145,7 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
                     volume_capabilities: vec![cap.clone()],
                     ..req::create(&name, 64 * MIB)
                 };
-                let v = retry(&socket, |ch| {
-                    let r = r.clone();
-                    async move { ControllerClient::new(ch).create_volume(r).await }
-                })
-                .await
-                .into_inner()
-                .volume
-                .unwrap()
-                .volume_id;
+                let v = create_retrying(&socket, r).await;
                 let sr = stage_req(&v, &staging, cap.clone());
                 retry(&socket, |ch| {
                     let r = sr.clone();

@@ -577,15 +577,8 @@ async fn concurrent_same_name_creates_yield_one_volume() {
 async fn in_flight_operations_abort_conflicts_but_nothing_else() {
     let pool = TestPool::new(PoolFs::Xfs).await;
     let root = tempfile::tempdir().unwrap();
-    let fifo = root.path().join("gate");
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
-    let mut driver = DriverBuilder::new(root.path())
-        .pool(&pool)
-        .env(
-            "FERROVOL_FAILPOINTS",
-            &format!("create-snapshot-after-reserve=pause:{}", fifo.display()),
-        )
-        .start();
+    let (mut driver, fifo) =
+        common::driver_paused_at(root.path(), &pool, "create-snapshot-after-reserve");
     let channel = driver.channel().await;
     let mut c = ControllerClient::new(channel.clone());
     let v = create(&mut c, req::create("busy", 64 * MIB)).await;

@@ -192,15 +192,8 @@ async fn orphans_are_reported_and_never_deleted() {
 async fn a_call_that_outlives_its_deadline_still_completes() {
     let pool = TestPool::new(PoolFs::Xfs).await;
     let root = tempfile::tempdir().unwrap();
-    let fifo = root.path().join("gate");
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
-    let mut driver = DriverBuilder::new(root.path())
-        .pool(&pool)
-        .env(
-            "FERROVOL_FAILPOINTS",
-            &format!("create-volume-after-reserve=pause:{}", fifo.display()),
-        )
-        .start();
+    let (mut driver, fifo) =
+        common::driver_paused_at(root.path(), &pool, "create-volume-after-reserve");
     let mut c = ControllerClient::new(driver.channel().await);
 
     let mut first = tonic::Request::new(req::create("slow-pvc", 16 * MIB));

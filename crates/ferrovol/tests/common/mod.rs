@@ -636,3 +636,13 @@ pub fn logged_addr(line: &str) -> String {
         .expect("addr in log line")
         .to_string()
 }
+
+/// A driver that stops at `failpoint` until something is written to the
+/// returned FIFO: a deterministic way to hold an operation in flight.
+pub fn driver_paused_at(root: &Path, pool: &TestPool, failpoint: &str) -> (Driver, PathBuf) {
+    let fifo = root.join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("{failpoint}=pause:{}", fifo.display());
+    let driver = DriverBuilder::new(root).pool(pool).env("FERROVOL_FAILPOINTS", &spec).start();
+    (driver, fifo)
+}
