@@ -12,7 +12,7 @@ use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
 use crate::endpoint::{self, Endpoint};
-use crate::poolinit::{self, PoolFs, PoolImage};
+use crate::poolinit::{self, PoolFs};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -123,7 +123,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     };
     let result = bench(&args, &work, &pool_dir).await;
     if let Some(img) = image {
-        cleanup_pool(&img);
+        poolinit::release(&img);
     }
     let _ = std::fs::remove_dir_all(&work);
     result
@@ -133,13 +133,6 @@ fn tempfile_dir() -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!("ferrovol-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     Ok(dir)
-}
-
-fn cleanup_pool(img: &PoolImage) {
-    if poolinit::unmount(img).is_err() {
-        let _ = rustix::mount::unmount(&img.mountpoint, rustix::mount::UnmountFlags::DETACH);
-        let _ = crate::engine::local::loopdev::detach(&img.device);
-    }
 }
 
 async fn start_driver(work: &Path, pool_dir: &Path) -> Result<Served, String> {

@@ -209,10 +209,7 @@ impl Drop for Scratch {
             let _ = d.wait();
         }
         if let Some(p) = self.pool.take() {
-            if poolinit::unmount(&p).is_err() {
-                let _ = rustix::mount::unmount(&p.mountpoint, rustix::mount::UnmountFlags::DETACH);
-                let _ = crate::engine::local::loopdev::detach(&p.device);
-            }
+            poolinit::release(&p);
         }
         let _ = std::fs::remove_dir_all(&self.work);
     }

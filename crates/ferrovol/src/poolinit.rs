@@ -111,6 +111,16 @@ pub fn unmount(pool: &PoolImage) -> Result<()> {
         .map_err(|e| Error::io(format!("detaching {}", pool.device.display()), e))
 }
 
+/// Unmounts and detaches a pool for good, even while something still uses
+/// it: a busy mount is detached lazily and the loop device set to go with
+/// it, so the kernel frees both once the last user leaves.
+pub fn release(pool: &PoolImage) {
+    if unmount(pool).is_err() {
+        let _ = rustix::mount::unmount(&pool.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        let _ = loopdev::detach(&pool.device);
+    }
+}
+
 /// Parses sizes like `512M`, `20G`, `1T` or plain bytes.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();

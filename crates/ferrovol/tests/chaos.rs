@@ -81,6 +81,19 @@ async fn create_retrying(socket: &std::path::Path, r: csi::CreateVolumeRequest) 
     .volume_id
 }
 
+/// CreateSnapshot retried through kills; answers the snapshot id.
+async fn snapshot_retrying(socket: &std::path::Path, name: &str, volume: &str) -> String {
+    retry(socket, |ch| {
+        let r = req::snapshot(name, volume);
+        async move { ControllerClient::new(ch).create_snapshot(r).await }
+    })
+    .await
+    .into_inner()
+    .snapshot
+    .unwrap()
+    .snapshot_id
+}
+
 fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
@@ -111,15 +124,7 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
                         ..req::create(&name, 8 * MIB)
                     };
                     let v = create_retrying(&socket, r).await;
-                    let s = retry(&socket, |ch| {
-                        let r = req::snapshot(&format!("r{round}-s{i}"), &v);
-                        async move { ControllerClient::new(ch).create_snapshot(r).await }
-                    })
-                    .await
-                    .into_inner()
-                    .snapshot
-                    .unwrap()
-                    .snapshot_id;
+                    let s = snapshot_retrying(&socket, &format!("r{round}-s{i}"), &v).await;
                     let restored = create_retrying(
                         &socket,
                         req::from_snapshot(&format!("r{round}-restore{i}"), &s, 8 * MIB),
@@ -187,15 +192,7 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
             sum,
             "round {round}: volume"
         );
-        let snap = retry(&socket, |ch| {
-            let r = req::snapshot(&format!("r{round}-data-snap"), &data);
-            async move { ControllerClient::new(ch).create_snapshot(r).await }
-        })
-        .await
-        .into_inner()
-        .snapshot
-        .unwrap()
-        .snapshot_id;
+        let snap = snapshot_retrying(&socket, &format!("r{round}-data-snap"), &data).await;
         let mut c = ControllerClient::new(driver.channel().await);
         let mut n = NodeClient::new(driver.channel().await);
         let restored = c

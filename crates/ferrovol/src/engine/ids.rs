@@ -13,6 +13,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// What the object is called in messages.
+    pub const fn noun(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+            Kind::Group => "group snapshot",
+        }
+    }
+
     pub const fn prefix(self) -> &'static str {
         match self {
             Kind::Volume => "vol-",

@@ -28,24 +28,35 @@ pub enum Holder {
     RawBlock,
 }
 
-/// Finds how the volume is held on this node (engine attachments and the
-/// kernel's mount table).
-pub async fn holder(engine: &dyn Engine, volume_id: &str) -> crate::error::Result<Holder> {
+/// The device a volume is attached as on this node, if any, and every mount
+/// of it (filesystem mounts and bind mounts of the device node), from the
+/// kernel's mount table.
+pub async fn volume_mounts(
+    engine: &dyn Engine,
+    volume_id: &str,
+) -> crate::error::Result<(Option<std::path::PathBuf>, Vec<crate::node::mountinfo::MountEntry>)> {
     use crate::error::Error;
-    let Some(device) = engine.attached_device(volume_id).await? else { return Ok(Holder::Idle) };
-    tokio::task::spawn_blocking(move || {
-        let mounts =
-            crate::node::mountinfo::read().map_err(|e| Error::io("reading mountinfo", e))?;
-        let ours = crate::node::mountinfo::mounts_of_device(&mounts, &device)
-            .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
-        Ok(match ours.iter().find(|m| !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")) {
-            Some(fs) => Holder::Filesystem(fs.mount_point.clone()),
-            None if ours.is_empty() => Holder::Idle,
-            None => Holder::RawBlock,
-        })
+    let Some(device) = engine.attached_device(volume_id).await? else { return Ok((None, vec![])) };
+    let dev = device.clone();
+    let mounts = tokio::task::spawn_blocking(move || {
+        let all = crate::node::mountinfo::read().map_err(|e| Error::io("reading mountinfo", e))?;
+        let of = crate::node::mountinfo::mounts_of_device(&all, &dev)
+            .map_err(|e| Error::io(format!("inspecting {}", dev.display()), e))?;
+        Ok::<_, Error>(of.into_iter().cloned().collect())
     })
     .await
-    .map_err(|e| crate::error::internal(e.to_string()))?
+    .map_err(|e| crate::error::internal(e.to_string()))??;
+    Ok((Some(device), mounts))
+}
+
+/// Finds how the volume is held on this node.
+pub async fn holder(engine: &dyn Engine, volume_id: &str) -> crate::error::Result<Holder> {
+    let (device, mounts) = volume_mounts(engine, volume_id).await?;
+    Ok(match mounts.iter().find(|m| !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs")) {
+        Some(fs) => Holder::Filesystem(fs.mount_point.clone()),
+        None if device.is_none() || mounts.is_empty() => Holder::Idle,
+        None => Holder::RawBlock,
+    })
 }
 
 /// Flushes every filesystem in `mounts` at once, while writers still run:

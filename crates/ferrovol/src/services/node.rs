@@ -132,21 +132,6 @@ impl NodeService {
         Ok((access, mode, flags))
     }
 
-    /// The mounts of the volume's device, if it is attached here.
-    async fn volume_mounts(&self, volume_id: &str) -> Result<(Option<PathBuf>, Vec<MountEntry>)> {
-        let device = self.driver.engine.attached_device(volume_id).await?;
-        let Some(dev) = device.clone() else { return Ok((None, vec![])) };
-        let mounts = tokio::task::spawn_blocking(move || -> Result<Vec<MountEntry>> {
-            let all = read_mounts()?;
-            let of = mountinfo::mounts_of_device(&all, &dev)
-                .map_err(|e| Error::io(format!("inspecting {}", dev.display()), e))?;
-            Ok(of.into_iter().cloned().collect())
-        })
-        .await
-        .map_err(|e| error::internal(e.to_string()))??;
-        Ok((device, mounts))
-    }
-
     async fn stage(
         &self,
         req: csi::NodeStageVolumeRequest,
@@ -258,7 +243,8 @@ impl NodeService {
         engine.volume(&req.volume_id).await?;
         let read_only = req.readonly || mode == Mode::SingleNodeReaderOnly;
 
-        let (device, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let (device, mounts) =
+            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let staged_at = match access {
             AccessType::Block => staging.join(BLOCK_MARKER),
             AccessType::Mount { .. } => staging.clone(),
@@ -339,7 +325,8 @@ impl NodeService {
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         self.driver.engine.volume(&req.volume_id).await?;
-        let (_, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let (_, mounts) =
+            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let marker = staging.join(BLOCK_MARKER);
         if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
         {
@@ -369,7 +356,8 @@ impl NodeService {
         let meta = std::fs::metadata(&path).map_err(|_| {
             error::not_found(format!("volume path {} does not exist", path.display()))
         })?;
-        let (device, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let (device, mounts) =
+            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
 
         let mut usage = Vec::new();
         if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
@@ -433,7 +421,8 @@ impl NodeService {
             ExpansionSite::Node => engine.expand_volume(&req.volume_id, required, limit).await?,
             ExpansionSite::Controller => volume.capacity,
         };
-        let (device, mounts) = self.volume_mounts(&req.volume_id).await?;
+        let (device, mounts) =
+            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let device = device.ok_or_else(|| {
             error::failed_precondition(format!(
                 "volume {} is not staged on this node",

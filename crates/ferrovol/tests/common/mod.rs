@@ -324,13 +324,8 @@ impl TestPool {
 impl Drop for TestPool {
     fn drop(&mut self) {
         if let Some(img) = self.image.take() {
-            if ferrovol::poolinit::unmount(&img).is_err() {
-                // Still busy (a driver that has not exited): detach lazily so
-                // the kernel frees both as soon as the last user goes.
-                let _ =
-                    rustix::mount::unmount(&img.mountpoint, rustix::mount::UnmountFlags::DETACH);
-                let _ = ferrovol::engine::local::loopdev::detach(&img.device);
-            }
+            // A driver that has not exited may still hold it: released lazily.
+            ferrovol::poolinit::release(&img);
         }
     }
 }

@@ -143,26 +143,25 @@ impl LocalEngine {
         &self.pool
     }
 
-    fn ready_volume(&self, id: &str) -> Result<VolumeRecord> {
-        let missing = || error::not_found(format!("volume {id:?} does not exist"));
-        if !ids::is_valid(Kind::Volume, id) {
+    /// A `Ready` record by id; a malformed, unknown or unfinished one does
+    /// not exist for the CO (NOT_FOUND).
+    fn ready<R: Record>(&self, kind: Kind, id: &str) -> Result<R> {
+        let missing = || error::not_found(format!("{} {id:?} does not exist", kind.noun()));
+        if !ids::is_valid(kind, id) {
             return Err(missing());
         }
-        match self.journal.get::<VolumeRecord>(id)? {
+        match self.journal.get::<R>(id)? {
             Some(r) if r.state() == State::Ready => Ok(r),
             _ => Err(missing()),
         }
     }
 
+    fn ready_volume(&self, id: &str) -> Result<VolumeRecord> {
+        self.ready(Kind::Volume, id)
+    }
+
     fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
-        let missing = || error::not_found(format!("snapshot {id:?} does not exist"));
-        if !ids::is_valid(Kind::Snapshot, id) {
-            return Err(missing());
-        }
-        match self.journal.get::<SnapshotRecord>(id)? {
-            Some(r) if r.state() == State::Ready => Ok(r),
-            _ => Err(missing()),
-        }
+        self.ready(Kind::Snapshot, id)
     }
 
     /// The file to copy from and its size, for a content source.
@@ -796,14 +795,7 @@ impl Engine for LocalEngine {
 
 impl LocalEngine {
     fn ready_group(&self, id: &str) -> Result<GroupRecord> {
-        let missing = || error::not_found(format!("group snapshot {id:?} does not exist"));
-        if !ids::is_valid(Kind::Group, id) {
-            return Err(missing());
-        }
-        match self.journal.get::<GroupRecord>(id)? {
-            Some(r) if r.state() == State::Ready => Ok(r),
-            _ => Err(missing()),
-        }
+        self.ready(Kind::Group, id)
     }
 
     fn group_view(&self, group: &GroupRecord) -> Result<GroupSnapshot> {
