@@ -3,7 +3,7 @@
 //! the sidecars reach it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferrovol_csi as csi;
@@ -12,7 +12,7 @@ use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
 use crate::endpoint::{self, Endpoint};
-use crate::poolinit::{self, PoolFs};
+use crate::scratch::{Options, Scratch};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -44,19 +44,6 @@ pub enum Section {
     Group,
     Delta,
     Fio,
-}
-
-/// The driver under test, killed on drop.
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn mount_cap() -> csi::VolumeCapability {
@@ -110,69 +97,20 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    let work = tempfile_dir()?;
-    let (pool_dir, image) = match &args.pool_dir {
-        Some(d) => (d.clone(), None),
-        None => {
-            let dir = work.join("pool");
-            let img = poolinit::init(&dir, &work.join("pool.img"), 16 << 30, PoolFs::Xfs)
-                .await
-                .map_err(|e| format!("making an XFS pool (needs root): {}", e.message()))?;
-            (dir, Some(img))
-        }
-    };
-    let result = bench(&args, &work, &pool_dir).await;
-    if let Some(img) = image {
-        poolinit::release(&img);
-    }
-    let _ = std::fs::remove_dir_all(&work);
-    result
-}
-
-fn tempfile_dir() -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("ferrovol-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    Ok(dir)
-}
-
-async fn start_driver(work: &Path, pool_dir: &Path) -> Result<Served, String> {
-    let socket = work.join("csi.sock");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
-        .args(["serve", "--node-id", "bench", "--endpoint"])
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .arg("--pool-dir")
-        .arg(pool_dir)
-        .arg("--kubelet-dir")
-        .arg(work.join("kubelet"))
+    let scratch = Scratch::start(Options {
+        name: "bench",
+        pool_dir: args.pool_dir.clone(),
+        pool_size: 16 << 30,
         // The freeze window of group snapshots is read back from this log.
-        .env(
-            "RUST_LOG",
-            "warn,ferrovol::services::group_controller=info,ferrovol::engine::local=debug",
-        )
-        .env("FERROVOL_LOG_FORMAT", "json")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join("driver.log")).map_err(|e| e.to_string())?)
-        .spawn()
-        .map_err(|e| format!("starting the driver: {e}"))?;
-    let served = Served { child, socket };
-    // A benchmark may poll: it measures, it does not assert.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&served.socket).is_err() {
-        if Instant::now() > deadline {
-            return Err("the driver did not start within 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(served)
+        rust_log: "warn,ferrovol::services::group_controller=info,ferrovol::engine::local=debug",
+    })
+    .await?;
+    bench(&args, &scratch).await
 }
 
-async fn bench(args: &BenchArgs, work: &Path, pool_dir: &Path) -> Result<(), String> {
-    let served = start_driver(work, pool_dir).await?;
-    let channel = endpoint::connect(&Endpoint::Unix(served.socket.clone()))
+async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {
+    let (work, pool_dir) = (scratch.work.as_path(), scratch.pool_dir.as_path());
+    let channel = endpoint::connect(&Endpoint::Unix(scratch.socket.clone()))
         .await
         .map_err(|e| format!("connecting: {e}"))?;
     println!("ferrovol bench: pool {} (driver {})", pool_dir.display(), crate::version::VERSION);

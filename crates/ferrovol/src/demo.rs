@@ -4,8 +4,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
@@ -14,7 +13,7 @@ use tonic::transport::Channel;
 
 use crate::endpoint::{self, Endpoint};
 use crate::node::fs::{has_capability, CAP_SYS_ADMIN, CAP_SYS_RESOURCE};
-use crate::poolinit::{self, PoolFs, PoolImage};
+use crate::scratch::{Options, Scratch};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -192,64 +191,6 @@ fn fs_size(path: &Path) -> u64 {
     rustix::fs::statvfs(path).map(|s| s.f_blocks * s.f_frsize).unwrap_or(0)
 }
 
-/// A driver the demo started, on a pool it made; both undone on drop.
-struct Scratch {
-    work: PathBuf,
-    driver: Option<Child>,
-    pool: Option<PoolImage>,
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.driver.take() {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(d.id() as i32).expect("child pid"),
-                rustix::process::Signal::TERM,
-            );
-            let _ = d.wait();
-        }
-        if let Some(p) = self.pool.take() {
-            poolinit::release(&p);
-        }
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
-async fn start_driver(scratch: &mut Scratch) -> Result<Endpoint, String> {
-    let dir = scratch.work.join("pool");
-    scratch.pool = Some(
-        poolinit::init(&dir, &scratch.work.join("pool.img"), 8 << 30, PoolFs::Xfs)
-            .await
-            .map_err(|e| e.message().to_string())?,
-    );
-    let socket = scratch.work.join("csi.sock");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
-        .args(["serve", "--node-id", "demo-node", "--endpoint"])
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(scratch.work.join("state"))
-        .arg("--pool-dir")
-        .arg(&dir)
-        .arg("--kubelet-dir")
-        .arg(scratch.work.join("kubelet"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting the driver: {e}"))?;
-    scratch.driver = Some(child);
-    // A demo may poll for its own child to come up.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if Instant::now() > deadline {
-            return Err("the driver did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(Endpoint::Unix(socket))
-}
-
 pub async fn run(args: DemoArgs) -> Result<(), String> {
     if !has_capability(CAP_SYS_ADMIN) {
         return Err(
@@ -258,9 +199,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 .into(),
         );
     }
-    let work = std::env::temp_dir().join(format!("ferrovol-demo-{}", std::process::id()));
-    std::fs::create_dir_all(work.join("kubelet")).map_err(|e| e.to_string())?;
-    let mut scratch = Scratch { work: work.clone(), driver: None, pool: None };
+    let mut scratch = None;
     let (endpoint, kubelet) = match &args.endpoint {
         Some(e) => (
             Endpoint::parse(e)?,
@@ -268,7 +207,16 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         ),
         None => {
             say("Starting ferrovol on a temporary XFS pool (copy-on-write by reflink)…");
-            (start_driver(&mut scratch).await?, work.join("kubelet"))
+            let s = Scratch::start(Options {
+                name: "demo",
+                pool_dir: None,
+                pool_size: 8 << 30,
+                rust_log: "warn",
+            })
+            .await?;
+            let started = (Endpoint::Unix(s.socket.clone()), s.kubelet_dir());
+            scratch = Some(s);
+            started
         }
     };
     let channel =

@@ -27,6 +27,7 @@ pub mod node;
 pub mod poolinit;
 pub mod prober;
 pub mod rpc;
+pub mod scratch;
 pub mod server;
 pub mod services;
 pub mod version;
