@@ -68,14 +68,17 @@ impl Error {
     }
 
     /// Wraps an I/O error with what we were doing. A full disk or quota is
-    /// RESOURCE_EXHAUSTED (the CO may retry elsewhere or later); everything
-    /// else is INTERNAL, because callers decide NOT_FOUND themselves.
+    /// RESOURCE_EXHAUSTED (the CO may retry elsewhere or later); a read-only
+    /// filesystem is UNAVAILABLE (nothing wrong with the request; retrying
+    /// once it is writable again works); everything else is INTERNAL,
+    /// because callers decide NOT_FOUND themselves.
     pub fn io(context: impl fmt::Display, err: io::Error) -> Error {
         let msg = format!("{context}: {err}");
         match rustix::io::Errno::from_io_error(&err) {
             Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => {
                 Error::ResourceExhausted(msg)
             }
+            Some(rustix::io::Errno::ROFS) => Error::Unavailable(msg),
             _ => Error::Internal(msg),
         }
     }

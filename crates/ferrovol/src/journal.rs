@@ -12,10 +12,18 @@
 //! removed there); the writer syncs each such directory once per batch.
 //! (Splitting sync and commit into a two-thread pipeline was measured: it
 //! shrank batches and lowered throughput.)
+//!
+//! A full pool must not wedge the journal: deleting a volume, the one thing
+//! that frees space, needs a commit. So a small preallocated *reserve* file
+//! sits beside the journal. When a commit fails for lack of space the writer
+//! gives the reserve back to the filesystem, reopens the store (redb refuses
+//! all work after a failed write until it is reopened, which rolls it back to
+//! its last durable commit) and retries the batch once; the reserve is
+//! rebuilt as soon as the pool has room again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -159,9 +167,14 @@ enum Change {
         name: String,
         bytes: Vec<u8>,
     },
+    /// Store a record, and map its name to it if the name is unmapped: a
+    /// reservation (not durable on its own) is lost when the store is
+    /// reopened after a failed write, and the name must survive that.
     Put {
         records: Table,
+        names: Table,
         id: String,
+        name: String,
         bytes: Vec<u8>,
     },
     Remove {
@@ -193,9 +206,75 @@ pub struct Journal {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    store: Arc<Store>,
     writer: Option<tokio::sync::mpsc::Sender<Pending>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The open database, replaceable: after a failed write redb must be closed
+/// and opened again before it does anything else.
+struct Store {
+    path: PathBuf,
+    /// `None` only while it is being reopened (or if that failed).
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+/// Space held back for the journal's own commits when the pool fills up.
+const RESERVE_BYTES: u64 = 16 << 20;
+
+impl Store {
+    fn db(&self) -> Result<Arc<Database>> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
+            error::unavailable("the journal could not be reopened after a failed write")
+        })
+    }
+
+    fn reserve_path(&self) -> PathBuf {
+        self.path.with_extension("reserve")
+    }
+
+    /// Allocates the reserve if it is not whole; false when the pool has no
+    /// room for it (nothing partial is left).
+    fn fill_reserve(&self) -> bool {
+        let path = self.reserve_path();
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES) {
+            return true;
+        }
+        let made = std::fs::File::create(&path).and_then(|f| {
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, RESERVE_BYTES)?;
+            f.sync_all()
+        });
+        if made.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        made.is_ok()
+    }
+
+    /// Gives the reserve back to the filesystem; false if there was none.
+    fn release_reserve(&self) -> bool {
+        std::fs::remove_file(self.reserve_path()).is_ok()
+    }
+
+    /// Closes and reopens the database, which rolls it back to its last
+    /// durable commit. Readers hold it only for one call, so the wait for
+    /// them is short.
+    fn reopen(&self) -> Result<()> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut old) = slot.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            // Dropping the last handle closes the file and releases its lock.
+            while let Err(still_shared) = Arc::try_unwrap(old) {
+                if std::time::Instant::now() > deadline {
+                    *slot = Some(still_shared);
+                    return Err(error::internal("journal reopen: readers did not finish"));
+                }
+                old = still_shared;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        *slot = Some(Arc::new(open_db(&self.path)?));
+        Ok(())
+    }
 }
 
 impl Drop for Inner {
@@ -213,43 +292,64 @@ fn store_err(what: &str, e: impl std::fmt::Display) -> Error {
     error::internal(format!("journal {what}: {e}"))
 }
 
+/// A store error in CSI terms: a full pool is RESOURCE_EXHAUSTED like any
+/// other write that finds no space.
+fn db_err(what: &str, e: impl Into<redb::Error>) -> Error {
+    match e.into() {
+        redb::Error::Io(io) => Error::io(format!("journal {what}"), io),
+        other => store_err(what, other),
+    }
+}
+
+/// Opens (or creates) the database with every table, so read transactions
+/// never miss one.
+fn open_db(path: &Path) -> Result<Database> {
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => error::unavailable(format!(
+            "journal {} is locked by another process (is another ferrovol serving this pool?)",
+            path.display()
+        )),
+        e => db_err(&format!("open {}", path.display()), e),
+    })?;
+    let txn = db.begin_write().map_err(|e| db_err("begin", e))?;
+    for t in [
+        VolumeRecord::RECORDS,
+        VolumeRecord::NAMES,
+        SnapshotRecord::RECORDS,
+        SnapshotRecord::NAMES,
+        GroupRecord::RECORDS,
+        GroupRecord::NAMES,
+    ] {
+        txn.open_table(t).map_err(|e| db_err("create table", e))?;
+    }
+    txn.commit().map_err(|e| db_err("commit", e))?;
+    Ok(db)
+}
+
 impl Journal {
     /// Opens (or creates) the journal. Fails if another process holds it, so
     /// two drivers can never share one pool.
     pub fn open(path: &Path) -> Result<Journal> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => error::unavailable(format!(
-                "journal {} is locked by another process (is another ferrovol serving this pool?)",
-                path.display()
-            )),
-            e => store_err(&format!("open {}", path.display()), e),
-        })?;
-        let db = Arc::new(db);
-        // Create every table up front so read transactions never miss one.
-        let txn = db.begin_write().map_err(|e| store_err("begin", e))?;
-        for t in [
-            VolumeRecord::RECORDS,
-            VolumeRecord::NAMES,
-            SnapshotRecord::RECORDS,
-            SnapshotRecord::NAMES,
-            GroupRecord::RECORDS,
-            GroupRecord::NAMES,
-        ] {
-            txn.open_table(t).map_err(|e| store_err("create table", e))?;
+        let db = open_db(path)?;
+        let store =
+            Arc::new(Store { path: path.to_path_buf(), db: RwLock::new(Some(Arc::new(db))) });
+        if !store.fill_reserve() {
+            tracing::warn!(
+                path = %store.reserve_path().display(),
+                "no room for the journal's space reserve; deletes may fail while the pool is full"
+            );
         }
-        txn.commit().map_err(|e| store_err("commit", e))?;
-
         let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(MAX_BATCH * 4);
-        let writer_db = db.clone();
+        let writer_store = store.clone();
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
+            .spawn(move || writer_loop(&writer_store, rx))
             .map_err(|e| store_err("spawn writer", e))?;
-        Ok(Journal { inner: Arc::new(Inner { db, writer: Some(tx), threads: vec![thread] }) })
+        Ok(Journal { inner: Arc::new(Inner { store, writer: Some(tx), threads: vec![thread] }) })
     }
 
-    fn db(&self) -> &Database {
-        &self.inner.db
+    fn db(&self) -> Result<Arc<Database>> {
+        self.inner.store.db()
     }
 
     async fn submit(&self, change: Change, sync_first: Option<&Path>, durable: bool) -> Outcome {
@@ -302,7 +402,9 @@ impl Journal {
     pub async fn put_after_sync<R: Record>(&self, record: &R, dir: Option<&Path>) -> Result<()> {
         let change = Change::Put {
             records: R::RECORDS,
+            names: R::NAMES,
             id: record.id().to_string(),
+            name: record.name().to_string(),
             bytes: record.encode_to_vec(),
         };
         self.submit(change, dir, true).await.map(|_| ())
@@ -326,21 +428,21 @@ impl Journal {
     }
 
     pub fn get<R: Record>(&self, id: &str) -> Result<Option<R>> {
-        let txn = self.db().begin_read().map_err(|e| store_err("read", e))?;
-        let table = txn.open_table(R::RECORDS).map_err(|e| store_err("open", e))?;
-        let found = table.get(id).map_err(|e| store_err("get", e))?;
+        let txn = self.db()?.begin_read().map_err(|e| db_err("read", e))?;
+        let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
+        let found = table.get(id).map_err(|e| db_err("get", e))?;
         found.map(|v| decode(v.value())).transpose()
     }
 
     pub fn by_name<R: Record>(&self, name: &str) -> Result<Option<R>> {
-        let txn = self.db().begin_read().map_err(|e| store_err("read", e))?;
-        let names = txn.open_table(R::NAMES).map_err(|e| store_err("open", e))?;
-        let Some(id) = names.get(name).map_err(|e| store_err("get", e))? else {
+        let txn = self.db()?.begin_read().map_err(|e| db_err("read", e))?;
+        let names = txn.open_table(R::NAMES).map_err(|e| db_err("open", e))?;
+        let Some(id) = names.get(name).map_err(|e| db_err("get", e))? else {
             return Ok(None);
         };
         let id = String::from_utf8_lossy(id.value()).into_owned();
-        let table = txn.open_table(R::RECORDS).map_err(|e| store_err("open", e))?;
-        let found = table.get(id.as_str()).map_err(|e| store_err("get", e))?;
+        let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
+        let found = table.get(id.as_str()).map_err(|e| db_err("get", e))?;
         found.map(|v| decode(v.value())).transpose()
     }
 
@@ -352,21 +454,21 @@ impl Journal {
         limit: usize,
         mut keep: impl FnMut(&R) -> bool,
     ) -> Result<Vec<R>> {
-        let txn = self.db().begin_read().map_err(|e| store_err("read", e))?;
-        let table = txn.open_table(R::RECORDS).map_err(|e| store_err("open", e))?;
+        let txn = self.db()?.begin_read().map_err(|e| db_err("read", e))?;
+        let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
         let iter = match after {
             Some(a) => {
                 table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
             }
             None => table.range::<&str>(..),
         }
-        .map_err(|e| store_err("range", e))?;
+        .map_err(|e| db_err("range", e))?;
         let mut out = Vec::new();
         for item in iter {
             if out.len() >= limit {
                 break;
             }
-            let (_, v) = item.map_err(|e| store_err("iterate", e))?;
+            let (_, v) = item.map_err(|e| db_err("iterate", e))?;
             let r: R = decode(v.value())?;
             if keep(&r) {
                 out.push(r);
@@ -385,7 +487,8 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R> {
     R::decode(bytes).map_err(|e| store_err("decode", e))
 }
 
-fn writer_loop(db: &Database, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
+fn writer_loop(store: &Store, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
+    let mut reserve_spent = false;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -405,7 +508,24 @@ fn writer_loop(db: &Database, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| Error::io(format!("syncing {}", d.display()), e))
         });
-        match synced.and_then(|()| apply_batch(db, changes, durable)) {
+        let mut result = synced.and_then(|()| commit_batch(store, &changes, durable));
+        if let Err(e) = &result {
+            // The store refuses everything after a failed write until it is
+            // reopened; with the reserve given back, the batch gets one more try.
+            let full = e.code() == tonic::Code::ResourceExhausted;
+            let freed = full && store.release_reserve();
+            reserve_spent |= freed;
+            tracing::warn!(error = %e, reserve_released = freed, "journal commit failed; reopening");
+            match store.reopen() {
+                Ok(()) if freed => result = commit_batch(store, &changes, durable),
+                Ok(()) => {}
+                Err(reopen) => tracing::error!(error = %reopen, "journal reopen failed"),
+            }
+        } else if reserve_spent && store.fill_reserve() {
+            reserve_spent = false;
+            tracing::info!("journal space reserve rebuilt");
+        }
+        match result {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
@@ -422,58 +542,58 @@ fn writer_loop(db: &Database, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
 
 /// Applies changes in order in one transaction. A change that cannot apply
 /// (e.g. a name already taken) answers without writing; the others commit.
-fn apply_batch(db: &Database, changes: Vec<Change>, durable: bool) -> Result<Vec<Outcome>> {
-    let mut txn = db.begin_write().map_err(|e| store_err("begin", e))?;
+fn commit_batch(store: &Store, changes: &[Change], durable: bool) -> Result<Vec<Outcome>> {
+    let db = store.db()?;
+    let mut txn = db.begin_write().map_err(|e| db_err("begin", e))?;
     if !durable {
-        txn.set_durability(redb::Durability::None).map_err(|e| store_err("durability", e))?;
+        txn.set_durability(redb::Durability::None).map_err(|e| db_err("durability", e))?;
     }
-    let mut outcomes = Vec::with_capacity(changes.len());
-    for change in changes {
-        outcomes.push(apply(&txn, change));
-    }
-    txn.commit().map_err(|e| store_err("commit", e))?;
+    let outcomes = changes.iter().map(|c| apply(&txn, c)).collect();
+    txn.commit().map_err(|e| db_err("commit", e))?;
     Ok(outcomes)
 }
 
-fn apply(txn: &redb::WriteTransaction, change: Change) -> Outcome {
+fn apply(txn: &redb::WriteTransaction, change: &Change) -> Outcome {
     match change {
         Change::Reserve { records, names, id, name, bytes } => {
-            let mut names = txn.open_table(names).map_err(|e| store_err("open", e))?;
-            let mut records = txn.open_table(records).map_err(|e| store_err("open", e))?;
-            let owner = names
-                .get(name.as_str())
-                .map_err(|e| store_err("get", e))?
-                .map(|v| v.value().to_vec());
+            let mut names = txn.open_table(*names).map_err(|e| db_err("open", e))?;
+            let mut records = txn.open_table(*records).map_err(|e| db_err("open", e))?;
+            let owner =
+                names.get(name.as_str()).map_err(|e| db_err("get", e))?.map(|v| v.value().to_vec());
             if let Some(owner) = owner {
                 let owner = String::from_utf8_lossy(&owner).into_owned();
-                let existing = records.get(owner.as_str()).map_err(|e| store_err("get", e))?;
+                let existing = records.get(owner.as_str()).map_err(|e| db_err("get", e))?;
                 if let Some(existing) = existing {
                     return Ok(Some(existing.value().to_vec()));
                 }
                 // A name without a record cannot be produced by our own
                 // writes; treat it as free rather than wedge the name forever.
             }
-            names.insert(name.as_str(), id.as_bytes()).map_err(|e| store_err("insert", e))?;
-            records.insert(id.as_str(), bytes.as_slice()).map_err(|e| store_err("insert", e))?;
+            names.insert(name.as_str(), id.as_bytes()).map_err(|e| db_err("insert", e))?;
+            records.insert(id.as_str(), bytes.as_slice()).map_err(|e| db_err("insert", e))?;
             Ok(None)
         }
-        Change::Put { records, id, bytes } => {
-            let mut records = txn.open_table(records).map_err(|e| store_err("open", e))?;
-            records.insert(id.as_str(), bytes.as_slice()).map_err(|e| store_err("insert", e))?;
+        Change::Put { records, names, id, name, bytes } => {
+            let mut names = txn.open_table(*names).map_err(|e| db_err("open", e))?;
+            if names.get(name.as_str()).map_err(|e| db_err("get", e))?.is_none() {
+                names.insert(name.as_str(), id.as_bytes()).map_err(|e| db_err("insert", e))?;
+            }
+            let mut records = txn.open_table(*records).map_err(|e| db_err("open", e))?;
+            records.insert(id.as_str(), bytes.as_slice()).map_err(|e| db_err("insert", e))?;
             Ok(None)
         }
         Change::Remove { records, names, id, name } => {
-            let mut names = txn.open_table(names).map_err(|e| store_err("open", e))?;
+            let mut names = txn.open_table(*names).map_err(|e| db_err("open", e))?;
             // Only drop the name if it still points at this record.
             let points_here = names
                 .get(name.as_str())
-                .map_err(|e| store_err("get", e))?
+                .map_err(|e| db_err("get", e))?
                 .is_some_and(|v| v.value() == id.as_bytes());
             if points_here {
-                names.remove(name.as_str()).map_err(|e| store_err("remove", e))?;
+                names.remove(name.as_str()).map_err(|e| db_err("remove", e))?;
             }
-            let mut records = txn.open_table(records).map_err(|e| store_err("open", e))?;
-            records.remove(id.as_str()).map_err(|e| store_err("remove", e))?;
+            let mut records = txn.open_table(*records).map_err(|e| db_err("open", e))?;
+            records.remove(id.as_str()).map_err(|e| db_err("remove", e))?;
             Ok(None)
         }
     }
@@ -557,6 +677,65 @@ mod tests {
         let err = Journal::open(&path).err().expect("second open must fail");
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains("locked"), "{}", err.message());
+    }
+
+    /// A small tmpfs, unmounted on drop.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn new(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = std::ffi::CString::new(format!("size={size}")).unwrap();
+            rustix::mount::mount(
+                "tmpfs",
+                dir.path(),
+                "tmpfs",
+                rustix::mount::MountFlags::empty(),
+                opts.as_c_str(),
+            )
+            .expect("mounting a tmpfs");
+            Tmpfs(dir)
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(self.0.path(), rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_filesystem_spends_the_reserve_and_loses_no_record() {
+        let fs = Tmpfs::new("48m");
+        let path = fs.0.path().join("j.redb");
+        let j = Journal::open(&path).unwrap();
+        let reserve = path.with_extension("reserve");
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES);
+        // Everything else on the filesystem is taken.
+        let filler = fs.0.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while std::io::Write::write_all(&mut f, &[1u8; 4096]).is_ok() {}
+        drop(f);
+
+        // Enough records that the journal must grow: only the reserve can
+        // give it room, and no acknowledged record may be lost on the way.
+        let big = "x".repeat(2048);
+        for i in 0..2000 {
+            let mut r = vol(&format!("v{i:04}"), &format!("n{i:04}"));
+            r.fs_type = big.clone();
+            j.put(&r).await.unwrap_or_else(|e| panic!("record {i}: {e}"));
+        }
+        assert!(!reserve.exists(), "the reserve was spent");
+        assert_eq!(j.all::<VolumeRecord>().unwrap().len(), 2000);
+        assert_eq!(j.by_name::<VolumeRecord>("n0000").unwrap().unwrap().id, "v0000");
+
+        // Room again: the next commit rebuilds the reserve.
+        std::fs::remove_file(&filler).unwrap();
+        j.remove(&vol("v0000", "n0000")).await.unwrap();
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES);
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.all::<VolumeRecord>().unwrap().len(), 1999, "all of it durable");
     }
 
     #[tokio::test]

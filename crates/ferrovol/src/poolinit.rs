@@ -1,5 +1,6 @@
-//! `ferrovol pool init`: a reflink-capable pool on an image file, for hosts
-//! whose own filesystem (e.g. ext4) cannot share blocks.
+//! `ferrovol pool init`: a pool on its own filesystem in an image file: a
+//! reflink-capable one (xfs, btrfs) for hosts whose own filesystem cannot
+//! share blocks, or ext4 to fence the pool's space off from the host's.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
 pub enum PoolFs {
     Xfs,
     Btrfs,
+    /// No block sharing (snapshots are copies), but a fixed size of its own.
+    Ext4,
 }
 
 impl PoolFs {
@@ -22,6 +25,7 @@ impl PoolFs {
         match self {
             PoolFs::Xfs => "xfs",
             PoolFs::Btrfs => "btrfs",
+            PoolFs::Ext4 => "ext4",
         }
     }
 }
@@ -73,11 +77,17 @@ pub async fn init(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<Poo
                 exec::run("mkfs.xfs", reflink, MKFS_TIMEOUT).await?
             }
             PoolFs::Btrfs => exec::run("mkfs.btrfs", [q, img], MKFS_TIMEOUT).await?,
+            // No blocks reserved for root: the driver runs as root, and the
+            // pool's free space must be what statvfs says it is.
+            PoolFs::Ext4 => {
+                exec::run("mkfs.ext4", [q, OsStr::new("-m"), OsStr::new("0"), img], MKFS_TIMEOUT)
+                    .await?
+            }
         };
         // Block size 0: the image was formatted as a file, with whatever
         // sector size mkfs chose; let the kernel match it.
         let device = loopdev::attach(image, false, 0)
-            .map_err(|e| Error::io(format!("attaching {}", image.display()), e))?;
+            .map_err(|e| e.into_error(format!("attaching {}", image.display())))?;
         if let Err(e) =
             rustix::mount::mount(&device, dir, fs.name(), rustix::mount::MountFlags::empty(), None)
         {

@@ -241,16 +241,8 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
         kubelet.assert_clean();
         let status = driver.terminate();
         assert!(status.success());
-        let check = std::process::Command::new(common::BIN)
-            .args(["pool", "check", "--pool-dir"])
-            .arg(&pool.dir)
-            .output()
-            .unwrap();
-        assert!(
-            check.status.success(),
-            "round {round}: {}",
-            String::from_utf8_lossy(&check.stdout)
-        );
+        let (clean, text) = common::pool_check(&pool, false);
+        assert!(clean, "round {round}: {text}");
         assert!(pool.files("volumes").is_empty() && pool.files("snapshots").is_empty());
         driver = start();
     }

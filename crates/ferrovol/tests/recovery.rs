@@ -234,18 +234,6 @@ async fn a_call_that_outlives_its_deadline_still_completes() {
     assert!(pool.files("staging").is_empty());
 }
 
-fn pool_check(pool: &TestPool, repair: bool) -> (bool, String) {
-    let mut cmd = std::process::Command::new(common::BIN);
-    cmd.args(["pool", "check", "--pool-dir"]).arg(&pool.dir);
-    if repair {
-        cmd.arg("--repair");
-    }
-    let out = cmd.output().expect("running ferrovol pool check");
-    let text =
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn pool_check_reports_then_repairs_and_never_touches_orphans() {
     let pool = TestPool::new(PoolFs::Xfs).await;
@@ -260,27 +248,27 @@ async fn pool_check_reports_then_repairs_and_never_touches_orphans() {
     let staged = pool.files("staging");
     assert_eq!(staged.len(), 1, "the crash left a staged file");
 
-    let (clean, text) = pool_check(&pool, false);
+    let (clean, text) = common::pool_check(&pool, false);
     assert!(!clean, "{text}");
     assert!(text.contains("would repair") && text.contains("unclaimed staged"), "{text}");
     assert_eq!(pool.files("staging"), staged, "a check changes nothing");
 
-    let (ok, text) = pool_check(&pool, true);
+    let (ok, text) = common::pool_check(&pool, true);
     assert!(ok, "{text}");
     assert!(pool.files("staging").is_empty());
-    let (clean, text) = pool_check(&pool, false);
+    let (clean, text) = common::pool_check(&pool, false);
     assert!(clean && text.contains("is clean"), "{text}");
 
     // Files no record owns are reported and left alone, even by --repair.
     let stray = pool.dir.join("volumes").join("not-ours.img");
     std::fs::write(&stray, b"keep me").unwrap();
-    let (ok, text) = pool_check(&pool, true);
+    let (ok, text) = common::pool_check(&pool, true);
     assert!(!ok && text.contains("orphans") && text.contains("need a person"), "{text}");
     assert_eq!(std::fs::read(&stray).unwrap(), b"keep me");
 
     // While a driver serves the pool, the check says so instead of racing it.
     std::fs::remove_file(&stray).unwrap();
     let _serving = DriverBuilder::new(root.path()).pool(&pool).start();
-    let (ok, text) = pool_check(&pool, false);
+    let (ok, text) = common::pool_check(&pool, false);
     assert!(!ok && text.contains("locked"), "{text}");
 }

@@ -165,8 +165,9 @@ pub trait Engine: Send + Sync + 'static {
 
     fn expansion_site(&self) -> ExpansionSite;
 
-    /// Checks that the engine can do its work now (Probe).
-    async fn health(&self) -> Result<()>;
+    /// Checks that the engine can do its work now (Probe); `node` when this
+    /// process also attaches volumes to this node.
+    async fn health(&self, node: bool) -> Result<()>;
 
     /// Counts and sizes for metrics.
     async fn stats(&self) -> Result<EngineStats>;

@@ -80,7 +80,12 @@ impl IdentityService {
             }
             Ok(joined) => joined.map_err(|e| error::internal(format!("probe task: {e}")))??,
         }
-        match tokio::time::timeout(PROBE_CHECK_TIMEOUT, self.driver.engine.health()).await {
+        match tokio::time::timeout(
+            PROBE_CHECK_TIMEOUT,
+            self.driver.engine.health(self.driver.mode.node()),
+        )
+        .await
+        {
             Err(_) => Err(error::failed_precondition(format!(
                 "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
                 self.driver.engine.kind()

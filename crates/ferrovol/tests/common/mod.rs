@@ -247,6 +247,9 @@ pub enum PoolFs {
     Xfs,
     /// A plain directory on the root ext4: the copy fallback.
     Ext4,
+    /// ext4 on a loop-mounted image of its own: the copy fallback with a
+    /// size small enough to fill.
+    Ext4Image,
 }
 
 /// A pool directory for one test, unmounted and detached on drop (even when
@@ -266,22 +269,18 @@ impl TestPool {
     pub async fn with_size(fs: PoolFs, size: u64) -> TestPool {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("pool");
-        let image = match fs {
-            PoolFs::Xfs => Some(
-                ferrovol::poolinit::init(
-                    &dir,
-                    &root.path().join("pool.img"),
-                    size,
-                    ferrovol::poolinit::PoolFs::Xfs,
-                )
-                .await
-                .expect("making an XFS pool"),
-            ),
+        let image_fs = match fs {
+            PoolFs::Xfs => ferrovol::poolinit::PoolFs::Xfs,
+            PoolFs::Ext4Image => ferrovol::poolinit::PoolFs::Ext4,
             PoolFs::Ext4 => {
                 std::fs::create_dir(&dir).unwrap();
-                None
+                return TestPool { dir, fs, image: None, _root: root };
             }
         };
+        let image = ferrovol::poolinit::init(&dir, &root.path().join("pool.img"), size, image_fs)
+            .await
+            .expect("making a pool image");
+        let image = Some(image);
         TestPool { dir, fs, image, _root: root }
     }
 
@@ -581,7 +580,11 @@ pub struct Env {
 }
 
 pub async fn env(fs: PoolFs) -> Env {
-    let pool = TestPool::new(fs).await;
+    env_on(TestPool::new(fs).await)
+}
+
+/// A driver, with a kubelet root, on a pool the test made.
+pub fn env_on(pool: TestPool) -> Env {
     let kubelet = Kubelet::new(&pool);
     let root = tempfile::tempdir().unwrap();
     let driver = DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
@@ -630,6 +633,20 @@ pub fn logged_addr(line: &str) -> String {
         .and_then(|r| r.split_whitespace().next())
         .expect("addr in log line")
         .to_string()
+}
+
+/// Runs `ferrovol pool check` (with `--repair` if asked) on a pool no driver
+/// holds: (clean, everything it printed).
+pub fn pool_check(pool: &TestPool, repair: bool) -> (bool, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["pool", "check", "--pool-dir"]).arg(&pool.dir);
+    if repair {
+        cmd.arg("--repair");
+    }
+    let out = cmd.output().expect("running ferrovol pool check");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
 }
 
 /// A driver that stops at `failpoint` until something is written to the

@@ -68,13 +68,12 @@ pub const VOLUME_BLOCK_SIZE: u32 = 4096;
 /// in the page cache); falls back to buffered I/O where the backing
 /// filesystem refuses direct I/O. `block_size` 0 lets the kernel choose
 /// (right for images made elsewhere). Returns the device path.
-pub fn attach(backing: &Path, read_only: bool, block_size: u32) -> io::Result<PathBuf> {
+pub fn attach(backing: &Path, read_only: bool, block_size: u32) -> Result<PathBuf, AttachError> {
     let file = OpenOptions::new().read(true).write(!read_only).open(backing)?;
-    let control = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let control = Control::open()?;
     let mut last_err = None;
     for _ in 0..ATTACH_RETRIES {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an index.
-        let index = ioctl_result(unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
+        let index = control.free_index()?;
         let dev_path = PathBuf::from(format!("/dev/loop{index}"));
         let dev = match OpenOptions::new().read(true).write(!read_only).open(&dev_path) {
             Ok(d) => d,
@@ -82,7 +81,7 @@ pub fn attach(backing: &Path, read_only: bool, block_size: u32) -> io::Result<Pa
                 last_err = Some(e);
                 continue; // udev has not made the node yet; ask again
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let mut flags = LO_FLAGS_DIRECT_IO;
         if read_only {
@@ -98,13 +97,69 @@ pub fn attach(backing: &Path, read_only: bool, block_size: u32) -> io::Result<Pa
                 match configure(&dev, &file, flags & !LO_FLAGS_DIRECT_IO, block_size) {
                     Ok(()) => return Ok(dev_path),
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last_err = Some(e),
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(last_err.unwrap_or_else(|| io::Error::other("no free loop device")))
+    Err(AttachError::NoDevice(
+        last_err.unwrap_or_else(|| io::Error::other("every free loop device was taken")),
+    ))
+}
+
+/// Why an attach failed: no loop device could be had at all (the node is
+/// out of them, or the loop driver is unusable), or the attach itself failed.
+#[derive(Debug)]
+pub enum AttachError {
+    NoDevice(io::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for AttachError {
+    fn from(e: io::Error) -> Self {
+        AttachError::Io(e)
+    }
+}
+
+impl AttachError {
+    /// In CSI terms: no device is RESOURCE_EXHAUSTED, like any other
+    /// resource the node has run out of.
+    pub fn into_error(self, what: impl std::fmt::Display) -> crate::error::Error {
+        match self {
+            AttachError::NoDevice(e) => crate::error::exhausted(format!(
+                "{what}: no loop device could be allocated: {e} \
+                 (is the loop module loaded and /dev/loop-control usable?)"
+            )),
+            AttachError::Io(e) => crate::error::Error::io(what, e),
+        }
+    }
+}
+
+/// `/dev/loop-control`: where free loop devices come from.
+struct Control(File);
+
+impl Control {
+    fn open() -> Result<Control, AttachError> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/loop-control")
+            .map(Control)
+            .map_err(AttachError::NoDevice)
+    }
+
+    fn free_index(&self) -> Result<libc::c_int, AttachError> {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns an index.
+        ioctl_result(unsafe { libc::ioctl(self.0.as_raw_fd(), LOOP_CTL_GET_FREE) })
+            .map_err(AttachError::NoDevice)
+    }
+}
+
+/// Checks that a loop device could be had now, without taking one (the
+/// kernel hands out the same free device until someone configures it).
+pub fn check_available() -> Result<(), AttachError> {
+    Control::open()?.free_index().map(drop)
 }
 
 fn configure(dev: &File, backing: &File, flags: u32, block_size: u32) -> io::Result<()> {

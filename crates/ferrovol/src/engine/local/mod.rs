@@ -59,6 +59,9 @@ fn from_nanos(n: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
 }
 
+/// Below this much free space a pool counts as full for thin volumes.
+const FULL_POOL_BYTES: u64 = 1 << 20;
+
 fn is_thick(parameters: &BTreeMap<String, String>) -> bool {
     parameters.get(PARAM_PROVISIONING).is_some_and(|v| v == "thick")
 }
@@ -229,7 +232,16 @@ impl LocalEngine {
             Ok(trashed)
         })
         .await?;
-        self.journal.remove_after_sync(record, Some(&self.pool.dir(kind))).await?;
+        if let Err(e) = self.journal.remove_after_sync(record, Some(&self.pool.dir(kind))).await {
+            // The record still says the object exists, so its file must too:
+            // put it back rather than let recovery empty the trash under it.
+            let (pool, id) = (self.pool.clone(), record.id().to_string());
+            let restored = blocking(move || pool.restore_from_trash(kind, &id)).await;
+            if let Err(r) = restored {
+                warn!(error = %r, "could not take a file back out of the trash");
+            }
+            return Err(e);
+        }
         blocking(move || pool::remove(&trashed)).await
     }
 
@@ -269,11 +281,16 @@ impl Engine for LocalEngine {
         ExpansionSite::Node
     }
 
-    async fn health(&self) -> Result<()> {
+    async fn health(&self, node: bool) -> Result<()> {
         let root = self.pool.root().to_path_buf();
         let journal = self.journal.clone();
+        let pool = self.pool.clone();
         blocking(move || {
+            pool.verify()?;
             crate::fsutil::check_writable(&root)?;
+            if node {
+                loopdev::check_available().map_err(|e| e.into_error("staging volumes"))?;
+            }
             journal.get::<VolumeRecord>("health-check").map(|_| ())
         })
         .await
@@ -419,7 +436,9 @@ impl Engine for LocalEngine {
     async fn volume_condition(&self, id: &str) -> Result<Condition> {
         let record = self.ready_volume(id)?;
         let path = self.pool.path(Kind::Volume, id)?;
+        let pool = self.pool.clone();
         blocking(move || {
+            let (available, _) = pool.space()?;
             Ok(match std::fs::File::open(&path).and_then(|f| f.metadata()) {
                 Err(e) => Condition::Abnormal(format!(
                     "backing file {} is missing or unreadable: {e}",
@@ -431,6 +450,15 @@ impl Engine for LocalEngine {
                     m.len(),
                     record.capacity
                 )),
+                // Writes into a thin volume's holes need pool space; the pod
+                // sees I/O errors, and this says where they come from.
+                Ok(_) if available < FULL_POOL_BYTES && !is_thick(&record.parameters) => {
+                    Condition::Abnormal(format!(
+                        "pool {} is full ({available} bytes free): writes to unallocated \
+                         blocks of this thin-provisioned volume fail",
+                        pool.root().display()
+                    ))
+                }
                 Ok(_) => Condition::Healthy,
             })
         })
@@ -750,7 +778,7 @@ impl Engine for LocalEngine {
         }
         blocking(move || {
             loopdev::attach(&path, false, loopdev::VOLUME_BLOCK_SIZE)
-                .map_err(|e| Error::io(format!("attaching {} to a loop device", path.display()), e))
+                .map_err(|e| e.into_error(format!("attaching {}", path.display())))
         })
         .await
     }

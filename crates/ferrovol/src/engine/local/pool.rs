@@ -38,6 +38,10 @@ pub const GRANULARITY: u64 = 4096;
 #[derive(Clone, Debug)]
 pub struct Pool {
     root: PathBuf,
+    /// Device and inode of the root when opened: if the pool's filesystem is
+    /// unmounted behind our back, the same path names another directory, and
+    /// nothing may be written (or found missing and forgotten) there.
+    identity: (u64, u64),
 }
 
 impl Pool {
@@ -51,7 +55,21 @@ impl Pool {
         let root = root
             .canonicalize()
             .map_err(|e| Error::io(format!("resolving pool {}", root.display()), e))?;
-        Ok(Pool { root })
+        let identity = identity_of(&root)?;
+        Ok(Pool { root, identity })
+    }
+
+    /// Fails unless the pool directory is still the one opened.
+    pub fn verify(&self) -> Result<()> {
+        match identity_of(&self.root) {
+            Ok(id) if id == self.identity => Ok(()),
+            Ok(_) => Err(error::unavailable(format!(
+                "pool {} is no longer the directory ferrovol opened (was its filesystem \
+                 unmounted or replaced?)",
+                self.root.display()
+            ))),
+            Err(e) => Err(error::unavailable(format!("pool {} is gone: {e}", self.root.display()))),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -72,10 +90,13 @@ impl Pool {
 
     /// The file of an object. The ID must already have been validated; this
     /// re-checks so that no caller can ever build a path from a hostile ID.
+    /// Every file operation goes through here, so it is also where a pool
+    /// that vanished is noticed before anything touches the wrong directory.
     pub fn path(&self, kind: Kind, id: &str) -> Result<PathBuf> {
         if !ids::is_valid(kind, id) {
             return Err(error::not_found(format!("no {kind:?} with id {id:?}").to_lowercase()));
         }
+        self.verify()?;
         Ok(self.dir(kind).join(format!("{id}.img")))
     }
 
@@ -115,6 +136,14 @@ impl Pool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(to),
             Err(e) => Err(Error::io(format!("moving {} to the trash", from.display()), e)),
         }
+    }
+
+    /// Undoes `move_to_trash` (a deletion that could not be recorded).
+    pub fn restore_from_trash(&self, kind: Kind, id: &str) -> Result<()> {
+        let to = self.path(kind, id)?;
+        let from = self.trash_dir().join(to.file_name().expect("object paths have a file name"));
+        std::fs::rename(&from, &to)
+            .map_err(|e| Error::io(format!("restoring {} from the trash", to.display()), e))
     }
 
     /// Empties the trash (recovery).
@@ -175,6 +204,12 @@ impl Pool {
             .map_err(|e| Error::io(format!("statvfs {}", self.root.display()), e.into()))?;
         Ok((st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize))
     }
+}
+
+fn identity_of(dir: &Path) -> Result<(u64, u64)> {
+    let st = rustix::fs::stat(dir)
+        .map_err(|e| Error::io(format!("examining {}", dir.display()), e.into()))?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 fn create_new(path: &Path) -> io::Result<File> {
@@ -259,13 +294,19 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> io::Result<()> {
 }
 
 /// Grows a volume file to `size` bytes (thick: allocating the new range).
+/// On failure the file is as it was: a half-allocated tail would be space
+/// taken for a size the volume never got.
 pub fn grow(path: &Path, size: u64, thick: bool) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let len =
+        f.metadata().map_err(|e| Error::io(format!("examining {}", path.display()), e))?.len();
+    if size <= len {
+        return Ok(());
+    }
     let attempt = (|| -> io::Result<()> {
-        let f = OpenOptions::new().write(true).open(path)?;
-        let len = f.metadata()?.len();
-        if size <= len {
-            return Ok(());
-        }
         if thick {
             rustix::fs::fallocate(&f, FallocateFlags::empty(), len, size - len)?;
         } else {
@@ -273,7 +314,10 @@ pub fn grow(path: &Path, size: u64, thick: bool) -> Result<()> {
         }
         f.sync_all()
     })();
-    attempt.map_err(|e| Error::io(format!("growing {}", path.display()), e))
+    attempt.map_err(|e| {
+        let _ = f.set_len(len);
+        Error::io(format!("growing {}", path.display()), e)
+    })
 }
 
 /// Makes a snapshot file read-only: nothing may ever write through it.
