@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod failpoint;
 pub mod fsutil;
+pub mod fuzz;
 pub mod journal;
 pub mod locks;
 pub mod logging;

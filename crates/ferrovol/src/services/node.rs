@@ -7,7 +7,7 @@
 //! the kernel's own state (mountinfo, the engine's attachments), so a
 //! restarted driver converges on repeated calls and never attaches twice.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrovol_csi as csi;
@@ -26,9 +26,6 @@ use crate::services::{convert, validate, Driver};
 /// Name of the file a raw block volume's device is bind-mounted onto inside
 /// its staging directory: the kernel-visible record that it is staged.
 const BLOCK_MARKER: &str = "device";
-
-/// CSI caps paths at 4 KiB like any other string field it bounds.
-const MAX_PATH: usize = 4096;
 
 pub struct NodeConfig {
     /// Staging and target paths must lie under this directory.
@@ -85,33 +82,7 @@ impl NodeService {
     /// An absolute, `..`-free path under the kubelet directory whose
     /// existing part does not escape it through a symlink.
     fn checked_path(&self, raw: &str, what: &str) -> Result<PathBuf> {
-        if raw.is_empty() {
-            return Err(error::invalid(format!("{what} is required")));
-        }
-        if raw.len() > MAX_PATH || raw.contains('\0') {
-            return Err(error::invalid(format!("{what} is not a usable path")));
-        }
-        let path = PathBuf::from(raw);
-        if !path.is_absolute()
-            || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        {
-            return Err(error::invalid(format!("{what} {raw:?} must be absolute and normalized")));
-        }
-        if !path.starts_with(&self.kubelet_dir) {
-            return Err(error::invalid(format!(
-                "{what} {raw:?} is outside the kubelet directory {}",
-                self.kubelet_dir.display()
-            )));
-        }
-        let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        let resolved =
-            existing.canonicalize().map_err(|e| Error::io(format!("resolving {raw}"), e))?;
-        if !resolved.starts_with(&self.kubelet_dir) {
-            return Err(error::invalid(format!(
-                "{what} {raw:?} leads outside the kubelet directory through a symlink"
-            )));
-        }
-        Ok(path)
+        validate::kubelet_path(raw, what, &self.kubelet_dir)
     }
 
     fn access(
@@ -493,6 +464,13 @@ fn unmount_all_and_remove(path: &Path) -> Result<()> {
     match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // Not a directory we made: its contents are somebody else's.
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+            Err(error::failed_precondition(format!(
+                "{} is a directory with files in it and no volume mounted; not removing it",
+                path.display()
+            )))
+        }
         Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
     }
 }

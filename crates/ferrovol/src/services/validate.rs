@@ -3,12 +3,13 @@
 //! tested (and fuzzed) without a server.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
 
 use ferrovol_csi as csi;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 
 use crate::engine::AccessType;
-use crate::error::{self, Result};
+use crate::error::{self, Error, Result};
 
 /// CSI caps strings at 128 bytes.
 pub const MAX_STRING: usize = 128;
@@ -46,6 +47,42 @@ pub fn id(value: &str, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Longest path the node service accepts (Linux's PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+
+/// A path the CO gave the node service: absolute, normalized, under the
+/// kubelet directory, and still under it once symlinks in the part that
+/// exists are resolved. Nothing outside the kubelet directory is ever
+/// mounted on, created or removed.
+pub fn kubelet_path(raw: &str, what: &str, kubelet_dir: &Path) -> Result<PathBuf> {
+    if raw.is_empty() {
+        return Err(error::invalid(format!("{what} is required")));
+    }
+    if raw.len() > MAX_PATH || raw.contains('\0') {
+        return Err(error::invalid(format!("{what} is not a usable path")));
+    }
+    let path = PathBuf::from(raw);
+    if !path.is_absolute()
+        || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(error::invalid(format!("{what} {raw:?} must be absolute and normalized")));
+    }
+    if !path.starts_with(kubelet_dir) || path == kubelet_dir {
+        return Err(error::invalid(format!(
+            "{what} {raw:?} is not inside the kubelet directory {}",
+            kubelet_dir.display()
+        )));
+    }
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let resolved = existing.canonicalize().map_err(|e| Error::io(format!("resolving {raw}"), e))?;
+    if !resolved.starts_with(kubelet_dir) {
+        return Err(error::invalid(format!(
+            "{what} {raw:?} leads outside the kubelet directory through a symlink"
+        )));
+    }
+    Ok(path)
 }
 
 /// (required, limit) in bytes; 0 means unset.
