@@ -89,6 +89,7 @@ impl Harness {
             node_id: "fuzz-node".into(),
             mode: crate::cli::Mode::All,
             state_dir: root.join("state"),
+            state_writes: crate::fsutil::WriteMonitor::spawn(&root.join("state")),
             engine: Arc::new(engine),
             locks: OpLocks::new(),
         });

@@ -44,6 +44,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         node_id,
         mode: args.mode,
         state_dir: args.state_dir.clone(),
+        state_writes: crate::fsutil::WriteMonitor::spawn(&args.state_dir),
         engine: Arc::new(engine),
         locks: OpLocks::new(),
     });

@@ -19,24 +19,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
-use common::{DriverBuilder, Kubelet, PoolFs, TestPool};
+use common::{DriverBuilder, Kubelet, PoolFs, Rng, TestPool};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
 const ROUNDS: u64 = 6;
-
-/// xorshift: reproducible kill moments without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Retries a call the way a sidecar does: on a dead or restarting driver
 /// (or ABORTED for work in flight) it reconnects and repeats, bounded.

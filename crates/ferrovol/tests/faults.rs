@@ -293,3 +293,39 @@ async fn no_loop_device_to_be_had_is_a_clear_error_and_leaks_nothing() {
     assert!(!common::is_mounted(&staging));
     c.delete_volume(req::delete(&id)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_disk_that_stops_taking_writes_is_not_ready() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut driver = DriverBuilder::new(root.path()).pool(&pool).start();
+    assert!(probe(driver.channel().await).await.unwrap());
+
+    // XFS's own forced shutdown: every later write fails with EIO, as on a
+    // disk that died under the filesystem.
+    let out = std::process::Command::new("xfs_io")
+        .args(["-x", "-c", "shutdown"])
+        .arg(&pool.dir)
+        .output()
+        .expect("running xfs_io");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The background write notices within its interval; Probe then fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let err = loop {
+        match probe(driver.channel().await).await {
+            Err(e) => break e,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Ok(_) => panic!("Probe still ready 20 s after the pool's disk failed"),
+        }
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("not healthy"), "{}", err.message());
+    let mut c = ControllerClient::new(driver.channel().await);
+    let (code, msg) = failure(c.create_volume(req::create("after", MIB)).await);
+    assert!(matches!(code, Code::Internal | Code::Unavailable), "{code:?} {msg}");
+    drop(c);
+    driver.kill();
+}

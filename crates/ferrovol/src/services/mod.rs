@@ -111,6 +111,8 @@ pub struct Driver {
     pub node_id: String,
     pub mode: Mode,
     pub state_dir: PathBuf,
+    /// Keeps writing to the state dir in the background, for Probe.
+    pub state_writes: Arc<crate::fsutil::WriteMonitor>,
     pub engine: Arc<dyn Engine>,
     /// Shared by all services: a node operation and a controller operation
     /// on the same volume exclude each other too.

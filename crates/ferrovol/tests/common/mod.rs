@@ -565,6 +565,23 @@ impl Drop for Kubelet {
     }
 }
 
+/// xorshift: reproducible random choices without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// Is `path` a mount point right now (by the kernel's mount table)?
 pub fn is_mounted(path: &Path) -> bool {
     ferrovol::node::mountinfo::read().unwrap().iter().any(|m| m.mount_point == path)

@@ -42,6 +42,8 @@ pub struct LocalEngine {
     journal: Journal,
     node_id: String,
     method: CowMethod,
+    /// Background writes to the pool, for health.
+    pool_writes: std::sync::Arc<crate::fsutil::WriteMonitor>,
 }
 
 /// Runs blocking file work off the async executor.
@@ -122,7 +124,8 @@ impl LocalEngine {
         } else {
             warn!(pool = %pool.root().display(), cow = method.as_str(), %report, "pool open after recovery");
         }
-        Ok(LocalEngine { pool, journal, node_id: node_id.to_string(), method })
+        let pool_writes = crate::fsutil::WriteMonitor::spawn(pool.root());
+        Ok(LocalEngine { pool, journal, node_id: node_id.to_string(), method, pool_writes })
     }
 
     /// `ferrovol pool check`: what recovery would do (or, with `repair`,
@@ -285,9 +288,11 @@ impl Engine for LocalEngine {
         let root = self.pool.root().to_path_buf();
         let journal = self.journal.clone();
         let pool = self.pool.clone();
+        let writes = self.pool_writes.clone();
         blocking(move || {
             pool.verify()?;
-            crate::fsutil::check_writable(&root)?;
+            crate::fsutil::check_not_read_only(&root)?;
+            writes.status()?;
             if node {
                 loopdev::check_available().map_err(|e| e.into_error("staging volumes"))?;
             }
