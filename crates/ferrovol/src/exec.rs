@@ -51,20 +51,33 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => error::failed_precondition(format!(
-                "{program} is not installed on this node (install the {} package)",
-                package_for(program)
-            )),
-            _ => error::internal(format!("starting {program}: {e}")),
-        })?;
+        .kill_on_drop(true);
+    // A tool must not outlive a driver that is killed: a mkfs still running
+    // when the restarted driver retries the stage would hold the device
+    // (EBUSY) or race a second mkfs.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => error::failed_precondition(format!(
+            "{program} is not installed on this node (install the {} package)",
+            package_for(program)
+        )),
+        _ => error::internal(format!("starting {program}: {e}")),
+    })?;
     let waited = tokio::time::timeout(timeout, child.wait_with_output()).await;
     let out = match waited {
         Err(_) => {

@@ -22,10 +22,18 @@ use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB}
 use common::{DriverBuilder, Kubelet, PoolFs, Rng, TestPool};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::group_controller_client::GroupControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
-const ROUNDS: u64 = 6;
+/// Rounds in CI; `FERROVOL_CHAOS_ROUNDS` and `FERROVOL_CHAOS_SEED` run more,
+/// or others, by hand.
+const ROUNDS: u64 = 12;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+const KILLS_PER_ROUND: u64 = 3;
 
 /// Retries a call the way a sidecar does: on a dead or restarting driver
 /// (or ABORTED for work in flight) it reconnects and repeats, bounded.
@@ -95,10 +103,12 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
     let start = || DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
     let mut driver = start();
     let socket = driver.socket.clone();
-    let mut rng = Rng(0x5eed_f00d);
+    let rounds = env_or("FERROVOL_CHAOS_ROUNDS", ROUNDS);
+    let seed = env_or("FERROVOL_CHAOS_SEED", 4242);
+    let mut rng = Rng(seed);
     let mut kills = 0;
 
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let cap = req::mount_cap("ext4");
         // The workload: the controller side in one task, the node side in
         // another, both retrying through kills.
@@ -119,11 +129,48 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
                         req::from_snapshot(&format!("r{round}-restore{i}"), &s, 8 * MIB),
                     )
                     .await;
+                    let clone = create_retrying(
+                        &socket,
+                        req::from_volume(&format!("r{round}-clone{i}"), &v, 8 * MIB),
+                    )
+                    .await;
+                    // A group snapshot of the volume and its clone, then gone.
+                    let group = retry(&socket, |ch| {
+                        let r = csi::CreateVolumeGroupSnapshotRequest {
+                            name: format!("r{round}-g{i}"),
+                            source_volume_ids: vec![v.clone(), clone.clone()],
+                            ..Default::default()
+                        };
+                        async move {
+                            GroupControllerClient::new(ch).create_volume_group_snapshot(r).await
+                        }
+                    })
+                    .await
+                    .into_inner()
+                    .group_snapshot
+                    .unwrap();
                     retry(&socket, |ch| {
-                        let r = req::delete(&restored);
-                        async move { ControllerClient::new(ch).delete_volume(r).await }
+                        let r = csi::DeleteVolumeGroupSnapshotRequest {
+                            group_snapshot_id: group.group_snapshot_id.clone(),
+                            snapshot_ids: group
+                                .snapshots
+                                .iter()
+                                .map(|s| s.snapshot_id.clone())
+                                .collect(),
+                            ..Default::default()
+                        };
+                        async move {
+                            GroupControllerClient::new(ch).delete_volume_group_snapshot(r).await
+                        }
                     })
                     .await;
+                    for doomed in [restored, clone] {
+                        retry(&socket, |ch| {
+                            let r = req::delete(&doomed);
+                            async move { ControllerClient::new(ch).delete_volume(r).await }
+                        })
+                        .await;
+                    }
                     made.push((name, v, s));
                 }
                 made
@@ -163,15 +210,74 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
             })
         };
 
-        // Kill at a random moment while the workload runs, and bring the
-        // driver back: twice per round.
-        for _ in 0..2 {
-            tokio::time::sleep(Duration::from_millis(rng.next() % 40)).await;
+        // A volume staged, grown online, unstaged and deleted, all through
+        // kills (xfs: it grows online without CAP_SYS_RESOURCE).
+        let expansion = {
+            let socket = socket.clone();
+            let cap = req::mount_cap("xfs");
+            let staging = kubelet.staging(&format!("r{round}-grow"));
+            tokio::spawn(async move {
+                let r = csi::CreateVolumeRequest {
+                    volume_capabilities: vec![cap.clone()],
+                    ..req::create(&format!("r{round}-grow"), 320 * MIB)
+                };
+                let v = create_retrying(&socket, r).await;
+                let sr = stage_req(&v, &staging, cap.clone());
+                retry(&socket, |ch| {
+                    let r = sr.clone();
+                    async move { NodeClient::new(ch).node_stage_volume(r).await }
+                })
+                .await;
+                let grown = retry(&socket, |ch| {
+                    let r = csi::NodeExpandVolumeRequest {
+                        volume_id: v.clone(),
+                        volume_path: staging.display().to_string(),
+                        capacity_range: req::range(384 * MIB, 0),
+                        ..Default::default()
+                    };
+                    async move { NodeClient::new(ch).node_expand_volume(r).await }
+                })
+                .await
+                .into_inner();
+                assert_eq!(grown.capacity_bytes, 384 * MIB);
+                let stats = retry(&socket, |ch| {
+                    let r = csi::NodeGetVolumeStatsRequest {
+                        volume_id: v.clone(),
+                        volume_path: staging.display().to_string(),
+                        ..Default::default()
+                    };
+                    async move { NodeClient::new(ch).node_get_volume_stats(r).await }
+                })
+                .await
+                .into_inner();
+                // XFS keeps about 64 MiB of these sizes for itself: 256 MiB
+                // usable at 320, 320 at 384.
+                let usable = stats.usage[0].total;
+                assert!(usable > 300 * MIB, "round {round}: the filesystem grew: {usable}");
+                let ur = unstage_req(&v, &staging);
+                retry(&socket, |ch| {
+                    let r = ur.clone();
+                    async move { NodeClient::new(ch).node_unstage_volume(r).await }
+                })
+                .await;
+                retry(&socket, |ch| {
+                    let r = req::delete(&v);
+                    async move { ControllerClient::new(ch).delete_volume(r).await }
+                })
+                .await;
+            })
+        };
+
+        // Kill at random moments while the workload runs, and bring the
+        // driver back: three times per round.
+        for _ in 0..KILLS_PER_ROUND {
+            tokio::time::sleep(Duration::from_millis(rng.next() % 60)).await;
             driver.kill();
             kills += 1;
             driver = start();
         }
         let made = controller.await.unwrap();
+        expansion.await.unwrap();
         let (data_name, data, staging, target, sum) = node.await.unwrap();
 
         // Acknowledged data is in the volume, and in a snapshot taken after
@@ -235,5 +341,5 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
         assert!(pool.files("volumes").is_empty() && pool.files("snapshots").is_empty());
         driver = start();
     }
-    eprintln!("chaos: {ROUNDS} rounds, {kills} kills, all invariants held");
+    eprintln!("chaos: seed {seed:#x}, {rounds} rounds, {kills} kills, all invariants held");
 }

@@ -1,6 +1,7 @@
 //! Filesystems on block devices: detect, format (only when blank), mount,
 //! bind, grow. External tools run through [`crate::exec`] with timeouts.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -74,9 +75,23 @@ pub async fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
             exec::run("mkfs.ext4", opts.iter().map(|s| s.as_ref()).chain([dev]), MKFS_TIMEOUT)
                 .await?
         }
-        "xfs" => exec::run("mkfs.xfs", ["-q".as_ref(), "-K".as_ref(), dev], MKFS_TIMEOUT).await?,
+        // -f: the caller formats only devices it knows hold no data (blank,
+        // or left half-formatted by a format of ours that was interrupted).
+        "xfs" => {
+            exec::run(
+                "mkfs.xfs",
+                ["-q", "-f", "-K"].map(OsStr::new).into_iter().chain([dev]),
+                MKFS_TIMEOUT,
+            )
+            .await?
+        }
         "btrfs" => {
-            exec::run("mkfs.btrfs", ["-q".as_ref(), "-K".as_ref(), dev], MKFS_TIMEOUT).await?
+            exec::run(
+                "mkfs.btrfs",
+                ["-q", "-f", "-K"].map(OsStr::new).into_iter().chain([dev]),
+                MKFS_TIMEOUT,
+            )
+            .await?
         }
         other => return Err(error::invalid(format!("cannot format {other:?}"))),
     };
@@ -177,11 +192,16 @@ pub fn mount(
         std::ffi::CString::new(data).map_err(|_| error::invalid("mount flags contain NUL"))?;
     let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
     rustix::mount::mount(device, target, fs_type, bits, data).map_err(|e| {
-        error::internal(format!(
-            "mounting {} ({fs_type}) on {}: {e}",
-            device.display(),
-            target.display()
-        ))
+        let what =
+            format!("mounting {} ({fs_type}) on {}: {e}", device.display(), target.display());
+        match e {
+            // Something holds the device right now (a mount still finishing
+            // from before a restart): worth a retry, not a failure.
+            rustix::io::Errno::BUSY => {
+                error::aborted(format!("{what}; the device is in use, retry"))
+            }
+            _ => error::internal(what),
+        }
     })
 }
 

@@ -162,7 +162,15 @@ impl NodeService {
                 nodefs::bind(device, &target, &[], false)
             }
             AccessType::Mount { fs_type } => {
-                let fs_type = match nodefs::probe(device).await? {
+                // A format of ours that a crash interrupted leaves a device
+                // that looks formatted but is not; it held no data, so it is
+                // formatted again.
+                let marker = FormatMarker::new(&self.driver.state_dir, volume_id);
+                let content = match marker.exists() {
+                    true => Content::Blank,
+                    false => nodefs::probe(device).await?,
+                };
+                let fs_type = match content {
                     Content::Blank => {
                         let fs = if fs_type.is_empty() { validate::DEFAULT_FS_TYPE } else { fs_type };
                         let size = nodefs::block_device_size(device)?;
@@ -177,7 +185,11 @@ impl NodeService {
                                 "volume {volume_id} is blank and cannot be formatted read-only"
                             )));
                         }
+                        marker.set()?;
                         nodefs::mkfs(device, fs).await?;
+                        // Durably gone before anything can be written to the
+                        // filesystem, or a later stage would format it again.
+                        marker.clear()?;
                         fs.to_string()
                     }
                     Content::Filesystem(found) if fs_type.is_empty() || *fs_type == found => found,
@@ -194,9 +206,21 @@ impl NodeService {
                         )))
                     }
                 };
-                nodefs::mount(device, staging, &fs_type, flags, read_only)
+                let mounted = nodefs::mount(device, staging, &fs_type, flags, read_only);
+                if mounted.is_err() && self.staged_at(device, staging)? {
+                    return Ok(()); // a mount from before a restart finished meanwhile
+                }
+                mounted
             }
         }
+    }
+
+    /// Is `device` mounted at `staging` now?
+    fn staged_at(&self, device: &Path, staging: &Path) -> Result<bool> {
+        let mounts = read_mounts()?;
+        let ours = mountinfo::mounts_of_device(&mounts, device)
+            .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
+        Ok(ours.iter().any(|m| m.mount_point == staging))
     }
 
     async fn publish(
@@ -419,6 +443,39 @@ impl NodeService {
             nodefs::grow(&mount.fs_type, &device, &mount.mount_point).await?;
         }
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })
+    }
+}
+
+/// `<state dir>/formatting/<volume>`: present, durably, exactly while a
+/// format of the volume is under way on this node.
+struct FormatMarker {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl FormatMarker {
+    fn new(state_dir: &Path, volume_id: &str) -> FormatMarker {
+        let dir = state_dir.join("formatting");
+        // Hex: an engine's IDs need not be safe file names.
+        let name: String = volume_id.bytes().map(|b| format!("{b:02x}")).collect();
+        FormatMarker { path: dir.join(name), dir }
+    }
+
+    fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    fn set(&self) -> Result<()> {
+        let made = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| std::fs::File::create(&self.path)?.sync_all())
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        made.map_err(|e| Error::io(format!("recording a format in {}", self.path.display()), e))
+    }
+
+    fn clear(&self) -> Result<()> {
+        let cleared = std::fs::remove_file(&self.path)
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        cleared.map_err(|e| Error::io(format!("clearing {}", self.path.display()), e))
     }
 }
 
