@@ -13,6 +13,7 @@ fn main() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::CsiCodec")
         .compile_fds(descriptors)
         .expect("generating Rust from csi.proto");
 }

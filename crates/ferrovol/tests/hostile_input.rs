@@ -3,6 +3,8 @@
 //! entry points the `fuzz/` targets drive). No input may panic the driver,
 //! produce INTERNAL or UNKNOWN, or write outside the pool.
 
+mod common;
+
 use ferrovol::fuzz::{self, Harness};
 use ferrovol_csi as csi;
 use proptest::prelude::*;
@@ -203,4 +205,81 @@ fn write_fuzz_seeds() {
         let s = hostile().new_tree(&mut runner).unwrap().current();
         std::fs::write(root.join(format!("ids_and_paths/seed-{i:02}")), s).unwrap();
     }
+}
+
+mod wire {
+    //! Bytes no client library would send, over the real socket to the real
+    //! binary: what decoding itself makes of them.
+    use bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    #[derive(Default, Clone)]
+    pub struct Raw;
+    pub struct RawEncoder;
+    pub struct RawDecoder;
+
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawEncoder;
+        type Decoder = RawDecoder;
+        fn encoder(&mut self) -> RawEncoder {
+            RawEncoder
+        }
+        fn decoder(&mut self) -> RawDecoder {
+            RawDecoder
+        }
+    }
+
+    impl Encoder for RawEncoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawDecoder {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undecodable_bytes_on_the_wire_are_invalid_argument() {
+    let pool = common::TestPool::new(common::PoolFs::Ext4).await;
+    let kubelet = common::Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let driver = common::DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
+    let mut grpc = tonic::client::Grpc::new(driver.channel().await);
+    let cases: [(&str, &str, Vec<u8>); 4] = [
+        // Field 1 (name), 2 bytes, not UTF-8.
+        ("name not UTF-8", "/csi.v1.Controller/CreateVolume", vec![0x0a, 0x02, 0xff, 0xfe]),
+        // Field 1 claims 16 bytes and has 1.
+        ("truncated", "/csi.v1.Controller/CreateVolume", vec![0x0a, 0x10, 0x61]),
+        // Field 2 (staging_target_path) not UTF-8.
+        ("path not UTF-8", "/csi.v1.Node/NodeStageVolume", vec![0x12, 0x03, 0x2f, 0xc3, 0x28]),
+        // A varint that never ends.
+        (
+            "endless varint",
+            "/csi.v1.Controller/DeleteVolume",
+            vec![0x08; 1].into_iter().chain([0xff; 11]).collect(),
+        ),
+    ];
+    for (what, path, bytes) in cases {
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        let status = grpc
+            .unary::<Vec<u8>, Vec<u8>, _>(tonic::Request::new(bytes), path, wire::Raw)
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+    }
+    assert!(pool.files("volumes").is_empty() && pool.files("staging").is_empty());
+    kubelet.assert_clean();
 }
