@@ -167,17 +167,20 @@ async fn writes_into_a_full_pool_fail_in_the_pod_and_the_node_keeps_working() {
     let s = n.node_get_volume_stats(stats(&thick, &mounted[1].2)).await.unwrap().into_inner();
     assert!(!s.volume_condition.unwrap().abnormal, "a thick volume has its blocks");
 
-    // Growing the thick volume needs blocks the pool does not have.
-    let before = volume_size(&e.pool, &thick);
-    let grow = csi::NodeExpandVolumeRequest {
-        volume_id: thick.clone(),
-        volume_path: mounted[1].2.display().to_string(),
-        capacity_range: req::range(200 * MIB, 0),
-        ..Default::default()
-    };
-    let (code, msg) = failure(n.node_expand_volume(grow).await);
-    assert_eq!(code, Code::ResourceExhausted, "{msg}");
-    assert_eq!(volume_size(&e.pool, &thick), before, "the file did not change");
+    // Growing needs blocks the pool does not have: for the thick volume the
+    // new range itself, for the thin one the filesystem's new metadata.
+    for (id, _, target) in &mounted {
+        let before = volume_size(&e.pool, id);
+        let grow = csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: req::range(300 * MIB, 0),
+            ..Default::default()
+        };
+        let (code, msg) = failure(n.node_expand_volume(grow).await);
+        assert_eq!(code, Code::ResourceExhausted, "{msg}");
+        assert_eq!(volume_size(&e.pool, id), before, "the file did not change");
+    }
 
     assert!(probe(e.driver.channel().await).await.unwrap());
     // Taking the volumes down still works, and nothing is left behind.

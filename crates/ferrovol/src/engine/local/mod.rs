@@ -509,10 +509,21 @@ impl Engine for LocalEngine {
             )));
         }
         let thick = is_thick(&record.parameters);
-        if thick && wanted - record.capacity > available {
+        let grow_by = wanted - record.capacity;
+        if thick && grow_by > available {
             return Err(error::exhausted(format!(
-                "pool has {available} bytes free, growing needs {}",
-                wanted - record.capacity
+                "pool has {available} bytes free, growing needs {grow_by}"
+            )));
+        }
+        // A thin volume's new space costs nothing yet, but the filesystem
+        // writes metadata into it as it grows (ext4 zeroes new inode tables
+        // afterwards): on a pool without room for that, the writes fail
+        // inside the filesystem, later, where nobody is asking.
+        let headroom = grow_by / 50 + (16 << 20);
+        if !thick && available < headroom {
+            return Err(error::exhausted(format!(
+                "pool has {available} bytes free; growing a thin volume by {grow_by} bytes \
+                 needs about {headroom} for the filesystem's new metadata"
             )));
         }
         let path = self.pool.path(Kind::Volume, id)?;
