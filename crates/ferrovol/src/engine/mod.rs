@@ -185,7 +185,14 @@ pub trait Engine: Send + Sync + 'static {
     /// A volume by id: NOT_FOUND when unknown or malformed.
     async fn volume(&self, id: &str) -> Result<Volume>;
 
-    async fn volume_condition(&self, id: &str) -> Result<Condition>;
+    async fn volume_condition(&self, id: &str) -> Result<Condition> {
+        let mut one = self.volume_conditions(&[id.to_string()]).await?;
+        one.pop().expect("one condition per id")
+    }
+
+    /// Conditions of many volumes at once (a ListVolumes page), one per id
+    /// in order: engines can check them together rather than one by one.
+    async fn volume_conditions(&self, ids: &[String]) -> Result<Vec<Result<Condition>>>;
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>>;
 

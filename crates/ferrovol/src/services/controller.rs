@@ -150,17 +150,20 @@ impl ControllerService {
         let max = validate::max_entries(req.max_entries)?;
         let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
         let page = self.driver.engine.list_volumes(token, max).await?;
-        let mut entries = Vec::with_capacity(page.items.len());
-        for v in &page.items {
-            let condition = self.driver.engine.volume_condition(&v.id).await.ok();
-            entries.push(csi::list_volumes_response::Entry {
+        let ids: Vec<String> = page.items.iter().map(|v| v.id.clone()).collect();
+        let conditions = self.driver.engine.volume_conditions(&ids).await?;
+        let entries = page
+            .items
+            .iter()
+            .zip(conditions)
+            .map(|(v, condition)| csi::list_volumes_response::Entry {
                 volume: Some(convert::volume(v)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
                     published_node_ids: vec![],
-                    volume_condition: condition.as_ref().map(convert::condition),
+                    volume_condition: condition.ok().as_ref().map(convert::condition),
                 }),
-            });
-        }
+            })
+            .collect();
         Ok(csi::ListVolumesResponse { entries, next_token: page.next.unwrap_or_default() })
     }
 

@@ -61,6 +61,32 @@ fn from_nanos(n: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
 }
 
+/// A volume's condition from its file and the pool's free space.
+fn condition_of(record: &VolumeRecord, path: &Path, available: u64, pool: &Pool) -> Condition {
+    match std::fs::File::open(path).and_then(|f| f.metadata()) {
+        Err(e) => Condition::Abnormal(format!(
+            "backing file {} is missing or unreadable: {e}",
+            path.display()
+        )),
+        Ok(m) if m.len() < record.capacity => Condition::Abnormal(format!(
+            "backing file {} is {} bytes, less than the volume's {} bytes",
+            path.display(),
+            m.len(),
+            record.capacity
+        )),
+        // Writes into a thin volume's holes need pool space; the pod sees
+        // I/O errors, and this says where they come from.
+        Ok(_) if available < FULL_POOL_BYTES && !is_thick(&record.parameters) => {
+            Condition::Abnormal(format!(
+                "pool {} is full ({available} bytes free): writes to unallocated blocks of \
+                 this thin-provisioned volume fail",
+                pool.root().display()
+            ))
+        }
+        Ok(_) => Condition::Healthy,
+    }
+}
+
 /// Below this much free space a pool counts as full for thin volumes.
 const FULL_POOL_BYTES: u64 = 1 << 20;
 
@@ -438,34 +464,18 @@ impl Engine for LocalEngine {
         self.ready_volume(id).map(|r| to_volume(&r))
     }
 
-    async fn volume_condition(&self, id: &str) -> Result<Condition> {
-        let record = self.ready_volume(id)?;
-        let path = self.pool.path(Kind::Volume, id)?;
+    async fn volume_conditions(&self, ids: &[String]) -> Result<Vec<Result<Condition>>> {
+        let volumes: Vec<Result<(VolumeRecord, PathBuf)>> = ids
+            .iter()
+            .map(|id| Ok((self.ready_volume(id)?, self.pool.path(Kind::Volume, id)?)))
+            .collect();
         let pool = self.pool.clone();
         blocking(move || {
             let (available, _) = pool.space()?;
-            Ok(match std::fs::File::open(&path).and_then(|f| f.metadata()) {
-                Err(e) => Condition::Abnormal(format!(
-                    "backing file {} is missing or unreadable: {e}",
-                    path.display()
-                )),
-                Ok(m) if m.len() < record.capacity => Condition::Abnormal(format!(
-                    "backing file {} is {} bytes, less than the volume's {} bytes",
-                    path.display(),
-                    m.len(),
-                    record.capacity
-                )),
-                // Writes into a thin volume's holes need pool space; the pod
-                // sees I/O errors, and this says where they come from.
-                Ok(_) if available < FULL_POOL_BYTES && !is_thick(&record.parameters) => {
-                    Condition::Abnormal(format!(
-                        "pool {} is full ({available} bytes free): writes to unallocated \
-                         blocks of this thin-provisioned volume fail",
-                        pool.root().display()
-                    ))
-                }
-                Ok(_) => Condition::Healthy,
-            })
+            Ok(volumes
+                .into_iter()
+                .map(|v| v.map(|(record, path)| condition_of(&record, &path, available, &pool)))
+                .collect())
         })
         .await
     }
