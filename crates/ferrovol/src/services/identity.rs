@@ -68,42 +68,25 @@ impl IdentityService {
 
     /// What Probe checks: the state dir is writable (not read-only now, and
     /// its latest background write went through) and the engine is healthy.
-    /// Nothing here waits for a device, so Probe answers at once even while
-    /// copies keep the disk busy.
+    /// Nothing here waits for a device (the writes happen in the background
+    /// monitors), so Probe answers at once even while copies keep the disk
+    /// busy. The engine gets a deadline: a remote engine's check may hang.
     pub async fn check_ready(&self) -> Result<()> {
-        let dir = self.driver.state_dir.clone();
-        let state_dir = async {
-            let check =
-                tokio::task::spawn_blocking(move || crate::fsutil::check_not_read_only(&dir));
-            match tokio::time::timeout(PROBE_CHECK_TIMEOUT, check).await {
-                Err(_) => Err(error::failed_precondition(format!(
-                    "state dir {} did not answer within {PROBE_CHECK_TIMEOUT:?}",
-                    self.driver.state_dir.display()
-                ))),
-                Ok(joined) => joined.map_err(|e| error::internal(format!("probe task: {e}")))?,
-            }
-        };
-        let engine = async {
-            let health = self.driver.engine.health(self.driver.mode.node());
-            match tokio::time::timeout(PROBE_CHECK_TIMEOUT, health).await {
-                Err(_) => Err(error::failed_precondition(format!(
-                    "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
-                    self.driver.engine.kind()
-                ))),
-                Ok(Err(e)) => Err(error::failed_precondition(format!(
-                    "the {} engine is not healthy: {}",
-                    self.driver.engine.kind(),
-                    e.message()
-                ))),
-                Ok(Ok(())) => Ok(()),
-            }
-        };
-        // Both at once: each waits for a thread of the blocking pool, and
-        // under load that wait is most of a Probe's time.
-        let (state_dir, engine) = tokio::join!(state_dir, engine);
-        state_dir?;
+        crate::fsutil::check_not_read_only(&self.driver.state_dir)?;
         self.driver.state_writes.status()?;
-        engine
+        let health = self.driver.engine.health(self.driver.mode.node());
+        match tokio::time::timeout(PROBE_CHECK_TIMEOUT, health).await {
+            Err(_) => Err(error::failed_precondition(format!(
+                "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
+                self.driver.engine.kind()
+            ))),
+            Ok(Err(e)) => Err(error::failed_precondition(format!(
+                "the {} engine is not healthy: {}",
+                self.driver.engine.kind(),
+                e.message()
+            ))),
+            Ok(Ok(())) => Ok(()),
+        }
     }
 }
 

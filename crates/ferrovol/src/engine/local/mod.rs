@@ -310,21 +310,17 @@ impl Engine for LocalEngine {
         ExpansionSite::Node
     }
 
+    /// Inline, no blocking-pool hop: every check is a syscall answered from
+    /// kernel memory (stat, statvfs, an ioctl, a journal page in the cache);
+    /// the one that touches the device runs in the background monitor.
     async fn health(&self, node: bool) -> Result<()> {
-        let root = self.pool.root().to_path_buf();
-        let journal = self.journal.clone();
-        let pool = self.pool.clone();
-        let writes = self.pool_writes.clone();
-        blocking(move || {
-            pool.verify()?;
-            crate::fsutil::check_not_read_only(&root)?;
-            writes.status()?;
-            if node {
-                loopdev::check_available().map_err(|e| e.into_error("staging volumes"))?;
-            }
-            journal.get::<VolumeRecord>("health-check").map(|_| ())
-        })
-        .await
+        self.pool.verify()?;
+        crate::fsutil::check_not_read_only(self.pool.root())?;
+        self.pool_writes.status()?;
+        if node {
+            loopdev::check_available().map_err(|e| e.into_error("staging volumes"))?;
+        }
+        self.journal.get::<VolumeRecord>("health-check").map(|_| ())
     }
 
     async fn stats(&self) -> Result<crate::engine::EngineStats> {
