@@ -332,3 +332,33 @@ async fn a_pool_disk_that_stops_taking_writes_is_not_ready() {
     drop(c);
     driver.kill();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_mkfs_names_its_package_and_leaks_nothing() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    // A PATH with blkid (to see the device is blank) and no mkfs.xfs.
+    let bin = root.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let blkid = ["/usr/sbin/blkid", "/sbin/blkid", "/usr/bin/blkid"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("blkid is installed");
+    std::os::unix::fs::symlink(blkid, bin.join("blkid")).unwrap();
+    let driver = DriverBuilder::new(root.path())
+        .pool(&pool)
+        .kubelet(&kubelet)
+        .env("PATH", bin.to_str().unwrap())
+        .start();
+    let ch = driver.channel().await;
+    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let cap = req::mount_cap("xfs");
+    let id = new_volume(&mut c, "v", 320 * MIB, cap.clone()).await;
+    let staging = kubelet.staging("pv");
+    let (code, msg) = failure(n.node_stage_volume(stage_req(&id, &staging, cap)).await);
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("mkfs.xfs") && msg.contains("xfsprogs"), "{msg}");
+    kubelet.assert_clean();
+    c.delete_volume(req::delete(&id)).await.unwrap();
+}
