@@ -74,14 +74,22 @@ impl Error {
     /// because callers decide NOT_FOUND themselves.
     pub fn io(context: impl fmt::Display, err: io::Error) -> Error {
         let msg = format!("{context}: {err}");
+        if is_no_space(&err) {
+            return Error::ResourceExhausted(msg);
+        }
         match rustix::io::Errno::from_io_error(&err) {
-            Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => {
-                Error::ResourceExhausted(msg)
-            }
             Some(rustix::io::Errno::ROFS) => Error::Unavailable(msg),
             _ => Error::Internal(msg),
         }
     }
+}
+
+/// A full disk or an exhausted quota.
+pub fn is_no_space(err: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(err),
+        Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
+    )
 }
 
 impl fmt::Display for Error {

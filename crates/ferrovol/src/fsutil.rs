@@ -39,13 +39,7 @@ pub fn check_writable(dir: &Path) -> Result<()> {
         let block = AlignedBlock::new();
         file.write_all_at(block.bytes(), 0)
     })();
-    let full = |e: &io::Error| {
-        matches!(
-            rustix::io::Errno::from_io_error(e),
-            Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
-        )
-    };
-    if attempt.as_ref().is_err_and(full) {
+    if attempt.as_ref().is_err_and(error::is_no_space) {
         tracing::warn!(dir = %dir.display(), "no space left; still serving");
         return Ok(());
     }

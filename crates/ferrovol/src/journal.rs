@@ -392,7 +392,7 @@ impl Journal {
         }
     }
 
-    /// Stores a record (its name mapping is left as it is).
+    /// Stores a record, mapping its name to it if the name is unmapped.
     pub async fn put<R: Record>(&self, record: &R) -> Result<()> {
         self.put_after_sync(record, None).await
     }

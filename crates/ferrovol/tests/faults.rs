@@ -198,25 +198,6 @@ async fn writes_into_a_full_pool_fail_in_the_pod_and_the_node_keeps_working() {
     assert!(s.await.unwrap().into_inner().confirmed.is_some());
 }
 
-/// A read-only bind mount of a directory over itself, undone on drop.
-struct ReadOnly<'a>(&'a Path);
-
-impl<'a> ReadOnly<'a> {
-    fn new(dir: &'a Path) -> Self {
-        use rustix::mount::{mount_bind, mount_remount, MountFlags};
-        mount_bind(dir, dir).expect("bind mount");
-        let guard = ReadOnly(dir);
-        mount_remount(dir, MountFlags::BIND | MountFlags::RDONLY, "").expect("remount ro");
-        guard
-    }
-}
-
-impl Drop for ReadOnly<'_> {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_pool_is_not_ready_and_creates_nothing() {
     let pool = TestPool::new(PoolFs::Xfs).await;
@@ -225,7 +206,7 @@ async fn a_read_only_pool_is_not_ready_and_creates_nothing() {
     let mut c = ControllerClient::new(driver.channel().await);
     let v = new_volume(&mut c, "v", MIB, req::mount_cap("ext4")).await;
     {
-        let _ro = ReadOnly::new(&pool.dir);
+        let _ro = common::ReadOnly::new(&pool.dir);
         let err = probe(driver.channel().await).await.unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
         assert!(err.message().contains("not writable"), "{}", err.message());

@@ -2,32 +2,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::DriverBuilder;
 use ferrovol_csi as csi;
 use ferrovol_csi::identity_client::IdentityClient;
-use rustix::mount::{mount_bind, mount_remount, unmount, MountFlags, UnmountFlags};
 use tonic::Code;
-
-/// A read-only bind mount of a directory over itself, undone on drop so a
-/// failing test leaves no mount behind.
-struct ReadOnly<'a>(&'a Path);
-
-impl<'a> ReadOnly<'a> {
-    fn new(dir: &'a Path) -> Self {
-        mount_bind(dir, dir).expect("bind mount");
-        let guard = ReadOnly(dir);
-        mount_remount(dir, MountFlags::BIND | MountFlags::RDONLY, "").expect("remount ro");
-        guard
-    }
-}
-
-impl Drop for ReadOnly<'_> {
-    fn drop(&mut self) {
-        let _ = unmount(self.0, UnmountFlags::DETACH);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_info_names_the_driver_and_version() {
@@ -78,7 +56,7 @@ async fn probe_reflects_a_writable_state_dir() {
     assert_eq!(ready, Some(true));
 
     {
-        let _ro = ReadOnly::new(&driver.state_dir);
+        let _ro = common::ReadOnly::new(&driver.state_dir);
         let err = id.probe(csi::ProbeRequest {}).await.unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("not writable"), "{}", err.message());

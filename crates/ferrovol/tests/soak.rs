@@ -49,6 +49,15 @@ struct Clients {
 }
 
 impl Clients {
+    fn new(channel: &Channel, latencies: Latencies) -> Clients {
+        Clients {
+            c: ControllerClient::new(channel.clone()),
+            g: GroupControllerClient::new(channel.clone()),
+            n: NodeClient::new(channel.clone()),
+            latencies,
+        }
+    }
+
     /// Runs one RPC, records its latency, and fails the test on any error.
     async fn timed<T, F>(&self, method: &'static str, call: F) -> T
     where
@@ -235,12 +244,7 @@ async fn phase(
     let tasks: Vec<_> = workers
         .into_iter()
         .map(|mut w| {
-            let mut k = Clients {
-                c: ControllerClient::new(channel.clone()),
-                g: GroupControllerClient::new(channel.clone()),
-                n: NodeClient::new(channel.clone()),
-                latencies: latencies.clone(),
-            };
+            let mut k = Clients::new(channel, latencies.clone());
             let kubelet = kubelet.clone();
             tokio::spawn(async move {
                 for _ in 0..iterations {
@@ -314,12 +318,7 @@ async fn mixed_load_at_concurrency_16_stays_correct_flat_and_responsive() {
     let (mut probe_samples, mut floor) = probes.await.unwrap();
 
     for w in &mut workers {
-        let mut k = Clients {
-            c: ControllerClient::new(channel.clone()),
-            g: GroupControllerClient::new(channel.clone()),
-            n: NodeClient::new(channel.clone()),
-            latencies: Arc::default(),
-        };
+        let mut k = Clients::new(&channel, Arc::default());
         w.clean_up(&mut k).await;
     }
 

@@ -137,14 +137,12 @@ impl NodeService {
         volume_id: &str,
     ) -> Result<()> {
         let mounts = read_mounts()?;
-        let ours = mountinfo::mounts_of_device(&mounts, device)
-            .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
         let target = match access {
             AccessType::Block => staging.join(BLOCK_MARKER),
             AccessType::Mount { .. } => staging.to_path_buf(),
         };
         if let Some(m) = mountinfo::at(&mounts, &target) {
-            if ours.iter().any(|o| o.mount_point == m.mount_point) {
+            if mounted_from(&mounts, device, &target)? {
                 return Ok(()); // already staged here: idempotent
             }
             return Err(error::already_exists(format!(
@@ -207,20 +205,12 @@ impl NodeService {
                     }
                 };
                 let mounted = nodefs::mount(device, staging, &fs_type, flags, read_only);
-                if mounted.is_err() && self.staged_at(device, staging)? {
+                if mounted.is_err() && mounted_from(&read_mounts()?, device, staging)? {
                     return Ok(()); // a mount from before a restart finished meanwhile
                 }
                 mounted
             }
         }
-    }
-
-    /// Is `device` mounted at `staging` now?
-    fn staged_at(&self, device: &Path, staging: &Path) -> Result<bool> {
-        let mounts = read_mounts()?;
-        let ours = mountinfo::mounts_of_device(&mounts, device)
-            .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
-        Ok(ours.iter().any(|m| m.mount_point == staging))
     }
 
     async fn publish(
@@ -477,6 +467,13 @@ impl FormatMarker {
             .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
         cleared.map_err(|e| Error::io(format!("clearing {}", self.path.display()), e))
     }
+}
+
+/// Is `device` what is mounted at `path`, by the mount table `mounts`?
+fn mounted_from(mounts: &[MountEntry], device: &Path, path: &Path) -> Result<bool> {
+    let ours = mountinfo::mounts_of_device(mounts, device)
+        .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
+    Ok(ours.iter().any(|m| m.mount_point == path))
 }
 
 fn read_mounts() -> Result<Vec<MountEntry>> {

@@ -565,6 +565,26 @@ impl Drop for Kubelet {
     }
 }
 
+/// A read-only bind mount of a directory over itself, undone on drop so a
+/// failing test leaves no mount behind.
+pub struct ReadOnly<'a>(&'a Path);
+
+impl<'a> ReadOnly<'a> {
+    pub fn new(dir: &'a Path) -> Self {
+        use rustix::mount::{mount_bind, mount_remount, MountFlags};
+        mount_bind(dir, dir).expect("bind mount");
+        let guard = ReadOnly(dir);
+        mount_remount(dir, MountFlags::BIND | MountFlags::RDONLY, "").expect("remount ro");
+        guard
+    }
+}
+
+impl Drop for ReadOnly<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
 /// xorshift: reproducible random choices without a dependency.
 pub struct Rng(pub u64);
 
