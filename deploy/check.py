@@ -11,6 +11,8 @@ Usage: check.py FERROVOL_BINARY   (run from the repository root)
 Ends with "N passed, N failed" and exits non-zero on any failure.
 """
 
+import base64
+import binascii
 import glob
 import re
 import subprocess
@@ -19,8 +21,12 @@ import sys
 import yaml
 
 MIN_K8S, MAX_K8S = "1.30.0", "1.37.0"
-TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local"]
-CRD_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io")
+TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local", "deploy/kubernetes/overlays/full"]
+CRD_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com",
+              "cbt.storage.k8s.io")
+RULES_FILE = "deploy/prometheus/ferrovol.rules.yaml"
+SMS_CRD = "deploy/kubernetes/components/snapshot-metadata/crd.yaml"
+MANAGED_BY = "snapshot.storage.kubernetes.io/managed-by"
 
 passed, failed = 0, 0
 
@@ -82,6 +88,110 @@ def check_crds(path, docs):
             src = spec.get("source", {})
             check(len([k for k in ("selector", "volumeGroupSnapshotContentName") if k in src]) == 1,
                   f"{where}: exactly one source")
+
+
+def schema_errors(value, schema, where="$"):
+    """What in `value` an OpenAPI v3 schema (the subset CRDs use) refuses."""
+    errors = []
+    kind = schema.get("type")
+    if kind == "object":
+        if not isinstance(value, dict):
+            return [f"{where}: not an object"]
+        props = schema.get("properties", {})
+        errors += [f"{where}.{k}: required" for k in schema.get("required", []) if k not in value]
+        if "x-kubernetes-preserve-unknown-fields" not in schema and props:
+            errors += [f"{where}.{k}: unknown field" for k in value if k not in props]
+        for k, v in value.items():
+            if k in props:
+                errors += schema_errors(v, props[k], f"{where}.{k}")
+    elif kind == "string":
+        if not isinstance(value, str):
+            return [f"{where}: not a string"]
+        if schema.get("format") == "byte":
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                errors.append(f"{where}: not base64")
+    elif kind == "array":
+        if not isinstance(value, list):
+            return [f"{where}: not an array"]
+        for i, v in enumerate(value):
+            errors += schema_errors(v, schema.get("items", {}), f"{where}[{i}]")
+    return errors
+
+
+def check_components(docs):
+    """The optional components: monitoring and changed-block tracking."""
+    (ds,) = of_kind(docs, "DaemonSet")
+    cs = containers(ds)
+    ports = {p["name"]: p["containerPort"] for c in cs.values() for p in c.get("ports", [])}
+
+    # Prometheus Operator objects: the rules are the shipped rules file, and
+    # the PodMonitor scrapes ports the pod declares.
+    (rule,) = of_kind(docs, "PrometheusRule")
+    check(rule["spec"] == load(RULES_FILE)[0], f"PrometheusRule equals {RULES_FILE}")
+    (pm,) = of_kind(docs, "PodMonitor")
+    check(pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items(),
+          "PodMonitor selects the driver's pods")
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        check(ep["port"] in ports, f"PodMonitor port {ep['port']} is declared by the pod")
+    check({ep["port"] for ep in pm["spec"]["podMetricsEndpoints"]} == {"metrics", "healthz"},
+          "PodMonitor scrapes the driver and the prober")
+
+    # Changed-block tracking: the CR is valid for its CRD, names the driver,
+    # and points at the Service in front of the sidecar, which talks to the
+    # driver's socket under an account allowed to review tokens.
+    (crd,) = load(SMS_CRD)
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    (sms,) = of_kind(docs, "SnapshotMetadataService")
+    errors = schema_errors(sms, schema)
+    check(not errors, f"SnapshotMetadataService against its CRD: {errors}")
+    check(sms["apiVersion"] == f"{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}",
+          "SnapshotMetadataService apiVersion is the CRD's")
+    (csidriver,) = of_kind(docs, "CSIDriver")
+    check(sms["metadata"]["name"] == csidriver["metadata"]["name"], "SnapshotMetadataService is named for the driver")
+    svc = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "ferrovol-snapshot-metadata"][0]
+    (svc_port,) = svc["spec"]["ports"]
+    check(sms["spec"]["address"] == f"{svc['metadata']['name']}.{svc['metadata']['namespace']}:{svc_port['port']}",
+          "SnapshotMetadataService address is the sidecar's Service")
+    check(svc_port["targetPort"] in ports and ports[svc_port["targetPort"]] == 50051,
+          "the Service targets the sidecar's port")
+    sidecar = cs.get("csi-snapshot-metadata")
+    check(sidecar is not None, "the snapshot metadata sidecar runs beside the driver")
+    check(arg(sidecar, "--csi-address") == arg(cs["ferrovol"], "--endpoint").removeprefix("unix://"),
+          "the snapshot metadata sidecar talks to the driver's socket")
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    cert_dir = arg(sidecar, "--tls-cert").rsplit("/", 1)[0]
+    mounted = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    check("secret" in vols.get(mounted.get(cert_dir, ""), {}), "the sidecar's certificate comes from a Secret")
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
+    sa, ns = ds["spec"]["template"]["spec"]["serviceAccountName"], ds["metadata"]["namespace"]
+    for resource, verb in [("tokenreviews", "create"), ("subjectaccessreviews", "create"),
+                           ("snapshotmetadataservices", "get"), ("volumesnapshots", "get"),
+                           ("volumesnapshotcontents", "get")]:
+        check(grants(roles, bindings, sa, ns, resource, verb), f"csi-snapshot-metadata may {verb} {resource}")
+    client = roles.get(("ClusterRole", "ferrovol-snapshot-metadata-client"), {})
+    check(any("serviceaccounts/token" in r["resources"] for r in client.get("rules", [])),
+          "the backup client role may mint audience tokens")
+
+
+def check_node_snapshotter(docs):
+    """A node-deployment csi-snapshotter only handles contents labelled with
+    its node, which the snapshot-controller sets only with distributed
+    snapshotting: the docs must say so, and pre-provisioned contents carry
+    the label themselves."""
+    (ds,) = of_kind(docs, "DaemonSet")
+    if arg(containers(ds)["csi-snapshotter"], "--node-deployment") != "true":
+        return
+    kube_docs = open("docs/kubernetes.md").read()
+    check("--enable-distributed-snapshotting=true" in kube_docs,
+          "docs/kubernetes.md requires the snapshot-controller's distributed snapshotting")
+    for path in sorted(glob.glob("examples/*.yaml")):
+        for d in load(path):
+            if d.get("kind") == "VolumeSnapshotContent":
+                check(MANAGED_BY in d["metadata"].get("labels", {}),
+                      f"{path}: {d['metadata']['name']} carries {MANAGED_BY}")
 
 
 def containers(ds):
@@ -238,11 +348,15 @@ def main():
         check(len(docs) > 0, f"{t} renders")
         validate_schemas(t, docs)
         check_crds(t, docs)
-    for path in sorted(glob.glob("examples/*.yaml")):
+    for path in sorted(glob.glob("examples/*.yaml")) + [SMS_CRD]:
         docs = load(path)
         validate_schemas(path, docs)
         check_crds(path, docs)
     cross_checks(rendered["deploy/kubernetes/overlays/local"], binary)
+    check_node_snapshotter(rendered["deploy/kubernetes/overlays/local"])
+    check_components(rendered["deploy/kubernetes/overlays/full"])
+    r = subprocess.run(["promtool", "check", "rules", RULES_FILE], capture_output=True, text=True)
+    check(r.returncode == 0, f"promtool check rules {RULES_FILE}: {r.stdout}{r.stderr}")
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -99,13 +99,14 @@ where
     let code = code_of(&outcome);
     crate::metrics::global().observe_rpc(method, code, latency_ms / 1000.0);
     let _entered = span.enter();
+    let code = crate::error::code_name(code);
     match &outcome {
-        Ok(_) if is_chatty(method) => debug!(code = "OK", latency_ms, "rpc done"),
-        Ok(_) => info!(code = "OK", latency_ms, "rpc done"),
+        Ok(_) if is_chatty(method) => debug!(code, latency_ms, "rpc done"),
+        Ok(_) => info!(code, latency_ms, "rpc done"),
         Err(e @ (Error::Internal(_) | Error::Unavailable(_))) => {
-            error!(code = ?e.code(), latency_ms, error = e.message(), "rpc failed")
+            error!(code, latency_ms, error = e.message(), "rpc failed")
         }
-        Err(e) => warn!(code = ?e.code(), latency_ms, error = e.message(), "rpc failed"),
+        Err(e) => warn!(code, latency_ms, error = e.message(), "rpc failed"),
     }
     outcome.map(Response::new).map_err(Status::from)
 }
@@ -133,9 +134,9 @@ where
             tokio::spawn(
                 async move {
                     let outcome = work.await;
-                    let code = code_of(&outcome);
+                    let code = crate::error::code_name(code_of(&outcome));
                     if tx.send(outcome).is_err() {
-                        info!(?code, "finished after the caller stopped waiting");
+                        info!(code, "finished after the caller stopped waiting");
                     }
                 }
                 .in_current_span(),

@@ -48,8 +48,8 @@ async fn metrics_move_with_real_rpcs() {
     let (status, body) = http_get(&addr, "/metrics").await;
     assert_eq!(status, 200);
     assert_prometheus_text(&body);
-    let ok = r#"ferrovol_rpc_requests_total{method="CreateVolume",code="Ok"}"#;
-    let bad = r#"ferrovol_rpc_requests_total{method="CreateVolume",code="InvalidArgument"}"#;
+    let ok = r#"ferrovol_rpc_requests_total{method="CreateVolume",code="OK"}"#;
+    let bad = r#"ferrovol_rpc_requests_total{method="CreateVolume",code="INVALID_ARGUMENT"}"#;
     assert_eq!(sample(&body, ok), Some(1.0), "{body}");
     assert_eq!(sample(&body, bad), Some(1.0));
     let count = r#"ferrovol_rpc_duration_seconds_count{method="CreateVolume"}"#;

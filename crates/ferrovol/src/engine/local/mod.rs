@@ -329,7 +329,8 @@ impl Engine for LocalEngine {
         let snapshots =
             self.journal.scan::<SnapshotRecord>(None, usize::MAX, |r| ready(r.state()))?;
         let groups = self.journal.scan::<GroupRecord>(None, usize::MAX, |r| ready(r.state()))?;
-        let (available, total) = self.pool.space()?;
+        let (_, total) = self.pool.space()?;
+        let used = self.pool.used()?;
         let root = self.pool.root().to_path_buf();
         let attached = blocking(move || {
             let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
@@ -341,7 +342,7 @@ impl Engine for LocalEngine {
             snapshots: snapshots.len() as u64,
             groups: groups.len() as u64,
             pool_capacity_bytes: total,
-            pool_used_bytes: total.saturating_sub(available),
+            pool_used_bytes: used,
             provisioned_bytes: volumes.iter().map(|v| v.capacity).sum(),
             attached,
             cow_method: self.method.as_str().to_string(),

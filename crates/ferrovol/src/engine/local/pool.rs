@@ -200,9 +200,21 @@ impl Pool {
 
     /// Bytes free for new data, and the size of the whole pool filesystem.
     pub fn space(&self) -> Result<(u64, u64)> {
-        let st = rustix::fs::statvfs(&self.root)
-            .map_err(|e| Error::io(format!("statvfs {}", self.root.display()), e.into()))?;
+        let st = self.statvfs()?;
         Ok((st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize))
+    }
+
+    /// Bytes in use, as df counts them: all blocks less the free ones
+    /// (free to anyone, root's reserve included — unlike [`Pool::space`]'s
+    /// available bytes, which leave the reserve out).
+    pub fn used(&self) -> Result<u64> {
+        let st = self.statvfs()?;
+        Ok(st.f_blocks.saturating_sub(st.f_bfree) * st.f_frsize)
+    }
+
+    fn statvfs(&self) -> Result<rustix::fs::StatVfs> {
+        rustix::fs::statvfs(&self.root)
+            .map_err(|e| Error::io(format!("statvfs {}", self.root.display()), e.into()))
     }
 }
 

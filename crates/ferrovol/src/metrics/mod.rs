@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -23,6 +23,9 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::engine::EngineStats;
+
+mod format;
+pub use format::{to_classic, wants_openmetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -165,7 +168,7 @@ impl Metrics {
     }
 
     pub fn observe_rpc(&self, method: &str, code: tonic::Code, seconds: f64) {
-        let code = format!("{code:?}");
+        let code = crate::error::code_name(code).to_string();
         self.rpcs.get_or_create(&RpcLabels { method: method.to_string(), code }).inc();
         self.latency.get_or_create(&MethodLabel { method: method.to_string() }).observe(seconds);
     }
@@ -209,6 +212,7 @@ impl Metrics {
     }
 }
 
+/// The registry in OpenMetrics text; [`to_classic`] makes the classic format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -218,17 +222,24 @@ pub fn encode(registry: &Registry) -> String {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// What the HTTP endpoints answer: the metrics text, and health (Err with
-/// the reason when unhealthy).
+/// What the HTTP endpoints answer: the metrics as OpenMetrics text, and
+/// health (Err with the reason when unhealthy).
 #[derive(Clone)]
 pub struct Endpoints {
     pub metrics: Arc<dyn Fn() -> BoxFuture<String> + Send + Sync>,
     pub health: Arc<dyn Fn() -> BoxFuture<Result<(), String>> + Send + Sync>,
 }
 
-async fn metrics_handler(State(ep): State<Endpoints>) -> impl IntoResponse {
+/// Answers in the format the scraper's `Accept` header asks for, under the
+/// Content-Type that names it (see [`format`]).
+async fn metrics_handler(State(ep): State<Endpoints>, headers: HeaderMap) -> impl IntoResponse {
     let body = (ep.metrics)().await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if wants_openmetrics(accept) {
+        ([(header::CONTENT_TYPE, format::OPENMETRICS)], body)
+    } else {
+        ([(header::CONTENT_TYPE, format::CLASSIC)], to_classic(&body))
+    }
 }
 
 async fn health_handler(State(ep): State<Endpoints>) -> impl IntoResponse {
