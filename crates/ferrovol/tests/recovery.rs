@@ -222,7 +222,7 @@ async fn a_call_that_outlives_its_deadline_still_completes() {
     let done = driver
         .wait_for_log("finished after the caller stopped waiting")
         .expect("the call finished");
-    assert!(done.contains("code=OK"), "{done}");
+    assert!(done.contains(r#"code="OK""#), "{done}");
     let volume = c
         .create_volume(req::create("slow-pvc", 16 * MIB))
         .await
