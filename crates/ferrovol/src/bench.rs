@@ -38,6 +38,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
+    /// A no-op RPC (GetPluginInfo): the floor under every call.
+    Rpc,
     Provisioning,
     Cow,
     Node,
@@ -116,6 +118,9 @@ async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {
     println!("ferrovol bench: pool {} (driver {})", pool_dir.display(), crate::version::VERSION);
 
     let run = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    if run(Section::Rpc) {
+        noop_rpc_latency(&channel, 20_000).await?;
+    }
     if run(Section::Provisioning) {
         for concurrency in [1usize, 8] {
             let rate = provisioning(&channel, concurrency, args.pairs).await?;
@@ -473,6 +478,26 @@ async fn data_path(
 }
 
 /// Pairs of CreateVolume+DeleteVolume per second with `concurrency` clients.
+/// GetPluginInfo, one call after another on one connection: what the socket,
+/// HTTP/2 and the RPC plumbing cost before any work.
+async fn noop_rpc_latency(channel: &Channel, calls: usize) -> Result<(), String> {
+    let mut id = csi::identity_client::IdentityClient::new(channel.clone());
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        id.get_plugin_info(csi::GetPluginInfoRequest {}).await.map_err(|s| s.to_string())?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    let us = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    println!(
+        "no-op RPC (GetPluginInfo, {calls} calls): p50 {:.0} µs  p99 {:.0} µs",
+        us(0.5),
+        us(0.99)
+    );
+    Ok(())
+}
+
 async fn provisioning(channel: &Channel, concurrency: usize, pairs: usize) -> Result<f64, String> {
     let per_worker = pairs.div_ceil(concurrency);
     let started = Instant::now();

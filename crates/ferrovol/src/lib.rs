@@ -9,6 +9,7 @@
 //! - [`error`]: our errors and their one mapping to gRPC codes;
 //! - [`cli`]: the command line.
 
+pub mod authority;
 pub mod bench;
 pub mod cli;
 pub mod ctl;

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use ferrovol_csi as csi;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use crate::authority::AuthorityFix;
 use crate::cli::ServeArgs;
 use crate::endpoint::{self, Endpoint, SocketState};
 use crate::engine::local::LocalEngine;
@@ -100,7 +102,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 warn!(socket = %path.display(), "replaced a stale socket left by a dead process");
             }
             socket_path = Some(path.clone());
-            let incoming = UnixListenerStream::new(listener);
+            // Clients other than grpc-go send the socket path as the
+            // authority; see `authority`.
+            let incoming =
+                UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
         Endpoint::Tcp(addr) => {
