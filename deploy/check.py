@@ -256,7 +256,8 @@ def cross_checks(docs, binary):
     check(host_dir == f"/var/lib/kubelet/plugins/{name}", "socket under the kubelet's plugins dir, named for the driver")
     for c in cs:
         if c != "ferrovol":
-            address = (arg(cs[c], "--csi-address") or "").removeprefix("unix://")
+            # The sidecars' flag, or ours (ferrovol probe) with the same meaning.
+            address = (arg(cs[c], "--csi-address") or arg(cs[c], "--endpoint") or "").removeprefix("unix://")
             check(address == sock and mount_of[c].get("socket-dir") == sock_dir,
                   f"{c} talks to the plugin socket")
 

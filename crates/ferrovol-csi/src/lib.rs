@@ -13,3 +13,12 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// Keys of the volume context under which ferrovol reports a volume's name
+/// and creation time (RFC 3339), for people and tools that list volumes.
+/// Shared here so the driver and the tools agree without depending on each
+/// other.
+pub mod context {
+    pub const NAME: &str = "csi.ferrovol.io/name";
+    pub const CREATED: &str = "csi.ferrovol.io/created";
+}

@@ -47,7 +47,7 @@ pub enum PoolCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Image size, e.g. 20G.
-        #[arg(long, value_parser = crate::poolinit::parse_size)]
+        #[arg(long, value_parser = crate::units::parse_size)]
         size: u64,
         /// Filesystem of the pool.
         #[arg(long, value_enum, default_value_t = crate::poolinit::PoolFs::Xfs)]
@@ -103,8 +103,9 @@ impl Mode {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// CSI endpoint: unix:///abs/path.sock, a plain path, or tcp://host:port
-    /// (debugging only). Default: <state-dir>/csi.sock.
-    #[arg(long, env = "FERROVOL_ENDPOINT")]
+    /// (debugging only). Default: $CSI_ENDPOINT, else /run/ferrovol/csi.sock
+    /// as root ($XDG_RUNTIME_DIR/ferrovol/csi.sock otherwise).
+    #[arg(long, visible_alias = "csi-address", env = "FERROVOL_ENDPOINT")]
     pub endpoint: Option<String>,
 
     /// This node's id as reported to the CO. Default: the hostname.
@@ -142,4 +143,34 @@ pub struct ServeArgs {
     /// Seconds to let in-flight RPCs finish after SIGTERM/SIGINT.
     #[arg(long, env = "FERROVOL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     pub shutdown_timeout: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it is for.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "ferrovol", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+    }
 }

@@ -16,26 +16,48 @@ use tonic::transport::Channel;
 use crate::endpoint::{self, Endpoint};
 
 #[derive(Debug, Args)]
+#[command(after_help = EXIT_CODES)]
 pub struct CtlArgs {
-    /// The driver's CSI endpoint.
-    #[arg(
-        long,
-        env = "CSI_ENDPOINT",
-        global = true,
-        default_value = "unix://./ferrovol-data/csi.sock"
-    )]
-    pub endpoint: String,
-    /// Output format.
+    /// The driver's CSI endpoint: unix:///path, a path, or tcp://host:port.
+    /// Default: $CSI_ENDPOINT, else the default socket of `ferrovol serve`
+    /// (/run/ferrovol/csi.sock as root).
+    #[arg(long, visible_alias = "csi-address", env = "FERROVOL_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+    /// Output format. Errors follow it: with json, an error is a JSON object
+    /// on stderr.
     #[arg(long, short, value_enum, global = true, default_value_t = Output::Table)]
     pub output: Output,
-    /// Deadline for each call, e.g. 30s.
-    #[arg(long, global = true, default_value = "60s", value_parser = crate::prober::parse_duration)]
-    pub timeout: Duration,
+    /// Sizes in the table as exact bytes instead of human units (KiB, MiB,
+    /// GiB: binary).
+    #[arg(long, global = true)]
+    pub bytes: bool,
+    /// Deadline for each call, e.g. 30s, 10m. Default: 60s, and 1h for calls
+    /// that may copy data or make a filesystem (create from a snapshot or
+    /// volume, snapshots, group snapshots, stage, expand).
+    #[arg(long, global = true, value_parser = crate::units::parse_duration)]
+    pub timeout: Option<Duration>,
     /// A file of `key=value` lines sent as the request's secrets.
     #[arg(long, global = true)]
     pub secrets_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 done, 2 bad usage, 3 driver unreachable, 4 invalid \
+request (INVALID_ARGUMENT, OUT_OF_RANGE), 5 not found, 6 conflict (ALREADY_EXISTS, \
+FAILED_PRECONDITION), 7 try again (ABORTED, UNAVAILABLE, DEADLINE_EXCEEDED), 8 no space \
+(RESOURCE_EXHAUSTED), 9 not supported (UNIMPLEMENTED), 10 the driver failed (INTERNAL, \
+UNKNOWN and any other code).";
+
+/// Deadlines when --timeout is not given.
+const QUICK: Duration = Duration::from_secs(60);
+const LONG: Duration = Duration::from_secs(3600);
+
+/// The deadline of each kind of call.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    quick: Duration,
+    long: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,6 +77,7 @@ pub enum CtlCommand {
     Capacity {
         #[command(flatten)]
         cap: CapArgs,
+        /// StorageClass-style parameter `key=value`, repeatable.
         #[arg(long = "param", value_parser = key_value)]
         params: Vec<(String, String)>,
         /// Topology segment `key=value`, repeatable.
@@ -87,6 +110,7 @@ pub struct CapArgs {
     /// A raw block volume instead of a filesystem.
     #[arg(long, conflicts_with = "fs")]
     pub block: bool,
+    /// The access mode asked for.
     #[arg(long, value_enum, default_value_t = AccessMode::SingleNodeWriter)]
     pub access_mode: AccessMode,
 }
@@ -112,16 +136,25 @@ impl CapArgs {
 pub enum SnapshotCommand {
     /// CreateSnapshot of a volume.
     Create {
+        /// The snapshot's name (the CO's idempotency key).
         name: String,
+        /// The volume to snapshot.
         #[arg(long)]
         volume: String,
     },
     /// DeleteSnapshot.
-    Delete { snapshot_id: String },
+    Delete {
+        /// The snapshot to delete.
+        snapshot_id: String,
+    },
     /// GetSnapshot.
-    Get { snapshot_id: String },
+    Get {
+        /// The snapshot to show.
+        snapshot_id: String,
+    },
     /// ListSnapshots (all pages), optionally of one volume.
     List {
+        /// Only snapshots of this volume.
         #[arg(long)]
         volume: Option<String>,
     },
@@ -131,21 +164,31 @@ pub enum SnapshotCommand {
 pub enum GroupCommand {
     /// CreateVolumeGroupSnapshot of several volumes at one instant.
     Create {
+        /// The group snapshot's name.
         name: String,
+        /// The volumes it covers.
         #[arg(required = true)]
         volumes: Vec<String>,
     },
     /// DeleteVolumeGroupSnapshot.
-    Delete { group_snapshot_id: String },
+    Delete {
+        /// The group snapshot to delete, with its member snapshots.
+        group_snapshot_id: String,
+    },
     /// GetVolumeGroupSnapshot.
-    Get { group_snapshot_id: String },
+    Get {
+        /// The group snapshot to show.
+        group_snapshot_id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// NodeStageVolume.
     Stage {
+        /// The volume to stage.
         volume_id: String,
+        /// The staging directory (under the driver's kubelet dir).
         #[arg(long)]
         staging: String,
         #[command(flatten)]
@@ -153,11 +196,15 @@ pub enum NodeCommand {
     },
     /// NodePublishVolume.
     Publish {
+        /// The volume to publish.
         volume_id: String,
+        /// Where it was staged.
         #[arg(long)]
         staging: String,
+        /// The pod's target path.
         #[arg(long)]
         target: String,
+        /// Publish read-only.
         #[arg(long)]
         readonly: bool,
         #[command(flatten)]
@@ -165,28 +212,38 @@ pub enum NodeCommand {
     },
     /// NodeUnpublishVolume.
     Unpublish {
+        /// The volume to unpublish.
         volume_id: String,
+        /// The target path it was published at.
         #[arg(long)]
         target: String,
     },
     /// NodeUnstageVolume.
     Unstage {
+        /// The volume to unstage.
         volume_id: String,
+        /// The staging path it was staged at.
         #[arg(long)]
         staging: String,
     },
     /// NodeGetVolumeStats.
     Stats {
+        /// The volume to measure.
         volume_id: String,
+        /// A path where it is staged or published.
         #[arg(long)]
         path: String,
     },
-    /// NodeExpandVolume.
+    /// NodeExpandVolume: grow the filesystem (and the volume, on drivers
+    /// that grow on the node).
     Expand {
+        /// The volume to grow.
         volume_id: String,
+        /// A path where it is staged or published.
         #[arg(long)]
         path: String,
-        #[arg(long, value_parser = crate::poolinit::parse_size)]
+        /// The new size, e.g. 2G, 1.5G (binary units).
+        #[arg(long, value_parser = crate::units::parse_size)]
         size: u64,
     },
 }
@@ -195,18 +252,25 @@ pub enum NodeCommand {
 pub enum MetadataCommand {
     /// GetMetadataAllocated: the allocated ranges of a snapshot.
     Allocated {
+        /// The snapshot.
         snapshot_id: String,
+        /// Byte offset to start from.
         #[arg(long, default_value_t = 0)]
         start: i64,
+        /// Ranges per streamed message (0: the driver's choice).
         #[arg(long, default_value_t = 0)]
         max: i32,
     },
     /// GetMetadataDelta: the ranges that changed between two snapshots.
     Delta {
+        /// The older snapshot.
         base_snapshot_id: String,
+        /// The newer snapshot, of the same volume.
         target_snapshot_id: String,
+        /// Byte offset to start from.
         #[arg(long, default_value_t = 0)]
         start: i64,
+        /// Ranges per streamed message (0: the driver's choice).
         #[arg(long, default_value_t = 0)]
         max: i32,
     },
@@ -216,17 +280,21 @@ pub enum MetadataCommand {
 pub enum VolumeCommand {
     /// CreateVolume.
     Create {
+        /// The volume's name (the CO's idempotency key).
         name: String,
-        /// Size, e.g. 1G, 512M.
-        #[arg(long, value_parser = crate::poolinit::parse_size)]
+        /// Size, e.g. 1G, 1.5G, 512M (binary units: 1G = 1 GiB). Without it
+        /// the driver picks its default size.
+        #[arg(long, value_parser = crate::units::parse_size)]
         size: Option<u64>,
         #[command(flatten)]
         cap: CapArgs,
         /// StorageClass-style parameters, `key=value`, repeatable.
         #[arg(long = "param", value_parser = key_value)]
         params: Vec<(String, String)>,
+        /// Restore this snapshot into the new volume.
         #[arg(long, conflicts_with = "from_volume")]
         from_snapshot: Option<String>,
+        /// Clone this volume into the new volume.
         #[arg(long)]
         from_volume: Option<String>,
         /// Required topology segment `key=value`, repeatable.
@@ -234,20 +302,29 @@ pub enum VolumeCommand {
         topology: Vec<(String, String)>,
     },
     /// DeleteVolume.
-    Delete { volume_id: String },
+    Delete {
+        /// The volume to delete.
+        volume_id: String,
+    },
     /// ControllerGetVolume.
-    Get { volume_id: String },
-    /// ListVolumes (all pages).
+    Get {
+        /// The volume to show.
+        volume_id: String,
+    },
+    /// ListVolumes (all pages): ID, name, size, condition and age.
     List,
     /// ControllerExpandVolume (drivers that grow volumes on the node answer
     /// UNIMPLEMENTED; use `ctl node expand`).
     Expand {
+        /// The volume to grow.
         volume_id: String,
-        #[arg(long, value_parser = crate::poolinit::parse_size)]
+        /// The new size, e.g. 2G, 1.5G (binary units).
+        #[arg(long, value_parser = crate::units::parse_size)]
         size: u64,
     },
     /// ValidateVolumeCapabilities.
     Validate {
+        /// The volume to check.
         volume_id: String,
         #[command(flatten)]
         cap: CapArgs,
@@ -303,6 +380,28 @@ pub mod exit {
 pub struct CtlError {
     pub message: String,
     pub code: u8,
+    /// The gRPC code, when the driver answered with one.
+    pub grpc: Option<&'static str>,
+}
+
+impl CtlError {
+    fn new(code: u8, message: impl Into<String>) -> CtlError {
+        CtlError { message: message.into(), code, grpc: None }
+    }
+
+    /// The error as ctl prints it (once, on stderr): a line of text, or a
+    /// JSON object when the output is JSON.
+    pub fn render(&self, output: Output) -> String {
+        match output {
+            Output::Json => json!({ "error": {
+                "message": self.message,
+                "grpc_code": self.grpc,
+                "exit_code": self.code,
+            }})
+            .to_string(),
+            _ => format!("ferrovol ctl: {}", self.message),
+        }
+    }
 }
 
 impl From<tonic::Status> for CtlError {
@@ -317,16 +416,15 @@ impl From<tonic::Status> for CtlError {
             Unimplemented => exit::UNSUPPORTED,
             _ => exit::FAILED,
         };
-        CtlError { message: format!("{:?}: {}", s.code(), s.message()), code }
+        let name = crate::error::code_name(s.code());
+        CtlError { message: format!("{name}: {}", s.message()), code, grpc: Some(name) }
     }
 }
 
 fn secrets(path: &Option<PathBuf>) -> Result<HashMap<String, String>, CtlError> {
     let Some(p) = path else { return Ok(HashMap::new()) };
-    let text = std::fs::read_to_string(p).map_err(|e| CtlError {
-        message: format!("reading {}: {e}", p.display()),
-        code: exit::USAGE,
-    })?;
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| CtlError::new(exit::USAGE, format!("reading {}: {e}", p.display())))?;
     Ok(text
         .lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
@@ -344,11 +442,22 @@ fn volume_json(v: &csi::Volume) -> Value {
     });
     json!({
         "volume_id": v.volume_id,
+        // ferrovol says these in the context; other drivers' show `-`.
+        "name": v.volume_context.get(csi::context::NAME),
         "capacity_bytes": v.capacity_bytes,
+        "created": v.volume_context.get(csi::context::CREATED),
         "content_source": source,
         "accessible_topology": v.accessible_topology.iter().map(|t| &t.segments).collect::<Vec<_>>(),
         "volume_context": v.volume_context,
     })
+}
+
+fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
+    let Some(t) = t else { return Value::Null };
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_secs(t.seconds.max(0) as u64)
+        + Duration::from_nanos(t.nanos.max(0) as u64);
+    json!(crate::units::rfc3339(at))
 }
 
 fn snapshot_json(s: &csi::Snapshot) -> Value {
@@ -357,7 +466,7 @@ fn snapshot_json(s: &csi::Snapshot) -> Value {
         "source_volume_id": s.source_volume_id,
         "size_bytes": s.size_bytes,
         "ready_to_use": s.ready_to_use,
-        "creation_time": s.creation_time.as_ref().map(|t| t.seconds),
+        "creation_time": time_json(&s.creation_time),
         "group_snapshot_id": s.group_snapshot_id,
     })
 }
@@ -366,62 +475,118 @@ fn group_json(g: &csi::VolumeGroupSnapshot) -> Value {
     json!({
         "group_snapshot_id": g.group_snapshot_id,
         "ready_to_use": g.ready_to_use,
-        "creation_time": g.creation_time.as_ref().map(|t| t.seconds),
+        "creation_time": time_json(&g.creation_time),
         "snapshots": g.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
     })
 }
 
-/// Renders a result: JSON and YAML as they are; a table for lists of
-/// objects, `key: value` lines for one object.
-fn emit(output: Output, value: &Value) {
+/// What a command answers: the value (printed as is for JSON and YAML), and
+/// for lists the table's columns. Each column is a header and how to show
+/// one row's cell.
+struct Answer {
+    value: Value,
+    columns: Vec<(&'static str, Cell)>,
+}
+
+#[derive(Clone, Copy)]
+enum Cell {
+    /// A field shown as it is.
+    Text(&'static str),
+    /// A byte count: human units unless --bytes.
+    Size(&'static str),
+    /// An RFC 3339 time shown as an age.
+    Age(&'static str),
+    /// The volume condition of a list entry.
+    Condition,
+}
+
+impl From<Value> for Answer {
+    fn from(value: Value) -> Answer {
+        Answer { value, columns: Vec::new() }
+    }
+}
+
+fn cell(row: &Value, how: Cell, bytes: bool, now: std::time::SystemTime) -> String {
+    let text = |v: &Value| match v {
+        Value::String(s) if !s.is_empty() => s.clone(),
+        Value::String(_) | Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    match how {
+        Cell::Text(k) => text(&row[k]),
+        Cell::Size(k) => match row[k].as_u64() {
+            Some(n) if !bytes => crate::units::human_size(n),
+            _ => text(&row[k]),
+        },
+        Cell::Age(k) => row[k]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .map_or_else(|| "-".into(), |t| crate::units::age(t, now)),
+        Cell::Condition => match (&row["condition"]["abnormal"], &row["condition"]["message"]) {
+            (Value::Bool(true), m) => format!("abnormal: {}", text(m)),
+            (Value::Bool(false), _) => "healthy".into(),
+            _ => "-".into(),
+        },
+    }
+}
+
+/// Renders an answer: JSON and YAML as they are; a table with a header (also
+/// when empty) for lists; `key: value` lines for one object.
+fn render(output: Output, answer: &Answer, bytes: bool) -> String {
+    let value = &answer.value;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
-        Output::Yaml => print!("{}", yaml(value, 0)),
+        Output::Json => format!("{}\n", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Yaml => yaml(value, 0),
         Output::Table => match value {
-            Value::Array(rows) if rows.iter().all(Value::is_object) => {
-                let Some(first) = rows.first().and_then(Value::as_object) else { return };
-                let cols: Vec<&String> = first
-                    .keys()
-                    .filter(|k| rows.iter().all(|r| !r[k.as_str()].is_object()))
-                    .collect();
-                let cell = |v: &Value| match v {
-                    Value::String(s) => s.clone(),
-                    Value::Null => "-".into(),
-                    other => other.to_string(),
-                };
-                let widths: Vec<usize> = cols
+            Value::Array(rows) if !answer.columns.is_empty() => {
+                let now = std::time::SystemTime::now();
+                let cells: Vec<Vec<String>> = rows
                     .iter()
-                    .map(|c| {
-                        rows.iter()
-                            .map(|r| cell(&r[c.as_str()]).len())
-                            .max()
-                            .unwrap_or(0)
-                            .max(c.len())
+                    .map(|r| {
+                        answer.columns.iter().map(|(_, how)| cell(r, *how, bytes, now)).collect()
                     })
                     .collect();
-                let line = |cells: Vec<String>| {
-                    cells
-                        .iter()
-                        .zip(&widths)
-                        .map(|(c, w)| format!("{c:<w$}"))
-                        .collect::<Vec<_>>()
-                        .join("  ")
+                let headers: Vec<String> =
+                    answer.columns.iter().map(|(h, _)| h.to_string()).collect();
+                let widths: Vec<usize> = (0..headers.len())
+                    .map(|i| {
+                        cells
+                            .iter()
+                            .map(|r| r[i].len())
+                            .chain([headers[i].len()])
+                            .max()
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                let line = |cells: &[String]| {
+                    let padded: Vec<String> =
+                        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                    format!("{}\n", padded.join("  ").trim_end())
                 };
-                println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
-                for r in rows {
-                    println!("{}", line(cols.iter().map(|c| cell(&r[c.as_str()])).collect()));
-                }
+                std::iter::once(&headers).chain(&cells).map(|r| line(r)).collect()
             }
-            Value::Object(map) => {
-                for (k, v) in map {
-                    match v {
-                        Value::String(s) => println!("{k}: {s}"),
-                        other => println!("{k}: {other}"),
-                    }
-                }
-            }
-            other => println!("{other}"),
+            Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => format!("{k}: {s}\n"),
+                    other => format!("{k}: {other}\n"),
+                })
+                .collect(),
+            other => format!("{other}\n"),
         },
+    }
+}
+
+/// Writes the answer. A reader that stops early (`| head -1`) is not an
+/// error: it has what it wanted, as with any Unix tool.
+fn write_stdout(text: &str) -> Result<(), CtlError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CtlError::new(exit::FAILED, format!("writing the answer: {e}")))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -451,12 +616,14 @@ fn yaml(v: &Value, indent: usize) -> String {
     }
 }
 
-async fn channel(endpoint: &str) -> Result<Channel, CtlError> {
-    let ep =
-        Endpoint::parse(endpoint).map_err(|message| CtlError { message, code: exit::USAGE })?;
-    endpoint::connect(&ep).await.map_err(|e| CtlError {
-        message: format!("cannot reach {ep}: {e}"),
-        code: exit::UNREACHABLE,
+async fn channel(given: Option<&str>) -> Result<Channel, CtlError> {
+    let ep = endpoint::resolve(given).map_err(|m| CtlError::new(exit::USAGE, m))?;
+    endpoint::connect(&ep).await.map_err(|e| {
+        let why = match &ep {
+            Endpoint::Unix(path) => endpoint::diagnose(path),
+            Endpoint::Tcp(_) => e.to_string(),
+        };
+        CtlError::new(exit::UNREACHABLE, format!("cannot reach {ep}: {why}"))
     })
 }
 
@@ -595,16 +762,17 @@ async fn info(ch: Channel, t: Duration) -> Result<Value, CtlError> {
 }
 
 pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
-    let ch = channel(&args.endpoint).await?;
+    let ch = channel(args.endpoint.as_deref()).await?;
     let secrets = secrets(&args.secrets_file)?;
-    let t = args.timeout;
+    let d = Deadlines { quick: args.timeout.unwrap_or(QUICK), long: args.timeout.unwrap_or(LONG) };
+    let t = d.quick;
     let mut c = csi::controller_client::ControllerClient::new(ch.clone());
-    let value = match args.command {
-        CtlCommand::Info => info(ch, t).await?,
+    let answer: Answer = match args.command {
+        CtlCommand::Info => info(ch, t).await?.into(),
         CtlCommand::Probe => {
             let mut id = csi::identity_client::IdentityClient::new(ch);
             let r = id.probe(request(csi::ProbeRequest {}, t)).await?.into_inner();
-            json!({ "ready": r.ready.unwrap_or(true) })
+            json!({ "ready": r.ready.unwrap_or(true) }).into()
         }
         CtlCommand::Capacity { cap, params, topology } => {
             let r = c
@@ -624,23 +792,47 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
                 "maximum_volume_size": r.maximum_volume_size,
                 "minimum_volume_size": r.minimum_volume_size,
             })
+            .into()
         }
-        CtlCommand::Volume(cmd) => volume(&mut c, cmd, secrets, t).await?,
-        CtlCommand::Snapshot(cmd) => snapshot(&mut c, cmd, secrets, t).await?,
-        CtlCommand::GroupSnapshot(cmd) => group(ch, cmd, secrets, t).await?,
-        CtlCommand::Node(cmd) => node(ch, cmd, secrets, t).await?,
-        CtlCommand::Metadata(cmd) => metadata(ch, cmd, secrets, t).await?,
+        CtlCommand::Volume(cmd) => volume(&mut c, cmd, secrets, d, args.output).await?,
+        CtlCommand::Snapshot(cmd) => snapshot(&mut c, cmd, secrets, d, args.output).await?,
+        CtlCommand::GroupSnapshot(cmd) => group(ch, cmd, secrets, d).await?.into(),
+        CtlCommand::Node(cmd) => node(ch, cmd, secrets, d).await?.into(),
+        CtlCommand::Metadata(cmd) => metadata(ch, cmd, secrets, t).await?.into(),
     };
-    emit(args.output, &value);
-    Ok(())
+    write_stdout(&render(args.output, &answer, args.bytes))
+}
+
+/// Whether a call's NOT_FOUND answer means "there is nothing": the driver
+/// answered NOT_FOUND (true), it found the object (false). A driver that
+/// cannot look objects up (UNIMPLEMENTED) is taken as "it may exist".
+fn absent<T>(r: Result<T, tonic::Status>) -> Result<bool, CtlError> {
+    match r {
+        Ok(_) => Ok(false),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(true),
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(false),
+        Err(s) => Err(s.into()),
+    }
+}
+
+/// What `delete` says when the object did not exist: DeleteVolume and
+/// DeleteSnapshot succeed either way (they are idempotent), so ctl asks
+/// first and says there was nothing to delete.
+fn nothing_to_delete(kind: &str, id: &str, output: Output) -> Value {
+    if output == Output::Table {
+        eprintln!("ferrovol ctl: nothing to delete: no {kind} {id}");
+    }
+    json!({ "deleted": null, "not_found": id })
 }
 
 async fn volume(
     c: &mut csi::controller_client::ControllerClient<Channel>,
     cmd: VolumeCommand,
     secrets: HashMap<String, String>,
-    t: Duration,
-) -> Result<Value, CtlError> {
+    d: Deadlines,
+    output: Output,
+) -> Result<Answer, CtlError> {
+    let t = d.quick;
     Ok(match cmd {
         VolumeCommand::Create { name, size, cap, params, from_snapshot, from_volume, topology } => {
             use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
@@ -665,16 +857,31 @@ async fn volume(
                 }),
                 ..Default::default()
             };
-            let r = progress("creating volume", c.create_volume(request(req, t))).await?;
-            volume_json(&r.into_inner().volume.unwrap_or_default())
+            let r = progress("creating volume", c.create_volume(request(req, d.long))).await?;
+            let mut v = volume_json(&r.into_inner().volume.unwrap_or_default());
+            if size.is_none() {
+                let chosen = v["capacity_bytes"].as_u64().unwrap_or(0);
+                if output == Output::Table {
+                    eprintln!(
+                        "ferrovol ctl: no --size given: the driver's default size was used ({})",
+                        crate::units::human_size(chosen)
+                    );
+                }
+                v["default_size"] = json!(true);
+            }
+            v.into()
         }
         VolumeCommand::Delete { volume_id } => {
+            let get = csi::ControllerGetVolumeRequest { volume_id: volume_id.clone() };
+            if absent(c.controller_get_volume(request(get, t)).await)? {
+                return Ok(nothing_to_delete("volume", &volume_id, output).into());
+            }
             c.delete_volume(request(
                 csi::DeleteVolumeRequest { volume_id: volume_id.clone(), secrets },
                 t,
             ))
             .await?;
-            json!({ "deleted": volume_id })
+            json!({ "deleted": volume_id }).into()
         }
         VolumeCommand::Get { volume_id } => {
             let r = c
@@ -685,7 +892,7 @@ async fn volume(
             if let Some(cond) = r.status.and_then(|s| s.volume_condition) {
                 v["condition"] = json!({ "abnormal": cond.abnormal, "message": cond.message });
             }
-            v
+            v.into()
         }
         VolumeCommand::List => {
             let mut all = Vec::new();
@@ -693,13 +900,31 @@ async fn volume(
             loop {
                 let req = csi::ListVolumesRequest { max_entries: 0, starting_token: token };
                 let page = c.list_volumes(request(req, t)).await?.into_inner();
-                all.extend(page.entries.iter().filter_map(|e| e.volume.as_ref()).map(volume_json));
+                for entry in &page.entries {
+                    let Some(volume) = &entry.volume else { continue };
+                    let mut v = volume_json(volume);
+                    let status = entry.status.as_ref();
+                    if let Some(cond) = status.and_then(|s| s.volume_condition.as_ref()) {
+                        v["condition"] =
+                            json!({ "abnormal": cond.abnormal, "message": cond.message });
+                    }
+                    all.push(v);
+                }
                 if page.next_token.is_empty() {
                     break;
                 }
                 token = page.next_token;
             }
-            Value::Array(all)
+            Answer {
+                value: Value::Array(all),
+                columns: vec![
+                    ("ID", Cell::Text("volume_id")),
+                    ("NAME", Cell::Text("name")),
+                    ("SIZE", Cell::Size("capacity_bytes")),
+                    ("CONDITION", Cell::Condition),
+                    ("AGE", Cell::Age("created")),
+                ],
+            }
         }
         VolumeCommand::Expand { volume_id, size } => {
             let req = csi::ControllerExpandVolumeRequest {
@@ -711,8 +936,18 @@ async fn volume(
                 secrets,
                 volume_capability: None,
             };
-            let r = c.controller_expand_volume(request(req, t)).await?.into_inner();
-            json!({ "capacity_bytes": r.capacity_bytes, "node_expansion_required": r.node_expansion_required })
+            let r = match c.controller_expand_volume(request(req, d.long)).await {
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    let mut e = CtlError::from(s);
+                    e.message.push_str(
+                        "\nthis driver grows volumes on the node, where they are staged: use \
+                         `ferrovol ctl node expand VOLUME_ID --path STAGING_PATH --size SIZE`",
+                    );
+                    return Err(e);
+                }
+                r => r?.into_inner(),
+            };
+            json!({ "capacity_bytes": r.capacity_bytes, "node_expansion_required": r.node_expansion_required }).into()
         }
         VolumeCommand::Validate { volume_id, cap } => {
             let req = csi::ValidateVolumeCapabilitiesRequest {
@@ -722,7 +957,7 @@ async fn volume(
                 ..Default::default()
             };
             let r = c.validate_volume_capabilities(request(req, t)).await?.into_inner();
-            json!({ "confirmed": r.confirmed.is_some(), "message": r.message })
+            json!({ "confirmed": r.confirmed.is_some(), "message": r.message }).into()
         }
     })
 }
@@ -731,8 +966,10 @@ async fn snapshot(
     c: &mut csi::controller_client::ControllerClient<Channel>,
     cmd: SnapshotCommand,
     secrets: HashMap<String, String>,
-    t: Duration,
-) -> Result<Value, CtlError> {
+    d: Deadlines,
+    output: Output,
+) -> Result<Answer, CtlError> {
+    let t = d.quick;
     Ok(match cmd {
         SnapshotCommand::Create { name, volume } => {
             let req = csi::CreateSnapshotRequest {
@@ -741,19 +978,26 @@ async fn snapshot(
                 secrets,
                 ..Default::default()
             };
-            let r = progress("creating snapshot", c.create_snapshot(request(req, t))).await?;
-            snapshot_json(&r.into_inner().snapshot.unwrap_or_default())
+            let r = progress("creating snapshot", c.create_snapshot(request(req, d.long))).await?;
+            snapshot_json(&r.into_inner().snapshot.unwrap_or_default()).into()
         }
         SnapshotCommand::Delete { snapshot_id } => {
+            let get = csi::GetSnapshotRequest {
+                snapshot_id: snapshot_id.clone(),
+                secrets: secrets.clone(),
+            };
+            if absent(c.get_snapshot(request(get, t)).await)? {
+                return Ok(nothing_to_delete("snapshot", &snapshot_id, output).into());
+            }
             let req = csi::DeleteSnapshotRequest { snapshot_id: snapshot_id.clone(), secrets };
             c.delete_snapshot(request(req, t)).await?;
-            json!({ "deleted": snapshot_id })
+            json!({ "deleted": snapshot_id }).into()
         }
         SnapshotCommand::Get { snapshot_id } => {
             let r = c
                 .get_snapshot(request(csi::GetSnapshotRequest { snapshot_id, secrets }, t))
                 .await?;
-            snapshot_json(&r.into_inner().snapshot.unwrap_or_default())
+            snapshot_json(&r.into_inner().snapshot.unwrap_or_default()).into()
         }
         SnapshotCommand::List { volume } => {
             let mut all = Vec::new();
@@ -774,7 +1018,17 @@ async fn snapshot(
                 }
                 token = page.next_token;
             }
-            Value::Array(all)
+            Answer {
+                value: Value::Array(all),
+                columns: vec![
+                    ("ID", Cell::Text("snapshot_id")),
+                    ("SOURCE VOLUME", Cell::Text("source_volume_id")),
+                    ("SIZE", Cell::Size("size_bytes")),
+                    ("READY", Cell::Text("ready_to_use")),
+                    ("AGE", Cell::Age("creation_time")),
+                    ("GROUP", Cell::Text("group_snapshot_id")),
+                ],
+            }
         }
     })
 }
@@ -783,8 +1037,9 @@ async fn group(
     ch: Channel,
     cmd: GroupCommand,
     secrets: HashMap<String, String>,
-    t: Duration,
+    d: Deadlines,
 ) -> Result<Value, CtlError> {
+    let t = d.quick;
     let mut g = csi::group_controller_client::GroupControllerClient::new(ch);
     Ok(match cmd {
         GroupCommand::Create { name, volumes } => {
@@ -796,7 +1051,7 @@ async fn group(
             };
             let r = progress(
                 "creating group snapshot",
-                g.create_volume_group_snapshot(request(req, t)),
+                g.create_volume_group_snapshot(request(req, d.long)),
             )
             .await?;
             group_json(&r.into_inner().group_snapshot.unwrap_or_default())
@@ -826,8 +1081,9 @@ async fn node(
     ch: Channel,
     cmd: NodeCommand,
     secrets: HashMap<String, String>,
-    t: Duration,
+    d: Deadlines,
 ) -> Result<Value, CtlError> {
+    let t = d.quick;
     let mut n = csi::node_client::NodeClient::new(ch);
     Ok(match cmd {
         NodeCommand::Stage { volume_id, staging, cap } => {
@@ -838,7 +1094,7 @@ async fn node(
                 secrets,
                 ..Default::default()
             };
-            progress("staging", n.node_stage_volume(request(req, t))).await?;
+            progress("staging", n.node_stage_volume(request(req, d.long))).await?;
             json!({ "staged": volume_id, "staging_target_path": staging })
         }
         NodeCommand::Publish { volume_id, staging, target, readonly, cap } => {
@@ -900,8 +1156,9 @@ async fn node(
                 secrets,
                 ..Default::default()
             };
-            let r =
-                progress("expanding", n.node_expand_volume(request(req, t))).await?.into_inner();
+            let r = progress("expanding", n.node_expand_volume(request(req, d.long)))
+                .await?
+                .into_inner();
             json!({ "capacity_bytes": r.capacity_bytes })
         }
     })

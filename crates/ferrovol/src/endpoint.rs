@@ -55,6 +55,59 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// The socket every ferrovol command uses when given none: the same for
+/// `serve`, `ctl` and `probe`, and absolute, so a client finds the driver
+/// from any directory. As root `/run/ferrovol/csi.sock`; otherwise under
+/// `$XDG_RUNTIME_DIR` (a per-user directory), else `/tmp/ferrovol-<uid>`.
+pub fn default_socket() -> PathBuf {
+    let uid = rustix::process::geteuid();
+    if uid.is_root() {
+        return PathBuf::from("/run/ferrovol/csi.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("ferrovol/csi.sock"),
+        None => PathBuf::from(format!("/tmp/ferrovol-{}/csi.sock", uid.as_raw())),
+    }
+}
+
+/// The endpoint a command was told: its `--endpoint` (or `FERROVOL_ENDPOINT`,
+/// which clap reads), else `CSI_ENDPOINT` as the sidecars name it, else
+/// [`default_socket`].
+pub fn resolve(given: Option<&str>) -> Result<Endpoint, String> {
+    let from_sidecar_env = || std::env::var("CSI_ENDPOINT").ok().filter(|s| !s.trim().is_empty());
+    match given.map(str::to_string).or_else(from_sidecar_env) {
+        Some(s) => Endpoint::parse(&s),
+        None => Ok(Endpoint::Unix(default_socket())),
+    }
+}
+
+/// Why a unix socket cannot be reached, in terms of what to check.
+pub fn diagnose(path: &Path) -> String {
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => format!(
+            "no socket at {shown}: is the driver running? (start it with `ferrovol serve`, or \
+             pass --endpoint)"
+        ),
+        Err(e) => format!("cannot look at {shown}: {e}"),
+        Ok(m) if !m.file_type().is_socket() => {
+            format!("{shown} is not a socket: check --endpoint")
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => format!(
+                "{shown} refuses connections: no process serves it (the driver stopped and left \
+                 its socket?)"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => format!(
+                "no permission to connect to {shown}: run as its owner or group (the socket is \
+                 0660)"
+            ),
+            Err(e) => format!("cannot connect to {shown}: {e}"),
+            Ok(_) => format!("{shown} accepts connections but does not speak gRPC/HTTP2"),
+        },
+    }
+}
+
 /// What was found at a socket path before binding.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SocketState {

@@ -32,4 +32,5 @@ pub mod rpc;
 pub mod scratch;
 pub mod server;
 pub mod services;
+pub mod units;
 pub mod version;

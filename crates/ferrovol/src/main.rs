@@ -27,19 +27,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // ctl prints results on stdout and failures on stderr, with an exit code
-    // per failure class; every other command fails with 1.
+    // Each failure is said once. The daemons (serve, probe) say it in their
+    // log, which is where their operators look (and JSON when the log is);
+    // the tools say it on stderr: ctl as text or, with -o json, as JSON,
+    // with an exit code per failure class. Every other failure exits 1.
+    let daemon = matches!(cli.command, Command::Serve(_) | Command::Probe(_));
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Ctl(args) => ferrovol::ctl::run(args).await.map_err(|e| (e.message, e.code)),
-            other => run(other).await.map_err(|e| (e, 1)),
+            Command::Ctl(args) => {
+                let output = args.output;
+                ferrovol::ctl::run(args).await.map_err(|e| (e.render(output), e.code))
+            }
+            other => run(other).await.map_err(|e| (format!("ferrovol: {e}"), 1)),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((message, code)) => {
-            tracing::error!(error = %message, "ferrovol failed");
-            eprintln!("ferrovol: {message}");
+            if daemon {
+                tracing::error!(error = %message.trim_start_matches("ferrovol: "), "ferrovol failed");
+            } else {
+                use std::io::Write;
+                // Nothing more can be said if stderr is gone too.
+                let _ = writeln!(std::io::stderr(), "{message}");
+            }
             ExitCode::from(code)
         }
     }

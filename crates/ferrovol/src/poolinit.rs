@@ -130,34 +130,3 @@ pub fn release(pool: &PoolImage) {
         let _ = loopdev::detach(&pool.device);
     }
 }
-
-/// Parses sizes like `512M`, `20G`, `1T` or plain bytes.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = digits.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let shift = match unit.trim_end_matches(['i', 'B']).to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("invalid size unit in {s:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2Gi").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("G").is_err());
-    }
-}

@@ -19,33 +19,20 @@ use crate::metrics::{encode, Endpoints};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
-    /// The driver's CSI endpoint (unix:///path, a path, or tcp://host:port).
-    #[arg(long, env = "CSI_ENDPOINT")]
-    pub csi_address: String,
-    /// Where to serve /metrics and /healthz.
+    /// The driver's CSI endpoint: unix:///path, a path, or tcp://host:port.
+    /// Default: $CSI_ENDPOINT, else the default socket of `ferrovol serve`.
+    #[arg(long, visible_alias = "csi-address", env = "FERROVOL_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Where to serve /metrics and /healthz: host:port, or :port for every
+    /// interface.
     #[arg(long, default_value = "127.0.0.1:9809")]
     pub metrics_addr: String,
     /// Time between probes, e.g. 10s, 500ms.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::units::parse_duration)]
     pub interval: Duration,
     /// How long one Probe may take before it counts as failed.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = crate::units::parse_duration)]
     pub timeout: Duration,
-}
-
-/// `10s`, `500ms`, `2m`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) =
-        s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 struct State {
@@ -59,8 +46,10 @@ struct State {
 
 async fn probe_once(endpoint: &Endpoint, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let channel =
-            endpoint::connect(endpoint).await.map_err(|e| format!("cannot connect: {e}"))?;
+        let channel = endpoint::connect(endpoint).await.map_err(|e| match endpoint {
+            Endpoint::Unix(path) => format!("cannot connect: {}", endpoint::diagnose(path)),
+            Endpoint::Tcp(_) => format!("cannot connect: {e}"),
+        })?;
         let mut id = csi::identity_client::IdentityClient::new(channel);
         let r = id
             .probe(csi::ProbeRequest {})
@@ -77,7 +66,7 @@ async fn probe_once(endpoint: &Endpoint, timeout: Duration) -> Result<(), String
 }
 
 pub async fn run(args: ProbeArgs) -> Result<(), String> {
-    let endpoint = Endpoint::parse(&args.csi_address)?;
+    let endpoint = endpoint::resolve(args.endpoint.as_deref())?;
     let mut registry = Registry::default();
     let liveness = Gauge::default();
     registry.register(
@@ -140,21 +129,5 @@ pub async fn run(args: ProbeArgs) -> Result<(), String> {
                 *problem = Some(why);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("3h").is_err());
-        assert!(parse_duration("fast").is_err());
     }
 }

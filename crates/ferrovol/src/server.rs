@@ -29,10 +29,7 @@ pub const READY_MESSAGE: &str = "ferrovol is serving";
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| format!("creating state dir {}: {e}", args.state_dir.display()))?;
-    let endpoint = match &args.endpoint {
-        Some(s) => Endpoint::parse(s)?,
-        None => Endpoint::Unix(args.state_dir.join("csi.sock")),
-    };
+    let endpoint = endpoint::resolve(args.endpoint.as_deref())?;
     let node_id = match &args.node_id {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,

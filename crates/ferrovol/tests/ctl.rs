@@ -3,18 +3,31 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::{DriverBuilder, PoolFs, TestPool};
 
 fn ctl(socket: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(common::BIN)
-        .arg("ctl")
+    ctl_command(socket, args).output().expect("running ferrovol ctl")
+}
+
+fn ctl_command(socket: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(common::BIN);
+    cmd.arg("ctl")
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
         .args(args)
-        .output()
-        .expect("running ferrovol ctl")
+        .env_remove("FERROVOL_ENDPOINT")
+        .env_remove("CSI_ENDPOINT");
+    cmd
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -52,7 +65,7 @@ async fn volume_commands_and_exit_codes() {
     let code = |o: Output| (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned());
     let (c, err) = code(ctl(&sock, &["volume", "get", "vol-00000000000000000000000000000000"]));
     assert_eq!(c, Some(5), "{err}");
-    assert!(err.contains("NotFound"), "{err}");
+    assert!(err.contains("NOT_FOUND"), "{err}");
     assert_eq!(code(ctl(&sock, &["volume", "create", "bad", "--param", "colour=blue"])).0, Some(4));
     assert_eq!(code(ctl(&sock, &["volume", "create", "static-1", "--size", "1G"])).0, Some(6));
     let gone = root.path().join("nobody.sock");
@@ -161,4 +174,184 @@ async fn node_commands_by_hand() {
     j(&["node", "unpublish", &v, "--target", &tg]);
     j(&["node", "unstage", &v, "--staging", &st]);
     e.kubelet.assert_clean();
+}
+
+/// ctl as a Unix tool: pipes, one error line, JSON errors, exit codes,
+/// tables, units, and hints.
+#[tokio::test(flavor = "multi_thread")]
+async fn ctl_behaves_like_a_unix_tool() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let driver = DriverBuilder::new(root.path()).pool(&pool).start();
+    let sock = driver.socket.clone();
+
+    // An empty list is a header alone.
+    let empty = ctl(&sock, &["volume", "list"]);
+    assert!(empty.status.success(), "{}", stderr(&empty));
+    assert_eq!(
+        stdout(&empty).split_whitespace().collect::<Vec<_>>(),
+        ["ID", "NAME", "SIZE", "CONDITION", "AGE"]
+    );
+
+    // Decimal sizes in binary units; without --size the default is said.
+    let made = json(&ctl(&sock, &["-o", "json", "volume", "create", "half", "--size", "1.5G"]));
+    assert_eq!(made["capacity_bytes"], 3u64 << 29);
+    assert_eq!(made["name"], "half");
+    let default = ctl(&sock, &["volume", "create", "defaulted"]);
+    assert!(default.status.success(), "{}", stderr(&default));
+    assert!(
+        stderr(&default).contains("no --size given: the driver's default size was used"),
+        "{}",
+        stderr(&default)
+    );
+    for i in 0..40 {
+        assert!(ctl(&sock, &["volume", "create", &format!("many-{i}"), "--size", "8M"])
+            .status
+            .success());
+    }
+
+    // The table: ID first, then name, human size, condition, age.
+    let table = stdout(&ctl(&sock, &["volume", "list"]));
+    let row = table.lines().find(|l| l.contains(" half ")).expect("half is listed");
+    let id = made["volume_id"].as_str().unwrap();
+    assert!(row.starts_with(id), "{row}");
+    assert!(row.contains("1.5 GiB") && row.contains("healthy"), "{row}");
+    let age = row.split_whitespace().last().unwrap();
+    assert!(age.ends_with('s') && age[..age.len() - 1].parse::<u64>().is_ok(), "{row}");
+    let exact = stdout(&ctl(&sock, &["volume", "list", "--bytes"]));
+    assert!(exact.lines().any(|l| l.contains(&(3u64 << 29).to_string())), "{exact}");
+    // RFC 3339 times.
+    let created = made["created"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(created).is_ok(), "{created}");
+    let snap = json(&ctl(&sock, &["-o", "json", "snapshot", "create", "s", "--volume", id]));
+    let at = snap["creation_time"].as_str().expect("a time string");
+    assert!(humantime::parse_rfc3339(at).is_ok(), "{at}");
+
+    // A reader that goes away is no error (`ctl volume list | head -1`).
+    let mut child = ctl_command(&sock, &["volume", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().unwrap();
+    assert_eq!(closed.status.code(), Some(0), "{}", stderr(&closed));
+    assert!(!stderr(&closed).contains("panicked"), "{}", stderr(&closed));
+
+    // One error, said once; JSON when the output is JSON.
+    let missing = "vol-00000000000000000000000000000000";
+    let text = ctl(&sock, &["volume", "get", missing]);
+    assert_eq!(text.status.code(), Some(5));
+    assert_eq!(stderr(&text).lines().count(), 1, "{}", stderr(&text));
+    assert!(stderr(&text).starts_with("ferrovol ctl: NOT_FOUND: "), "{}", stderr(&text));
+    let as_json = ctl(&sock, &["-o", "json", "volume", "get", missing]);
+    let err: serde_json::Value = serde_json::from_slice(&as_json.stderr).expect("a JSON error");
+    assert_eq!(err["error"]["grpc_code"], "NOT_FOUND");
+    assert_eq!(err["error"]["exit_code"], 5);
+    assert!(as_json.stdout.is_empty());
+
+    // Deleting what is not there says so, and succeeds (delete is idempotent).
+    let nothing = ctl(&sock, &["volume", "delete", missing]);
+    assert!(nothing.status.success());
+    assert!(stderr(&nothing).contains("nothing to delete"), "{}", stderr(&nothing));
+    let nothing = json(&ctl(&sock, &["-o", "json", "volume", "delete", missing]));
+    assert_eq!(nothing["not_found"], missing);
+    let nothing = ctl(&sock, &["snapshot", "delete", "snap-00000000000000000000000000000000"]);
+    assert!(nothing.status.success() && stderr(&nothing).contains("nothing to delete"));
+
+    // A driver that grows volumes on the node: the hint names node expand.
+    let expand = ctl(&sock, &["volume", "expand", id, "--size", "2G"]);
+    assert_eq!(expand.status.code(), Some(9));
+    assert!(stderr(&expand).contains("ferrovol ctl node expand"), "{}", stderr(&expand));
+
+    // Every exit code is documented, INTERNAL's among them.
+    let help = stdout(&Command::new(common::BIN).args(["ctl", "--help"]).output().unwrap());
+    for code in [
+        "2 bad usage",
+        "3 driver unreachable",
+        "5 not found",
+        "9 not supported",
+        "10 the driver failed (INTERNAL",
+    ] {
+        assert!(help.contains(code), "{code} in {help}");
+    }
+    // Durations and sizes that make no sense are usage errors, not panics.
+    for bad in [["--timeout", "100000000000000000000"], ["--timeout", "0"]] {
+        let o = ctl(&sock, &[&bad[..], &["volume", "list"]].concat());
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"));
+    }
+
+    // The sidecars' names for the endpoint work too.
+    let alias = Command::new(common::BIN)
+        .args(["ctl", "probe", "--csi-address"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(alias.status.success(), "{}", stderr(&alias));
+    let env = Command::new(common::BIN)
+        .args(["ctl", "probe"])
+        .env_remove("FERROVOL_ENDPOINT")
+        .env("CSI_ENDPOINT", format!("unix://{}", sock.display()))
+        .output()
+        .unwrap();
+    assert!(env.status.success(), "{}", stderr(&env));
+}
+
+/// What an unreachable endpoint says: missing, not a socket, or refusing.
+#[test]
+fn unreachable_endpoints_say_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("missing.sock", "no socket at"),
+        ("file.sock", "is not a socket"),
+        ("stale.sock", "refuses connections"),
+    ];
+    std::fs::write(dir.path().join("file.sock"), b"").unwrap();
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("stale.sock")).unwrap());
+    for (name, says) in cases {
+        let o = ctl(&dir.path().join(name), &["volume", "list"]);
+        assert_eq!(o.status.code(), Some(3), "{name}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{name}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    }
+}
+
+/// With no endpoint given, serve and ctl meet at one absolute socket, from
+/// any directory (as root: /run/ferrovol/csi.sock).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_endpoint_is_absolute_and_shared() {
+    let default = ferrovol::endpoint::default_socket();
+    assert!(default.is_absolute(), "{}", default.display());
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut serve = Command::new(common::BIN);
+    serve
+        .args(["serve", "--node-id", "default-node", "--state-dir"])
+        .arg(root.path().join("state"))
+        .arg("--pool-dir")
+        .arg(&pool.dir)
+        .env_remove("FERROVOL_ENDPOINT")
+        .env_remove("CSI_ENDPOINT");
+    let mut driver =
+        common::spawn_logged(serve, default.clone(), root.path().into(), pool.dir.clone());
+    let ready = driver.wait_for_log(ferrovol::server::READY_MESSAGE);
+    assert!(
+        ready.as_deref().is_some_and(|l| l.contains(&default.display().to_string())),
+        "serving on {} (another driver there?): {}",
+        default.display(),
+        driver.logs()
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = Command::new(common::BIN)
+        .args(["ctl", "-o", "json", "info"])
+        .current_dir(elsewhere.path())
+        .env_remove("FERROVOL_ENDPOINT")
+        .env_remove("CSI_ENDPOINT")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o)["node"]["node_id"], "default-node");
+    assert!(driver.terminate().success());
+    assert!(!default.exists(), "the socket is removed at exit");
 }

@@ -107,3 +107,35 @@ async fn prober_follows_the_driver_down_and_up() {
     assert_eq!(sample(&body, "csi_liveness"), Some(1.0));
     assert_eq!(http_get(&addr, "/healthz").await.0, 200);
 }
+
+/// The prober's flags as an operator types them: `:port` for every
+/// interface (like Go exporters), the shared endpoint flag, and durations
+/// that are refused rather than panicking.
+#[tokio::test(flavor = "multi_thread")]
+async fn prober_flags() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let driver = DriverBuilder::new(root.path()).pool(&pool).start();
+
+    let mut cmd = Command::new(common::BIN);
+    cmd.args(["probe", "--metrics-addr", ":0", "--interval", "50ms", "--endpoint"])
+        .arg(&driver.socket)
+        .env("RUST_LOG", "info");
+    let mut prober =
+        common::spawn_logged(cmd, driver.socket.clone(), root.path().into(), pool.dir.clone());
+    let addr = logged_addr(&prober.wait_for_log("prober listening").unwrap());
+    let port = addr.rsplit(':').next().unwrap();
+    assert!(addr.starts_with("[::]") || addr.starts_with("0.0.0.0"), "all interfaces: {addr}");
+    assert!(prober.wait_for_log("driver is ready").is_some());
+    assert_eq!(http_get(&format!("127.0.0.1:{port}"), "/healthz").await.0, 200);
+
+    for bad in ["100000000000000000000", "0", "soon"] {
+        let o = Command::new(common::BIN)
+            .args(["probe", "--endpoint", "/nowhere.sock", "--interval", bad])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--interval {bad}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

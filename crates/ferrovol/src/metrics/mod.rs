@@ -249,12 +249,26 @@ async fn health_handler(State(ep): State<Endpoints>) -> impl IntoResponse {
     }
 }
 
+/// Binds `host:port`, or `:port` for every interface as Go exporters read it
+/// (IPv6 and IPv4 where the host has IPv6, IPv4 alone otherwise).
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let Some(port) = addr.strip_prefix(':') else {
+        return tokio::net::TcpListener::bind(addr).await;
+    };
+    let port: u16 = port.parse().map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid port in {addr:?}"))
+    })?;
+    match tokio::net::TcpListener::bind(("::", port)).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(e),
+        Err(_) => tokio::net::TcpListener::bind(("0.0.0.0", port)).await,
+    }
+}
+
 /// Serves `/metrics` and `/healthz` on `addr` in the background; answers the
 /// bound address (useful with port 0).
 pub async fn listen(addr: &str, endpoints: Endpoints) -> Result<SocketAddr, String> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("binding metrics address {addr}: {e}"))?;
+    let listener = bind(addr).await.map_err(|e| format!("binding metrics address {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))

@@ -52,7 +52,12 @@ pub fn volume(v: &Volume) -> csi::Volume {
     csi::Volume {
         capacity_bytes: v.capacity as i64,
         volume_id: v.id.clone(),
-        volume_context: HashMap::new(),
+        // The name and creation time, for people and tools listing volumes
+        // (`ferrovol ctl volume list`); the node side does not need them.
+        volume_context: HashMap::from([
+            (csi::context::NAME.to_string(), v.name.clone()),
+            (csi::context::CREATED.to_string(), crate::units::rfc3339(v.created)),
+        ]),
         content_source: v.source.as_ref().map(content_source_to_wire),
         accessible_topology: if v.topology.is_empty() {
             vec![]
