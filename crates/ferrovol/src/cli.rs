@@ -42,19 +42,35 @@ pub enum Command {
 pub enum PoolCommand {
     /// Create a reflink-capable pool (XFS or btrfs on an image file) and
     /// mount it at --dir, for hosts whose filesystem cannot share blocks.
+    /// Idempotent: run again with the same arguments, it says the pool is
+    /// there (and mounts it if it is not mounted, as after a reboot without
+    /// the fstab line).
     Init {
         /// Where the pool is mounted (an empty or missing directory).
         #[arg(long)]
         dir: PathBuf,
-        /// Image size, e.g. 20G.
+        /// Image size, e.g. 20G, 1.5T (binary units).
         #[arg(long, value_parser = crate::units::parse_size)]
         size: u64,
+        /// Reserve the image's space on the host now (refused if the host
+        /// has less free); without it the image is sparse and grows as
+        /// volumes fill.
+        #[arg(long)]
+        preallocate: bool,
         /// Filesystem of the pool.
         #[arg(long, value_enum, default_value_t = crate::poolinit::PoolFs::Xfs)]
         fs: crate::poolinit::PoolFs,
         /// The image file. Default: <dir>.img beside the directory.
         #[arg(long)]
         image: Option<PathBuf>,
+    },
+    /// Take down a pool made by `pool init`: unmount it and detach its loop
+    /// device, refusing while any of its volumes is attached. The image and
+    /// its data stay.
+    Release {
+        /// Where the pool is mounted.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Check the journal against the pool's files (read-only unless
     /// --repair); exits 0 only when clean. Run it while the driver is

@@ -85,13 +85,34 @@ async fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Pool(PoolCommand::Init { dir, size, fs, image }) => {
-            let image = image.unwrap_or_else(|| dir.with_extension("img"));
-            let pool = ferrovol::poolinit::init(&dir, &image, size, fs)
-                .await
-                .map_err(|e| e.message().to_string())?;
+        Command::Pool(PoolCommand::Release { dir }) => {
+            let image = ferrovol::poolinit::teardown(&dir).map_err(|e| e.message().to_string())?;
             println!(
-                "pool ready: {} ({}) mounted on {} from {}\n\
+                "pool at {} released: unmounted, loop device detached; the image {} and its \
+                 data remain (delete it to free the space, and its /etc/fstab line; or run \
+                 pool init with the same arguments to mount it again)",
+                dir.display(),
+                image.display()
+            );
+            Ok(())
+        }
+        Command::Pool(PoolCommand::Init { dir, size, fs, image, preallocate }) => {
+            use ferrovol::poolinit::Outcome;
+            let image = image.unwrap_or_else(|| dir.with_extension("img"));
+            let (pool, outcome, warning) =
+                ferrovol::poolinit::ensure(&dir, &image, size, fs, preallocate)
+                    .await
+                    .map_err(|e| e.message().to_string())?;
+            if let Some(w) = warning {
+                eprintln!("ferrovol: warning: {w}");
+            }
+            let what = match outcome {
+                Outcome::Created => "pool ready",
+                Outcome::AlreadyMounted => "pool already set up, nothing to do",
+                Outcome::Remounted => "pool image found and mounted again",
+            };
+            println!(
+                "{what}: {} ({}) mounted on {} from {}\n\
                  to mount it at boot, add to /etc/fstab:\n  {} {} {} loop 0 0",
                 pool.image.display(),
                 fs.name(),
