@@ -82,7 +82,7 @@ impl Harness {
             .build()
             .expect("a tokio runtime");
         let engine = runtime
-            .block_on(LocalEngine::open(&root.join("pool"), "fuzz-node"))
+            .block_on(LocalEngine::open(&root.join("pool"), &root.join("state"), "fuzz-node"))
             .expect("opening the scratch pool");
         let driver = Arc::new(Driver {
             name: "fuzz.ferrovol.io".into(),

@@ -216,14 +216,61 @@ struct Inner {
 struct Store {
     path: PathBuf,
     /// `None` only while it is being reopened (or if that failed).
-    db: RwLock<Option<Arc<Database>>>,
+    db: RwLock<Option<Arc<Db>>>,
+}
+
+/// The database as opened: for the driver, or only for reading (`pool
+/// check`, which must create and change nothing).
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        let txn = match self {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+        };
+        txn.map_err(|e| db_err("read", e))
+    }
+
+    fn writable(&self) -> Result<&Database> {
+        match self {
+            Db::ReadWrite(db) => Ok(db),
+            Db::ReadOnly(_) => Err(error::internal("the journal was opened read-only")),
+        }
+    }
+}
+
+/// Runs a store operation, turning a panic inside the store (redb panics on
+/// some corruptions instead of answering an error) into an error that says
+/// what to do.
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(corrupt(path, &format!("{what}: {why}")))
+    })
+}
+
+/// The error for a journal the store cannot read.
+pub fn corrupt(path: &Path, why: &str) -> Error {
+    error::unavailable(format!(
+        "journal {} is corrupt ({why}): restore it from a backup, or move it and the pool's \
+         files aside to start a new pool; `ferrovol pool check` reports what the pool holds",
+        path.display()
+    ))
 }
 
 /// Space held back for the journal's own commits when the pool fills up.
 const RESERVE_BYTES: u64 = 16 << 20;
 
 impl Store {
-    fn db(&self) -> Result<Arc<Database>> {
+    fn db(&self) -> Result<Arc<Db>> {
         self.db.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
             error::unavailable("the journal could not be reopened after a failed write")
         })
@@ -272,7 +319,7 @@ impl Store {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        *slot = Some(Arc::new(open_db(&self.path)?));
+        *slot = Some(Arc::new(Db::ReadWrite(open_db(&self.path)?)));
         Ok(())
     }
 }
@@ -301,9 +348,24 @@ fn db_err(what: &str, e: impl Into<redb::Error>) -> Error {
     }
 }
 
+/// A copy of the journal in the temporary directory, opened (and so
+/// repaired) there; the copy's name is gone once it is open.
+fn repaired_copy(path: &Path) -> Result<Database> {
+    let copy = std::env::temp_dir().join(format!("ferrovol-check-{}.redb", uuid::Uuid::new_v4()));
+    std::fs::copy(path, &copy)
+        .map_err(|e| Error::io(format!("copying {} to check it", path.display()), e))?;
+    let db = Database::create(&copy).map_err(|e| db_err(&format!("open {}", path.display()), e));
+    let _ = std::fs::remove_file(&copy);
+    db
+}
+
 /// Opens (or creates) the database with every table, so read transactions
 /// never miss one.
 fn open_db(path: &Path) -> Result<Database> {
+    guarded(path, "open", || open_db_unguarded(path))
+}
+
+fn open_db_unguarded(path: &Path) -> Result<Database> {
     let db = Database::create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => error::unavailable(format!(
             "journal {} is locked by another process (is another ferrovol serving this pool?)",
@@ -331,8 +393,10 @@ impl Journal {
     /// two drivers can never share one pool.
     pub fn open(path: &Path) -> Result<Journal> {
         let db = open_db(path)?;
-        let store =
-            Arc::new(Store { path: path.to_path_buf(), db: RwLock::new(Some(Arc::new(db))) });
+        let store = Arc::new(Store {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(Db::ReadWrite(db)))),
+        });
         if !store.fill_reserve() {
             tracing::warn!(
                 path = %store.reserve_path().display(),
@@ -348,13 +412,42 @@ impl Journal {
         Ok(Journal { inner: Arc::new(Inner { store, writer: Some(tx), threads: vec![thread] }) })
     }
 
-    fn db(&self) -> Result<Arc<Database>> {
+    /// Opens an existing journal only to read it: nothing is created or
+    /// written (no tables, no space reserve, no writer). Changes fail.
+    pub fn open_read_only(path: &Path) -> Result<Journal> {
+        let db = guarded(path, "open", || match redb::ReadOnlyDatabase::open(path) {
+            Ok(db) => Ok(Db::ReadOnly(db)),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(error::unavailable(format!(
+                "journal {} is locked by another process (is a driver serving this pool? stop \
+                 it first)",
+                path.display()
+            ))),
+            // Left by a crash: redb must repair it before reading, which is
+            // a write. Repair a private copy instead, so the journal itself
+            // stays as it is.
+            Err(redb::DatabaseError::RepairAborted) => repaired_copy(path).map(Db::ReadWrite),
+            Err(e) => Err(db_err(&format!("open {}", path.display()), e)),
+        })?;
+        let store =
+            Arc::new(Store { path: path.to_path_buf(), db: RwLock::new(Some(Arc::new(db))) });
+        Ok(Journal { inner: Arc::new(Inner { store, writer: None, threads: vec![] }) })
+    }
+
+    fn db(&self) -> Result<Arc<Db>> {
         self.inner.store.db()
+    }
+
+    fn path(&self) -> &Path {
+        &self.inner.store.path
     }
 
     async fn submit(&self, change: Change, sync_first: Option<&Path>, durable: bool) -> Outcome {
         let (reply, answer) = oneshot::channel();
-        let writer = self.inner.writer.as_ref().expect("writer lives as long as the journal");
+        let writer = self
+            .inner
+            .writer
+            .as_ref()
+            .ok_or_else(|| error::internal("the journal was opened read-only"))?;
         let pending =
             Pending { change, sync_first: sync_first.map(Path::to_path_buf), durable, reply };
         // Bounded: a full queue means the writer is behind, and callers wait
@@ -428,22 +521,26 @@ impl Journal {
     }
 
     pub fn get<R: Record>(&self, id: &str) -> Result<Option<R>> {
-        let txn = self.db()?.begin_read().map_err(|e| db_err("read", e))?;
-        let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
-        let found = table.get(id).map_err(|e| db_err("get", e))?;
-        found.map(|v| decode(v.value())).transpose()
+        guarded(self.path(), "get", || {
+            let txn = self.db()?.begin_read()?;
+            let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
+            let found = table.get(id).map_err(|e| db_err("get", e))?;
+            found.map(|v| decode(v.value())).transpose()
+        })
     }
 
     pub fn by_name<R: Record>(&self, name: &str) -> Result<Option<R>> {
-        let txn = self.db()?.begin_read().map_err(|e| db_err("read", e))?;
-        let names = txn.open_table(R::NAMES).map_err(|e| db_err("open", e))?;
-        let Some(id) = names.get(name).map_err(|e| db_err("get", e))? else {
-            return Ok(None);
-        };
-        let id = String::from_utf8_lossy(id.value()).into_owned();
-        let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
-        let found = table.get(id.as_str()).map_err(|e| db_err("get", e))?;
-        found.map(|v| decode(v.value())).transpose()
+        guarded(self.path(), "get", || {
+            let txn = self.db()?.begin_read()?;
+            let names = txn.open_table(R::NAMES).map_err(|e| db_err("open", e))?;
+            let Some(id) = names.get(name).map_err(|e| db_err("get", e))? else {
+                return Ok(None);
+            };
+            let id = String::from_utf8_lossy(id.value()).into_owned();
+            let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
+            let found = table.get(id.as_str()).map_err(|e| db_err("get", e))?;
+            found.map(|v| decode(v.value())).transpose()
+        })
     }
 
     /// Records in id order, strictly after `after`, at most `limit`, keeping
@@ -452,9 +549,18 @@ impl Journal {
         &self,
         after: Option<&str>,
         limit: usize,
+        keep: impl FnMut(&R) -> bool,
+    ) -> Result<Vec<R>> {
+        guarded(self.path(), "scan", || self.scan_unguarded(after, limit, keep))
+    }
+
+    fn scan_unguarded<R: Record>(
+        &self,
+        after: Option<&str>,
+        limit: usize,
         mut keep: impl FnMut(&R) -> bool,
     ) -> Result<Vec<R>> {
-        let txn = self.db()?.begin_read().map_err(|e| db_err("read", e))?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(R::RECORDS).map_err(|e| db_err("open", e))?;
         let iter = match after {
             Some(a) => {
@@ -475,6 +581,13 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the journal holds no record at all.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.scan::<VolumeRecord>(None, 1, |_| true)?.is_empty()
+            && self.scan::<SnapshotRecord>(None, 1, |_| true)?.is_empty()
+            && self.scan::<GroupRecord>(None, 1, |_| true)?.is_empty())
     }
 
     /// Every record of a kind, whatever its state (recovery, checks).
@@ -543,8 +656,16 @@ fn writer_loop(store: &Store, mut rx: tokio::sync::mpsc::Receiver<Pending>) {
 /// Applies changes in order in one transaction. A change that cannot apply
 /// (e.g. a name already taken) answers without writing; the others commit.
 fn commit_batch(store: &Store, changes: &[Change], durable: bool) -> Result<Vec<Outcome>> {
+    guarded(&store.path, "commit", || commit_batch_unguarded(store, changes, durable))
+}
+
+fn commit_batch_unguarded(
+    store: &Store,
+    changes: &[Change],
+    durable: bool,
+) -> Result<Vec<Outcome>> {
     let db = store.db()?;
-    let mut txn = db.begin_write().map_err(|e| db_err("begin", e))?;
+    let mut txn = db.writable()?.begin_write().map_err(|e| db_err("begin", e))?;
     if !durable {
         txn.set_durability(redb::Durability::None).map_err(|e| db_err("durability", e))?;
     }

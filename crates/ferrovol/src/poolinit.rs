@@ -302,6 +302,19 @@ async fn init_with(
         mount_image(image, dir, fs)
     }
     .await;
+    // The new pool's identity, so a driver that serves it knows it from an
+    // empty mount point later (engine::local::identity).
+    let made = match made {
+        Ok(device) => match crate::engine::local::identity::stamp(dir) {
+            Ok(_) => Ok(device),
+            Err(e) => {
+                let _ = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH);
+                let _ = loopdev::detach(&device);
+                Err(e)
+            }
+        },
+        Err(e) => Err(e),
+    };
     match made {
         Ok(device) => {
             Ok(PoolImage { image: image.to_path_buf(), device, mountpoint: dir.to_path_buf(), fs })

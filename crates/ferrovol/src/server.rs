@@ -35,7 +35,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         _ => hostname()?,
     };
     let pool_dir = args.pool_dir.clone().unwrap_or_else(|| args.state_dir.join("pool"));
-    let engine = LocalEngine::open(&pool_dir, &node_id)
+    let engine = LocalEngine::open(&pool_dir, &args.state_dir, &node_id)
         .await
         .map_err(|e| format!("opening pool {}: {}", pool_dir.display(), e.message()))?;
     let driver = Arc::new(Driver {

@@ -177,7 +177,14 @@ async fn crash_during_snapshot_converges() {
 async fn orphans_are_reported_and_never_deleted() {
     let pool = TestPool::new(PoolFs::Ext4).await;
     let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(pool.dir.join("volumes")).unwrap();
+    // A pool with a journal holding a volume, then a stray file. (A journal
+    // holding nothing beside strays is refused: tests/startup.rs.)
+    {
+        let mut d = DriverBuilder::new(root.path()).pool(&pool).start();
+        let mut c = ControllerClient::new(d.channel().await);
+        c.create_volume(req::create("ours", MIB)).await.unwrap();
+        assert!(d.terminate().success());
+    }
     let stray = pool.dir.join("volumes").join("someone-elses.img");
     std::fs::write(&stray, b"not ours").unwrap();
     let driver = DriverBuilder::new(root.path()).pool(&pool).start();

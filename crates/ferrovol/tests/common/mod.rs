@@ -313,6 +313,26 @@ impl TestPool {
             .sum()
     }
 
+    /// Unmounts the pool's filesystem (its loop device stays attached), as a
+    /// reboot without the fstab line leaves it: an empty mount point.
+    pub fn unmount(&self) {
+        rustix::mount::unmount(&self.dir, rustix::mount::UnmountFlags::empty())
+            .expect("unmounting the test pool");
+    }
+
+    /// Mounts it again after [`TestPool::unmount`].
+    pub fn remount(&self) {
+        let img = self.image.as_ref().expect("an image pool");
+        rustix::mount::mount(
+            &img.device,
+            &self.dir,
+            img.fs.name(),
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .expect("mounting the test pool again");
+    }
+
     /// Free bytes in the pool filesystem.
     pub fn free(&self) -> u64 {
         let st = rustix::fs::statvfs(&self.dir).unwrap();

@@ -8,6 +8,7 @@
 //! locks); the engine relies on that, and on nothing else, for exclusion.
 
 pub mod extents;
+pub mod identity;
 pub mod loopdev;
 pub mod pool;
 pub mod recovery;
@@ -133,8 +134,21 @@ fn to_snapshot(r: &SnapshotRecord) -> Snapshot {
 impl LocalEngine {
     /// Opens the pool, detects copy-on-write support, and runs recovery so
     /// that every record is settled before the first request.
-    pub async fn open(pool_dir: &Path, node_id: &str) -> Result<LocalEngine> {
+    pub async fn open(pool_dir: &Path, state_dir: &Path, node_id: &str) -> Result<LocalEngine> {
+        // Before anything is created in the pool directory: is it the pool
+        // this driver serves (and not an empty mount point)?
+        match identity::settle(pool_dir, state_dir)? {
+            identity::Settled::Known(_) => {}
+            identity::Settled::Adopted { id, fresh } => {
+                info!(pool = %pool_dir.display(), %id, fresh, "pool identity recorded")
+            }
+        }
+        let journal_was_there =
+            std::fs::metadata(pool_dir.join(pool::JOURNAL)).is_ok_and(|m| m.len() > 0);
         let pool = Pool::open(pool_dir)?;
+        if !journal_was_there {
+            refuse_files_without_journal(&pool)?;
+        }
         let journal = Journal::open(&pool.journal_path())?;
         let method = pool.probe_cow_method()?;
         if method == CowMethod::Copy {
@@ -145,6 +159,16 @@ impl LocalEngine {
             );
         }
         let report = recovery::recover(&pool, &journal).await?;
+        if !report.orphans.is_empty() && journal.is_empty()? {
+            return Err(error::failed_precondition(format!(
+                "the journal {} holds no records, but the pool holds {} files no record owns \
+                 (e.g. {}): was the journal replaced? Restore it from a backup; ferrovol will \
+                 not serve a pool whose volumes it cannot account for",
+                pool.journal_path().display(),
+                report.orphans.len(),
+                report.orphans[0].display()
+            )));
+        }
         if report.is_clean() {
             info!(pool = %pool.root().display(), cow = method.as_str(), "pool open");
         } else {
@@ -158,11 +182,22 @@ impl LocalEngine {
     /// does) to this pool. Needs the journal, so not while a driver serves
     /// the pool.
     pub async fn check_pool(pool_dir: &Path, repair: bool) -> Result<recovery::Report> {
-        let pool = Pool::open(pool_dir)?;
-        let journal = Journal::open(&pool.journal_path())?;
+        // Read-only for real: a missing pool or journal is reported, never
+        // made; without --repair the journal is opened only to read.
+        let journal_path = pool_dir.join(pool::JOURNAL);
+        if !std::fs::metadata(&journal_path).is_ok_and(|m| m.len() > 0) {
+            return Err(error::not_found(format!(
+                "no ferrovol pool at {}: it has no journal ({}); nothing was created",
+                pool_dir.display(),
+                journal_path.display()
+            )));
+        }
+        let pool = Pool::open_existing(pool_dir)?;
         if repair {
+            let journal = Journal::open(&pool.journal_path())?;
             recovery::recover(&pool, &journal).await
         } else {
+            let journal = Journal::open_read_only(&pool.journal_path())?;
             recovery::inspect(&pool, &journal).await
         }
     }
@@ -908,6 +943,27 @@ fn compatible_volume(existing: VolumeRecord, req: &NewVolume) -> Result<Volume> 
         Some(what) => Err(error::already_exists(format!(
             "volume {:?} already exists as {} with {what}",
             req.name, existing.id
+        ))),
+    }
+}
+
+/// A journal that is missing (or empty) beside volume and snapshot files:
+/// serving would answer "no volumes" for a pool full of them.
+fn refuse_files_without_journal(pool: &Pool) -> Result<()> {
+    let files: Vec<PathBuf> = [Kind::Volume, Kind::Snapshot]
+        .into_iter()
+        .map(|k| pool.files(k))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    match files.first() {
+        None => Ok(()),
+        Some(first) => Err(error::failed_precondition(format!(
+            "the journal {} is missing or empty, but the pool holds {} volume and snapshot \
+             files (e.g. {}): restore the journal from a backup; ferrovol will not serve a pool \
+             whose volumes it cannot account for (`ferrovol pool check` lists them)",
+            pool.journal_path().display(),
+            files.len(),
+            first.display()
         ))),
     }
 }

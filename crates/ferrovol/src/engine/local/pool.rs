@@ -31,6 +31,9 @@ impl CowMethod {
     }
 }
 
+/// The journal's file name in the pool.
+pub const JOURNAL: &str = "journal.redb";
+
 /// Volume and snapshot sizes are multiples of this (the loop device and
 /// every filesystem we format are happy with 4 KiB).
 pub const GRANULARITY: u64 = 4096;
@@ -59,6 +62,24 @@ impl Pool {
         Ok(Pool { root, identity })
     }
 
+    /// Opens a pool that must exist already, creating nothing (`pool
+    /// check`): a missing part of its layout is an error.
+    pub fn open_existing(root: &Path) -> Result<Pool> {
+        for d in ["volumes", "snapshots", "staging", "trash"] {
+            if !root.join(d).is_dir() {
+                return Err(error::failed_precondition(format!(
+                    "{} has a journal but no {d} directory: not a whole ferrovol pool",
+                    root.display()
+                )));
+            }
+        }
+        let root = root
+            .canonicalize()
+            .map_err(|e| Error::io(format!("resolving pool {}", root.display()), e))?;
+        let identity = identity_of(&root)?;
+        Ok(Pool { root, identity })
+    }
+
     /// Fails unless the pool directory is still the one opened.
     pub fn verify(&self) -> Result<()> {
         match identity_of(&self.root) {
@@ -77,7 +98,7 @@ impl Pool {
     }
 
     pub fn journal_path(&self) -> PathBuf {
-        self.root.join("journal.redb")
+        self.root.join(JOURNAL)
     }
 
     pub fn dir(&self, kind: Kind) -> PathBuf {

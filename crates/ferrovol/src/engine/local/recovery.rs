@@ -41,6 +41,8 @@ pub struct Report {
     pub dangling: Vec<String>,
     /// Files in the pool that no record owns.
     pub orphans: Vec<PathBuf>,
+    /// Volumes whose file is smaller than their record's capacity.
+    pub short: Vec<String>,
 }
 
 impl Report {
@@ -51,7 +53,7 @@ impl Report {
 
     /// What no repair can fix: records without files, files without records.
     pub fn needs_a_person(&self) -> bool {
-        !self.dangling.is_empty() || !self.orphans.is_empty()
+        !self.dangling.is_empty() || !self.orphans.is_empty() || !self.short.is_empty()
     }
 }
 
@@ -60,7 +62,8 @@ impl fmt::Display for Report {
         write!(
             f,
             "rolled back {:?}, finished deletes {:?}, published {:?}, removed unclaimed staged \
-             files {:?}, emptied trash {:?}, resized {:?}, dangling {:?}, orphans {:?}",
+             files {:?}, emptied trash {:?}, resized {:?}, dangling {:?}, orphans {:?}, \
+             smaller than their capacity {:?}",
             self.rolled_back,
             self.finished_deletes,
             self.published,
@@ -68,7 +71,8 @@ impl fmt::Display for Report {
             self.trash,
             self.resized,
             self.dangling,
-            self.orphans
+            self.orphans,
+            self.short
         )
     }
 }
@@ -114,10 +118,11 @@ impl Pass<'_> {
                 _ => self.report.rolled_back.push(group.id.clone()),
             }
         }
-        let mut known = Vec::new();
+        // A set: the pool may hold 100,000 files.
+        let mut known = std::collections::HashSet::new();
         for mut rec in journal.all::<VolumeRecord>()? {
             let path = pool.path(Kind::Volume, &rec.id)?;
-            known.push(path.clone());
+            known.insert(path.clone());
             if !self.settle(Kind::Volume, &rec).await? {
                 continue;
             }
@@ -129,13 +134,14 @@ impl Pass<'_> {
                     }
                     self.report.resized.push(rec.id.clone());
                 }
+                Ok(m) if m.len() < rec.capacity => self.report.short.push(rec.id.clone()),
                 Ok(_) => {}
                 Err(_) => self.report.dangling.push(rec.id.clone()),
             }
         }
         for rec in journal.all::<SnapshotRecord>()? {
             let path = pool.path(Kind::Snapshot, &rec.id)?;
-            known.push(path.clone());
+            known.insert(path.clone());
             if self.settle(Kind::Snapshot, &rec).await?
                 && !self.where_now(Kind::Snapshot, &rec.id)?.exists()
             {

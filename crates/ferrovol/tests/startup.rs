@@ -1,0 +1,158 @@
+//! Start-up knows its own pool: an unmounted pool, a lost, emptied or
+//! garbled journal, and `pool check` creating nothing — against the real
+//! binary on real loop-mounted pools.
+
+mod common;
+
+use std::process::Command;
+
+use common::req::{self, MIB};
+use common::{DriverBuilder, PoolFs, TestPool};
+use ferrovol_csi::controller_client::ControllerClient;
+
+/// Starts a driver expected to refuse: (exit code, everything it logged).
+/// One that serves instead fails the test (and is killed) rather than
+/// hanging it.
+fn refused(builder: DriverBuilder) -> (Option<i32>, String) {
+    let mut d = builder.spawn();
+    if d.wait_for_log("ferrovol failed").is_none() {
+        let logs = d.logs();
+        d.kill();
+        panic!("the driver did not refuse to start: {logs}");
+    }
+    let status = d.wait();
+    (status.code(), d.logs())
+}
+
+async fn make_volume(root: &std::path::Path, pool: &TestPool) -> String {
+    let mut d = DriverBuilder::new(root).pool(pool).start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let v = c.create_volume(req::create("kept", 16 * MIB)).await.unwrap().into_inner();
+    assert!(d.terminate().success());
+    v.volume.unwrap().volume_id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unmounted_pool_is_refused_not_replaced() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let id = make_volume(root.path(), &pool).await;
+
+    pool.unmount();
+    let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
+    let mountpoint_after: Vec<_> = std::fs::read_dir(&pool.dir).unwrap().collect();
+    pool.remount();
+    assert_ne!(code, Some(0), "a driver must not serve an empty mount point: {logs}");
+    assert!(logs.contains("not mounted"), "{logs}");
+    assert!(
+        mountpoint_after.is_empty(),
+        "nothing was created on the host's disk: {mountpoint_after:?}"
+    );
+
+    // Mounted again, the same pool is served, its volume intact.
+    let d = DriverBuilder::new(root.path()).pool(&pool).start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let listed =
+        c.list_volumes(ferrovol_csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    let ids: Vec<_> =
+        listed.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.clone()).collect();
+    assert_eq!(ids, [id]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_or_emptied_journal_is_refused() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    make_volume(root.path(), &pool).await;
+    let journal = pool.dir.join("journal.redb");
+    let saved = std::fs::read(&journal).unwrap();
+
+    for (what, damage) in [("deleted", None), ("emptied", Some(Vec::new()))] {
+        match &damage {
+            None => std::fs::remove_file(&journal).unwrap(),
+            Some(bytes) => std::fs::write(&journal, bytes).unwrap(),
+        }
+        let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
+        assert_ne!(code, Some(0), "journal {what}: {logs}");
+        assert!(logs.contains("is missing or empty") && logs.contains("restore"), "{what}: {logs}");
+        std::fs::write(&journal, &saved).unwrap();
+    }
+    // A journal with no records beside files: refused too.
+    let other = tempfile::tempdir().unwrap();
+    let blank = TestPool::new(PoolFs::Ext4).await;
+    DriverBuilder::new(other.path()).pool(&blank).start().terminate();
+    std::fs::copy(blank.dir.join("journal.redb"), &journal).unwrap();
+    let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
+    assert_ne!(code, Some(0), "{logs}");
+    assert!(logs.contains("holds no records"), "{logs}");
+    std::fs::write(&journal, &saved).unwrap();
+    DriverBuilder::new(root.path()).pool(&pool).start().terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_garbled_journal_is_a_clear_error_not_a_panic() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    {
+        let mut d = DriverBuilder::new(root.path()).pool(&pool).start();
+        let mut c = ControllerClient::new(d.channel().await);
+        for i in 0..200 {
+            c.create_volume(req::create(&format!("v{i}"), MIB)).await.unwrap();
+        }
+        assert!(d.terminate().success());
+    }
+    // Everything after the header garbled: what made redb panic with
+    // "entered unreachable code" inside the store.
+    let journal = pool.dir.join("journal.redb");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    for b in &mut bytes[4096..] {
+        *b = 0xA5;
+    }
+    std::fs::write(&journal, &bytes).unwrap();
+
+    let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
+    assert!(code != Some(0) && code != Some(101), "exit {code:?}: {logs}");
+    assert!(logs.contains("is corrupt") && logs.contains("backup"), "{logs}");
+    let check = Command::new(common::BIN)
+        .args(["pool", "check", "--pool-dir"])
+        .arg(&pool.dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.code() == Some(1), "pool check exit {:?}: {said}", check.status.code());
+    assert!(said.contains("is corrupt"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_check_creates_nothing_and_reports_short_files() {
+    let root = tempfile::tempdir().unwrap();
+    let nowhere = root.path().join("nonexistent");
+    let check = |args: &[&std::ffi::OsStr]| {
+        Command::new(common::BIN).args(["pool", "check"]).args(args).output().unwrap()
+    };
+    let o = check(&["--state-dir".as_ref(), nowhere.as_os_str()]);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{said}");
+    assert!(said.contains("no ferrovol pool"), "{said}");
+    assert!(!nowhere.exists(), "pool check created {}", nowhere.display());
+
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let id = make_volume(root.path(), &pool).await;
+    let before: Vec<_> = std::fs::read_dir(&pool.dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let (clean, _) = common::pool_check(&pool, false);
+    assert!(clean);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(pool.volume_file(&id))
+        .unwrap()
+        .set_len(MIB as u64)
+        .unwrap();
+    let (clean, said) = common::pool_check(&pool, false);
+    assert!(!clean && said.contains("smaller than their capacity") && said.contains(&id), "{said}");
+    let mut after: Vec<_> =
+        std::fs::read_dir(&pool.dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut before = before;
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "pool check made or removed files");
+}
