@@ -36,7 +36,12 @@ pub struct NodeConfig {
 #[derive(Clone)]
 pub struct NodeService {
     driver: Arc<Driver>,
+    /// The kubelet directory, symlinks resolved: what paths are checked
+    /// against.
     kubelet_dir: PathBuf,
+    /// The kubelet directory as configured, which the kubelet also uses in
+    /// the paths it sends (it may be a symlink to `kubelet_dir`).
+    kubelet_dir_given: PathBuf,
     max_volumes_per_node: i64,
     /// Why node operations cannot work here (no CAP_SYS_ADMIN), if so.
     unprivileged: Option<String>,
@@ -53,10 +58,12 @@ fn privilege_problem() -> Option<String> {
 
 impl NodeService {
     pub fn new(driver: Arc<Driver>, config: NodeConfig) -> Self {
+        let kubelet_dir_given = config.kubelet_dir.clone();
         let kubelet_dir = config.kubelet_dir.canonicalize().unwrap_or(config.kubelet_dir);
         NodeService {
             driver,
             kubelet_dir,
+            kubelet_dir_given,
             max_volumes_per_node: config.max_volumes_per_node,
             unprivileged: privilege_problem(),
         }
@@ -82,7 +89,30 @@ impl NodeService {
     /// An absolute, `..`-free path under the kubelet directory whose
     /// existing part does not escape it through a symlink.
     fn checked_path(&self, raw: &str, what: &str) -> Result<PathBuf> {
-        validate::kubelet_path(raw, what, &self.kubelet_dir)
+        // A path under the configured directory is the same path under the
+        // resolved one (the configured one may be a symlink).
+        let translated = Path::new(raw)
+            .strip_prefix(&self.kubelet_dir_given)
+            .ok()
+            .filter(|_| self.kubelet_dir_given != self.kubelet_dir)
+            .map(|rest| self.kubelet_dir.join(rest).display().to_string());
+        validate::kubelet_path(translated.as_deref().unwrap_or(raw), what, &self.kubelet_dir)
+    }
+
+    /// The path where the volume is mounted on this node, among `mounts`
+    /// (the volume's own, from [`crate::services::volume_mounts`]); NOT_FOUND
+    /// when `path` is not one of them, whatever else may be mounted there.
+    fn own_mount<'a>(
+        volume_id: &str,
+        mounts: &'a [MountEntry],
+        path: &Path,
+    ) -> Result<&'a MountEntry> {
+        mounts.iter().find(|m| m.mount_point == path).ok_or_else(|| {
+            error::not_found(format!(
+                "volume {volume_id} is not staged or published at {}",
+                path.display()
+            ))
+        })
     }
 
     fn access(
@@ -117,7 +147,35 @@ impl NodeService {
         let volume = engine.volume(&req.volume_id).await?;
         let read_only = mode == Mode::SingleNodeReaderOnly;
 
-        let was_attached = engine.attached_device(&req.volume_id).await?.is_some();
+        let (attached, mounts) =
+            crate::services::volume_mounts(engine.as_ref(), &req.volume_id).await?;
+        let target = match access {
+            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Mount { .. } => staging.clone(),
+        };
+        // A volume is staged at one path: the first mount of its device.
+        if let Some(first) =
+            mounts.first().filter(|_| !mounts.iter().any(|m| m.mount_point == target))
+        {
+            let other_form = match access {
+                AccessType::Block => first.mount_point == staging,
+                AccessType::Mount { .. } => first.mount_point == staging.join(BLOCK_MARKER),
+            };
+            if other_form {
+                return Err(error::already_exists(format!(
+                    "volume {} is staged at {} with the other access type (block vs \
+                     filesystem)",
+                    req.volume_id,
+                    staging.display()
+                )));
+            }
+            return Err(error::failed_precondition(format!(
+                "volume {} is already staged at {}; one staging path per volume",
+                req.volume_id,
+                first.mount_point.display()
+            )));
+        }
+        let was_attached = attached.is_some();
         let device = engine.attach(&req.volume_id).await?;
         let staged = self.stage_on(&device, &staging, &access, &flags, read_only, &volume.id).await;
         if staged.is_err() && !was_attached {
@@ -151,8 +209,7 @@ impl NodeService {
                 m.source
             )));
         }
-        std::fs::create_dir_all(staging)
-            .map_err(|e| Error::io(format!("creating {}", staging.display()), e))?;
+        make_dir(staging)?;
 
         match access {
             AccessType::Block => {
@@ -227,6 +284,13 @@ impl NodeService {
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         engine.volume(&req.volume_id).await?;
         let read_only = req.readonly || mode == Mode::SingleNodeReaderOnly;
+        if target.starts_with(&staging) || staging.starts_with(&target) {
+            return Err(error::invalid(format!(
+                "target_path {} and staging_target_path {} must not contain one another",
+                target.display(),
+                staging.display()
+            )));
+        }
 
         let (device, mounts) =
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
@@ -244,6 +308,15 @@ impl NodeService {
                 )))
             }
         };
+        if let AccessType::Mount { fs_type } = &access {
+            let staged = mounts.iter().find(|m| m.mount_point == staged_at);
+            if let Some(m) = staged.filter(|m| !fs_type.is_empty() && m.fs_type != *fs_type) {
+                return Err(error::failed_precondition(format!(
+                    "volume {} holds a {} filesystem, not the requested {fs_type}",
+                    req.volume_id, m.fs_type
+                )));
+            }
+        }
         if let Some(m) = mounts.iter().find(|m| m.mount_point == target) {
             if m.has_option("ro") == read_only {
                 return Ok(csi::NodePublishVolumeResponse {});
@@ -280,8 +353,7 @@ impl NodeService {
                 nodefs::bind(&device, &target, &[], read_only)
             }
             AccessType::Mount { .. } => {
-                std::fs::create_dir_all(&target)
-                    .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
+                make_dir(&target)?;
                 nodefs::bind(&staging, &target, &flags, read_only)
             }
         }?;
@@ -297,6 +369,9 @@ impl NodeService {
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         self.driver.engine.volume(&req.volume_id).await?;
+        let (_, mounts) =
+            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+        refuse_foreign_mount(&req.volume_id, &mounts, &target)?;
         unmount_all_and_remove(&target)?;
         Ok(csi::NodeUnpublishVolumeResponse {})
     }
@@ -313,6 +388,8 @@ impl NodeService {
         let (_, mounts) =
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let marker = staging.join(BLOCK_MARKER);
+        refuse_foreign_mount(&req.volume_id, &mounts, &staging)?;
+        refuse_foreign_mount(&req.volume_id, &mounts, &marker)?;
         if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
         {
             return Err(error::failed_precondition(format!(
@@ -334,15 +411,23 @@ impl NodeService {
         req: csi::NodeGetVolumeStatsRequest,
     ) -> Result<csi::NodeGetVolumeStatsResponse> {
         use csi::volume_usage::Unit;
+        // The spec's order: a missing argument, then an unknown volume
+        // (whatever the path), then a path where the volume is not.
         validate::id(&req.volume_id, "volume_id")?;
-        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        if req.volume_path.is_empty() {
+            return Err(error::invalid("volume_path is required"));
+        }
         let engine = &self.driver.engine;
         engine.volume(&req.volume_id).await?;
+        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        let (device, mounts) =
+            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+        // Only the volume's own mount is measured: never whatever filesystem
+        // (the host's) lies under a path it has left.
+        Self::own_mount(&req.volume_id, &mounts, &path)?;
         let meta = std::fs::metadata(&path).map_err(|_| {
             error::not_found(format!("volume path {} does not exist", path.display()))
         })?;
-        let (device, mounts) =
-            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
 
         let mut usage = Vec::new();
         if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
@@ -396,16 +481,16 @@ impl NodeService {
         req: csi::NodeExpandVolumeRequest,
     ) -> Result<csi::NodeExpandVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
-        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        if req.volume_path.is_empty() {
+            return Err(error::invalid("volume_path is required"));
+        }
         let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
         self.require_privilege()?;
         let engine = &self.driver.engine;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         let volume = engine.volume(&req.volume_id).await?;
-        let capacity = match engine.expansion_site() {
-            ExpansionSite::Node => engine.expand_volume(&req.volume_id, required, limit).await?,
-            ExpansionSite::Controller => volume.capacity,
-        };
+        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        // Staged, and at this path, before anything grows.
         let (device, mounts) =
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let device = device.ok_or_else(|| {
@@ -414,6 +499,11 @@ impl NodeService {
                 req.volume_id
             ))
         })?;
+        Self::own_mount(&req.volume_id, &mounts, &path)?;
+        let capacity = match engine.expansion_site() {
+            ExpansionSite::Node => engine.expand_volume(&req.volume_id, required, limit).await?,
+            ExpansionSite::Controller => volume.capacity,
+        };
         engine.refresh_device(&req.volume_id).await?;
 
         let is_block = std::fs::metadata(&path)
@@ -480,18 +570,58 @@ fn read_mounts() -> Result<Vec<MountEntry>> {
     mountinfo::read().map_err(|e| Error::io("reading /proc/self/mountinfo", e))
 }
 
+/// A path the caller gave that cannot be what it must be (a directory
+/// where a file is, a path under a file): the caller's to fix.
+fn path_error(path: &Path, e: std::io::Error) -> Error {
+    use rustix::io::Errno;
+    match Errno::from_io_error(&e) {
+        Some(Errno::NOTDIR | Errno::EXIST | Errno::ISDIR | Errno::LOOP) => {
+            error::failed_precondition(format!("{} cannot be used here: {e}", path.display()))
+        }
+        _ => Error::io(format!("creating {}", path.display()), e),
+    }
+}
+
+/// Makes a directory (and its parents); a file in the way is
+/// FAILED_PRECONDITION.
+fn make_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| path_error(path, e))?;
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(error::failed_precondition(format!("{} is not a directory", path.display())));
+    }
+    Ok(())
+}
+
+/// Makes the file a device is bind-mounted onto, never following a symlink
+/// at its place (O_NOFOLLOW), so a link planted there cannot point the mount
+/// elsewhere.
 fn create_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+        make_dir(parent)?;
     }
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map(drop)
-        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+        .map_err(|e| path_error(path, e))
+}
+
+/// A mount at `path` that is not the volume's own is someone else's: NOT_FOUND,
+/// and it is left alone.
+fn refuse_foreign_mount(volume_id: &str, own: &[MountEntry], path: &Path) -> Result<()> {
+    let all = read_mounts()?;
+    match mountinfo::at(&all, path) {
+        Some(m) if !own.iter().any(|o| o.mount_point == path) => Err(error::not_found(format!(
+            "{} holds a mount of {}, not of volume {volume_id}; it is left as it is",
+            path.display(),
+            m.source
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Unmounts everything stacked at `path`.
