@@ -289,3 +289,61 @@ async fn a_crash_before_commit_leaves_no_member() {
     let done = g.create_volume_group_snapshot(group_req("crashy", &vols)).await.unwrap();
     assert_eq!(done.into_inner().group_snapshot.unwrap().snapshots.len(), 2);
 }
+
+/// DeleteVolumeGroupSnapshot locks its members: a restore from a member that
+/// is running finishes first; the delete meanwhile is ABORTED, never
+/// trashing the file under the restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_delete_waits_for_a_restore_from_a_member() {
+    let pool = common::TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let (mut driver, fifo) =
+        common::driver_paused_at(root.path(), &pool, "create-volume-after-reserve");
+    let ch = driver.channel().await;
+    let mut c = ferrovol_csi::controller_client::ControllerClient::new(ch.clone());
+    let mut g = GroupControllerClient::new(ch);
+    // Creations pause at the failpoint until the gate opens: open it for the
+    // two sources.
+    let mut sources = Vec::new();
+    for name in ["m1", "m2"] {
+        let call = tokio::spawn({
+            let mut c = c.clone();
+            async move { c.create_volume(req::create(name, 4 * MIB)).await }
+        });
+        assert!(driver.wait_for_new_log("failpoint reached").is_some());
+        std::fs::write(&fifo, b"go").unwrap();
+        sources.push(call.await.unwrap().unwrap().into_inner().volume.unwrap().volume_id);
+    }
+    let group = g
+        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+            name: "pair".into(),
+            source_volume_ids: sources.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let member = group.snapshots[0].snapshot_id.clone();
+
+    // A restore from the member, held inside its work.
+    let restore = tokio::spawn({
+        let mut c = c.clone();
+        let member = member.clone();
+        async move { c.create_volume(req::from_snapshot("restored", &member, 4 * MIB)).await }
+    });
+    assert!(driver.wait_for_new_log("failpoint reached").is_some());
+    let delete = csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    let busy = g.delete_volume_group_snapshot(delete.clone()).await.unwrap_err();
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+    assert!(pool.snapshot_file(&member).exists(), "the member's file is untouched");
+
+    std::fs::write(&fifo, b"go").unwrap();
+    restore.await.unwrap().expect("the restore finishes");
+    g.delete_volume_group_snapshot(delete).await.expect("then the delete goes through");
+    assert!(!pool.snapshot_file(&member).exists());
+}

@@ -118,11 +118,19 @@ impl GroupControllerService {
         validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
         let _guard = self.driver.locks.exclusive(locks::group(&req.group_snapshot_id))?;
         let engine = &self.driver.engine;
-        match engine.group_snapshot(&req.group_snapshot_id).await {
-            Ok(g) => check_members(&g, &req.snapshot_ids)?,
-            Err(e) if e.code() == tonic::Code::NotFound => {}
+        // Each member is locked as a DeleteSnapshot would lock it: a restore
+        // or clone from a member that is running finishes first (the delete
+        // is ABORTED and retried), and never reads a file being trashed.
+        let _members = match engine.group_snapshot(&req.group_snapshot_id).await {
+            Ok(g) => {
+                check_members(&g, &req.snapshot_ids)?;
+                let keys: Vec<String> =
+                    g.snapshots.iter().map(|m| locks::snapshot(&m.id)).collect();
+                Some(self.driver.locks.acquire(&keys, &[])?)
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => None,
             Err(e) => return Err(e),
-        }
+        };
         engine.delete_group_snapshot(&req.group_snapshot_id).await?;
         Ok(csi::DeleteVolumeGroupSnapshotResponse {})
     }
