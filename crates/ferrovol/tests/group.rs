@@ -300,7 +300,7 @@ async fn group_delete_waits_for_a_restore_from_a_member() {
     let (mut driver, fifo) =
         common::driver_paused_at(root.path(), &pool, "create-volume-after-reserve");
     let ch = driver.channel().await;
-    let mut c = ferrovol_csi::controller_client::ControllerClient::new(ch.clone());
+    let c = ferrovol_csi::controller_client::ControllerClient::new(ch.clone());
     let mut g = GroupControllerClient::new(ch);
     // Creations pause at the failpoint until the gate opens: open it for the
     // two sources.
