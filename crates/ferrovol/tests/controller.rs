@@ -277,7 +277,12 @@ async fn bad_create_requests_get_the_spec_codes() {
         preferred: vec![],
     });
     let v = create(&mut c, ok).await;
-    assert_eq!(v.capacity_bytes, 8192, "rounded up to 4 KiB");
+    assert_eq!(v.capacity_bytes, MIB, "an ext4 volume is at least what mkfs.ext4 accepts");
+    let block = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::block_cap()],
+        ..req::create("fine-block", 5000)
+    };
+    assert_eq!(create(&mut c, block).await.capacity_bytes, 8192, "rounded up to 4 KiB");
     assert_eq!(v.accessible_topology[0].segments["local.csi.ferrovol.io/node"], "test-node");
     let v = create(
         &mut c,
@@ -297,7 +302,7 @@ async fn bad_create_requests_get_the_spec_codes() {
     assert!(blocks * 512 >= 1200 << 20, "thick volume is preallocated");
     thick.name = "thick-2".into();
     assert_eq!(code(c.create_volume(thick).await), Code::ResourceExhausted);
-    assert_eq!(pool.files("volumes").len(), 2, "the refused volume left nothing");
+    assert_eq!(pool.files("volumes").len(), 3, "the refused volume left nothing");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -196,7 +196,8 @@ pub trait Engine: Send + Sync + 'static {
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>>;
 
-    async fn capacity(&self) -> Result<Capacity>;
+    /// What can be created now with these (engine) parameters.
+    async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<Capacity>;
 
     /// Grows a volume to at least `required` bytes (never shrinks); answers
     /// the new capacity.

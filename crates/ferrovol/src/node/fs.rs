@@ -104,6 +104,9 @@ pub fn minimum_size(fs_type: &str) -> u64 {
     match fs_type {
         "xfs" => 300 << 20,
         "btrfs" => 120 << 20,
+        // mkfs.ext4 with 4 KiB blocks needs somewhat over 128 KiB; 1 MiB
+        // leaves room for a usable filesystem. "" is the default, ext4.
+        "ext4" | "" => 1 << 20,
         _ => 0,
     }
 }

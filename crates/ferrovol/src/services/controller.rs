@@ -62,7 +62,11 @@ impl ControllerService {
                     "{fs_type} needs at least {minimum} bytes; the limit is {limit_bytes}"
                 )));
             }
-            required_bytes = required_bytes.max(minimum);
+            // Without a size the engine's default (larger than any minimum)
+            // applies.
+            if required_bytes > 0 {
+                required_bytes = required_bytes.max(minimum);
+            }
         }
         let parameters = validate::engine_parameters(&req.parameters);
         engine.validate_parameters(&parameters)?;
@@ -169,7 +173,7 @@ impl ControllerService {
 
     async fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
         let engine = &self.driver.engine;
-        let capacity = engine.capacity().await?;
+        let capacity = engine.capacity(&validate::engine_parameters(&req.parameters)).await?;
         // Capacity for something we cannot create (wrong place, unsupported
         // capability or parameters) is zero, which is the spec's answer.
         let servable = req
@@ -181,10 +185,23 @@ impl ControllerService {
                 .iter()
                 .all(|c| validate::capability(c, engine.multi_node()).is_ok())
             && engine.validate_parameters(&validate::engine_parameters(&req.parameters)).is_ok();
+        // A filesystem's mkfs minimum raises the smallest volume; where even
+        // that does not fit, nothing can be created here.
+        let minimum = req
+            .volume_capabilities
+            .iter()
+            .filter_map(|c| match &c.access_type {
+                Some(csi::volume_capability::AccessType::Mount(m)) => {
+                    Some(crate::node::fs::minimum_size(&m.fs_type))
+                }
+                _ => None,
+            })
+            .fold(capacity.minimum_volume_size, u64::max);
+        let fits = servable && capacity.maximum_volume_size >= minimum;
         Ok(csi::GetCapacityResponse {
-            available_capacity: if servable { capacity.available as i64 } else { 0 },
-            maximum_volume_size: Some(capacity.maximum_volume_size as i64),
-            minimum_volume_size: Some(capacity.minimum_volume_size as i64),
+            available_capacity: if fits { capacity.available as i64 } else { 0 },
+            maximum_volume_size: Some(if fits { capacity.maximum_volume_size as i64 } else { 0 }),
+            minimum_volume_size: Some(minimum as i64),
         })
     }
 

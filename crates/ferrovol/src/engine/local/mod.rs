@@ -418,9 +418,10 @@ impl Engine for LocalEngine {
             }
             self.discard(Kind::Volume, &existing).await?;
         }
-        if capacity > available {
+        if capacity > largest_volume(available, thick) {
             return Err(error::exhausted(format!(
-                "pool has {available} bytes free, volume needs {capacity}"
+                "pool has {available} bytes free, a {} volume of {capacity} bytes does not fit",
+                if thick { "thick" } else { "thin" }
             )));
         }
 
@@ -523,11 +524,13 @@ impl Engine for LocalEngine {
         Ok(Page { items: records.iter().map(to_volume).collect(), next })
     }
 
-    async fn capacity(&self) -> Result<Capacity> {
-        let (available, total) = self.pool.space()?;
+    async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<Capacity> {
+        // The largest volume CreateVolume accepts now (kube-scheduler
+        // prefers this figure to the available capacity when it is set).
+        let (available, _) = self.pool.space()?;
         Ok(Capacity {
             available: available / GRANULARITY * GRANULARITY,
-            maximum_volume_size: total / GRANULARITY * GRANULARITY,
+            maximum_volume_size: largest_volume(available, is_thick(parameters)),
             minimum_volume_size: GRANULARITY,
         })
     }
@@ -966,4 +969,17 @@ fn refuse_files_without_journal(pool: &Pool) -> Result<()> {
             first.display()
         ))),
     }
+}
+
+/// The largest volume that fits in `available` free bytes: all of it for a
+/// thin volume (a sparse file allocates nothing yet); for a thick one, less
+/// the filesystem's own metadata for so large an allocation (extent trees,
+/// its journal), which fallocate needs too: 1/64 and 1 MiB held back (an
+/// allocation of all the free space fails with ENOSPC on ext4).
+fn largest_volume(available: u64, thick: bool) -> u64 {
+    let usable = match thick {
+        true => available.saturating_sub(available / 64 + (1 << 20)),
+        false => available,
+    };
+    usable / GRANULARITY * GRANULARITY
 }
