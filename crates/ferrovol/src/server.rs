@@ -74,6 +74,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         )));
     }
 
+    if driver.mode.node() {
+        thaw_left_frozen(&driver).await;
+    }
+
     if let Some(addr) = &args.metrics_addr {
         let local = crate::metrics::listen(addr, driver_endpoints(driver.clone())).await?;
         info!(addr = %local, "metrics listening");
@@ -160,6 +164,44 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
                 async move { identity.check_ready().await.map_err(|e| e.message().to_string()) },
             )
         }),
+    }
+}
+
+/// A driver that died inside a snapshot's freeze window left that
+/// filesystem frozen, and every writer in the pod hanging: thaw every
+/// filesystem of ours mounted here before serving.
+async fn thaw_left_frozen(driver: &Driver) {
+    let devices = match driver.engine.stats().await {
+        Ok(stats) => stats.attached,
+        Err(e) => {
+            warn!(error = e.message(), "cannot list attached volumes to thaw");
+            return;
+        }
+    };
+    let thawed = tokio::task::spawn_blocking(move || {
+        let Ok(mounts) = crate::node::mountinfo::read() else { return Vec::new() };
+        let mut thawed = Vec::new();
+        for device in &devices {
+            let Ok(of) = crate::node::mountinfo::mounts_of_device(&mounts, device) else {
+                continue;
+            };
+            // One filesystem mount per device suffices: its binds share the
+            // superblock.
+            let fs = of.iter().find(|m| !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs"));
+            if let Some(m) = fs {
+                match crate::node::freeze::thaw_if_frozen(&m.mount_point) {
+                    Ok(true) => thawed.push(m.mount_point.clone()),
+                    Ok(false) => {}
+                    Err(e) => warn!(mount = %m.mount_point.display(), error = %e, "cannot thaw"),
+                }
+            }
+        }
+        thawed
+    })
+    .await
+    .unwrap_or_default();
+    for m in thawed {
+        warn!(mount = %m.display(), "thawed a filesystem a previous run left frozen");
     }
 }
 

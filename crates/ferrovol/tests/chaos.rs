@@ -343,3 +343,65 @@ async fn killed_at_random_moments_nothing_is_lost_or_leaked() {
     }
     eprintln!("chaos: seed {seed:#x}, {rounds} rounds, {kills} kills, all invariants held");
 }
+
+/// The round the random kills miss: the driver dies inside the freeze
+/// window of a staged volume's snapshot (a crash at the failpoint between
+/// freeze and thaw, like SIGKILL or the OOM killer). The pod's filesystem
+/// stays frozen until the driver comes back; at start-up it is thawed and
+/// the pod's writes go through again.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_inside_a_freeze_window_the_pods_filesystem_is_thawed_at_restart() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let start = |failpoints: &str| {
+        let b = DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet);
+        match failpoints {
+            "" => b.start(),
+            f => b.env("FERROVOL_FAILPOINTS", f).start(),
+        }
+    };
+    let mut driver = start("create-snapshot-frozen=abort");
+    let ch = driver.channel().await;
+    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let cap = req::mount_cap("ext4");
+    let v = req::new_volume(&mut c, "frozen-pod", 64 * MIB, cap.clone()).await;
+    let (staging, target) = (kubelet.staging("frozen"), kubelet.target("pod", "frozen"));
+    n.node_stage_volume(stage_req(&v, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&v, &staging, &target, cap.clone(), false)).await.unwrap();
+    std::fs::write(target.join("before"), b"written before the snapshot").unwrap();
+
+    assert!(c.create_snapshot(req::snapshot("mid-freeze", &v)).await.is_err());
+    assert!(!driver.wait().success(), "the driver died in the window");
+    // Left frozen: a second freeze is refused as busy.
+    let still = ferrovol::node::freeze::Frozen::freeze(&target).err();
+    assert_eq!(
+        still.as_ref().and_then(|e| e.raw_os_error()),
+        Some(libc::EBUSY),
+        "the crash left the filesystem frozen"
+    );
+
+    let mut driver = start("");
+    assert!(driver.wait_for_log("thawed a filesystem a previous run left frozen").is_some());
+    // The pod writes again (from a thread: a frozen filesystem would block
+    // the write, and the test must fail, not hang).
+    let file = target.join("after");
+    let (done, wrote) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(std::fs::write(&file, b"written after the restart"));
+    });
+    let outcome = wrote.recv_timeout(Duration::from_secs(30));
+    if outcome.is_err() {
+        let _ = ferrovol::node::freeze::thaw_if_frozen(&target);
+    }
+    outcome.expect("the write went through").unwrap();
+
+    let ch = driver.channel().await;
+    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let s = c.create_snapshot(req::snapshot("after-restart", &v)).await.unwrap().into_inner();
+    n.node_unpublish_volume(unpublish_req(&v, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
+    c.delete_snapshot(req::delete_snapshot(&s.snapshot.unwrap().snapshot_id)).await.unwrap();
+    c.delete_volume(req::delete(&v)).await.unwrap();
+    kubelet.assert_clean();
+}

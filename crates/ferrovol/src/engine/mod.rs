@@ -205,7 +205,15 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Takes a snapshot, or answers the one with this name when it has the
     /// same source (ALREADY_EXISTS when not).
-    async fn create_snapshot(&self, name: &str, source_volume: &str) -> Result<Snapshot>;
+    /// Snapshots a volume; `quiesce` as for group snapshots: called right
+    /// before the copy-on-write clone, its guard dropped right after, never
+    /// across a journal write.
+    async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+        quiesce: Quiesce,
+    ) -> Result<Snapshot>;
 
     async fn delete_snapshot(&self, id: &str) -> Result<()>;
 

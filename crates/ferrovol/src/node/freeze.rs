@@ -59,3 +59,19 @@ impl Drop for Frozen {
         }
     }
 }
+
+/// Thaws the filesystem at `mount_point` if it is frozen: answers whether it
+/// was. For start-up, after a driver died between a freeze and its thaw
+/// (SIGKILL, OOM) and left a pod's filesystem frozen for ever.
+pub fn thaw_if_frozen(mount_point: &Path) -> io::Result<bool> {
+    let dir = File::open(mount_point)?;
+    // SAFETY: FITHAW takes an int argument it ignores.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) } == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error() {
+        // Not frozen.
+        e if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        e => Err(e),
+    }
+}

@@ -218,23 +218,27 @@ impl ControllerService {
             .driver
             .locks
             .acquire(&[locks::snapshot_name(&req.name)], &[locks::volume(&req.source_volume_id)])?;
-        // A filesystem staged on this node is frozen for the instant of the
-        // copy-on-write clone; the guard thaws it on every path.
-        let frozen =
+        // A filesystem staged on this node is flushed first (the pod's dirty
+        // data, outside the window), then frozen by the engine for the
+        // instant of the copy-on-write clone only; the guard thaws it on
+        // every path.
+        let mounts =
             match crate::services::holder(self.driver.engine.as_ref(), &req.source_volume_id)
                 .await?
             {
-                crate::services::Holder::Filesystem(mount) => {
-                    tokio::task::spawn_blocking(move || crate::services::freeze_all(&[mount]))
-                        .await
-                        .map_err(|e| error::internal(e.to_string()))??
-                }
+                crate::services::Holder::Filesystem(mount) => vec![mount],
                 // Raw block or idle: crash-consistent, as a power cut would leave it.
                 _ => Vec::new(),
             };
-        let snapshot = self.driver.engine.create_snapshot(&req.name, &req.source_volume_id).await;
-        drop(frozen);
-        let snapshot = snapshot?;
+        let flush = mounts.clone();
+        tokio::task::spawn_blocking(move || crate::services::presync(&flush))
+            .await
+            .map_err(|e| error::internal(e.to_string()))?;
+        let quiesce: crate::engine::Quiesce = Box::new(move || {
+            crate::services::freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>)
+        });
+        let snapshot =
+            self.driver.engine.create_snapshot(&req.name, &req.source_volume_id, quiesce).await?;
         Ok(csi::CreateSnapshotResponse { snapshot: Some(convert::snapshot(&snapshot)) })
     }
 

@@ -578,7 +578,12 @@ impl Engine for LocalEngine {
         Ok(wanted)
     }
 
-    async fn create_snapshot(&self, name: &str, source_volume: &str) -> Result<Snapshot> {
+    async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+        quiesce: Quiesce,
+    ) -> Result<Snapshot> {
         if let Some(existing) = self.journal.by_name::<SnapshotRecord>(name)? {
             if existing.state() == State::Ready {
                 if existing.source_volume != source_volume {
@@ -609,7 +614,17 @@ impl Engine for LocalEngine {
         let (method, size) = (self.method, volume.capacity);
         let made = blocking(move || {
             failpoint::hit("create-snapshot-after-reserve");
-            pool::clone_file(&src, &dst, size, method)?;
+            // The window: the clone alone.
+            let started = std::time::Instant::now();
+            let hold = quiesce()?;
+            failpoint::hit("create-snapshot-frozen");
+            let cloned = pool::clone_file(&src, &dst, size, method);
+            drop(hold);
+            tracing::debug!(
+                window_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "snapshot window"
+            );
+            cloned?;
             pool::seal(&dst)?;
             failpoint::hit("create-snapshot-before-commit");
             Ok(())
