@@ -343,3 +343,33 @@ async fn a_missing_mkfs_names_its_package_and_leaks_nothing() {
     kubelet.assert_clean();
     c.delete_volume(req::delete(&id)).await.unwrap();
 }
+
+/// A volume whose file vanished behind the driver's back: stage, snapshot,
+/// clone and a restore from a snapshot whose file vanished answer
+/// FAILED_PRECONDITION with the condition, and leave nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_backing_file_is_a_precondition() {
+    let e = common::env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let v = req::new_volume(&mut c, "vanishing", 16 * MIB, cap.clone()).await;
+    let s = c.create_snapshot(req::snapshot("of-vanishing", &v)).await.unwrap().into_inner();
+    let s = s.snapshot.unwrap().snapshot_id;
+    std::fs::remove_file(e.pool.volume_file(&v)).unwrap();
+    std::fs::remove_file(e.pool.snapshot_file(&s)).unwrap();
+
+    let staging = e.kubelet.staging("vanishing");
+    let stage = n.node_stage_volume(req::stage_req(&v, &staging, cap.clone())).await.unwrap_err();
+    let snap = c.create_snapshot(req::snapshot("again", &v)).await.unwrap_err();
+    let clone = c.create_volume(req::from_volume("clone", &v, 16 * MIB)).await.unwrap_err();
+    let restore = c.create_volume(req::from_snapshot("restore", &s, 16 * MIB)).await.unwrap_err();
+    for (what, err) in
+        [("stage", stage), ("snapshot", snap), ("clone", clone), ("restore", restore)]
+    {
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{what}: {err:?}");
+        assert!(err.message().contains("missing"), "{what}: {err:?}");
+    }
+    assert!(e.pool.files("staging").is_empty(), "nothing half-made");
+    assert_eq!(e.pool.files("snapshots").len(), 0);
+    e.kubelet.assert_clean();
+}

@@ -471,3 +471,58 @@ async fn without_cap_sys_admin_node_calls_say_so_and_controller_works() {
     c.delete_volume(req::delete(&id)).await.expect("controller calls still work");
     kubelet.assert_clean();
 }
+
+/// Without CAP_SYS_RESOURCE a mounted ext4 cannot grow: the volume grows,
+/// the condition says the filesystem lags, and the next stage grows it
+/// offline (which needs no such capability), data intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_growth_without_cap_sys_resource_converges_at_the_next_stage() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let driver = DriverBuilder::new(root.path())
+        .pool(&pool)
+        .kubelet(&kubelet)
+        .wrapped_in(["setpriv", "--bounding-set", "-sys_resource", "--inh-caps", "-sys_resource"])
+        .start();
+    let ch = driver.channel().await;
+    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let cap = req::mount_cap("ext4");
+    let id = new_volume(&mut c, "lagging", 256 * MIB, cap.clone()).await;
+    let (staging, target) = (kubelet.staging("lag"), kubelet.target("pod", "lag"));
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), false)).await.unwrap();
+    std::fs::write(target.join("data"), b"kept across the growth").unwrap();
+    let total = |p: &Path| {
+        let s = rustix::fs::statvfs(p).unwrap();
+        s.f_blocks * s.f_frsize
+    };
+    let before = total(&target);
+
+    let expand = csi::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: target.display().to_string(),
+        capacity_range: req::range(512 * MIB, 0),
+        ..Default::default()
+    };
+    let err = n.node_expand_volume(expand).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let stats = |path: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: id.clone(),
+        volume_path: path.display().to_string(),
+        ..Default::default()
+    };
+    let cond = n.node_get_volume_stats(stats(&target)).await.unwrap().into_inner();
+    let cond = cond.volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("next staged"), "{cond:?}");
+
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    assert!(total(&staging) > before + (200 << 20), "{before} -> {}", total(&staging));
+    assert_eq!(std::fs::read(staging.join("data")).unwrap(), b"kept across the growth");
+    let cond = n.node_get_volume_stats(stats(&staging)).await.unwrap().into_inner();
+    assert!(!cond.volume_condition.unwrap().abnormal);
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    kubelet.assert_clean();
+}

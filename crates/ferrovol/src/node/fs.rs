@@ -151,6 +151,60 @@ pub async fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()
     Ok(())
 }
 
+/// The size of the ext2/3/4 filesystem on `device`, from its superblock
+/// (block count × block size); None when it holds no such filesystem.
+pub fn ext4_size(device: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 1024];
+    std::fs::File::open(device).ok()?.read_exact_at(&mut sb, 1024).ok()?;
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes"));
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        return None;
+    }
+    let lo = u32_at(0x04) as u64;
+    // INCOMPAT_64BIT: the block count's high half is used.
+    let hi = if u32_at(0x60) & 0x80 != 0 { u32_at(0x150) as u64 } else { 0 };
+    let block = 1024u64 << u32_at(0x18).min(16);
+    Some((hi << 32 | lo) * block)
+}
+
+/// Whether the ext4 on `device` is smaller than the device by more than
+/// mkfs may leave unused (a last partial block group too small to keep).
+pub fn ext4_smaller_than_device(device: &Path) -> bool {
+    match (ext4_size(device), block_device_size(device)) {
+        (Some(fs), Ok(dev)) => fs + (1 << 20) < dev,
+        _ => false,
+    }
+}
+
+/// Grows an unmounted ext4 filesystem to its device: what a stage does for a
+/// volume that grew while the filesystem could not (online ext4 growth
+/// needs CAP_SYS_RESOURCE; offline growth does not). Answers whether it
+/// grew.
+pub async fn grow_unmounted_ext4(device: &Path) -> Result<bool> {
+    if !ext4_smaller_than_device(device) {
+        return Ok(false);
+    }
+    // resize2fs wants a freshly checked filesystem; -p repairs only what is
+    // safe to repair unattended.
+    let (code, out) = exec::run_status(
+        "e2fsck",
+        ["-f".as_ref(), "-p".as_ref(), device.as_os_str()],
+        GROW_TIMEOUT,
+    )
+    .await?;
+    // 0: clean; 1: errors corrected. Anything else needs a person.
+    if code > 1 {
+        return Err(error::failed_precondition(format!(
+            "e2fsck found problems it cannot fix unattended on {} (exit {code}): {}",
+            device.display(),
+            out.stdout.trim()
+        )));
+    }
+    exec::run("resize2fs", [device.as_os_str()], GROW_TIMEOUT).await?;
+    Ok(true)
+}
+
 /// Mount options from a CSI capability: the generic ones become flags, the
 /// rest is passed to the filesystem.
 pub fn split_mount_flags(flags: &[String]) -> (MountFlags, String) {

@@ -261,6 +261,11 @@ impl NodeService {
                         )))
                     }
                 };
+                // A volume that grew while its ext4 could not (no
+                // CAP_SYS_RESOURCE) grows here, before the mount.
+                if fs_type == "ext4" && !read_only && nodefs::grow_unmounted_ext4(device).await? {
+                    tracing::info!(volume_id, "grew the ext4 filesystem to its volume at stage");
+                }
                 let mounted = nodefs::mount(device, staging, &fs_type, flags, read_only);
                 if mounted.is_err() && mounted_from(&read_mounts()?, device, staging)? {
                     return Ok(()); // a mount from before a restart finished meanwhile
@@ -462,6 +467,10 @@ impl NodeService {
                 (Some(_), None) => Some(format!("the volume is no longer mounted at {}", path.display())),
                 (Some(_), Some(m)) if m.super_read_only() && !m.has_option("ro") => Some(
                     "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)".into(),
+                ),
+                (Some(d), Some(m)) if m.fs_type == "ext4" && nodefs::ext4_smaller_than_device(d) => Some(
+                    "the ext4 filesystem is smaller than its grown volume: it grows when the volume \
+                     is next staged (or online, given CAP_SYS_RESOURCE)".into(),
                 ),
                 _ => None,
             },

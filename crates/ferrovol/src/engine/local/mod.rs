@@ -237,11 +237,11 @@ impl LocalEngine {
             None => None,
             Some(ContentSource::Snapshot(id)) => {
                 let s = self.ready_snapshot(id)?;
-                Some((self.pool.path(Kind::Snapshot, id)?, s.size))
+                Some((self.existing_file(Kind::Snapshot, id)?, s.size))
             }
             Some(ContentSource::Volume(id)) => {
                 let v = self.ready_volume(id)?;
-                Some((self.pool.path(Kind::Volume, id)?, v.capacity))
+                Some((self.existing_file(Kind::Volume, id)?, v.capacity))
             }
         })
     }
@@ -307,6 +307,21 @@ impl LocalEngine {
             return Err(e);
         }
         blocking(move || pool::remove(&trashed)).await
+    }
+
+    /// An object's file, which must be there to be read (attach, snapshot,
+    /// clone, restore): a file that vanished behind the driver's back is the
+    /// object's condition, FAILED_PRECONDITION, not an internal error.
+    fn existing_file(&self, kind: Kind, id: &str) -> Result<PathBuf> {
+        let path = self.pool.path(kind, id)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => Ok(path),
+            Err(e) => Err(error::failed_precondition(format!(
+                "{} {id}: backing file {} is missing or unreadable: {e}",
+                kind.noun(),
+                path.display()
+            ))),
+        }
     }
 
     async fn attached_devices(&self, path: PathBuf) -> Result<Vec<loopdev::Attached>> {
@@ -597,6 +612,7 @@ impl Engine for LocalEngine {
             self.discard(Kind::Snapshot, &existing).await?;
         }
         let volume = self.ready_volume(source_volume)?;
+        let src = self.existing_file(Kind::Volume, source_volume)?;
         let mut record = SnapshotRecord {
             id: ids::mint(Kind::Snapshot),
             name: name.to_string(),
@@ -609,7 +625,6 @@ impl Engine for LocalEngine {
         if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
             return Err(error::aborted(format!("snapshot {name:?} is being created")));
         }
-        let src = self.pool.path(Kind::Volume, source_volume)?;
         let dst = self.pool.staging_path(Kind::Snapshot, &record.id)?;
         let (method, size) = (self.method, volume.capacity);
         let made = blocking(move || {
@@ -852,6 +867,7 @@ impl Engine for LocalEngine {
         if let Some(a) = self.attached_devices(path.clone()).await?.into_iter().next() {
             return Ok(a.device);
         }
+        let path = self.existing_file(Kind::Volume, id)?;
         blocking(move || {
             loopdev::attach(&path, false, loopdev::VOLUME_BLOCK_SIZE)
                 .map_err(|e| e.into_error(format!("attaching {}", path.display())))
