@@ -41,6 +41,9 @@ fn main() -> ExitCode {
             other => run(other).await.map_err(|e| (format!("ferrovol: {e}"), 1)),
         }
     });
+    // Nothing the commands left running (a blocking call past its timeout)
+    // may keep the process alive once they are done.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((message, code)) => {

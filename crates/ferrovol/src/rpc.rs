@@ -131,8 +131,10 @@ where
         let work = body(req);
         async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let tracked = in_flight::track(method);
             tokio::spawn(
                 async move {
+                    let _tracked = tracked;
                     let outcome = work.await;
                     let code = crate::error::code_name(code_of(&outcome));
                     if tx.send(outcome).is_err() {
@@ -194,4 +196,59 @@ request_ids! {
     NodeExpandVolumeRequest { volume_id: volume_id }
     NodeGetCapabilitiesRequest {}
     NodeGetInfoRequest {}
+}
+
+/// The detached calls still running, which the server owns: at shutdown it
+/// waits for them (bounded) and names those it leaves behind.
+pub mod in_flight {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{LazyLock, Mutex};
+    use std::time::Duration;
+
+    static CALLS: LazyLock<Mutex<HashMap<u64, &'static str>>> = LazyLock::new(Default::default);
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static FINISHED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+    /// Held by a detached call's task for as long as it runs.
+    pub struct Tracked(u64);
+
+    pub fn track(method: &'static str) -> Tracked {
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        CALLS.lock().unwrap_or_else(|p| p.into_inner()).insert(id, method);
+        Tracked(id)
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            CALLS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+            FINISHED.notify_waiters();
+        }
+    }
+
+    /// The methods of the calls still running, sorted.
+    pub fn running() -> Vec<&'static str> {
+        let mut v: Vec<_> =
+            CALLS.lock().unwrap_or_else(|p| p.into_inner()).values().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Waits until no detached call runs, or `within` passes: answers the
+    /// ones still running.
+    pub async fn drain(within: Duration) -> Vec<&'static str> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Registered before the check, so a call that finishes between
+            // the two still wakes us.
+            let finished = FINISHED.notified();
+            let left = running();
+            if left.is_empty() {
+                return left;
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return running();
+            }
+        }
+    }
 }

@@ -130,16 +130,35 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     info!(signal, "shutting down: no new connections, finishing in-flight RPCs");
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(args.shutdown_timeout);
-    match tokio::time::timeout(grace, server).await {
+    let deadline = tokio::time::Instant::now() + grace;
+    match tokio::time::timeout_at(deadline, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
         Ok(Err(e)) => warn!(error = %e, "server task failed"),
-        Err(_) => warn!(?grace, "in-flight RPCs did not finish in time; exiting anyway"),
+        Err(_) => warn!(?grace, "connections did not close in time"),
     }
+    // Calls that change state run detached from their callers: wait for
+    // them too, within the same grace.
+    let left = crate::rpc::in_flight::drain(
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
     if let Some(path) = socket_path {
         if let Err(e) = std::fs::remove_file(&path) {
             warn!(socket = %path.display(), error = %e, "could not remove socket");
         }
+    }
+    if !left.is_empty() {
+        // Said, then gone for real: work left behind holds the journal lock
+        // and must not go on after we said we stopped. The next start's
+        // recovery finishes or rolls back each of them.
+        tracing::error!(
+            calls = ?left,
+            ?grace,
+            "exiting with calls still running after the shutdown timeout; the next start \
+             settles them"
+        );
+        std::process::exit(1);
     }
     info!("stopped");
     Ok(())

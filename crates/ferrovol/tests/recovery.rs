@@ -279,3 +279,43 @@ async fn pool_check_reports_then_repairs_and_never_touches_orphans() {
     let (ok, text) = common::pool_check(&pool, false);
     assert!(!ok && text.contains("locked"), "{text}");
 }
+
+/// SIGTERM with a call still running past --shutdown-timeout: the driver
+/// says which call it leaves behind and really exits (it does not go on
+/// with the work while saying it stopped); the next start settles the call
+/// and its retry converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_names_what_it_leaves_and_really_exits() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let fifo = root.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let mut driver = DriverBuilder::new(root.path())
+        .pool(&pool)
+        .args(["--shutdown-timeout", "1"])
+        .env(
+            "FERROVOL_FAILPOINTS",
+            &format!("create-volume-after-reserve=pause:{}", fifo.display()),
+        )
+        .start();
+    let mut c = ControllerClient::new(driver.channel().await);
+    let call = tokio::spawn(async move { c.create_volume(req::create("late", 8 * MIB)).await });
+    assert!(driver.wait_for_log("failpoint reached").is_some());
+
+    driver.signal(rustix::process::Signal::TERM);
+    let said = driver.wait_for_log("exiting with calls still running");
+    let status = driver.wait();
+    let said = said.unwrap_or_else(|| panic!("no word of the call left behind: {}", driver.logs()));
+    assert!(said.contains("CreateVolume"), "{said}");
+    assert!(!status.success(), "{status:?}");
+    assert!(!driver.logs().contains("INFO ferrovol::server: stopped"), "{}", driver.logs());
+    assert!(call.await.unwrap().is_err(), "the caller saw the call fail");
+
+    let d = DriverBuilder::new(root.path()).pool(&pool).start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let v = c.create_volume(req::create("late", 8 * MIB)).await.unwrap().into_inner();
+    assert_eq!(v.volume.unwrap().capacity_bytes, 8 * MIB);
+    drop(d);
+    let (clean, text) = common::pool_check(&pool, false);
+    assert!(clean, "nothing half-done is left: {text}");
+}

@@ -194,7 +194,7 @@ impl NodeService {
         read_only: bool,
         volume_id: &str,
     ) -> Result<()> {
-        let mounts = read_mounts()?;
+        let mounts = off_executor("reading the mount table", read_mounts).await?;
         let target = match access {
             AccessType::Block => staging.join(BLOCK_MARKER),
             AccessType::Mount { .. } => staging.to_path_buf(),
@@ -209,12 +209,17 @@ impl NodeService {
                 m.source
             )));
         }
-        make_dir(staging)?;
+        let dir = staging.to_path_buf();
+        off_executor("creating the staging directory", move || make_dir(&dir)).await?;
 
         match access {
             AccessType::Block => {
-                create_file(&target)?;
-                nodefs::bind(device, &target, &[], false)
+                let device = device.to_path_buf();
+                off_executor("binding the device", move || {
+                    create_file(&target)?;
+                    nodefs::bind(&device, &target, &[], false)
+                })
+                .await
             }
             AccessType::Mount { fs_type } => {
                 // A format of ours that a crash interrupted leaves a device
@@ -240,11 +245,12 @@ impl NodeService {
                                 "volume {volume_id} is blank and cannot be formatted read-only"
                             )));
                         }
-                        marker.set()?;
+                        let m = marker.clone();
+                        off_executor("recording the format", move || m.set()).await?;
                         nodefs::mkfs(device, fs).await?;
                         // Durably gone before anything can be written to the
                         // filesystem, or a later stage would format it again.
-                        marker.clear()?;
+                        off_executor("clearing the format record", move || marker.clear()).await?;
                         fs.to_string()
                     }
                     Content::Filesystem(found) if fs_type.is_empty() || *fs_type == found => found,
@@ -266,11 +272,16 @@ impl NodeService {
                 if fs_type == "ext4" && !read_only && nodefs::grow_unmounted_ext4(device).await? {
                     tracing::info!(volume_id, "grew the ext4 filesystem to its volume at stage");
                 }
-                let mounted = nodefs::mount(device, staging, &fs_type, flags, read_only);
-                if mounted.is_err() && mounted_from(&read_mounts()?, device, staging)? {
-                    return Ok(()); // a mount from before a restart finished meanwhile
-                }
-                mounted
+                let (device, staging, flags) =
+                    (device.to_path_buf(), staging.to_path_buf(), flags.to_vec());
+                off_executor("mounting", move || {
+                    let mounted = nodefs::mount(&device, &staging, &fs_type, &flags, read_only);
+                    if mounted.is_err() && mounted_from(&read_mounts()?, &device, &staging)? {
+                        return Ok(()); // a mount from before a restart finished meanwhile
+                    }
+                    mounted
+                })
+                .await
             }
         }
     }
@@ -341,7 +352,7 @@ impl NodeService {
                 )));
             }
         }
-        let all = read_mounts()?;
+        let all = off_executor("reading the mount table", read_mounts).await?;
         if let Some(m) = mountinfo::at(&all, &target) {
             return Err(error::failed_precondition(format!(
                 "target {} is already a mount of something else ({})",
@@ -352,7 +363,7 @@ impl NodeService {
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(error::invalid(format!("target {} is a symlink", target.display())));
         }
-        match access {
+        off_executor("publishing", move || match access {
             AccessType::Block => {
                 create_file(&target)?;
                 nodefs::bind(&device, &target, &[], read_only)
@@ -361,7 +372,8 @@ impl NodeService {
                 make_dir(&target)?;
                 nodefs::bind(&staging, &target, &flags, read_only)
             }
-        }?;
+        })
+        .await?;
         Ok(csi::NodePublishVolumeResponse {})
     }
 
@@ -376,8 +388,12 @@ impl NodeService {
         self.driver.engine.volume(&req.volume_id).await?;
         let (_, mounts) =
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
-        refuse_foreign_mount(&req.volume_id, &mounts, &target)?;
-        unmount_all_and_remove(&target)?;
+        let id = req.volume_id.clone();
+        off_executor("unpublishing", move || {
+            refuse_foreign_mount(&id, &mounts, &target)?;
+            unmount_all_and_remove(&target)
+        })
+        .await?;
         Ok(csi::NodeUnpublishVolumeResponse {})
     }
 
@@ -393,8 +409,6 @@ impl NodeService {
         let (_, mounts) =
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let marker = staging.join(BLOCK_MARKER);
-        refuse_foreign_mount(&req.volume_id, &mounts, &staging)?;
-        refuse_foreign_mount(&req.volume_id, &mounts, &marker)?;
         if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
         {
             return Err(error::failed_precondition(format!(
@@ -403,10 +417,16 @@ impl NodeService {
                 p.mount_point.display()
             )));
         }
-        if marker.exists() {
-            unmount_all_and_remove(&marker)?;
-        }
-        unmount_all(&staging)?;
+        let id = req.volume_id.clone();
+        off_executor("unstaging", move || {
+            refuse_foreign_mount(&id, &mounts, &staging)?;
+            refuse_foreign_mount(&id, &mounts, &marker)?;
+            if marker.exists() {
+                unmount_all_and_remove(&marker)?;
+            }
+            unmount_all(&staging)
+        })
+        .await?;
         self.driver.engine.detach(&req.volume_id).await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
@@ -535,8 +555,31 @@ impl NodeService {
     }
 }
 
+/// How long one piece of blocking node work (a mount, an unmount, reading
+/// the mount table, an fsync) may take before the call gives up on it.
+const NODE_WORK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs blocking node work on the blocking pool, never on the async workers
+/// (a slow mount must not stall Probe and every other call), bounded by
+/// [`NODE_WORK_TIMEOUT`]. Past it the call answers UNAVAILABLE; the kernel
+/// may still finish the work, which a retry then finds done.
+async fn off_executor<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::time::timeout(NODE_WORK_TIMEOUT, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Err(error::internal(format!("{what} stopped: {e}"))),
+        Err(_) => Err(error::unavailable(format!(
+            "{what} did not finish within {}s (the kernel may still be at it); retry later",
+            NODE_WORK_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 /// `<state dir>/formatting/<volume>`: present, durably, exactly while a
 /// format of the volume is under way on this node.
+#[derive(Clone)]
 struct FormatMarker {
     dir: PathBuf,
     path: PathBuf,
