@@ -14,6 +14,7 @@ use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use ferrovol_csi::volume_capability::access_mode::Mode;
+use tonic::transport::Channel;
 use tonic::Code;
 
 fn fs_of(path: &Path) -> String {
@@ -451,18 +452,34 @@ async fn node_info_and_capabilities() {
     assert!(!got.contains(&(Cap::VolumeMountGroup as i32)), "fsGroup is left to the kubelet");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn without_cap_sys_admin_node_calls_say_so_and_controller_works() {
+/// A driver on a fresh pool whose process lacks one capability (`setpriv`
+/// drops it from the bounding and inheritable sets), with its clients.
+async fn without_capability(
+    cap: &str,
+) -> (
+    TestPool,
+    Kubelet,
+    tempfile::TempDir,
+    common::Driver,
+    ControllerClient<Channel>,
+    NodeClient<Channel>,
+) {
     let pool = TestPool::new(PoolFs::Ext4).await;
     let kubelet = Kubelet::new(&pool);
     let root = tempfile::tempdir().unwrap();
+    let drop = format!("-{cap}");
     let driver = DriverBuilder::new(root.path())
         .pool(&pool)
         .kubelet(&kubelet)
-        .wrapped_in(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"])
+        .wrapped_in(["setpriv", "--bounding-set", &drop, "--inh-caps", &drop])
         .start();
     let ch = driver.channel().await;
-    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    (pool, kubelet, root, driver, ControllerClient::new(ch.clone()), NodeClient::new(ch))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_cap_sys_admin_node_calls_say_so_and_controller_works() {
+    let (_pool, kubelet, _root, _driver, mut c, mut n) = without_capability("sys_admin").await;
     let cap = req::mount_cap("ext4");
     let id = new_volume(&mut c, "unprivileged", 16 * MIB, cap.clone()).await;
     let err = n.node_stage_volume(stage_req(&id, &kubelet.staging("pv"), cap)).await.unwrap_err();
@@ -477,16 +494,7 @@ async fn without_cap_sys_admin_node_calls_say_so_and_controller_works() {
 /// offline (which needs no such capability), data intact.
 #[tokio::test(flavor = "multi_thread")]
 async fn ext4_growth_without_cap_sys_resource_converges_at_the_next_stage() {
-    let pool = TestPool::new(PoolFs::Ext4).await;
-    let kubelet = Kubelet::new(&pool);
-    let root = tempfile::tempdir().unwrap();
-    let driver = DriverBuilder::new(root.path())
-        .pool(&pool)
-        .kubelet(&kubelet)
-        .wrapped_in(["setpriv", "--bounding-set", "-sys_resource", "--inh-caps", "-sys_resource"])
-        .start();
-    let ch = driver.channel().await;
-    let (mut c, mut n) = (ControllerClient::new(ch.clone()), NodeClient::new(ch));
+    let (_pool, kubelet, _root, _driver, mut c, mut n) = without_capability("sys_resource").await;
     let cap = req::mount_cap("ext4");
     let id = new_volume(&mut c, "lagging", 256 * MIB, cap.clone()).await;
     let (staging, target) = (kubelet.staging("lag"), kubelet.target("pod", "lag"));
