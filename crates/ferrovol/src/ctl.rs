@@ -806,7 +806,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
 /// Whether a call's NOT_FOUND answer means "there is nothing": the driver
 /// answered NOT_FOUND (true), it found the object (false). A driver that
 /// cannot look objects up (UNIMPLEMENTED) is taken as "it may exist".
-fn absent<T>(r: Result<T, tonic::Status>) -> Result<bool, CtlError> {
+fn is_missing<T>(r: Result<T, tonic::Status>) -> Result<bool, CtlError> {
     match r {
         Ok(_) => Ok(false),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(true),
@@ -873,7 +873,7 @@ async fn volume(
         }
         VolumeCommand::Delete { volume_id } => {
             let get = csi::ControllerGetVolumeRequest { volume_id: volume_id.clone() };
-            if absent(c.controller_get_volume(request(get, t)).await)? {
+            if is_missing(c.controller_get_volume(request(get, t)).await)? {
                 return Ok(nothing_to_delete("volume", &volume_id, output).into());
             }
             c.delete_volume(request(
@@ -986,7 +986,7 @@ async fn snapshot(
                 snapshot_id: snapshot_id.clone(),
                 secrets: secrets.clone(),
             };
-            if absent(c.get_snapshot(request(get, t)).await)? {
+            if is_missing(c.get_snapshot(request(get, t)).await)? {
                 return Ok(nothing_to_delete("snapshot", &snapshot_id, output).into());
             }
             let req = csi::DeleteSnapshotRequest { snapshot_id: snapshot_id.clone(), secrets };
