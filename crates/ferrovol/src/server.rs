@@ -190,8 +190,9 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
 /// filesystem frozen, and every writer in the pod hanging: thaw every
 /// filesystem of ours mounted here before serving.
 async fn thaw_left_frozen(driver: &Driver) {
-    let devices = match driver.engine.stats().await {
-        Ok(stats) => stats.attached,
+    // Only the loop devices: no journal scan at start-up.
+    let devices = match driver.engine.all_attached().await {
+        Ok(devices) => devices,
         Err(e) => {
             warn!(error = e.message(), "cannot list attached volumes to thaw");
             return;

@@ -261,6 +261,9 @@ pub trait Engine: Send + Sync + 'static {
     /// The device the volume is attached as on this node, if it is.
     async fn attached_device(&self, id: &str) -> Result<Option<PathBuf>>;
 
+    /// Every device of this engine's volumes attached on this node.
+    async fn all_attached(&self) -> Result<Vec<PathBuf>>;
+
     /// Makes the attached device show the volume's current size after an
     /// expansion (some devices follow on their own; others must be told).
     async fn refresh_device(&self, id: &str) -> Result<()>;

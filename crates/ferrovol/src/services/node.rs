@@ -390,7 +390,7 @@ impl NodeService {
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         let id = req.volume_id.clone();
         off_executor("unpublishing", move || {
-            refuse_foreign_mount(&id, &mounts, &target)?;
+            refuse_foreign_mount(&id, &mounts, &read_mounts()?, &target)?;
             unmount_all_and_remove(&target)
         })
         .await?;
@@ -419,8 +419,9 @@ impl NodeService {
         }
         let id = req.volume_id.clone();
         off_executor("unstaging", move || {
-            refuse_foreign_mount(&id, &mounts, &staging)?;
-            refuse_foreign_mount(&id, &mounts, &marker)?;
+            let all = read_mounts()?;
+            refuse_foreign_mount(&id, &mounts, &all, &staging)?;
+            refuse_foreign_mount(&id, &mounts, &all, &marker)?;
             if marker.exists() {
                 unmount_all_and_remove(&marker)?;
             }
@@ -449,7 +450,10 @@ impl NodeService {
             crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
         // Only the volume's own mount is measured: never whatever filesystem
         // (the host's) lies under a path it has left.
-        Self::own_mount(&req.volume_id, &mounts, &path)?;
+        let device = device.ok_or_else(|| {
+            error::not_found(format!("volume {} is not attached on this node", req.volume_id))
+        })?;
+        let mount = Self::own_mount(&req.volume_id, &mounts, &path)?;
         let meta = std::fs::metadata(&path).map_err(|_| {
             error::not_found(format!("volume path {} does not exist", path.display()))
         })?;
@@ -480,20 +484,19 @@ impl NodeService {
             });
         }
 
+        use crate::engine::Condition::{Abnormal, Healthy};
         let problem = match engine.volume_condition(&req.volume_id).await? {
-            crate::engine::Condition::Abnormal(m) => Some(m),
-            crate::engine::Condition::Healthy => match (&device, mounts.iter().find(|m| m.mount_point == path)) {
-                (None, _) => Some("the volume is not attached on this node".to_string()),
-                (Some(_), None) => Some(format!("the volume is no longer mounted at {}", path.display())),
-                (Some(_), Some(m)) if m.super_read_only() && !m.has_option("ro") => Some(
-                    "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)".into(),
-                ),
-                (Some(d), Some(m)) if m.fs_type == "ext4" && nodefs::ext4_smaller_than_device(d) => Some(
-                    "the ext4 filesystem is smaller than its grown volume: it grows when the volume \
-                     is next staged (or online, given CAP_SYS_RESOURCE)".into(),
-                ),
-                _ => None,
-            },
+            Abnormal(m) => Some(m),
+            Healthy if mount.super_read_only() && !mount.has_option("ro") => Some(
+                "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)"
+                    .into(),
+            ),
+            Healthy if mount.fs_type == "ext4" && nodefs::ext4_smaller_than_device(&device) => Some(
+                "the ext4 filesystem is smaller than its grown volume: it grows when the volume is \
+                 next staged (or online, given CAP_SYS_RESOURCE)"
+                    .into(),
+            ),
+            Healthy => None,
         };
         let condition = match problem {
             Some(m) => crate::engine::Condition::Abnormal(m),
@@ -664,9 +667,13 @@ fn create_file(path: &Path) -> Result<()> {
 
 /// A mount at `path` that is not the volume's own is someone else's: NOT_FOUND,
 /// and it is left alone.
-fn refuse_foreign_mount(volume_id: &str, own: &[MountEntry], path: &Path) -> Result<()> {
-    let all = read_mounts()?;
-    match mountinfo::at(&all, path) {
+fn refuse_foreign_mount(
+    volume_id: &str,
+    own: &[MountEntry],
+    all: &[MountEntry],
+    path: &Path,
+) -> Result<()> {
+    match mountinfo::at(all, path) {
         Some(m) if !own.iter().any(|o| o.mount_point == path) => Err(error::not_found(format!(
             "{} holds a mount of {}, not of volume {volume_id}; it is left as it is",
             path.display(),

@@ -381,12 +381,7 @@ impl Engine for LocalEngine {
         let groups = self.journal.scan::<GroupRecord>(None, usize::MAX, |r| ready(r.state()))?;
         let (_, total) = self.pool.space()?;
         let used = self.pool.used()?;
-        let root = self.pool.root().to_path_buf();
-        let attached = blocking(move || {
-            let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
-            Ok(all.into_iter().filter(|a| a.backing.starts_with(&root)).map(|a| a.device).collect())
-        })
-        .await?;
+        let attached = self.all_attached().await?;
         Ok(crate::engine::EngineStats {
             volumes: volumes.len() as u64,
             snapshots: snapshots.len() as u64,
@@ -397,6 +392,15 @@ impl Engine for LocalEngine {
             attached,
             cow_method: self.method.as_str().to_string(),
         })
+    }
+
+    async fn all_attached(&self) -> Result<Vec<PathBuf>> {
+        let root = self.pool.root().to_path_buf();
+        blocking(move || {
+            let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
+            Ok(all.into_iter().filter(|a| a.backing.starts_with(&root)).map(|a| a.device).collect())
+        })
+        .await
     }
 
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
