@@ -258,7 +258,7 @@ fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<
 }
 
 /// The error for a journal the store cannot read.
-pub fn corrupt(path: &Path, why: &str) -> Error {
+fn corrupt(path: &Path, why: &str) -> Error {
     error::unavailable(format!(
         "journal {} is corrupt ({why}): restore it from a backup, or move it and the pool's \
          files aside to start a new pool; `ferrovol pool check` reports what the pool holds",

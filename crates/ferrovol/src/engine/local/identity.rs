@@ -8,7 +8,7 @@
 //! whose state knows a pool refuses a directory without that marker.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{self, Error, Result};
 
@@ -17,12 +17,12 @@ pub const RECORD: &str = "pool-id";
 const MAGIC: &str = "ferrovol pool";
 
 /// The UUID in a pool's marker, if it has one.
-pub fn marker_of(pool_dir: &Path) -> Result<Option<String>> {
+fn marker_of(pool_dir: &Path) -> Result<Option<String>> {
     read_id(&pool_dir.join(MARKER))
 }
 
 /// The UUID a state directory serves, if it records one.
-pub fn recorded_in(state_dir: &Path) -> Result<Option<String>> {
+fn recorded_in(state_dir: &Path) -> Result<Option<String>> {
     read_id(&state_dir.join(RECORD))
 }
 
@@ -122,11 +122,6 @@ pub fn settle(pool_dir: &Path, state_dir: &Path) -> Result<Settled> {
             Ok(Settled::Adopted { id, fresh })
         }
     }
-}
-
-/// The state directory's record of a pool, for messages.
-pub fn record_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(RECORD)
 }
 
 #[cfg(test)]
