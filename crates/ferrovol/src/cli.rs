@@ -96,6 +96,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// The storage engines ferrovol can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// Volumes are files in a pool directory on this node, copied by
+    /// reflink, attached as loop devices.
+    Local,
+}
+
 /// Which CSI services this process registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -135,6 +143,11 @@ pub struct ServeArgs {
     /// Which services to register.
     #[arg(long, env = "FERROVOL_MODE", value_enum, default_value_t = Mode::All)]
     pub mode: Mode,
+
+    /// The storage engine. Only `local` exists so far: volumes are files in
+    /// a pool on this node (Ceph RBD is the next engine).
+    #[arg(long, env = "FERROVOL_ENGINE", value_enum, default_value_t = EngineKind::Local)]
+    pub engine: EngineKind,
 
     /// Directory for the driver's state (created if missing).
     #[arg(long, env = "FERROVOL_STATE_DIR", default_value = "./ferrovol-data")]

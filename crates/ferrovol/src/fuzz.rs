@@ -81,16 +81,19 @@ impl Harness {
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let engine = runtime
-            .block_on(LocalEngine::open(&root.join("pool"), &root.join("state"), "fuzz-node"))
-            .expect("opening the scratch pool");
+        let engine = Arc::new(
+            runtime
+                .block_on(LocalEngine::open(&root.join("pool"), &root.join("state"), "fuzz-node"))
+                .expect("opening the scratch pool"),
+        );
         let driver = Arc::new(Driver {
             name: "fuzz.ferrovol.io".into(),
             node_id: "fuzz-node".into(),
             mode: crate::cli::Mode::All,
             state_dir: root.join("state"),
             state_writes: crate::fsutil::WriteMonitor::spawn(&root.join("state")),
-            engine: Arc::new(engine),
+            controller: Some(engine.clone()),
+            node: Some(engine),
             locks: OpLocks::new(),
         });
         let config = NodeConfig { kubelet_dir: kubelet_dir.clone(), max_volumes_per_node: 0 };

@@ -12,9 +12,11 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::authority::AuthorityFix;
-use crate::cli::ServeArgs;
+use crate::cli::{EngineKind, ServeArgs};
 use crate::endpoint::{self, Endpoint, SocketState};
+use crate::engine::local::node::LocalNode;
 use crate::engine::local::LocalEngine;
+use crate::engine::{ControllerEngine, NodeAttacher};
 use crate::locks::OpLocks;
 use crate::services::controller::ControllerService;
 use crate::services::group_controller::GroupControllerService;
@@ -34,17 +36,15 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         Some(id) if !id.is_empty() => id.clone(),
         _ => hostname()?,
     };
-    let pool_dir = args.pool_dir.clone().unwrap_or_else(|| args.state_dir.join("pool"));
-    let engine = LocalEngine::open(&pool_dir, &args.state_dir, &node_id)
-        .await
-        .map_err(|e| format!("opening pool {}: {}", pool_dir.display(), e.message()))?;
+    let (controller, node) = open_engine(&args, &node_id).await?;
     let driver = Arc::new(Driver {
         name: args.driver_name.clone(),
         node_id,
         mode: args.mode,
         state_dir: args.state_dir.clone(),
         state_writes: crate::fsutil::WriteMonitor::spawn(&args.state_dir),
-        engine: Arc::new(engine),
+        controller,
+        node,
         locks: OpLocks::new(),
     });
 
@@ -122,6 +122,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         driver = %driver.name,
         node_id = %driver.node_id,
         mode = ?driver.mode,
+        engine = driver.engine_kind(),
         version = crate::version::VERSION,
         "{READY_MESSAGE}"
     );
@@ -164,6 +165,33 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
+type Halves = (Option<Arc<dyn ControllerEngine>>, Option<Arc<dyn NodeAttacher>>);
+
+/// The engine `--engine` names, as the halves `--mode` asks for: a
+/// node-only process never opens what only the controller half needs (the
+/// local engine's journal).
+async fn open_engine(args: &ServeArgs, node_id: &str) -> Result<Halves, String> {
+    match args.engine {
+        EngineKind::Local => {
+            let pool_dir = args.pool_dir.clone().unwrap_or_else(|| args.state_dir.join("pool"));
+            if !args.mode.controller() {
+                let node = LocalNode::open(&pool_dir, node_id)
+                    .map_err(|e| format!("opening pool {}: {}", pool_dir.display(), e.message()))?;
+                return Ok((None, Some(Arc::new(node))));
+            }
+            let engine = LocalEngine::open(&pool_dir, &args.state_dir, node_id)
+                .await
+                .map_err(|e| format!("opening pool {}: {}", pool_dir.display(), e.message()))?;
+            let engine = Arc::new(engine);
+            let node: Option<Arc<dyn NodeAttacher>> = match args.mode.node() {
+                true => Some(engine.clone()),
+                false => None,
+            };
+            Ok((Some(engine), node))
+        }
+    }
+}
+
 /// /metrics from fresh engine figures; /healthz is what Probe checks.
 fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
     let for_metrics = driver.clone();
@@ -171,10 +199,19 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
         metrics: Arc::new(move || {
             let driver = for_metrics.clone();
             Box::pin(async move {
-                let stats = driver.engine.stats().await.unwrap_or_default();
-                tokio::task::spawn_blocking(move || crate::metrics::global().render(&stats))
-                    .await
-                    .unwrap_or_default()
+                let stats = match &driver.controller {
+                    Some(c) => c.stats().await.unwrap_or_default(),
+                    None => Default::default(),
+                };
+                let attached = match &driver.node {
+                    Some(n) => n.all_attached().await.unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                tokio::task::spawn_blocking(move || {
+                    crate::metrics::global().render(&stats, &attached)
+                })
+                .await
+                .unwrap_or_default()
             })
         }),
         health: Arc::new(move || {
@@ -190,36 +227,18 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
 /// filesystem frozen, and every writer in the pod hanging: thaw every
 /// filesystem of ours mounted here before serving.
 async fn thaw_left_frozen(driver: &Driver) {
-    // Only the loop devices: no journal scan at start-up.
-    let devices = match driver.engine.all_attached().await {
+    // Only the attached devices: no journal scan at start-up.
+    let devices = match driver.node().all_attached().await {
         Ok(devices) => devices,
         Err(e) => {
             warn!(error = e.message(), "cannot list attached volumes to thaw");
             return;
         }
     };
-    let thawed = tokio::task::spawn_blocking(move || {
-        let Ok(mounts) = crate::node::mountinfo::read() else { return Vec::new() };
-        let mut thawed = Vec::new();
-        for device in &devices {
-            let Ok(of) = crate::node::mountinfo::mounts_of_device(&mounts, device) else {
-                continue;
-            };
-            // One filesystem mount per device suffices: its binds share the
-            // superblock.
-            let fs = of.iter().find(|m| !matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs"));
-            if let Some(m) = fs {
-                match crate::node::freeze::thaw_if_frozen(&m.mount_point) {
-                    Ok(true) => thawed.push(m.mount_point.clone()),
-                    Ok(false) => {}
-                    Err(e) => warn!(mount = %m.mount_point.display(), error = %e, "cannot thaw"),
-                }
-            }
-        }
-        thawed
-    })
-    .await
-    .unwrap_or_default();
+    let thawed =
+        tokio::task::spawn_blocking(move || crate::node::quiesce::thaw_left_frozen(&devices))
+            .await
+            .unwrap_or_default();
     for m in thawed {
         warn!(mount = %m.display(), "thawed a filesystem a previous run left frozen");
     }

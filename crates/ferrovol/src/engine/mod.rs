@@ -1,14 +1,23 @@
-//! Storage engines: what a volume *is* lives behind this trait.
+//! Storage engines: what a volume *is* lives behind two traits.
 //!
 //! The CSI services validate requests, take operation locks and translate to
-//! and from the wire; an engine stores bytes. The local engine (volumes are
-//! files in a pool directory) is the first implementation; a Ceph RBD engine
-//! is the second, so nothing here may assume files, paths or one node:
-//! - IDs are opaque strings the engine mints and validates;
-//! - topology is whatever segments the engine says its volumes live in;
-//! - a volume reaches a node through `attach`/`detach`, which hand back a
-//!   block device (a loop device here, a mapped RBD image there);
-//! - an engine says where expansion happens (controller or node).
+//! and from the wire; an engine stores bytes. An engine has two halves,
+//! because Kubernetes runs them in two places:
+//! - a [`ControllerEngine`] (the Controller, GroupController and
+//!   SnapshotMetadata services: volumes, snapshots, groups, capacity,
+//!   expansion, publish to a node, listings, changed blocks), which may run
+//!   in a Deployment far from any volume;
+//! - a [`NodeAttacher`] (the Node service): makes a volume a block device on
+//!   this node from what the CO hands the node (volume ID, volume context,
+//!   publish context, secrets) and nothing else, and quiesces staged
+//!   filesystems when its controller half asks.
+//!
+//! Nothing here may assume files, paths or one node: IDs are opaque strings
+//! the engine mints and validates, topology is whatever segments the engine
+//! says its volumes live in, and an engine says in [`Features`] what it can
+//! do (access modes, whether it needs ControllerPublish, where growing
+//! happens). The local engine implements both halves; see
+//! docs/architecture.md for adding another.
 
 pub mod ids;
 pub mod local;
@@ -17,7 +26,47 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+pub use ferrovol_csi::volume_capability::access_mode::Mode as AccessMode;
+
 use crate::error::Result;
+
+/// Topology segments (key → value), as CSI's `Topology`.
+pub type Topology = BTreeMap<String, String>;
+
+/// Opaque string maps the engine hands the CO and gets back (volume and
+/// publish context).
+pub type Context = BTreeMap<String, String>;
+
+/// The secrets a request carried. They reach the engine and nothing else:
+/// `Debug` shows only how many there are, so no log line can hold one.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secrets(BTreeMap<String, String>);
+
+impl Secrets {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Secrets {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Secrets(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} redacted)", self.0.len())
+    }
+}
 
 /// Where a volume's data comes from when it is created.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +83,14 @@ pub enum AccessType {
     Block,
 }
 
+/// Where a new volume must (requisite) or should (preferred) be accessible
+/// from, as the CO asked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopologyRequirement {
+    pub requisite: Vec<Topology>,
+    pub preferred: Vec<Topology>,
+}
+
 /// A request for a new volume, already validated by the services.
 #[derive(Clone, Debug)]
 pub struct NewVolume {
@@ -46,6 +103,9 @@ pub struct NewVolume {
     /// Engine parameters (the CO's own `csi.storage.k8s.io/` keys removed).
     pub parameters: BTreeMap<String, String>,
     pub source: Option<ContentSource>,
+    /// None: anywhere the engine likes.
+    pub accessibility: Option<TopologyRequirement>,
+    pub secrets: Secrets,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -56,7 +116,13 @@ pub struct Volume {
     pub source: Option<ContentSource>,
     pub access: AccessType,
     pub parameters: BTreeMap<String, String>,
-    pub topology: BTreeMap<String, String>,
+    /// What the node half needs besides the ID (handed back by the CO on
+    /// every node call for this volume).
+    pub context: Context,
+    /// Where the volume can be used from (empty: anywhere).
+    pub accessible: Vec<Topology>,
+    /// Nodes it is published to, for engines that need ControllerPublish.
+    pub published_nodes: Vec<String>,
     pub created: SystemTime,
 }
 
@@ -82,26 +148,31 @@ pub struct GroupSnapshot {
     pub ready: bool,
 }
 
-/// Quiesces the group's members (freezes their filesystems) and answers a
-/// guard that releases them when dropped. The engine calls it after every
-/// slow preparation and right before the first copy-on-write clone, and
-/// drops the guard right after the last, so the window is as short as the
-/// clones themselves.
+/// Freezes what [`NodeAttacher::prepare_quiesce`] found and answers a guard
+/// that thaws it when dropped. The controller half calls it after every slow
+/// preparation and right before the first copy-on-write clone, and drops
+/// the guard right after the last, so the window is the clones alone.
 pub type Quiesce = Box<dyn FnOnce() -> Result<Box<dyn Send>> + Send>;
 
-/// Figures for metrics, read fresh from the engine's own records.
+/// A quiesce that holds nothing: for volumes nobody writes to through a
+/// node, or storage that orders writes itself.
+pub fn no_quiesce() -> Quiesce {
+    Box::new(|| Ok(Box::new(()) as Box<dyn Send>))
+}
+
+/// Figures for metrics, read fresh from the controller half's records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub volumes: u64,
     pub snapshots: u64,
     pub groups: u64,
-    pub pool_capacity_bytes: u64,
-    pub pool_used_bytes: u64,
+    /// The backing storage's size and use (a pool, a Ceph pool).
+    pub storage_capacity_bytes: u64,
+    pub storage_used_bytes: u64,
     pub provisioned_bytes: u64,
-    /// Block devices of volumes attached on this node.
-    pub attached: Vec<PathBuf>,
-    /// How copies are made ("reflink", "copy"; empty if not applicable).
-    pub cow_method: String,
+    /// Engine-specific facts exported as an info metric (the local engine:
+    /// its copy method).
+    pub facts: BTreeMap<String, String>,
 }
 
 /// A byte range of a volume or snapshot: (offset, length).
@@ -130,9 +201,42 @@ pub enum ExpansionSite {
     /// The controller grows the volume (ControllerExpandVolume), the node
     /// then grows the filesystem.
     Controller,
-    /// Everything happens on the node (NodeExpandVolume): the storage lives
-    /// there.
+    /// Everything happens on the node (NodeExpandVolume, through
+    /// [`NodeAttacher::grow`]): the storage lives there.
     Node,
+}
+
+/// What an engine can do; the services advertise exactly this and refuse
+/// the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Volumes must be published to a node by the controller before the
+    /// node can attach them (CSIDriver `attachRequired: true`).
+    pub publish: bool,
+    pub expansion: ExpansionSite,
+    /// Access modes of filesystem volumes.
+    pub mount_modes: Vec<AccessMode>,
+    /// Access modes of raw block volumes.
+    pub block_modes: Vec<AccessMode>,
+}
+
+impl Features {
+    pub fn modes(&self, access: &AccessType) -> &[AccessMode] {
+        match access {
+            AccessType::Mount { .. } => &self.mount_modes,
+            AccessType::Block => &self.block_modes,
+        }
+    }
+
+    /// The modes an engine whose volumes live on one node supports.
+    pub fn single_node_modes() -> Vec<AccessMode> {
+        vec![
+            AccessMode::SingleNodeWriter,
+            AccessMode::SingleNodeReaderOnly,
+            AccessMode::SingleNodeSingleWriter,
+            AccessMode::SingleNodeMultiWriter,
+        ]
+    }
 }
 
 /// Which snapshots a listing wants.
@@ -149,25 +253,46 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// A ControllerPublishVolume, validated.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    pub volume_id: String,
+    pub node_id: String,
+    pub mode: AccessMode,
+    pub access: AccessType,
+    pub read_only: bool,
+    pub volume_context: Context,
+    pub secrets: Secrets,
+}
+
+/// What a node call knows about the volume it acts on: all a node half may
+/// use (no controller records).
+#[derive(Clone, Debug)]
+pub struct Attach {
+    pub volume_id: String,
+    pub volume_context: Context,
+    pub publish_context: Context,
+    pub secrets: Secrets,
+    pub read_only: bool,
+}
+
+/// The controller half of an engine.
 #[tonic::async_trait]
-pub trait Engine: Send + Sync + 'static {
+pub trait ControllerEngine: Send + Sync + 'static {
     /// Short engine name for manifests and logs ("local", "rbd").
     fn kind(&self) -> &'static str;
+
+    fn features(&self) -> Features;
 
     /// Facts about the engine for GetPluginInfo's manifest.
     fn manifest(&self) -> BTreeMap<String, String>;
 
-    /// Topology segments of the volumes this engine creates from here.
-    fn topology(&self) -> BTreeMap<String, String>;
+    /// Whether the engine's volumes are constrained by topology at all
+    /// (VOLUME_ACCESSIBILITY_CONSTRAINTS).
+    fn has_topology(&self) -> bool;
 
-    /// Whether volumes can be used from several nodes at once.
-    fn multi_node(&self) -> bool;
-
-    fn expansion_site(&self) -> ExpansionSite;
-
-    /// Checks that the engine can do its work now (Probe); `node` when this
-    /// process also attaches volumes to this node.
-    async fn health(&self, node: bool) -> Result<()>;
+    /// Checks that the engine can do its work now (Probe).
+    async fn health(&self) -> Result<()>;
 
     /// Counts and sizes for metrics.
     async fn stats(&self) -> Result<EngineStats>;
@@ -176,11 +301,12 @@ pub trait Engine: Send + Sync + 'static {
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()>;
 
     /// Creates a volume, or answers the one already created under this name
-    /// when the request is compatible (ALREADY_EXISTS when it is not).
+    /// when the request is compatible (ALREADY_EXISTS when it is not). A
+    /// requisite topology the engine cannot serve is RESOURCE_EXHAUSTED.
     async fn create_volume(&self, request: NewVolume) -> Result<Volume>;
 
     /// Deletes a volume; a volume that does not exist is already deleted.
-    async fn delete_volume(&self, id: &str) -> Result<()>;
+    async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()>;
 
     /// A volume by id: NOT_FOUND when unknown or malformed.
     async fn volume(&self, id: &str) -> Result<Volume>;
@@ -196,26 +322,61 @@ pub trait Engine: Send + Sync + 'static {
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>>;
 
-    /// What can be created now with these (engine) parameters.
-    async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<Capacity>;
+    /// What can be created now with these (engine) parameters, in this
+    /// topology segment (None: anywhere); a segment the engine does not
+    /// serve has no capacity.
+    async fn capacity(
+        &self,
+        parameters: &BTreeMap<String, String>,
+        topology: Option<&Topology>,
+    ) -> Result<Capacity>;
 
     /// Grows a volume to at least `required` bytes (never shrinks); answers
     /// the new capacity.
-    async fn expand_volume(&self, id: &str, required: u64, limit: u64) -> Result<u64>;
+    async fn expand_volume(
+        &self,
+        id: &str,
+        required: u64,
+        limit: u64,
+        secrets: &Secrets,
+    ) -> Result<u64>;
+
+    /// Makes the volume reachable from a node; answers the publish context
+    /// the node half gets. Only for engines with [`Features::publish`].
+    async fn publish(&self, request: &Publish) -> Result<Context> {
+        let _ = request;
+        Err(crate::error::unimplemented(format!(
+            "the {} engine needs no controller attach step",
+            self.kind()
+        )))
+    }
+
+    /// Undoes `publish` for one node (None: every node); unpublished is
+    /// fine.
+    async fn unpublish(
+        &self,
+        volume_id: &str,
+        node_id: Option<&str>,
+        secrets: &Secrets,
+    ) -> Result<()> {
+        let _ = (volume_id, node_id, secrets);
+        Err(crate::error::unimplemented(format!(
+            "the {} engine needs no controller attach step",
+            self.kind()
+        )))
+    }
 
     /// Takes a snapshot, or answers the one with this name when it has the
-    /// same source (ALREADY_EXISTS when not).
-    /// Snapshots a volume; `quiesce` as for group snapshots: called right
-    /// before the copy-on-write clone, its guard dropped right after, never
-    /// across a journal write.
+    /// same source (ALREADY_EXISTS when not). The engine quiesces the
+    /// source (through its node half) for the instant of the copy only.
     async fn create_snapshot(
         &self,
         name: &str,
         source_volume: &str,
-        quiesce: Quiesce,
+        secrets: &Secrets,
     ) -> Result<Snapshot>;
 
-    async fn delete_snapshot(&self, id: &str) -> Result<()>;
+    async fn delete_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()>;
 
     async fn snapshot(&self, id: &str) -> Result<Snapshot>;
 
@@ -226,20 +387,19 @@ pub trait Engine: Send + Sync + 'static {
         max: usize,
     ) -> Result<Page<Snapshot>>;
 
-    /// Snapshots every volume at one instant: `quiesce` runs after the
-    /// members are reserved and before the first clone; its guard is dropped
-    /// after the last. Idempotent by name (same members: the same group;
-    /// other members: ALREADY_EXISTS). A failure leaves no member behind.
-    /// Answers the group and how long the members were quiesced.
+    /// Snapshots every volume at one instant. Idempotent by name (same
+    /// members: the same group; other members: ALREADY_EXISTS). A failure
+    /// leaves no member behind. Answers the group and how long the members
+    /// were quiesced.
     async fn create_group_snapshot(
         &self,
         name: &str,
         volumes: &[String],
-        quiesce: Quiesce,
+        secrets: &Secrets,
     ) -> Result<(GroupSnapshot, std::time::Duration)>;
 
     /// Deletes a group and its members; an unknown group is already deleted.
-    async fn delete_group_snapshot(&self, id: &str) -> Result<()>;
+    async fn delete_group_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()>;
 
     async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot>;
 
@@ -250,23 +410,61 @@ pub trait Engine: Send + Sync + 'static {
     /// (both snapshots of one volume), in order. May over-report (a range
     /// written with the same bytes), never under-report.
     async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)>;
+}
+
+/// The node half of an engine: everything it does, it does from what the
+/// node call carries ([`Attach`]) and what the kernel shows.
+#[tonic::async_trait]
+pub trait NodeAttacher: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+
+    fn features(&self) -> Features;
+
+    /// This node's topology segments (NodeGetInfo).
+    fn topology(&self) -> Topology;
+
+    /// Checks that volumes can be attached here now (Probe).
+    async fn health(&self) -> Result<()>;
+
+    /// NOT_FOUND unless the volume is one this node can reach (the ID is
+    /// well formed and, where the engine can tell, the volume exists).
+    async fn check_known(&self, volume_id: &str) -> Result<()>;
 
     /// Makes the volume a block device on this node; answers its path.
     /// Attaching an attached volume answers the same device.
-    async fn attach(&self, id: &str) -> Result<PathBuf>;
+    async fn attach(&self, request: &Attach) -> Result<PathBuf>;
 
     /// Undoes `attach`; detaching a detached volume succeeds.
-    async fn detach(&self, id: &str) -> Result<()>;
+    async fn detach(&self, volume_id: &str) -> Result<()>;
 
     /// The device the volume is attached as on this node, if it is.
-    async fn attached_device(&self, id: &str) -> Result<Option<PathBuf>>;
+    async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>>;
 
     /// Every device of this engine's volumes attached on this node.
     async fn all_attached(&self) -> Result<Vec<PathBuf>>;
 
     /// Makes the attached device show the volume's current size after an
     /// expansion (some devices follow on their own; others must be told).
-    async fn refresh_device(&self, id: &str) -> Result<()>;
+    async fn refresh(&self, volume_id: &str) -> Result<()>;
+
+    /// The volume's health as this node sees it.
+    async fn condition(&self, volume_id: &str) -> Result<Condition>;
+
+    /// Grows the volume's storage, for engines whose expansion happens on
+    /// the node ([`ExpansionSite::Node`]); answers the new capacity.
+    async fn grow(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
+        let _ = (volume_id, required, limit);
+        Err(crate::error::unimplemented(format!(
+            "the {} engine grows volumes in the controller (ControllerExpandVolume)",
+            self.kind()
+        )))
+    }
+
+    /// Finds what must be frozen for the volumes' snapshot on this node and
+    /// flushes it (outside the window); answers the freeze itself. `strict`
+    /// (group snapshots): a member that cannot be quiesced (raw block in
+    /// use) is FAILED_PRECONDITION rather than taken crash-consistent.
+    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce>;
 }
 
 /// Size of a volume created without a capacity range.

@@ -98,19 +98,6 @@ pub async fn mkfs(device: &Path, fs_type: &str) -> Result<()> {
     Ok(())
 }
 
-/// Smallest device each filesystem's mkfs accepts (xfsprogs refuses under
-/// 300 MiB, btrfs-progs under about 114 MiB).
-pub fn minimum_size(fs_type: &str) -> u64 {
-    match fs_type {
-        "xfs" => 300 << 20,
-        "btrfs" => 120 << 20,
-        // mkfs.ext4 with 4 KiB blocks needs somewhat over 128 KiB; 1 MiB
-        // leaves room for a usable filesystem. "" is the default, ext4.
-        "ext4" | "" => 1 << 20,
-        _ => 0,
-    }
-}
-
 /// Whether this process holds a capability (by number, see capabilities(7)).
 pub fn has_capability(cap: u32) -> bool {
     std::fs::read_to_string("/proc/self/status")

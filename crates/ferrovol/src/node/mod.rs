@@ -5,3 +5,4 @@
 pub mod freeze;
 pub mod fs;
 pub mod mountinfo;
+pub mod quiesce;

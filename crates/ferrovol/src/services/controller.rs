@@ -9,7 +9,10 @@ use ferrovol_csi as csi;
 use ferrovol_csi::controller_service_capability::rpc::Type as Cap;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{ContentSource, ExpansionSite, NewVolume, SnapshotFilter};
+use crate::engine::{
+    AccessMode, AccessType, ContentSource, ControllerEngine, ExpansionSite, Features, NewVolume,
+    Publish, SnapshotFilter, TopologyRequirement,
+};
 use crate::error::{self, Result};
 use crate::locks;
 use crate::rpc::{handle, handle_detached};
@@ -25,8 +28,12 @@ impl ControllerService {
         ControllerService { driver }
     }
 
+    fn engine(&self) -> &Arc<dyn ControllerEngine> {
+        self.driver.controller()
+    }
+
     /// Exactly what works, no more: the CO plans around this list.
-    pub fn capabilities(driver: &Driver) -> Vec<Cap> {
+    pub fn capabilities(features: &Features) -> Vec<Cap> {
         let mut caps = vec![
             Cap::CreateDeleteVolume,
             Cap::ListVolumes,
@@ -37,9 +44,16 @@ impl ControllerService {
             Cap::CloneVolume,
             Cap::GetVolume,
             Cap::VolumeCondition,
-            Cap::SingleNodeMultiWriter,
         ];
-        if driver.engine.expansion_site() == ExpansionSite::Controller {
+        if features.mount_modes.contains(&AccessMode::SingleNodeSingleWriter) {
+            caps.push(Cap::SingleNodeMultiWriter);
+        }
+        if features.publish {
+            caps.push(Cap::PublishUnpublishVolume);
+            caps.push(Cap::ListVolumesPublishedNodes);
+            caps.push(Cap::PublishReadonly);
+        }
+        if features.expansion == ExpansionSite::Controller {
             caps.push(Cap::ExpandVolume);
         }
         caps
@@ -49,14 +63,14 @@ impl ControllerService {
         &self,
         req: csi::CreateVolumeRequest,
     ) -> Result<csi::CreateVolumeResponse> {
-        let engine = &self.driver.engine;
+        let engine = self.engine();
         validate::name(&req.name, "name")?;
-        let access = validate::capabilities(&req.volume_capabilities, engine.multi_node())?;
+        let access = validate::capabilities(&req.volume_capabilities, &engine.features())?;
         let (mut required_bytes, limit_bytes) =
             validate::capacity_range(req.capacity_range.as_ref())?;
         // A filesystem volume must be big enough for its mkfs to accept.
-        if let crate::engine::AccessType::Mount { fs_type } = &access {
-            let minimum = crate::node::fs::minimum_size(fs_type);
+        if let AccessType::Mount { fs_type } = &access {
+            let minimum = validate::minimum_size(fs_type);
             if limit_bytes > 0 && limit_bytes < minimum {
                 return Err(error::out_of_range(format!(
                     "{fs_type} needs at least {minimum} bytes; the limit is {limit_bytes}"
@@ -74,16 +88,10 @@ impl ControllerService {
             return Err(error::invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
         }
         let source = convert::content_source_from_wire(req.volume_content_source.as_ref())?;
-        if let Some(reqs) = &req.accessibility_requirements {
-            let ours = engine.topology();
-            if !reqs.requisite.is_empty()
-                && !reqs.requisite.iter().any(|t| validate::topology_matches(&ours, &t.segments))
-            {
-                return Err(error::exhausted(format!(
-                    "the requisite topology excludes this node ({ours:?})"
-                )));
-            }
-        }
+        let accessibility = req.accessibility_requirements.as_ref().map(|r| TopologyRequirement {
+            requisite: r.requisite.iter().map(validate::topology).collect(),
+            preferred: r.preferred.iter().map(validate::topology).collect(),
+        });
 
         let shared = match &source {
             Some(ContentSource::Snapshot(id)) => vec![locks::snapshot(id)],
@@ -99,6 +107,8 @@ impl ControllerService {
                 access,
                 parameters,
                 source,
+                accessibility,
+                secrets: validate::secrets(&req.secrets),
             })
             .await?;
         Ok(csi::CreateVolumeResponse { volume: Some(convert::volume(&volume)) })
@@ -110,15 +120,77 @@ impl ControllerService {
     ) -> Result<csi::DeleteVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        self.driver.engine.delete_volume(&req.volume_id).await?;
+        self.engine().delete_volume(&req.volume_id, &validate::secrets(&req.secrets)).await?;
         Ok(csi::DeleteVolumeResponse {})
+    }
+
+    /// The spec's order: missing arguments (INVALID_ARGUMENT), then an
+    /// unknown volume or node (NOT_FOUND), then conflicts with where the
+    /// volume is published (FAILED_PRECONDITION, the engine's to say).
+    async fn publish(
+        &self,
+        req: csi::ControllerPublishVolumeRequest,
+    ) -> Result<csi::ControllerPublishVolumeResponse> {
+        let engine = self.engine();
+        let features = engine.features();
+        if !features.publish {
+            return Err(error::unimplemented(format!(
+                "the {} engine needs no controller attach step (attachRequired: false)",
+                engine.kind()
+            )));
+        }
+        validate::id(&req.volume_id, "volume_id")?;
+        validate::id(&req.node_id, "node_id")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| error::invalid("volume_capability is required"))?;
+        let access = validate::capability(cap, &features)?;
+        let mode = cap
+            .access_mode
+            .as_ref()
+            .and_then(|m| AccessMode::try_from(m.mode).ok())
+            .unwrap_or(AccessMode::Unknown);
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let publish_context = engine
+            .publish(&Publish {
+                volume_id: req.volume_id,
+                node_id: req.node_id,
+                mode,
+                access,
+                read_only: req.readonly,
+                volume_context: req.volume_context.into_iter().collect(),
+                secrets: validate::secrets(&req.secrets),
+            })
+            .await?;
+        Ok(csi::ControllerPublishVolumeResponse {
+            publish_context: publish_context.into_iter().collect(),
+        })
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::ControllerUnpublishVolumeRequest,
+    ) -> Result<csi::ControllerUnpublishVolumeResponse> {
+        let engine = self.engine();
+        if !engine.features().publish {
+            return Err(error::unimplemented(format!(
+                "the {} engine needs no controller attach step (attachRequired: false)",
+                engine.kind()
+            )));
+        }
+        validate::id(&req.volume_id, "volume_id")?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let node = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
+        engine.unpublish(&req.volume_id, node, &validate::secrets(&req.secrets)).await?;
+        Ok(csi::ControllerUnpublishVolumeResponse {})
     }
 
     async fn validate_volume_capabilities(
         &self,
         req: csi::ValidateVolumeCapabilitiesRequest,
     ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
-        let engine = &self.driver.engine;
+        let engine = self.engine();
         validate::id(&req.volume_id, "volume_id")?;
         if req.volume_capabilities.is_empty() {
             return Err(error::invalid("volume_capabilities is required"));
@@ -126,10 +198,11 @@ impl ControllerService {
         engine.volume(&req.volume_id).await?;
         // Unsupported capabilities are an answer ("not confirmed"), not an
         // error: the CO asked a question.
+        let features = engine.features();
         let problem = req
             .volume_capabilities
             .iter()
-            .find_map(|c| validate::capability(c, engine.multi_node()).err())
+            .find_map(|c| validate::capability(c, &features).err())
             .or_else(|| {
                 engine.validate_parameters(&validate::engine_parameters(&req.parameters)).err()
             });
@@ -153,9 +226,9 @@ impl ControllerService {
     async fn list_volumes(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
         let max = validate::max_entries(req.max_entries)?;
         let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
-        let page = self.driver.engine.list_volumes(token, max).await?;
+        let page = self.engine().list_volumes(token, max).await?;
         let ids: Vec<String> = page.items.iter().map(|v| v.id.clone()).collect();
-        let conditions = self.driver.engine.volume_conditions(&ids).await?;
+        let conditions = self.engine().volume_conditions(&ids).await?;
         let entries = page
             .items
             .iter()
@@ -163,7 +236,7 @@ impl ControllerService {
             .map(|(v, condition)| csi::list_volumes_response::Entry {
                 volume: Some(convert::volume(v)),
                 status: Some(csi::list_volumes_response::VolumeStatus {
-                    published_node_ids: vec![],
+                    published_node_ids: v.published_nodes.clone(),
                     volume_condition: condition.ok().as_ref().map(convert::condition),
                 }),
             })
@@ -172,19 +245,17 @@ impl ControllerService {
     }
 
     async fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
-        let engine = &self.driver.engine;
-        let capacity = engine.capacity(&validate::engine_parameters(&req.parameters)).await?;
-        // Capacity for something we cannot create (wrong place, unsupported
-        // capability or parameters) is zero, which is the spec's answer.
-        let servable = req
-            .accessible_topology
-            .as_ref()
-            .is_none_or(|t| validate::topology_matches(&engine.topology(), &t.segments))
-            && req
-                .volume_capabilities
-                .iter()
-                .all(|c| validate::capability(c, engine.multi_node()).is_ok())
-            && engine.validate_parameters(&validate::engine_parameters(&req.parameters)).is_ok();
+        let engine = self.engine();
+        let parameters = validate::engine_parameters(&req.parameters);
+        let topology = req.accessible_topology.as_ref().map(validate::topology);
+        let capacity = engine.capacity(&parameters, topology.as_ref()).await?;
+        // Capacity for something we cannot create (unsupported capability
+        // or parameters) is zero, which is the spec's answer; so is a
+        // topology segment the engine does not serve (its own answer).
+        let features = engine.features();
+        let servable =
+            req.volume_capabilities.iter().all(|c| validate::capability(c, &features).is_ok())
+                && engine.validate_parameters(&parameters).is_ok();
         // A filesystem's mkfs minimum raises the smallest volume; where even
         // that does not fit, nothing can be created here.
         let minimum = req
@@ -192,7 +263,7 @@ impl ControllerService {
             .iter()
             .filter_map(|c| match &c.access_type {
                 Some(csi::volume_capability::AccessType::Mount(m)) => {
-                    Some(crate::node::fs::minimum_size(&m.fs_type))
+                    Some(validate::minimum_size(&m.fs_type))
                 }
                 _ => None,
             })
@@ -218,27 +289,10 @@ impl ControllerService {
             .driver
             .locks
             .acquire(&[locks::snapshot_name(&req.name)], &[locks::volume(&req.source_volume_id)])?;
-        // A filesystem staged on this node is flushed first (the pod's dirty
-        // data, outside the window), then frozen by the engine for the
-        // instant of the copy-on-write clone only; the guard thaws it on
-        // every path.
-        let mounts =
-            match crate::services::holder(self.driver.engine.as_ref(), &req.source_volume_id)
-                .await?
-            {
-                crate::services::Holder::Filesystem(mount) => vec![mount],
-                // Raw block or idle: crash-consistent, as a power cut would leave it.
-                _ => Vec::new(),
-            };
-        let flush = mounts.clone();
-        tokio::task::spawn_blocking(move || crate::services::presync(&flush))
-            .await
-            .map_err(|e| error::internal(e.to_string()))?;
-        let quiesce: crate::engine::Quiesce = Box::new(move || {
-            crate::services::freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>)
-        });
-        let snapshot =
-            self.driver.engine.create_snapshot(&req.name, &req.source_volume_id, quiesce).await?;
+        let snapshot = self
+            .engine()
+            .create_snapshot(&req.name, &req.source_volume_id, &validate::secrets(&req.secrets))
+            .await?;
         Ok(csi::CreateSnapshotResponse { snapshot: Some(convert::snapshot(&snapshot)) })
     }
 
@@ -248,7 +302,7 @@ impl ControllerService {
     ) -> Result<csi::DeleteSnapshotResponse> {
         validate::id(&req.snapshot_id, "snapshot_id")?;
         let _guard = self.driver.locks.exclusive(locks::snapshot(&req.snapshot_id))?;
-        self.driver.engine.delete_snapshot(&req.snapshot_id).await?;
+        self.engine().delete_snapshot(&req.snapshot_id, &validate::secrets(&req.secrets)).await?;
         Ok(csi::DeleteSnapshotResponse {})
     }
 
@@ -262,7 +316,7 @@ impl ControllerService {
             source_volume: (!req.source_volume_id.is_empty()).then(|| req.source_volume_id.clone()),
         };
         let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
-        let page = self.driver.engine.list_snapshots(&filter, token, max).await?;
+        let page = self.engine().list_snapshots(&filter, token, max).await?;
         Ok(csi::ListSnapshotsResponse {
             entries: page
                 .items
@@ -277,7 +331,7 @@ impl ControllerService {
 
     async fn get_snapshot(&self, req: csi::GetSnapshotRequest) -> Result<csi::GetSnapshotResponse> {
         validate::id(&req.snapshot_id, "snapshot_id")?;
-        let s = self.driver.engine.snapshot(&req.snapshot_id).await?;
+        let s = self.engine().snapshot(&req.snapshot_id).await?;
         Ok(csi::GetSnapshotResponse { snapshot: Some(convert::snapshot(&s)) })
     }
 
@@ -285,8 +339,8 @@ impl ControllerService {
         &self,
         req: csi::ControllerExpandVolumeRequest,
     ) -> Result<csi::ControllerExpandVolumeResponse> {
-        let engine = &self.driver.engine;
-        if engine.expansion_site() != ExpansionSite::Controller {
+        let engine = self.engine();
+        if engine.features().expansion != ExpansionSite::Controller {
             return Err(error::unimplemented(format!(
                 "the {} engine grows volumes on the node (NodeExpandVolume)",
                 engine.kind()
@@ -295,7 +349,9 @@ impl ControllerService {
         validate::id(&req.volume_id, "volume_id")?;
         let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let capacity = engine.expand_volume(&req.volume_id, required, limit).await?;
+        let capacity = engine
+            .expand_volume(&req.volume_id, required, limit, &validate::secrets(&req.secrets))
+            .await?;
         let block = matches!(
             req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
             Some(csi::volume_capability::AccessType::Block(_))
@@ -311,14 +367,14 @@ impl ControllerService {
         req: csi::ControllerGetVolumeRequest,
     ) -> Result<csi::ControllerGetVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
-        let volume = self.driver.engine.volume(&req.volume_id).await?;
-        let condition = self.driver.engine.volume_condition(&req.volume_id).await?;
+        let volume = self.engine().volume(&req.volume_id).await?;
+        let condition = self.engine().volume_condition(&req.volume_id).await?;
         Ok(csi::ControllerGetVolumeResponse {
-            volume: Some(convert::volume(&volume)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
-                published_node_ids: vec![],
+                published_node_ids: volume.published_nodes.clone(),
                 volume_condition: Some(convert::condition(&condition)),
             }),
+            volume: Some(convert::volume(&volume)),
         })
     }
 }
@@ -359,10 +415,9 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         request: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        handle("ControllerPublishVolume", request, |_| async {
-            Err(error::unimplemented(
-                "volumes need no controller attach step (attachRequired: false)",
-            ))
+        let this = self.clone();
+        handle_detached("ControllerPublishVolume", request, move |r| async move {
+            this.publish(r).await
         })
         .await
     }
@@ -371,10 +426,9 @@ impl csi::controller_server::Controller for ControllerService {
         &self,
         request: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        handle("ControllerUnpublishVolume", request, |_| async {
-            Err(error::unimplemented(
-                "volumes need no controller attach step (attachRequired: false)",
-            ))
+        let this = self.clone();
+        handle_detached("ControllerUnpublishVolume", request, move |r| async move {
+            this.unpublish(r).await
         })
         .await
     }
@@ -406,7 +460,7 @@ impl csi::controller_server::Controller for ControllerService {
         request: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         handle("ControllerGetCapabilities", request, |_| async {
-            let capabilities = Self::capabilities(&self.driver)
+            let capabilities = Self::capabilities(&self.engine().features())
                 .into_iter()
                 .map(|c| csi::ControllerServiceCapability {
                     r#type: Some(csi::controller_service_capability::Type::Rpc(

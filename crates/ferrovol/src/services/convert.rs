@@ -49,21 +49,19 @@ pub fn content_source_from_wire(
 }
 
 pub fn volume(v: &Volume) -> csi::Volume {
+    // The engine's context (what its node half needs), then the name and
+    // creation time, for people and tools listing volumes (`ferrovol ctl
+    // volume list`); the node side does not need those.
+    let mut volume_context: HashMap<String, String> =
+        v.context.iter().map(|(k, val)| (k.clone(), val.clone())).collect();
+    volume_context.insert(csi::context::NAME.to_string(), v.name.clone());
+    volume_context.insert(csi::context::CREATED.to_string(), crate::units::rfc3339(v.created));
     csi::Volume {
         capacity_bytes: v.capacity as i64,
         volume_id: v.id.clone(),
-        // The name and creation time, for people and tools listing volumes
-        // (`ferrovol ctl volume list`); the node side does not need them.
-        volume_context: HashMap::from([
-            (csi::context::NAME.to_string(), v.name.clone()),
-            (csi::context::CREATED.to_string(), crate::units::rfc3339(v.created)),
-        ]),
+        volume_context,
         content_source: v.source.as_ref().map(content_source_to_wire),
-        accessible_topology: if v.topology.is_empty() {
-            vec![]
-        } else {
-            vec![topology(&v.topology)]
-        },
+        accessible_topology: v.accessible.iter().map(topology).collect(),
     }
 }
 

@@ -14,11 +14,11 @@ use ferrovol_csi::group_controller_service_capability::rpc::Type as Cap;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::engine::{GroupSnapshot, Quiesce};
+use crate::engine::GroupSnapshot;
 use crate::error::{self, Result};
 use crate::locks;
 use crate::rpc::{handle, handle_detached};
-use crate::services::{convert, freeze_all, holder, presync, validate, Driver, Holder};
+use crate::services::{convert, validate, Driver};
 
 #[derive(Clone)]
 pub struct GroupControllerService {
@@ -77,34 +77,19 @@ impl GroupControllerService {
         let shared: Vec<String> = req.source_volume_ids.iter().map(|v| locks::volume(v)).collect();
         let _guard = self.driver.locks.acquire(&[locks::group_name(&req.name)], &shared)?;
 
-        let engine = self.driver.engine.as_ref();
-        let mut mounts = Vec::new();
-        for id in &req.source_volume_ids {
-            match holder(engine, id).await? {
-                Holder::Idle => {}
-                Holder::Filesystem(m) => mounts.push(m),
-                Holder::RawBlock => {
-                    return Err(error::failed_precondition(format!(
-                        "volume {id} is attached as a raw block device and cannot be quiesced; \
-                         a group snapshot would not be consistent"
-                    )))
-                }
-            }
-        }
-        let frozen_count = mounts.len();
-        let flush = mounts.clone();
-        tokio::task::spawn_blocking(move || presync(&flush))
-            .await
-            .map_err(|e| error::internal(e.to_string()))?;
-        let quiesce: Quiesce =
-            Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>));
-        let (group, window) =
-            engine.create_group_snapshot(&req.name, &req.source_volume_ids, quiesce).await?;
+        let (group, window) = self
+            .driver
+            .controller()
+            .create_group_snapshot(
+                &req.name,
+                &req.source_volume_ids,
+                &validate::secrets(&req.secrets),
+            )
+            .await?;
         crate::metrics::global().observe_freeze(window.as_secs_f64());
         info!(
             group_snapshot_id = %group.id,
             members = group.snapshots.len(),
-            frozen = frozen_count,
             freeze_window_ms = window.as_secs_f64() * 1000.0,
             "group snapshot taken"
         );
@@ -117,7 +102,7 @@ impl GroupControllerService {
     ) -> Result<csi::DeleteVolumeGroupSnapshotResponse> {
         validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
         let _guard = self.driver.locks.exclusive(locks::group(&req.group_snapshot_id))?;
-        let engine = &self.driver.engine;
+        let engine = self.driver.controller();
         // Each member is locked as a DeleteSnapshot would lock it: a restore
         // or clone from a member that is running finishes first (the delete
         // is ABORTED and retried), and never reads a file being trashed.
@@ -131,7 +116,9 @@ impl GroupControllerService {
             Err(e) if e.code() == tonic::Code::NotFound => None,
             Err(e) => return Err(e),
         };
-        engine.delete_group_snapshot(&req.group_snapshot_id).await?;
+        engine
+            .delete_group_snapshot(&req.group_snapshot_id, &validate::secrets(&req.secrets))
+            .await?;
         Ok(csi::DeleteVolumeGroupSnapshotResponse {})
     }
 
@@ -140,7 +127,7 @@ impl GroupControllerService {
         req: csi::GetVolumeGroupSnapshotRequest,
     ) -> Result<csi::GetVolumeGroupSnapshotResponse> {
         validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
-        let g = self.driver.engine.group_snapshot(&req.group_snapshot_id).await?;
+        let g = self.driver.controller().group_snapshot(&req.group_snapshot_id).await?;
         check_members(&g, &req.snapshot_ids)?;
         Ok(csi::GetVolumeGroupSnapshotResponse { group_snapshot: Some(to_wire(&g)) })
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ferrovol_csi as csi;
 use tonic::{Request, Response, Status};
 
+use crate::engine::ExpansionSite;
 use crate::error::{self, Result};
 use crate::rpc::handle;
 use crate::services::Driver;
@@ -26,7 +27,10 @@ impl IdentityService {
     }
 
     fn manifest(&self) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = self.driver.engine.manifest().into_iter().collect();
+        let mut m: HashMap<String, String> = match &self.driver.controller {
+            Some(c) => c.manifest().into_iter().collect(),
+            None => HashMap::from([("engine".to_string(), self.driver.engine_kind().to_string())]),
+        };
         m.insert("mode".into(), format!("{:?}", self.driver.mode).to_lowercase());
         if !version::GIT_REVISION.is_empty() {
             m.insert("git_revision".into(), version::GIT_REVISION.into());
@@ -42,7 +46,12 @@ impl IdentityService {
             services.push(Service::GroupControllerService);
             services.push(Service::SnapshotMetadataService);
         }
-        if !self.driver.engine.topology().is_empty() {
+        let constrained = match (&self.driver.controller, &self.driver.node) {
+            (Some(c), _) => c.has_topology(),
+            (None, Some(n)) => !n.topology().is_empty(),
+            (None, None) => false,
+        };
+        if constrained {
             services.push(Service::VolumeAccessibilityConstraints);
         }
         let mut caps: Vec<csi::PluginCapability> = services
@@ -53,8 +62,14 @@ impl IdentityService {
                 )),
             })
             .collect();
-        if self.driver.mode.node() {
-            // Filesystems grow while mounted (NodeExpandVolume).
+        // Online expansion, where this process takes part in it: the
+        // controller that grows the volume, or the node that grows it (and
+        // its filesystem) itself.
+        let grows_here = match self.driver.features().expansion {
+            ExpansionSite::Controller => self.driver.controller.is_some(),
+            ExpansionSite::Node => self.driver.node.is_some(),
+        };
+        if grows_here {
             caps.push(csi::PluginCapability {
                 r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
                     csi::plugin_capability::VolumeExpansion {
@@ -74,15 +89,24 @@ impl IdentityService {
     pub async fn check_ready(&self) -> Result<()> {
         crate::fsutil::check_not_read_only(&self.driver.state_dir)?;
         self.driver.state_writes.status()?;
-        let health = self.driver.engine.health(self.driver.mode.node());
+        let (controller, node) = (self.driver.controller.clone(), self.driver.node.clone());
+        let health = async move {
+            if let Some(c) = controller {
+                c.health().await?;
+            }
+            if let Some(n) = node {
+                n.health().await?;
+            }
+            Ok::<_, error::Error>(())
+        };
         match tokio::time::timeout(PROBE_CHECK_TIMEOUT, health).await {
             Err(_) => Err(error::failed_precondition(format!(
                 "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
-                self.driver.engine.kind()
+                self.driver.engine_kind()
             ))),
             Ok(Err(e)) => Err(error::failed_precondition(format!(
                 "the {} engine is not healthy: {}",
-                self.driver.engine.kind(),
+                self.driver.engine_kind(),
                 e.message()
             ))),
             Ok(Ok(())) => Ok(()),

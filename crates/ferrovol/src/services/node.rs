@@ -15,7 +15,7 @@ use ferrovol_csi::node_service_capability::rpc::Type as Cap;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{AccessType, ExpansionSite};
+use crate::engine::{AccessType, Attach, ExpansionSite, Features};
 use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::node::fs::{self as nodefs, Content};
@@ -117,10 +117,10 @@ impl NodeService {
 
     fn access(
         cap: Option<&csi::VolumeCapability>,
-        multi_node: bool,
+        features: &Features,
     ) -> Result<(AccessType, Mode, Vec<String>)> {
         let cap = cap.ok_or_else(|| error::invalid("volume_capability is required"))?;
-        let access = validate::capability(cap, multi_node)?;
+        let access = validate::capability(cap, features)?;
         let mode = cap
             .access_mode
             .as_ref()
@@ -139,16 +139,16 @@ impl NodeService {
     ) -> Result<csi::NodeStageVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
-        let engine = &self.driver.engine;
+        let attacher = self.driver.node();
         let (access, mode, flags) =
-            Self::access(req.volume_capability.as_ref(), engine.multi_node())?;
+            Self::access(req.volume_capability.as_ref(), &attacher.features())?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let volume = engine.volume(&req.volume_id).await?;
+        attacher.check_known(&req.volume_id).await?;
         let read_only = mode == Mode::SingleNodeReaderOnly;
 
         let (attached, mounts) =
-            crate::services::volume_mounts(engine.as_ref(), &req.volume_id).await?;
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let target = match access {
             AccessType::Block => staging.join(BLOCK_MARKER),
             AccessType::Mount { .. } => staging.clone(),
@@ -176,11 +176,20 @@ impl NodeService {
             )));
         }
         let was_attached = attached.is_some();
-        let device = engine.attach(&req.volume_id).await?;
-        let staged = self.stage_on(&device, &staging, &access, &flags, read_only, &volume.id).await;
+        let device = attacher
+            .attach(&Attach {
+                volume_id: req.volume_id.clone(),
+                volume_context: req.volume_context.into_iter().collect(),
+                publish_context: req.publish_context.into_iter().collect(),
+                secrets: validate::secrets(&req.secrets),
+                read_only,
+            })
+            .await?;
+        let staged =
+            self.stage_on(&device, &staging, &access, &flags, read_only, &req.volume_id).await;
         if staged.is_err() && !was_attached {
             // Nothing of a failed first stage may stay attached.
-            let _ = engine.detach(&req.volume_id).await;
+            let _ = attacher.detach(&req.volume_id).await;
         }
         staged.map(|()| csi::NodeStageVolumeResponse {})
     }
@@ -234,10 +243,10 @@ impl NodeService {
                     Content::Blank => {
                         let fs = if fs_type.is_empty() { validate::DEFAULT_FS_TYPE } else { fs_type };
                         let size = nodefs::block_device_size(device)?;
-                        if size < nodefs::minimum_size(fs) {
+                        if size < validate::minimum_size(fs) {
                             return Err(error::failed_precondition(format!(
                                 "volume {volume_id} ({size} bytes) is too small for {fs} (needs {})",
-                                nodefs::minimum_size(fs)
+                                validate::minimum_size(fs)
                             )));
                         }
                         if read_only {
@@ -293,12 +302,12 @@ impl NodeService {
         validate::id(&req.volume_id, "volume_id")?;
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
         let target = self.checked_path(&req.target_path, "target_path")?;
-        let engine = &self.driver.engine;
+        let attacher = self.driver.node();
         let (access, mode, flags) =
-            Self::access(req.volume_capability.as_ref(), engine.multi_node())?;
+            Self::access(req.volume_capability.as_ref(), &attacher.features())?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        engine.volume(&req.volume_id).await?;
+        attacher.check_known(&req.volume_id).await?;
         let read_only = req.readonly || mode == Mode::SingleNodeReaderOnly;
         if target.starts_with(&staging) || staging.starts_with(&target) {
             return Err(error::invalid(format!(
@@ -309,7 +318,7 @@ impl NodeService {
         }
 
         let (device, mounts) =
-            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let staged_at = match access {
             AccessType::Block => staging.join(BLOCK_MARKER),
             AccessType::Mount { .. } => staging.clone(),
@@ -385,9 +394,9 @@ impl NodeService {
         let target = self.checked_path(&req.target_path, "target_path")?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        self.driver.engine.volume(&req.volume_id).await?;
-        let (_, mounts) =
-            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+        let attacher = self.driver.node();
+        attacher.check_known(&req.volume_id).await?;
+        let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let id = req.volume_id.clone();
         off_executor("unpublishing", move || {
             refuse_foreign_mount(&id, &mounts, &read_mounts()?, &target)?;
@@ -405,9 +414,9 @@ impl NodeService {
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        self.driver.engine.volume(&req.volume_id).await?;
-        let (_, mounts) =
-            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+        let attacher = self.driver.node();
+        attacher.check_known(&req.volume_id).await?;
+        let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let marker = staging.join(BLOCK_MARKER);
         if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
         {
@@ -428,7 +437,7 @@ impl NodeService {
             unmount_all(&staging)
         })
         .await?;
-        self.driver.engine.detach(&req.volume_id).await?;
+        attacher.detach(&req.volume_id).await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
 
@@ -443,11 +452,11 @@ impl NodeService {
         if req.volume_path.is_empty() {
             return Err(error::invalid("volume_path is required"));
         }
-        let engine = &self.driver.engine;
-        engine.volume(&req.volume_id).await?;
+        let attacher = self.driver.node();
+        attacher.check_known(&req.volume_id).await?;
         let path = self.checked_path(&req.volume_path, "volume_path")?;
         let (device, mounts) =
-            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         // Only the volume's own mount is measured: never whatever filesystem
         // (the host's) lies under a path it has left.
         let device = device.ok_or_else(|| {
@@ -485,7 +494,7 @@ impl NodeService {
         }
 
         use crate::engine::Condition::{Abnormal, Healthy};
-        let problem = match engine.volume_condition(&req.volume_id).await? {
+        let problem = match attacher.condition(&req.volume_id).await? {
             Abnormal(m) => Some(m),
             Healthy if mount.super_read_only() && !mount.has_option("ro") => Some(
                 "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)"
@@ -518,13 +527,13 @@ impl NodeService {
         }
         let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
         self.require_privilege()?;
-        let engine = &self.driver.engine;
+        let attacher = self.driver.node();
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let volume = engine.volume(&req.volume_id).await?;
+        attacher.check_known(&req.volume_id).await?;
         let path = self.checked_path(&req.volume_path, "volume_path")?;
         // Staged, and at this path, before anything grows.
         let (device, mounts) =
-            crate::services::volume_mounts(self.driver.engine.as_ref(), &req.volume_id).await?;
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let device = device.ok_or_else(|| {
             error::failed_precondition(format!(
                 "volume {} is not staged on this node",
@@ -532,11 +541,12 @@ impl NodeService {
             ))
         })?;
         Self::own_mount(&req.volume_id, &mounts, &path)?;
-        let capacity = match engine.expansion_site() {
-            ExpansionSite::Node => engine.expand_volume(&req.volume_id, required, limit).await?,
-            ExpansionSite::Controller => volume.capacity,
-        };
-        engine.refresh_device(&req.volume_id).await?;
+        if attacher.features().expansion == ExpansionSite::Node {
+            attacher.grow(&req.volume_id, required, limit).await?;
+        }
+        attacher.refresh(&req.volume_id).await?;
+        // What the device now is: the volume's capacity as this node sees it.
+        let capacity = nodefs::block_device_size(&device)?;
 
         let is_block = std::fs::metadata(&path)
             .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
@@ -819,7 +829,7 @@ impl csi::node_server::Node for NodeService {
         request: Request<csi::NodeGetInfoRequest>,
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         handle("NodeGetInfo", request, |_| async {
-            let topology = self.driver.engine.topology();
+            let topology = self.driver.node().topology();
             Ok(csi::NodeGetInfoResponse {
                 node_id: self.driver.node_id.clone(),
                 max_volumes_per_node: self.max_volumes_per_node,

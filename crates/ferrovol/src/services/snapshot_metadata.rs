@@ -82,7 +82,8 @@ impl SnapshotMetadataService {
     ) -> Result<Pages<csi::GetMetadataAllocatedResponse>> {
         validate::id(&req.snapshot_id, "snapshot_id")?;
         let start = start_offset(req.starting_offset)?;
-        let (capacity, ranges) = self.driver.engine.allocated_ranges(&req.snapshot_id).await?;
+        let (capacity, ranges) =
+            self.driver.controller().allocated_ranges(&req.snapshot_id).await?;
         stream(
             ranges,
             start,
@@ -107,7 +108,7 @@ impl SnapshotMetadataService {
         let start = start_offset(req.starting_offset)?;
         let (capacity, ranges) = self
             .driver
-            .engine
+            .controller()
             .changed_ranges(&req.base_snapshot_id, &req.target_snapshot_id)
             .await?;
         stream(

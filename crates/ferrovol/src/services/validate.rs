@@ -8,7 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use ferrovol_csi as csi;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 
-use crate::engine::AccessType;
+use crate::engine::{AccessType, Features};
 use crate::error::{self, Error, Result};
 
 /// CSI caps strings at 128 bytes.
@@ -21,6 +21,20 @@ pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 /// Filesystems the node service can format and grow.
 pub const FS_TYPES: [&str; 3] = ["ext4", "xfs", "btrfs"];
 pub const DEFAULT_FS_TYPE: &str = "ext4";
+
+/// The smallest device each filesystem we format can be made on (xfsprogs
+/// refuses under 300 MiB, btrfs-progs under about 114 MiB): known to the
+/// controller (sizes it creates) and the node (what it formats) alike.
+pub fn minimum_size(fs_type: &str) -> u64 {
+    match fs_type {
+        "xfs" => 300 << 20,
+        "btrfs" => 120 << 20,
+        // mkfs.ext4 with 4 KiB blocks needs somewhat over 128 KiB; 1 MiB
+        // leaves room for a usable filesystem. "" is the default, ext4.
+        "ext4" | "" => 1 << 20,
+        _ => 0,
+    }
+}
 
 /// A required name (of a volume, snapshot or group): non-empty, at most 128
 /// bytes, and free of the control characters the spec bans.
@@ -100,30 +114,20 @@ pub fn capacity_range(range: Option<&csi::CapacityRange>) -> Result<(u64, u64)> 
     Ok((required, limit))
 }
 
-fn is_multi_node(mode: Mode) -> bool {
-    matches!(
-        mode,
-        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
-    )
-}
-
-/// Checks one capability; the error says why it cannot be served.
-pub fn capability(cap: &csi::VolumeCapability, multi_node: bool) -> Result<AccessType> {
+/// Checks one capability against what the engine supports; the error says
+/// why it cannot be served.
+pub fn capability(cap: &csi::VolumeCapability, features: &Features) -> Result<AccessType> {
     let mode = cap
         .access_mode
         .as_ref()
         .and_then(|m| Mode::try_from(m.mode).ok())
         .filter(|m| *m != Mode::Unknown)
         .ok_or_else(|| error::invalid("volume capability needs a known access_mode"))?;
-    if is_multi_node(mode) && !multi_node {
-        return Err(error::invalid(format!(
-            "access mode {} needs several nodes; this engine's volumes live on one node",
-            mode.as_str_name()
-        )));
-    }
-    match &cap.access_type {
-        None => Err(error::invalid("volume capability needs an access_type (mount or block)")),
-        Some(csi::volume_capability::AccessType::Block(_)) => Ok(AccessType::Block),
+    let access = match &cap.access_type {
+        None => {
+            return Err(error::invalid("volume capability needs an access_type (mount or block)"))
+        }
+        Some(csi::volume_capability::AccessType::Block(_)) => AccessType::Block,
         Some(csi::volume_capability::AccessType::Mount(m)) => {
             if !m.fs_type.is_empty() && !FS_TYPES.contains(&m.fs_type.as_str()) {
                 return Err(error::invalid(format!(
@@ -131,20 +135,34 @@ pub fn capability(cap: &csi::VolumeCapability, multi_node: bool) -> Result<Acces
                     m.fs_type
                 )));
             }
-            Ok(AccessType::Mount { fs_type: m.fs_type.clone() })
+            AccessType::Mount { fs_type: m.fs_type.clone() }
         }
+    };
+    let supported = features.modes(&access);
+    if !supported.contains(&mode) {
+        let names: Vec<&str> = supported.iter().map(|m| m.as_str_name()).collect();
+        return Err(error::invalid(format!(
+            "access mode {} is not supported for {} volumes by this engine (it supports {})",
+            mode.as_str_name(),
+            match access {
+                AccessType::Block => "raw block",
+                AccessType::Mount { .. } => "filesystem",
+            },
+            names.join(", ")
+        )));
     }
+    Ok(access)
 }
 
 /// Checks a required capability list; answers the first one's access type
 /// (what the volume is created for).
-pub fn capabilities(caps: &[csi::VolumeCapability], multi_node: bool) -> Result<AccessType> {
+pub fn capabilities(caps: &[csi::VolumeCapability], features: &Features) -> Result<AccessType> {
     if caps.is_empty() {
         return Err(error::invalid("volume_capabilities is required"));
     }
     let mut first = None;
     for cap in caps {
-        let access = capability(cap, multi_node)?;
+        let access = capability(cap, features)?;
         first.get_or_insert(access);
     }
     Ok(first.expect("non-empty"))
@@ -157,6 +175,16 @@ pub fn engine_parameters(parameters: &HashMap<String, String>) -> BTreeMap<Strin
         .filter(|(k, _)| !k.starts_with(CO_PARAMETER_PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// A request's secrets, for the engine only.
+pub fn secrets(secrets: &HashMap<String, String>) -> crate::engine::Secrets {
+    secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Wire topology segments as the engine's map.
+pub fn topology(t: &csi::Topology) -> crate::engine::Topology {
+    t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// A listing's page size: 0 means "as many as you like".
@@ -190,6 +218,15 @@ mod tests {
         Some(Wire::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }))
     }
 
+    fn single_node() -> Features {
+        Features {
+            publish: false,
+            expansion: crate::engine::ExpansionSite::Node,
+            mount_modes: Features::single_node_modes(),
+            block_modes: Features::single_node_modes(),
+        }
+    }
+
     #[test]
     fn single_node_modes_and_known_filesystems_pass() {
         for mode in [
@@ -199,10 +236,10 @@ mod tests {
             Mode::SingleNodeMultiWriter,
         ] {
             for fs in ["", "ext4", "xfs", "btrfs"] {
-                capability(&cap(mode, mount(fs)), false).unwrap();
+                capability(&cap(mode, mount(fs)), &single_node()).unwrap();
             }
             assert_eq!(
-                capability(&cap(mode, Some(Wire::Block(BlockVolume {}))), false).unwrap(),
+                capability(&cap(mode, Some(Wire::Block(BlockVolume {}))), &single_node()).unwrap(),
                 AccessType::Block
             );
         }
@@ -223,10 +260,21 @@ mod tests {
             },
         ];
         for c in &bad {
-            assert_eq!(capability(c, false).unwrap_err().code(), Code::InvalidArgument, "{c:?}");
+            assert_eq!(
+                capability(c, &single_node()).unwrap_err().code(),
+                Code::InvalidArgument,
+                "{c:?}"
+            );
         }
-        assert_eq!(capabilities(&[], false).unwrap_err().code(), Code::InvalidArgument);
-        capability(&cap(Mode::MultiNodeMultiWriter, mount("")), true).expect("multi-node engine");
+        assert_eq!(capabilities(&[], &single_node()).unwrap_err().code(), Code::InvalidArgument);
+        // An engine that shares raw block volumes across nodes, not
+        // filesystems (as Ceph RBD does).
+        let mut shared = single_node();
+        shared.block_modes.push(Mode::MultiNodeMultiWriter);
+        let block = cap(Mode::MultiNodeMultiWriter, Some(Wire::Block(BlockVolume {})));
+        capability(&block, &shared).expect("multi-node block");
+        let e = capability(&cap(Mode::MultiNodeMultiWriter, mount("")), &shared).unwrap_err();
+        assert!(e.message().contains("filesystem"), "{e}");
     }
 
     #[test]

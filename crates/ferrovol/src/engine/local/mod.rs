@@ -10,6 +10,7 @@
 pub mod extents;
 pub mod identity;
 pub mod loopdev;
+pub mod node;
 pub mod pool;
 pub mod recovery;
 
@@ -21,8 +22,9 @@ use tracing::{info, warn};
 
 use crate::engine::ids::{self, Kind};
 use crate::engine::{
-    choose_size, AccessType, Capacity, Condition, ContentSource, Engine, ExpansionSite,
-    GroupSnapshot, NewVolume, Page, Quiesce, Range, Snapshot, SnapshotFilter, Volume,
+    choose_size, AccessType, Attach, Capacity, Condition, ContentSource, ControllerEngine,
+    Features, GroupSnapshot, NewVolume, NodeAttacher, Page, Quiesce, Range, Secrets, Snapshot,
+    SnapshotFilter, Topology, Volume,
 };
 use crate::error::{self, Error, Result};
 use crate::failpoint;
@@ -41,10 +43,13 @@ pub const PARAM_PROVISIONING: &str = "provisioning";
 pub struct LocalEngine {
     pool: Pool,
     journal: Journal,
-    node_id: String,
     method: CowMethod,
     /// Background writes to the pool, for health.
     pool_writes: std::sync::Arc<crate::fsutil::WriteMonitor>,
+    /// The node half, in this process: the controller half asks it to
+    /// quiesce a volume for its snapshot, and checks attachments before a
+    /// delete (the storage is on this node).
+    node: node::LocalNode,
 }
 
 /// Runs blocking file work off the async executor.
@@ -114,7 +119,9 @@ fn to_volume(r: &VolumeRecord) -> Volume {
             AccessType::Mount { fs_type: r.fs_type.clone() }
         },
         parameters: r.parameters.clone(),
-        topology: r.topology.clone(),
+        context: BTreeMap::new(),
+        accessible: if r.topology.is_empty() { vec![] } else { vec![r.topology.clone()] },
+        published_nodes: vec![],
         created: from_nanos(r.created_unix_nanos),
     }
 }
@@ -175,7 +182,8 @@ impl LocalEngine {
             warn!(pool = %pool.root().display(), cow = method.as_str(), %report, "pool open after recovery");
         }
         let pool_writes = crate::fsutil::WriteMonitor::spawn(pool.root());
-        Ok(LocalEngine { pool, journal, node_id: node_id.to_string(), method, pool_writes })
+        let node = node::LocalNode::new(pool.clone(), node_id);
+        Ok(LocalEngine { pool, journal, method, pool_writes, node })
     }
 
     /// `ferrovol pool check`: what recovery would do (or, with `repair`,
@@ -323,19 +331,16 @@ impl LocalEngine {
             ))),
         }
     }
-
-    async fn attached_devices(&self, path: PathBuf) -> Result<Vec<loopdev::Attached>> {
-        blocking(move || {
-            loopdev::find(&path).map_err(|e| Error::io("reading loop devices from sysfs", e))
-        })
-        .await
-    }
 }
 
 #[tonic::async_trait]
-impl Engine for LocalEngine {
+impl ControllerEngine for LocalEngine {
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn features(&self) -> Features {
+        node::features()
     }
 
     fn manifest(&self) -> BTreeMap<String, String> {
@@ -346,30 +351,17 @@ impl Engine for LocalEngine {
         ])
     }
 
-    fn topology(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
-    }
-
-    fn multi_node(&self) -> bool {
-        false
-    }
-
-    fn expansion_site(&self) -> ExpansionSite {
-        // The file lives on this node, next to the filesystem that must grow
-        // with it; see docs/architecture.md.
-        ExpansionSite::Node
+    fn has_topology(&self) -> bool {
+        true
     }
 
     /// Inline, no blocking-pool hop: every check is a syscall answered from
-    /// kernel memory (stat, statvfs, an ioctl, a journal page in the cache);
-    /// the one that touches the device runs in the background monitor.
-    async fn health(&self, node: bool) -> Result<()> {
+    /// kernel memory (stat, statvfs, a journal page in the cache); the one
+    /// that touches the device runs in the background monitor.
+    async fn health(&self) -> Result<()> {
         self.pool.verify()?;
         crate::fsutil::check_not_read_only(self.pool.root())?;
         self.pool_writes.status()?;
-        if node {
-            loopdev::check_available().map_err(|e| e.into_error("staging volumes"))?;
-        }
         self.journal.get::<VolumeRecord>("health-check").map(|_| ())
     }
 
@@ -381,26 +373,15 @@ impl Engine for LocalEngine {
         let groups = self.journal.scan::<GroupRecord>(None, usize::MAX, |r| ready(r.state()))?;
         let (_, total) = self.pool.space()?;
         let used = self.pool.used()?;
-        let attached = self.all_attached().await?;
         Ok(crate::engine::EngineStats {
             volumes: volumes.len() as u64,
             snapshots: snapshots.len() as u64,
             groups: groups.len() as u64,
-            pool_capacity_bytes: total,
-            pool_used_bytes: used,
+            storage_capacity_bytes: total,
+            storage_used_bytes: used,
             provisioned_bytes: volumes.iter().map(|v| v.capacity).sum(),
-            attached,
-            cow_method: self.method.as_str().to_string(),
+            facts: BTreeMap::from([("cow_method".to_string(), self.method.as_str().to_string())]),
         })
-    }
-
-    async fn all_attached(&self) -> Result<Vec<PathBuf>> {
-        let root = self.pool.root().to_path_buf();
-        blocking(move || {
-            let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
-            Ok(all.into_iter().filter(|a| a.backing.starts_with(&root)).map(|a| a.device).collect())
-        })
-        .await
     }
 
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
@@ -424,6 +405,14 @@ impl Engine for LocalEngine {
 
     async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
         self.validate_parameters(&req.parameters)?;
+        let ours = self.node.topology();
+        if let Some(reqs) = &req.accessibility {
+            if !reqs.requisite.is_empty() && !reqs.requisite.iter().any(|t| serves(&ours, t)) {
+                return Err(error::exhausted(format!(
+                    "the requisite topology excludes this node ({ours:?})"
+                )));
+            }
+        }
         let thick = is_thick(&req.parameters);
         let source = self.resolve_source(&req.source)?;
         let (available, total) = self.pool.space()?;
@@ -463,7 +452,7 @@ impl Engine for LocalEngine {
             block,
             fs_type,
             parameters: req.parameters.clone(),
-            topology: self.topology(),
+            topology: ours,
             created_unix_nanos: now_nanos(),
         };
         if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
@@ -495,18 +484,17 @@ impl Engine for LocalEngine {
         Ok(to_volume(&record))
     }
 
-    async fn delete_volume(&self, id: &str) -> Result<()> {
+    async fn delete_volume(&self, id: &str, _secrets: &Secrets) -> Result<()> {
         if !ids::is_valid(Kind::Volume, id) {
             return Ok(()); // cannot exist, so it is already deleted
         }
         let Some(record) = self.journal.get::<VolumeRecord>(id)? else {
             return Ok(());
         };
-        let path = self.pool.path(Kind::Volume, id)?;
-        if let Some(a) = self.attached_devices(path.clone()).await?.first() {
+        if let Some(device) = self.node.device(id).await? {
             return Err(error::failed_precondition(format!(
                 "volume {id} is attached as {} on this node (still staged or published)",
-                a.device.display()
+                device.display()
             )));
         }
         self.delete_file_and_record(Kind::Volume, &record).await
@@ -543,7 +531,19 @@ impl Engine for LocalEngine {
         Ok(Page { items: records.iter().map(to_volume).collect(), next })
     }
 
-    async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<Capacity> {
+    async fn capacity(
+        &self,
+        parameters: &BTreeMap<String, String>,
+        topology: Option<&Topology>,
+    ) -> Result<Capacity> {
+        if topology.is_some_and(|t| !serves(&self.node.topology(), t)) {
+            // Another node's segment: nothing can be created there from here.
+            return Ok(Capacity {
+                available: 0,
+                maximum_volume_size: 0,
+                minimum_volume_size: GRANULARITY,
+            });
+        }
         // The largest volume CreateVolume accepts now (kube-scheduler
         // prefers this figure to the available capacity when it is set).
         let (available, _) = self.pool.space()?;
@@ -554,7 +554,13 @@ impl Engine for LocalEngine {
         })
     }
 
-    async fn expand_volume(&self, id: &str, required: u64, limit: u64) -> Result<u64> {
+    async fn expand_volume(
+        &self,
+        id: &str,
+        required: u64,
+        limit: u64,
+        _secrets: &Secrets,
+    ) -> Result<u64> {
         let mut record = self.ready_volume(id)?;
         let wanted = pool::round_up(required)
             .ok_or_else(|| error::out_of_range(format!("{required} bytes is too large")))?;
@@ -601,7 +607,7 @@ impl Engine for LocalEngine {
         &self,
         name: &str,
         source_volume: &str,
-        quiesce: Quiesce,
+        _secrets: &Secrets,
     ) -> Result<Snapshot> {
         if let Some(existing) = self.journal.by_name::<SnapshotRecord>(name)? {
             if existing.state() == State::Ready {
@@ -617,6 +623,11 @@ impl Engine for LocalEngine {
         }
         let volume = self.ready_volume(source_volume)?;
         let src = self.existing_file(Kind::Volume, source_volume)?;
+        // A filesystem staged on this node is flushed now (the pod's dirty
+        // data, outside the window), then frozen for the instant of the
+        // copy-on-write clone only; the guard thaws it on every path. Raw
+        // block or idle: crash-consistent, as a power cut would leave it.
+        let quiesce = self.node.prepare_quiesce(&[source_volume.to_string()], false).await?;
         let mut record = SnapshotRecord {
             id: ids::mint(Kind::Snapshot),
             name: name.to_string(),
@@ -657,7 +668,7 @@ impl Engine for LocalEngine {
         Ok(to_snapshot(&record))
     }
 
-    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+    async fn delete_snapshot(&self, id: &str, _secrets: &Secrets) -> Result<()> {
         if !ids::is_valid(Kind::Snapshot, id) {
             return Ok(());
         }
@@ -706,7 +717,7 @@ impl Engine for LocalEngine {
         &self,
         name: &str,
         volumes: &[String],
-        quiesce: Quiesce,
+        _secrets: &Secrets,
     ) -> Result<(GroupSnapshot, Duration)> {
         if let Some(existing) = self.journal.by_name::<GroupRecord>(name)? {
             if existing.state() == State::Ready {
@@ -753,6 +764,16 @@ impl Engine for LocalEngine {
         for m in &members {
             self.journal.reserve(m).await?;
         }
+        // Every member mounted here is flushed now and frozen together for
+        // the clones; a member in use as a raw block device cannot be
+        // quiesced, and a torn group is refused rather than answered.
+        let quiesce = match self.node.prepare_quiesce(volumes, true).await {
+            Ok(q) => q,
+            Err(e) => {
+                self.discard_group(&group).await?;
+                return Err(e);
+            }
+        };
 
         let mut copies = Vec::with_capacity(members.len());
         for m in &members {
@@ -811,7 +832,7 @@ impl Engine for LocalEngine {
         Ok((self.group_view(&group)?, window))
     }
 
-    async fn delete_group_snapshot(&self, id: &str) -> Result<()> {
+    async fn delete_group_snapshot(&self, id: &str, _secrets: &Secrets) -> Result<()> {
         if !ids::is_valid(Kind::Group, id) {
             return Ok(());
         }
@@ -864,57 +885,71 @@ impl Engine for LocalEngine {
         })
         .await
     }
+}
 
-    async fn attach(&self, id: &str) -> Result<PathBuf> {
-        self.ready_volume(id)?;
-        let path = self.pool.path(Kind::Volume, id)?;
-        if let Some(a) = self.attached_devices(path.clone()).await?.into_iter().next() {
-            return Ok(a.device);
-        }
-        let path = self.existing_file(Kind::Volume, id)?;
-        blocking(move || {
-            loopdev::attach(&path, false, loopdev::VOLUME_BLOCK_SIZE)
-                .map_err(|e| e.into_error(format!("attaching {}", path.display())))
-        })
-        .await
+/// In one process (`--mode all`) the engine is its own node half too: the
+/// same attachments, and node-side growth, which needs the journal.
+#[tonic::async_trait]
+impl NodeAttacher for LocalEngine {
+    fn kind(&self) -> &'static str {
+        "local"
     }
 
-    async fn detach(&self, id: &str) -> Result<()> {
-        if !ids::is_valid(Kind::Volume, id) {
-            return Ok(());
-        }
-        let path = self.pool.path(Kind::Volume, id)?;
-        for a in self.attached_devices(path).await? {
-            let device = a.device.clone();
-            blocking(move || {
-                loopdev::detach(&device)
-                    .map_err(|e| Error::io(format!("detaching {}", device.display()), e))
-            })
-            .await?;
-        }
-        Ok(())
+    fn features(&self) -> Features {
+        node::features()
     }
 
-    async fn refresh_device(&self, id: &str) -> Result<()> {
-        let Some(device) = self.attached_device(id).await? else {
-            return Err(error::failed_precondition(format!(
-                "volume {id} is not attached on this node"
-            )));
-        };
-        blocking(move || {
-            loopdev::refresh_capacity(&device)
-                .map_err(|e| Error::io(format!("refreshing the size of {}", device.display()), e))
-        })
-        .await
+    fn topology(&self) -> Topology {
+        self.node.topology()
     }
 
-    async fn attached_device(&self, id: &str) -> Result<Option<PathBuf>> {
-        if !ids::is_valid(Kind::Volume, id) {
-            return Ok(None);
-        }
-        let path = self.pool.path(Kind::Volume, id)?;
-        Ok(self.attached_devices(path).await?.into_iter().next().map(|a| a.device))
+    async fn health(&self) -> Result<()> {
+        self.node.health().await
     }
+
+    async fn check_known(&self, volume_id: &str) -> Result<()> {
+        self.ready_volume(volume_id).map(drop)
+    }
+
+    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+        self.ready_volume(&request.volume_id)?;
+        self.node.attach(request).await
+    }
+
+    async fn detach(&self, volume_id: &str) -> Result<()> {
+        self.node.detach(volume_id).await
+    }
+
+    async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>> {
+        self.node.device(volume_id).await
+    }
+
+    async fn all_attached(&self) -> Result<Vec<PathBuf>> {
+        self.node.all_attached().await
+    }
+
+    async fn refresh(&self, volume_id: &str) -> Result<()> {
+        self.node.refresh(volume_id).await
+    }
+
+    /// The journal's view (the record's size and provisioning), which
+    /// knows more than the file alone.
+    async fn condition(&self, volume_id: &str) -> Result<Condition> {
+        self.volume_condition(volume_id).await
+    }
+
+    async fn grow(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
+        self.expand_volume(volume_id, required, limit, &Secrets::default()).await
+    }
+
+    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
+        self.node.prepare_quiesce(volume_ids, strict).await
+    }
+}
+
+/// Whether a requested topology segment set describes where `ours` is.
+fn serves(ours: &Topology, theirs: &Topology) -> bool {
+    theirs.iter().all(|(k, v)| ours.get(k) == Some(v))
 }
 
 impl LocalEngine {
