@@ -17,5 +17,5 @@ fuzz_target!(|data: &[u8]| {
         let _ = std::os::unix::fs::symlink("/", kubelet.join("pods/escape"));
         kubelet.canonicalize().unwrap()
     });
-    ferrovol::fuzz::ids_and_paths(kubelet, data);
+    ferrovol_testkit::fuzz::ids_and_paths(kubelet, data);
 });

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use ferrovol::fuzz::Harness;
+use ferrovol_testkit::fuzz::Harness;
 use libfuzzer_sys::fuzz_target;
 
 static HARNESS: OnceLock<Harness> = OnceLock::new();

@@ -1,7 +1,19 @@
+//! `ferrovol`: the driver and its tools in one binary. This crate only puts
+//! the others together: the command line, and which engine `serve` opens.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use ferrovol::cli::{Cli, Command, PoolCommand};
+use cli::{Cli, Command, EngineKind, PoolCommand, ServeCommand};
+use ferrovol_core::engine::NodeAttacher;
+use ferrovol_core::server::Halves;
+use ferrovol_local::node::LocalNode;
+use ferrovol_local::LocalEngine;
 
 /// Twice the cores, at least four. Handlers make short syscalls inline
 /// (mount table, sysfs, journal reads from the page cache) because handing
@@ -14,8 +26,9 @@ fn worker_threads() -> usize {
 }
 
 fn main() -> ExitCode {
+    ferrovol_csi::build::set_version(env!("FERROVOL_VERSION"), env!("FERROVOL_GIT_REV"));
     let cli = Cli::parse();
-    ferrovol::logging::init(cli.log_format);
+    ferrovol_core::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()
@@ -36,7 +49,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Ctl(args) => {
                 let output = args.output;
-                ferrovol::ctl::run(args).await.map_err(|e| (e.render(output), e.code))
+                ferrovol_tools::ctl::run(args).await.map_err(|e| (e.render(output), e.code))
             }
             other => run(other).await.map_err(|e| (format!("ferrovol: {e}"), 1)),
         }
@@ -61,14 +74,14 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Serve(args) => ferrovol::server::run(args).await,
-        Command::Bench(args) => ferrovol::bench::run(args).await,
-        Command::Probe(args) => ferrovol::prober::run(args).await,
-        Command::Demo(args) => ferrovol::demo::run(args).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Bench(args) => ferrovol_tools::bench::run(args).await,
+        Command::Probe(args) => ferrovol_tools::prober::run(args).await,
+        Command::Demo(args) => ferrovol_tools::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
         Command::Pool(PoolCommand::Check { state_dir, pool_dir, repair }) => {
             let pool_dir = pool_dir.unwrap_or_else(|| state_dir.join("pool"));
-            let report = ferrovol::engine::local::LocalEngine::check_pool(&pool_dir, repair)
+            let report = LocalEngine::check_pool(&pool_dir, repair)
                 .await
                 .map_err(|e| e.message().to_string())?;
             let verb = if repair { "repaired" } else { "would repair" };
@@ -89,7 +102,8 @@ async fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Pool(PoolCommand::Release { dir }) => {
-            let image = ferrovol::poolinit::teardown(&dir).map_err(|e| e.message().to_string())?;
+            let image =
+                ferrovol_local::poolinit::teardown(&dir).map_err(|e| e.message().to_string())?;
             println!(
                 "pool at {} released: unmounted, loop device detached; the image {} and its \
                  data remain (delete it to free the space, and its /etc/fstab line; or run \
@@ -100,10 +114,10 @@ async fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Pool(PoolCommand::Init { dir, size, fs, image, preallocate }) => {
-            use ferrovol::poolinit::Outcome;
+            use ferrovol_local::poolinit::Outcome;
             let image = image.unwrap_or_else(|| dir.with_extension("img"));
             let (pool, outcome, warning) =
-                ferrovol::poolinit::ensure(&dir, &image, size, fs, preallocate)
+                ferrovol_local::poolinit::ensure(&dir, &image, size, fs, preallocate)
                     .await
                     .map_err(|e| e.message().to_string())?;
             if let Some(w) = warning {
@@ -128,4 +142,36 @@ async fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Opens the engine `--engine` names, as the halves `--mode` asks for (a
+/// node-only process never opens what only the controller half needs, the
+/// local engine's journal), and serves it.
+async fn serve(args: ServeCommand) -> Result<(), String> {
+    let common = args.common;
+    ferrovol_core::server::prepare_state_dir(&common)?;
+    let node_id = ferrovol_core::server::node_id(&common)?;
+    let halves: Halves = match args.engine {
+        EngineKind::Local => {
+            let pool_dir = args.pool_dir.unwrap_or_else(|| common.state_dir.join("pool"));
+            let failed = |e: ferrovol_csi::error::Error| {
+                format!("opening pool {}: {}", pool_dir.display(), e.message())
+            };
+            if !common.mode.controller() {
+                let node = LocalNode::open(&pool_dir, &node_id).map_err(failed)?;
+                (None, Some(Arc::new(node)))
+            } else {
+                let engine = LocalEngine::open(&pool_dir, &common.state_dir, &node_id)
+                    .await
+                    .map_err(failed)?;
+                let engine = Arc::new(engine);
+                let node: Option<Arc<dyn NodeAttacher>> = match common.mode.node() {
+                    true => Some(engine.clone()),
+                    false => None,
+                };
+                (Some(engine), node)
+            }
+        }
+    };
+    ferrovol_core::server::run(common, node_id, halves).await
 }

@@ -44,7 +44,8 @@ where
 {
     for _ in 0..2000 {
         if let Ok(ch) =
-            ferrovol::endpoint::connect(&ferrovol::endpoint::Endpoint::Unix(socket.into())).await
+            ferrovol_csi::endpoint::connect(&ferrovol_csi::endpoint::Endpoint::Unix(socket.into()))
+                .await
         {
             match call(ch).await {
                 Ok(v) => return v,
@@ -374,7 +375,7 @@ async fn killed_inside_a_freeze_window_the_pods_filesystem_is_thawed_at_restart(
     assert!(c.create_snapshot(req::snapshot("mid-freeze", &v)).await.is_err());
     assert!(!driver.wait().success(), "the driver died in the window");
     // Left frozen: a second freeze is refused as busy.
-    let still = ferrovol::node::freeze::Frozen::freeze(&target).err();
+    let still = ferrovol_host::node::freeze::Frozen::freeze(&target).err();
     assert_eq!(
         still.as_ref().and_then(|e| e.raw_os_error()),
         Some(libc::EBUSY),
@@ -392,7 +393,7 @@ async fn killed_inside_a_freeze_window_the_pods_filesystem_is_thawed_at_restart(
     });
     let outcome = wrote.recv_timeout(Duration::from_secs(30));
     if outcome.is_err() {
-        let _ = ferrovol::node::freeze::thaw_if_frozen(&target);
+        let _ = ferrovol_host::node::freeze::thaw_if_frozen(&target);
     }
     outcome.expect("the write went through").unwrap();
 

@@ -316,12 +316,11 @@ async fn delete_is_idempotent_and_refuses_attached_volumes() {
     struct Detach(std::path::PathBuf);
     impl Drop for Detach {
         fn drop(&mut self) {
-            let _ = ferrovol::engine::local::loopdev::detach(&self.0);
+            let _ = ferrovol_host::loopdev::detach(&self.0);
         }
     }
     let dev = Detach(
-        ferrovol::engine::local::loopdev::attach(&pool.volume_file(&v.volume_id), false, 4096)
-            .unwrap(),
+        ferrovol_host::loopdev::attach(&pool.volume_file(&v.volume_id), false, 4096).unwrap(),
     );
     assert_eq!(code(c.delete_volume(req::delete(&v.volume_id)).await), Code::FailedPrecondition);
     assert!(pool.volume_file(&v.volume_id).exists());

@@ -162,7 +162,7 @@ async fn node_commands_by_hand() {
     assert_eq!(stats["usage"][0]["unit"], "BYTES");
     assert_eq!(stats["condition"]["abnormal"], false);
     let grown = ctl(&sock, &["-o", "json", "node", "expand", &v, "--path", &tg, "--size", "128M"]);
-    if ferrovol::node::fs::has_capability(ferrovol::node::fs::CAP_SYS_RESOURCE) {
+    if ferrovol_host::node::fs::has_capability(ferrovol_host::node::fs::CAP_SYS_RESOURCE) {
         assert_eq!(json(&grown)["capacity_bytes"], 128 << 20);
     } else {
         assert_eq!(
@@ -321,7 +321,7 @@ fn unreachable_endpoints_say_what_to_check() {
 /// any directory (as root: /run/ferrovol/csi.sock).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_default_endpoint_is_absolute_and_shared() {
-    let default = ferrovol::endpoint::default_socket();
+    let default = ferrovol_csi::endpoint::default_socket();
     assert!(default.is_absolute(), "{}", default.display());
     let pool = TestPool::new(PoolFs::Ext4).await;
     let root = tempfile::tempdir().unwrap();
@@ -335,7 +335,7 @@ async fn the_default_endpoint_is_absolute_and_shared() {
         .env_remove("CSI_ENDPOINT");
     let mut driver =
         common::spawn_logged(serve, default.clone(), root.path().into(), pool.dir.clone());
-    let ready = driver.wait_for_log(ferrovol::server::READY_MESSAGE);
+    let ready = driver.wait_for_log(ferrovol_core::server::READY_MESSAGE);
     assert!(
         ready.as_deref().is_some_and(|l| l.contains(&default.display().to_string())),
         "serving on {} (another driver there?): {}",

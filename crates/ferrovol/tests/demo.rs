@@ -22,7 +22,7 @@ fn the_walkthrough_completes_and_cleans_up() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     // Nothing of the demo stays attached or mounted.
-    let loops = ferrovol::engine::local::loopdev::list().unwrap();
+    let loops = ferrovol_host::loopdev::list().unwrap();
     assert!(
         !loops.iter().any(|l| l.backing.to_string_lossy().contains("ferrovol-demo-")),
         "{loops:?}"

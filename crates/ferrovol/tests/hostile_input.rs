@@ -5,8 +5,8 @@
 
 mod common;
 
-use ferrovol::fuzz::{self, Harness};
 use ferrovol_csi as csi;
+use ferrovol_testkit::fuzz::{self, Harness};
 use proptest::prelude::*;
 use prost::Message;
 

@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 fn fs_of(path: &Path) -> String {
-    ferrovol::node::mountinfo::read()
+    ferrovol_host::node::mountinfo::read()
         .unwrap()
         .into_iter()
         .rev()
@@ -196,7 +196,7 @@ async fn online_expansion(fs_type: &str) {
     // is withheld (as in some sandboxes) the driver must say exactly that,
     // and the volume itself must still have grown.
     let ext4_without_cap = fs_type == "ext4"
-        && !ferrovol::node::fs::has_capability(ferrovol::node::fs::CAP_SYS_RESOURCE);
+        && !ferrovol_host::node::fs::has_capability(ferrovol_host::node::fs::CAP_SYS_RESOURCE);
     if ext4_without_cap {
         let err = n.node_expand_volume(expand).await.unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);

@@ -15,13 +15,13 @@ fn said(o: &Output) -> String {
 }
 
 fn mounted_at(dir: &Path) -> bool {
-    let mounts = ferrovol::node::mountinfo::read().unwrap();
-    ferrovol::node::mountinfo::at(&mounts, &std::fs::canonicalize(dir).unwrap()).is_some()
+    let mounts = ferrovol_host::node::mountinfo::read().unwrap();
+    ferrovol_host::node::mountinfo::at(&mounts, &std::fs::canonicalize(dir).unwrap()).is_some()
 }
 
 fn loops_of(image: &Path) -> usize {
     let image = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    ferrovol::engine::local::loopdev::find(&image).unwrap().len()
+    ferrovol_host::loopdev::find(&image).unwrap().len()
 }
 
 /// Whatever a failed test left mounted or attached goes.
@@ -31,9 +31,9 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
         let image = std::fs::canonicalize(&self.1).unwrap_or_else(|_| self.1.clone());
-        for l in ferrovol::engine::local::loopdev::list().unwrap_or_default() {
+        for l in ferrovol_host::loopdev::list().unwrap_or_default() {
             if l.backing.starts_with(&self.0) || l.backing == image {
-                let _ = ferrovol::engine::local::loopdev::detach(&l.device);
+                let _ = ferrovol_host::loopdev::detach(&l.device);
             }
         }
     }
@@ -69,12 +69,12 @@ fn init_is_idempotent_and_release_refuses_while_attached() {
     // A volume of the pool attached: release refuses and names it.
     let volume = dir.join("vol-attached");
     std::fs::write(&volume, vec![0u8; 1 << 20]).unwrap();
-    let device = ferrovol::engine::local::loopdev::attach(&volume, false, 0).unwrap();
+    let device = ferrovol_host::loopdev::attach(&volume, false, 0).unwrap();
     let busy = pool(&["release", "--dir", d]);
     assert_eq!(busy.status.code(), Some(1), "{}", said(&busy));
     assert!(said(&busy).contains(&device.display().to_string()), "{}", said(&busy));
     assert!(mounted_at(&dir), "a refused release leaves the pool mounted");
-    ferrovol::engine::local::loopdev::detach(&device).unwrap();
+    ferrovol_host::loopdev::detach(&device).unwrap();
 
     let released = pool(&["release", "--dir", d]);
     assert!(released.status.success(), "{}", said(&released));

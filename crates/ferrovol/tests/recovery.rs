@@ -308,7 +308,7 @@ async fn shutdown_names_what_it_leaves_and_really_exits() {
     let said = said.unwrap_or_else(|| panic!("no word of the call left behind: {}", driver.logs()));
     assert!(said.contains("CreateVolume"), "{said}");
     assert!(!status.success(), "{status:?}");
-    assert!(!driver.logs().contains("INFO ferrovol::server: stopped"), "{}", driver.logs());
+    assert!(!driver.logs().contains("INFO ferrovol_core::server: stopped"), "{}", driver.logs());
     assert!(call.await.unwrap().is_err(), "the caller saw the call fail");
 
     let d = DriverBuilder::new(root.path()).pool(&pool).start();

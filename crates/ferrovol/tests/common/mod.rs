@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrovol::endpoint::{self, Endpoint};
+use ferrovol_csi::endpoint::{self, Endpoint};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferrovol");
@@ -128,7 +128,7 @@ impl DriverBuilder {
     /// Starts the driver and waits until it logs that it serves.
     pub fn start(self) -> Driver {
         let mut d = self.spawn();
-        d.wait_for_log(ferrovol::server::READY_MESSAGE)
+        d.wait_for_log(ferrovol_core::server::READY_MESSAGE)
             .unwrap_or_else(|| panic!("driver did not become ready; log:\n{}", d.logs()));
         d
     }
@@ -257,7 +257,7 @@ pub enum PoolFs {
 pub struct TestPool {
     pub dir: PathBuf,
     pub fs: PoolFs,
-    image: Option<ferrovol::poolinit::PoolImage>,
+    image: Option<ferrovol_local::poolinit::PoolImage>,
     _root: tempfile::TempDir,
 }
 
@@ -270,16 +270,17 @@ impl TestPool {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("pool");
         let image_fs = match fs {
-            PoolFs::Xfs => ferrovol::poolinit::PoolFs::Xfs,
-            PoolFs::Ext4Image => ferrovol::poolinit::PoolFs::Ext4,
+            PoolFs::Xfs => ferrovol_local::poolinit::PoolFs::Xfs,
+            PoolFs::Ext4Image => ferrovol_local::poolinit::PoolFs::Ext4,
             PoolFs::Ext4 => {
                 std::fs::create_dir(&dir).unwrap();
                 return TestPool { dir, fs, image: None, _root: root };
             }
         };
-        let image = ferrovol::poolinit::init(&dir, &root.path().join("pool.img"), size, image_fs)
-            .await
-            .expect("making a pool image");
+        let image =
+            ferrovol_local::poolinit::init(&dir, &root.path().join("pool.img"), size, image_fs)
+                .await
+                .expect("making a pool image");
         let image = Some(image);
         TestPool { dir, fs, image, _root: root }
     }
@@ -344,7 +345,7 @@ impl Drop for TestPool {
     fn drop(&mut self) {
         if let Some(img) = self.image.take() {
             // A driver that has not exited may still hold it: released lazily.
-            ferrovol::poolinit::release(&img);
+            ferrovol_local::poolinit::release(&img);
         }
     }
 }
@@ -549,7 +550,7 @@ impl Kubelet {
 
     /// Mount points below the kubelet root, deepest first.
     pub fn mounts(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = ferrovol::node::mountinfo::read()
+        let mut v: Vec<PathBuf> = ferrovol_host::node::mountinfo::read()
             .unwrap()
             .into_iter()
             .map(|m| m.mount_point)
@@ -560,8 +561,8 @@ impl Kubelet {
     }
 
     /// Loop devices whose backing file is in this test's pool.
-    pub fn loops(&self) -> Vec<ferrovol::engine::local::loopdev::Attached> {
-        ferrovol::engine::local::loopdev::list()
+    pub fn loops(&self) -> Vec<ferrovol_host::loopdev::Attached> {
+        ferrovol_host::loopdev::list()
             .unwrap()
             .into_iter()
             .filter(|a| a.backing.starts_with(&self.pool_dir))
@@ -580,7 +581,7 @@ impl Drop for Kubelet {
             let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
         }
         for l in self.loops() {
-            let _ = ferrovol::engine::local::loopdev::detach(&l.device);
+            let _ = ferrovol_host::loopdev::detach(&l.device);
         }
     }
 }
@@ -624,7 +625,7 @@ impl Rng {
 
 /// Is `path` a mount point right now (by the kernel's mount table)?
 pub fn is_mounted(path: &Path) -> bool {
-    ferrovol::node::mountinfo::read().unwrap().iter().any(|m| m.mount_point == path)
+    ferrovol_host::node::mountinfo::read().unwrap().iter().any(|m| m.mount_point == path)
 }
 
 pub struct Env {

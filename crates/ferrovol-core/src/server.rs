@@ -1,0 +1,259 @@
+//! `ferrovol serve`: binds the endpoint, registers the services the mode asks
+//! for, and shuts down gracefully on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrovol_csi as csi;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::authority::AuthorityFix;
+use crate::cli::ServeArgs;
+use crate::endpoint::{self, Endpoint, SocketState};
+use crate::engine::{ControllerEngine, NodeAttacher};
+use crate::locks::OpLocks;
+use crate::services::controller::ControllerService;
+use crate::services::group_controller::GroupControllerService;
+use crate::services::identity::IdentityService;
+use crate::services::node::{NodeConfig, NodeService};
+use crate::services::snapshot_metadata::SnapshotMetadataService;
+use crate::services::Driver;
+
+/// Logged once the socket accepts connections; tests and scripts wait for it.
+pub const READY_MESSAGE: &str = "ferrovol is serving";
+
+/// The engine halves this process serves, as `--mode` asks for them.
+pub type Halves = (Option<Arc<dyn ControllerEngine>>, Option<Arc<dyn NodeAttacher>>);
+
+/// The node ID to serve as: `--node-id`, else the hostname.
+pub fn node_id(args: &ServeArgs) -> Result<String, String> {
+    match &args.node_id {
+        Some(id) if !id.is_empty() => Ok(id.clone()),
+        _ => hostname(),
+    }
+}
+
+/// Creates the driver's state dir (the binary calls this before it opens
+/// an engine, which may keep its own state there).
+pub fn prepare_state_dir(args: &ServeArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("creating state dir {}: {e}", args.state_dir.display()))
+}
+
+/// Serves the halves until SIGTERM/SIGINT.
+pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(), String> {
+    prepare_state_dir(&args)?;
+    let endpoint = endpoint::resolve(args.endpoint.as_deref())?;
+    let (controller, node) = halves;
+    let driver = Arc::new(Driver {
+        name: args.driver_name.clone(),
+        node_id,
+        mode: args.mode,
+        state_dir: args.state_dir.clone(),
+        state_writes: crate::fsutil::WriteMonitor::spawn(&args.state_dir),
+        controller,
+        node,
+        locks: OpLocks::new(),
+    });
+
+    let mut router = Server::builder().add_service(csi::identity_server::IdentityServer::new(
+        IdentityService::new(driver.clone()),
+    ));
+    if driver.mode.controller() {
+        router = router
+            .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
+                driver.clone(),
+            )))
+            .add_service(csi::group_controller_server::GroupControllerServer::new(
+                GroupControllerService::new(driver.clone()),
+            ))
+            .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+                SnapshotMetadataService::new(driver.clone()),
+            ));
+    }
+    if driver.mode.node() {
+        let config = NodeConfig {
+            kubelet_dir: args.kubelet_dir.clone(),
+            max_volumes_per_node: args.max_volumes_per_node,
+        };
+        router = router.add_service(csi::node_server::NodeServer::new(NodeService::new(
+            driver.clone(),
+            config,
+        )));
+    }
+
+    if driver.mode.node() {
+        thaw_left_frozen(&driver).await;
+    }
+
+    if let Some(addr) = &args.metrics_addr {
+        let local = crate::metrics::listen(addr, driver_endpoints(driver.clone())).await?;
+        info!(addr = %local, "metrics listening");
+    }
+
+    // Installed before we announce readiness: a SIGTERM that arrives right
+    // after must take the graceful path, not the default "die at once".
+    let signals = Signals::install()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let mut socket_path: Option<PathBuf> = None;
+    let server = match &endpoint {
+        Endpoint::Unix(path) => {
+            let (listener, state) =
+                endpoint::bind_unix(path).map_err(|e| format!("binding {endpoint}: {e}"))?;
+            if state == SocketState::Stale {
+                warn!(socket = %path.display(), "replaced a stale socket left by a dead process");
+            }
+            socket_path = Some(path.clone());
+            // Clients other than grpc-go send the socket path as the
+            // authority; see `authority`.
+            let incoming =
+                UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding {endpoint}: {e}"))?;
+            let incoming = TcpListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
+    info!(
+        endpoint = %endpoint,
+        driver = %driver.name,
+        node_id = %driver.node_id,
+        mode = ?driver.mode,
+        engine = driver.engine_kind(),
+        version = ferrovol_csi::build::version(),
+        "{READY_MESSAGE}"
+    );
+
+    let signal = signals.wait().await;
+    info!(signal, "shutting down: no new connections, finishing in-flight RPCs");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let deadline = tokio::time::Instant::now() + grace;
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "server task failed"),
+        Err(_) => warn!(?grace, "connections did not close in time"),
+    }
+    // Calls that change state run detached from their callers: wait for
+    // them too, within the same grace.
+    let left = crate::rpc::in_flight::drain(
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
+    if let Some(path) = socket_path {
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(socket = %path.display(), error = %e, "could not remove socket");
+        }
+    }
+    if !left.is_empty() {
+        // Said, then gone for real: work left behind holds the journal lock
+        // and must not go on after we said we stopped. The next start's
+        // recovery finishes or rolls back each of them.
+        tracing::error!(
+            calls = ?left,
+            ?grace,
+            "exiting with calls still running after the shutdown timeout; the next start \
+             settles them"
+        );
+        std::process::exit(1);
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// /metrics from fresh engine figures; /healthz is what Probe checks.
+fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
+    let for_metrics = driver.clone();
+    crate::metrics::Endpoints {
+        metrics: Arc::new(move || {
+            let driver = for_metrics.clone();
+            Box::pin(async move {
+                let stats = match &driver.controller {
+                    Some(c) => c.stats().await.unwrap_or_default(),
+                    None => Default::default(),
+                };
+                let attached = match &driver.node {
+                    Some(n) => n.all_attached().await.unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                tokio::task::spawn_blocking(move || {
+                    crate::metrics::global().render(&stats, &attached)
+                })
+                .await
+                .unwrap_or_default()
+            })
+        }),
+        health: Arc::new(move || {
+            let identity = IdentityService::new(driver.clone());
+            Box::pin(
+                async move { identity.check_ready().await.map_err(|e| e.message().to_string()) },
+            )
+        }),
+    }
+}
+
+/// A driver that died inside a snapshot's freeze window left that
+/// filesystem frozen, and every writer in the pod hanging: thaw every
+/// filesystem of ours mounted here before serving.
+async fn thaw_left_frozen(driver: &Driver) {
+    // Only the attached devices: no journal scan at start-up.
+    let devices = match driver.node().all_attached().await {
+        Ok(devices) => devices,
+        Err(e) => {
+            warn!(error = e.message(), "cannot list attached volumes to thaw");
+            return;
+        }
+    };
+    let thawed =
+        tokio::task::spawn_blocking(move || crate::node::quiesce::thaw_left_frozen(&devices))
+            .await
+            .unwrap_or_default();
+    for m in thawed {
+        warn!(mount = %m.display(), "thawed a filesystem a previous run left frozen");
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+        let int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+        Ok(Signals { term, int })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+fn hostname() -> Result<String, String> {
+    let name = rustix::system::uname().nodename().to_string_lossy().into_owned();
+    if name.is_empty() {
+        return Err("cannot determine the hostname; pass --node-id".into());
+    }
+    Ok(name)
+}

@@ -1,0 +1,152 @@
+//! Identity service: who we are, what we can do, and whether we are healthy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrovol_csi as csi;
+use tonic::{Request, Response, Status};
+
+use crate::engine::ExpansionSite;
+use crate::error::{self, Result};
+use crate::rpc::handle;
+use crate::services::Driver;
+
+/// Longest a readiness check may take before Probe calls the driver unhealthy;
+/// the livenessprobe sidecar's own timeout is typically 1-3 s.
+const PROBE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct IdentityService {
+    driver: Arc<Driver>,
+}
+
+impl IdentityService {
+    pub fn new(driver: Arc<Driver>) -> Self {
+        IdentityService { driver }
+    }
+
+    fn manifest(&self) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = match &self.driver.controller {
+            Some(c) => c.manifest().into_iter().collect(),
+            None => HashMap::from([("engine".to_string(), self.driver.engine_kind().to_string())]),
+        };
+        m.insert("mode".into(), format!("{:?}", self.driver.mode).to_lowercase());
+        if !ferrovol_csi::build::git_revision().is_empty() {
+            m.insert("git_revision".into(), ferrovol_csi::build::git_revision().into());
+        }
+        m
+    }
+
+    fn capabilities(&self) -> Vec<csi::PluginCapability> {
+        use csi::plugin_capability::service::Type as Service;
+        let mut services = Vec::new();
+        if self.driver.mode.controller() {
+            services.push(Service::ControllerService);
+            services.push(Service::GroupControllerService);
+            services.push(Service::SnapshotMetadataService);
+        }
+        let constrained = match (&self.driver.controller, &self.driver.node) {
+            (Some(c), _) => c.has_topology(),
+            (None, Some(n)) => !n.topology().is_empty(),
+            (None, None) => false,
+        };
+        if constrained {
+            services.push(Service::VolumeAccessibilityConstraints);
+        }
+        let mut caps: Vec<csi::PluginCapability> = services
+            .into_iter()
+            .map(|s| csi::PluginCapability {
+                r#type: Some(csi::plugin_capability::Type::Service(
+                    csi::plugin_capability::Service { r#type: s as i32 },
+                )),
+            })
+            .collect();
+        // Online expansion, where this process takes part in it: the
+        // controller that grows the volume, or the node that grows it (and
+        // its filesystem) itself.
+        let grows_here = match self.driver.features().expansion {
+            ExpansionSite::Controller => self.driver.controller.is_some(),
+            ExpansionSite::Node => self.driver.node.is_some(),
+        };
+        if grows_here {
+            caps.push(csi::PluginCapability {
+                r#type: Some(csi::plugin_capability::Type::VolumeExpansion(
+                    csi::plugin_capability::VolumeExpansion {
+                        r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                    },
+                )),
+            });
+        }
+        caps
+    }
+
+    /// What Probe checks: the state dir is writable (not read-only now, and
+    /// its latest background write went through) and the engine is healthy.
+    /// Nothing here waits for a device (the writes happen in the background
+    /// monitors), so Probe answers at once even while copies keep the disk
+    /// busy. The engine gets a deadline: a remote engine's check may hang.
+    pub async fn check_ready(&self) -> Result<()> {
+        crate::fsutil::check_not_read_only(&self.driver.state_dir)?;
+        self.driver.state_writes.status()?;
+        let (controller, node) = (self.driver.controller.clone(), self.driver.node.clone());
+        let health = async move {
+            if let Some(c) = controller {
+                c.health().await?;
+            }
+            if let Some(n) = node {
+                n.health().await?;
+            }
+            Ok::<_, error::Error>(())
+        };
+        match tokio::time::timeout(PROBE_CHECK_TIMEOUT, health).await {
+            Err(_) => Err(error::failed_precondition(format!(
+                "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
+                self.driver.engine_kind()
+            ))),
+            Ok(Err(e)) => Err(error::failed_precondition(format!(
+                "the {} engine is not healthy: {}",
+                self.driver.engine_kind(),
+                e.message()
+            ))),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl csi::identity_server::Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        request: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        handle("GetPluginInfo", request, |_| async {
+            Ok(csi::GetPluginInfoResponse {
+                name: self.driver.name.clone(),
+                vendor_version: ferrovol_csi::build::version().to_string(),
+                manifest: self.manifest(),
+            })
+        })
+        .await
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        request: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        handle("GetPluginCapabilities", request, |_| async {
+            Ok(csi::GetPluginCapabilitiesResponse { capabilities: self.capabilities() })
+        })
+        .await
+    }
+
+    async fn probe(
+        &self,
+        request: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        handle("Probe", request, |_| async {
+            self.check_ready().await?;
+            Ok(csi::ProbeResponse { ready: Some(true) })
+        })
+        .await
+    }
+}

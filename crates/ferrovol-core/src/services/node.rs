@@ -1,0 +1,841 @@
+//! Node service: makes a volume usable in a pod and takes it away again.
+//!
+//! Stage attaches the volume (engine → block device), formats it only if it
+//! is blank, and mounts it at the staging path; a raw block volume's device
+//! is bind-mounted onto a marker file there instead. Publish bind-mounts the
+//! staging mount (or the device) onto the pod's target. Every decision reads
+//! the kernel's own state (mountinfo, the engine's attachments), so a
+//! restarted driver converges on repeated calls and never attaches twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferrovol_csi as csi;
+use ferrovol_csi::node_service_capability::rpc::Type as Cap;
+use ferrovol_csi::volume_capability::access_mode::Mode;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{AccessType, Attach, ExpansionSite, Features};
+use crate::error::{self, Error, Result};
+use crate::locks;
+use crate::node::fs::{self as nodefs, Content};
+use crate::node::mountinfo::{self, MountEntry};
+use crate::rpc::{handle, handle_detached};
+use crate::services::{convert, validate, Driver};
+
+/// Name of the file a raw block volume's device is bind-mounted onto inside
+/// its staging directory: the kernel-visible record that it is staged.
+const BLOCK_MARKER: &str = "device";
+
+pub struct NodeConfig {
+    /// Staging and target paths must lie under this directory.
+    pub kubelet_dir: PathBuf,
+    pub max_volumes_per_node: i64,
+}
+
+#[derive(Clone)]
+pub struct NodeService {
+    driver: Arc<Driver>,
+    /// The kubelet directory, symlinks resolved: what paths are checked
+    /// against.
+    kubelet_dir: PathBuf,
+    /// The kubelet directory as configured, which the kubelet also uses in
+    /// the paths it sends (it may be a symlink to `kubelet_dir`).
+    kubelet_dir_given: PathBuf,
+    max_volumes_per_node: i64,
+    /// Why node operations cannot work here (no CAP_SYS_ADMIN), if so.
+    unprivileged: Option<String>,
+}
+
+/// Node operations mount filesystems and configure loop devices: both need
+/// CAP_SYS_ADMIN. Said once, clearly, rather than as a cryptic EPERM.
+fn privilege_problem() -> Option<String> {
+    (!nodefs::has_capability(nodefs::CAP_SYS_ADMIN)).then(|| {
+        "node operations need CAP_SYS_ADMIN (run ferrovol as root, or privileged in its pod)"
+            .to_string()
+    })
+}
+
+impl NodeService {
+    pub fn new(driver: Arc<Driver>, config: NodeConfig) -> Self {
+        let kubelet_dir_given = config.kubelet_dir.clone();
+        let kubelet_dir = config.kubelet_dir.canonicalize().unwrap_or(config.kubelet_dir);
+        NodeService {
+            driver,
+            kubelet_dir,
+            kubelet_dir_given,
+            max_volumes_per_node: config.max_volumes_per_node,
+            unprivileged: privilege_problem(),
+        }
+    }
+
+    pub fn capabilities() -> Vec<Cap> {
+        vec![
+            Cap::StageUnstageVolume,
+            Cap::GetVolumeStats,
+            Cap::ExpandVolume,
+            Cap::VolumeCondition,
+            Cap::SingleNodeMultiWriter,
+        ]
+    }
+
+    fn require_privilege(&self) -> Result<()> {
+        match &self.unprivileged {
+            Some(why) => Err(error::failed_precondition(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// An absolute, `..`-free path under the kubelet directory whose
+    /// existing part does not escape it through a symlink.
+    fn checked_path(&self, raw: &str, what: &str) -> Result<PathBuf> {
+        // A path under the configured directory is the same path under the
+        // resolved one (the configured one may be a symlink).
+        let translated = Path::new(raw)
+            .strip_prefix(&self.kubelet_dir_given)
+            .ok()
+            .filter(|_| self.kubelet_dir_given != self.kubelet_dir)
+            .map(|rest| self.kubelet_dir.join(rest).display().to_string());
+        validate::kubelet_path(translated.as_deref().unwrap_or(raw), what, &self.kubelet_dir)
+    }
+
+    /// The path where the volume is mounted on this node, among `mounts`
+    /// (the volume's own, from [`crate::services::volume_mounts`]); NOT_FOUND
+    /// when `path` is not one of them, whatever else may be mounted there.
+    fn own_mount<'a>(
+        volume_id: &str,
+        mounts: &'a [MountEntry],
+        path: &Path,
+    ) -> Result<&'a MountEntry> {
+        mounts.iter().find(|m| m.mount_point == path).ok_or_else(|| {
+            error::not_found(format!(
+                "volume {volume_id} is not staged or published at {}",
+                path.display()
+            ))
+        })
+    }
+
+    fn access(
+        cap: Option<&csi::VolumeCapability>,
+        features: &Features,
+    ) -> Result<(AccessType, Mode, Vec<String>)> {
+        let cap = cap.ok_or_else(|| error::invalid("volume_capability is required"))?;
+        let access = validate::capability(cap, features)?;
+        let mode = cap
+            .access_mode
+            .as_ref()
+            .and_then(|m| Mode::try_from(m.mode).ok())
+            .unwrap_or(Mode::Unknown);
+        let flags = match &cap.access_type {
+            Some(csi::volume_capability::AccessType::Mount(m)) => m.mount_flags.clone(),
+            _ => vec![],
+        };
+        Ok((access, mode, flags))
+    }
+
+    async fn stage(
+        &self,
+        req: csi::NodeStageVolumeRequest,
+    ) -> Result<csi::NodeStageVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
+        let attacher = self.driver.node();
+        let (access, mode, flags) =
+            Self::access(req.volume_capability.as_ref(), &attacher.features())?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        attacher.check_known(&req.volume_id).await?;
+        let read_only = mode == Mode::SingleNodeReaderOnly;
+
+        let (attached, mounts) =
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let target = match access {
+            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Mount { .. } => staging.clone(),
+        };
+        // A volume is staged at one path: the first mount of its device.
+        if let Some(first) =
+            mounts.first().filter(|_| !mounts.iter().any(|m| m.mount_point == target))
+        {
+            let other_form = match access {
+                AccessType::Block => first.mount_point == staging,
+                AccessType::Mount { .. } => first.mount_point == staging.join(BLOCK_MARKER),
+            };
+            if other_form {
+                return Err(error::already_exists(format!(
+                    "volume {} is staged at {} with the other access type (block vs \
+                     filesystem)",
+                    req.volume_id,
+                    staging.display()
+                )));
+            }
+            return Err(error::failed_precondition(format!(
+                "volume {} is already staged at {}; one staging path per volume",
+                req.volume_id,
+                first.mount_point.display()
+            )));
+        }
+        let was_attached = attached.is_some();
+        let device = attacher
+            .attach(&Attach {
+                volume_id: req.volume_id.clone(),
+                volume_context: req.volume_context.into_iter().collect(),
+                publish_context: req.publish_context.into_iter().collect(),
+                secrets: validate::secrets(&req.secrets),
+                read_only,
+            })
+            .await?;
+        let staged =
+            self.stage_on(&device, &staging, &access, &flags, read_only, &req.volume_id).await;
+        if staged.is_err() && !was_attached {
+            // Nothing of a failed first stage may stay attached.
+            let _ = attacher.detach(&req.volume_id).await;
+        }
+        staged.map(|()| csi::NodeStageVolumeResponse {})
+    }
+
+    async fn stage_on(
+        &self,
+        device: &Path,
+        staging: &Path,
+        access: &AccessType,
+        flags: &[String],
+        read_only: bool,
+        volume_id: &str,
+    ) -> Result<()> {
+        let mounts = off_executor("reading the mount table", read_mounts).await?;
+        let target = match access {
+            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Mount { .. } => staging.to_path_buf(),
+        };
+        if let Some(m) = mountinfo::at(&mounts, &target) {
+            if mounted_from(&mounts, device, &target)? {
+                return Ok(()); // already staged here: idempotent
+            }
+            return Err(error::already_exists(format!(
+                "staging path {} already holds another mount ({})",
+                target.display(),
+                m.source
+            )));
+        }
+        let dir = staging.to_path_buf();
+        off_executor("creating the staging directory", move || make_dir(&dir)).await?;
+
+        match access {
+            AccessType::Block => {
+                let device = device.to_path_buf();
+                off_executor("binding the device", move || {
+                    create_file(&target)?;
+                    nodefs::bind(&device, &target, &[], false)
+                })
+                .await
+            }
+            AccessType::Mount { fs_type } => {
+                // A format of ours that a crash interrupted leaves a device
+                // that looks formatted but is not; it held no data, so it is
+                // formatted again.
+                let marker = FormatMarker::new(&self.driver.state_dir, volume_id);
+                let content = match marker.exists() {
+                    true => Content::Blank,
+                    false => nodefs::probe(device).await?,
+                };
+                let fs_type = match content {
+                    Content::Blank => {
+                        let fs = if fs_type.is_empty() { validate::DEFAULT_FS_TYPE } else { fs_type };
+                        let size = nodefs::block_device_size(device)?;
+                        if size < validate::minimum_size(fs) {
+                            return Err(error::failed_precondition(format!(
+                                "volume {volume_id} ({size} bytes) is too small for {fs} (needs {})",
+                                validate::minimum_size(fs)
+                            )));
+                        }
+                        if read_only {
+                            return Err(error::failed_precondition(format!(
+                                "volume {volume_id} is blank and cannot be formatted read-only"
+                            )));
+                        }
+                        let m = marker.clone();
+                        off_executor("recording the format", move || m.set()).await?;
+                        nodefs::mkfs(device, fs).await?;
+                        // Durably gone before anything can be written to the
+                        // filesystem, or a later stage would format it again.
+                        off_executor("clearing the format record", move || marker.clear()).await?;
+                        fs.to_string()
+                    }
+                    Content::Filesystem(found) if fs_type.is_empty() || *fs_type == found => found,
+                    Content::Filesystem(found) => {
+                        return Err(error::failed_precondition(format!(
+                            "volume {volume_id} holds a {found} filesystem, not the requested {fs_type}; \
+                             it will not be reformatted"
+                        )))
+                    }
+                    Content::Unknown(what) => {
+                        return Err(error::failed_precondition(format!(
+                            "volume {volume_id} holds data that is not a filesystem ({what}); \
+                             it will not be formatted"
+                        )))
+                    }
+                };
+                // A volume that grew while its ext4 could not (no
+                // CAP_SYS_RESOURCE) grows here, before the mount.
+                if fs_type == "ext4" && !read_only && nodefs::grow_unmounted_ext4(device).await? {
+                    tracing::info!(volume_id, "grew the ext4 filesystem to its volume at stage");
+                }
+                let (device, staging, flags) =
+                    (device.to_path_buf(), staging.to_path_buf(), flags.to_vec());
+                off_executor("mounting", move || {
+                    let mounted = nodefs::mount(&device, &staging, &fs_type, &flags, read_only);
+                    if mounted.is_err() && mounted_from(&read_mounts()?, &device, &staging)? {
+                        return Ok(()); // a mount from before a restart finished meanwhile
+                    }
+                    mounted
+                })
+                .await
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        req: csi::NodePublishVolumeRequest,
+    ) -> Result<csi::NodePublishVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
+        let target = self.checked_path(&req.target_path, "target_path")?;
+        let attacher = self.driver.node();
+        let (access, mode, flags) =
+            Self::access(req.volume_capability.as_ref(), &attacher.features())?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        attacher.check_known(&req.volume_id).await?;
+        let read_only = req.readonly || mode == Mode::SingleNodeReaderOnly;
+        if target.starts_with(&staging) || staging.starts_with(&target) {
+            return Err(error::invalid(format!(
+                "target_path {} and staging_target_path {} must not contain one another",
+                target.display(),
+                staging.display()
+            )));
+        }
+
+        let (device, mounts) =
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let staged_at = match access {
+            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Mount { .. } => staging.clone(),
+        };
+        let device = match device {
+            Some(d) if mounts.iter().any(|m| m.mount_point == staged_at) => d,
+            _ => {
+                return Err(error::failed_precondition(format!(
+                    "volume {} is not staged at {}",
+                    req.volume_id,
+                    staging.display()
+                )))
+            }
+        };
+        if let AccessType::Mount { fs_type } = &access {
+            let staged = mounts.iter().find(|m| m.mount_point == staged_at);
+            if let Some(m) = staged.filter(|m| !fs_type.is_empty() && m.fs_type != *fs_type) {
+                return Err(error::failed_precondition(format!(
+                    "volume {} holds a {} filesystem, not the requested {fs_type}",
+                    req.volume_id, m.fs_type
+                )));
+            }
+        }
+        if let Some(m) = mounts.iter().find(|m| m.mount_point == target) {
+            if m.has_option("ro") == read_only {
+                return Ok(csi::NodePublishVolumeResponse {});
+            }
+            return Err(error::already_exists(format!(
+                "volume {} is already published at {} with a different read-only setting",
+                req.volume_id,
+                target.display()
+            )));
+        }
+        if mode == Mode::SingleNodeSingleWriter {
+            if let Some(other) = mounts.iter().find(|m| m.mount_point != staged_at) {
+                return Err(error::failed_precondition(format!(
+                    "volume {} is single-writer (ReadWriteOncePod) and already published at {}",
+                    req.volume_id,
+                    other.mount_point.display()
+                )));
+            }
+        }
+        let all = off_executor("reading the mount table", read_mounts).await?;
+        if let Some(m) = mountinfo::at(&all, &target) {
+            return Err(error::failed_precondition(format!(
+                "target {} is already a mount of something else ({})",
+                target.display(),
+                m.source
+            )));
+        }
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(error::invalid(format!("target {} is a symlink", target.display())));
+        }
+        off_executor("publishing", move || match access {
+            AccessType::Block => {
+                create_file(&target)?;
+                nodefs::bind(&device, &target, &[], read_only)
+            }
+            AccessType::Mount { .. } => {
+                make_dir(&target)?;
+                nodefs::bind(&staging, &target, &flags, read_only)
+            }
+        })
+        .await?;
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::NodeUnpublishVolumeRequest,
+    ) -> Result<csi::NodeUnpublishVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let target = self.checked_path(&req.target_path, "target_path")?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let attacher = self.driver.node();
+        attacher.check_known(&req.volume_id).await?;
+        let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let id = req.volume_id.clone();
+        off_executor("unpublishing", move || {
+            refuse_foreign_mount(&id, &mounts, &read_mounts()?, &target)?;
+            unmount_all_and_remove(&target)
+        })
+        .await?;
+        Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        req: csi::NodeUnstageVolumeRequest,
+    ) -> Result<csi::NodeUnstageVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
+        self.require_privilege()?;
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        let attacher = self.driver.node();
+        attacher.check_known(&req.volume_id).await?;
+        let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let marker = staging.join(BLOCK_MARKER);
+        if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
+        {
+            return Err(error::failed_precondition(format!(
+                "volume {} is still published at {}",
+                req.volume_id,
+                p.mount_point.display()
+            )));
+        }
+        let id = req.volume_id.clone();
+        off_executor("unstaging", move || {
+            let all = read_mounts()?;
+            refuse_foreign_mount(&id, &mounts, &all, &staging)?;
+            refuse_foreign_mount(&id, &mounts, &all, &marker)?;
+            if marker.exists() {
+                unmount_all_and_remove(&marker)?;
+            }
+            unmount_all(&staging)
+        })
+        .await?;
+        attacher.detach(&req.volume_id).await?;
+        Ok(csi::NodeUnstageVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse> {
+        use csi::volume_usage::Unit;
+        // The spec's order: a missing argument, then an unknown volume
+        // (whatever the path), then a path where the volume is not.
+        validate::id(&req.volume_id, "volume_id")?;
+        if req.volume_path.is_empty() {
+            return Err(error::invalid("volume_path is required"));
+        }
+        let attacher = self.driver.node();
+        attacher.check_known(&req.volume_id).await?;
+        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        let (device, mounts) =
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        // Only the volume's own mount is measured: never whatever filesystem
+        // (the host's) lies under a path it has left.
+        let device = device.ok_or_else(|| {
+            error::not_found(format!("volume {} is not attached on this node", req.volume_id))
+        })?;
+        let mount = Self::own_mount(&req.volume_id, &mounts, &path)?;
+        let meta = std::fs::metadata(&path).map_err(|_| {
+            error::not_found(format!("volume path {} does not exist", path.display()))
+        })?;
+
+        let mut usage = Vec::new();
+        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+            let total = nodefs::block_device_size(&path)?;
+            usage.push(csi::VolumeUsage {
+                total: total as i64,
+                unit: Unit::Bytes as i32,
+                ..Default::default()
+            });
+        } else {
+            let st = rustix::fs::statvfs(&path)
+                .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+            let f = st.f_frsize as i64;
+            usage.push(csi::VolumeUsage {
+                available: st.f_bavail as i64 * f,
+                total: st.f_blocks as i64 * f,
+                used: (st.f_blocks - st.f_bfree) as i64 * f,
+                unit: Unit::Bytes as i32,
+            });
+            usage.push(csi::VolumeUsage {
+                available: st.f_favail as i64,
+                total: st.f_files as i64,
+                used: (st.f_files - st.f_ffree) as i64,
+                unit: Unit::Inodes as i32,
+            });
+        }
+
+        use crate::engine::Condition::{Abnormal, Healthy};
+        let problem = match attacher.condition(&req.volume_id).await? {
+            Abnormal(m) => Some(m),
+            Healthy if mount.super_read_only() && !mount.has_option("ro") => Some(
+                "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)"
+                    .into(),
+            ),
+            Healthy if mount.fs_type == "ext4" && nodefs::ext4_smaller_than_device(&device) => Some(
+                "the ext4 filesystem is smaller than its grown volume: it grows when the volume is \
+                 next staged (or online, given CAP_SYS_RESOURCE)"
+                    .into(),
+            ),
+            Healthy => None,
+        };
+        let condition = match problem {
+            Some(m) => crate::engine::Condition::Abnormal(m),
+            None => crate::engine::Condition::Healthy,
+        };
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(convert::condition(&condition)),
+        })
+    }
+
+    async fn expand(
+        &self,
+        req: csi::NodeExpandVolumeRequest,
+    ) -> Result<csi::NodeExpandVolumeResponse> {
+        validate::id(&req.volume_id, "volume_id")?;
+        if req.volume_path.is_empty() {
+            return Err(error::invalid("volume_path is required"));
+        }
+        let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
+        self.require_privilege()?;
+        let attacher = self.driver.node();
+        let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
+        attacher.check_known(&req.volume_id).await?;
+        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        // Staged, and at this path, before anything grows.
+        let (device, mounts) =
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let device = device.ok_or_else(|| {
+            error::failed_precondition(format!(
+                "volume {} is not staged on this node",
+                req.volume_id
+            ))
+        })?;
+        Self::own_mount(&req.volume_id, &mounts, &path)?;
+        if attacher.features().expansion == ExpansionSite::Node {
+            attacher.grow(&req.volume_id, required, limit).await?;
+        }
+        attacher.refresh(&req.volume_id).await?;
+        // What the device now is: the volume's capacity as this node sees it.
+        let capacity = nodefs::block_device_size(&device)?;
+
+        let is_block = std::fs::metadata(&path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        if !is_block {
+            let mount = mounts
+                .iter()
+                .find(|m| m.mount_point == path)
+                .or_else(|| mounts.iter().find(|m| m.fs_type != "devtmpfs"))
+                .ok_or_else(|| {
+                    error::failed_precondition(format!(
+                        "volume {} has no mounted filesystem",
+                        req.volume_id
+                    ))
+                })?;
+            nodefs::grow(&mount.fs_type, &device, &mount.mount_point).await?;
+        }
+        Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })
+    }
+}
+
+/// How long one piece of blocking node work (a mount, an unmount, reading
+/// the mount table, an fsync) may take before the call gives up on it.
+const NODE_WORK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs blocking node work on the blocking pool, never on the async workers
+/// (a slow mount must not stall Probe and every other call), bounded by
+/// [`NODE_WORK_TIMEOUT`]. Past it the call answers UNAVAILABLE; the kernel
+/// may still finish the work, which a retry then finds done.
+async fn off_executor<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::time::timeout(NODE_WORK_TIMEOUT, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Err(error::internal(format!("{what} stopped: {e}"))),
+        Err(_) => Err(error::unavailable(format!(
+            "{what} did not finish within {}s (the kernel may still be at it); retry later",
+            NODE_WORK_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// `<state dir>/formatting/<volume>`: present, durably, exactly while a
+/// format of the volume is under way on this node.
+#[derive(Clone)]
+struct FormatMarker {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl FormatMarker {
+    fn new(state_dir: &Path, volume_id: &str) -> FormatMarker {
+        let dir = state_dir.join("formatting");
+        // Hex: an engine's IDs need not be safe file names.
+        let name: String = volume_id.bytes().map(|b| format!("{b:02x}")).collect();
+        FormatMarker { path: dir.join(name), dir }
+    }
+
+    fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    fn set(&self) -> Result<()> {
+        let made = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| std::fs::File::create(&self.path)?.sync_all())
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        made.map_err(|e| Error::io(format!("recording a format in {}", self.path.display()), e))
+    }
+
+    fn clear(&self) -> Result<()> {
+        let cleared = std::fs::remove_file(&self.path)
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        cleared.map_err(|e| Error::io(format!("clearing {}", self.path.display()), e))
+    }
+}
+
+/// Is `device` what is mounted at `path`, by the mount table `mounts`?
+fn mounted_from(mounts: &[MountEntry], device: &Path, path: &Path) -> Result<bool> {
+    let ours = mountinfo::mounts_of_device(mounts, device)
+        .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
+    Ok(ours.iter().any(|m| m.mount_point == path))
+}
+
+fn read_mounts() -> Result<Vec<MountEntry>> {
+    mountinfo::read().map_err(|e| Error::io("reading /proc/self/mountinfo", e))
+}
+
+/// A path the caller gave that cannot be what it must be (a directory
+/// where a file is, a path under a file): the caller's to fix.
+fn path_error(path: &Path, e: std::io::Error) -> Error {
+    use rustix::io::Errno;
+    match Errno::from_io_error(&e) {
+        Some(Errno::NOTDIR | Errno::EXIST | Errno::ISDIR | Errno::LOOP) => {
+            error::failed_precondition(format!("{} cannot be used here: {e}", path.display()))
+        }
+        _ => Error::io(format!("creating {}", path.display()), e),
+    }
+}
+
+/// Makes a directory (and its parents); a file in the way is
+/// FAILED_PRECONDITION.
+fn make_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| path_error(path, e))?;
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(error::failed_precondition(format!("{} is not a directory", path.display())));
+    }
+    Ok(())
+}
+
+/// Makes the file a device is bind-mounted onto, never following a symlink
+/// at its place (O_NOFOLLOW), so a link planted there cannot point the mount
+/// elsewhere.
+fn create_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        make_dir(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map(drop)
+        .map_err(|e| path_error(path, e))
+}
+
+/// A mount at `path` that is not the volume's own is someone else's: NOT_FOUND,
+/// and it is left alone.
+fn refuse_foreign_mount(
+    volume_id: &str,
+    own: &[MountEntry],
+    all: &[MountEntry],
+    path: &Path,
+) -> Result<()> {
+    match mountinfo::at(all, path) {
+        Some(m) if !own.iter().any(|o| o.mount_point == path) => Err(error::not_found(format!(
+            "{} holds a mount of {}, not of volume {volume_id}; it is left as it is",
+            path.display(),
+            m.source
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Unmounts everything stacked at `path`.
+fn unmount_all(path: &Path) -> Result<()> {
+    // Bounded: a path can only hold so many stacked mounts, and a loop that
+    // never empties the stack must not spin forever.
+    for _ in 0..16 {
+        if mountinfo::at(&read_mounts()?, path).is_none() {
+            return Ok(());
+        }
+        nodefs::unmount(path)?;
+    }
+    Err(error::internal(format!("{} stays mounted", path.display())))
+}
+
+/// Unmounts `path` and removes the directory or file there; gone is fine.
+fn unmount_all_and_remove(path: &Path) -> Result<()> {
+    unmount_all(path)?;
+    let removed = match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => std::fs::remove_dir(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    match removed {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // Not a directory we made: its contents are somebody else's.
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+            Err(error::failed_precondition(format!(
+                "{} is a directory with files in it and no volume mounted; not removing it",
+                path.display()
+            )))
+        }
+        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        {
+            let this = self.clone();
+            handle_detached("NodeStageVolume", request, move |r| async move { this.stage(r).await })
+                .await
+        }
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        {
+            let this = self.clone();
+            handle_detached(
+                "NodeUnstageVolume",
+                request,
+                move |r| async move { this.unstage(r).await },
+            )
+            .await
+        }
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        {
+            let this = self.clone();
+            handle_detached(
+                "NodePublishVolume",
+                request,
+                move |r| async move { this.publish(r).await },
+            )
+            .await
+        }
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        {
+            let this = self.clone();
+            handle_detached("NodeUnpublishVolume", request, move |r| async move {
+                this.unpublish(r).await
+            })
+            .await
+        }
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        handle("NodeGetVolumeStats", request, |r| self.stats(r)).await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        request: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        {
+            let this = self.clone();
+            handle_detached(
+                "NodeExpandVolume",
+                request,
+                move |r| async move { this.expand(r).await },
+            )
+            .await
+        }
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        request: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        handle("NodeGetCapabilities", request, |_| async {
+            let capabilities = Self::capabilities()
+                .into_iter()
+                .map(|c| csi::NodeServiceCapability {
+                    r#type: Some(csi::node_service_capability::Type::Rpc(
+                        csi::node_service_capability::Rpc { r#type: c as i32 },
+                    )),
+                })
+                .collect();
+            Ok(csi::NodeGetCapabilitiesResponse { capabilities })
+        })
+        .await
+    }
+
+    async fn node_get_info(
+        &self,
+        request: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        handle("NodeGetInfo", request, |_| async {
+            let topology = self.driver.node().topology();
+            Ok(csi::NodeGetInfoResponse {
+                node_id: self.driver.node_id.clone(),
+                max_volumes_per_node: self.max_volumes_per_node,
+                accessible_topology: (!topology.is_empty()).then(|| convert::topology(&topology)),
+            })
+        })
+        .await
+    }
+}

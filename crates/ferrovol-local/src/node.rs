@@ -1,0 +1,212 @@
+//! The local engine's node half: a volume is attached as a loop device of
+//! its file in the pool. Everything here works from the volume ID and the
+//! kernel (the file's path follows from the ID, attachments are in sysfs),
+//! never from the journal, so a `--mode node` process serves a pool whose
+//! journal another process holds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{self, Error, Result};
+use crate::ids::{self, Kind};
+use ferrovol_core::engine::{Attach, Condition, Features, NodeAttacher, Quiesce, Topology};
+
+use super::pool::Pool;
+use crate::loopdev;
+use crate::{blocking, FULL_POOL_BYTES, TOPOLOGY_KEY};
+
+pub struct LocalNode {
+    pool: Pool,
+    node_id: String,
+}
+
+impl LocalNode {
+    pub(super) fn new(pool: Pool, node_id: &str) -> LocalNode {
+        LocalNode { pool, node_id: node_id.to_string() }
+    }
+
+    /// The node half alone, for `--mode node`: the pool's layout, without
+    /// its journal (the controller half's, which another process may hold).
+    pub fn open(pool_dir: &Path, node_id: &str) -> Result<LocalNode> {
+        Ok(LocalNode::new(Pool::open(pool_dir)?, node_id))
+    }
+
+    fn file(&self, volume_id: &str) -> Result<PathBuf> {
+        self.pool.path(Kind::Volume, volume_id)
+    }
+
+    async fn attached(&self, volume_id: &str) -> Result<Vec<loopdev::Attached>> {
+        if !ids::is_valid(Kind::Volume, volume_id) {
+            return Ok(vec![]);
+        }
+        let path = self.file(volume_id)?;
+        blocking(move || {
+            loopdev::find(&path).map_err(|e| Error::io("reading loop devices from sysfs", e))
+        })
+        .await
+    }
+}
+
+/// The features both halves of the local engine answer.
+pub fn features() -> Features {
+    Features {
+        publish: false,
+        // The file lives on this node, next to the filesystem that must grow
+        // with it; see docs/architecture.md.
+        expansion: ferrovol_core::engine::ExpansionSite::Node,
+        mount_modes: Features::single_node_modes(),
+        block_modes: Features::single_node_modes(),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAttacher for LocalNode {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn features(&self) -> Features {
+        features()
+    }
+
+    fn topology(&self) -> Topology {
+        BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.pool.verify()?;
+        loopdev::check_available().map_err(|e| e.into_error("staging volumes"))
+    }
+
+    async fn check_known(&self, volume_id: &str) -> Result<()> {
+        let missing = || error::not_found(format!("volume {volume_id:?} does not exist"));
+        if !ids::is_valid(Kind::Volume, volume_id) {
+            return Err(missing());
+        }
+        // A file that vanished while attached is still this node's volume
+        // (its condition says what happened).
+        if self.file(volume_id)?.exists() || !self.attached(volume_id).await?.is_empty() {
+            return Ok(());
+        }
+        Err(missing())
+    }
+
+    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+        let id = &request.volume_id;
+        if let Some(a) = self.attached(id).await?.into_iter().next() {
+            return Ok(a.device);
+        }
+        let path = self.file(id)?;
+        if let Err(e) = std::fs::symlink_metadata(&path) {
+            return Err(error::failed_precondition(format!(
+                "volume {id}: backing file {} is missing or unreadable: {e}",
+                path.display()
+            )));
+        }
+        // Read-only is the mount's business: the same device serves a
+        // read-only and a read-write publish of one staging.
+        blocking(move || {
+            loopdev::attach(&path, false, loopdev::VOLUME_BLOCK_SIZE)
+                .map_err(|e| e.into_error(format!("attaching {}", path.display())))
+        })
+        .await
+    }
+
+    async fn detach(&self, volume_id: &str) -> Result<()> {
+        for a in self.attached(volume_id).await? {
+            let device = a.device.clone();
+            blocking(move || {
+                loopdev::detach(&device)
+                    .map_err(|e| Error::io(format!("detaching {}", device.display()), e))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>> {
+        Ok(self.attached(volume_id).await?.into_iter().next().map(|a| a.device))
+    }
+
+    async fn all_attached(&self) -> Result<Vec<PathBuf>> {
+        let root = self.pool.root().to_path_buf();
+        blocking(move || {
+            let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
+            Ok(all.into_iter().filter(|a| a.backing.starts_with(&root)).map(|a| a.device).collect())
+        })
+        .await
+    }
+
+    async fn refresh(&self, volume_id: &str) -> Result<()> {
+        let Some(device) = self.device(volume_id).await? else {
+            return Err(error::failed_precondition(format!(
+                "volume {volume_id} is not attached on this node"
+            )));
+        };
+        blocking(move || {
+            loopdev::refresh_capacity(&device)
+                .map_err(|e| Error::io(format!("refreshing the size of {}", device.display()), e))
+        })
+        .await
+    }
+
+    async fn condition(&self, volume_id: &str) -> Result<Condition> {
+        let path = self.file(volume_id)?;
+        let device = self.device(volume_id).await?;
+        let pool = self.pool.clone();
+        blocking(move || {
+            let (available, _) = pool.space()?;
+            Ok(file_condition(&path, device.as_deref(), available, &pool))
+        })
+        .await
+    }
+
+    async fn grow(&self, volume_id: &str, _required: u64, _limit: u64) -> Result<u64> {
+        Err(error::failed_precondition(format!(
+            "volume {volume_id}: a local volume grows where its pool's journal is open; serve \
+             this node with --mode all (a node-mode process does not open the journal)"
+        )))
+    }
+
+    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
+        let mut devices = Vec::with_capacity(volume_ids.len());
+        for id in volume_ids {
+            devices.push((id.clone(), self.device(id).await?));
+        }
+        crate::host_node::quiesce::prepare(devices, strict).await
+    }
+}
+
+/// A volume's condition from its file alone: what the node sees.
+fn file_condition(path: &Path, device: Option<&Path>, available: u64, pool: &Pool) -> Condition {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::File::open(path).and_then(|f| f.metadata()) {
+        Ok(m) => m,
+        Err(e) => {
+            return Condition::Abnormal(format!(
+                "backing file {} is missing or unreadable: {e}",
+                path.display()
+            ))
+        }
+    };
+    let device_size = device.and_then(|d| crate::host_node::fs::block_device_size(d).ok());
+    if let Some(size) = device_size.filter(|s| meta.len() < *s) {
+        return Condition::Abnormal(format!(
+            "backing file {} is {} bytes, less than its attached device's {size} bytes",
+            path.display(),
+            meta.len()
+        ));
+    }
+    // Writes into a thin volume's holes need pool space; the pod sees I/O
+    // errors, and this says where they come from. A file with every block
+    // allocated (thick) writes in place.
+    let fully_allocated = meta.blocks() * 512 >= meta.len();
+    if available < FULL_POOL_BYTES && !fully_allocated {
+        return Condition::Abnormal(format!(
+            "pool {} is full ({available} bytes free): writes to unallocated blocks of this \
+             thin-provisioned volume fail",
+            pool.root().display()
+        ));
+    }
+    Condition::Healthy
+}

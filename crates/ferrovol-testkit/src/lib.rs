@@ -1,0 +1,7 @@
+//! Dev-only test kit: an in-memory engine (both halves, in the two shapes
+//! engines come in), the services over an in-process channel, and the
+//! bodies of the fuzz targets. Never linked into the driver.
+
+#![forbid(unsafe_code)]
+
+pub mod fuzz;

@@ -1,0 +1,612 @@
+//! `ferrovol bench`: numbers, not assertions. Starts the real driver (this
+//! binary) on a fresh XFS pool and measures it over its unix socket, the way
+//! the sidecars reach it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use tonic::transport::Channel;
+
+use crate::endpoint::{self, Endpoint};
+use crate::scratch::{Options, Scratch};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Use this pool directory instead of making a temporary XFS pool.
+    #[arg(long)]
+    pub pool_dir: Option<PathBuf>,
+    /// Create+delete pairs per concurrency level.
+    #[arg(long, default_value_t = 4000)]
+    pub pairs: usize,
+    /// Data written into the source volume before snapshot/restore/clone.
+    #[arg(long, default_value_t = 1024)]
+    pub data_mib: u64,
+    /// Samples per latency measurement.
+    #[arg(long, default_value_t = 21)]
+    pub samples: usize,
+    /// Run only these sections (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Section>,
+    /// Seconds per fio run (0 skips the data-path comparison).
+    #[arg(long, default_value_t = 3)]
+    pub fio_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// A no-op RPC (GetPluginInfo): the floor under every call.
+    Rpc,
+    Provisioning,
+    Cow,
+    Node,
+    Group,
+    Delta,
+    Fio,
+}
+
+fn mount_cap() -> csi::VolumeCapability {
+    use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+fn create_request(
+    name: String,
+    bytes: i64,
+    source: Option<csi::VolumeContentSource>,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name,
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        volume_capabilities: vec![mount_cap()],
+        volume_content_source: source,
+        ..Default::default()
+    }
+}
+
+/// CreateVolume, answering the volume or the error as text.
+async fn create(
+    c: &mut ControllerClient<Channel>,
+    r: csi::CreateVolumeRequest,
+) -> Result<csi::Volume, String> {
+    c.create_volume(r)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .volume
+        .ok_or_else(|| "no volume".into())
+}
+
+async fn delete(c: &mut ControllerClient<Channel>, volume_id: String) -> Result<(), String> {
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id, ..Default::default() })
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// p50, p90 and max of a set of durations, in milliseconds.
+pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| ms(samples[((samples.len() - 1) as f64 * q).round() as usize]);
+    (at(0.5), at(0.9), ms(*samples.last().unwrap()))
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let scratch = Scratch::start(Options {
+        name: "bench",
+        pool_dir: args.pool_dir.clone(),
+        pool_size: 16 << 30,
+        // The freeze window of group snapshots is read back from this log.
+        rust_log: "warn,ferrovol::services::group_controller=info,ferrovol::engine::local=debug",
+    })
+    .await?;
+    bench(&args, &scratch).await
+}
+
+async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {
+    let (work, pool_dir) = (scratch.work.as_path(), scratch.pool_dir.as_path());
+    let channel = endpoint::connect(&Endpoint::Unix(scratch.socket.clone()))
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    println!(
+        "ferrovol bench: pool {} (driver {})",
+        pool_dir.display(),
+        ferrovol_csi::build::version()
+    );
+
+    let run = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    if run(Section::Rpc) {
+        noop_rpc_latency(&channel, 20_000).await?;
+    }
+    if run(Section::Provisioning) {
+        for concurrency in [1usize, 8] {
+            let rate = provisioning(&channel, concurrency, args.pairs).await?;
+            println!("create+delete pairs/s  concurrency {concurrency}: {rate:.0}");
+        }
+    }
+    if run(Section::Cow) {
+        copy_on_write_latency(&channel, pool_dir, args).await?;
+    }
+    if run(Section::Node) {
+        node_cycles(&channel, work, args.samples).await?;
+    }
+    if run(Section::Group) {
+        group_snapshots(&channel, work, args.samples.min(11)).await?;
+    }
+    if run(Section::Delta) {
+        changed_blocks(&channel, pool_dir).await?;
+    }
+    if run(Section::Fio) && args.fio_seconds > 0 {
+        data_path(&channel, work, pool_dir, args.fio_seconds).await?;
+    }
+    Ok(())
+}
+
+fn node_cap() -> csi::VolumeCapability {
+    mount_cap_fs("ext4")
+}
+
+fn mount_cap_fs(fs: &str) -> csi::VolumeCapability {
+    let mut c = mount_cap();
+    if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+        m.fs_type = fs.into();
+    }
+    c
+}
+
+/// Paths of one volume's staging and target dirs under the bench's kubelet.
+fn node_paths(work: &Path, tag: &str) -> Result<(PathBuf, PathBuf), String> {
+    let staging = work.join("kubelet/plugins/staging").join(tag);
+    let target = work.join("kubelet/pods").join(tag).join("mount");
+    std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(target.parent().unwrap()).map_err(|e| e.to_string())?;
+    Ok((staging, target))
+}
+
+async fn stage_publish(
+    n: &mut NodeClient<Channel>,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), String> {
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(node_cap()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    n.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(node_cap()),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn unpublish_unstage(
+    n: &mut NodeClient<Channel>,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), String> {
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// stage → publish → unpublish → unstage of a fresh 1 GiB ext4 volume
+/// (includes mkfs), then of the same volume again (already formatted).
+async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(), String> {
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let (mut first, mut again) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let id = create(
+            &mut c,
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![node_cap()],
+                ..create_request(format!("bench-node-{i}"), 1 << 30, None)
+            },
+        )
+        .await?
+        .volume_id;
+        let (staging, target) = node_paths(work, &format!("n{i}"))?;
+        for times in [&mut first, &mut again] {
+            let t = Instant::now();
+            stage_publish(&mut n, &id, &staging, &target).await?;
+            unpublish_unstage(&mut n, &id, &staging, &target).await?;
+            times.push(t.elapsed());
+        }
+        delete(&mut c, id).await?;
+    }
+    for (what, samples) in [("first use (mkfs)", &mut first), ("re-stage", &mut again)] {
+        let (p50, p90, max) = percentiles(samples);
+        println!(
+            "node cycle {what:<16}: p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  (1 GiB ext4, {} samples)",
+            samples.len()
+        );
+    }
+    Ok(())
+}
+
+const FIO_ROUNDS: usize = 3;
+
+fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v[v.len() / 2]
+}
+
+/// Group snapshots of 4 mounted ext4 volumes holding 256 MiB of data each:
+/// total latency, and the freeze window the driver logs.
+async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Result<(), String> {
+    use ferrovol_csi::group_controller_client::GroupControllerClient;
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let mut members = Vec::new();
+    for i in 0..4 {
+        let id = create(
+            &mut c,
+            csi::CreateVolumeRequest {
+                volume_capabilities: vec![node_cap()],
+                ..create_request(format!("bench-member-{i}"), 320 << 20, None)
+            },
+        )
+        .await?
+        .volume_id;
+        let (staging, target) = node_paths(work, &format!("g{i}"))?;
+        stage_publish(&mut n, &id, &staging, &target).await?;
+        fill_new(&target.join("data"), 256 << 20).map_err(|e| format!("writing data: {e}"))?;
+        members.push((id, staging, target));
+    }
+    let ids: Vec<String> = members.iter().map(|m| m.0.clone()).collect();
+    let mut g = GroupControllerClient::new(channel.clone());
+    let mut totals = Vec::new();
+    for i in 0..samples {
+        let t = Instant::now();
+        let group = g
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: format!("bench-group-{i}"),
+                source_volume_ids: ids.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .group_snapshot
+            .ok_or("no group")?;
+        totals.push(t.elapsed());
+        g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    let log = std::fs::read_to_string(work.join("driver.log")).unwrap_or_default();
+    let logged = |field: &str| -> Vec<Duration> {
+        let key = format!("\"{field}\":");
+        log.lines()
+            .filter_map(|l| l.split(key.as_str()).nth(1))
+            .filter_map(|v| v.split([',', '}']).next()?.parse::<f64>().ok())
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect()
+    };
+    let mut windows = logged("freeze_window_ms");
+    let (mut quiesce, mut clones) = (logged("quiesce_ms"), logged("clone_ms"));
+    let (p50, p90, max) = percentiles(&mut totals);
+    println!("group snapshot 4 x 256 MiB : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({samples} samples)");
+    if !windows.is_empty() {
+        let (p50, p90, max) = percentiles(&mut windows);
+        println!("  freeze window            : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms");
+    }
+    if !quiesce.is_empty() && !clones.is_empty() {
+        let (q50, _, qmax) = percentiles(&mut quiesce);
+        let (c50, _, cmax) = percentiles(&mut clones);
+        println!(
+            "    of which freezing p50 {q50:.2} ms (max {qmax:.2}), cloning p50 {c50:.2} ms (max {cmax:.2})"
+        );
+    }
+    for (id, staging, target) in members {
+        unpublish_unstage(&mut n, &id, &staging, &target).await?;
+        delete(&mut c, id).await?;
+    }
+    Ok(())
+}
+
+/// GetMetadataDelta between two snapshots of a 10 GiB volume full of data,
+/// 1% of whose 4 KiB blocks changed in between.
+async fn changed_blocks(channel: &Channel, pool_dir: &Path) -> Result<(), String> {
+    use ferrovol_csi::snapshot_metadata_client::SnapshotMetadataClient;
+    const SIZE: u64 = 10 << 30;
+    let mut c = ControllerClient::new(channel.clone());
+    let v = create(&mut c, create_request("bench-cbt".into(), SIZE as i64, None)).await?;
+    let file = pool_dir.join("volumes").join(format!("{}.img", v.volume_id));
+    fill(&file, SIZE).map_err(|e| format!("writing 10 GiB: {e}"))?;
+    let snap = |name: &str| csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: v.volume_id.clone(),
+        ..Default::default()
+    };
+    let base =
+        c.create_snapshot(snap("bench-cbt-base")).await.map_err(|e| e.to_string())?.into_inner();
+    let blocks = SIZE / 4096;
+    let changed = blocks / 100;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).map_err(|e| e.to_string())?;
+        // A fixed-seed generator: the same blocks every run.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..changed {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            f.write_all_at(&[0xEE; 4096], (x % blocks) * 4096).map_err(|e| e.to_string())?;
+        }
+        f.sync_all().map_err(|e| e.to_string())?;
+    }
+    let target =
+        c.create_snapshot(snap("bench-cbt-target")).await.map_err(|e| e.to_string())?.into_inner();
+    let (base, target) =
+        (base.snapshot.ok_or("no snapshot")?, target.snapshot.ok_or("no snapshot")?);
+    let mut m = SnapshotMetadataClient::new(channel.clone());
+    let mut times = Vec::new();
+    let mut found = 0u64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut stream = m
+            .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                base_snapshot_id: base.snapshot_id.clone(),
+                target_snapshot_id: target.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        found = 0;
+        while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
+            found += msg.block_metadata.iter().map(|b| b.size_bytes as u64).sum::<u64>();
+        }
+        times.push(t.elapsed());
+    }
+    let (p50, p90, max) = percentiles(&mut times);
+    println!(
+        "delta 10 GiB, 1% changed   : p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({} MiB reported changed)",
+        found >> 20
+    );
+    for id in [base.snapshot_id, target.snapshot_id] {
+        c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: id, ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    delete(&mut c, v.volume_id).await
+}
+
+/// One fio job; answers (KiB/s, IOPS).
+fn fio(file: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), String> {
+    let out = Command::new("fio")
+        .args(["--name=bench", "--size=512M", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(["--time_based", "--output-format=terse", "--randrepeat=0"])
+        .output()
+        .map_err(|e| format!("running fio (install the fio package): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.lines().last().unwrap_or_default().split(';').collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Terse v3: read bw/iops are fields 7/8, write bw/iops 48/49 (1-based).
+    Ok(if rw.contains("read") { (num(6), num(7)) } else { (num(47), num(48)) })
+}
+
+/// fio through a published volume vs the same fio on a file in the pool.
+async fn data_path(
+    channel: &Channel,
+    work: &Path,
+    pool_dir: &Path,
+    seconds: u64,
+) -> Result<(), String> {
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let id = create(
+        &mut c,
+        csi::CreateVolumeRequest {
+            volume_capabilities: vec![node_cap()],
+            ..create_request("bench-fio".into(), 2 << 30, None)
+        },
+    )
+    .await?
+    .volume_id;
+    let (staging, target) = node_paths(work, "fio")?;
+    stage_publish(&mut n, &id, &staging, &target).await?;
+    let through = target.join("fio.dat");
+    let direct = pool_dir.join("fio-direct.dat");
+    let jobs = [
+        ("read", "1M", "seq read 1M"),
+        ("write", "1M", "seq write 1M"),
+        ("randread", "4k", "rand read 4k"),
+        ("randwrite", "4k", "rand write 4k"),
+    ];
+    let result = (|| -> Result<(), String> {
+        for (rw, bs, label) in jobs {
+            // This machine's I/O rate drifts between runs as much as the gap
+            // we measure: alternate the two sides and keep medians.
+            let (mut vol, mut dir) = (Vec::new(), Vec::new());
+            for _ in 0..FIO_ROUNDS {
+                vol.push(fio(&through, rw, bs, seconds)?);
+                dir.push(fio(&direct, rw, bs, seconds)?);
+            }
+            let ((vol_bw, vol_iops), (dir_bw, dir_iops)) = (median(&mut vol), median(&mut dir));
+            let pct = if dir_bw > 0.0 { vol_bw / dir_bw * 100.0 } else { 0.0 };
+            println!(
+                "fio {label:<14}: volume {:>8.1} MiB/s {:>8.0} IOPS | pool file {:>8.1} MiB/s {:>8.0} IOPS | {pct:.0}%",
+                vol_bw / 1024.0,
+                vol_iops,
+                dir_bw / 1024.0,
+                dir_iops
+            );
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&direct);
+    let _ = std::fs::remove_file(&through);
+    unpublish_unstage(&mut n, &id, &staging, &target).await?;
+    delete(&mut c, id).await?;
+    result
+}
+
+/// Pairs of CreateVolume+DeleteVolume per second with `concurrency` clients.
+/// GetPluginInfo, one call after another on one connection: what the socket,
+/// HTTP/2 and the RPC plumbing cost before any work.
+async fn noop_rpc_latency(channel: &Channel, calls: usize) -> Result<(), String> {
+    let mut id = csi::identity_client::IdentityClient::new(channel.clone());
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        id.get_plugin_info(csi::GetPluginInfoRequest {}).await.map_err(|s| s.to_string())?;
+        times.push(started.elapsed());
+    }
+    times.sort();
+    let us = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    println!(
+        "no-op RPC (GetPluginInfo, {calls} calls): p50 {:.0} µs  p99 {:.0} µs",
+        us(0.5),
+        us(0.99)
+    );
+    Ok(())
+}
+
+async fn provisioning(channel: &Channel, concurrency: usize, pairs: usize) -> Result<f64, String> {
+    let per_worker = pairs.div_ceil(concurrency);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let mut c = ControllerClient::new(channel.clone());
+        workers.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let name = format!("bench-{concurrency}-{w}-{i}");
+                let v = create(&mut c, create_request(name, 1 << 30, None)).await?;
+                delete(&mut c, v.volume_id).await?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn copy_on_write_latency(
+    channel: &Channel,
+    pool_dir: &Path,
+    args: &BenchArgs,
+) -> Result<(), String> {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let mut c = ControllerClient::new(channel.clone());
+    let size = ((args.data_mib << 20) as i64).max(1 << 30);
+    let src = create(&mut c, create_request("bench-source".into(), size, None)).await?;
+    let file = pool_dir.join("volumes").join(format!("{}.img", src.volume_id));
+    fill(&file, args.data_mib << 20).map_err(|e| format!("writing data: {e}"))?;
+    println!("source volume: {} MiB of data written", args.data_mib);
+
+    let (mut snap_t, mut restore_t, mut clone_t) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.samples {
+        let t = Instant::now();
+        let snap = c
+            .create_snapshot(csi::CreateSnapshotRequest {
+                name: format!("bench-snap-{i}"),
+                source_volume_id: src.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .snapshot
+            .ok_or("no snapshot")?;
+        snap_t.push(t.elapsed());
+
+        let from_snapshot = csi::VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() })),
+        };
+        let t = Instant::now();
+        let restored =
+            create(&mut c, create_request(format!("bench-restore-{i}"), size, Some(from_snapshot)))
+                .await?;
+        restore_t.push(t.elapsed());
+
+        let from_volume = csi::VolumeContentSource {
+            r#type: Some(Type::Volume(VolumeSource { volume_id: src.volume_id.clone() })),
+        };
+        let t = Instant::now();
+        let cloned =
+            create(&mut c, create_request(format!("bench-clone-{i}"), size, Some(from_volume)))
+                .await?;
+        clone_t.push(t.elapsed());
+
+        for id in [restored.volume_id, cloned.volume_id] {
+            delete(&mut c, id).await?;
+        }
+        c.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    for (what, samples) in
+        [("snapshot", &mut snap_t), ("restore", &mut restore_t), ("clone", &mut clone_t)]
+    {
+        let (p50, p90, max) = percentiles(samples);
+        println!(
+            "{what:<8} of {} MiB: p50 {p50:.2} ms  p90 {p90:.2} ms  max {max:.2} ms  ({} samples)",
+            args.data_mib,
+            samples.len()
+        );
+    }
+    delete(&mut c, src.volume_id).await?;
+    Ok(())
+}
+
+/// Creates a file of `bytes` non-zero data and syncs it.
+fn fill_new(path: &Path, bytes: u64) -> std::io::Result<()> {
+    std::fs::File::create(path)?;
+    fill(path, bytes)
+}
+
+/// Writes `bytes` of non-zero data (so nothing is a hole) and syncs.
+fn fill(path: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let block: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    for _ in 0..bytes >> 20 {
+        f.write_all(&block)?;
+    }
+    f.sync_all()
+}
