@@ -4,9 +4,18 @@
 //!
 //! Requests are never logged whole: CSI requests carry `secrets` maps, and the
 //! only way to be sure they never reach a log is to log chosen fields only.
+//!
+//! Each service declares its methods once, in a [`service!`] table: which
+//! run inline and which run detached from their callers. The method name
+//! every log line and metric carries is the gRPC path tonic routed on
+//! (recorded by [`MethodLayer`]), and a handler that panics answers
+//! INTERNAL and is logged, never a dropped stream.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use ferrovol_csi as csi;
@@ -56,6 +65,88 @@ fn code_of<T>(outcome: &Result<T>) -> tonic::Code {
     outcome.as_ref().map_or_else(Error::code, |_| tonic::Code::Ok)
 }
 
+/// The gRPC path of a request (`/csi.v1.Controller/CreateVolume`), put in
+/// its extensions by [`MethodLayer`] before tonic routes it.
+#[derive(Clone, Debug)]
+struct GrpcPath(String);
+
+/// A tower layer for the server: records each request's gRPC path, which
+/// tonic routes on but does not hand to the service.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MethodLayer;
+
+impl<S> tower::Layer<S> for MethodLayer {
+    type Service = MethodService<S>;
+
+    fn layer(&self, inner: S) -> MethodService<S> {
+        MethodService(inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MethodService<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for MethodService<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
+        let path = GrpcPath(request.uri().path().to_string());
+        request.extensions_mut().insert(path);
+        self.0.call(request)
+    }
+}
+
+/// The method name of a request: the last part of its gRPC path, or
+/// `fallback` for a call made in-process without a server (the fuzz
+/// harness). Names are interned: only paths tonic routed to one of our
+/// handlers get here, a set as small as the CSI spec.
+pub fn method_name<T>(request: &Request<T>, fallback: &'static str) -> &'static str {
+    static NAMES: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
+    let Some(GrpcPath(path)) = request.extensions().get::<GrpcPath>() else { return fallback };
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    match names.get(name) {
+        Some(interned) => interned,
+        None => {
+            let interned: &'static str = Box::leak(name.to_string().into_boxed_str());
+            names.insert(interned);
+            interned
+        }
+    }
+}
+
+/// A handler's panic as the INTERNAL error its caller gets.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Error {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    error!(panic = %what, "rpc handler panicked");
+    crate::error::internal(format!("the driver failed: {what}"))
+}
+
+/// Awaits `work`, turning a panic inside it into an INTERNAL error.
+async fn catching_panics<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    let mut work = std::pin::pin!(work);
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => Poll::Ready(Err(panicked(panic))),
+        }
+    })
+    .await
+}
+
 /// Runs one RPC inside its span and maps the outcome to a gRPC response.
 pub async fn handle<Req, Resp, F, Fut>(
     method: &'static str,
@@ -93,7 +184,7 @@ where
     }
 
     let started = Instant::now();
-    let outcome = body(req).instrument(span.clone()).await;
+    let outcome = catching_panics(body(req).instrument(span.clone())).await;
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
 
     let code = code_of(&outcome);
@@ -135,7 +226,7 @@ where
             tokio::spawn(
                 async move {
                     let _tracked = tracked;
-                    let outcome = work.await;
+                    let outcome = catching_panics(work).await;
                     let code = crate::error::code_name(code_of(&outcome));
                     if tx.send(outcome).is_err() {
                         info!(code, "finished after the caller stopped waiting");
@@ -149,6 +240,44 @@ where
     })
     .await
 }
+
+/// Declares a service's tonic trait impl from one table: each method,
+/// its request and response types, whether it runs `inline` or `detached`
+/// (calls that change state: see [`handle_detached`]), and the inherent
+/// method that does the work:
+/// `fn create_volume(Req) -> Resp => detached create_volume;`.
+/// Associated types (streams) come first.
+macro_rules! service {
+    (
+        $svc:ident: $trait:path {
+            $(type $assoc:ident = $aty:ty;)*
+            $(fn $method:ident($req:ty) -> $resp:ty => $kind:ident $body:ident;)*
+        }
+    ) => {
+        #[tonic::async_trait]
+        impl $trait for $svc {
+            $(type $assoc = $aty;)*
+            $(
+                async fn $method(
+                    &self,
+                    request: tonic::Request<$req>,
+                ) -> std::result::Result<tonic::Response<$resp>, tonic::Status> {
+                    let method = $crate::rpc::method_name(&request, stringify!($method));
+                    $crate::rpc::service!(@call $kind self method request $body)
+                }
+            )*
+        }
+    };
+    (@call detached $self:ident $name:ident $request:ident $body:ident) => {{
+        let this = $self.clone();
+        $crate::rpc::handle_detached($name, $request, move |r| async move { this.$body(r).await })
+            .await
+    }};
+    (@call inline $self:ident $name:ident $request:ident $body:ident) => {
+        $crate::rpc::handle($name, $request, |r| $self.$body(r)).await
+    };
+}
+pub(crate) use service;
 
 macro_rules! request_ids {
     ($($ty:ident { $($kind:ident : $field:ident),* $(,)? })*) => {

@@ -60,9 +60,9 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
         locks: OpLocks::new(),
     });
 
-    let mut router = Server::builder().add_service(csi::identity_server::IdentityServer::new(
-        IdentityService::new(driver.clone()),
-    ));
+    let mut router = Server::builder().layer(crate::rpc::MethodLayer).add_service(
+        csi::identity_server::IdentityServer::new(IdentityService::new(driver.clone())),
+    );
     if driver.mode.controller() {
         router = router
             .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(

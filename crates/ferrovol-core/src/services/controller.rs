@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_service_capability::rpc::Type as Cap;
-use tonic::{Request, Response, Status};
 
 use crate::engine::{
     AccessMode, AccessType, ContentSource, ControllerEngine, ExpansionSite, Features, NewVolume,
@@ -15,7 +14,7 @@ use crate::engine::{
 };
 use crate::error::{self, Result};
 use crate::locks;
-use crate::rpc::{handle, handle_detached};
+use crate::rpc;
 use crate::services::{convert, validate, Driver};
 
 #[derive(Clone)]
@@ -379,167 +378,58 @@ impl ControllerService {
     }
 }
 
-#[tonic::async_trait]
-impl csi::controller_server::Controller for ControllerService {
-    async fn create_volume(
+impl ControllerService {
+    async fn get_capabilities(
         &self,
-        request: Request<csi::CreateVolumeRequest>,
-    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached(
-                "CreateVolume",
-                request,
-                move |r| async move { this.create_volume(r).await },
-            )
-            .await
-        }
-    }
-
-    async fn delete_volume(
-        &self,
-        request: Request<csi::DeleteVolumeRequest>,
-    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached(
-                "DeleteVolume",
-                request,
-                move |r| async move { this.delete_volume(r).await },
-            )
-            .await
-        }
-    }
-
-    async fn controller_publish_volume(
-        &self,
-        request: Request<csi::ControllerPublishVolumeRequest>,
-    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        let this = self.clone();
-        handle_detached("ControllerPublishVolume", request, move |r| async move {
-            this.publish(r).await
-        })
-        .await
-    }
-
-    async fn controller_unpublish_volume(
-        &self,
-        request: Request<csi::ControllerUnpublishVolumeRequest>,
-    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        let this = self.clone();
-        handle_detached("ControllerUnpublishVolume", request, move |r| async move {
-            this.unpublish(r).await
-        })
-        .await
-    }
-
-    async fn validate_volume_capabilities(
-        &self,
-        request: Request<csi::ValidateVolumeCapabilitiesRequest>,
-    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
-        handle("ValidateVolumeCapabilities", request, |r| self.validate_volume_capabilities(r))
-            .await
-    }
-
-    async fn list_volumes(
-        &self,
-        request: Request<csi::ListVolumesRequest>,
-    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
-        handle("ListVolumes", request, |r| self.list_volumes(r)).await
-    }
-
-    async fn get_capacity(
-        &self,
-        request: Request<csi::GetCapacityRequest>,
-    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
-        handle("GetCapacity", request, |r| self.get_capacity(r)).await
-    }
-
-    async fn controller_get_capabilities(
-        &self,
-        request: Request<csi::ControllerGetCapabilitiesRequest>,
-    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        handle("ControllerGetCapabilities", request, |_| async {
-            let capabilities = Self::capabilities(&self.engine().features())
-                .into_iter()
-                .map(|c| csi::ControllerServiceCapability {
-                    r#type: Some(csi::controller_service_capability::Type::Rpc(
-                        csi::controller_service_capability::Rpc { r#type: c as i32 },
-                    )),
-                })
-                .collect();
-            Ok(csi::ControllerGetCapabilitiesResponse { capabilities })
-        })
-        .await
-    }
-
-    async fn create_snapshot(
-        &self,
-        request: Request<csi::CreateSnapshotRequest>,
-    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("CreateSnapshot", request, move |r| async move {
-                this.create_snapshot(r).await
+        _: csi::ControllerGetCapabilitiesRequest,
+    ) -> Result<csi::ControllerGetCapabilitiesResponse> {
+        let capabilities = Self::capabilities(&self.engine().features())
+            .into_iter()
+            .map(|c| csi::ControllerServiceCapability {
+                r#type: Some(csi::controller_service_capability::Type::Rpc(
+                    csi::controller_service_capability::Rpc { r#type: c as i32 },
+                )),
             })
-            .await
-        }
+            .collect();
+        Ok(csi::ControllerGetCapabilitiesResponse { capabilities })
     }
 
-    async fn delete_snapshot(
+    async fn modify_volume(
         &self,
-        request: Request<csi::DeleteSnapshotRequest>,
-    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("DeleteSnapshot", request, move |r| async move {
-                this.delete_snapshot(r).await
-            })
-            .await
-        }
+        _: csi::ControllerModifyVolumeRequest,
+    ) -> Result<csi::ControllerModifyVolumeResponse> {
+        Err(error::unimplemented("ControllerModifyVolume is not supported"))
     }
+}
 
-    async fn list_snapshots(
-        &self,
-        request: Request<csi::ListSnapshotsRequest>,
-    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        handle("ListSnapshots", request, |r| self.list_snapshots(r)).await
-    }
-
-    async fn get_snapshot(
-        &self,
-        request: Request<csi::GetSnapshotRequest>,
-    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
-        handle("GetSnapshot", request, |r| self.get_snapshot(r)).await
-    }
-
-    async fn controller_expand_volume(
-        &self,
-        request: Request<csi::ControllerExpandVolumeRequest>,
-    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("ControllerExpandVolume", request, move |r| async move {
-                this.expand_volume(r).await
-            })
-            .await
-        }
-    }
-
-    async fn controller_get_volume(
-        &self,
-        request: Request<csi::ControllerGetVolumeRequest>,
-    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
-        handle("ControllerGetVolume", request, |r| self.get_volume(r)).await
-    }
-
-    async fn controller_modify_volume(
-        &self,
-        request: Request<csi::ControllerModifyVolumeRequest>,
-    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        handle("ControllerModifyVolume", request, |_| async {
-            Err(error::unimplemented("ControllerModifyVolume is not supported"))
-        })
-        .await
+rpc::service! {
+    ControllerService: csi::controller_server::Controller {
+        fn create_volume(csi::CreateVolumeRequest) -> csi::CreateVolumeResponse
+            => detached create_volume;
+        fn delete_volume(csi::DeleteVolumeRequest) -> csi::DeleteVolumeResponse
+            => detached delete_volume;
+        fn controller_publish_volume(csi::ControllerPublishVolumeRequest)
+            -> csi::ControllerPublishVolumeResponse => detached publish;
+        fn controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest)
+            -> csi::ControllerUnpublishVolumeResponse => detached unpublish;
+        fn validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest)
+            -> csi::ValidateVolumeCapabilitiesResponse => inline validate_volume_capabilities;
+        fn list_volumes(csi::ListVolumesRequest) -> csi::ListVolumesResponse => inline list_volumes;
+        fn get_capacity(csi::GetCapacityRequest) -> csi::GetCapacityResponse => inline get_capacity;
+        fn controller_get_capabilities(csi::ControllerGetCapabilitiesRequest)
+            -> csi::ControllerGetCapabilitiesResponse => inline get_capabilities;
+        fn create_snapshot(csi::CreateSnapshotRequest) -> csi::CreateSnapshotResponse
+            => detached create_snapshot;
+        fn delete_snapshot(csi::DeleteSnapshotRequest) -> csi::DeleteSnapshotResponse
+            => detached delete_snapshot;
+        fn list_snapshots(csi::ListSnapshotsRequest) -> csi::ListSnapshotsResponse
+            => inline list_snapshots;
+        fn get_snapshot(csi::GetSnapshotRequest) -> csi::GetSnapshotResponse => inline get_snapshot;
+        fn controller_expand_volume(csi::ControllerExpandVolumeRequest)
+            -> csi::ControllerExpandVolumeResponse => detached expand_volume;
+        fn controller_get_volume(csi::ControllerGetVolumeRequest)
+            -> csi::ControllerGetVolumeResponse => inline get_volume;
+        fn controller_modify_volume(csi::ControllerModifyVolumeRequest)
+            -> csi::ControllerModifyVolumeResponse => inline modify_volume;
     }
 }

@@ -11,13 +11,12 @@ use std::sync::Arc;
 
 use ferrovol_csi as csi;
 use ferrovol_csi::group_controller_service_capability::rpc::Type as Cap;
-use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::engine::GroupSnapshot;
 use crate::error::{self, Result};
 use crate::locks;
-use crate::rpc::{handle, handle_detached};
+use crate::rpc;
 use crate::services::{convert, validate, Driver};
 
 #[derive(Clone)]
@@ -133,56 +132,32 @@ impl GroupControllerService {
     }
 }
 
-#[tonic::async_trait]
-impl csi::group_controller_server::GroupController for GroupControllerService {
-    async fn group_controller_get_capabilities(
+impl GroupControllerService {
+    async fn get_capabilities(
         &self,
-        request: Request<csi::GroupControllerGetCapabilitiesRequest>,
-    ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        handle("GroupControllerGetCapabilities", request, |_| async {
-            Ok(csi::GroupControllerGetCapabilitiesResponse {
-                capabilities: vec![csi::GroupControllerServiceCapability {
-                    r#type: Some(csi::group_controller_service_capability::Type::Rpc(
-                        csi::group_controller_service_capability::Rpc {
-                            r#type: Cap::CreateDeleteGetVolumeGroupSnapshot as i32,
-                        },
-                    )),
-                }],
-            })
+        _: csi::GroupControllerGetCapabilitiesRequest,
+    ) -> Result<csi::GroupControllerGetCapabilitiesResponse> {
+        Ok(csi::GroupControllerGetCapabilitiesResponse {
+            capabilities: vec![csi::GroupControllerServiceCapability {
+                r#type: Some(csi::group_controller_service_capability::Type::Rpc(
+                    csi::group_controller_service_capability::Rpc {
+                        r#type: Cap::CreateDeleteGetVolumeGroupSnapshot as i32,
+                    },
+                )),
+            }],
         })
-        .await
     }
+}
 
-    async fn create_volume_group_snapshot(
-        &self,
-        request: Request<csi::CreateVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("CreateVolumeGroupSnapshot", request, move |r| async move {
-                this.create(r).await
-            })
-            .await
-        }
-    }
-
-    async fn delete_volume_group_snapshot(
-        &self,
-        request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("DeleteVolumeGroupSnapshot", request, move |r| async move {
-                this.delete(r).await
-            })
-            .await
-        }
-    }
-
-    async fn get_volume_group_snapshot(
-        &self,
-        request: Request<csi::GetVolumeGroupSnapshotRequest>,
-    ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
-        handle("GetVolumeGroupSnapshot", request, |r| self.get(r)).await
+rpc::service! {
+    GroupControllerService: csi::group_controller_server::GroupController {
+        fn group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest)
+            -> csi::GroupControllerGetCapabilitiesResponse => inline get_capabilities;
+        fn create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest)
+            -> csi::CreateVolumeGroupSnapshotResponse => detached create;
+        fn delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest)
+            -> csi::DeleteVolumeGroupSnapshotResponse => detached delete;
+        fn get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest)
+            -> csi::GetVolumeGroupSnapshotResponse => inline get;
     }
 }

@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovol_csi as csi;
-use tonic::{Request, Response, Status};
 
 use crate::engine::ExpansionSite;
 use crate::error::{self, Result};
-use crate::rpc::handle;
+use crate::rpc;
 use crate::services::Driver;
 
 /// Longest a readiness check may take before Probe calls the driver unhealthy;
@@ -113,40 +112,37 @@ impl IdentityService {
     }
 }
 
-#[tonic::async_trait]
-impl csi::identity_server::Identity for IdentityService {
-    async fn get_plugin_info(
+impl IdentityService {
+    async fn plugin_info(
         &self,
-        request: Request<csi::GetPluginInfoRequest>,
-    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
-        handle("GetPluginInfo", request, |_| async {
-            Ok(csi::GetPluginInfoResponse {
-                name: self.driver.name.clone(),
-                vendor_version: ferrovol_csi::build::version().to_string(),
-                manifest: self.manifest(),
-            })
+        _: csi::GetPluginInfoRequest,
+    ) -> Result<csi::GetPluginInfoResponse> {
+        Ok(csi::GetPluginInfoResponse {
+            name: self.driver.name.clone(),
+            vendor_version: ferrovol_csi::build::version().to_string(),
+            manifest: self.manifest(),
         })
-        .await
     }
 
-    async fn get_plugin_capabilities(
+    async fn plugin_capabilities(
         &self,
-        request: Request<csi::GetPluginCapabilitiesRequest>,
-    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        handle("GetPluginCapabilities", request, |_| async {
-            Ok(csi::GetPluginCapabilitiesResponse { capabilities: self.capabilities() })
-        })
-        .await
+        _: csi::GetPluginCapabilitiesRequest,
+    ) -> Result<csi::GetPluginCapabilitiesResponse> {
+        Ok(csi::GetPluginCapabilitiesResponse { capabilities: self.capabilities() })
     }
 
-    async fn probe(
-        &self,
-        request: Request<csi::ProbeRequest>,
-    ) -> Result<Response<csi::ProbeResponse>, Status> {
-        handle("Probe", request, |_| async {
-            self.check_ready().await?;
-            Ok(csi::ProbeResponse { ready: Some(true) })
-        })
-        .await
+    async fn probe(&self, _: csi::ProbeRequest) -> Result<csi::ProbeResponse> {
+        self.check_ready().await?;
+        Ok(csi::ProbeResponse { ready: Some(true) })
+    }
+}
+
+rpc::service! {
+    IdentityService: csi::identity_server::Identity {
+        fn get_plugin_info(csi::GetPluginInfoRequest) -> csi::GetPluginInfoResponse
+            => inline plugin_info;
+        fn get_plugin_capabilities(csi::GetPluginCapabilitiesRequest)
+            -> csi::GetPluginCapabilitiesResponse => inline plugin_capabilities;
+        fn probe(csi::ProbeRequest) -> csi::ProbeResponse => inline probe;
     }
 }

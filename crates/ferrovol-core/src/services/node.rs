@@ -13,14 +13,13 @@ use std::sync::Arc;
 use ferrovol_csi as csi;
 use ferrovol_csi::node_service_capability::rpc::Type as Cap;
 use ferrovol_csi::volume_capability::access_mode::Mode;
-use tonic::{Request, Response, Status};
 
 use crate::engine::{AccessType, Attach, ExpansionSite, Features};
 use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::node::fs::{self as nodefs, Content};
 use crate::node::mountinfo::{self, MountEntry};
-use crate::rpc::{handle, handle_detached};
+use crate::rpc;
 use crate::services::{convert, validate, Driver};
 
 /// Name of the file a raw block volume's device is bind-mounted onto inside
@@ -728,114 +727,48 @@ fn unmount_all_and_remove(path: &Path) -> Result<()> {
     }
 }
 
-#[tonic::async_trait]
-impl csi::node_server::Node for NodeService {
-    async fn node_stage_volume(
+impl NodeService {
+    async fn get_capabilities(
         &self,
-        request: Request<csi::NodeStageVolumeRequest>,
-    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("NodeStageVolume", request, move |r| async move { this.stage(r).await })
-                .await
-        }
-    }
-
-    async fn node_unstage_volume(
-        &self,
-        request: Request<csi::NodeUnstageVolumeRequest>,
-    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached(
-                "NodeUnstageVolume",
-                request,
-                move |r| async move { this.unstage(r).await },
-            )
-            .await
-        }
-    }
-
-    async fn node_publish_volume(
-        &self,
-        request: Request<csi::NodePublishVolumeRequest>,
-    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached(
-                "NodePublishVolume",
-                request,
-                move |r| async move { this.publish(r).await },
-            )
-            .await
-        }
-    }
-
-    async fn node_unpublish_volume(
-        &self,
-        request: Request<csi::NodeUnpublishVolumeRequest>,
-    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached("NodeUnpublishVolume", request, move |r| async move {
-                this.unpublish(r).await
+        _: csi::NodeGetCapabilitiesRequest,
+    ) -> Result<csi::NodeGetCapabilitiesResponse> {
+        let capabilities = Self::capabilities()
+            .into_iter()
+            .map(|c| csi::NodeServiceCapability {
+                r#type: Some(csi::node_service_capability::Type::Rpc(
+                    csi::node_service_capability::Rpc { r#type: c as i32 },
+                )),
             })
-            .await
-        }
+            .collect();
+        Ok(csi::NodeGetCapabilitiesResponse { capabilities })
     }
 
-    async fn node_get_volume_stats(
-        &self,
-        request: Request<csi::NodeGetVolumeStatsRequest>,
-    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        handle("NodeGetVolumeStats", request, |r| self.stats(r)).await
-    }
-
-    async fn node_expand_volume(
-        &self,
-        request: Request<csi::NodeExpandVolumeRequest>,
-    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        {
-            let this = self.clone();
-            handle_detached(
-                "NodeExpandVolume",
-                request,
-                move |r| async move { this.expand(r).await },
-            )
-            .await
-        }
-    }
-
-    async fn node_get_capabilities(
-        &self,
-        request: Request<csi::NodeGetCapabilitiesRequest>,
-    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        handle("NodeGetCapabilities", request, |_| async {
-            let capabilities = Self::capabilities()
-                .into_iter()
-                .map(|c| csi::NodeServiceCapability {
-                    r#type: Some(csi::node_service_capability::Type::Rpc(
-                        csi::node_service_capability::Rpc { r#type: c as i32 },
-                    )),
-                })
-                .collect();
-            Ok(csi::NodeGetCapabilitiesResponse { capabilities })
+    async fn get_info(&self, _: csi::NodeGetInfoRequest) -> Result<csi::NodeGetInfoResponse> {
+        let topology = self.driver.node().topology();
+        Ok(csi::NodeGetInfoResponse {
+            node_id: self.driver.node_id.clone(),
+            max_volumes_per_node: self.max_volumes_per_node,
+            accessible_topology: (!topology.is_empty()).then(|| convert::topology(&topology)),
         })
-        .await
     }
+}
 
-    async fn node_get_info(
-        &self,
-        request: Request<csi::NodeGetInfoRequest>,
-    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
-        handle("NodeGetInfo", request, |_| async {
-            let topology = self.driver.node().topology();
-            Ok(csi::NodeGetInfoResponse {
-                node_id: self.driver.node_id.clone(),
-                max_volumes_per_node: self.max_volumes_per_node,
-                accessible_topology: (!topology.is_empty()).then(|| convert::topology(&topology)),
-            })
-        })
-        .await
+rpc::service! {
+    NodeService: csi::node_server::Node {
+        fn node_stage_volume(csi::NodeStageVolumeRequest)
+            -> csi::NodeStageVolumeResponse => detached stage;
+        fn node_unstage_volume(csi::NodeUnstageVolumeRequest)
+            -> csi::NodeUnstageVolumeResponse => detached unstage;
+        fn node_publish_volume(csi::NodePublishVolumeRequest)
+            -> csi::NodePublishVolumeResponse => detached publish;
+        fn node_unpublish_volume(csi::NodeUnpublishVolumeRequest)
+            -> csi::NodeUnpublishVolumeResponse => detached unpublish;
+        fn node_get_volume_stats(csi::NodeGetVolumeStatsRequest)
+            -> csi::NodeGetVolumeStatsResponse => inline stats;
+        fn node_expand_volume(csi::NodeExpandVolumeRequest)
+            -> csi::NodeExpandVolumeResponse => detached expand;
+        fn node_get_capabilities(csi::NodeGetCapabilitiesRequest)
+            -> csi::NodeGetCapabilitiesResponse => inline get_capabilities;
+        fn node_get_info(csi::NodeGetInfoRequest) -> csi::NodeGetInfoResponse => inline get_info;
     }
 }

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use ferrovol_csi as csi;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use crate::engine::Range;
 use crate::error::{self, Result};
-use crate::rpc::handle;
+use crate::rpc;
 use crate::services::{validate, Driver};
 
 /// Ranges per message when the caller leaves it to us.
@@ -127,23 +127,14 @@ impl SnapshotMetadataService {
     }
 }
 
-#[tonic::async_trait]
-impl csi::snapshot_metadata_server::SnapshotMetadata for SnapshotMetadataService {
-    type GetMetadataAllocatedStream = Pages<csi::GetMetadataAllocatedResponse>;
-    type GetMetadataDeltaStream = Pages<csi::GetMetadataDeltaResponse>;
-
-    async fn get_metadata_allocated(
-        &self,
-        request: Request<csi::GetMetadataAllocatedRequest>,
-    ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
-        handle("GetMetadataAllocated", request, |r| self.allocated(r)).await
-    }
-
-    async fn get_metadata_delta(
-        &self,
-        request: Request<csi::GetMetadataDeltaRequest>,
-    ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
-        handle("GetMetadataDelta", request, |r| self.delta(r)).await
+rpc::service! {
+    SnapshotMetadataService: csi::snapshot_metadata_server::SnapshotMetadata {
+        type GetMetadataAllocatedStream = Pages<csi::GetMetadataAllocatedResponse>;
+        type GetMetadataDeltaStream = Pages<csi::GetMetadataDeltaResponse>;
+        fn get_metadata_allocated(csi::GetMetadataAllocatedRequest)
+            -> Pages<csi::GetMetadataAllocatedResponse> => inline allocated;
+        fn get_metadata_delta(csi::GetMetadataDeltaRequest)
+            -> Pages<csi::GetMetadataDeltaResponse> => inline delta;
     }
 }
 
