@@ -8,7 +8,11 @@ use std::time::Duration;
 use ferrovol_csi as csi;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_stream::StreamExt;
+use tonic::transport::server::Router;
 use tonic::transport::Server;
+use tower::layer::util::{Identity, Stack};
+
+use crate::rpc::MethodLayer;
 use tracing::{info, warn};
 
 use crate::authority::AuthorityFix;
@@ -60,31 +64,11 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
         locks: OpLocks::new(),
     });
 
-    let mut router = Server::builder().layer(crate::rpc::MethodLayer).add_service(
-        csi::identity_server::IdentityServer::new(IdentityService::new(driver.clone())),
-    );
-    if driver.mode.controller() {
-        router = router
-            .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
-                driver.clone(),
-            )))
-            .add_service(csi::group_controller_server::GroupControllerServer::new(
-                GroupControllerService::new(driver.clone()),
-            ))
-            .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
-                SnapshotMetadataService::new(driver.clone()),
-            ));
-    }
-    if driver.mode.node() {
-        let config = NodeConfig {
-            kubelet_dir: args.kubelet_dir.clone(),
-            max_volumes_per_node: args.max_volumes_per_node,
-        };
-        router = router.add_service(csi::node_server::NodeServer::new(NodeService::new(
-            driver.clone(),
-            config,
-        )));
-    }
+    let config = NodeConfig {
+        kubelet_dir: args.kubelet_dir.clone(),
+        max_volumes_per_node: args.max_volumes_per_node,
+    };
+    let router = routes(driver.clone(), config);
 
     if driver.mode.node() {
         thaw_left_frozen(&driver).await;
@@ -175,6 +159,32 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
     }
     info!("stopped");
     Ok(())
+}
+
+/// The server with every service `driver.mode` asks for, each call through
+/// [`crate::rpc::MethodLayer`]: what `run` serves on its socket, and what the
+/// test kit serves over an in-process channel.
+pub fn routes(driver: Arc<Driver>, node: NodeConfig) -> Router<Stack<MethodLayer, Identity>> {
+    let mut router = Server::builder().layer(MethodLayer).add_service(
+        csi::identity_server::IdentityServer::new(IdentityService::new(driver.clone())),
+    );
+    if driver.mode.controller() {
+        router = router
+            .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
+                driver.clone(),
+            )))
+            .add_service(csi::group_controller_server::GroupControllerServer::new(
+                GroupControllerService::new(driver.clone()),
+            ))
+            .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+                SnapshotMetadataService::new(driver.clone()),
+            ));
+    }
+    if driver.mode.node() {
+        router =
+            router.add_service(csi::node_server::NodeServer::new(NodeService::new(driver, node)));
+    }
+    router
 }
 
 /// /metrics from fresh engine figures; /healthz is what Probe checks.

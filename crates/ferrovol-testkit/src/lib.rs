@@ -5,3 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod fuzz;
+pub mod harness;
+pub mod mem;
