@@ -1,7 +1,7 @@
 //! Volume group snapshots: point-in-time across members with live writers,
 //! rollback, idempotency, the spec's error codes and deletion rules.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

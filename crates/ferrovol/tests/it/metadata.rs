@@ -2,7 +2,7 @@
 //! exact to the block, resumable and pageable, on XFS (extent sharing) and on
 //! the ext4 fallback (content comparison).
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 

@@ -2,7 +2,7 @@
 //! garbled journal, and `pool check` creating nothing — against the real
 //! binary on real loop-mounted pools.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -8,7 +8,7 @@
 //! Longer by hand: `FERROVOL_SOAK_ITERATIONS=2000 cargo test --release
 //! --test soak -- --nocapture`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

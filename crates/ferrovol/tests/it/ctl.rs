@@ -1,7 +1,7 @@
 //! `ferrovol ctl` against a live `ferrovol serve`: JSON output parsed and
 //! checked, and an exit code per failure class.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output, Stdio};
 
@@ -333,8 +333,7 @@ async fn the_default_endpoint_is_absolute_and_shared() {
         .arg(&pool.dir)
         .env_remove("FERROVOL_ENDPOINT")
         .env_remove("CSI_ENDPOINT");
-    let mut driver =
-        common::spawn_logged(serve, default.clone(), root.path().into(), pool.dir.clone());
+    let mut driver = common::spawn_logged(serve, default.clone(), root.path().into());
     let ready = driver.wait_for_log(ferrovol_core::server::READY_MESSAGE);
     assert!(
         ready.as_deref().is_some_and(|l| l.contains(&default.display().to_string())),

@@ -1,6 +1,6 @@
 //! Identity service and server lifecycle, against the real binary.
 
-mod common;
+use crate::common;
 
 use common::DriverBuilder;
 use ferrovol_csi as csi;

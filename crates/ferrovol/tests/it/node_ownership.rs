@@ -3,7 +3,7 @@
 //! per volume; hostile or odd paths are the caller's errors, not INTERNAL.
 //! Real loop devices and mounts; every test ends with a leak check.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -12,7 +12,7 @@
 //!
 //! Bounded: a fixed number of rounds and kills, seeded for reproducibility.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -1,8 +1,6 @@
 //! Test harness: runs the real `ferrovol` binary on a private unix socket and
 //! captures its log output, so tests talk real gRPC to the real thing.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,7 +21,6 @@ pub struct Driver {
     child: Option<Child>,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
-    pub pool_dir: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
 }
@@ -71,11 +68,6 @@ impl DriverBuilder {
 
     pub fn wrapped_in<I: IntoIterator<Item = S>, S: Into<String>>(mut self, w: I) -> Self {
         self.wrapper = w.into_iter().map(Into::into).collect();
-        self
-    }
-
-    pub fn arg(mut self, a: impl Into<String>) -> Self {
-        self.args.push(a.into());
         self
     }
 
@@ -135,19 +127,13 @@ impl DriverBuilder {
 
     /// Starts the driver without waiting for readiness.
     pub fn spawn(self) -> Driver {
-        let pool_dir = self.pool_dir.clone().unwrap_or_else(|| self.state_dir.join("pool"));
-        spawn_logged(self.command(), self.socket, self.state_dir, pool_dir)
+        spawn_logged(self.command(), self.socket, self.state_dir)
     }
 }
 
 /// Runs any command with its stderr captured line by line (for waiting on
 /// log lines and asserting on them); killed on drop.
-pub fn spawn_logged(
-    mut cmd: Command,
-    socket: PathBuf,
-    state_dir: PathBuf,
-    pool_dir: PathBuf,
-) -> Driver {
+pub fn spawn_logged(mut cmd: Command, socket: PathBuf, state_dir: PathBuf) -> Driver {
     let mut child = cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning");
     let stderr = child.stderr.take().unwrap();
     let logs = Arc::new(Mutex::new(Vec::new()));
@@ -159,7 +145,7 @@ pub fn spawn_logged(
             let _ = tx.send(line);
         }
     });
-    Driver { child: Some(child), socket, state_dir, pool_dir, logs, lines: rx }
+    Driver { child: Some(child), socket, state_dir, logs, lines: rx }
 }
 
 impl Driver {
@@ -256,7 +242,6 @@ pub enum PoolFs {
 /// the test panics), so no loop device or mount outlives the test.
 pub struct TestPool {
     pub dir: PathBuf,
-    pub fs: PoolFs,
     image: Option<ferrovol_local::poolinit::PoolImage>,
     _root: tempfile::TempDir,
 }
@@ -274,7 +259,7 @@ impl TestPool {
             PoolFs::Ext4Image => ferrovol_local::poolinit::PoolFs::Ext4,
             PoolFs::Ext4 => {
                 std::fs::create_dir(&dir).unwrap();
-                return TestPool { dir, fs, image: None, _root: root };
+                return TestPool { dir, image: None, _root: root };
             }
         };
         let image =
@@ -282,7 +267,7 @@ impl TestPool {
                 .await
                 .expect("making a pool image");
         let image = Some(image);
-        TestPool { dir, fs, image, _root: root }
+        TestPool { dir, image, _root: root }
     }
 
     /// The file backing a volume or snapshot, by the pool's layout.

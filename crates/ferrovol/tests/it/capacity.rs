@@ -2,7 +2,7 @@
 //! pool, the largest volume it reports is exactly the largest CreateVolume
 //! accepts, thin and thick.
 
-mod common;
+use crate::common;
 
 use common::req::{self, MIB};
 use common::{DriverBuilder, PoolFs, TestPool};

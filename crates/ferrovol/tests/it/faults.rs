@@ -2,7 +2,7 @@
 //! read-only or vanishes, loop devices that cannot be had. Each must give the
 //! caller a clear error, leave nothing half made, and keep the driver serving.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! entry points the `fuzz/` targets drive). No input may panic the driver,
 //! produce INTERNAL or UNKNOWN, or write outside the pool.
 
-mod common;
+use crate::common;
 
 use ferrovol_csi as csi;
 use ferrovol_testkit::fuzz::{self, Harness};

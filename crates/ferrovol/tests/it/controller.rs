@@ -1,7 +1,7 @@
 //! Controller service on the local engine: real files on a real XFS pool
 //! (reflink) and on the ext4 fallback, through the real binary.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

@@ -2,7 +2,7 @@
 //! mounts, online growth, freeze. Every test ends with a leak check, and the
 //! `Kubelet` fixture force-cleans on drop even when a test fails.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! Needs a Python with grpcio and grpcio-tools: `$FERROVOL_TEST_PYTHON`, or
 //! the venv `.ci/run` makes (`target/ci-venv`).
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

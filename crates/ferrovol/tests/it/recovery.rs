@@ -2,7 +2,7 @@
 //! cleanup) at chosen points, restarts on the same pool, and the sidecars'
 //! retries converge with nothing leaked.
 
-mod common;
+use crate::common;
 
 use common::req::{self, MIB};
 use common::{DriverBuilder, PoolFs, TestPool};

@@ -2,7 +2,7 @@
 //! in calls that fail, and must show up in no log line (at trace level), no
 //! error message and no metric.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

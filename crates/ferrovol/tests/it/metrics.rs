@@ -1,7 +1,7 @@
 //! /metrics and /healthz of `ferrovol serve`, and the `ferrovol probe`
 //! liveness prober following a driver that dies and comes back.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -84,8 +84,7 @@ async fn prober_follows_the_driver_down_and_up() {
         .arg("--csi-address")
         .arg(format!("unix://{}", socket.display()))
         .env("RUST_LOG", "info");
-    let mut prober =
-        common::spawn_logged(cmd, socket.clone(), root.path().into(), pool.dir.clone());
+    let mut prober = common::spawn_logged(cmd, socket.clone(), root.path().into());
     let addr = logged_addr(&prober.wait_for_log("prober listening").unwrap());
 
     assert!(prober.wait_for_log("driver is ready").is_some());
@@ -121,8 +120,7 @@ async fn prober_flags() {
     cmd.args(["probe", "--metrics-addr", ":0", "--interval", "50ms", "--endpoint"])
         .arg(&driver.socket)
         .env("RUST_LOG", "info");
-    let mut prober =
-        common::spawn_logged(cmd, driver.socket.clone(), root.path().into(), pool.dir.clone());
+    let mut prober = common::spawn_logged(cmd, driver.socket.clone(), root.path().into());
     let addr = logged_addr(&prober.wait_for_log("prober listening").unwrap());
     let port = addr.rsplit(':').next().unwrap();
     assert!(addr.starts_with("[::]") || addr.starts_with("0.0.0.0"), "all interfaces: {addr}");

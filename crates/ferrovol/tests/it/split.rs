@@ -4,7 +4,7 @@
 //! which never opens the journal) stages, publishes and tears it down from
 //! what the node calls carry.
 
-mod common;
+use crate::common;
 
 use common::req::{self, new_volume, publish_req, stage_req, unpublish_req, unstage_req, MIB};
 use common::{DriverBuilder, Kubelet, PoolFs, TestPool};

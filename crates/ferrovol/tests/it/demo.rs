@@ -1,7 +1,7 @@
 //! `ferrovol demo` runs the whole walkthrough on this machine, and says
 //! clearly that it needs root when it cannot mount.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

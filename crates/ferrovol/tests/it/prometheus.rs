@@ -5,7 +5,7 @@
 //! Needs Debian's `prometheus` package (promtool and the server); `.ci/run`
 //! installs it.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -46,14 +46,13 @@ fn start_driver(pool: &TestPool, root: &std::path::Path) -> (Driver, String) {
     (driver, addr)
 }
 
-fn start_prober(driver: &Driver, root: &std::path::Path, pool: &TestPool) -> (Driver, String) {
+fn start_prober(driver: &Driver, root: &std::path::Path) -> (Driver, String) {
     let mut cmd = Command::new(common::BIN);
     cmd.args(["probe", "--metrics-addr", "127.0.0.1:0", "--interval", "100ms"])
         .arg("--csi-address")
         .arg(format!("unix://{}", driver.socket.display()))
         .env("RUST_LOG", "info");
-    let mut prober =
-        common::spawn_logged(cmd, driver.socket.clone(), root.into(), pool.dir.clone());
+    let mut prober = common::spawn_logged(cmd, driver.socket.clone(), root.into());
     let addr = logged_addr(&prober.wait_for_log("prober listening").unwrap());
     assert!(prober.wait_for_log("driver is ready").is_some());
     (prober, addr)
@@ -66,7 +65,7 @@ async fn both_formats_pass_prometheus_parsers() {
     let (driver, addr) = start_driver(&pool, root.path());
     let mut c = ControllerClient::new(driver.channel().await);
     c.create_volume(req::create("scraped", 8 * MIB)).await.unwrap();
-    let (_prober, probe_addr) = start_prober(&driver, root.path(), &pool);
+    let (_prober, probe_addr) = start_prober(&driver, root.path());
 
     for target in [&addr, &probe_addr] {
         // No Accept header (curl, older scrapers): the classic format, which
@@ -147,7 +146,7 @@ async fn a_real_prometheus_scrapes_driver_and_prober() {
     let pool = TestPool::new(PoolFs::Xfs).await;
     let root = tempfile::tempdir().unwrap();
     let (driver, addr) = start_driver(&pool, root.path());
-    let (_prober, probe_addr) = start_prober(&driver, root.path(), &pool);
+    let (_prober, probe_addr) = start_prober(&driver, root.path());
     let mut c = ControllerClient::new(driver.channel().await);
     for i in 0..3 {
         c.create_volume(req::create(&format!("prom-{i}"), 8 * MIB)).await.unwrap();
@@ -168,8 +167,7 @@ async fn a_real_prometheus_scrapes_driver_and_prober() {
     cmd.arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", root.path().join("tsdb").display()))
         .arg(format!("--web.listen-address={web}"));
-    let mut prometheus =
-        common::spawn_logged(cmd, root.path().join("none"), root.path().into(), pool.dir.clone());
+    let mut prometheus = common::spawn_logged(cmd, root.path().join("none"), root.path().into());
     assert!(
         prometheus.wait_for_log("Server is ready to receive web requests").is_some(),
         "prometheus did not start: {}",

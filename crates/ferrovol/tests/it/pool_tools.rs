@@ -1,7 +1,7 @@
 //! `ferrovol pool init` and `pool release` as an operator runs them: real
 //! images, loop devices and mounts, through the binary.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
