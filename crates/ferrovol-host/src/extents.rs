@@ -34,7 +34,11 @@ pub struct Extent {
 }
 
 // <linux/fiemap.h>
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// `_IOWR('f', 11, struct fiemap)`: the size in the opcode is the header's
+/// (the extents follow it as a flexible array).
+const FS_IOC_FIEMAP: libc::Ioctl =
+    rustix::ioctl::opcode::read_write::<[u8; FIEMAP_HEADER]>(b'f', 11) as libc::Ioctl;
+const FIEMAP_HEADER: usize = 32;
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 const FIEMAP_EXTENT_UNKNOWN: u32 = 0x2;
@@ -66,6 +70,9 @@ struct Fiemap {
     fm_reserved: u32,
     fm_extents: [FiemapExtent; BATCH],
 }
+
+const _: () = assert!(std::mem::size_of::<FiemapExtent>() == 56);
+const _: () = assert!(std::mem::offset_of!(Fiemap, fm_extents) == FIEMAP_HEADER);
 
 /// Every extent of a file, in logical order.
 pub fn fiemap(file: &File) -> io::Result<Vec<Extent>> {

@@ -10,10 +10,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+use rustix::ioctl::opcode;
+
+// <linux/loop.h> numbers its ioctls 0x4C00 + n, which is `_IO('L', n)`:
+// the argument, where there is one, is passed by value or pointer without
+// the size in the opcode.
+const LOOP_CLR_FD: libc::Ioctl = opcode::none(b'L', 0x01) as libc::Ioctl;
+const LOOP_SET_CAPACITY: libc::Ioctl = opcode::none(b'L', 0x07) as libc::Ioctl;
+const LOOP_CONFIGURE: libc::Ioctl = opcode::none(b'L', 0x0A) as libc::Ioctl;
+const LOOP_CTL_GET_FREE: libc::Ioctl = opcode::none(b'L', 0x82) as libc::Ioctl;
 
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
@@ -45,6 +50,10 @@ struct LoopConfig {
     info: LoopInfo64,
     reserved: [u64; 8],
 }
+
+// The kernel's sizes (x86_64 and aarch64 alike: no padding in either).
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
 
 fn ioctl_result(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {

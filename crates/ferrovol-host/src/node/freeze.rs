@@ -5,12 +5,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-// _IOWR('X', 119, int) and _IOWR('X', 120, int) from <linux/fs.h>.
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
+use rustix::ioctl::opcode;
 
-// _IOW('f', 43, __u32) from <linux/ext4.h> (Linux 5.13+).
-const EXT4_IOC_CHECKPOINT: libc::c_ulong = 0x4004_662B;
+// <linux/fs.h>
+const FIFREEZE: libc::Ioctl = opcode::read_write::<libc::c_int>(b'X', 119) as libc::Ioctl;
+const FITHAW: libc::Ioctl = opcode::read_write::<libc::c_int>(b'X', 120) as libc::Ioctl;
+
+// <linux/ext4.h> (Linux 5.13+).
+const EXT4_IOC_CHECKPOINT: libc::Ioctl = opcode::write::<u32>(b'f', 43) as libc::Ioctl;
 
 /// Gets a filesystem ready to freeze fast: writes back dirty data, and for
 /// ext4 checkpoints the journal too (its freeze would otherwise checkpoint

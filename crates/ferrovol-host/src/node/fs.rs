@@ -274,8 +274,9 @@ pub fn bind(source: &Path, target: &Path, flags: &[String], read_only: bool) -> 
 /// Size in bytes of a block device (or a bind mount of its node).
 pub fn block_device_size(device: &Path) -> Result<u64> {
     use std::os::fd::AsRawFd;
-    // _IOR(0x12, 114, size_t) from <linux/fs.h>.
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    // <linux/fs.h>
+    const BLKGETSIZE64: libc::Ioctl =
+        rustix::ioctl::opcode::read::<libc::size_t>(0x12, 114) as libc::Ioctl;
     let f = std::fs::File::open(device)
         .map_err(|e| crate::error::Error::io(format!("opening {}", device.display()), e))?;
     let mut size: u64 = 0;
