@@ -218,14 +218,18 @@ def grants(roles, bindings, sa, ns, resource, verb):
 
 
 def cross_checks(docs, binary):
-    src = open("crates/ferrovol/src/cli.rs").read()
+    src = open("crates/ferrovol-core/src/cli.rs").read()
     driver_default = re.search(r'DEFAULT_DRIVER_NAME: &str = "([^"]+)"', src).group(1)
     topology_key = re.search(r'TOPOLOGY_KEY: &str = "([^"]+)"',
-                             open("crates/ferrovol/src/engine/local/mod.rs").read()).group(1)
-    controller_caps = open("crates/ferrovol/src/services/controller.rs").read()
-    node_caps = open("crates/ferrovol/src/services/node.rs").read()
-    caps_fn = re.search(r"pub fn capabilities\(driver: &Driver\).*?\n    }\n", controller_caps, re.S).group(0)
+                             open("crates/ferrovol-local/src/lib.rs").read()).group(1)
+    node_caps = open("crates/ferrovol-core/src/services/node.rs").read()
     node_fn = re.search(r"pub fn capabilities\(\).*?\n    }\n", node_caps, re.S).group(0)
+    # What the deployed engine (local) says it can do: the controller
+    # service advertises exactly that (see ControllerService::capabilities).
+    features_fn = re.search(r"pub fn features\(\) -> Features \{.*?\n}\n",
+                            open("crates/ferrovol-local/src/node.rs").read(), re.S).group(0)
+    engine_publishes = re.search(r"publish: (true|false)", features_fn).group(1) == "true"
+    engine_expansion = re.search(r"expansion: [\w:]*ExpansionSite::(\w+)", features_fn).group(1)
 
     (csidriver,) = of_kind(docs, "CSIDriver")
     (ds,) = of_kind(docs, "DaemonSet")
@@ -283,14 +287,15 @@ def cross_checks(docs, binary):
     check(drv.get("securityContext", {}).get("privileged") is True, "driver container is privileged")
 
     # The CSIDriver object says what the driver does.
-    check(csidriver["spec"]["attachRequired"] == ("PublishUnpublishVolume" in caps_fn),
-          "attachRequired matches PUBLISH_UNPUBLISH_VOLUME")
+    check(csidriver["spec"]["attachRequired"] == engine_publishes,
+          "attachRequired matches the engine's publish step (PUBLISH_UNPUBLISH_VOLUME)")
     check((csidriver["spec"].get("fsGroupPolicy") == "File") == ("VolumeMountGroup" not in node_fn),
           "fsGroupPolicy File exactly when VOLUME_MOUNT_GROUP is not advertised")
     check(csidriver["spec"].get("storageCapacity") == (arg(cs["csi-provisioner"], "--enable-capacity") == "true"),
           "storageCapacity matches the provisioner's --enable-capacity")
-    check("ExpandVolume" not in caps_fn.split("ExpansionSite::Controller")[0] and "csi-resizer" in cs,
+    check(engine_expansion == "Node" and "csi-resizer" in cs,
           "expansion: node-side driver with a resizer that can run in node-only mode")
+    check(arg(drv, "--engine") == "local", "the DaemonSet serves the local engine (--engine=local)")
 
     # Each sidecar's account is bound to what that sidecar calls.
     sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
@@ -323,13 +328,13 @@ def cross_checks(docs, binary):
                     check(e["key"] == topology_key, f"{path}: node affinity uses {topology_key}")
 
     # Every tool the node service runs is installed in the runtime image.
-    exec_rs = open("crates/ferrovol/src/exec.rs").read()
+    exec_rs = open("crates/ferrovol-host/src/exec.rs").read()
     package_of = {}
     for progs, pkg in re.findall(r'((?:"[\w.]+"\s*\|?\s*)+)=>\s*"([\w-]+)"', exec_rs):
         for p in re.findall(r'"([\w.]+)"', progs):
             package_of[p] = pkg
     used = set()
-    for f in glob.glob("crates/ferrovol/src/node/*.rs") + ["crates/ferrovol/src/poolinit.rs"]:
+    for f in glob.glob("crates/ferrovol-host/src/node/*.rs") + ["crates/ferrovol-local/src/poolinit.rs"]:
         used |= set(re.findall(r'exec::run(?:_status)?\(\s*"([\w.]+)"', open(f).read()))
     dockerfile = open("Dockerfile").read()
     runtime = dockerfile.split("FROM ")[-1]
