@@ -41,8 +41,9 @@ pub fn node_id(args: &ServeArgs) -> Result<String, String> {
     }
 }
 
-/// Creates the driver's state dir (the binary calls this before it opens
-/// an engine, which may keep its own state there).
+/// Creates the driver's state dir: the node service keeps its format
+/// markers there, and an engine may keep its own state there too (the
+/// binary calls this before it opens one that does).
 pub fn prepare_state_dir(args: &ServeArgs) -> Result<(), String> {
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| format!("creating state dir {}: {e}", args.state_dir.display()))
@@ -50,7 +51,9 @@ pub fn prepare_state_dir(args: &ServeArgs) -> Result<(), String> {
 
 /// Serves the halves until SIGTERM/SIGINT.
 pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(), String> {
-    prepare_state_dir(&args)?;
+    if args.mode.node() {
+        prepare_state_dir(&args)?;
+    }
     let endpoint = endpoint::resolve(args.endpoint.as_deref())?;
     let (controller, node) = halves;
     let driver = Arc::new(Driver {
@@ -58,7 +61,7 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
         node_id,
         mode: args.mode,
         state_dir: args.state_dir.clone(),
-        state_writes: crate::fsutil::WriteMonitor::spawn(&args.state_dir),
+        state_writes: args.mode.node().then(|| crate::fsutil::WriteMonitor::spawn(&args.state_dir)),
         controller,
         node,
         locks: OpLocks::new(),

@@ -21,6 +21,8 @@ pub struct Harness {
     pub channel: Channel,
     pub engine: Arc<MemEngine>,
     pub kubelet_dir: std::path::PathBuf,
+    /// The driver's state dir (the kubelet dir is inside it).
+    pub state_dir: std::path::PathBuf,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -41,7 +43,7 @@ pub async fn serve(shape: Shape, mode: Mode) -> Harness {
         node_id: "mem-node".into(),
         mode,
         state_dir: dir.path().to_path_buf(),
-        state_writes: ferrovol_core::fsutil::WriteMonitor::spawn(dir.path()),
+        state_writes: mode.node().then(|| ferrovol_core::fsutil::WriteMonitor::spawn(dir.path())),
         controller,
         node,
         locks: OpLocks::new(),
@@ -67,5 +69,6 @@ pub async fn serve(shape: Shape, mode: Mode) -> Harness {
         }))
         .await
         .expect("an in-process channel");
-    Harness { channel, engine, kubelet_dir, _dir: dir, _stop: stop }
+    let state_dir = dir.path().to_path_buf();
+    Harness { channel, engine, kubelet_dir, state_dir, _dir: dir, _stop: stop }
 }

@@ -206,6 +206,15 @@ async fn publish_keeps_single_node_volumes_on_one_node_and_reports_where() {
     let e = c.create_volume(fs).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("filesystem"), "{e:?}");
+
+    // A controller-only process keeps no state of its own on disk: it can
+    // run where no node state exists at all.
+    IdentityClient::new(h.channel.clone()).probe(csi::ProbeRequest {}).await.unwrap();
+    let written: Vec<_> = std::fs::read_dir(&h.state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(written, vec!["kubelet".to_string()], "the controller wrote to its state dir");
 }
 
 #[tokio::test]

@@ -149,10 +149,11 @@ async fn run(command: Command) -> Result<(), String> {
 /// local engine's journal), and serves it.
 async fn serve(args: ServeCommand) -> Result<(), String> {
     let common = args.common;
-    ferrovol_core::server::prepare_state_dir(&common)?;
     let node_id = ferrovol_core::server::node_id(&common)?;
     let halves: Halves = match args.engine {
         EngineKind::Local => {
+            // The pool's identity record lives in the state dir.
+            ferrovol_core::server::prepare_state_dir(&common)?;
             let pool_dir = args.pool_dir.unwrap_or_else(|| common.state_dir.join("pool"));
             let failed = |e: ferrovol_csi::error::Error| {
                 format!("opening pool {}: {}", pool_dir.display(), e.message())

@@ -85,8 +85,10 @@ impl IdentityService {
     /// monitors), so Probe answers at once even while copies keep the disk
     /// busy. The engine gets a deadline: a remote engine's check may hang.
     pub async fn check_ready(&self) -> Result<()> {
-        crate::fsutil::check_not_read_only(&self.driver.state_dir)?;
-        self.driver.state_writes.status()?;
+        if let Some(writes) = &self.driver.state_writes {
+            crate::fsutil::check_not_read_only(&self.driver.state_dir)?;
+            writes.status()?;
+        }
         let (controller, node) = (self.driver.controller.clone(), self.driver.node.clone());
         let health = async move {
             if let Some(c) = controller {

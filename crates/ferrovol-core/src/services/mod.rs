@@ -40,8 +40,10 @@ pub struct Driver {
     /// The driver's own state (format markers of the node service, the
     /// write probe); engines keep theirs where they choose.
     pub state_dir: PathBuf,
-    /// Keeps writing to the state dir in the background, for Probe.
-    pub state_writes: Arc<crate::fsutil::WriteMonitor>,
+    /// Keeps writing to the state dir in the background, for Probe; only
+    /// where the node service keeps state there (a controller-only process
+    /// writes nothing to disk of its own).
+    pub state_writes: Option<Arc<crate::fsutil::WriteMonitor>>,
     /// The controller half: Some when this process serves the Controller
     /// services.
     pub controller: Option<Arc<dyn ControllerEngine>>,
