@@ -485,6 +485,29 @@ impl Journal {
         }
     }
 
+    /// Stores a new record as it is (its state included) under its name,
+    /// durably, once `dir` is durable; or answers the record that already
+    /// owns the name, changing nothing. For an object whose storage is
+    /// complete before its record exists (recovery removes a staged file no
+    /// record claims), so no separate reservation is needed.
+    pub async fn insert<R: Record>(
+        &self,
+        record: &R,
+        dir: Option<&Path>,
+    ) -> Result<Reservation<R>> {
+        let change = Change::Reserve {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+            bytes: record.encode_to_vec(),
+        };
+        match self.submit(change, dir, true).await? {
+            None => Ok(Reservation::Reserved),
+            Some(bytes) => Ok(Reservation::Existing(decode(&bytes)?)),
+        }
+    }
+
     /// Stores a record, mapping its name to it if the name is unmapped.
     pub async fn put<R: Record>(&self, record: &R) -> Result<()> {
         self.put_after_sync(record, None).await

@@ -17,6 +17,7 @@ pub mod node;
 pub mod pool;
 pub mod poolinit;
 pub mod recovery;
+pub mod seed;
 
 pub use ferrovol_csi::{error, units};
 use ferrovol_host::node as host_node;
@@ -462,6 +463,13 @@ impl ControllerEngine for LocalEngine {
             topology: ours,
             created_unix_nanos: now_nanos(),
         };
+        // An empty thin volume holds no data yet: recovery can make its file
+        // again from the record (`recovery::recreatable`), so it takes the
+        // short path: file first, then one durable commit that neither
+        // waits for the file's directory entry nor follows a reservation.
+        if recovery::recreatable(&record) {
+            return self.create_empty_thin(record).await;
+        }
         if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
             return Err(error::aborted(format!("volume {:?} is being created", req.name)));
         }
@@ -958,6 +966,47 @@ impl NodeAttacher for LocalEngine {
 /// Whether a requested topology segment set describes where `ours` is.
 fn serves(ours: &Topology, theirs: &Topology) -> bool {
     theirs.iter().all(|(k, v)| ours.get(k) == Some(v))
+}
+
+impl LocalEngine {
+    /// The short path of an empty thin volume: the sparse file in staging,
+    /// one durable commit of the `Ready` record (a crash before it leaves a
+    /// staged file no record claims, which recovery removes; one after it,
+    /// a record whose file recovery moves into place or, if its entry never
+    /// reached the disk, makes again), then the file into place.
+    async fn create_empty_thin(&self, mut record: VolumeRecord) -> Result<Volume> {
+        let path = self.pool.staging_path(Kind::Volume, &record.id)?;
+        let capacity = record.capacity;
+        blocking(move || {
+            failpoint::hit("create-volume-after-reserve");
+            pool::create_empty(&path, capacity, false)?;
+            failpoint::hit("create-volume-before-commit");
+            Ok(())
+        })
+        .await?;
+        record.set_state(State::Ready);
+        let inserted = self.journal.insert(&record, None).await;
+        let (pool, id) = (self.pool.clone(), record.id.clone());
+        match inserted {
+            Ok(Reservation::Reserved) => {
+                failpoint::hit("create-after-commit");
+                blocking(move || pool.publish(Kind::Volume, &id)).await?;
+                Ok(to_volume(&record))
+            }
+            outcome => {
+                let staged = self.pool.staging_path(Kind::Volume, &record.id)?;
+                blocking(move || pool::remove(&staged)).await?;
+                match outcome {
+                    // The services' name lock makes this a stale record of
+                    // our own; never two volumes for one name.
+                    Ok(_) => {
+                        Err(error::aborted(format!("volume {:?} is being created", record.name)))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
 }
 
 impl LocalEngine {

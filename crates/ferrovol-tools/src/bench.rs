@@ -14,6 +14,8 @@ use tonic::transport::Channel;
 use crate::endpoint::{self, Endpoint};
 use crate::scratch::{Options, Scratch};
 
+mod limits;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Use this pool directory instead of making a temporary XFS pool.
@@ -46,6 +48,17 @@ pub enum Section {
     Group,
     Delta,
     Fio,
+    /// Start-up to a ready socket at 1,000, 10,000 and 100,000 volumes.
+    Startup,
+    /// The pool's flush floor (fsync of a write, of a directory).
+    Floor,
+    /// CreateSnapshot of a mounted volume: RPC latency and freeze window.
+    Mounted,
+    /// The kubelet's full node cycle, with and without mkfs.
+    Cycle,
+    /// Small RPCs: filesystem CreateVolume/DeleteVolume, block
+    /// stage/unstage, NodeExpandVolume.
+    Small,
 }
 
 fn mount_cap() -> csi::VolumeCapability {
@@ -104,7 +117,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         pool_dir: args.pool_dir.clone(),
         pool_size: 16 << 30,
         // The freeze window of group snapshots is read back from this log.
-        rust_log: "warn,ferrovol::services::group_controller=info,ferrovol::engine::local=debug",
+        rust_log: "warn,ferrovol_core::services::group_controller=info,ferrovol_local=debug",
     })
     .await?;
     bench(&args, &scratch).await
@@ -122,13 +135,46 @@ async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {
     );
 
     let run = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let mut floor = None;
+    if run(Section::Floor) {
+        floor = Some(limits::flush_floor(pool_dir, 200)?);
+    }
     if run(Section::Rpc) {
         noop_rpc_latency(&channel, 20_000).await?;
     }
     if run(Section::Provisioning) {
-        for concurrency in [1usize, 8] {
+        for (concurrency, goal, reference) in [(1usize, "≥ 422", "422"), (8, "≥ 2000", "705")] {
+            let pid = scratch.driver_pid().unwrap_or(0);
+            let cpu = (limits::cpu_seconds(pid), limits::cpu_seconds(std::process::id()));
             let rate = provisioning(&channel, concurrency, args.pairs).await?;
-            println!("create+delete pairs/s  concurrency {concurrency}: {rate:.0}");
+            let pairs = args.pairs.div_ceil(concurrency) * concurrency;
+            let per_pair =
+                |before: f64, pid: u32| (limits::cpu_seconds(pid) - before) * 1e6 / pairs as f64;
+            let (driver_us, bench_us) = (per_pair(cpu.0, pid), per_pair(cpu.1, std::process::id()));
+            limits::report(
+                &format!("create+delete pairs/s, durable, c={concurrency}"),
+                &format!("{rate:.0}"),
+                goal,
+                &format!("{reference} (no durability)"),
+            );
+            if let Some((data, dir)) = floor {
+                // One pair, one after the other: the create's journal commit,
+                // the delete's directory sync and journal commit. Concurrent
+                // pairs share them (group commit).
+                let bound = 1000.0 / (2.0 * data + dir);
+                println!(
+                    "    ({:.2}× the three-flush bound of {bound:.0} pairs/s one at a time)",
+                    rate / bound
+                );
+            }
+            // On 2 cores the client's and the driver's CPU share the machine:
+            // their sum per pair bounds the rate as surely as the flushes do.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            println!(
+                "    (CPU per pair: driver {driver_us:.0} µs, bench client {bench_us:.0} µs; \
+                 the {cores:.0} cores allow at most {:.0} pairs/s)",
+                cores * 1e6 / (driver_us + bench_us)
+            );
         }
     }
     if run(Section::Cow) {
@@ -142,6 +188,18 @@ async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {
     }
     if run(Section::Delta) {
         changed_blocks(&channel, pool_dir).await?;
+    }
+    if run(Section::Mounted) {
+        limits::mounted_snapshot(&channel, work, &scratch.log_path(), args.samples).await?;
+    }
+    if run(Section::Cycle) {
+        limits::node_full_cycle(&channel, work, args.samples).await?;
+    }
+    if run(Section::Small) {
+        limits::small_rpcs(&channel, work, args.samples.max(51)).await?;
+    }
+    if run(Section::Startup) {
+        limits::startup(work, &[1000, 10_000, 100_000]).await?;
     }
     if run(Section::Fio) && args.fio_seconds > 0 {
         data_path(&channel, work, pool_dir, args.fio_seconds).await?;

@@ -94,6 +94,11 @@ impl Scratch {
         Ok(scratch)
     }
 
+    /// The driver's process ID.
+    pub fn driver_pid(&self) -> Option<u32> {
+        self.driver.as_ref().map(Child::id)
+    }
+
     pub fn kubelet_dir(&self) -> PathBuf {
         self.work.join("kubelet")
     }

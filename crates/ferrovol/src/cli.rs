@@ -96,6 +96,20 @@ pub enum PoolCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Fill a stopped pool with empty thin volumes (`seed-<n>`), for
+    /// measuring start-up at scale (`ferrovol bench --only startup`).
+    #[command(hide = true)]
+    Seed {
+        /// The pool directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many volumes to add.
+        #[arg(long)]
+        volumes: usize,
+        /// The node the volumes live on (their topology).
+        #[arg(long, default_value = "bench")]
+        node_id: String,
+    },
     /// Check the journal against the pool's files (read-only unless
     /// --repair); exits 0 only when clean. Run it while the driver is
     /// stopped: the driver holds the journal, and runs the same repair at

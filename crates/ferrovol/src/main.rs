@@ -101,6 +101,11 @@ async fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
+        Command::Pool(PoolCommand::Seed { dir, volumes, node_id }) => {
+            ferrovol_local::seed::thin_volumes(&dir, volumes, 1 << 30, &node_id)
+                .await
+                .map_err(|e| e.message().to_string())
+        }
         Command::Pool(PoolCommand::Release { dir }) => {
             let image =
                 ferrovol_local::poolinit::teardown(&dir).map_err(|e| e.message().to_string())?;

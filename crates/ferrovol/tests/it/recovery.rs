@@ -319,3 +319,46 @@ async fn shutdown_names_what_it_leaves_and_really_exits() {
     let (clean, text) = common::pool_check(&pool, false);
     assert!(clean, "nothing half-done is left: {text}");
 }
+
+/// An empty thin volume's create does not wait for its file's directory
+/// entry to reach the disk; a crash that loses the entry leaves a record
+/// whose file recovery makes again (empty, as it was). A volume with data
+/// of its own (a clone) missing its file is still reported, never remade.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_empty_thin_volume_file_is_made_again_and_others_are_reported() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut driver = DriverBuilder::new(root.path()).pool(&pool).start();
+    let mut c = ControllerClient::new(driver.channel().await);
+    let empty = c.create_volume(req::create("empty-pvc", 64 * MIB)).await.unwrap().into_inner();
+    let empty = empty.volume.unwrap().volume_id;
+    let clone = req::from_volume("clone-pvc", &empty, 64 * MIB);
+    let clone = c.create_volume(clone).await.unwrap().into_inner().volume.unwrap().volume_id;
+    driver.terminate();
+    // What a power cut before the entries were flushed would leave.
+    std::fs::remove_file(pool.volume_file(&empty)).unwrap();
+    std::fs::remove_file(pool.volume_file(&clone)).unwrap();
+
+    let check = std::process::Command::new(common::BIN)
+        .args(["pool", "check", "--pool-dir"])
+        .arg(&pool.dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(said.contains(&format!("recreated empty [\"{empty}\"]")), "{said}");
+    assert!(said.contains(&format!("dangling [\"{clone}\"]")), "{said}");
+
+    let driver = DriverBuilder::new(root.path()).pool(&pool).start();
+    let meta = std::fs::metadata(pool.volume_file(&empty)).expect("made again");
+    assert_eq!(meta.len(), 64 * MIB as u64);
+    assert!(!pool.volume_file(&clone).exists(), "a clone is never made up");
+    let mut c = ControllerClient::new(driver.channel().await);
+    let got = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: clone.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.status.unwrap().volume_condition.unwrap().abnormal, "the clone is reported");
+    c.delete_volume(req::delete(&clone)).await.unwrap();
+    c.delete_volume(req::delete(&empty)).await.unwrap();
+}
