@@ -526,6 +526,20 @@ impl Journal {
         self.submit(change, dir, true).await.map(|_| ())
     }
 
+    /// Removes a record and its name mapping without waiting for the disk:
+    /// the removal is durable with the next durable commit. For a record
+    /// whose durable state already says what a crash must finish
+    /// (`Deleting`).
+    pub async fn remove_lazily<R: Record>(&self, record: &R) -> Result<()> {
+        let change = Change::Remove {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+        };
+        self.submit(change, None, false).await.map(|_| ())
+    }
+
     /// Removes a record and its name mapping.
     pub async fn remove<R: Record>(&self, record: &R) -> Result<()> {
         self.remove_after_sync(record, None).await

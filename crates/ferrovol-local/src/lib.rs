@@ -300,29 +300,30 @@ impl LocalEngine {
         Ok(())
     }
 
-    /// Deletion in three steps, each safe to crash after: the file moves to
-    /// the trash (atomic), the record goes once that move is durable, then
-    /// the trash file is unlinked. Recovery finishes any delete whose file it
-    /// finds in the trash, and empties the trash.
+    /// Deletion in three steps, each safe to crash after:
+    /// 1. the record says `Deleting`, durably (one device flush, and the
+    ///    only one: from here the object is gone for the CO, and recovery
+    ///    finishes the delete whatever else reached the disk);
+    /// 2. the file goes (to the trash, then unlinked);
+    /// 3. the record goes, lazily: it reaches the disk with the next durable
+    ///    commit, and a crash before leaves the `Deleting` record, which
+    ///    recovery finishes (removes the file wherever it is, then the
+    ///    record).
+    ///
+    /// No directory sync is waited for: the order that matters (the record
+    /// before the file) is the journal's own.
     async fn delete_file_and_record<R: Record>(&self, kind: Kind, record: &R) -> Result<()> {
+        let mut deleting = record.clone();
+        deleting.set_state(State::Deleting);
+        self.journal.put(&deleting).await?;
         let (pool, id) = (self.pool.clone(), record.id().to_string());
-        let trashed = blocking(move || {
+        blocking(move || {
             let trashed = pool.move_to_trash(kind, &id)?;
             failpoint::hit("delete-after-trash");
-            Ok(trashed)
+            pool::remove(&trashed)
         })
         .await?;
-        if let Err(e) = self.journal.remove_after_sync(record, Some(&self.pool.dir(kind))).await {
-            // The record still says the object exists, so its file must too:
-            // put it back rather than let recovery empty the trash under it.
-            let (pool, id) = (self.pool.clone(), record.id().to_string());
-            let restored = blocking(move || pool.restore_from_trash(kind, &id)).await;
-            if let Err(r) = restored {
-                warn!(error = %r, "could not take a file back out of the trash");
-            }
-            return Err(e);
-        }
-        blocking(move || pool::remove(&trashed)).await
+        self.journal.remove_lazily(&deleting).await
     }
 
     /// An object's file, which must be there to be read (attach, snapshot,

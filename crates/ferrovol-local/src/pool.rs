@@ -159,14 +159,6 @@ impl Pool {
         }
     }
 
-    /// Undoes `move_to_trash` (a deletion that could not be recorded).
-    pub fn restore_from_trash(&self, kind: Kind, id: &str) -> Result<()> {
-        let to = self.path(kind, id)?;
-        let from = self.trash_dir().join(to.file_name().expect("object paths have a file name"));
-        std::fs::rename(&from, &to)
-            .map_err(|e| Error::io(format!("restoring {} from the trash", to.display()), e))
-    }
-
     /// Empties the trash (recovery).
     pub fn empty_trash(&self) -> Result<Vec<PathBuf>> {
         let dir = self.trash_dir();
