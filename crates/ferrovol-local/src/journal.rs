@@ -508,6 +508,20 @@ impl Journal {
         }
     }
 
+    /// Stores a record without waiting for the disk (durable with the next
+    /// durable commit): for a change recovery can redo from the pool itself
+    /// (a volume's size, from its synced file).
+    pub async fn put_lazily<R: Record>(&self, record: &R) -> Result<()> {
+        let change = Change::Put {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+            bytes: record.encode_to_vec(),
+        };
+        self.submit(change, None, false).await.map(|_| ())
+    }
+
     /// Stores a record, mapping its name to it if the name is unmapped.
     pub async fn put<R: Record>(&self, record: &R) -> Result<()> {
         self.put_after_sync(record, None).await

@@ -613,9 +613,12 @@ impl ControllerEngine for LocalEngine {
             )));
         }
         let path = self.pool.path(Kind::Volume, id)?;
+        // The file's new size is made durable (`grow` syncs it): the file
+        // is the truth, and recovery brings a record that lags it up to
+        // date, so the record's own update need not wait for the disk.
         blocking(move || pool::grow(&path, wanted, thick)).await?;
         record.capacity = wanted;
-        self.journal.put(&record).await?;
+        self.journal.put_lazily(&record).await?;
         Ok(wanted)
     }
 

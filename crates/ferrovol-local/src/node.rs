@@ -138,12 +138,18 @@ impl NodeAttacher for LocalNode {
     }
 
     async fn refresh(&self, volume_id: &str) -> Result<()> {
-        let Some(device) = self.device(volume_id).await? else {
-            return Err(error::failed_precondition(format!(
-                "volume {volume_id} is not attached on this node"
-            )));
-        };
+        if !ids::is_valid(Kind::Volume, volume_id) {
+            return Err(error::not_found(format!("volume {volume_id:?} does not exist")));
+        }
+        let (path, id) = (self.file(volume_id)?, volume_id.to_string());
+        // The device's lookup and its refresh in one trip off the executor.
         blocking(move || {
+            let found = loopdev::find(&path).map_err(|e| Error::io("reading loop devices", e))?;
+            let Some(device) = found.into_iter().next().map(|a| a.device) else {
+                return Err(error::failed_precondition(format!(
+                    "volume {id} is not attached on this node"
+                )));
+            };
             loopdev::refresh_capacity(&device)
                 .map_err(|e| Error::io(format!("refreshing the size of {}", device.display()), e))
         })
