@@ -135,6 +135,10 @@ async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {
     );
 
     let run = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    println!(
+        "(\"reference\": csi-driver-host-path, which keeps nothing durable; static figures \
+         measured elsewhere, not in this run)"
+    );
     let mut floor = None;
     if run(Section::Floor) {
         floor = Some(limits::flush_floor(pool_dir, 200)?);
