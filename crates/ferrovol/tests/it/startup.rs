@@ -156,3 +156,36 @@ async fn pool_check_creates_nothing_and_reports_short_files() {
     after.sort();
     assert_eq!(before, after, "pool check made or removed files");
 }
+
+/// `pool seed` (what `ferrovol bench --only startup` fills pools with)
+/// leaves exactly what CreateVolume would: the driver serves every seeded
+/// volume, `pool check` finds the pool clean, and they delete normally.
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_volumes_are_ordinary_volumes() {
+    let pool = TestPool::new(PoolFs::Xfs).await;
+    let seeded = Command::new(common::BIN)
+        .args(["pool", "seed", "--volumes", "300", "--dir"])
+        .arg(&pool.dir)
+        .output()
+        .unwrap();
+    assert!(seeded.status.success(), "{}", String::from_utf8_lossy(&seeded.stderr));
+    let check = Command::new(common::BIN)
+        .args(["pool", "check", "--pool-dir"])
+        .arg(&pool.dir)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+
+    let root = tempfile::tempdir().unwrap();
+    let d = DriverBuilder::new(root.path()).pool(&pool).start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let list = c.list_volumes(ferrovol_csi::ListVolumesRequest::default()).await.unwrap();
+    let ids: Vec<String> =
+        list.into_inner().entries.into_iter().map(|e| e.volume.unwrap().volume_id).collect();
+    assert_eq!(ids.len(), 300);
+    assert_eq!(pool.files("volumes").len(), 300);
+    for id in ids {
+        c.delete_volume(req::delete(&id)).await.unwrap();
+    }
+    assert!(pool.files("volumes").is_empty());
+}
