@@ -27,7 +27,10 @@ impl LocalNode {
 
     /// The node half alone, for `--mode node`: the pool's layout, without
     /// its journal (the controller half's, which another process may hold).
-    pub fn open(pool_dir: &Path, node_id: &str) -> Result<LocalNode> {
+    /// The pool's identity is checked first, as in every mode: a node
+    /// process whose state knows a pool refuses an empty mount point.
+    pub fn open(pool_dir: &Path, state_dir: &Path, node_id: &str) -> Result<LocalNode> {
+        crate::identity::settle(pool_dir, state_dir)?;
         Ok(LocalNode::new(Pool::open(pool_dir)?, node_id))
     }
 

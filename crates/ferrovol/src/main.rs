@@ -164,7 +164,8 @@ async fn serve(args: ServeCommand) -> Result<(), String> {
                 format!("opening pool {}: {}", pool_dir.display(), e.message())
             };
             if !common.mode.controller() {
-                let node = LocalNode::open(&pool_dir, &node_id).map_err(failed)?;
+                let node =
+                    LocalNode::open(&pool_dir, &common.state_dir, &node_id).map_err(failed)?;
                 (None, Some(Arc::new(node)))
             } else {
                 let engine = LocalEngine::open(&pool_dir, &common.state_dir, &node_id)

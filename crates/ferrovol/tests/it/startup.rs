@@ -38,12 +38,21 @@ async fn an_unmounted_pool_is_refused_not_replaced() {
     let root = tempfile::tempdir().unwrap();
     let id = make_volume(root.path(), &pool).await;
 
+    // A node-mode process that served the pool before (it recorded its
+    // identity) is held to the same rule, journal or not.
+    let node_root = tempfile::tempdir().unwrap();
+    let node = || DriverBuilder::new(node_root.path()).pool(&pool).args(["--mode", "node"]);
+    drop(node().start());
+
     pool.unmount();
     let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
+    let (node_code, node_logs) = refused(node());
     let mountpoint_after: Vec<_> = std::fs::read_dir(&pool.dir).unwrap().collect();
     pool.remount();
     assert_ne!(code, Some(0), "a driver must not serve an empty mount point: {logs}");
     assert!(logs.contains("not mounted"), "{logs}");
+    assert_ne!(node_code, Some(0), "nor a node-mode one: {node_logs}");
+    assert!(node_logs.contains("not mounted"), "{node_logs}");
     assert!(
         mountpoint_after.is_empty(),
         "nothing was created on the host's disk: {mountpoint_after:?}"
