@@ -25,7 +25,7 @@ pub async fn thin_volumes(pool_dir: &Path, count: usize, size: u64, node_id: &st
                 name: format!("seed-{n}"),
                 state: State::Ready as i32,
                 capacity: size,
-                created_unix_nanos: 1,
+                created_unix_nanos: crate::now_nanos(),
                 topology: topology.clone(),
                 ..Default::default()
             })
