@@ -185,6 +185,37 @@ enum Change {
     },
 }
 
+impl Change {
+    fn reserve<R: Record>(record: &R) -> Change {
+        Change::Reserve {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+            bytes: record.encode_to_vec(),
+        }
+    }
+
+    fn put<R: Record>(record: &R) -> Change {
+        Change::Put {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+            bytes: record.encode_to_vec(),
+        }
+    }
+
+    fn remove<R: Record>(record: &R) -> Change {
+        Change::Remove {
+            records: R::RECORDS,
+            names: R::NAMES,
+            id: record.id().to_string(),
+            name: record.name().to_string(),
+        }
+    }
+}
+
 type Outcome = Result<Option<Vec<u8>>>;
 
 struct Pending {
@@ -466,19 +497,7 @@ impl Journal {
     pub async fn reserve<R: Record>(&self, record: &R) -> Result<Reservation<R>> {
         let mut r = record.clone();
         r.set_state(State::Creating);
-        let answer = self
-            .submit(
-                Change::Reserve {
-                    records: R::RECORDS,
-                    names: R::NAMES,
-                    id: r.id().to_string(),
-                    name: r.name().to_string(),
-                    bytes: r.encode_to_vec(),
-                },
-                None,
-                false,
-            )
-            .await?;
+        let answer = self.submit(Change::reserve(&r), None, false).await?;
         match answer {
             None => Ok(Reservation::Reserved),
             Some(bytes) => Ok(Reservation::Existing(decode(&bytes)?)),
@@ -495,13 +514,7 @@ impl Journal {
         record: &R,
         dir: Option<&Path>,
     ) -> Result<Reservation<R>> {
-        let change = Change::Reserve {
-            records: R::RECORDS,
-            names: R::NAMES,
-            id: record.id().to_string(),
-            name: record.name().to_string(),
-            bytes: record.encode_to_vec(),
-        };
+        let change = Change::reserve(record);
         match self.submit(change, dir, true).await? {
             None => Ok(Reservation::Reserved),
             Some(bytes) => Ok(Reservation::Existing(decode(&bytes)?)),
@@ -512,13 +525,7 @@ impl Journal {
     /// durable commit): for a change recovery can redo from the pool itself
     /// (a volume's size, from its synced file).
     pub async fn put_lazily<R: Record>(&self, record: &R) -> Result<()> {
-        let change = Change::Put {
-            records: R::RECORDS,
-            names: R::NAMES,
-            id: record.id().to_string(),
-            name: record.name().to_string(),
-            bytes: record.encode_to_vec(),
-        };
+        let change = Change::put(record);
         self.submit(change, None, false).await.map(|_| ())
     }
 
@@ -530,13 +537,7 @@ impl Journal {
     /// Stores a record once `dir` is durable: for a record that says a file
     /// just created in `dir` exists.
     pub async fn put_after_sync<R: Record>(&self, record: &R, dir: Option<&Path>) -> Result<()> {
-        let change = Change::Put {
-            records: R::RECORDS,
-            names: R::NAMES,
-            id: record.id().to_string(),
-            name: record.name().to_string(),
-            bytes: record.encode_to_vec(),
-        };
+        let change = Change::put(record);
         self.submit(change, dir, true).await.map(|_| ())
     }
 
@@ -545,12 +546,7 @@ impl Journal {
     /// whose durable state already says what a crash must finish
     /// (`Deleting`).
     pub async fn remove_lazily<R: Record>(&self, record: &R) -> Result<()> {
-        let change = Change::Remove {
-            records: R::RECORDS,
-            names: R::NAMES,
-            id: record.id().to_string(),
-            name: record.name().to_string(),
-        };
+        let change = Change::remove(record);
         self.submit(change, None, false).await.map(|_| ())
     }
 
@@ -562,12 +558,7 @@ impl Journal {
     /// Removes a record once `dir` is durable: for a record whose file was
     /// just removed from `dir`.
     pub async fn remove_after_sync<R: Record>(&self, record: &R, dir: Option<&Path>) -> Result<()> {
-        let change = Change::Remove {
-            records: R::RECORDS,
-            names: R::NAMES,
-            id: record.id().to_string(),
-            name: record.name().to_string(),
-        };
+        let change = Change::remove(record);
         self.submit(change, dir, true).await.map(|_| ())
     }
 

@@ -15,6 +15,9 @@ use super::pool::Pool;
 use crate::loopdev;
 use crate::{blocking, FULL_POOL_BYTES, TOPOLOGY_KEY};
 
+/// How long a deferred detach may take before unstage says who holds it.
+const DETACH_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct LocalNode {
     pool: Pool,
     node_id: String,
@@ -115,12 +118,36 @@ impl NodeAttacher for LocalNode {
         .await
     }
 
+    /// Detaches, and answers only once the kernel has let the file go: the
+    /// kernel defers a detach while anyone else holds the device open (a
+    /// process forked at that instant holds a copy of every descriptor
+    /// until it execs), and a volume still bound would refuse its delete.
     async fn detach(&self, volume_id: &str) -> Result<()> {
+        let path = self.file(volume_id)?;
         for a in self.attached(volume_id).await? {
-            let device = a.device.clone();
+            let (device, backing) = (a.device.clone(), path.clone());
             blocking(move || {
                 loopdev::detach(&device)
-                    .map_err(|e| Error::io(format!("detaching {}", device.display()), e))
+                    .map_err(|e| Error::io(format!("detaching {}", device.display()), e))?;
+                let deadline = std::time::Instant::now() + DETACH_SETTLE;
+                loop {
+                    let bound = loopdev::find(&backing)
+                        .map_err(|e| Error::io("reading loop devices", e))?
+                        .iter()
+                        .any(|b| b.device == device);
+                    if !bound {
+                        return Ok(());
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(error::failed_precondition(format!(
+                            "{} stays bound to {}: another process holds the device open; \
+                             it detaches when that process closes it",
+                            device.display(),
+                            backing.display()
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             })
             .await?;
         }

@@ -96,6 +96,19 @@ async fn create(
         .ok_or_else(|| "no volume".into())
 }
 
+/// A new ext4 volume of `size` bytes, for the node sections: its ID.
+async fn fs_volume(
+    c: &mut ControllerClient<Channel>,
+    name: String,
+    size: i64,
+) -> Result<String, String> {
+    let request = csi::CreateVolumeRequest {
+        volume_capabilities: vec![node_cap()],
+        ..create_request(name, size, None)
+    };
+    Ok(create(c, request).await?.volume_id)
+}
+
 async fn delete(c: &mut ControllerClient<Channel>, volume_id: String) -> Result<(), String> {
     c.delete_volume(csi::DeleteVolumeRequest { volume_id, ..Default::default() })
         .await
@@ -286,15 +299,7 @@ async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(
     let mut n = NodeClient::new(channel.clone());
     let (mut first, mut again) = (Vec::new(), Vec::new());
     for i in 0..samples {
-        let id = create(
-            &mut c,
-            csi::CreateVolumeRequest {
-                volume_capabilities: vec![node_cap()],
-                ..create_request(format!("bench-node-{i}"), 1 << 30, None)
-            },
-        )
-        .await?
-        .volume_id;
+        let id = fs_volume(&mut c, format!("bench-node-{i}"), 1 << 30).await?;
         let (staging, target) = node_paths(work, &format!("n{i}"))?;
         for times in [&mut first, &mut again] {
             let t = Instant::now();
@@ -329,15 +334,7 @@ async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Resu
     let mut n = NodeClient::new(channel.clone());
     let mut members = Vec::new();
     for i in 0..4 {
-        let id = create(
-            &mut c,
-            csi::CreateVolumeRequest {
-                volume_capabilities: vec![node_cap()],
-                ..create_request(format!("bench-member-{i}"), 320 << 20, None)
-            },
-        )
-        .await?
-        .volume_id;
+        let id = fs_volume(&mut c, format!("bench-member-{i}"), 320 << 20).await?;
         let (staging, target) = node_paths(work, &format!("g{i}"))?;
         stage_publish(&mut n, &id, &staging, &target).await?;
         fill_new(&target.join("data"), 256 << 20).map_err(|e| format!("writing data: {e}"))?;
@@ -496,15 +493,7 @@ async fn data_path(
 ) -> Result<(), String> {
     let mut c = ControllerClient::new(channel.clone());
     let mut n = NodeClient::new(channel.clone());
-    let id = create(
-        &mut c,
-        csi::CreateVolumeRequest {
-            volume_capabilities: vec![node_cap()],
-            ..create_request("bench-fio".into(), 2 << 30, None)
-        },
-    )
-    .await?
-    .volume_id;
+    let id = fs_volume(&mut c, "bench-fio".into(), 2 << 30).await?;
     let (staging, target) = node_paths(work, "fio")?;
     stage_publish(&mut n, &id, &staging, &target).await?;
     let through = target.join("fio.dat");

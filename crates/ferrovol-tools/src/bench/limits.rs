@@ -16,7 +16,7 @@ use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
-use super::{create, create_request, delete, node_cap, node_paths, percentiles};
+use super::{create, create_request, delete, fs_volume, node_paths, percentiles};
 use super::{stage_publish, unpublish_unstage};
 use crate::endpoint::{self, Endpoint};
 
@@ -184,15 +184,7 @@ pub async fn mounted_snapshot(
 ) -> Result<(), String> {
     let mut c = ControllerClient::new(channel.clone());
     let mut n = NodeClient::new(channel.clone());
-    let id = create(
-        &mut c,
-        csi::CreateVolumeRequest {
-            volume_capabilities: vec![node_cap()],
-            ..create_request("bench-mounted".into(), 1 << 30, None)
-        },
-    )
-    .await?
-    .volume_id;
+    let id = fs_volume(&mut c, "bench-mounted".into(), 1 << 30).await?;
     let (staging, target) = node_paths(work, "mounted")?;
     stage_publish(&mut n, &id, &staging, &target).await?;
     let mut snapshots = Vec::new();
@@ -264,15 +256,7 @@ pub async fn node_full_cycle(channel: &Channel, work: &Path, samples: usize) -> 
     for i in 0..samples {
         let (staging, target) = node_paths(work, &format!("full{i}"))?;
         let t = Instant::now();
-        let id = create(
-            &mut c,
-            csi::CreateVolumeRequest {
-                volume_capabilities: vec![node_cap()],
-                ..create_request(format!("bench-full-{i}"), 1 << 30, None)
-            },
-        )
-        .await?
-        .volume_id;
+        let id = fs_volume(&mut c, format!("bench-full-{i}"), 1 << 30).await?;
         stage_publish(&mut n, &id, &staging, &target).await?;
         unpublish_unstage(&mut n, &id, &staging, &target).await?;
         delete(&mut c, id).await?;
@@ -280,15 +264,7 @@ pub async fn node_full_cycle(channel: &Channel, work: &Path, samples: usize) -> 
     }
     // Formatted once, then the same cycle without mkfs (create and delete
     // excluded: the volume must keep its filesystem).
-    let id = create(
-        &mut c,
-        csi::CreateVolumeRequest {
-            volume_capabilities: vec![node_cap()],
-            ..create_request("bench-full-again".into(), 1 << 30, None)
-        },
-    )
-    .await?
-    .volume_id;
+    let id = fs_volume(&mut c, "bench-full-again".into(), 1 << 30).await?;
     let (staging, target) = node_paths(work, "full-again")?;
     stage_publish(&mut n, &id, &staging, &target).await?;
     unpublish_unstage(&mut n, &id, &staging, &target).await?;

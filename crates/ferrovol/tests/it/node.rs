@@ -534,3 +534,31 @@ async fn ext4_growth_without_cap_sys_resource_converges_at_the_next_stage() {
     n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
     kubelet.assert_clean();
 }
+
+/// The kernel defers a detach while another process holds the loop device
+/// open. Unstage answers only once the volume is really detached: while the
+/// device is held it says so (and the volume is not yet deletable); once
+/// the holder lets go, the retried unstage and the delete succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn unstage_waits_for_the_kernel_to_let_the_device_go() {
+    let e = env(PoolFs::Xfs).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::block_cap();
+    let id = new_volume(&mut c, "held-pvc", 64 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("held");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    let device = e.kubelet.loops().first().expect("attached").device.clone();
+    let holder = std::fs::File::open(&device).unwrap();
+
+    let held = n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap_err();
+    assert_eq!(held.code(), Code::FailedPrecondition, "{held:?}");
+    assert!(held.message().contains("holds the device open"), "{held:?}");
+    let busy = c.delete_volume(req::delete(&id)).await.unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
+
+    drop(holder);
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    assert!(e.kubelet.loops().is_empty(), "detached once the holder closed it");
+    c.delete_volume(req::delete(&id)).await.unwrap();
+    e.kubelet.assert_clean();
+}
