@@ -164,6 +164,13 @@ pub fn recreatable(rec: &VolumeRecord) -> bool {
         && rec.parameters.get(crate::PARAM_PROVISIONING).is_none_or(|p| p != "thick")
 }
 
+/// The paths of `names` in `dir`, sorted.
+fn paths_in(dir: &std::path::Path, names: &HashSet<OsString>) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    paths.sort();
+    paths
+}
+
 /// An object's file name in any of the pool's directories.
 fn file_name(id: &str) -> OsString {
     OsString::from(format!("{id}.img"))
@@ -228,26 +235,22 @@ impl Pass<'_> {
                 self.report.dangling.push(rec.id.clone());
             }
         }
-        self.report.trash = pool.files_in(&pool.trash_dir())?;
+        // From the listing, kept current through the pass (publishes and
+        // erasures update it): no second read of either directory.
+        self.report.trash = paths_in(&pool.trash_dir(), &self.listed.trash);
         if self.repair {
             pool.empty_trash()?;
         }
-        for staged in pool.files_in(&pool.staging_dir())? {
+        for staged in paths_in(&pool.staging_dir(), &self.listed.staging) {
             if self.repair {
                 pool::remove(&staged)?;
             }
             self.report.unclaimed_staged.push(staged);
         }
         for kind in [Kind::Volume, Kind::Snapshot] {
-            let mut orphans: Vec<PathBuf> = self
-                .listed
-                .placed(kind)
-                .iter()
-                .filter(|name| !known.contains(*name))
-                .map(|name| pool.dir(kind).join(name))
-                .collect();
-            orphans.sort();
-            self.report.orphans.extend(orphans);
+            let unowned: HashSet<OsString> =
+                self.listed.placed(kind).difference(&known).cloned().collect();
+            self.report.orphans.extend(paths_in(&pool.dir(kind), &unowned));
         }
         Ok(self.report)
     }
@@ -318,12 +321,15 @@ impl Pass<'_> {
 
     /// Removes an object's files, wherever they are, then its record once
     /// the removal is durable.
-    async fn erase<R: Record>(&self, kind: Kind, rec: &R) -> Result<()> {
+    async fn erase<R: Record>(&mut self, kind: Kind, rec: &R) -> Result<()> {
         if !self.repair {
             return Ok(());
         }
         pool::remove(&self.pool.staging_path(kind, rec.id())?)?;
         pool::remove(&self.pool.path(kind, rec.id())?)?;
+        let name = file_name(rec.id());
+        self.listed.staging.remove(&name);
+        self.listed.placed_mut(kind).remove(&name);
         self.journal.remove_after_sync(rec, Some(&self.pool.dir(kind))).await
     }
 }

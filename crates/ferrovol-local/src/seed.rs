@@ -17,9 +17,8 @@ pub async fn thin_volumes(pool_dir: &Path, count: usize, size: u64, node_id: &st
     let topology =
         std::collections::BTreeMap::from([(crate::TOPOLOGY_KEY.to_string(), node_id.to_string())]);
     // Enough at once for the journal writer to fill its largest batches.
-    for chunk in (0..count).collect::<Vec<_>>().chunks(2048) {
-        let records: Vec<VolumeRecord> = chunk
-            .iter()
+    for start in (0..count).step_by(2048) {
+        let records: Vec<VolumeRecord> = (start..count.min(start + 2048))
             .map(|n| VolumeRecord {
                 id: ids::mint(Kind::Volume),
                 name: format!("seed-{n}"),
