@@ -17,16 +17,24 @@ pub enum Mode {
     Controller,
     /// Identity + Node.
     Node,
-    /// Everything: the usual choice for the node-local engine.
+    /// Everything: the usual choice for the node-local engine on one node.
     All,
+    /// The local engine's central controller (a Deployment): Identity +
+    /// Controller, each call relayed to the node agent that holds the
+    /// volume. No pool of its own.
+    Relay,
+    /// A node of a relayed cluster (the DaemonSet): everything `all`
+    /// serves, and the same controller services to the relay, dialled out
+    /// over mutual TLS.
+    Agent,
 }
 
 impl Mode {
     pub fn controller(self) -> bool {
-        matches!(self, Mode::Controller | Mode::All)
+        matches!(self, Mode::Controller | Mode::All | Mode::Relay | Mode::Agent)
     }
     pub fn node(self) -> bool {
-        matches!(self, Mode::Node | Mode::All)
+        matches!(self, Mode::Node | Mode::All | Mode::Agent)
     }
 }
 

@@ -292,6 +292,12 @@ pub trait ControllerEngine: Send + Sync + 'static {
     /// Counts and sizes for metrics.
     async fn stats(&self) -> Result<EngineStats>;
 
+    /// A graceful stop: makes every change answered so far durable, so the
+    /// next start has nothing to finish. Called once, after the last call.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Rejects parameters this engine does not understand.
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()>;
 

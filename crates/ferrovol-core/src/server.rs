@@ -49,8 +49,21 @@ pub fn prepare_state_dir(args: &ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("creating state dir {}: {e}", args.state_dir.display()))
 }
 
+/// Work that runs beside the CSI server for as long as it serves (the
+/// relay's link listener, an agent's dialer): started with the driver once
+/// it exists, told to stop (the receiver turns true) at shutdown.
+pub type Companion = Box<
+    dyn FnOnce(Arc<Driver>, tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()>
+        + Send,
+>;
+
 /// Serves the halves until SIGTERM/SIGINT.
-pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(), String> {
+pub async fn run(
+    args: ServeArgs,
+    node_id: String,
+    halves: Halves,
+    companion: Option<Companion>,
+) -> Result<(), String> {
     if args.mode.node() {
         prepare_state_dir(&args)?;
     }
@@ -93,6 +106,8 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
         }
     };
 
+    let companion = companion.map(|start| start(driver.clone(), stop_rx.clone()));
+
     let mut socket_path: Option<PathBuf> = None;
     let server = match &endpoint {
         Endpoint::Unix(path) => {
@@ -129,6 +144,9 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
     let signal = signals.wait().await;
     info!(signal, "shutting down: no new connections, finishing in-flight RPCs");
     let _ = stop_tx.send(true);
+    if let Some(task) = companion {
+        task.abort();
+    }
     let grace = Duration::from_secs(args.shutdown_timeout);
     let deadline = tokio::time::Instant::now() + grace;
     match tokio::time::timeout_at(deadline, server).await {
@@ -143,6 +161,13 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
         deadline.saturating_duration_since(tokio::time::Instant::now()),
     )
     .await;
+    if left.is_empty() {
+        if let Some(c) = &driver.controller {
+            if let Err(e) = c.close().await {
+                warn!(error = e.message(), "closing the engine");
+            }
+        }
+    }
     if let Some(path) = socket_path {
         if let Err(e) = std::fs::remove_file(&path) {
             warn!(socket = %path.display(), error = %e, "could not remove socket");
@@ -168,26 +193,40 @@ pub async fn run(args: ServeArgs, node_id: String, halves: Halves) -> Result<(),
 /// [`crate::rpc::MethodLayer`]: what `run` serves on its socket, and what the
 /// test kit serves over an in-process channel.
 pub fn routes(driver: Arc<Driver>, node: NodeConfig) -> Router<Stack<MethodLayer, Identity>> {
-    let mut router = Server::builder().layer(MethodLayer).add_service(
-        csi::identity_server::IdentityServer::new(IdentityService::new(driver.clone())),
-    );
-    if driver.mode.controller() {
-        router = router
-            .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
-                driver.clone(),
-            )))
-            .add_service(csi::group_controller_server::GroupControllerServer::new(
-                GroupControllerService::new(driver.clone()),
-            ))
-            .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
-                SnapshotMetadataService::new(driver.clone()),
-            ));
-    }
+    let mut router = if driver.mode.controller() {
+        controller_routes(Server::builder(), driver.clone())
+    } else {
+        identity_routes(Server::builder(), driver.clone())
+    };
     if driver.mode.node() {
         router =
             router.add_service(csi::node_server::NodeServer::new(NodeService::new(driver, node)));
     }
     router
+}
+
+fn identity_routes(server: Server, driver: Arc<Driver>) -> Router<Stack<MethodLayer, Identity>> {
+    server
+        .layer(MethodLayer)
+        .add_service(csi::identity_server::IdentityServer::new(IdentityService::new(driver)))
+}
+
+/// Identity and the controller services (Controller, GroupController,
+/// SnapshotMetadata) on `server`: also what a node agent serves its relay.
+pub fn controller_routes(
+    server: Server,
+    driver: Arc<Driver>,
+) -> Router<Stack<MethodLayer, Identity>> {
+    identity_routes(server, driver.clone())
+        .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
+            driver.clone(),
+        )))
+        .add_service(csi::group_controller_server::GroupControllerServer::new(
+            GroupControllerService::new(driver.clone()),
+        ))
+        .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+            SnapshotMetadataService::new(driver),
+        ))
 }
 
 /// /metrics from fresh engine figures; /healthz is what Probe checks.

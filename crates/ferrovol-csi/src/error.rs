@@ -106,6 +106,38 @@ impl From<Error> for Status {
     }
 }
 
+impl Error {
+    /// What another CSI endpoint answered (the relay's node agents), kept
+    /// as it was where our codes have it. A transport failure (a dropped
+    /// link, a deadline, a cancelled call, an unknown answer) is
+    /// UNAVAILABLE: retrying may reach the node again. Codes no CSI
+    /// driver answers are INTERNAL.
+    pub fn from_status(status: &Status, context: impl fmt::Display) -> Error {
+        let msg = match status.message() {
+            "" => format!("{context}: {}", code_name(status.code())),
+            m => format!("{context}: {m}"),
+        };
+        match status.code() {
+            Code::InvalidArgument => Error::InvalidArgument(msg),
+            Code::NotFound => Error::NotFound(msg),
+            Code::AlreadyExists => Error::AlreadyExists(msg),
+            Code::Aborted => Error::Aborted(msg),
+            Code::FailedPrecondition => Error::FailedPrecondition(msg),
+            Code::OutOfRange => Error::OutOfRange(msg),
+            Code::ResourceExhausted => Error::ResourceExhausted(msg),
+            Code::Unimplemented => Error::Unimplemented(msg),
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
+                Error::Unavailable(msg)
+            }
+            Code::Ok
+            | Code::Internal
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::DataLoss => Error::Internal(msg),
+        }
+    }
+}
+
 /// Shorthand constructors that read well at call sites.
 macro_rules! err_ctor {
     ($($fn_name:ident => $variant:ident),* $(,)?) => {
@@ -171,6 +203,16 @@ mod tests {
         let e = Error::io("opening pool", io::Error::from(io::ErrorKind::PermissionDenied));
         assert_eq!(e.code(), Code::Internal);
         assert!(e.message().starts_with("opening pool: "));
+    }
+
+    #[test]
+    fn answers_of_other_endpoints_keep_their_code() {
+        let e = Error::from_status(&Status::not_found("no volume"), "node n1");
+        assert_eq!((e.code(), e.message()), (Code::NotFound, "node n1: no volume"));
+        let e = Error::from_status(&Status::unknown("h2 protocol error"), "node n1");
+        assert_eq!(e.code(), Code::Unavailable);
+        let e = Error::from_status(&Status::permission_denied(""), "node n1");
+        assert_eq!((e.code(), e.message()), (Code::Internal, "node n1: PERMISSION_DENIED"));
     }
 
     #[test]

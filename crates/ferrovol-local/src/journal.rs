@@ -183,6 +183,9 @@ enum Change {
         id: String,
         name: String,
     },
+    /// Nothing: a durable commit that makes every lazy change before it
+    /// durable ([`Journal::sync`]).
+    Barrier,
 }
 
 impl Change {
@@ -550,6 +553,12 @@ impl Journal {
         self.submit(change, None, false).await.map(|_| ())
     }
 
+    /// Makes every change so far durable (lazy ones included): for a clean
+    /// stop, which must leave nothing for recovery to finish.
+    pub async fn sync(&self) -> Result<()> {
+        self.submit(Change::Barrier, None, true).await.map(|_| ())
+    }
+
     /// Removes a record and its name mapping.
     pub async fn remove<R: Record>(&self, record: &R) -> Result<()> {
         self.remove_after_sync(record, None).await
@@ -759,6 +768,7 @@ fn apply(txn: &redb::WriteTransaction, change: &Change) -> Outcome {
             records.remove(id.as_str()).map_err(|e| db_err("remove", e))?;
             Ok(None)
         }
+        Change::Barrier => Ok(None),
     }
 }
 

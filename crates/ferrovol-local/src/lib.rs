@@ -58,6 +58,29 @@ pub struct LocalEngine {
     /// quiesce a volume for its snapshot, and checks attachments before a
     /// delete (the storage is on this node).
     node: node::LocalNode,
+    /// This node's tag in the IDs it mints ([`ids::node_tag`]).
+    tag: String,
+}
+
+/// Rejects StorageClass parameters the local engine does not understand
+/// (also for its relay, which answers ValidateVolumeCapabilities itself).
+pub fn check_parameters(parameters: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in parameters {
+        match k.as_str() {
+            PARAM_PROVISIONING if v == "thin" || v == "thick" => {}
+            PARAM_PROVISIONING => {
+                return Err(error::invalid(format!(
+                    "parameter {PARAM_PROVISIONING}={v:?}: expected \"thin\" or \"thick\""
+                )))
+            }
+            _ => {
+                return Err(error::invalid(format!(
+                    "unknown parameter {k:?} (the local engine accepts: {PARAM_PROVISIONING})"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs blocking file work off the async executor.
@@ -191,7 +214,7 @@ impl LocalEngine {
         }
         let pool_writes = crate::fsutil::WriteMonitor::spawn(pool.root());
         let node = node::LocalNode::new(pool.clone(), node_id);
-        Ok(LocalEngine { pool, journal, method, pool_writes, node })
+        Ok(LocalEngine { pool, journal, method, pool_writes, node, tag: ids::node_tag(node_id) })
     }
 
     /// `ferrovol pool check`: what recovery would do (or, with `repair`,
@@ -394,22 +417,13 @@ impl ControllerEngine for LocalEngine {
     }
 
     fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
-        for (k, v) in parameters {
-            match k.as_str() {
-                PARAM_PROVISIONING if v == "thin" || v == "thick" => {}
-                PARAM_PROVISIONING => {
-                    return Err(error::invalid(format!(
-                        "parameter {PARAM_PROVISIONING}={v:?}: expected \"thin\" or \"thick\""
-                    )))
-                }
-                _ => {
-                    return Err(error::invalid(format!(
-                        "unknown parameter {k:?} (the local engine accepts: {PARAM_PROVISIONING})"
-                    )))
-                }
-            }
-        }
-        Ok(())
+        check_parameters(parameters)
+    }
+
+    /// Lazy journal changes (a delete's removal, a growth's size) become
+    /// durable here rather than being left for recovery to redo.
+    async fn close(&self) -> Result<()> {
+        self.journal.sync().await
     }
 
     async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
@@ -452,7 +466,7 @@ impl ControllerEngine for LocalEngine {
             AccessType::Mount { fs_type } => (false, fs_type.clone()),
         };
         let mut record = VolumeRecord {
-            id: ids::mint(Kind::Volume),
+            id: ids::mint(Kind::Volume, &self.tag),
             name: req.name.clone(),
             state: State::Creating as i32,
             capacity,
@@ -648,7 +662,7 @@ impl ControllerEngine for LocalEngine {
         // block or idle: crash-consistent, as a power cut would leave it.
         let quiesce = self.node.prepare_quiesce(&[source_volume.to_string()], false).await?;
         let mut record = SnapshotRecord {
-            id: ids::mint(Kind::Snapshot),
+            id: ids::mint(Kind::Snapshot, &self.tag),
             name: name.to_string(),
             state: State::Creating as i32,
             source_volume: source_volume.to_string(),
@@ -754,12 +768,19 @@ impl ControllerEngine for LocalEngine {
             self.discard_group(&existing).await?;
         }
         let sources = volumes.iter().map(|v| self.ready_volume(v)).collect::<Result<Vec<_>>>()?;
-        let group_id = ids::mint(Kind::Group);
+        // A group the relay spreads over several nodes has one ID on all of
+        // them, which it passes as the name of each node's part.
+        let group_id =
+            if name.starts_with(ids::SHARED_GROUP_PREFIX) && ids::is_valid(Kind::Group, name) {
+                name.to_string()
+            } else {
+                ids::mint(Kind::Group, &self.tag)
+            };
         let created = now_nanos();
         let mut members: Vec<SnapshotRecord> = sources
             .iter()
             .map(|v| SnapshotRecord {
-                id: ids::mint(Kind::Snapshot),
+                id: ids::mint(Kind::Snapshot, &self.tag),
                 // Internal names: unique, and never a name a CO could pick.
                 name: format!("{group_id}/{}", v.id),
                 state: State::Creating as i32,

@@ -416,7 +416,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::open(dir.path()).unwrap();
         assert!(pool.path(Kind::Volume, "../../etc/passwd").is_err());
-        let id = ids::mint(Kind::Volume);
+        let id = ids::mint(Kind::Volume, "n1");
         let p = pool.path(Kind::Volume, &id).unwrap();
         assert!(p.starts_with(pool.root()));
     }

@@ -11,8 +11,17 @@ use crate::journal::{Journal, State, VolumeRecord};
 use crate::pool::Pool;
 
 /// Adds `count` empty thin volumes of `size` bytes named `seed-<n>`.
-pub async fn thin_volumes(pool_dir: &Path, count: usize, size: u64, node_id: &str) -> Result<()> {
+/// With `legacy_ids`, the IDs are untagged, as releases before IDs named
+/// their node minted them (for testing that such IDs still resolve).
+pub async fn thin_volumes(
+    pool_dir: &Path,
+    count: usize,
+    size: u64,
+    node_id: &str,
+    legacy_ids: bool,
+) -> Result<()> {
     let pool = Pool::open(pool_dir)?;
+    let tag = ids::node_tag(node_id);
     let journal = Journal::open(&pool.journal_path())?;
     let topology =
         std::collections::BTreeMap::from([(crate::TOPOLOGY_KEY.to_string(), node_id.to_string())]);
@@ -20,7 +29,10 @@ pub async fn thin_volumes(pool_dir: &Path, count: usize, size: u64, node_id: &st
     for start in (0..count).step_by(2048) {
         let records: Vec<VolumeRecord> = (start..count.min(start + 2048))
             .map(|n| VolumeRecord {
-                id: ids::mint(Kind::Volume),
+                id: match legacy_ids {
+                    false => ids::mint(Kind::Volume, &tag),
+                    true => format!("{}{}", Kind::Volume.prefix(), uuid::Uuid::new_v4().simple()),
+                },
                 name: format!("seed-{n}"),
                 state: State::Ready as i32,
                 capacity: size,

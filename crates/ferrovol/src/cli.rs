@@ -36,6 +36,53 @@ pub enum Command {
     /// Manage the local engine's pool.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// The link between the relay (the central controller) and the node
+    /// agents.
+    #[command(subcommand)]
+    Link(LinkCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Make the link's CA and certificates (the relay's, and one for every
+    /// agent): without --out, print the two Kubernetes Secrets the
+    /// manifests mount, ready for `kubectl apply -f -`.
+    Certs {
+        /// Write PEM files to DIR/relay and DIR/agent instead (ca.crt,
+        /// tls.crt, tls.key in each).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The Secrets' namespace.
+        #[arg(long, default_value = "ferrovol")]
+        namespace: String,
+        /// How long the certificates are valid, in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+}
+
+/// The relay link's flags (`serve --mode relay` and `--mode agent`).
+#[derive(Debug, Clone, Args)]
+pub struct LinkArgs {
+    /// Relay: where node agents connect (host:port), e.g. 0.0.0.0:7443.
+    #[arg(long, env = "FERROVOL_LINK_LISTEN")]
+    pub link_listen: Option<String>,
+
+    /// Agent: the relay's address (host:port); every address the name
+    /// resolves to is a replica, and each is dialled (a headless Service).
+    #[arg(long, env = "FERROVOL_LINK_CONTROLLER")]
+    pub link_controller: Option<String>,
+
+    /// A directory with this end's ca.crt, tls.crt and tls.key (a mounted
+    /// Secret from `ferrovol link certs`).
+    #[arg(long, env = "FERROVOL_LINK_TLS")]
+    pub link_tls: Option<PathBuf>,
+
+    /// Relay: the longest a group snapshot spread over nodes keeps its
+    /// members frozen; past it the snapshot is ABORTED and retried.
+    #[arg(long, env = "FERROVOL_GROUP_FREEZE_LIMIT", default_value = "3s",
+          value_parser = ferrovol_csi::units::parse_duration)]
+    pub group_freeze_limit: std::time::Duration,
 }
 
 /// `ferrovol serve`: the flags every engine shares, the engine, and its own.
@@ -52,6 +99,9 @@ pub struct ServeCommand {
     /// The local engine's pool directory. Default: <state-dir>/pool.
     #[arg(long, env = "FERROVOL_POOL_DIR")]
     pub pool_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub link: LinkArgs,
 }
 
 /// The storage engines ferrovol can serve.
@@ -109,6 +159,9 @@ pub enum PoolCommand {
         /// The node the volumes live on (their topology).
         #[arg(long, default_value = "bench")]
         node_id: String,
+        /// Mint IDs without a node tag, as releases before tags did.
+        #[arg(long)]
+        legacy_ids: bool,
     },
     /// Check the journal against the pool's files (read-only unless
     /// --repair); exits 0 only when clean. Run it while the driver is

@@ -9,8 +9,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use cli::{Cli, Command, EngineKind, PoolCommand, ServeCommand};
+use cli::{Cli, Command, EngineKind, LinkArgs, LinkCommand, PoolCommand, ServeCommand};
+use ferrovol_core::cli::Mode;
 use ferrovol_core::engine::NodeAttacher;
+use ferrovol_core::server::Companion;
 use ferrovol_core::server::Halves;
 use ferrovol_local::node::LocalNode;
 use ferrovol_local::LocalEngine;
@@ -79,6 +81,20 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
+        Command::Link(LinkCommand::Certs { out, namespace, days }) => {
+            let certs = ferrovol_relay::certs::LinkCerts::generate(days)?;
+            match out {
+                Some(dir) => {
+                    certs.write(&dir)?;
+                    println!(
+                        "wrote {0}/relay and {0}/agent (ca.crt, tls.crt, tls.key)",
+                        dir.display()
+                    );
+                }
+                None => print!("{}", certs.secrets_manifest(&namespace)),
+            }
+            Ok(())
+        }
         Command::Pool(PoolCommand::Check { state_dir, pool_dir, repair }) => {
             let pool_dir = pool_dir.unwrap_or_else(|| state_dir.join("pool"));
             let report = LocalEngine::check_pool(&pool_dir, repair)
@@ -101,8 +117,8 @@ async fn run(command: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::Pool(PoolCommand::Seed { dir, volumes, node_id }) => {
-            ferrovol_local::seed::thin_volumes(&dir, volumes, 1 << 30, &node_id)
+        Command::Pool(PoolCommand::Seed { dir, volumes, node_id, legacy_ids }) => {
+            ferrovol_local::seed::thin_volumes(&dir, volumes, 1 << 30, &node_id, legacy_ids)
                 .await
                 .map_err(|e| e.message().to_string())
         }
@@ -151,10 +167,15 @@ async fn run(command: Command) -> Result<(), String> {
 
 /// Opens the engine `--engine` names, as the halves `--mode` asks for (a
 /// node-only process never opens what only the controller half needs, the
-/// local engine's journal), and serves it.
+/// local engine's journal; a relay opens no pool at all), and serves it.
 async fn serve(args: ServeCommand) -> Result<(), String> {
     let common = args.common;
     let node_id = ferrovol_core::server::node_id(&common)?;
+    let link = args.link;
+    if common.mode == Mode::Relay {
+        let (halves, companion) = relay(&link).await?;
+        return ferrovol_core::server::run(common, node_id, halves, Some(companion)).await;
+    }
     let halves: Halves = match args.engine {
         EngineKind::Local => {
             // The pool's identity record lives in the state dir.
@@ -180,5 +201,42 @@ async fn serve(args: ServeCommand) -> Result<(), String> {
             }
         }
     };
-    ferrovol_core::server::run(common, node_id, halves).await
+    let companion = match common.mode {
+        Mode::Agent => Some(agent(&link)?),
+        _ => None,
+    };
+    ferrovol_core::server::run(common, node_id, halves, companion).await
+}
+
+fn link_tls(link: &LinkArgs) -> Result<ferrovol_relay::tls::Credentials, String> {
+    let dir = link.link_tls.as_ref().ok_or("--link-tls is required for the relay link")?;
+    ferrovol_relay::tls::Credentials::load(dir)
+}
+
+/// `--mode relay`: the engine that asks the agents, and the listener they
+/// dial (bound before the driver says it is serving).
+async fn relay(link: &LinkArgs) -> Result<(Halves, Companion), String> {
+    use ferrovol_relay::relay::{agents, engine::RelayEngine};
+    let addr = link.link_listen.as_ref().ok_or("--mode relay needs --link-listen")?;
+    let tls = link_tls(link)?.server()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("binding the link listener {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(addr = %local, "link listening for node agents");
+    let registry = Arc::new(agents::Agents::default());
+    let engine = Arc::new(RelayEngine::new(registry.clone(), link.group_freeze_limit));
+    let companion: Companion =
+        Box::new(move |_, _| tokio::spawn(agents::listen(listener, tls, registry)));
+    Ok(((Some(engine), None), companion))
+}
+
+/// `--mode agent`: dial the relay and serve it this node's controller
+/// services.
+fn agent(link: &LinkArgs) -> Result<Companion, String> {
+    let addr = link.link_controller.clone().ok_or("--mode agent needs --link-controller")?;
+    let tls = link_tls(link)?.client()?;
+    Ok(Box::new(move |driver, stop| {
+        tokio::spawn(ferrovol_relay::agent::run(addr, tls, driver, stop))
+    }))
 }

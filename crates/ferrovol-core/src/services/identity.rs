@@ -62,10 +62,14 @@ impl IdentityService {
             .collect();
         // Online expansion, where this process takes part in it: the
         // controller that grows the volume, or the node that grows it (and
-        // its filesystem) itself.
+        // its filesystem) itself. A relay fronts nodes that grow their
+        // volumes: the resizer beside it must see the capability to do its
+        // (no-op) controller step and hand the PVC to the kubelet.
         let grows_here = match self.driver.features().expansion {
             ExpansionSite::Controller => self.driver.controller.is_some(),
-            ExpansionSite::Node => self.driver.node.is_some(),
+            ExpansionSite::Node => {
+                self.driver.node.is_some() || self.driver.mode == crate::cli::Mode::Relay
+            }
         };
         if grows_here {
             caps.push(csi::PluginCapability {

@@ -3,6 +3,7 @@
 //! frozen side by side, thawed by guards on every path. Engine-agnostic:
 //! a node half hands in the devices its volumes are attached as.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::error::{self, Error, Result};
@@ -33,9 +34,21 @@ pub fn filesystem_mount(mounts: &[MountEntry]) -> Option<&MountEntry> {
 /// Finds what to freeze for volumes attached as `devices` (volume ID, its
 /// device here if attached), flushes it, and answers the freeze. A volume
 /// not attached here has no writer through this node; one attached only as
-/// a raw block device cannot be quiesced, which `strict` refuses.
+/// a raw block device cannot be quiesced, which `strict` refuses. A
+/// filesystem already frozen by a [`Held`] freeze is left to it.
 pub async fn prepare(devices: Vec<(String, Option<PathBuf>)>, strict: bool) -> Result<Quiesce> {
-    let mounts = tokio::task::spawn_blocking(move || {
+    let (mounts, _already_still) = flushed_mounts(devices, strict).await?;
+    Ok(Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>)))
+}
+
+/// The filesystem mounts of `devices`, flushed while writers still run;
+/// those a [`Held`] freeze holds are already still, and left out (flushing
+/// a frozen filesystem could wait for its thaw).
+async fn flushed_mounts(
+    devices: Vec<(String, Option<PathBuf>)>,
+    strict: bool,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    tokio::task::spawn_blocking(move || {
         let mut mounts = Vec::new();
         for (id, device) in devices {
             let Some(device) = device else { continue };
@@ -53,12 +66,75 @@ pub async fn prepare(devices: Vec<(String, Option<PathBuf>)>, strict: bool) -> R
                 None => {}
             }
         }
+        let (already, mounts): (Vec<PathBuf>, Vec<PathBuf>) = {
+            let held = held_mounts();
+            mounts.into_iter().partition(|m| held.contains(m))
+        };
         presync(&mounts);
-        Ok(mounts)
+        Ok((mounts, already))
     })
     .await
-    .map_err(|e| error::internal(e.to_string()))??;
-    Ok(Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>)))
+    .map_err(|e| error::internal(e.to_string()))?
+}
+
+/// Mount points frozen by a [`Held`] freeze in this process.
+static HELD: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+
+fn held_mounts() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    // A panic elsewhere cannot leave the set half-written: recover it.
+    HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A freeze that outlives the call that made it: the first phase of a
+/// group snapshot whose members live on several nodes (every node freezes,
+/// then every node clones, then every node thaws). While it is held, the
+/// snapshots taken here skip its filesystems (they are already still);
+/// dropping it thaws them.
+pub struct Held {
+    mounts: Vec<PathBuf>,
+    frozen: Vec<Frozen>,
+    pub frozen_at: std::time::Instant,
+}
+
+impl Held {
+    /// Flushes and freezes the filesystems of `devices` as [`prepare`]
+    /// would; a filesystem another held freeze already holds is ABORTED
+    /// (two group snapshots of one volume at once: the later one retries).
+    pub async fn freeze(devices: Vec<(String, Option<PathBuf>)>, strict: bool) -> Result<Held> {
+        let (mut mounts, already) = flushed_mounts(devices, strict).await?;
+        mounts.sort();
+        mounts.dedup();
+        tokio::task::spawn_blocking(move || {
+            let mut held = held_mounts();
+            if let Some(m) = already.iter().chain(&mounts).find(|m| held.contains(*m)) {
+                return Err(error::aborted(format!(
+                    "{} is frozen for another group snapshot",
+                    m.display()
+                )));
+            }
+            let frozen = freeze_all(&mounts)?;
+            held.extend(mounts.iter().cloned());
+            Ok(Held { mounts, frozen, frozen_at: std::time::Instant::now() })
+        })
+        .await
+        .map_err(|e| error::internal(e.to_string()))?
+    }
+
+    pub fn mounts(&self) -> &[PathBuf] {
+        &self.mounts
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = held_mounts();
+        for m in &self.mounts {
+            held.remove(m);
+        }
+        // Thawed while the set is locked: no snapshot starts in between
+        // believing a filesystem is still held.
+        self.frozen.clear();
+    }
 }
 
 /// Flushes every filesystem in `mounts` at once, while writers still run:

@@ -20,6 +20,7 @@ mod node_ownership;
 mod pool_tools;
 mod prometheus;
 mod recovery;
+mod relay;
 mod secrets;
 mod soak;
 mod split;

@@ -35,6 +35,7 @@ pub struct DriverBuilder {
     wrapper: Vec<String>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    node_id: String,
 }
 
 impl DriverBuilder {
@@ -48,7 +49,13 @@ impl DriverBuilder {
             wrapper: Vec::new(),
             args: Vec::new(),
             envs: vec![("RUST_LOG".into(), "debug,h2=info,hyper=info,tower=info".into())],
+            node_id: "test-node".into(),
         }
+    }
+
+    pub fn node_id(mut self, id: &str) -> Self {
+        self.node_id = id.into();
+        self
     }
 
     pub fn socket(mut self, p: impl Into<PathBuf>) -> Self {
@@ -96,7 +103,7 @@ impl DriverBuilder {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--node-id")
-            .arg("test-node")
+            .arg(&self.node_id)
             .args(&self.args)
             .args(
                 self.pool_dir
@@ -168,6 +175,19 @@ impl Driver {
                 Ok(line) if line.contains(needle) => return Some(line),
                 Ok(_) => continue,
                 Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits until `needle` has been logged at least `n` times in all.
+    pub fn wait_for_log_count(&mut self, needle: &str, n: usize) -> bool {
+        loop {
+            // Lines reach `logs` before the channel: nothing is missed.
+            if self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count() >= n {
+                return true;
+            }
+            if self.lines.recv_timeout(START_TIMEOUT).is_err() {
+                return false;
             }
         }
     }

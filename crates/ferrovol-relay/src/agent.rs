@@ -1,0 +1,226 @@
+//! The node agent's end of the link: the node DaemonSet's ferrovol keeps
+//! serving the kubelet on its socket, dials every relay replica, and serves
+//! each one the controller services of its own pool plus the [`Agent`]
+//! calls (who it is; the freeze of a group snapshot spread over nodes).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use ferrovol_core::rpc::MethodLayer;
+use ferrovol_core::services::Driver;
+use ferrovol_host::node::quiesce::Held;
+use tokio::net::TcpStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::link::{LinkIo, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::proto::agent_server::{Agent, AgentServer};
+use crate::proto::*;
+
+/// The longest a relay may keep this node's filesystems frozen.
+pub const MAX_HOLD: Duration = Duration::from_secs(10);
+
+/// How often the relay's address is resolved again (a new replica, or one
+/// that moved).
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The freezes one relay connection made; dropped (thawed) with it.
+#[derive(Default)]
+struct Holds {
+    live: HashMap<String, Held>,
+    /// Holds that ran out of time, so Thaw can say so.
+    expired: HashSet<String>,
+}
+
+/// The Agent service for one link connection.
+pub struct AgentService {
+    driver: Arc<Driver>,
+    holds: Arc<Mutex<Holds>>,
+}
+
+impl AgentService {
+    pub fn new(driver: Arc<Driver>) -> AgentService {
+        AgentService { driver, holds: Arc::default() }
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.holds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for AgentService {
+    fn drop(&mut self) {
+        // The relay is gone: thaw whatever it froze, at once.
+        let left = std::mem::take(&mut self.holds().live);
+        if !left.is_empty() {
+            warn!(holds = left.len(), "link closed with filesystems frozen: thawed");
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
+        let node = self.driver.node();
+        Ok(Response::new(HelloReply {
+            node_id: self.driver.node_id.clone(),
+            tag: ferrovol_local::ids::node_tag(&self.driver.node_id),
+            topology: node.topology().into_iter().collect(),
+            version: ferrovol_csi::build::version().to_string(),
+        }))
+    }
+
+    async fn freeze(&self, req: Request<FreezeRequest>) -> Result<Response<FreezeReply>, Status> {
+        let req = req.into_inner();
+        if req.hold_id.is_empty() {
+            return Err(Status::invalid_argument("hold_id is required"));
+        }
+        let limit = Duration::from_millis(u64::from(req.hold_ms)).min(MAX_HOLD);
+        let node = self.driver.node();
+        let mut devices = Vec::with_capacity(req.volume_ids.len());
+        for id in &req.volume_ids {
+            devices.push((id.clone(), node.device(id).await.map_err(Status::from)?));
+        }
+        let held = Held::freeze(devices, true).await.map_err(Status::from)?;
+        let frozen = held.mounts().len() as u32;
+        {
+            let mut holds = self.holds();
+            if holds.live.contains_key(&req.hold_id) {
+                return Err(Status::already_exists(format!("hold {} exists", req.hold_id)));
+            }
+            holds.live.insert(req.hold_id.clone(), held);
+        }
+        // The bound: thawed on our own if the relay never comes back for it.
+        let weak: Weak<Mutex<Holds>> = Arc::downgrade(&self.holds);
+        let id = req.hold_id;
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            let Some(holds) = weak.upgrade() else { return };
+            let mut holds = holds.lock().unwrap_or_else(|p| p.into_inner());
+            if holds.live.remove(&id).is_some() {
+                warn!(hold = %id, ?limit, "a group snapshot's freeze ran out of time: thawed");
+                holds.expired.insert(id);
+            }
+        });
+        Ok(Response::new(FreezeReply { frozen }))
+    }
+
+    async fn thaw(&self, req: Request<ThawRequest>) -> Result<Response<ThawReply>, Status> {
+        let id = req.into_inner().hold_id;
+        let mut holds = self.holds();
+        holds.expired.remove(&id);
+        Ok(Response::new(match holds.live.remove(&id) {
+            Some(held) => {
+                let frozen_us = held.frozen_at.elapsed().as_micros() as u64;
+                drop(held);
+                ThawReply { held: true, frozen_us }
+            }
+            None => ThawReply { held: false, frozen_us: 0 },
+        }))
+    }
+}
+
+/// Dials the relay at `address` (host:port; every address it resolves to is
+/// one replica) and serves each connection until `stop`; redials a lost one
+/// with backoff.
+pub async fn run(
+    address: String,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    driver: Arc<Driver>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut dialers: HashMap<std::net::SocketAddr, Dialer> = HashMap::new();
+    loop {
+        match tokio::net::lookup_host(&address).await {
+            Ok(found) => {
+                let found: HashSet<_> = found.collect();
+                dialers.retain(|addr, _| {
+                    let keep = found.contains(addr);
+                    if !keep {
+                        info!(relay = %addr, "relay address gone from {address}");
+                    }
+                    keep
+                });
+                for addr in found {
+                    dialers.entry(addr).or_insert_with(|| {
+                        Dialer(tokio::spawn(dial(addr, tls.clone(), driver.clone())))
+                    });
+                }
+            }
+            Err(e) => warn!(%address, error = %e, "cannot resolve the relay"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+/// A replica's dialer task, stopped when dropped: by the address leaving the
+/// Service, or by the whole dialer stopping (also when it is aborted).
+struct Dialer(tokio::task::JoinHandle<()>);
+
+impl Drop for Dialer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One replica: connect, serve until the connection is gone, again.
+async fn dial(
+    addr: std::net::SocketAddr,
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    driver: Arc<Driver>,
+) {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match connect(addr, &connector).await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(100);
+                info!(relay = %addr, "link to the relay up");
+                let (io, closed) = LinkIo::new(stream);
+                let routes = link_routes(driver.clone());
+                tokio::spawn(
+                    routes.serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(io))),
+                );
+                let _ = closed.await;
+                warn!(relay = %addr, "link to the relay lost; redialling");
+            }
+            Err(e) => warn!(relay = %addr, error = %e, "cannot reach the relay"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn connect(
+    addr: std::net::SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("no answer within {DIAL_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    tokio::time::timeout(DIAL_TIMEOUT, connector.connect(crate::tls::relay_name(), tcp))
+        .await
+        .map_err(|_| format!("TLS handshake took over {DIAL_TIMEOUT:?}"))?
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+/// What an agent serves a relay: its controller services, and [`Agent`].
+fn link_routes(
+    driver: Arc<Driver>,
+) -> tonic::transport::server::Router<
+    tower::layer::util::Stack<MethodLayer, tower::layer::util::Identity>,
+> {
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    ferrovol_core::server::controller_routes(server, driver.clone())
+        .add_service(AgentServer::new(AgentService::new(driver)))
+}

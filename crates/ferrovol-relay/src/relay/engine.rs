@@ -1,0 +1,582 @@
+//! The relay's engine: the local engine's controller half, answered by the
+//! node agent that holds each volume. The CSI services in front of it
+//! validate, lock and convert exactly as for any engine; this only decides
+//! which node a call goes to and asks it.
+//!
+//! Routing needs no database: every ID an agent mints carries its node's
+//! tag (`vol-…@node`), CreateVolume goes where the accessibility
+//! requirements say (the scheduler's choice under WaitForFirstConsumer),
+//! and an ID minted before tags existed is found by asking the nodes once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrovol_core::engine::*;
+use ferrovol_core::services::convert;
+use ferrovol_csi as csi;
+use ferrovol_csi::error::{self, Result};
+use ferrovol_local::ids::{self, Kind};
+use ferrovol_local::TOPOLOGY_KEY;
+
+use super::agents::{AgentLink, Agents};
+use super::wire;
+
+/// How long a condition an agent reported with a volume answers the
+/// services' next question about it (their ListVolumes and
+/// ControllerGetVolume ask for the volume, then for its condition).
+const CONDITION_FRESH: Duration = Duration::from_secs(2);
+
+pub struct RelayEngine {
+    pub(super) agents: Arc<Agents>,
+    /// IDs minted before tags, and where they were found.
+    legacy: Mutex<HashMap<String, String>>,
+    conditions: Mutex<HashMap<String, (Instant, Condition)>>,
+    /// The longest every node's members stay frozen for a group snapshot
+    /// spread over nodes.
+    pub(super) hold_limit: Duration,
+    /// Test hook (`FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE`): no cross-node
+    /// freeze, each node's part taken in turn as a relay without one would,
+    /// so the consistency test can show that it fails then.
+    pub(super) skip_freeze: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RelayEngine {
+    pub fn new(agents: Arc<Agents>, hold_limit: Duration) -> RelayEngine {
+        RelayEngine {
+            agents,
+            legacy: Mutex::default(),
+            conditions: Mutex::default(),
+            hold_limit,
+            skip_freeze: std::env::var_os("FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE").is_some(),
+        }
+    }
+
+    /// The agent holding `id`; None when no node has it (or the ID is not
+    /// one of ours), UNAVAILABLE when its node is not connected.
+    pub(super) async fn locate(&self, kind: Kind, id: &str) -> Result<Option<Arc<AgentLink>>> {
+        if !ids::is_valid(kind, id) {
+            return Ok(None);
+        }
+        if let Some(tag) = ids::tag_of(id) {
+            return self.agents.by_tag(tag).map(Some);
+        }
+        if let Some(tag) = lock(&self.legacy).get(id).cloned() {
+            return self.agents.by_tag(&tag).map(Some);
+        }
+        // Minted before IDs carried their node: ask every node, once.
+        let links = self.agents.all()?;
+        for link in links {
+            if has(&link, kind, id).await? {
+                lock(&self.legacy).insert(id.to_string(), link.tag.clone());
+                return Ok(Some(link));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn require(&self, kind: Kind, id: &str) -> Result<Arc<AgentLink>> {
+        self.locate(kind, id)
+            .await?
+            .ok_or_else(|| error::not_found(format!("{} {id} does not exist", kind.noun())))
+    }
+
+    /// Where a new volume without a content source goes: the first
+    /// connected node among the preferred, then the requisite segments;
+    /// with no requirements, the connected node the name hashes to
+    /// (rendezvous hashing: the same name lands on the same node while the
+    /// set of nodes stays the same, so a retry finds its volume).
+    fn place(
+        &self,
+        name: &str,
+        accessibility: Option<&TopologyRequirement>,
+    ) -> Result<Arc<AgentLink>> {
+        if let Some(r) = accessibility {
+            let named: Vec<&String> = r
+                .preferred
+                .iter()
+                .chain(&r.requisite)
+                .filter_map(|t| t.get(TOPOLOGY_KEY))
+                .collect();
+            if let Some(link) = named.iter().find_map(|node| self.agents.by_node(node)) {
+                return Ok(link);
+            }
+            if let Some(first) = named.first() {
+                return Err(error::unavailable(format!(
+                    "node {first} (and any other node the volume may live on) is not connected \
+                     to this controller"
+                )));
+            }
+        }
+        let hash = |tag: &str| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in name.bytes().chain([0]).chain(tag.bytes()) {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            h
+        };
+        self.agents
+            .connected()
+            .into_iter()
+            .max_by_key(|l| hash(&l.tag))
+            .ok_or_else(|| error::unavailable("no node agent is connected to this controller"))
+    }
+
+    fn remember(&self, id: &str, condition: Condition) {
+        let mut conditions = lock(&self.conditions);
+        if conditions.len() > 100_000 {
+            conditions.retain(|_, (at, _)| at.elapsed() < CONDITION_FRESH);
+        }
+        conditions.insert(id.to_string(), (Instant::now(), condition));
+    }
+
+    fn remembered(&self, id: &str) -> Option<Condition> {
+        let mut conditions = lock(&self.conditions);
+        match conditions.remove(id) {
+            Some((at, c)) if at.elapsed() < CONDITION_FRESH => Some(c),
+            _ => None,
+        }
+    }
+
+    async fn get_volume(&self, link: &AgentLink, id: &str) -> Result<(Volume, Condition)> {
+        let got = link
+            .controller
+            .clone()
+            .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.to_string() })
+            .await
+            .map_err(|s| link.failed(s))?
+            .into_inner();
+        let condition =
+            wire::condition(got.status.as_ref().and_then(|s| s.volume_condition.as_ref()));
+        let volume = got
+            .volume
+            .ok_or_else(|| error::internal(format!("{} answered no volume", link.context())))?;
+        Ok((wire::volume(volume)?, condition))
+    }
+
+    /// One page of a listing over every node, in tag order. The token is
+    /// the node to go on with and that node's own token (`tag/token`);
+    /// nodes before it are done, nodes after it not begun.
+    async fn merged<T, F, Fut>(&self, token: Option<&str>, max: usize, page: F) -> Result<Page<T>>
+    where
+        F: Fn(Arc<AgentLink>, String, usize) -> Fut,
+        Fut: Future<Output = Result<(Vec<T>, String)>>,
+    {
+        let links = self.agents.all()?;
+        let (mut at, mut inner) = match token {
+            None => (0, String::new()),
+            Some(t) => {
+                let (tag, inner) = t.split_once('/').ok_or_else(|| {
+                    error::aborted("starting_token is not one this driver issued")
+                })?;
+                let at = links.iter().position(|l| l.tag == tag).ok_or_else(|| {
+                    error::aborted(format!(
+                        "starting_token names a node ({tag}) this controller does not know"
+                    ))
+                })?;
+                (at, inner.to_string())
+            }
+        };
+        let mut items = Vec::new();
+        while at < links.len() && items.len() < max {
+            let want = if max == usize::MAX { usize::MAX } else { max - items.len() };
+            let (got, next) = page(links[at].clone(), std::mem::take(&mut inner), want).await?;
+            items.extend(got);
+            if next.is_empty() {
+                at += 1;
+            } else {
+                inner = next;
+            }
+        }
+        let next = (at < links.len()).then(|| format!("{}/{inner}", links[at].tag));
+        Ok(Page { items, next })
+    }
+
+    async fn list_snapshots_on(
+        link: Arc<AgentLink>,
+        filter: &SnapshotFilter,
+        token: String,
+        want: usize,
+    ) -> Result<(Vec<Snapshot>, String)> {
+        let got = link
+            .controller
+            .clone()
+            .list_snapshots(csi::ListSnapshotsRequest {
+                max_entries: wire::max_entries(want),
+                starting_token: token,
+                source_volume_id: filter.source_volume.clone().unwrap_or_default(),
+                snapshot_id: filter.snapshot_id.clone().unwrap_or_default(),
+                secrets: HashMap::new(),
+            })
+            .await
+            .map_err(|s| link.failed(s))?
+            .into_inner();
+        let items =
+            got.entries.into_iter().filter_map(|e| e.snapshot).map(wire::snapshot).collect();
+        Ok((items, got.next_token))
+    }
+}
+
+/// Whether the agent has this object (for IDs without a node tag).
+async fn has(link: &AgentLink, kind: Kind, id: &str) -> Result<bool> {
+    let answer = match kind {
+        Kind::Volume => link
+            .controller
+            .clone()
+            .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.to_string() })
+            .await
+            .map(|_| true),
+        Kind::Snapshot => link
+            .controller
+            .clone()
+            .list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| !r.into_inner().entries.is_empty()),
+        Kind::Group => link
+            .group
+            .clone()
+            .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| true),
+    };
+    match answer {
+        Ok(found) => Ok(found),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+        Err(s) => Err(link.failed(s)),
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerEngine for RelayEngine {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    fn features(&self) -> Features {
+        ferrovol_local::node::features()
+    }
+
+    fn manifest(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("engine".to_string(), "local".to_string()),
+            ("relay".to_string(), "true".to_string()),
+            ("agents".to_string(), self.agents.count().to_string()),
+        ])
+    }
+
+    fn has_topology(&self) -> bool {
+        true
+    }
+
+    /// The relay is healthy without agents (they may be starting); a call
+    /// for a node that is away says so itself.
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<EngineStats> {
+        Ok(EngineStats {
+            facts: BTreeMap::from([("agents".to_string(), self.agents.count().to_string())]),
+            ..Default::default()
+        })
+    }
+
+    fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
+        ferrovol_local::check_parameters(parameters)
+    }
+
+    async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
+        let link = match &req.source {
+            Some(ContentSource::Snapshot(id)) => self.require(Kind::Snapshot, id).await?,
+            Some(ContentSource::Volume(id)) => self.require(Kind::Volume, id).await?,
+            None => self.place(&req.name, req.accessibility.as_ref())?,
+        };
+        let wire = csi::CreateVolumeRequest {
+            name: req.name.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: req.required_bytes as i64,
+                limit_bytes: req.limit_bytes as i64,
+            }),
+            volume_capabilities: vec![wire::capability(&req.access)],
+            parameters: wire::parameters(&req.parameters),
+            secrets: wire::secrets(&req.secrets),
+            volume_content_source: req.source.as_ref().map(convert::content_source_to_wire),
+            accessibility_requirements: req.accessibility.as_ref().map(wire::requirement),
+            mutable_parameters: HashMap::new(),
+        };
+        let made = link.controller.clone().create_volume(wire).await.map_err(|s| link.failed(s))?;
+        let volume = made.into_inner().volume.ok_or_else(|| {
+            error::internal(format!("{} created a volume but answered none", link.context()))
+        })?;
+        wire::volume(volume)
+    }
+
+    async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        let Some(link) = self.locate(Kind::Volume, id).await? else { return Ok(()) };
+        link.controller
+            .clone()
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: id.to_string(),
+                secrets: wire::secrets(secrets),
+            })
+            .await
+            .map_err(|s| link.failed(s))?;
+        Ok(())
+    }
+
+    async fn volume(&self, id: &str) -> Result<Volume> {
+        let link = self.require(Kind::Volume, id).await?;
+        let (volume, condition) = self.get_volume(&link, id).await?;
+        self.remember(id, condition);
+        Ok(volume)
+    }
+
+    async fn volume_conditions(&self, ids: &[String]) -> Result<Vec<Result<Condition>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(match self.remembered(id) {
+                Some(c) => Ok(c),
+                None => match self.require(Kind::Volume, id).await {
+                    Ok(link) => self.get_volume(&link, id).await.map(|(_, c)| c),
+                    Err(e) => Err(e),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
+        self.merged(token, max, |link, token, want| async move {
+            let got = link
+                .controller
+                .clone()
+                .list_volumes(csi::ListVolumesRequest {
+                    max_entries: wire::max_entries(want),
+                    starting_token: token,
+                })
+                .await
+                .map_err(|s| link.failed(s))?
+                .into_inner();
+            let mut items = Vec::with_capacity(got.entries.len());
+            for e in got.entries {
+                let Some(v) = e.volume else { continue };
+                let condition =
+                    wire::condition(e.status.as_ref().and_then(|s| s.volume_condition.as_ref()));
+                self.remember(&v.volume_id, condition);
+                items.push(wire::volume(v)?);
+            }
+            Ok((items, got.next_token))
+        })
+        .await
+    }
+
+    async fn capacity(
+        &self,
+        parameters: &BTreeMap<String, String>,
+        topology: Option<&Topology>,
+    ) -> Result<Capacity> {
+        let ask = |link: Arc<AgentLink>, topology: Option<csi::Topology>| {
+            let parameters = wire::parameters(parameters);
+            async move {
+                let got = link
+                    .controller
+                    .clone()
+                    .get_capacity(csi::GetCapacityRequest {
+                        volume_capabilities: vec![],
+                        parameters,
+                        accessible_topology: topology,
+                    })
+                    .await
+                    .map_err(|s| link.failed(s))?
+                    .into_inner();
+                Ok::<_, error::Error>(Capacity {
+                    available: got.available_capacity.max(0) as u64,
+                    maximum_volume_size: got.maximum_volume_size.unwrap_or(0).max(0) as u64,
+                    minimum_volume_size: got.minimum_volume_size.unwrap_or(0).max(0) as u64,
+                })
+            }
+        };
+        let none = Capacity { available: 0, maximum_volume_size: 0, minimum_volume_size: 0 };
+        match topology {
+            Some(t) => {
+                let Some(node) = t.get(TOPOLOGY_KEY) else { return Ok(none) };
+                let link = self.agents.by_tag(&ids::node_tag(node))?;
+                ask(link, Some(convert::topology(t))).await
+            }
+            // Anywhere: what all connected nodes have together, and the
+            // largest volume any one of them could hold.
+            None => {
+                let mut total = none;
+                for link in self.agents.connected() {
+                    let c = ask(link, None).await?;
+                    total.available += c.available;
+                    total.maximum_volume_size =
+                        total.maximum_volume_size.max(c.maximum_volume_size);
+                    total.minimum_volume_size =
+                        total.minimum_volume_size.max(c.minimum_volume_size);
+                }
+                Ok(total)
+            }
+        }
+    }
+
+    async fn expand_volume(&self, id: &str, _: u64, _: u64, _: &Secrets) -> Result<u64> {
+        Err(error::unimplemented(format!(
+            "local volumes grow on their node (NodeExpandVolume), not through the controller ({id})"
+        )))
+    }
+
+    async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+        secrets: &Secrets,
+    ) -> Result<Snapshot> {
+        let link = self.require(Kind::Volume, source_volume).await?;
+        let made = link
+            .controller
+            .clone()
+            .create_snapshot(csi::CreateSnapshotRequest {
+                source_volume_id: source_volume.to_string(),
+                name: name.to_string(),
+                secrets: wire::secrets(secrets),
+                parameters: HashMap::new(),
+            })
+            .await
+            .map_err(|s| link.failed(s))?;
+        let snapshot = made.into_inner().snapshot.ok_or_else(|| {
+            error::internal(format!("{} took a snapshot but answered none", link.context()))
+        })?;
+        Ok(wire::snapshot(snapshot))
+    }
+
+    async fn delete_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        let Some(link) = self.locate(Kind::Snapshot, id).await? else { return Ok(()) };
+        link.controller
+            .clone()
+            .delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id.to_string(),
+                secrets: wire::secrets(secrets),
+            })
+            .await
+            .map_err(|s| link.failed(s))?;
+        Ok(())
+    }
+
+    async fn snapshot(&self, id: &str) -> Result<Snapshot> {
+        let link = self.require(Kind::Snapshot, id).await?;
+        let filter = SnapshotFilter { snapshot_id: Some(id.to_string()), source_volume: None };
+        let (mut found, _) = Self::list_snapshots_on(link, &filter, String::new(), 1).await?;
+        found.pop().ok_or_else(|| error::not_found(format!("snapshot {id} does not exist")))
+    }
+
+    async fn list_snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        token: Option<&str>,
+        max: usize,
+    ) -> Result<Page<Snapshot>> {
+        // A filter names the one node to ask (and its token is that node's).
+        let routed = match (&filter.snapshot_id, &filter.source_volume) {
+            (Some(id), _) => Some(self.locate(Kind::Snapshot, id).await?),
+            (None, Some(volume)) => Some(self.locate(Kind::Volume, volume).await?),
+            (None, None) => None,
+        };
+        match routed {
+            Some(None) => Ok(Page { items: vec![], next: None }),
+            Some(Some(link)) => {
+                let token = token.unwrap_or_default().to_string();
+                let (items, next) = Self::list_snapshots_on(link, filter, token, max).await?;
+                Ok(Page { items, next: (!next.is_empty()).then_some(next) })
+            }
+            None => {
+                self.merged(token, max, |link, token, want| {
+                    Self::list_snapshots_on(link, filter, token, want)
+                })
+                .await
+            }
+        }
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        name: &str,
+        volumes: &[String],
+        secrets: &Secrets,
+    ) -> Result<(GroupSnapshot, Duration)> {
+        super::group::create(self, name, volumes, secrets).await
+    }
+
+    async fn delete_group_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        super::group::delete(self, id, secrets).await
+    }
+
+    async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot> {
+        super::group::get(self, id).await
+    }
+
+    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
+        let link = self.require(Kind::Snapshot, snapshot_id).await?;
+        let stream = link
+            .metadata
+            .clone()
+            .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+                snapshot_id: snapshot_id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| link.failed(s))?
+            .into_inner();
+        collect(&link, stream, |m: csi::GetMetadataAllocatedResponse| {
+            (m.volume_capacity_bytes, m.block_metadata)
+        })
+        .await
+    }
+
+    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)> {
+        let link = self.require(Kind::Snapshot, target).await?;
+        let stream = link
+            .metadata
+            .clone()
+            .get_metadata_delta(csi::GetMetadataDeltaRequest {
+                base_snapshot_id: base.to_string(),
+                target_snapshot_id: target.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| link.failed(s))?
+            .into_inner();
+        collect(&link, stream, |m: csi::GetMetadataDeltaResponse| {
+            (m.volume_capacity_bytes, m.block_metadata)
+        })
+        .await
+    }
+}
+
+/// Every page of a changed-blocks stream, as ranges.
+async fn collect<M>(
+    link: &AgentLink,
+    mut stream: tonic::Streaming<M>,
+    parts: fn(M) -> (i64, Vec<csi::BlockMetadata>),
+) -> Result<(u64, Vec<Range>)> {
+    let (mut size, mut ranges) = (0u64, Vec::new());
+    while let Some(message) = stream.message().await.map_err(|s| link.failed(s))? {
+        let (capacity, blocks) = parts(message);
+        size = capacity.max(0) as u64;
+        ranges.extend(
+            blocks.into_iter().map(|b| (b.byte_offset.max(0) as u64, b.size_bytes.max(0) as u64)),
+        );
+    }
+    Ok((size, ranges))
+}

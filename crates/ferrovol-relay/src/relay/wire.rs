@@ -1,0 +1,131 @@
+//! What the relay's engine asks agents, as CSI requests, and what they
+//! answer, as engine types: the inverse of the services' own conversions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrovol_core::engine::{
+    AccessMode, AccessType, Condition, GroupSnapshot, Secrets, Snapshot, Topology,
+    TopologyRequirement, Volume,
+};
+use ferrovol_core::services::convert;
+use ferrovol_csi as csi;
+use ferrovol_csi::error::Result;
+
+pub fn secrets(s: &Secrets) -> HashMap<String, String> {
+    s.keys().filter_map(|k| s.get(k).map(|v| (k.to_string(), v.to_string()))).collect()
+}
+
+pub fn parameters(p: &BTreeMap<String, String>) -> HashMap<String, String> {
+    p.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The capability a relayed CreateVolume carries. The relay checked the
+/// CO's capabilities against the same features the agent has; the agent
+/// only records whether the volume is a filesystem or raw block.
+pub fn capability(access: &AccessType) -> csi::VolumeCapability {
+    use csi::volume_capability::{
+        AccessMode as Mode, AccessType as Wire, BlockVolume, MountVolume,
+    };
+    csi::VolumeCapability {
+        access_type: Some(match access {
+            AccessType::Block => Wire::Block(BlockVolume {}),
+            AccessType::Mount { fs_type } => Wire::Mount(MountVolume {
+                fs_type: fs_type.clone(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            }),
+        }),
+        access_mode: Some(Mode { mode: AccessMode::SingleNodeWriter as i32 }),
+    }
+}
+
+pub fn requirement(r: &TopologyRequirement) -> csi::TopologyRequirement {
+    csi::TopologyRequirement {
+        requisite: r.requisite.iter().map(convert::topology).collect(),
+        preferred: r.preferred.iter().map(convert::topology).collect(),
+    }
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> SystemTime {
+    t.map_or(UNIX_EPOCH, |t| {
+        UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+    })
+}
+
+fn topology(t: &csi::Topology) -> Topology {
+    t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// A volume as an agent answered it. The name and creation time come back
+/// out of the context they were put in; the access type and parameters are
+/// the agent's business (the services do not read them here).
+pub fn volume(v: csi::Volume) -> Result<Volume> {
+    let mut context: BTreeMap<String, String> = v.volume_context.into_iter().collect();
+    let name = context.remove(csi::context::NAME).unwrap_or_default();
+    let created = context
+        .remove(csi::context::CREATED)
+        .and_then(|c| humantime::parse_rfc3339(&c).ok())
+        .unwrap_or(UNIX_EPOCH);
+    Ok(Volume {
+        id: v.volume_id,
+        name,
+        capacity: v.capacity_bytes.max(0) as u64,
+        source: convert::content_source_from_wire(v.content_source.as_ref())?,
+        access: AccessType::Mount { fs_type: String::new() },
+        parameters: BTreeMap::new(),
+        context,
+        accessible: v.accessible_topology.iter().map(topology).collect(),
+        published_nodes: vec![],
+        created,
+    })
+}
+
+pub fn condition(c: Option<&csi::VolumeCondition>) -> Condition {
+    match c {
+        Some(c) if c.abnormal => Condition::Abnormal(c.message.clone()),
+        _ => Condition::Healthy,
+    }
+}
+
+pub fn snapshot(s: csi::Snapshot) -> Snapshot {
+    Snapshot {
+        created: time(s.creation_time.as_ref()),
+        id: s.snapshot_id,
+        name: String::new(),
+        source_volume: s.source_volume_id,
+        size: s.size_bytes.max(0) as u64,
+        ready: s.ready_to_use,
+        group_id: (!s.group_snapshot_id.is_empty()).then_some(s.group_snapshot_id),
+    }
+}
+
+pub fn group(g: csi::VolumeGroupSnapshot, name: &str) -> GroupSnapshot {
+    GroupSnapshot {
+        created: time(g.creation_time.as_ref()),
+        id: g.group_snapshot_id,
+        name: name.to_string(),
+        snapshots: g.snapshots.into_iter().map(snapshot).collect(),
+        ready: g.ready_to_use,
+    }
+}
+
+/// One group from its parts on several nodes: ready when every part is,
+/// created when the earliest part was.
+pub fn merge_groups(id: &str, parts: Vec<GroupSnapshot>) -> GroupSnapshot {
+    let created = parts.iter().map(|p| p.created).min().unwrap_or(UNIX_EPOCH);
+    let ready = parts.iter().all(|p| p.ready);
+    let name = parts.first().map(|p| p.name.clone()).unwrap_or_default();
+    let mut snapshots: Vec<Snapshot> = parts.into_iter().flat_map(|p| p.snapshots).collect();
+    snapshots.sort_by(|a, b| a.id.cmp(&b.id));
+    GroupSnapshot { id: id.to_string(), name, snapshots, created, ready }
+}
+
+/// An agent's max_entries for `want` more entries (0: no limit).
+pub fn max_entries(want: usize) -> i32 {
+    if want == usize::MAX {
+        0
+    } else {
+        want.min(i32::MAX as usize) as i32
+    }
+}

@@ -1,0 +1,626 @@
+//! The relay: one `--mode relay` process (the controller Deployment) and
+//! node agents (`--mode agent`, the DaemonSet) as separate processes, each
+//! with its own pool and node ID, linked over real mutual TLS on loopback.
+//! Every controller call goes to the relay's socket, every node call to the
+//! agent's own socket, as the sidecars and the kubelet would make them.
+
+use crate::common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
+use common::{Driver, DriverBuilder, Kubelet, PoolFs, TestPool, BIN};
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::group_controller_client::GroupControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const KEY: &str = "local.csi.ferrovol.io/node";
+
+/// Makes a link CA and its certificates under `dir` (`relay/`, `agent/`).
+fn certs(dir: &Path) {
+    let out = std::process::Command::new(BIN)
+        .args(["link", "certs", "--out"])
+        .arg(dir)
+        .output()
+        .expect("running ferrovol link certs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+struct Agent {
+    // Field order is drop order: the process stops before its mounts are
+    // forced away and its pool is unmounted.
+    driver: Driver,
+    kubelet: Kubelet,
+    pool: TestPool,
+    root: PathBuf,
+    name: String,
+}
+
+impl Agent {
+    async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.driver.channel().await)
+    }
+
+    /// The agent's own controller services, as `--mode all` serves them.
+    async fn local(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.driver.channel().await)
+    }
+}
+
+struct Cluster {
+    relay: Driver,
+    agents: Vec<Agent>,
+    link: String,
+    certs: PathBuf,
+    root: tempfile::TempDir,
+}
+
+fn start_relay(root: &Path, certs: &Path, listen: &str, envs: &[(&str, &str)]) -> (Driver, String) {
+    let mut b = DriverBuilder::new(&root.join("relay")).node_id("controller").args([
+        "--mode",
+        "relay",
+        "--link-listen",
+        listen,
+        "--link-tls",
+        &certs.join("relay").display().to_string(),
+    ]);
+    for (k, v) in envs {
+        b = b.env(k, v);
+    }
+    let mut relay = b.start();
+    let line = relay.wait_for_log("link listening").expect("the relay listens for agents");
+    (relay, common::logged_addr(&line))
+}
+
+impl Cluster {
+    /// A relay and one agent per name, all connected.
+    async fn start(names: &[&str], fs: PoolFs) -> Cluster {
+        Cluster::start_with(names, fs, &[], |_| vec![]).await
+    }
+
+    async fn start_with(
+        names: &[&str],
+        fs: PoolFs,
+        relay_env: &[(&str, &str)],
+        agent_env: impl Fn(&Path) -> Vec<(String, String)>,
+    ) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let certs_dir = root.path().join("certs");
+        certs(&certs_dir);
+        let (relay, link) = start_relay(root.path(), &certs_dir, "127.0.0.1:0", relay_env);
+        let mut cluster = Cluster { relay, agents: vec![], link, certs: certs_dir, root };
+        for name in names {
+            let pool = TestPool::new(fs).await;
+            let agent_root = cluster.root.path().join(name);
+            let env = agent_env(&agent_root);
+            cluster.add_agent(name, pool, &env);
+        }
+        cluster
+    }
+
+    fn agent_builder(
+        &self,
+        name: &str,
+        root: &Path,
+        pool: &TestPool,
+        kubelet: &Kubelet,
+    ) -> DriverBuilder {
+        DriverBuilder::new(root).node_id(name).pool(pool).kubelet(kubelet).args([
+            "--mode",
+            "agent",
+            "--link-controller",
+            &self.link,
+            "--link-tls",
+            &self.certs.join("agent").display().to_string(),
+        ])
+    }
+
+    fn add_agent(&mut self, name: &str, pool: TestPool, env: &[(String, String)]) {
+        let kubelet = Kubelet::new(&pool);
+        let root = self.root.path().join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        let mut b = self.agent_builder(name, &root, &pool, &kubelet);
+        for (k, v) in env {
+            b = b.env(k, v);
+        }
+        let driver = b.start();
+        self.wait_connected(name);
+        self.agents.push(Agent { driver, kubelet, pool, root, name: name.into() });
+    }
+
+    /// Waits until the relay says the node's agent is connected.
+    fn wait_connected(&mut self, name: &str) {
+        let needle = format!("node agent connected node={name} ");
+        self.relay
+            .wait_for_log(&needle)
+            .unwrap_or_else(|| panic!("{name} never connected; relay log:\n{}", self.relay.logs()));
+    }
+
+    /// Restarts agent `i` on its pool and state, and waits for its link.
+    fn restart_agent(&mut self, i: usize) {
+        self.agents[i].driver.kill();
+        let agent = &self.agents[i];
+        let needle = format!("node agent connected node={} ", agent.name);
+        let before = self.relay.logs().matches(&needle).count();
+        let b = self.agent_builder(&agent.name, &agent.root, &agent.pool, &agent.kubelet);
+        let agent = &mut self.agents[i];
+        agent.driver = b.start();
+        assert!(
+            self.relay.wait_for_log_count(&needle, before + 1),
+            "the agent never reconnected:\n{}",
+            self.relay.logs()
+        );
+    }
+
+    async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.relay.channel().await)
+    }
+
+    async fn groups(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.relay.channel().await)
+    }
+}
+
+fn on_node(name: &str, node: &str, size: i64) -> csi::CreateVolumeRequest {
+    let segment = csi::Topology { segments: [(KEY.to_string(), node.to_string())].into() };
+    csi::CreateVolumeRequest {
+        accessibility_requirements: Some(csi::TopologyRequirement {
+            requisite: vec![segment.clone()],
+            preferred: vec![segment],
+        }),
+        ..req::create(name, size)
+    }
+}
+
+async fn create(c: &mut ControllerClient<Channel>, r: csi::CreateVolumeRequest) -> csi::Volume {
+    c.create_volume(r).await.unwrap().into_inner().volume.unwrap()
+}
+
+async fn snapshot(c: &mut ControllerClient<Channel>, name: &str, source: &str) -> csi::Snapshot {
+    c.create_snapshot(req::snapshot(name, source)).await.unwrap().into_inner().snapshot.unwrap()
+}
+
+fn node_of(v: &csi::Volume) -> String {
+    v.accessible_topology[0].segments[KEY].clone()
+}
+
+async fn list_all_volumes(c: &mut ControllerClient<Channel>, page: i32) -> Vec<String> {
+    let (mut ids, mut token) = (vec![], String::new());
+    loop {
+        let r = c
+            .list_volumes(csi::ListVolumesRequest { max_entries: page, starting_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page == 0 || r.entries.len() <= page as usize);
+        ids.extend(r.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+        if r.next_token.is_empty() {
+            return ids;
+        }
+        token = r.next_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_call_reaches_the_node_that_holds_the_volume() {
+    let cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Ext4).await;
+    let mut c = cluster.controller().await;
+    let (a, b) = (&cluster.agents[0], &cluster.agents[1]);
+
+    // Created where the accessibility requirements say (the scheduler's
+    // pick under WaitForFirstConsumer), named by its node in the ID.
+    let on_b = create(&mut c, on_node("pvc-b", "node-b", 16 * MIB)).await;
+    assert_eq!(node_of(&on_b), "node-b");
+    assert!(on_b.volume_id.ends_with("@node-b"), "{}", on_b.volume_id);
+    assert!(b.pool.volume_file(&on_b.volume_id).exists());
+    assert!(!a.pool.volume_file(&on_b.volume_id).exists());
+    // A retry is the same volume; a preferred node that is not requisite
+    // also decides.
+    assert_eq!(
+        create(&mut c, on_node("pvc-b", "node-b", 16 * MIB)).await.volume_id,
+        on_b.volume_id
+    );
+    let on_a = create(&mut c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+    assert!(a.pool.volume_file(&on_a.volume_id).exists());
+
+    // Snapshot, restore and clone stay on the source's node.
+    let snap = snapshot(&mut c, "snap-b", &on_b.volume_id).await;
+    assert!(
+        snap.snapshot_id.ends_with("@node-b") && b.pool.snapshot_file(&snap.snapshot_id).exists()
+    );
+    let restored =
+        create(&mut c, req::from_snapshot("restored-b", &snap.snapshot_id, 16 * MIB)).await;
+    let cloned = create(&mut c, req::from_volume("cloned-b", &on_b.volume_id, 16 * MIB)).await;
+    for v in [&restored, &cloned] {
+        assert_eq!(node_of(v), "node-b");
+        assert!(b.pool.volume_file(&v.volume_id).exists());
+    }
+    // The relay's answer is the node's own.
+    let direct = b
+        .local()
+        .await
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let relayed = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(direct, relayed);
+
+    // Capacity per node's topology segment is that node's; an unknown
+    // node's segment cannot be answered yet.
+    let capacity = |node: &str| csi::GetCapacityRequest {
+        accessible_topology: Some(csi::Topology { segments: [(KEY.into(), node.into())].into() }),
+        ..Default::default()
+    };
+    let relayed = c.get_capacity(capacity("node-a")).await.unwrap().into_inner();
+    let direct = a.local().await.get_capacity(capacity("node-a")).await.unwrap().into_inner();
+    // (Free space moves with the host's disk: the fixed figure is compared.)
+    assert!(relayed.available_capacity > 0 && relayed.maximum_volume_size.unwrap() > 0);
+    assert_eq!(relayed.minimum_volume_size, direct.minimum_volume_size);
+    let e = c.get_capacity(capacity("node-z")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    // Listings cover every node, a page at a time across node boundaries.
+    let mut everything: Vec<String> =
+        [&on_a, &on_b, &restored, &cloned].iter().map(|v| v.volume_id.clone()).collect();
+    everything.sort();
+    for page in [1, 2, 3, 0] {
+        let mut listed = list_all_volumes(&mut c, page).await;
+        listed.sort();
+        assert_eq!(listed, everything, "page size {page}");
+    }
+    let snaps = c.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(snaps.entries.len(), 1);
+    let bogus = csi::ListVolumesRequest { starting_token: "node-q/x".into(), ..Default::default() };
+    assert_eq!(c.list_volumes(bogus).await.unwrap_err().code(), Code::Aborted);
+
+    // An ID of a node that never connected is UNAVAILABLE, not NOT_FOUND
+    // (a delete must not be taken as done); a malformed one is not found.
+    let stray = on_b.volume_id.replace("@node-b", "@node-z");
+    let e = c.delete_volume(req::delete(&stray)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    c.delete_volume(req::delete("vol-nonsense")).await.unwrap();
+
+    // Deleting through the relay empties both pools.
+    for v in [&restored, &cloned, &on_a, &on_b] {
+        c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    }
+    c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    for agent in &cluster.agents {
+        assert!(agent.pool.files("volumes").is_empty(), "{:?}", agent.pool.files("volumes"));
+        assert!(agent.pool.files("snapshots").is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_minted_before_tags_are_found_by_asking_the_nodes() {
+    // A pool holding a volume whose ID does not name its node.
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let seeded = std::process::Command::new(BIN)
+        .args(["pool", "seed", "--volumes", "1", "--node-id", "node-a", "--legacy-ids", "--dir"])
+        .arg(&pool.dir)
+        .output()
+        .unwrap();
+    assert!(seeded.status.success(), "{}", String::from_utf8_lossy(&seeded.stderr));
+    let mut cluster = Cluster::start(&["node-b"], PoolFs::Ext4).await;
+    cluster.add_agent("node-a", pool, &[]);
+    let legacy = cluster.agents[1]
+        .local()
+        .await
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries[0]
+        .volume
+        .clone()
+        .unwrap()
+        .volume_id;
+    assert!(!legacy.contains('@'), "{legacy}");
+
+    let mut c = cluster.controller().await;
+    let got = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: legacy.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().volume_id, legacy);
+    let snap = snapshot(&mut c, "legacy-snap", &legacy).await;
+    assert!(snap.snapshot_id.ends_with("@node-a"), "{}", snap.snapshot_id);
+    c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    c.delete_volume(req::delete(&legacy)).await.unwrap();
+    assert!(cluster.agents[1].pool.files("volumes").is_empty());
+    // Gone everywhere: deleted again is fine; asked for, NOT_FOUND.
+    c.delete_volume(req::delete(&legacy)).await.unwrap();
+    let e = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: legacy.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+}
+
+/// One volume per agent, staged and published as a pod's.
+async fn mounted(
+    agent: &Agent,
+    c: &mut ControllerClient<Channel>,
+    name: &str,
+) -> (String, PathBuf, PathBuf) {
+    let cap = req::mount_cap("ext4");
+    let v = create(
+        c,
+        csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap.clone()],
+            ..on_node(name, &agent.name, 64 * MIB)
+        },
+    )
+    .await;
+    let (staging, target) = (agent.kubelet.staging(name), agent.kubelet.target("app", name));
+    let mut n = agent.node().await;
+    n.node_stage_volume(stage_req(&v.volume_id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&v.volume_id, &staging, &target, cap, false)).await.unwrap();
+    (v.volume_id, staging, target)
+}
+
+fn last_seq(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
+}
+
+/// The lockstep writers of the one-node group test, split across two
+/// nodes: seq N goes to node-a's member, then node-b's, before N+1. Every
+/// restored member must end within one step of the other. (Run with
+/// `FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE=1` on the relay, each node takes
+/// its part at its own instant and this fails.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_across_two_nodes_is_one_instant() {
+    let unsafe_mode = std::env::var("FERROVOL_TEST_RELAY_NO_FREEZE").is_ok();
+    let relay_env: &[(&str, &str)] =
+        if unsafe_mode { &[("FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE", "1")] } else { &[] };
+    let mut cluster =
+        Cluster::start_with(&["node-a", "node-b"], PoolFs::Xfs, relay_env, |_| vec![]).await;
+    let mut c = cluster.controller().await;
+    let mut vols = Vec::new();
+    for (i, agent) in cluster.agents.iter().enumerate() {
+        vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
+    }
+    let logs: Vec<PathBuf> = vols.iter().map(|(_, _, t)| t.join("log")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let steps = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, steps, logs) = (stop.clone(), steps.clone(), logs.clone());
+        std::thread::spawn(move || {
+            let mut files: Vec<_> =
+                logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
+            let mut seq = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                for f in &mut files {
+                    writeln!(f, "{seq}").unwrap();
+                }
+                steps.store(seq, Ordering::Relaxed);
+                seq += 1;
+            }
+        })
+    };
+    while steps.load(Ordering::Relaxed) < 1000 {
+        std::thread::yield_now();
+    }
+    let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
+    let group = cluster
+        .groups()
+        .await
+        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+            name: "across".into(),
+            source_volume_ids: ids.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let written = steps.load(Ordering::Relaxed);
+    let line = cluster.relay.wait_for_log("group snapshot across nodes taken").unwrap();
+    eprintln!("{line}");
+    assert!(line.contains("nodes=2"), "{line}");
+    assert!(group.group_snapshot_id.starts_with("xgroup-"), "{}", group.group_snapshot_id);
+    assert_eq!(group.snapshots.len(), 2);
+
+    let mut ends = Vec::new();
+    let cap = req::mount_cap("ext4");
+    for s in &group.snapshots {
+        assert_eq!(s.group_snapshot_id, group.group_snapshot_id);
+        // Every member names the one group, also when listed on its own.
+        let listed = c
+            .list_snapshots(csi::ListSnapshotsRequest {
+                snapshot_id: s.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            listed.entries[0].snapshot.as_ref().unwrap().group_snapshot_id,
+            group.group_snapshot_id
+        );
+        let restored = create(
+            &mut c,
+            req::from_snapshot(&format!("restored-{}", ends.len()), &s.snapshot_id, 64 * MIB),
+        )
+        .await;
+        let agent = cluster.agents.iter().find(|a| a.name == node_of(&restored)).unwrap();
+        assert!(s.snapshot_id.ends_with(&format!("@{}", agent.name)));
+        let staging = agent.kubelet.staging(&format!("restored{}", ends.len()));
+        let mut n = agent.node().await;
+        n.node_stage_volume(stage_req(&restored.volume_id, &staging, cap.clone())).await.unwrap();
+        ends.push((s.source_volume_id.clone(), last_seq(&staging.join("log"))));
+        n.node_unstage_volume(unstage_req(&restored.volume_id, &staging)).await.unwrap();
+        c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
+    }
+    let seqs: Vec<u64> = ends.iter().map(|e| e.1).collect();
+    let (lo, hi) = (*seqs.iter().min().unwrap(), *seqs.iter().max().unwrap());
+    eprintln!("restored members end at {ends:?} of {written} steps");
+    assert!(lo > 0 && hi < written, "{ends:?}");
+    assert!(hi - lo <= 1, "members are from one instant: {ends:?}");
+
+    // Get and delete find every node's part; a member alone cannot go.
+    let mut g = cluster.groups().await;
+    let got = g
+        .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.group_snapshot.unwrap().snapshots.len(), 2);
+    let e =
+        c.delete_snapshot(req::delete_snapshot(&group.snapshots[0].snapshot_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (agent, (id, staging, target)) in cluster.agents.iter().zip(&vols) {
+        let mut n = agent.node().await;
+        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+        c.delete_volume(req::delete(id)).await.unwrap();
+        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
+        assert!(agent.pool.files("volumes").is_empty());
+        agent.kubelet.assert_clean();
+    }
+    cluster.relay.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_is_gone_fails_fast_and_rejoins() {
+    let mut cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Ext4).await;
+    let mut c = cluster.controller().await;
+    let on_a = create(&mut c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+    let on_b = create(&mut c, on_node("pvc-b", "node-b", 16 * MIB)).await;
+
+    cluster.agents[1].driver.kill();
+    cluster.relay.wait_for_log("node agent disconnected node=node-b").unwrap();
+    let get = |id: &str| csi::ControllerGetVolumeRequest { volume_id: id.to_string() };
+    let e = c.controller_get_volume(get(&on_b.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("node-b"), "{e:?}");
+    // Nothing about node-a waits for node-b.
+    c.controller_get_volume(get(&on_a.volume_id)).await.unwrap();
+    let more = create(&mut c, on_node("pvc-a2", "node-a", 16 * MIB)).await;
+    // A volume for node-b cannot be made, and says why.
+    let e = c.create_volume(on_node("pvc-b2", "node-b", 16 * MIB)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // A listing over all nodes is not answered with one missing.
+    let e = c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    cluster.restart_agent(1);
+    let got = c.controller_get_volume(get(&on_b.volume_id)).await.unwrap().into_inner();
+    assert_eq!(got.volume.unwrap().volume_id, on_b.volume_id);
+    assert_eq!(list_all_volumes(&mut c, 1).await.len(), 3);
+    for v in [&on_a, &on_b, &more] {
+        c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_a_certificate_from_another_ca_is_refused() {
+    let mut cluster = Cluster::start(&["node-a"], PoolFs::Ext4).await;
+    let other = cluster.root.path().join("other-ca");
+    certs(&other);
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let kubelet = Kubelet::new(&pool);
+    let root = cluster.root.path().join("intruder");
+    let mut intruder = DriverBuilder::new(&root)
+        .node_id("intruder")
+        .pool(&pool)
+        .kubelet(&kubelet)
+        .args(["--mode", "agent", "--link-controller", &cluster.link, "--link-tls"])
+        .args([other.join("agent").display().to_string()])
+        .start();
+    // Refused by the relay (its client certificate is not from the link
+    // CA), and the agent does not trust the relay either.
+    cluster.relay.wait_for_log("refused a link connection").unwrap();
+    intruder.wait_for_log("cannot reach the relay").unwrap();
+    let mut c = cluster.controller().await;
+    let e = c.create_volume(on_node("pvc-x", "intruder", 16 * MIB)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(pool.files("volumes").is_empty());
+    // The node that belongs is served.
+    let v = create(&mut c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+    c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    intruder.kill();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_restarted_mid_call_converges_on_retry() {
+    let fifo_holder = tempfile::tempdir().unwrap();
+    let fifo = fifo_holder.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("create-snapshot-after-reserve=pause:{}", fifo.display());
+    let mut cluster = Cluster::start_with(&["node-a"], PoolFs::Ext4, &[], |_| {
+        vec![("FERROVOL_FAILPOINTS".to_string(), spec.clone())]
+    })
+    .await;
+    let mut c = cluster.controller().await;
+    let v = create(&mut c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+
+    // The snapshot is in flight on the node when the controller dies.
+    let call = {
+        let mut c = c.clone();
+        let id = v.volume_id.clone();
+        tokio::spawn(async move { c.create_snapshot(req::snapshot("mid-call", &id)).await })
+    };
+    cluster.agents[0].driver.wait_for_log("failpoint reached").unwrap();
+    cluster.relay.kill();
+    let lost = call.await.unwrap().unwrap_err();
+    assert_ne!(lost.code(), Code::Ok);
+    let root = cluster.root.path().to_path_buf();
+    let (relay, addr) = start_relay(&root, &cluster.certs, &cluster.link, &[]);
+    assert_eq!(addr, cluster.link);
+    cluster.relay = relay;
+    cluster.wait_connected("node-a");
+    // The node finishes what it had begun.
+    std::fs::write(&fifo, b"go").unwrap();
+
+    // The sidecar's retry, through the new controller: the one snapshot.
+    let mut c = cluster.controller().await;
+    let snap = loop {
+        match c.create_snapshot(req::snapshot("mid-call", &v.volume_id)).await {
+            Ok(r) => break r.into_inner().snapshot.unwrap(),
+            Err(e) if e.code() == Code::Aborted => tokio::task::yield_now().await,
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    let all = c.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(all.entries.len(), 1);
+    assert_eq!(all.entries[0].snapshot.as_ref().unwrap().snapshot_id, snap.snapshot_id);
+    c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    let agent = &mut cluster.agents[0];
+    agent.driver.terminate();
+    let (clean, report) = common::pool_check(&agent.pool, false);
+    assert!(clean, "{report}");
+    assert!(agent.pool.files("volumes").is_empty() && agent.pool.files("snapshots").is_empty());
+}
