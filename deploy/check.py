@@ -123,18 +123,21 @@ def schema_errors(value, schema, where="$"):
 def check_components(docs):
     """The optional components: monitoring and changed-block tracking."""
     (ds,) = of_kind(docs, "DaemonSet")
-    cs = containers(ds)
+    (dep,) = of_kind(docs, "Deployment")
+    cs = containers(dep)
     ports = {p["name"]: p["containerPort"] for c in cs.values() for p in c.get("ports", [])}
+    node_ports = {p["name"] for c in containers(ds).values() for p in c.get("ports", [])}
 
     # Prometheus Operator objects: the rules are the shipped rules file, and
     # the PodMonitor scrapes ports the pod declares.
     (rule,) = of_kind(docs, "PrometheusRule")
     check(rule["spec"] == load(RULES_FILE)[0], f"PrometheusRule equals {RULES_FILE}")
     (pm,) = of_kind(docs, "PodMonitor")
-    check(pm["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items(),
-          "PodMonitor selects the driver's pods")
+    for w in (ds, dep):
+        check(pm["spec"]["selector"]["matchLabels"].items() <= w["spec"]["template"]["metadata"]["labels"].items(),
+              f"PodMonitor selects the {w['kind']}'s pods")
     for ep in pm["spec"]["podMetricsEndpoints"]:
-        check(ep["port"] in ports, f"PodMonitor port {ep['port']} is declared by the pod")
+        check(ep["port"] in ports and ep["port"] in node_ports, f"PodMonitor port {ep['port']} is declared by both pods")
     check({ep["port"] for ep in pm["spec"]["podMetricsEndpoints"]} == {"metrics", "healthz"},
           "PodMonitor scrapes the driver and the prober")
 
@@ -156,17 +159,20 @@ def check_components(docs):
           "SnapshotMetadataService address is the sidecar's Service")
     check(svc_port["targetPort"] in ports and ports[svc_port["targetPort"]] == 50051,
           "the Service targets the sidecar's port")
+    check(svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+          and not svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items(),
+          "the snapshot metadata Service selects the controller's pods only")
     sidecar = cs.get("csi-snapshot-metadata")
-    check(sidecar is not None, "the snapshot metadata sidecar runs beside the driver")
+    check(sidecar is not None, "the snapshot metadata sidecar runs beside the controller")
     check(arg(sidecar, "--csi-address") == arg(cs["ferrovol"], "--endpoint").removeprefix("unix://"),
           "the snapshot metadata sidecar talks to the driver's socket")
-    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     cert_dir = arg(sidecar, "--tls-cert").rsplit("/", 1)[0]
     mounted = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     check("secret" in vols.get(mounted.get(cert_dir, ""), {}), "the sidecar's certificate comes from a Secret")
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
     bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
-    sa, ns = ds["spec"]["template"]["spec"]["serviceAccountName"], ds["metadata"]["namespace"]
+    sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
     for resource, verb in [("tokenreviews", "create"), ("subjectaccessreviews", "create"),
                            ("snapshotmetadataservices", "get"), ("volumesnapshots", "get"),
                            ("volumesnapshotcontents", "get")]:
@@ -176,22 +182,71 @@ def check_components(docs):
           "the backup client role may mint audience tokens")
 
 
-def check_node_snapshotter(docs):
-    """A node-deployment csi-snapshotter only handles contents labelled with
-    its node, which the snapshot-controller sets only with distributed
-    snapshotting: the docs must say so, and pre-provisioned contents carry
-    the label themselves."""
+def check_no_node_deployment(docs):
+    """The controller sidecars run centrally: none in node-deployment mode
+    (which needs snapshot-controller flags and cannot do group snapshots),
+    none in the node DaemonSet, and nothing asks the operator for the
+    snapshot-controller's distributed snapshotting."""
     (ds,) = of_kind(docs, "DaemonSet")
-    if arg(containers(ds)["csi-snapshotter"], "--node-deployment") != "true":
-        return
-    kube_docs = open("docs/kubernetes.md").read()
-    check("--enable-distributed-snapshotting=true" in kube_docs,
-          "docs/kubernetes.md requires the snapshot-controller's distributed snapshotting")
+    (dep,) = of_kind(docs, "Deployment")
+    for w in (ds, dep):
+        for name, c in containers(w).items():
+            check(arg(c, "--node-deployment") in (None, "false"), f"{w['kind']} {name} is not a node deployment")
+    for sidecar in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
+        check(sidecar in containers(dep) and sidecar not in containers(ds), f"{sidecar} runs in the controller only")
+        if dep["spec"].get("replicas", 1) > 1:
+            check(arg(containers(dep)[sidecar], "--leader-election") == "true",
+                  f"{sidecar} elects a leader among the controller replicas")
+    check(arg(containers(dep)["csi-provisioner"], "--capacity-ownerref-level") == "2",
+          "capacity objects are owned by the Deployment (pod -> ReplicaSet -> Deployment)")
+    check("distributed" not in open("docs/kubernetes.md").read().lower(),
+          "docs/kubernetes.md does not ask for distributed snapshotting")
     for path in sorted(glob.glob("examples/*.yaml")):
         for d in load(path):
             if d.get("kind") == "VolumeSnapshotContent":
-                check(MANAGED_BY in d["metadata"].get("labels", {}),
-                      f"{path}: {d['metadata']['name']} carries {MANAGED_BY}")
+                check(MANAGED_BY not in d["metadata"].get("labels", {}),
+                      f"{path}: {d['metadata']['name']} needs no {MANAGED_BY} label")
+    for path in sorted(glob.glob("examples/*.yaml")) + ["deploy/kubernetes/base/snapshotclasses.yaml"]:
+        for d in load(path):
+            if d["apiVersion"].startswith("groupsnapshot.storage.k8s.io/"):
+                check(d["apiVersion"] == "groupsnapshot.storage.k8s.io/v1", f"{path}: {d['kind']} uses the v1 API")
+
+
+def check_link(docs):
+    """The relay and the agents find each other: the agents dial the
+    headless Service in front of the controller's link port, and both ends
+    mount the Secrets `ferrovol link certs` makes."""
+    certs_rs = open("crates/ferrovol-relay/src/certs.rs").read()
+    secret_of = dict(re.findall(r'pub const (\w+)_SECRET: &str = "([^"]+)"', certs_rs))
+    (ds,) = of_kind(docs, "DaemonSet")
+    (dep,) = of_kind(docs, "Deployment")
+    relay, agent = containers(dep)["ferrovol"], containers(ds)["ferrovol"]
+    check(arg(relay, "--mode") == "relay" and arg(agent, "--mode") == "agent", "controller relays, nodes are agents")
+    (svc,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "ferrovol-controller"]
+    check(svc["spec"].get("clusterIP") == "None", "the link Service is headless (every replica is dialled)")
+    check(svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items(),
+          "the link Service selects the controller's pods")
+    check(not svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items(),
+          "the link Service does not select the node pods")
+    (port,) = svc["spec"]["ports"]
+    relay_ports = {p["name"]: p["containerPort"] for p in relay.get("ports", [])}
+    listen = arg(relay, "--link-listen")
+    check(port["targetPort"] in relay_ports and listen.endswith(f":{relay_ports[port['targetPort']]}"),
+          "the Service targets the port the relay listens on")
+    ns = svc["metadata"]["namespace"]
+    check(arg(agent, "--link-controller") in (f"{svc['metadata']['name']}.{ns}.svc:{port['port']}",
+                                              f"{svc['metadata']['name']}.$(NAMESPACE).svc:{port['port']}"),
+          "agents dial the link Service")
+    check(any(e["name"] == "NAMESPACE" for e in agent.get("env", [])) or "$(NAMESPACE)" not in arg(agent, "--link-controller"),
+          "the agent's $(NAMESPACE) is defined")
+    for w, c, want in ((dep, relay, secret_of.get("RELAY")), (ds, agent, secret_of.get("AGENT"))):
+        vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vol = vols.get(mounts.get(arg(c, "--link-tls"), ""), {})
+        check(vol.get("secret", {}).get("secretName") == want,
+              f"{w['kind']} mounts Secret {want} at --link-tls")
+    check(dep["spec"]["template"]["metadata"]["labels"] != ds["spec"]["template"]["metadata"]["labels"],
+          "the Deployment's and DaemonSet's pods are told apart by their labels")
 
 
 def containers(ds):
@@ -233,13 +288,16 @@ def cross_checks(docs, binary):
 
     (csidriver,) = of_kind(docs, "CSIDriver")
     (ds,) = of_kind(docs, "DaemonSet")
+    (dep,) = of_kind(docs, "Deployment")
     cs = containers(ds)
+    ccs = containers(dep)
     drv = cs["ferrovol"]
     name = csidriver["metadata"]["name"]
 
     # One driver name everywhere.
     check(name == driver_default, f"CSIDriver {name} != driver default {driver_default}")
     check(arg(drv, "--driver-name") == name, "ferrovol --driver-name matches the CSIDriver")
+    check(arg(ccs["ferrovol"], "--driver-name") == name, "the controller's --driver-name matches the CSIDriver")
     for sc in of_kind(docs, "StorageClass"):
         check(sc["provisioner"] == name, f"StorageClass {sc['metadata']['name']} provisioner")
     for k in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
@@ -264,23 +322,32 @@ def cross_checks(docs, binary):
             address = (arg(cs[c], "--csi-address") or arg(cs[c], "--endpoint") or "").removeprefix("unix://")
             check(address == sock and mount_of[c].get("socket-dir") == sock_dir,
                   f"{c} talks to the plugin socket")
+    # The same in the controller's pod, on its own socket.
+    cmount = {c: {m["name"]: m["mountPath"] for m in ccs[c].get("volumeMounts", [])} for c in ccs}
+    csock = arg(ccs["ferrovol"], "--endpoint").removeprefix("unix://")
+    for c in ccs:
+        if c != "ferrovol":
+            address = (arg(ccs[c], "--csi-address") or arg(ccs[c], "--endpoint") or "").removeprefix("unix://")
+            check(address == csock and cmount[c].get("socket-dir") == csock.rsplit("/", 1)[0],
+                  f"controller {c} talks to the relay's socket")
 
     # The driver container's flags are ones `ferrovol serve` accepts, and the
     # kubelet dir it guards is the one mounted with bidirectional propagation.
     help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
-    for a in drv.get("args", [])[1:]:
+    for a in drv.get("args", [])[1:] + ccs["ferrovol"].get("args", [])[1:]:
         flag = a.split("=", 1)[0]
         check(flag in help_text, f"ferrovol serve accepts {flag}")
     # The liveness container is `ferrovol probe`, serving the port the driver
     # container's probes use.
-    prober = cs["liveness-probe"]
     probe_help = subprocess.run([binary, "probe", "--help"], check=True, capture_output=True, text=True).stdout
-    check(prober["args"][0] == "probe", "liveness container runs ferrovol probe")
-    for a in prober["args"][1:]:
-        check(a.split("=", 1)[0] in probe_help, f"ferrovol probe accepts {a.split('=', 1)[0]}")
-    health_port = [p["containerPort"] for p in drv["ports"] if p["name"] == "healthz"][0]
-    check(arg(prober, "--metrics-addr").endswith(f":{health_port}"), "prober serves the driver's healthz port")
-    check(drv["livenessProbe"]["httpGet"]["path"] == "/healthz", "driver liveness uses /healthz")
+    for pod in (cs, ccs):
+        prober, main = pod["liveness-probe"], pod["ferrovol"]
+        check(prober["args"][0] == "probe", "liveness container runs ferrovol probe")
+        for a in prober["args"][1:]:
+            check(a.split("=", 1)[0] in probe_help, f"ferrovol probe accepts {a.split('=', 1)[0]}")
+        health_port = [p["containerPort"] for p in main["ports"] if p["name"] == "healthz"][0]
+        check(arg(prober, "--metrics-addr").endswith(f":{health_port}"), "prober serves the driver's healthz port")
+        check(main["livenessProbe"]["httpGet"]["path"] == "/healthz", "driver liveness uses /healthz")
     kubelet = [m for m in drv["volumeMounts"] if m["name"] == "kubelet-dir"][0]
     check(kubelet.get("mountPropagation") == "Bidirectional", "kubelet dir mounted Bidirectional")
     check(arg(drv, "--kubelet-dir") == kubelet["mountPath"], "--kubelet-dir is the mounted kubelet dir")
@@ -291,15 +358,16 @@ def cross_checks(docs, binary):
           "attachRequired matches the engine's publish step (PUBLISH_UNPUBLISH_VOLUME)")
     check((csidriver["spec"].get("fsGroupPolicy") == "File") == ("VolumeMountGroup" not in node_fn),
           "fsGroupPolicy File exactly when VOLUME_MOUNT_GROUP is not advertised")
-    check(csidriver["spec"].get("storageCapacity") == (arg(cs["csi-provisioner"], "--enable-capacity") == "true"),
+    check(csidriver["spec"].get("storageCapacity") == (arg(ccs["csi-provisioner"], "--enable-capacity") == "true"),
           "storageCapacity matches the provisioner's --enable-capacity")
-    check(engine_expansion == "Node" and "csi-resizer" in cs,
+    check(engine_expansion == "Node" and "csi-resizer" in ccs,
           "expansion: node-side driver with a resizer that can run in node-only mode")
     check(arg(drv, "--engine") == "local", "the DaemonSet serves the local engine (--engine=local)")
+    check(arg(ccs["ferrovol"], "--engine") == "local", "the controller relays for the local engine")
 
     # Each sidecar's account is bound to what that sidecar calls.
-    sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
-    ns = ds["metadata"].get("namespace", "ferrovol")
+    sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
+    ns = dep["metadata"].get("namespace", "ferrovol")
     check(any(s["metadata"]["name"] == sa for s in of_kind(docs, "ServiceAccount")), f"service account {sa} exists")
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
     bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
@@ -307,10 +375,12 @@ def cross_checks(docs, binary):
         "csi-provisioner": [("persistentvolumes", "create"), ("persistentvolumes", "delete"),
                             ("persistentvolumeclaims", "update"), ("storageclasses", "get"),
                             ("csistoragecapacities", "create"), ("volumesnapshotcontents", "get"),
-                            ("csinodes", "get"), ("nodes", "get")],
+                            ("volumesnapshots", "get"), ("volumesnapshots", "watch"), ("volumesnapshots", "update"),
+                            ("csinodes", "get"), ("nodes", "get"), ("replicasets", "get"), ("leases", "update")],
         "csi-snapshotter": [("volumesnapshotcontents", "update"), ("volumesnapshotcontents/status", "update"),
                             ("volumesnapshotclasses", "get"), ("volumegroupsnapshotcontents", "update"),
-                            ("volumegroupsnapshotcontents/status", "update"), ("volumegroupsnapshotclasses", "get")],
+                            ("volumegroupsnapshotcontents/status", "update"), ("volumegroupsnapshotclasses", "get"),
+                            ("leases", "update")],
         "csi-resizer": [("persistentvolumes", "patch"), ("persistentvolumeclaims/status", "patch"),
                         ("leases", "create"), ("leases", "update")],
     }
@@ -359,7 +429,8 @@ def main():
         validate_schemas(path, docs)
         check_crds(path, docs)
     cross_checks(rendered["deploy/kubernetes/overlays/local"], binary)
-    check_node_snapshotter(rendered["deploy/kubernetes/overlays/local"])
+    check_no_node_deployment(rendered["deploy/kubernetes/overlays/local"])
+    check_link(rendered["deploy/kubernetes/overlays/local"])
     check_components(rendered["deploy/kubernetes/overlays/full"])
     r = subprocess.run(["promtool", "check", "rules", RULES_FILE], capture_output=True, text=True)
     check(r.returncode == 0, f"promtool check rules {RULES_FILE}: {r.stdout}{r.stderr}")
