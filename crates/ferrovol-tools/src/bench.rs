@@ -15,6 +15,7 @@ use crate::endpoint::{self, Endpoint};
 use crate::scratch::{Options, Scratch};
 
 mod limits;
+mod relay;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -59,6 +60,9 @@ pub enum Section {
     /// Small RPCs: filesystem CreateVolume/DeleteVolume, block
     /// stage/unstage, NodeExpandVolume.
     Small,
+    /// What the relay adds per call (local vs relayed, p50/p99), and the
+    /// freeze window of a group snapshot across two nodes.
+    Relay,
 }
 
 fn mount_cap() -> csi::VolumeCapability {
@@ -125,15 +129,28 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let others = args.only.is_empty() || args.only.iter().any(|s| *s != Section::Relay);
+    if others {
+        one_driver(&args).await?;
+    }
+    if args.only.is_empty() || args.only.contains(&Section::Relay) {
+        relay::run(args.samples).await?;
+    }
+    Ok(())
+}
+
+/// Every section but the relay's, on one driver.
+async fn one_driver(args: &BenchArgs) -> Result<(), String> {
     let scratch = Scratch::start(Options {
         name: "bench",
         pool_dir: args.pool_dir.clone(),
         pool_size: 16 << 30,
         // The freeze window of group snapshots is read back from this log.
         rust_log: "warn,ferrovol_core::services::group_controller=info,ferrovol_local=debug",
+        args: vec![],
     })
     .await?;
-    bench(&args, &scratch).await
+    bench(args, &scratch).await
 }
 
 async fn bench(args: &BenchArgs, scratch: &Scratch) -> Result<(), String> {

@@ -212,6 +212,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 pool_dir: None,
                 pool_size: 8 << 30,
                 rust_log: "warn",
+                args: vec![],
             })
             .await?;
             let started = (Endpoint::Unix(s.socket.clone()), s.kubelet_dir());

@@ -17,6 +17,8 @@ pub struct Options {
     pub pool_size: u64,
     /// The driver's RUST_LOG; its JSON log goes to `log_path()`.
     pub rust_log: &'static str,
+    /// More `serve` flags (e.g. `--mode agent` and the link's).
+    pub args: Vec<String>,
 }
 
 pub struct Scratch {
@@ -74,6 +76,7 @@ impl Scratch {
             .arg(&scratch.pool_dir)
             .arg("--kubelet-dir")
             .arg(scratch.kubelet_dir())
+            .args(&opts.args)
             .env("RUST_LOG", opts.rust_log)
             .env("FERROVOL_LOG_FORMAT", "json")
             .stdin(Stdio::null())
