@@ -624,3 +624,89 @@ async fn a_controller_restarted_mid_call_converges_on_retry() {
     assert!(clean, "{report}");
     assert!(agent.pool.files("volumes").is_empty() && agent.pool.files("snapshots").is_empty());
 }
+
+/// A node lost between the freeze and the thaw of a group across nodes:
+/// the relay thaws every other node at once and removes the parts already
+/// made, the call is UNAVAILABLE, the lost node thaws what it left frozen
+/// when it starts again, and the retried call converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_lost_inside_a_cross_node_freeze_leaves_nothing_frozen() {
+    let gate_dir = tempfile::tempdir().unwrap();
+    let fifo = gate_dir.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("create-group-before-commit=pause:{}", fifo.display());
+    let mut cluster =
+        Cluster::start_with(&["node-a", "node-b"], PoolFs::Xfs, &[], |root| {
+            match root.ends_with("node-b") {
+                true => vec![("FERROVOL_FAILPOINTS".to_string(), spec.clone())],
+                false => vec![],
+            }
+        })
+        .await;
+    let mut c = cluster.controller().await;
+    let mut vols = Vec::new();
+    for (i, agent) in cluster.agents.iter().enumerate() {
+        vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
+    }
+    let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
+    let request = csi::CreateVolumeGroupSnapshotRequest {
+        name: "lost".into(),
+        source_volume_ids: ids.clone(),
+        ..Default::default()
+    };
+    let call = {
+        let mut g = cluster.groups().await;
+        let request = request.clone();
+        tokio::spawn(async move { g.create_volume_group_snapshot(request).await })
+    };
+    // node-b has taken its part and stops before committing it: both
+    // nodes' members are frozen by the relay's hold now.
+    cluster.agents[1].driver.wait_for_log("failpoint reached").unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let on_a = vols[0].2.join("after-freeze");
+    std::thread::spawn(move || {
+        // Blocks while node-a's filesystem is frozen.
+        std::fs::write(&on_a, b"written").unwrap();
+        let _ = done_tx.send(());
+    });
+    cluster.agents[1].driver.kill();
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // Thawed: the write goes through (the bound is a failure, not a wait).
+    done_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("node-a stayed frozen");
+    assert!(cluster.agents[0].pool.files("snapshots").is_empty(), "node-a's part was removed");
+
+    // node-b starts again: it thaws what the dead process left frozen and
+    // rolls back its unfinished part; the sidecar's retry then converges.
+    cluster.restart_agent(1);
+    assert!(cluster.agents[1]
+        .driver
+        .logs()
+        .contains("thawed a filesystem a previous run left frozen"));
+    let group = cluster
+        .groups()
+        .await
+        .create_volume_group_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    let mut g = cluster.groups().await;
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (agent, (id, staging, target)) in cluster.agents.iter().zip(&vols) {
+        let mut n = agent.node().await;
+        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+        c.delete_volume(req::delete(id)).await.unwrap();
+        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
+        agent.kubelet.assert_clean();
+    }
+}
