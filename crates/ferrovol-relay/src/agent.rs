@@ -86,6 +86,8 @@ impl Agent for AgentService {
         }
         let held = Held::freeze(devices, true).await.map_err(Status::from)?;
         let frozen = held.mounts().len() as u32;
+        info!(hold = %req.hold_id, volumes = req.volume_ids.len(), filesystems = frozen,
+              "froze for a group snapshot across nodes");
         {
             let mut holds = self.holds();
             if holds.live.contains_key(&req.hold_id) {
@@ -116,6 +118,7 @@ impl Agent for AgentService {
             Some(held) => {
                 let frozen_us = held.frozen_at.elapsed().as_micros() as u64;
                 drop(held);
+                info!(hold = %id, frozen_ms = frozen_us as f64 / 1000.0, "thawed");
                 ThawReply { held: true, frozen_us }
             }
             None => ThawReply { held: false, frozen_us: 0 },

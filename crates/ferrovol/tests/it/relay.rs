@@ -382,12 +382,24 @@ fn last_seq(log: &Path) -> u64 {
 
 /// The lockstep writers of the one-node group test, split across two
 /// nodes: seq N goes to node-a's member, then node-b's, before N+1. Every
-/// restored member must end within one step of the other. (Run with
-/// `FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE=1` on the relay, each node takes
-/// its part at its own instant and this fails.)
+/// restored member must end within one step of the other.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_across_two_nodes_is_one_instant() {
-    let unsafe_mode = std::env::var("FERROVOL_TEST_RELAY_NO_FREEZE").is_ok();
+    let (lo, hi) = group_across_two_nodes(false).await;
+    assert!(hi - lo <= 1, "members are from one instant: {lo} and {hi}");
+}
+
+/// The same writers and group with the relay's cross-node freeze switched
+/// off (each node then takes its part at its own instant, one after the
+/// other): the check above sees it. This keeps the consistency test honest.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_cross_node_freeze_the_members_disagree() {
+    let (lo, hi) = group_across_two_nodes(true).await;
+    assert!(hi - lo > 1, "the parts were taken at different instants: {lo} and {hi}");
+}
+
+/// Answers the lowest and highest sequence number the restored members end at.
+async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
     let relay_env: &[(&str, &str)] =
         if unsafe_mode { &[("FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE", "1")] } else { &[] };
     let mut cluster =
@@ -438,6 +450,11 @@ async fn a_group_across_two_nodes_is_one_instant() {
     let line = cluster.relay.wait_for_log("group snapshot across nodes taken").unwrap();
     eprintln!("{line}");
     assert!(line.contains("nodes=2"), "{line}");
+    let frozen = cluster
+        .agents
+        .iter()
+        .all(|a| a.driver.logs().contains("froze for a group snapshot across nodes"));
+    assert_eq!(frozen, !unsafe_mode, "every node froze, unless the freeze is off");
     assert!(group.group_snapshot_id.starts_with("xgroup-"), "{}", group.group_snapshot_id);
     assert_eq!(group.snapshots.len(), 2);
 
@@ -476,7 +493,6 @@ async fn a_group_across_two_nodes_is_one_instant() {
     let (lo, hi) = (*seqs.iter().min().unwrap(), *seqs.iter().max().unwrap());
     eprintln!("restored members end at {ends:?} of {written} steps");
     assert!(lo > 0 && hi < written, "{ends:?}");
-    assert!(hi - lo <= 1, "members are from one instant: {ends:?}");
 
     // Get and delete find every node's part; a member alone cannot go.
     let mut g = cluster.groups().await;
@@ -510,6 +526,7 @@ async fn a_group_across_two_nodes_is_one_instant() {
         agent.kubelet.assert_clean();
     }
     cluster.relay.terminate();
+    (lo, hi)
 }
 
 #[tokio::test(flavor = "multi_thread")]
