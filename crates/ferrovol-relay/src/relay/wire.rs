@@ -129,3 +129,61 @@ pub fn max_entries(want: usize) -> i32 {
         want.min(i32::MAX as usize) as i32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrovol_core::engine::ContentSource;
+
+    /// What the services make of an agent's volume, and back, is that
+    /// volume: the relay answers the CO what the node said.
+    #[test]
+    fn a_volume_survives_the_way_through_the_relay() {
+        let created = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let v = Volume {
+            id: "vol-0123456789abcdef0123456789abcdef@node-a".into(),
+            name: "pvc-1".into(),
+            capacity: 1 << 30,
+            source: Some(ContentSource::Snapshot("snap-x@node-a".into())),
+            access: AccessType::Mount { fs_type: String::new() },
+            parameters: BTreeMap::new(),
+            context: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            accessible: vec![BTreeMap::from([(
+                "local.csi.ferrovol.io/node".into(),
+                "node-a".into(),
+            )])],
+            published_nodes: vec![],
+            created,
+        };
+        let relayed = volume(convert::volume(&v)).unwrap();
+        assert_eq!(relayed, v);
+        assert_eq!(convert::volume(&relayed), convert::volume(&v));
+    }
+
+    #[test]
+    fn group_parts_merge_into_one_group() {
+        let part = |node: &str, secs: u64, ready: bool| GroupSnapshot {
+            id: "xgroup-1".into(),
+            name: "g".into(),
+            snapshots: vec![Snapshot {
+                id: format!("snap-{node}"),
+                name: String::new(),
+                source_volume: format!("vol-{node}"),
+                size: 1,
+                created: UNIX_EPOCH + Duration::from_secs(secs),
+                ready,
+                group_id: Some("xgroup-1".into()),
+            }],
+            created: UNIX_EPOCH + Duration::from_secs(secs),
+            ready,
+        };
+        let g = merge_groups("xgroup-1", vec![part("b", 20, true), part("a", 10, true)]);
+        assert_eq!(
+            g.snapshots.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["snap-a", "snap-b"]
+        );
+        assert_eq!(g.created, UNIX_EPOCH + Duration::from_secs(10));
+        assert!(g.ready);
+        assert!(!merge_groups("xgroup-1", vec![part("a", 1, true), part("b", 1, false)]).ready);
+    }
+}
