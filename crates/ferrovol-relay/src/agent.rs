@@ -126,8 +126,8 @@ impl Agent for AgentService {
     }
 }
 
-/// Dials the relay at `address` (host:port; every address it resolves to is
-/// one replica) and serves each connection until `stop`; redials a lost one
+/// Dials the relay at `address` (host:port, or several comma-separated;
+/// every address they resolve to is one replica) and serves each connection until `stop`; redials a lost one
 /// with backoff.
 pub async fn run(
     address: String,
@@ -137,9 +137,8 @@ pub async fn run(
 ) {
     let mut dialers: HashMap<std::net::SocketAddr, Dialer> = HashMap::new();
     loop {
-        match tokio::net::lookup_host(&address).await {
+        match resolve(&address).await {
             Ok(found) => {
-                let found: HashSet<_> = found.collect();
                 dialers.retain(|addr, _| {
                     let keep = found.contains(addr);
                     if !keep {
@@ -170,6 +169,17 @@ impl Drop for Dialer {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Every address of every `host:port` in `address` (comma-separated): a
+/// headless Service's name gives one per replica; outside Kubernetes the
+/// replicas can be listed.
+async fn resolve(address: &str) -> std::io::Result<HashSet<std::net::SocketAddr>> {
+    let mut all = HashSet::new();
+    for one in address.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        all.extend(tokio::net::lookup_host(one).await?);
+    }
+    Ok(all)
 }
 
 /// One replica: connect, serve until the connection is gone, again.

@@ -68,8 +68,9 @@ pub struct LinkArgs {
     #[arg(long, env = "FERROVOL_LINK_LISTEN")]
     pub link_listen: Option<String>,
 
-    /// Agent: the relay's address (host:port); every address the name
-    /// resolves to is a replica, and each is dialled (a headless Service).
+    /// Agent: the relay's address (host:port, or several comma-separated);
+    /// every address a name resolves to is a replica, and each is dialled
+    /// (a headless Service).
     #[arg(long, env = "FERROVOL_LINK_CONTROLLER")]
     pub link_controller: Option<String>,
 

@@ -727,3 +727,27 @@ async fn a_node_lost_inside_a_cross_node_freeze_leaves_nothing_frozen() {
         agent.kubelet.assert_clean();
     }
 }
+
+/// Two controller replicas: every agent keeps a link to each, so whichever
+/// one the sidecars' leader election picks reaches every node, and losing
+/// one replica loses no node.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_agent_is_linked_to_every_controller_replica() {
+    let mut cluster = Cluster::start(&[], PoolFs::Ext4).await;
+    let root = cluster.root.path().join("second");
+    let (mut second, second_link) = start_relay(&root, &cluster.certs, "127.0.0.1:0", &[]);
+    cluster.link = format!("{},{second_link}", cluster.link);
+    cluster.add_agent("node-a", TestPool::new(PoolFs::Ext4).await, &[]);
+    second.wait_for_log("node agent connected node=node-a ").unwrap();
+
+    let mut first_c = cluster.controller().await;
+    let mut second_c = ControllerClient::new(second.channel().await);
+    let v = create(&mut first_c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+    let get = csi::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() };
+    second_c.controller_get_volume(get.clone()).await.unwrap();
+    cluster.relay.kill();
+    // The other replica goes on serving the node.
+    second_c.controller_get_volume(get).await.unwrap();
+    second_c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    assert!(cluster.agents[0].pool.files("volumes").is_empty());
+}
