@@ -751,3 +751,135 @@ async fn every_agent_is_linked_to_every_controller_replica() {
     second_c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
     assert!(cluster.agents[0].pool.files("volumes").is_empty());
 }
+
+static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// The sidecars' retry: UNAVAILABLE (a node away), ABORTED (a call in
+/// flight) and transport errors are tried again after a short backoff, as
+/// the sidecars do; anything else is the answer.
+async fn retried<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    loop {
+        match call().await {
+            Err(e) if matches!(e.code(), Code::Unavailable | Code::Aborted | Code::Unknown) => {
+                RETRIES.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Work through the relay while agents are killed (SIGKILL, mid-call) and
+/// started again: every retried call converges, the relay's listing is
+/// exactly what was answered, and neither pool needs repair.
+#[tokio::test(flavor = "multi_thread")]
+async fn work_through_the_relay_converges_while_agents_die() {
+    let rounds: usize =
+        std::env::var("FERROVOL_RELAY_CHAOS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let seed: u64 = std::env::var("FERROVOL_RELAY_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1717);
+    let mut cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Ext4).await;
+    let mut rng = common::Rng(seed);
+    let mut volumes: std::collections::BTreeMap<String, String> = Default::default();
+    let mut snapshots: std::collections::BTreeMap<String, String> = Default::default();
+    let done = Arc::new(AtomicU64::new(0));
+    for round in 0..rounds {
+        // A batch of work, and one agent killed once part of it is done.
+        let plan: Vec<(u64, u64)> = (0..12).map(|_| (rng.below(4), rng.next())).collect();
+        let victim = rng.below(2) as usize;
+        let kill_after = done.load(Ordering::SeqCst) + 1 + rng.below(8);
+        let c = cluster.controller().await;
+        let (mut vols, mut snaps) = (volumes.clone(), snapshots.clone());
+        let counter = done.clone();
+        let work = tokio::spawn(async move {
+            let c = c;
+            for (i, (op, r)) in plan.into_iter().enumerate() {
+                let node = if r % 2 == 0 { "node-a" } else { "node-b" };
+                match op {
+                    0 | 1 => {
+                        let name = format!("chaos-{round}-{i}");
+                        let v = retried(|| {
+                            let (mut c, r) = (c.clone(), on_node(&name, node, 16 * MIB));
+                            async move { c.create_volume(r).await }
+                        })
+                        .await
+                        .unwrap();
+                        vols.insert(name, v.into_inner().volume.unwrap().volume_id);
+                    }
+                    2 if !vols.is_empty() => {
+                        let (_, id) = vols.iter().nth(r as usize % vols.len()).unwrap();
+                        let name = format!("chaos-snap-{round}-{i}");
+                        let s = retried(|| {
+                            let (mut c, r) = (c.clone(), req::snapshot(&name, id));
+                            async move { c.create_snapshot(r).await }
+                        })
+                        .await
+                        .unwrap();
+                        snaps.insert(name, s.into_inner().snapshot.unwrap().snapshot_id);
+                    }
+                    _ if !snaps.is_empty() && r % 3 == 0 => {
+                        let name = snaps.keys().nth(r as usize % snaps.len()).unwrap().clone();
+                        let id = snaps.remove(&name).unwrap();
+                        retried(|| {
+                            let (mut c, r) = (c.clone(), req::delete_snapshot(&id));
+                            async move { c.delete_snapshot(r).await }
+                        })
+                        .await
+                        .unwrap();
+                    }
+                    _ if !vols.is_empty() => {
+                        let name = vols.keys().nth(r as usize % vols.len()).unwrap().clone();
+                        let id = vols.remove(&name).unwrap();
+                        retried(|| {
+                            let (mut c, r) = (c.clone(), req::delete(&id));
+                            async move { c.delete_volume(r).await }
+                        })
+                        .await
+                        .unwrap();
+                    }
+                    _ => {}
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            (vols, snaps)
+        });
+        // The kill lands between or inside calls, wherever the work is.
+        while done.load(Ordering::SeqCst) < kill_after && !work.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        cluster.restart_agent(victim);
+        (volumes, snapshots) = work.await.unwrap();
+    }
+    eprintln!("{} calls retried over {rounds} agent restarts", RETRIES.load(Ordering::Relaxed));
+    let mut c = cluster.controller().await;
+    let mut listed = list_all_volumes(&mut c, 3).await;
+    listed.sort();
+    let mut want: Vec<String> = volumes.values().cloned().collect();
+    want.sort();
+    assert_eq!(listed, want, "the relay lists exactly the volumes it answered");
+    let snaps = c.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    let mut listed: Vec<String> =
+        snaps.entries.into_iter().map(|e| e.snapshot.unwrap().snapshot_id).collect();
+    listed.sort();
+    let mut want: Vec<String> = snapshots.values().cloned().collect();
+    want.sort();
+    assert_eq!(listed, want, "and exactly the snapshots");
+    for id in snapshots.values() {
+        c.delete_snapshot(req::delete_snapshot(id)).await.unwrap();
+    }
+    for id in volumes.values() {
+        c.delete_volume(req::delete(id)).await.unwrap();
+    }
+    for agent in &mut cluster.agents {
+        agent.driver.terminate();
+        let (clean, report) = common::pool_check(&agent.pool, false);
+        assert!(clean, "{}: {report}", agent.name);
+        assert!(agent.pool.files("volumes").is_empty() && agent.pool.files("snapshots").is_empty());
+    }
+}
