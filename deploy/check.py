@@ -377,7 +377,7 @@ def cross_checks(docs, binary):
                             ("csistoragecapacities", "create"), ("volumesnapshotcontents", "get"),
                             ("volumesnapshots", "get"), ("volumesnapshots", "watch"), ("volumesnapshots", "update"),
                             ("csinodes", "get"), ("nodes", "get"), ("replicasets", "get"), ("leases", "update")],
-        "csi-snapshotter": [("volumesnapshotcontents", "update"), ("volumesnapshotcontents/status", "update"),
+        "csi-snapshotter": [("volumesnapshotcontents", "update"), ("volumesnapshotcontents", "create"), ("volumesnapshotcontents/status", "update"),
                             ("volumesnapshotclasses", "get"), ("volumegroupsnapshotcontents", "update"),
                             ("volumegroupsnapshotcontents/status", "update"), ("volumegroupsnapshotclasses", "get"),
                             ("leases", "update")],
