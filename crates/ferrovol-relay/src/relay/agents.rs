@@ -18,6 +18,21 @@ use crate::proto::HelloRequest;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an agent may take to answer a call that reads (a volume, a
+/// listing page, capacity) or freezes and thaws: an agent whose link is
+/// alive but which does not answer (a hung disk) must not hold the relay's
+/// call, and its locks, for ever. Calls that copy data have no such bound.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// `call`, or UNAVAILABLE when it takes longer than [`ANSWER_WITHIN`].
+pub async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    tokio::time::timeout(ANSWER_WITHIN, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::unavailable(format!("no answer within {ANSWER_WITHIN:?}")))
+    })
+}
+
 /// One connected agent: a node, and clients for what it serves.
 pub struct AgentLink {
     pub node_id: String,

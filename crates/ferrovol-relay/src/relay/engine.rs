@@ -20,7 +20,7 @@ use ferrovol_csi::error::{self, Result};
 use ferrovol_local::ids::{self, Kind};
 use ferrovol_local::TOPOLOGY_KEY;
 
-use super::agents::{AgentLink, Agents};
+use super::agents::{bounded, AgentLink, Agents};
 use super::wire;
 
 /// How long a condition an agent reported with a volume answers the
@@ -144,10 +144,10 @@ impl RelayEngine {
     }
 
     async fn get_volume(&self, link: &AgentLink, id: &str) -> Result<(Volume, Condition)> {
-        let got = link
-            .controller
-            .clone()
-            .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.to_string() })
+        let got =
+            bounded(link.controller.clone().controller_get_volume(
+                csi::ControllerGetVolumeRequest { volume_id: id.to_string() },
+            ))
             .await
             .map_err(|s| link.failed(s))?
             .into_inner();
@@ -203,19 +203,16 @@ impl RelayEngine {
         token: String,
         want: usize,
     ) -> Result<(Vec<Snapshot>, String)> {
-        let got = link
-            .controller
-            .clone()
-            .list_snapshots(csi::ListSnapshotsRequest {
-                max_entries: wire::max_entries(want),
-                starting_token: token,
-                source_volume_id: filter.source_volume.clone().unwrap_or_default(),
-                snapshot_id: filter.snapshot_id.clone().unwrap_or_default(),
-                secrets: HashMap::new(),
-            })
-            .await
-            .map_err(|s| link.failed(s))?
-            .into_inner();
+        let got = bounded(link.controller.clone().list_snapshots(csi::ListSnapshotsRequest {
+            max_entries: wire::max_entries(want),
+            starting_token: token,
+            source_volume_id: filter.source_volume.clone().unwrap_or_default(),
+            snapshot_id: filter.snapshot_id.clone().unwrap_or_default(),
+            secrets: HashMap::new(),
+        }))
+        .await
+        .map_err(|s| link.failed(s))?
+        .into_inner();
         let items =
             got.entries.into_iter().filter_map(|e| e.snapshot).map(wire::snapshot).collect();
         Ok((items, got.next_token))
@@ -224,32 +221,30 @@ impl RelayEngine {
 
 /// Whether the agent has this object (for IDs without a node tag).
 async fn has(link: &AgentLink, kind: Kind, id: &str) -> Result<bool> {
-    let answer = match kind {
-        Kind::Volume => link
-            .controller
-            .clone()
-            .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.to_string() })
+    let answer =
+        match kind {
+            Kind::Volume => bounded(link.controller.clone().controller_get_volume(
+                csi::ControllerGetVolumeRequest { volume_id: id.to_string() },
+            ))
             .await
             .map(|_| true),
-        Kind::Snapshot => link
-            .controller
-            .clone()
-            .list_snapshots(csi::ListSnapshotsRequest {
-                snapshot_id: id.to_string(),
-                ..Default::default()
-            })
-            .await
-            .map(|r| !r.into_inner().entries.is_empty()),
-        Kind::Group => link
-            .group
-            .clone()
-            .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: id.to_string(),
-                ..Default::default()
-            })
+            Kind::Snapshot => {
+                bounded(link.controller.clone().list_snapshots(csi::ListSnapshotsRequest {
+                    snapshot_id: id.to_string(),
+                    ..Default::default()
+                }))
+                .await
+                .map(|r| !r.into_inner().entries.is_empty())
+            }
+            Kind::Group => bounded(link.group.clone().get_volume_group_snapshot(
+                csi::GetVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id.to_string(),
+                    ..Default::default()
+                },
+            ))
             .await
             .map(|_| true),
-    };
+        };
     match answer {
         Ok(found) => Ok(found),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
@@ -358,16 +353,13 @@ impl ControllerEngine for RelayEngine {
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
         self.merged(token, max, |link, token, want| async move {
-            let got = link
-                .controller
-                .clone()
-                .list_volumes(csi::ListVolumesRequest {
-                    max_entries: wire::max_entries(want),
-                    starting_token: token,
-                })
-                .await
-                .map_err(|s| link.failed(s))?
-                .into_inner();
+            let got = bounded(link.controller.clone().list_volumes(csi::ListVolumesRequest {
+                max_entries: wire::max_entries(want),
+                starting_token: token,
+            }))
+            .await
+            .map_err(|s| link.failed(s))?
+            .into_inner();
             let mut items = Vec::with_capacity(got.entries.len());
             for e in got.entries {
                 let Some(v) = e.volume else { continue };
@@ -389,17 +381,14 @@ impl ControllerEngine for RelayEngine {
         let ask = |link: Arc<AgentLink>, topology: Option<csi::Topology>| {
             let parameters = wire::parameters(parameters);
             async move {
-                let got = link
-                    .controller
-                    .clone()
-                    .get_capacity(csi::GetCapacityRequest {
-                        volume_capabilities: vec![],
-                        parameters,
-                        accessible_topology: topology,
-                    })
-                    .await
-                    .map_err(|s| link.failed(s))?
-                    .into_inner();
+                let got = bounded(link.controller.clone().get_capacity(csi::GetCapacityRequest {
+                    volume_capabilities: vec![],
+                    parameters,
+                    accessible_topology: topology,
+                }))
+                .await
+                .map_err(|s| link.failed(s))?
+                .into_inner();
                 Ok::<_, error::Error>(Capacity {
                     available: got.available_capacity.max(0) as u64,
                     maximum_volume_size: got.maximum_volume_size.unwrap_or(0).max(0) as u64,

@@ -23,7 +23,7 @@ use ferrovol_local::ids::{self, Kind};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::agents::AgentLink;
+use super::agents::{bounded, AgentLink};
 use super::engine::RelayEngine;
 use super::wire;
 use crate::proto::{FreezeRequest, ThawRequest};
@@ -136,7 +136,7 @@ pub async fn create(
                 hold_ms,
             };
             async move {
-                link.agent.clone().freeze(req).await.map_err(|s| link.failed(s))?;
+                bounded(link.agent.clone().freeze(req)).await.map_err(|s| link.failed(s))?;
                 Ok(())
             }
         })
@@ -213,7 +213,10 @@ async fn thaw(links: &[Arc<AgentLink>], hold_id: &str) -> Vec<Result<(bool, Dura
     let results = on_each(links, |link| {
         let req = ThawRequest { hold_id: hold_id.to_string() };
         async move {
-            let t = link.agent.clone().thaw(req).await.map_err(|s| link.failed(s))?.into_inner();
+            let t = bounded(link.agent.clone().thaw(req))
+                .await
+                .map_err(|s| link.failed(s))?
+                .into_inner();
             Ok((t.held, Duration::from_micros(t.frozen_us)))
         }
     })
@@ -259,7 +262,7 @@ pub async fn get(relay: &RelayEngine, id: &str) -> Result<GroupSnapshot> {
             secrets: HashMap::new(),
         };
         async move {
-            match link.group.clone().get_volume_group_snapshot(req).await {
+            match bounded(link.group.clone().get_volume_group_snapshot(req)).await {
                 Ok(r) => Ok(r.into_inner().group_snapshot.map(|g| wire::group(g, ""))),
                 Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
                 Err(s) => Err(link.failed(s)),
