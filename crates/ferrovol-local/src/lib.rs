@@ -807,7 +807,14 @@ impl ControllerEngine for LocalEngine {
         // Every member mounted here is flushed now and frozen together for
         // the clones; a member in use as a raw block device cannot be
         // quiesced, and a torn group is refused rather than answered.
-        let quiesce = match self.node.prepare_quiesce(volumes, true).await {
+        // A part of a group spread over nodes is taken under the relay's
+        // freeze, never at an instant of its own.
+        let shared = group.id == group.name;
+        let quiesce = match shared {
+            true => self.node.prepare_quiesce_within_hold(volumes).await,
+            false => self.node.prepare_quiesce(volumes, true).await,
+        };
+        let quiesce = match quiesce {
             Ok(q) => q,
             Err(e) => {
                 self.discard_group(&group).await?;
@@ -825,6 +832,7 @@ impl ControllerEngine for LocalEngine {
         }
         let method = self.method;
         let made = blocking(move || {
+            failpoint::hit("create-group-before-clone");
             // The window: quiesce, clone every member, release. Nothing
             // else (no journal write, no allocation of note) happens inside.
             // It is measured from the first freeze, so it is what the

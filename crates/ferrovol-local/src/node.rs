@@ -205,11 +205,24 @@ impl NodeAttacher for LocalNode {
     }
 
     async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
+        crate::host_node::quiesce::prepare(self.devices(volume_ids).await?, strict).await
+    }
+}
+
+impl LocalNode {
+    async fn devices(&self, volume_ids: &[String]) -> Result<Vec<(String, Option<PathBuf>)>> {
         let mut devices = Vec::with_capacity(volume_ids.len());
         for id in volume_ids {
             devices.push((id.clone(), self.device(id).await?));
         }
-        crate::host_node::quiesce::prepare(devices, strict).await
+        Ok(devices)
+    }
+
+    /// This node's part of a group snapshot spread over several nodes: its
+    /// mounted members must be (and stay, through the clones) frozen by the
+    /// relay's freeze; one it no longer holds is ABORTED.
+    pub async fn prepare_quiesce_within_hold(&self, volume_ids: &[String]) -> Result<Quiesce> {
+        crate::host_node::quiesce::prepare_within_hold(self.devices(volume_ids).await?).await
     }
 }
 

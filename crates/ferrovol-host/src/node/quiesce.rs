@@ -3,7 +3,7 @@
 //! frozen side by side, thawed by guards on every path. Engine-agnostic:
 //! a node half hands in the devices its volumes are attached as.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{self, Error, Result};
@@ -35,15 +35,37 @@ pub fn filesystem_mount(mounts: &[MountEntry]) -> Option<&MountEntry> {
 /// device here if attached), flushes it, and answers the freeze. A volume
 /// not attached here has no writer through this node; one attached only as
 /// a raw block device cannot be quiesced, which `strict` refuses. A
-/// filesystem already frozen by a [`Held`] freeze is left to it.
+/// filesystem a [`Held`] freeze holds is already still: it is pinned (kept
+/// frozen until this freeze ends) rather than frozen again.
 pub async fn prepare(devices: Vec<(String, Option<PathBuf>)>, strict: bool) -> Result<Quiesce> {
-    let (mounts, _already_still) = flushed_mounts(devices, strict).await?;
-    Ok(Box::new(move || freeze_all(&mounts).map(|held| Box::new(held) as Box<dyn Send>)))
+    let (mut mounts, already) = flushed_mounts(devices, strict).await?;
+    mounts.extend(already);
+    Ok(Box::new(move || freeze_or_pin(&mounts, false)))
+}
+
+/// Like [`prepare`] (strict), for one node's part of a group snapshot
+/// spread over several nodes: every filesystem must be one the group's
+/// [`Held`] freeze holds, at the instant of the clones too. A freeze that
+/// ended before (its link dropped, its limit passed) is ABORTED, so the
+/// part is never taken at an instant of its own.
+pub async fn prepare_within_hold(devices: Vec<(String, Option<PathBuf>)>) -> Result<Quiesce> {
+    let (fresh, already) = flushed_mounts(devices, true).await?;
+    if let Some(m) = fresh.first() {
+        return Err(not_held(m));
+    }
+    Ok(Box::new(move || freeze_or_pin(&already, true)))
+}
+
+fn not_held(mount: &Path) -> Error {
+    error::aborted(format!(
+        "{} is not frozen by the group snapshot's freeze across nodes (it ended): retry",
+        mount.display()
+    ))
 }
 
 /// The filesystem mounts of `devices`, flushed while writers still run;
-/// those a [`Held`] freeze holds are already still, and left out (flushing
-/// a frozen filesystem could wait for its thaw).
+/// those a [`Held`] freeze holds are already still, and answered apart
+/// (flushing a frozen filesystem could wait for its thaw).
 async fn flushed_mounts(
     devices: Vec<(String, Option<PathBuf>)>,
     strict: bool,
@@ -67,8 +89,8 @@ async fn flushed_mounts(
             }
         }
         let (already, mounts): (Vec<PathBuf>, Vec<PathBuf>) = {
-            let held = held_mounts();
-            mounts.into_iter().partition(|m| held.contains(m))
+            let held = held();
+            mounts.into_iter().partition(|m| held.get(m).is_some_and(|e| !e.released))
         };
         presync(&mounts);
         Ok((mounts, already))
@@ -77,22 +99,76 @@ async fn flushed_mounts(
     .map_err(|e| error::internal(e.to_string()))?
 }
 
-/// Mount points frozen by a [`Held`] freeze in this process.
-static HELD: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+/// A filesystem frozen by a [`Held`] freeze in this process.
+struct HeldMount {
+    /// Kept for its drop, which thaws.
+    _frozen: Frozen,
+    /// Snapshots cloning under this freeze right now.
+    pins: usize,
+    /// The [`Held`] freeze ended: thawed when the last pin goes.
+    released: bool,
+}
 
-fn held_mounts() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
-    // A panic elsewhere cannot leave the set half-written: recover it.
+static HELD: std::sync::Mutex<BTreeMap<PathBuf, HeldMount>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn held() -> std::sync::MutexGuard<'static, BTreeMap<PathBuf, HeldMount>> {
+    // A panic elsewhere cannot leave the map half-written: recover it.
     HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Held filesystems a snapshot clones under: they stay frozen until it is
+/// dropped, even if their [`Held`] freeze ends meanwhile.
+struct Pins(Vec<PathBuf>);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let mut held = held();
+        for m in &self.0 {
+            let done = held.get_mut(m).is_some_and(|e| {
+                e.pins -= 1;
+                e.pins == 0 && e.released
+            });
+            if done {
+                // Dropping the freeze thaws it.
+                held.remove(m);
+            }
+        }
+    }
+}
+
+/// Pins what a [`Held`] freeze holds and freezes the rest (`within_hold`:
+/// refuses the rest instead).
+fn freeze_or_pin(mounts: &[PathBuf], within_hold: bool) -> Result<Box<dyn Send>> {
+    let (pins, rest) = {
+        let mut held = held();
+        let mut pins = Pins(Vec::new());
+        let mut rest = Vec::new();
+        for m in mounts {
+            match held.get_mut(m) {
+                Some(e) if !e.released => {
+                    e.pins += 1;
+                    pins.0.push(m.clone());
+                }
+                _ => rest.push(m.clone()),
+            }
+        }
+        (pins, rest)
+    };
+    if let (true, Some(m)) = (within_hold, rest.first()) {
+        return Err(not_held(m));
+    }
+    let frozen = freeze_all(&rest)?;
+    Ok(Box::new((pins, frozen)))
 }
 
 /// A freeze that outlives the call that made it: the first phase of a
 /// group snapshot whose members live on several nodes (every node freezes,
 /// then every node clones, then every node thaws). While it is held, the
-/// snapshots taken here skip its filesystems (they are already still);
-/// dropping it thaws them.
+/// snapshots taken here pin its filesystems instead of freezing them;
+/// dropping it thaws them once no snapshot is cloning under it.
 pub struct Held {
     mounts: Vec<PathBuf>,
-    frozen: Vec<Frozen>,
     pub frozen_at: std::time::Instant,
 }
 
@@ -105,16 +181,17 @@ impl Held {
         mounts.sort();
         mounts.dedup();
         tokio::task::spawn_blocking(move || {
-            let mut held = held_mounts();
-            if let Some(m) = already.iter().chain(&mounts).find(|m| held.contains(*m)) {
+            let mut held = held();
+            if let Some(m) = already.iter().chain(&mounts).find(|m| held.contains_key(*m)) {
                 return Err(error::aborted(format!(
                     "{} is frozen for another group snapshot",
                     m.display()
                 )));
             }
-            let frozen = freeze_all(&mounts)?;
-            held.extend(mounts.iter().cloned());
-            Ok(Held { mounts, frozen, frozen_at: std::time::Instant::now() })
+            for (m, frozen) in mounts.iter().zip(freeze_all(&mounts)?) {
+                held.insert(m.clone(), HeldMount { _frozen: frozen, pins: 0, released: false });
+            }
+            Ok(Held { mounts, frozen_at: std::time::Instant::now() })
         })
         .await
         .map_err(|e| error::internal(e.to_string()))?
@@ -127,13 +204,16 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut held = held_mounts();
+        let mut held = held();
         for m in &self.mounts {
-            held.remove(m);
+            let idle = held.get_mut(m).is_some_and(|e| {
+                e.released = true;
+                e.pins == 0
+            });
+            if idle {
+                held.remove(m);
+            }
         }
-        // Thawed while the set is locked: no snapshot starts in between
-        // believing a filesystem is still held.
-        self.frozen.clear();
     }
 }
 

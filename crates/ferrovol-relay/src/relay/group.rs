@@ -8,9 +8,13 @@
 //!
 //! Every node's part carries the one group ID, so each member names the
 //! same group. A hold is bounded on the agent (it thaws on its own when
-//! the limit passes or the relay's connection drops), the relay thaws on
-//! every path, and a group whose freeze did not last through phase 2 is
-//! removed and the call ABORTED, never answered torn.
+//! the limit passes or the relay's connection drops), and the relay thaws
+//! on every path. A part is only ever taken under its hold: the node
+//! refuses (ABORTED) a part whose hold has ended, and keeps the hold's
+//! filesystems frozen while a part clones under it (`quiesce::Held`'s
+//! pins), even if the hold ends meanwhile. A failed attempt's parts are
+//! removed; a retry that finds some parts but not all removes those and
+//! takes the group anew, so no answer mixes two instants.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -97,6 +101,60 @@ async fn delete_part(
     Ok(())
 }
 
+/// A node's part of a shared group, if it has it (ready).
+async fn part_of(link: Arc<AgentLink>, id: String) -> Result<Option<GroupSnapshot>> {
+    let req = csi::GetVolumeGroupSnapshotRequest { group_snapshot_id: id, ..Default::default() };
+    match bounded(link.group.clone().get_volume_group_snapshot(req)).await {
+        Ok(r) => Ok(r.into_inner().group_snapshot.map(|g| wire::group(g, ""))),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(link.failed(s)),
+    }
+}
+
+type Parts = (Vec<Result<GroupSnapshot>>, Vec<Result<(bool, Duration)>>);
+
+/// The three phases on `links`: all frozen, every part taken, all thawed.
+/// Answers each node's part and its thaw (still held, and for how long).
+async fn under_one_freeze(
+    relay: &RelayEngine,
+    links: &[Arc<AgentLink>],
+    members: &HashMap<String, Vec<String>>,
+    id: &str,
+    secrets: &HashMap<String, String>,
+) -> Result<Parts> {
+    let hold_id = uuid::Uuid::new_v4().simple().to_string();
+    let hold_ms = relay.hold_limit.as_millis().min(u32::MAX as u128) as u32;
+
+    // Phase 1: everyone frozen (each node flushes first, writers running).
+    let frozen = on_each(links, |link| {
+        let req = FreezeRequest {
+            hold_id: hold_id.clone(),
+            volume_ids: members[&link.tag].clone(),
+            hold_ms,
+        };
+        async move {
+            bounded(link.agent.clone().freeze(req)).await.map_err(|s| link.failed(s))?;
+            Ok(())
+        }
+    })
+    .await;
+    if let Some(e) = first_error(&frozen) {
+        thaw(links, &hold_id).await;
+        return Err(e);
+    }
+
+    // Phase 2: every part, under the one freeze (each node checks that its
+    // members are still held when it clones, and keeps them so until done).
+    let parts = on_each(links, |link| {
+        create_part(link.clone(), id.to_string(), members[&link.tag].clone(), secrets.clone())
+    })
+    .await;
+
+    // Phase 3: everyone thawed, on every path.
+    let thawed = thaw(links, &hold_id).await;
+    Ok((parts, thawed))
+}
+
 pub async fn create(
     relay: &RelayEngine,
     name: &str,
@@ -124,47 +182,44 @@ pub async fn create(
     let links: Vec<Arc<AgentLink>> = by_node.values().map(|(l, _)| l.clone()).collect();
     let members: HashMap<String, Vec<String>> =
         by_node.iter().map(|(tag, (_, m))| (tag.clone(), m.clone())).collect();
-    let hold_id = uuid::Uuid::new_v4().simple().to_string();
-    let hold_ms = relay.hold_limit.as_millis().min(u32::MAX as u128) as u32;
 
-    // Phase 1: everyone frozen (each node flushes first, writers running).
-    if !relay.skip_freeze {
-        let frozen = on_each(&links, |link| {
-            let req = FreezeRequest {
-                hold_id: hold_id.clone(),
-                volume_ids: members[&link.tag].clone(),
-                hold_ms,
-            };
-            async move {
-                bounded(link.agent.clone().freeze(req)).await.map_err(|s| link.failed(s))?;
-                Ok(())
-            }
-        })
-        .await;
-        if let Some(e) = first_error(&frozen) {
-            thaw(&links, &hold_id).await;
+    // A retry: every node has its part (all taken under one freeze, which
+    // each part checked) is the group, answered again. Some but not all:
+    // what is left of an attempt that failed; removed, then taken anew.
+    let mut existing = Vec::with_capacity(links.len());
+    for found in on_each(&links, |link| part_of(link, id.clone())).await {
+        existing.push(found?);
+    }
+    if existing.iter().all(Option::is_some) {
+        let parts = existing.into_iter().flatten().collect();
+        let group = GroupSnapshot { name: name.to_string(), ..wire::merge_groups(&id, parts) };
+        return Ok((group, Duration::ZERO));
+    }
+    let stale: Vec<Arc<AgentLink>> =
+        links.iter().zip(&existing).filter(|(_, p)| p.is_some()).map(|(l, _)| l.clone()).collect();
+    if !stale.is_empty() {
+        warn!(group = %id, nodes = stale.len(), "removing the parts a failed attempt left");
+        let removed = on_each(&stale, |link| delete_part(link, id.clone(), secrets.clone())).await;
+        if let Some(e) = first_error(&removed) {
             return Err(e);
         }
     }
 
-    // Phase 2: every part, under the one freeze.
-    let part = |link: Arc<AgentLink>| {
-        create_part(link.clone(), id.clone(), members[&link.tag].clone(), secrets.clone())
-    };
-    let parts = if relay.skip_freeze {
-        // What a relay without the shared freeze does: each node its own
-        // group, one after another, each at its own instant.
-        let mut parts = Vec::with_capacity(links.len());
+    let (parts, thawed) = if relay.skip_freeze {
+        // What a relay without the shared freeze does: each node frozen,
+        // cloned and thawed in turn, each at an instant of its own.
+        let (mut parts, mut thawed) = (Vec::new(), Vec::new());
         for link in &links {
-            parts.push(part(link.clone()).await);
+            let (p, t) =
+                under_one_freeze(relay, std::slice::from_ref(link), &members, &id, &secrets)
+                    .await?;
+            parts.extend(p);
+            thawed.extend(t);
         }
-        parts
+        (parts, thawed)
     } else {
-        on_each(&links, part).await
+        under_one_freeze(relay, &links, &members, &id, &secrets).await?
     };
-
-    // Phase 3: everyone thawed, on every path.
-    let thawed = if relay.skip_freeze { vec![] } else { thaw(&links, &hold_id).await };
     let window =
         thawed.iter().filter_map(|t| t.as_ref().ok()).map(|t| t.1).max().unwrap_or_default();
     let expired: Vec<&str> = links
@@ -174,17 +229,14 @@ pub async fn create(
         .map(|(l, _)| l.node_id.as_str())
         .collect();
 
-    let failure = first_error(&parts).or_else(|| {
-        (!expired.is_empty()).then(|| {
-            error::aborted(format!(
-                "the freeze on node {} did not last until every node had taken its part \
-                 (limit {:?}); the group was removed: retry",
-                expired.join(", node "),
-                relay.hold_limit
-            ))
-        })
-    });
-    if let Some(e) = failure {
+    if !expired.is_empty() {
+        // Each part held its members frozen while it cloned (or failed if
+        // the freeze had ended first), so the parts are still one instant;
+        // the window was longer than asked for.
+        warn!(group = %id, nodes = ?expired, limit = ?relay.hold_limit,
+              "the freeze ran out before the thaw");
+    }
+    if let Some(e) = first_error(&parts) {
         // No torn group is left behind: remove the parts that were made.
         let made: Vec<Arc<AgentLink>> =
             links.iter().zip(&parts).filter(|(_, p)| p.is_ok()).map(|(l, _)| l.clone()).collect();

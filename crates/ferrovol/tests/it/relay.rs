@@ -380,6 +380,74 @@ fn last_seq(log: &Path) -> u64 {
     text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
 }
 
+/// One writer appending sequence numbers to every member in lockstep (seq
+/// N to each member, in order, before N+1), as the one-node group test.
+struct Lockstep {
+    stop: Arc<AtomicBool>,
+    steps: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Lockstep {
+    /// Started, and demonstrably running, on each volume's `log` file.
+    fn start(vols: &[(String, PathBuf, PathBuf)]) -> Lockstep {
+        let logs: Vec<PathBuf> = vols.iter().map(|(_, _, t)| t.join("log")).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, steps) = (stop.clone(), steps.clone());
+            std::thread::spawn(move || {
+                let mut files: Vec<_> =
+                    logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
+                let mut seq = 1u64;
+                'writing: while !stop.load(Ordering::Relaxed) {
+                    for f in &mut files {
+                        // A test stuck elsewhere fills the volume; the
+                        // writer stops then, and the test fails on its own.
+                        if writeln!(f, "{seq}").is_err() {
+                            break 'writing;
+                        }
+                    }
+                    steps.store(seq, Ordering::Relaxed);
+                    seq += 1;
+                }
+            })
+        };
+        while steps.load(Ordering::Relaxed) < 1000 {
+            std::thread::yield_now();
+        }
+        Lockstep { stop, steps, thread }
+    }
+
+    /// Stops it; answers how many steps it wrote.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.steps.load(Ordering::Relaxed)
+    }
+}
+
+/// Restores every member of `group` on its node and reads where its log
+/// ended: (source volume, last sequence number).
+async fn restored_ends(cluster: &Cluster, group: &csi::VolumeGroupSnapshot) -> Vec<(String, u64)> {
+    let mut c = cluster.controller().await;
+    let mut ends = Vec::new();
+    let cap = req::mount_cap("ext4");
+    for s in &group.snapshots {
+        let name = format!("restored-{}-{}", group.group_snapshot_id, ends.len());
+        let restored = create(&mut c, req::from_snapshot(&name, &s.snapshot_id, 64 * MIB)).await;
+        let agent = cluster.agents.iter().find(|a| a.name == node_of(&restored)).unwrap();
+        assert!(s.snapshot_id.ends_with(&format!("@{}", agent.name)));
+        let staging = agent.kubelet.staging(&format!("restored{}", ends.len()));
+        let mut n = agent.node().await;
+        n.node_stage_volume(stage_req(&restored.volume_id, &staging, cap.clone())).await.unwrap();
+        ends.push((s.source_volume_id.clone(), last_seq(&staging.join("log"))));
+        n.node_unstage_volume(unstage_req(&restored.volume_id, &staging)).await.unwrap();
+        c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
+    }
+    ends
+}
+
 /// The lockstep writers of the one-node group test, split across two
 /// nodes: seq N goes to node-a's member, then node-b's, before N+1. Every
 /// restored member must end within one step of the other.
@@ -409,27 +477,7 @@ async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
     for (i, agent) in cluster.agents.iter().enumerate() {
         vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
     }
-    let logs: Vec<PathBuf> = vols.iter().map(|(_, _, t)| t.join("log")).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let steps = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, steps, logs) = (stop.clone(), steps.clone(), logs.clone());
-        std::thread::spawn(move || {
-            let mut files: Vec<_> =
-                logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
-            let mut seq = 1u64;
-            while !stop.load(Ordering::Relaxed) {
-                for f in &mut files {
-                    writeln!(f, "{seq}").unwrap();
-                }
-                steps.store(seq, Ordering::Relaxed);
-                seq += 1;
-            }
-        })
-    };
-    while steps.load(Ordering::Relaxed) < 1000 {
-        std::thread::yield_now();
-    }
+    let writer = Lockstep::start(&vols);
     let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
     let group = cluster
         .groups()
@@ -444,9 +492,7 @@ async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
         .into_inner()
         .group_snapshot
         .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    let written = steps.load(Ordering::Relaxed);
+    let written = writer.stop();
     let line = cluster.relay.wait_for_log("group snapshot across nodes taken").unwrap();
     eprintln!("{line}");
     assert!(line.contains("nodes=2"), "{line}");
@@ -454,12 +500,10 @@ async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
         .agents
         .iter()
         .all(|a| a.driver.logs().contains("froze for a group snapshot across nodes"));
-    assert_eq!(frozen, !unsafe_mode, "every node froze, unless the freeze is off");
+    assert!(frozen, "every node froze (without the shared freeze: each on its own)");
     assert!(group.group_snapshot_id.starts_with("xgroup-"), "{}", group.group_snapshot_id);
     assert_eq!(group.snapshots.len(), 2);
 
-    let mut ends = Vec::new();
-    let cap = req::mount_cap("ext4");
     for s in &group.snapshots {
         assert_eq!(s.group_snapshot_id, group.group_snapshot_id);
         // Every member names the one group, also when listed on its own.
@@ -475,20 +519,8 @@ async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
             listed.entries[0].snapshot.as_ref().unwrap().group_snapshot_id,
             group.group_snapshot_id
         );
-        let restored = create(
-            &mut c,
-            req::from_snapshot(&format!("restored-{}", ends.len()), &s.snapshot_id, 64 * MIB),
-        )
-        .await;
-        let agent = cluster.agents.iter().find(|a| a.name == node_of(&restored)).unwrap();
-        assert!(s.snapshot_id.ends_with(&format!("@{}", agent.name)));
-        let staging = agent.kubelet.staging(&format!("restored{}", ends.len()));
-        let mut n = agent.node().await;
-        n.node_stage_volume(stage_req(&restored.volume_id, &staging, cap.clone())).await.unwrap();
-        ends.push((s.source_volume_id.clone(), last_seq(&staging.join("log"))));
-        n.node_unstage_volume(unstage_req(&restored.volume_id, &staging)).await.unwrap();
-        c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
     }
+    let ends = restored_ends(&cluster, &group).await;
     let seqs: Vec<u64> = ends.iter().map(|e| e.1).collect();
     let (lo, hi) = (*seqs.iter().min().unwrap(), *seqs.iter().max().unwrap());
     eprintln!("restored members end at {ends:?} of {written} steps");
@@ -881,5 +913,100 @@ async fn work_through_the_relay_converges_while_agents_die() {
         let (clean, report) = common::pool_check(&agent.pool, false);
         assert!(clean, "{}: {report}", agent.name);
         assert!(agent.pool.files("volumes").is_empty() && agent.pool.files("snapshots").is_empty());
+    }
+}
+
+/// The relay lost while one node is about to take its part: that node's
+/// freeze ends with its link, so its part is refused rather than taken at
+/// an instant of its own; the retry through a new relay removes what the
+/// other node made under the old freeze and takes the group anew, at one
+/// instant (the lockstep writers ran throughout).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_part_whose_freeze_ended_is_never_used() {
+    let gate_dir = tempfile::tempdir().unwrap();
+    let fifo = gate_dir.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("create-group-before-clone=pause:{}", fifo.display());
+    let mut cluster =
+        Cluster::start_with(&["node-a", "node-b"], PoolFs::Xfs, &[], |root| {
+            match root.ends_with("node-b") {
+                true => vec![("FERROVOL_FAILPOINTS".to_string(), spec.clone())],
+                false => vec![],
+            }
+        })
+        .await;
+    let mut c = cluster.controller().await;
+    let mut vols = Vec::new();
+    for (i, agent) in cluster.agents.iter().enumerate() {
+        vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
+    }
+    let writer = Lockstep::start(&vols);
+    let request = csi::CreateVolumeGroupSnapshotRequest {
+        name: "retried".into(),
+        source_volume_ids: vols.iter().map(|v| v.0.clone()).collect(),
+        ..Default::default()
+    };
+    let call = {
+        let mut g = cluster.groups().await;
+        let request = request.clone();
+        tokio::spawn(async move { g.create_volume_group_snapshot(request).await })
+    };
+    cluster.agents[1].driver.wait_for_log("failpoint reached").unwrap();
+    cluster.relay.kill();
+    assert!(call.await.unwrap().is_err());
+    // Once node-b has seen its link go, it goes on, finds its freeze gone
+    // with the link, and refuses.
+    cluster.agents[1].driver.wait_for_log("link to the relay lost").unwrap();
+    std::fs::write(&fifo, b"go").unwrap();
+    let refused = cluster.agents[1]
+        .driver
+        .wait_for_log(r#"finished after the caller stopped waiting code="ABORTED""#)
+        .expect("node-b refused a part outside the freeze");
+    assert!(refused.contains("CreateVolumeGroupSnapshot"), "{refused}");
+
+    assert!(cluster.agents[1]
+        .driver
+        .logs()
+        .contains("link closed with filesystems frozen: thawed"));
+
+    let root = cluster.root.path().to_path_buf();
+    let (relay, _) = start_relay(&root, &cluster.certs, &cluster.link, &[]);
+    cluster.relay = relay;
+    cluster.wait_connected("node-a");
+    cluster.wait_connected("node-b");
+    // node-b again, without the failpoint (its pool and mounts as they are).
+    cluster.restart_agent(1);
+    let g = cluster.groups().await;
+    let group = retried(|| {
+        let (mut g, r) = (g.clone(), request.clone());
+        async move { g.create_volume_group_snapshot(r).await }
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .group_snapshot
+    .unwrap();
+    let written = writer.stop();
+    let ends = restored_ends(&cluster, &group).await;
+    let (lo, hi) =
+        (ends.iter().map(|e| e.1).min().unwrap(), ends.iter().map(|e| e.1).max().unwrap());
+    eprintln!("restored members end at {ends:?} of {written} steps");
+    assert!(hi - lo <= 1, "members are from one instant: {ends:?}");
+
+    let mut g = cluster.groups().await;
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (agent, (id, staging, target)) in cluster.agents.iter().zip(&vols) {
+        let mut n = agent.node().await;
+        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+        c.delete_volume(req::delete(id)).await.unwrap();
+        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
+        agent.kubelet.assert_clean();
     }
 }
