@@ -346,7 +346,6 @@ fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
 /// Group snapshots of 4 mounted ext4 volumes holding 256 MiB of data each:
 /// total latency, and the freeze window the driver logs.
 async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Result<(), String> {
-    use ferrovol_csi::group_controller_client::GroupControllerClient;
     let mut c = ControllerClient::new(channel.clone());
     let mut n = NodeClient::new(channel.clone());
     let mut members = Vec::new();
@@ -358,29 +357,7 @@ async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Resu
         members.push((id, staging, target));
     }
     let ids: Vec<String> = members.iter().map(|m| m.0.clone()).collect();
-    let mut g = GroupControllerClient::new(channel.clone());
-    let mut totals = Vec::new();
-    for i in 0..samples {
-        let t = Instant::now();
-        let group = g
-            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-                name: format!("bench-group-{i}"),
-                source_volume_ids: ids.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .group_snapshot
-            .ok_or("no group")?;
-        totals.push(t.elapsed());
-        g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-            group_snapshot_id: group.group_snapshot_id,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    }
+    let mut totals = timed_group_snapshots(channel, &ids, "bench-group", samples).await?;
     let log = std::fs::read_to_string(work.join("driver.log")).unwrap_or_default();
     let logged = |field: &str| -> Vec<Duration> {
         let key = format!("\"{field}\":");
@@ -410,6 +387,42 @@ async fn group_snapshots(channel: &Channel, work: &Path, samples: usize) -> Resu
         delete(&mut c, id).await?;
     }
     Ok(())
+}
+
+/// `samples` group snapshots of `ids`, each deleted again: how long each
+/// CreateVolumeGroupSnapshot took.
+async fn timed_group_snapshots(
+    channel: &Channel,
+    ids: &[String],
+    prefix: &str,
+    samples: usize,
+) -> Result<Vec<Duration>, String> {
+    use ferrovol_csi::group_controller_client::GroupControllerClient;
+    let mut g = GroupControllerClient::new(channel.clone());
+    let mut totals = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let t = Instant::now();
+        let group = g
+            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+                name: format!("{prefix}-{i}"),
+                source_volume_ids: ids.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .group_snapshot
+            .ok_or("no group")?;
+        totals.push(t.elapsed());
+        g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id,
+            snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(totals)
 }
 
 /// GetMetadataDelta between two snapshots of a 10 GiB volume full of data,

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
-use ferrovol_csi::group_controller_client::GroupControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
@@ -274,31 +273,9 @@ pub async fn run(samples: usize) -> Result<(), String> {
         members.push((channel.clone(), id, staging, target));
     }
     let ids: Vec<String> = members.iter().map(|m| m.1.clone()).collect();
-    let mut g = GroupControllerClient::new(relayed.clone());
-    let mut totals = Vec::new();
     let group_samples = samples.min(21);
-    for i in 0..group_samples {
-        let t = Instant::now();
-        let group = g
-            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-                name: format!("bench-relay-group-{i}"),
-                source_volume_ids: ids.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .group_snapshot
-            .ok_or("no group")?;
-        totals.push(t.elapsed());
-        g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-            group_snapshot_id: group.group_snapshot_id,
-            snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    }
+    let mut totals =
+        super::timed_group_snapshots(&relayed, &ids, "bench-relay-group", group_samples).await?;
     let mut windows: Vec<Duration> = relay
         .log()
         .lines()

@@ -380,6 +380,62 @@ fn last_seq(log: &Path) -> u64 {
     text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
 }
 
+/// Two agents on XFS pools, node-b with `failpoint` pausing until its
+/// gate (the returned FIFO) is written; the TempDir holds the gate.
+async fn paused_on_node_b(failpoint: &str) -> (Cluster, tempfile::TempDir, PathBuf) {
+    let gate_dir = tempfile::tempdir().unwrap();
+    let fifo = gate_dir.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("{failpoint}=pause:{}", fifo.display());
+    let cluster = Cluster::start_with(&["node-a", "node-b"], PoolFs::Xfs, &[], |root| {
+        match root.ends_with("node-b") {
+            true => vec![("FERROVOL_FAILPOINTS".to_string(), spec.clone())],
+            false => vec![],
+        }
+    })
+    .await;
+    (cluster, gate_dir, fifo)
+}
+
+/// One mounted volume on each agent, in the agents' order.
+async fn mounted_on_each(cluster: &Cluster) -> Vec<(String, PathBuf, PathBuf)> {
+    let mut c = cluster.controller().await;
+    let mut vols = Vec::new();
+    for (i, agent) in cluster.agents.iter().enumerate() {
+        vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
+    }
+    vols
+}
+
+/// Deletes the group through the relay, then unmounts and deletes each
+/// agent's volume: nothing may be left in any pool or kubelet dir.
+async fn delete_group_and_volumes(
+    cluster: &Cluster,
+    group: &csi::VolumeGroupSnapshot,
+    vols: &[(String, PathBuf, PathBuf)],
+) {
+    cluster
+        .groups()
+        .await
+        .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut c = cluster.controller().await;
+    for (agent, (id, staging, target)) in cluster.agents.iter().zip(vols) {
+        let mut n = agent.node().await;
+        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+        c.delete_volume(req::delete(id)).await.unwrap();
+        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
+        assert!(agent.pool.files("volumes").is_empty());
+        agent.kubelet.assert_clean();
+    }
+}
+
 /// One writer appending sequence numbers to every member in lockstep (seq
 /// N to each member, in order, before N+1), as the one-node group test.
 struct Lockstep {
@@ -541,22 +597,7 @@ async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
     let e =
         c.delete_snapshot(req::delete_snapshot(&group.snapshots[0].snapshot_id)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: group.group_snapshot_id.clone(),
-        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for (agent, (id, staging, target)) in cluster.agents.iter().zip(&vols) {
-        let mut n = agent.node().await;
-        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
-        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
-        c.delete_volume(req::delete(id)).await.unwrap();
-        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
-        assert!(agent.pool.files("volumes").is_empty());
-        agent.kubelet.assert_clean();
-    }
+    delete_group_and_volumes(&cluster, &group, &vols).await;
     cluster.relay.terminate();
     (lo, hi)
 }
@@ -680,23 +721,8 @@ async fn a_controller_restarted_mid_call_converges_on_retry() {
 /// when it starts again, and the retried call converges.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_lost_inside_a_cross_node_freeze_leaves_nothing_frozen() {
-    let gate_dir = tempfile::tempdir().unwrap();
-    let fifo = gate_dir.path().join("gate");
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
-    let spec = format!("create-group-before-commit=pause:{}", fifo.display());
-    let mut cluster =
-        Cluster::start_with(&["node-a", "node-b"], PoolFs::Xfs, &[], |root| {
-            match root.ends_with("node-b") {
-                true => vec![("FERROVOL_FAILPOINTS".to_string(), spec.clone())],
-                false => vec![],
-            }
-        })
-        .await;
-    let mut c = cluster.controller().await;
-    let mut vols = Vec::new();
-    for (i, agent) in cluster.agents.iter().enumerate() {
-        vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
-    }
+    let (mut cluster, _gate, _fifo) = paused_on_node_b("create-group-before-commit").await;
+    let vols = mounted_on_each(&cluster).await;
     let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
     let request = csi::CreateVolumeGroupSnapshotRequest {
         name: "lost".into(),
@@ -742,22 +768,7 @@ async fn a_node_lost_inside_a_cross_node_freeze_leaves_nothing_frozen() {
         .group_snapshot
         .unwrap();
     assert_eq!(group.snapshots.len(), 2);
-    let mut g = cluster.groups().await;
-    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: group.group_snapshot_id.clone(),
-        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for (agent, (id, staging, target)) in cluster.agents.iter().zip(&vols) {
-        let mut n = agent.node().await;
-        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
-        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
-        c.delete_volume(req::delete(id)).await.unwrap();
-        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
-        agent.kubelet.assert_clean();
-    }
+    delete_group_and_volumes(&cluster, &group, &vols).await;
 }
 
 /// Two controller replicas: every agent keeps a link to each, so whichever
@@ -923,23 +934,8 @@ async fn work_through_the_relay_converges_while_agents_die() {
 /// instant (the lockstep writers ran throughout).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_part_whose_freeze_ended_is_never_used() {
-    let gate_dir = tempfile::tempdir().unwrap();
-    let fifo = gate_dir.path().join("gate");
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
-    let spec = format!("create-group-before-clone=pause:{}", fifo.display());
-    let mut cluster =
-        Cluster::start_with(&["node-a", "node-b"], PoolFs::Xfs, &[], |root| {
-            match root.ends_with("node-b") {
-                true => vec![("FERROVOL_FAILPOINTS".to_string(), spec.clone())],
-                false => vec![],
-            }
-        })
-        .await;
-    let mut c = cluster.controller().await;
-    let mut vols = Vec::new();
-    for (i, agent) in cluster.agents.iter().enumerate() {
-        vols.push(mounted(agent, &mut c, &format!("app-{i}")).await);
-    }
+    let (mut cluster, _gate, fifo) = paused_on_node_b("create-group-before-clone").await;
+    let vols = mounted_on_each(&cluster).await;
     let writer = Lockstep::start(&vols);
     let request = csi::CreateVolumeGroupSnapshotRequest {
         name: "retried".into(),
@@ -993,20 +989,5 @@ async fn a_part_whose_freeze_ended_is_never_used() {
     eprintln!("restored members end at {ends:?} of {written} steps");
     assert!(hi - lo <= 1, "members are from one instant: {ends:?}");
 
-    let mut g = cluster.groups().await;
-    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: group.group_snapshot_id.clone(),
-        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    for (agent, (id, staging, target)) in cluster.agents.iter().zip(&vols) {
-        let mut n = agent.node().await;
-        n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
-        n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
-        c.delete_volume(req::delete(id)).await.unwrap();
-        assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
-        agent.kubelet.assert_clean();
-    }
+    delete_group_and_volumes(&cluster, &group, &vols).await;
 }
