@@ -3,13 +3,10 @@
 
 use crate::common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use common::req::{self, new_volume, publish_req, stage_req, unpublish_req, unstage_req, MIB};
-use common::{env, Env, PoolFs};
+use common::{env, last_seq, Env, Lockstep, PoolFs};
 use ferrovol_csi as csi;
 use ferrovol_csi::group_controller_client::GroupControllerClient;
 use tonic::Code;
@@ -48,49 +45,20 @@ async fn unmount_all(e: &Env, vols: &[(String, PathBuf, PathBuf)]) {
     }
 }
 
-/// The last sequence number in a log the writer appends to.
-fn last_seq(log: &Path) -> u64 {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
-}
-
 /// Writers append sequence numbers to every member in lockstep (seq N goes
 /// to member 0, then 1, …, before N+1 starts) while the group snapshot is
 /// taken; every restored member must end within one step of the others.
 async fn point_in_time(members: usize) {
     let e = env(PoolFs::Xfs).await;
     let vols = mounted_volumes(&e, members).await;
-    let logs: Vec<PathBuf> = vols.iter().map(|(_, _, t)| t.join("log")).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let steps = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, steps, logs) = (stop.clone(), steps.clone(), logs.clone());
-        std::thread::spawn(move || {
-            let mut files: Vec<_> =
-                logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
-            let mut seq = 1u64;
-            while !stop.load(Ordering::Relaxed) {
-                for f in &mut files {
-                    writeln!(f, "{seq}").unwrap();
-                }
-                steps.store(seq, Ordering::Relaxed);
-                seq += 1;
-            }
-        })
-    };
-    // Snapshot only once the writers are demonstrably running.
-    while steps.load(Ordering::Relaxed) < 1000 {
-        std::thread::yield_now();
-    }
+    let writer = Lockstep::start(&vols);
     let mut g = GroupControllerClient::new(e.driver.channel().await);
     let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
     let group = g.create_volume_group_snapshot(group_req("consistent", &ids)).await.unwrap();
     let group = group.into_inner().group_snapshot.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
+    let written = writer.stop();
     assert_eq!(group.snapshots.len(), members);
     assert!(group.ready_to_use && group.creation_time.is_some());
-    let written = steps.load(Ordering::Relaxed);
 
     // Restore every member and read where its log ended.
     let (mut c, mut node) = e.clients().await;

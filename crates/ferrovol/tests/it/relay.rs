@@ -6,13 +6,12 @@
 
 use crate::common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
-use common::{Driver, DriverBuilder, Kubelet, PoolFs, TestPool, BIN};
+use common::{last_seq, Driver, DriverBuilder, Kubelet, Lockstep, PoolFs, TestPool, BIN};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::group_controller_client::GroupControllerClient;
@@ -375,11 +374,6 @@ async fn mounted(
     (v.volume_id, staging, target)
 }
 
-fn last_seq(log: &Path) -> u64 {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
-}
-
 /// Two agents on XFS pools, node-b with `failpoint` pausing until its
 /// gate (the returned FIFO) is written; the TempDir holds the gate.
 async fn paused_on_node_b(failpoint: &str) -> (Cluster, tempfile::TempDir, PathBuf) {
@@ -433,53 +427,6 @@ async fn delete_group_and_volumes(
         assert!(agent.pool.files("snapshots").is_empty(), "{:?}", agent.pool.files("snapshots"));
         assert!(agent.pool.files("volumes").is_empty());
         agent.kubelet.assert_clean();
-    }
-}
-
-/// One writer appending sequence numbers to every member in lockstep (seq
-/// N to each member, in order, before N+1), as the one-node group test.
-struct Lockstep {
-    stop: Arc<AtomicBool>,
-    steps: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Lockstep {
-    /// Started, and demonstrably running, on each volume's `log` file.
-    fn start(vols: &[(String, PathBuf, PathBuf)]) -> Lockstep {
-        let logs: Vec<PathBuf> = vols.iter().map(|(_, _, t)| t.join("log")).collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let steps = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (stop, steps) = (stop.clone(), steps.clone());
-            std::thread::spawn(move || {
-                let mut files: Vec<_> =
-                    logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
-                let mut seq = 1u64;
-                'writing: while !stop.load(Ordering::Relaxed) {
-                    for f in &mut files {
-                        // A test stuck elsewhere fills the volume; the
-                        // writer stops then, and the test fails on its own.
-                        if writeln!(f, "{seq}").is_err() {
-                            break 'writing;
-                        }
-                    }
-                    steps.store(seq, Ordering::Relaxed);
-                    seq += 1;
-                }
-            })
-        };
-        while steps.load(Ordering::Relaxed) < 1000 {
-            std::thread::yield_now();
-        }
-        Lockstep { stop, steps, thread }
-    }
-
-    /// Stops it; answers how many steps it wrote.
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.steps.load(Ordering::Relaxed)
     }
 }
 

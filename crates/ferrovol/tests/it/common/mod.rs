@@ -1,9 +1,11 @@
 //! Test harness: runs the real `ferrovol` binary on a private unix socket and
 //! captures its log output, so tests talk real gRPC to the real thing.
 
+use std::io::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -755,4 +757,57 @@ pub fn driver_paused_at(root: &Path, pool: &TestPool, failpoint: &str) -> (Drive
     let spec = format!("{failpoint}=pause:{}", fifo.display());
     let driver = DriverBuilder::new(root).pool(pool).env("FERROVOL_FAILPOINTS", &spec).start();
     (driver, fifo)
+}
+
+/// One writer appending sequence numbers to every member in lockstep (seq
+/// N to each member, in order, before N+1), as the one-node group test.
+pub struct Lockstep {
+    stop: Arc<AtomicBool>,
+    steps: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Lockstep {
+    /// Started, and demonstrably running, on each volume's `log` file.
+    pub fn start(vols: &[(String, PathBuf, PathBuf)]) -> Lockstep {
+        let logs: Vec<PathBuf> = vols.iter().map(|(_, _, t)| t.join("log")).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, steps) = (stop.clone(), steps.clone());
+            std::thread::spawn(move || {
+                let mut files: Vec<_> =
+                    logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
+                let mut seq = 1u64;
+                'writing: while !stop.load(Ordering::Relaxed) {
+                    for f in &mut files {
+                        // A test stuck elsewhere fills the volume; the
+                        // writer stops then, and the test fails on its own.
+                        if writeln!(f, "{seq}").is_err() {
+                            break 'writing;
+                        }
+                    }
+                    steps.store(seq, Ordering::Relaxed);
+                    seq += 1;
+                }
+            })
+        };
+        while steps.load(Ordering::Relaxed) < 1000 {
+            std::thread::yield_now();
+        }
+        Lockstep { stop, steps, thread }
+    }
+
+    /// Stops it; answers how many steps it wrote.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.steps.load(Ordering::Relaxed)
+    }
+}
+
+/// The last sequence number in a log a [`Lockstep`] writer appends to.
+pub fn last_seq(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
 }
