@@ -51,11 +51,8 @@ pub fn prepare_state_dir(args: &ServeArgs) -> Result<(), String> {
 
 /// Work that runs beside the CSI server for as long as it serves (the
 /// relay's link listener, an agent's dialer): started with the driver once
-/// it exists, told to stop (the receiver turns true) at shutdown.
-pub type Companion = Box<
-    dyn FnOnce(Arc<Driver>, tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()>
-        + Send,
->;
+/// it exists, aborted at shutdown.
+pub type Companion = Box<dyn FnOnce(Arc<Driver>) -> tokio::task::JoinHandle<()> + Send>;
 
 /// Serves the halves until SIGTERM/SIGINT.
 pub async fn run(
@@ -106,7 +103,7 @@ pub async fn run(
         }
     };
 
-    let companion = companion.map(|start| start(driver.clone(), stop_rx.clone()));
+    let companion = companion.map(|start| start(driver.clone()));
 
     let mut socket_path: Option<PathBuf> = None;
     let server = match &endpoint {

@@ -39,7 +39,7 @@ pub const NODE_SEPARATOR: char = '@';
 /// The prefix of a group snapshot whose members live on several nodes: the
 /// relay names each node's part of the group with the same ID, so every
 /// member reports the one group it belongs to.
-pub const SHARED_GROUP_PREFIX: &str = "xgroup-";
+const SHARED_GROUP_PREFIX: &str = "xgroup-";
 
 /// Longest node name carried as itself in IDs; longer ones are hashed so an
 /// ID stays within CSI's 128 bytes.
@@ -54,12 +54,15 @@ pub fn node_tag(node_id: &str) -> String {
     if is_plain_tag(node_id) {
         return node_id.to_string();
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in node_id.bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("_{hash:016x}")
+    format!("_{:016x}", fnv1a(node_id.bytes()))
+}
+
+/// The 64-bit FNV-1a hash: stable across builds and platforms, for names
+/// that must map to the same tag or node everywhere (not for secrecy).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes
+        .into_iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn is_plain_tag(s: &str) -> bool {
@@ -97,11 +100,17 @@ pub fn shared_group(name: &str) -> String {
     format!("{SHARED_GROUP_PREFIX}{}", id.simple())
 }
 
+/// True when `s` is a group ID as [`shared_group`] makes them: one group
+/// spread over several nodes.
+pub fn is_shared_group(s: &str) -> bool {
+    s.strip_prefix(SHARED_GROUP_PREFIX).is_some_and(is_hex_id)
+}
+
 /// True when `s` is exactly an ID of this kind as [`mint`] makes them (or
 /// as it made them before IDs carried a node tag), or, for groups, as
 /// [`shared_group`] makes them.
 pub fn is_valid(kind: Kind, s: &str) -> bool {
-    if kind == Kind::Group && s.strip_prefix(SHARED_GROUP_PREFIX).is_some_and(is_hex_id) {
+    if kind == Kind::Group && is_shared_group(s) {
         return true;
     }
     let Some(rest) = s.strip_prefix(kind.prefix()) else { return false };

@@ -770,12 +770,11 @@ impl ControllerEngine for LocalEngine {
         let sources = volumes.iter().map(|v| self.ready_volume(v)).collect::<Result<Vec<_>>>()?;
         // A group the relay spreads over several nodes has one ID on all of
         // them, which it passes as the name of each node's part.
-        let group_id =
-            if name.starts_with(ids::SHARED_GROUP_PREFIX) && ids::is_valid(Kind::Group, name) {
-                name.to_string()
-            } else {
-                ids::mint(Kind::Group, &self.tag)
-            };
+        let shared = ids::is_shared_group(name);
+        let group_id = match shared {
+            true => name.to_string(),
+            false => ids::mint(Kind::Group, &self.tag),
+        };
         let created = now_nanos();
         let mut members: Vec<SnapshotRecord> = sources
             .iter()
@@ -809,7 +808,6 @@ impl ControllerEngine for LocalEngine {
         // quiesced, and a torn group is refused rather than answered.
         // A part of a group spread over nodes is taken under the relay's
         // freeze, never at an instant of its own.
-        let shared = group.id == group.name;
         let quiesce = match shared {
             true => self.node.prepare_quiesce_within_hold(volumes).await,
             false => self.node.prepare_quiesce(volumes, true).await,

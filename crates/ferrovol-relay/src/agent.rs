@@ -64,11 +64,9 @@ impl Drop for AgentService {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn hello(&self, _: Request<HelloRequest>) -> Result<Response<HelloReply>, Status> {
-        let node = self.driver.node();
         Ok(Response::new(HelloReply {
             node_id: self.driver.node_id.clone(),
             tag: ferrovol_local::ids::node_tag(&self.driver.node_id),
-            topology: node.topology().into_iter().collect(),
             version: ferrovol_csi::build::version().to_string(),
         }))
     }
@@ -127,13 +125,13 @@ impl Agent for AgentService {
 }
 
 /// Dials the relay at `address` (host:port, or several comma-separated;
-/// every address they resolve to is one replica) and serves each connection until `stop`; redials a lost one
-/// with backoff.
+/// every address they resolve to is one replica) and serves each
+/// connection; redials a lost one with backoff. Runs until aborted (the
+/// server's shutdown), which stops every dialer with it.
 pub async fn run(
     address: String,
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
     driver: Arc<Driver>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut dialers: HashMap<std::net::SocketAddr, Dialer> = HashMap::new();
     loop {
@@ -154,15 +152,12 @@ pub async fn run(
             }
             Err(e) => warn!(%address, error = %e, "cannot resolve the relay"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(RESOLVE_EVERY) => {}
-            _ = stop.wait_for(|s| *s) => break,
-        }
+        tokio::time::sleep(RESOLVE_EVERY).await;
     }
 }
 
 /// A replica's dialer task, stopped when dropped: by the address leaving the
-/// Service, or by the whole dialer stopping (also when it is aborted).
+/// Service, or by the whole dialer being aborted.
 struct Dialer(tokio::task::JoinHandle<()>);
 
 impl Drop for Dialer {

@@ -100,6 +100,25 @@ async fn create(
         .ok_or_else(|| "no volume".into())
 }
 
+/// CreateSnapshot named `name` of `source`, answering the snapshot or the
+/// error as text.
+async fn snapshot(
+    c: &mut ControllerClient<Channel>,
+    name: String,
+    source: &str,
+) -> Result<csi::Snapshot, String> {
+    c.create_snapshot(csi::CreateSnapshotRequest {
+        name,
+        source_volume_id: source.to_string(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .into_inner()
+    .snapshot
+    .ok_or_else(|| "no snapshot".into())
+}
+
 /// A new ext4 volume of `size` bytes, for the node sections: its ID.
 async fn fs_volume(
     c: &mut ControllerClient<Channel>,
@@ -620,17 +639,7 @@ async fn copy_on_write_latency(
     let (mut snap_t, mut restore_t, mut clone_t) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.samples {
         let t = Instant::now();
-        let snap = c
-            .create_snapshot(csi::CreateSnapshotRequest {
-                name: format!("bench-snap-{i}"),
-                source_volume_id: src.volume_id.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .snapshot
-            .ok_or("no snapshot")?;
+        let snap = snapshot(&mut c, format!("bench-snap-{i}"), &src.volume_id).await?;
         snap_t.push(t.elapsed());
 
         let from_snapshot = csi::VolumeContentSource {

@@ -227,7 +227,7 @@ async fn relay(link: &LinkArgs) -> Result<(Halves, Companion), String> {
     let registry = Arc::new(agents::Agents::default());
     let engine = Arc::new(RelayEngine::new(registry.clone(), link.group_freeze_limit));
     let companion: Companion =
-        Box::new(move |_, _| tokio::spawn(agents::listen(listener, tls, registry)));
+        Box::new(move |_| tokio::spawn(agents::listen(listener, tls, registry)));
     Ok(((Some(engine), None), companion))
 }
 
@@ -236,7 +236,5 @@ async fn relay(link: &LinkArgs) -> Result<(Halves, Companion), String> {
 fn agent(link: &LinkArgs) -> Result<Companion, String> {
     let addr = link.link_controller.clone().ok_or("--mode agent needs --link-controller")?;
     let tls = link_tls(link)?.client()?;
-    Ok(Box::new(move |driver, stop| {
-        tokio::spawn(ferrovol_relay::agent::run(addr, tls, driver, stop))
-    }))
+    Ok(Box::new(move |driver| tokio::spawn(ferrovol_relay::agent::run(addr, tls, driver))))
 }

@@ -1,7 +1,7 @@
 //! The node agents connected to this relay replica, found by the tag their
 //! IDs carry; and the listener that lets them in.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -37,7 +37,6 @@ pub async fn bounded<T>(
 pub struct AgentLink {
     pub node_id: String,
     pub tag: String,
-    pub topology: BTreeMap<String, String>,
     generation: u64,
     pub controller: csi::controller_client::ControllerClient<Channel>,
     pub group: csi::group_controller_client::GroupControllerClient<Channel>,
@@ -131,11 +130,6 @@ impl Agents {
         self.read().by_tag.len()
     }
 
-    /// Tags in order, for merged listings.
-    pub fn tags(&self) -> BTreeSet<String> {
-        self.read().known.values().cloned().collect()
-    }
-
     fn insert(&self, link: Arc<AgentLink>) {
         let mut inner = self.write();
         inner.known.insert(link.node_id.clone(), link.tag.clone());
@@ -220,7 +214,6 @@ async fn admit(
     let link = Arc::new(AgentLink {
         node_id: hello.node_id.clone(),
         tag: hello.tag.clone(),
-        topology: hello.topology.into_iter().collect(),
         generation,
         controller: csi::controller_client::ControllerClient::new(channel.clone()),
         group: csi::group_controller_client::GroupControllerClient::new(channel.clone()),

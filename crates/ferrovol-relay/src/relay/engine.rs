@@ -72,7 +72,7 @@ impl RelayEngine {
         // Minted before IDs carried their node: ask every node, once.
         let links = self.agents.all()?;
         for link in links {
-            if has(&link, kind, id).await? {
+            if self.has(&link, kind, id).await? {
                 lock(&self.legacy).insert(id.to_string(), link.tag.clone());
                 return Ok(Some(link));
             }
@@ -113,13 +113,7 @@ impl RelayEngine {
                 )));
             }
         }
-        let hash = |tag: &str| {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for b in name.bytes().chain([0]).chain(tag.bytes()) {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
-            h
-        };
+        let hash = |tag: &str| ids::fnv1a(name.bytes().chain([0]).chain(tag.bytes()));
         self.agents
             .connected()
             .into_iter()
@@ -197,6 +191,27 @@ impl RelayEngine {
         Ok(Page { items, next })
     }
 
+    /// Whether the agent has this object (for IDs without a node tag).
+    async fn has(&self, link: &Arc<AgentLink>, kind: Kind, id: &str) -> Result<bool> {
+        let found = match kind {
+            Kind::Volume => self.get_volume(link, id).await.map(|_| true),
+            Kind::Snapshot => {
+                let filter =
+                    SnapshotFilter { snapshot_id: Some(id.to_string()), source_volume: None };
+                Self::list_snapshots_on(link.clone(), &filter, String::new(), 1)
+                    .await
+                    .map(|(found, _)| !found.is_empty())
+            }
+            Kind::Group => {
+                super::group::part_of(link.clone(), id.to_string()).await.map(|p| p.is_some())
+            }
+        };
+        match found {
+            Err(e) if e.code() == tonic::Code::NotFound => Ok(false),
+            other => other,
+        }
+    }
+
     async fn list_snapshots_on(
         link: Arc<AgentLink>,
         filter: &SnapshotFilter,
@@ -216,39 +231,6 @@ impl RelayEngine {
         let items =
             got.entries.into_iter().filter_map(|e| e.snapshot).map(wire::snapshot).collect();
         Ok((items, got.next_token))
-    }
-}
-
-/// Whether the agent has this object (for IDs without a node tag).
-async fn has(link: &AgentLink, kind: Kind, id: &str) -> Result<bool> {
-    let answer =
-        match kind {
-            Kind::Volume => bounded(link.controller.clone().controller_get_volume(
-                csi::ControllerGetVolumeRequest { volume_id: id.to_string() },
-            ))
-            .await
-            .map(|_| true),
-            Kind::Snapshot => {
-                bounded(link.controller.clone().list_snapshots(csi::ListSnapshotsRequest {
-                    snapshot_id: id.to_string(),
-                    ..Default::default()
-                }))
-                .await
-                .map(|r| !r.into_inner().entries.is_empty())
-            }
-            Kind::Group => bounded(link.group.clone().get_volume_group_snapshot(
-                csi::GetVolumeGroupSnapshotRequest {
-                    group_snapshot_id: id.to_string(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .map(|_| true),
-        };
-    match answer {
-        Ok(found) => Ok(found),
-        Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-        Err(s) => Err(link.failed(s)),
     }
 }
 

@@ -102,7 +102,7 @@ async fn delete_part(
 }
 
 /// A node's part of a shared group, if it has it (ready).
-async fn part_of(link: Arc<AgentLink>, id: String) -> Result<Option<GroupSnapshot>> {
+pub(super) async fn part_of(link: Arc<AgentLink>, id: String) -> Result<Option<GroupSnapshot>> {
     let req = csi::GetVolumeGroupSnapshotRequest { group_snapshot_id: id, ..Default::default() };
     match bounded(link.group.clone().get_volume_group_snapshot(req)).await {
         Ok(r) => Ok(r.into_inner().group_snapshot.map(|g| wire::group(g, ""))),
@@ -282,13 +282,9 @@ async fn thaw(links: &[Arc<AgentLink>], hold_id: &str) -> Vec<Result<(bool, Dura
     results
 }
 
-fn is_shared(id: &str) -> bool {
-    id.starts_with(ids::SHARED_GROUP_PREFIX) && ids::is_valid(Kind::Group, id)
-}
-
 pub async fn delete(relay: &RelayEngine, id: &str, secrets: &Secrets) -> Result<()> {
     let secrets = wire::secrets(secrets);
-    let links = if is_shared(id) {
+    let links = if ids::is_shared_group(id) {
         relay.agents.all()?
     } else {
         match relay.locate(Kind::Group, id).await? {
@@ -302,26 +298,12 @@ pub async fn delete(relay: &RelayEngine, id: &str, secrets: &Secrets) -> Result<
 
 pub async fn get(relay: &RelayEngine, id: &str) -> Result<GroupSnapshot> {
     let not_found = || error::not_found(format!("group snapshot {id} does not exist"));
-    let links = if is_shared(id) {
+    let links = if ids::is_shared_group(id) {
         relay.agents.all()?
     } else {
         vec![relay.locate(Kind::Group, id).await?.ok_or_else(not_found)?]
     };
-    let found = on_each(&links, |link| {
-        let req = csi::GetVolumeGroupSnapshotRequest {
-            group_snapshot_id: id.to_string(),
-            snapshot_ids: vec![],
-            secrets: HashMap::new(),
-        };
-        async move {
-            match bounded(link.group.clone().get_volume_group_snapshot(req)).await {
-                Ok(r) => Ok(r.into_inner().group_snapshot.map(|g| wire::group(g, ""))),
-                Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-                Err(s) => Err(link.failed(s)),
-            }
-        }
-    })
-    .await;
+    let found = on_each(&links, |link| part_of(link, id.to_string())).await;
     let mut parts = Vec::new();
     for r in found {
         if let Some(part) = r? {

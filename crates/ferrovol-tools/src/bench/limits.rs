@@ -199,17 +199,7 @@ pub async fn mounted_snapshot(
                     .map_err(|e| e.to_string())?;
             }
             let t = Instant::now();
-            let s = c
-                .create_snapshot(csi::CreateSnapshotRequest {
-                    name: format!("bench-mounted-{dirty_mib}-{i}"),
-                    source_volume_id: id.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| s.to_string())?
-                .into_inner()
-                .snapshot
-                .ok_or("no snapshot")?;
+            let s = super::snapshot(&mut c, format!("bench-mounted-{dirty_mib}-{i}"), &id).await?;
             rpc.push(t.elapsed());
             snapshots.push(s.snapshot_id);
         }

@@ -234,17 +234,7 @@ pub async fn run(samples: usize) -> Result<(), String> {
         let source = snap_source.clone();
         async move {
             let mut c = ControllerClient::new(ch);
-            let s = c
-                .create_snapshot(csi::CreateSnapshotRequest {
-                    source_volume_id: source,
-                    name: format!("bench-relay-snap-{i}"),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .snapshot
-                .ok_or("no snapshot")?;
+            let s = super::snapshot(&mut c, format!("bench-relay-snap-{i}"), &source).await?;
             c.delete_snapshot(csi::DeleteSnapshotRequest {
                 snapshot_id: s.snapshot_id,
                 ..Default::default()
