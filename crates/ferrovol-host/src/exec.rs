@@ -17,6 +17,9 @@ pub fn package_for(program: &str) -> &'static str {
         "mkfs.xfs" | "xfs_growfs" | "xfs_repair" | "xfs_admin" => "xfsprogs",
         "mkfs.btrfs" | "btrfs" => "btrfs-progs",
         "blkid" | "mount" | "umount" | "wipefs" => "util-linux",
+        "rbd-fuse" => "rbd-fuse",
+        "rbd-nbd" => "rbd-nbd",
+        "rbd" => "ceph-common",
         _ => "the package providing it",
     }
 }
@@ -90,6 +93,46 @@ where
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     };
     Ok((out.status.code().unwrap_or(-1), output))
+}
+
+/// Starts a helper daemon that must outlive this driver (rbd-fuse,
+/// rbd-nbd): in its own session and process group, so neither a signal to
+/// the driver's group nor the driver's death reaches it; stdin is null and
+/// its output goes to `log`. Answers its pid; the caller owns stopping it.
+pub fn spawn_detached(
+    program: &str,
+    args: &[std::ffi::OsString],
+    log: &std::path::Path,
+) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| error::Error::io(format!("opening {}", log.display()), e))?;
+    let err = out.try_clone().map_err(|e| error::Error::io("duplicating the log", e))?;
+    let mut command = std::process::Command::new(program);
+    command.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork
+    // and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => error::failed_precondition(format!(
+            "{program} is not installed on this node (install the {} package)",
+            package_for(program)
+        )),
+        _ => error::internal(format!("starting {program}: {e}")),
+    })?;
+    // Not waited for here: a child of ours that exits is reaped by
+    // whoever stops it (or by init once we are gone).
+    Ok(child.id())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 pub use ferrovol_csi::error;
 
+pub mod ceph;
 pub mod exec;
 pub mod extents;
 pub mod fsutil;

@@ -92,8 +92,8 @@ pub struct ServeCommand {
     #[command(flatten)]
     pub common: CommonServeArgs,
 
-    /// The storage engine. Only `local` exists so far: volumes are files in
-    /// a pool on this node (Ceph RBD is the next engine).
+    /// The storage engine: `local` (volumes are files in a pool on this
+    /// node) or `rbd` (volumes are Ceph RBD images).
     #[arg(long, env = "FERROVOL_ENGINE", value_enum, default_value_t = EngineKind::Local)]
     pub engine: EngineKind,
 
@@ -103,6 +103,46 @@ pub struct ServeCommand {
 
     #[command(flatten)]
     pub link: LinkArgs,
+
+    #[command(flatten)]
+    pub rbd: RbdArgs,
+}
+
+/// The RBD engine's flags (`--engine rbd`).
+#[derive(Debug, Clone, Args)]
+pub struct RbdArgs {
+    /// ceph.conf naming the monitors. Default: librados' own search
+    /// ($CEPH_CONF, /etc/ceph/ceph.conf).
+    #[arg(long, env = "FERROVOL_CEPH_CONF")]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// Client id (without "client.") for calls that carry no secrets
+    /// (listings, capacity, Probe) and for requests without secrets.
+    #[arg(long, env = "FERROVOL_CEPH_USER")]
+    pub ceph_user: Option<String>,
+
+    /// Keyring of that client.
+    #[arg(long, env = "FERROVOL_CEPH_KEYRING")]
+    pub ceph_keyring: Option<PathBuf>,
+
+    /// Pools that ListVolumes, ListSnapshots, metrics and capacity cover
+    /// (comma-separated). Volumes in other pools work all the same.
+    #[arg(long, env = "FERROVOL_RBD_POOLS", value_delimiter = ',', default_value = "rbd")]
+    pub rbd_pools: Vec<String>,
+
+    /// A clone whose chain of parents is longer than this is flattened in
+    /// the background, so chains never grow without bound.
+    #[arg(long, env = "FERROVOL_RBD_MAX_CLONE_DEPTH", default_value_t = 4)]
+    pub rbd_max_clone_depth: u32,
+
+    /// How the node maps images: the kernel's rbd, rbd-nbd, or rbd-fuse and
+    /// a loop device; auto takes the first that works here.
+    #[arg(long, env = "FERROVOL_RBD_MAPPER", value_enum, default_value = "auto")]
+    pub rbd_mapper: ferrovol_rbd::mapper::Choice,
+
+    /// Seconds a Ceph monitor or OSD call may take before it fails.
+    #[arg(long, env = "FERROVOL_CEPH_TIMEOUT", default_value_t = 30)]
+    pub ceph_timeout: u64,
 }
 
 /// The storage engines ferrovol can serve.
@@ -111,6 +151,9 @@ pub enum EngineKind {
     /// Volumes are files in a pool directory on this node, copied by
     /// reflink, attached as loop devices.
     Local,
+    /// Volumes are RBD images on a Ceph cluster; snapshots and clones are
+    /// RBD's own; nodes map images (driver name rbd.csi.ferrovol.io).
+    Rbd,
 }
 
 #[derive(Debug, Subcommand)]

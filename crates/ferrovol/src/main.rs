@@ -169,7 +169,12 @@ async fn run(command: Command) -> Result<(), String> {
 /// node-only process never opens what only the controller half needs, the
 /// local engine's journal; a relay opens no pool at all), and serves it.
 async fn serve(args: ServeCommand) -> Result<(), String> {
-    let common = args.common;
+    let mut common = args.common;
+    if args.engine == EngineKind::Rbd
+        && common.driver_name == ferrovol_core::cli::DEFAULT_DRIVER_NAME
+    {
+        common.driver_name = ferrovol_rbd::DRIVER_NAME.to_string();
+    }
     let node_id = ferrovol_core::server::node_id(&common)?;
     let link = args.link;
     if common.mode == Mode::Relay {
@@ -200,12 +205,54 @@ async fn serve(args: ServeCommand) -> Result<(), String> {
                 (Some(engine), node)
             }
         }
+        EngineKind::Rbd => rbd(&common, &args.rbd)?,
     };
     let companion = match common.mode {
         Mode::Agent => Some(agent(&link)?),
         _ => None,
     };
     ferrovol_core::server::run(common, node_id, halves, companion).await
+}
+
+/// `--engine rbd`: the controller half talks to the cluster; the node
+/// half maps images. Ceph's libraries are loaded here, and only here.
+fn rbd(common: &ferrovol_core::cli::ServeArgs, args: &cli::RbdArgs) -> Result<Halves, String> {
+    use ferrovol_rbd::{connect, controller, node};
+    if matches!(common.mode, Mode::Relay | Mode::Agent) {
+        return Err("the relay and its agents are the local engine's; the RBD engine's \
+                    controller reaches the cluster itself (--mode controller)"
+            .into());
+    }
+    let conn = connect::Connections::new(connect::ClusterConfig {
+        conf: args.ceph_conf.clone(),
+        user: args.ceph_user.clone(),
+        keyring: args.ceph_keyring.clone(),
+        op_timeout: args.ceph_timeout,
+    })
+    .map_err(|e| e.message().to_string())?;
+    for pool in &args.rbd_pools {
+        ferrovol_rbd::ids::check_pool(pool).map_err(|e| format!("--rbd-pools: {}", e.message()))?;
+    }
+    let controller: Option<Arc<dyn ferrovol_core::engine::ControllerEngine>> =
+        common.mode.controller().then(|| {
+            Arc::new(controller::RbdEngine::new(
+                conn.clone(),
+                controller::Settings {
+                    pools: args.rbd_pools.clone(),
+                    max_clone_depth: args.rbd_max_clone_depth,
+                },
+            )) as _
+        });
+    let node: Option<Arc<dyn NodeAttacher>> = match common.mode.node() {
+        true => {
+            ferrovol_core::server::prepare_state_dir(common)?;
+            let node = node::RbdNode::new(conn, common.state_dir.clone(), args.rbd_mapper)
+                .map_err(|e| e.message().to_string())?;
+            Some(Arc::new(node))
+        }
+        false => None,
+    };
+    Ok((controller, node))
 }
 
 fn link_tls(link: &LinkArgs) -> Result<ferrovol_relay::tls::Credentials, String> {

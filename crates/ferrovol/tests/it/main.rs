@@ -19,6 +19,7 @@ mod node;
 mod node_ownership;
 mod pool_tools;
 mod prometheus;
+mod rbd;
 mod recovery;
 mod relay;
 mod secrets;

@@ -1,0 +1,153 @@
+//! Connections to the cluster, one per set of credentials, kept open.
+//!
+//! Credentials come from the driver's flags (a keyring), or per request
+//! from CSI secrets with ceph-csi's keys: `adminID`/`adminKey` for the
+//! controller, `userID`/`userKey` for both halves. Keys are never logged
+//! and only their hash names a cached connection.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ferrovol_core::engine::Secrets;
+use ferrovol_host::ceph::{self, Cluster, Pool};
+
+use crate::error::{self, Result};
+use crate::{blocking, ceph_error};
+
+/// How the driver reaches the cluster when a request carries no secrets.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterConfig {
+    /// ceph.conf with the monitors (None: librados' default search).
+    pub conf: Option<PathBuf>,
+    /// Client id without "client." (None: admin).
+    pub user: Option<String>,
+    pub keyring: Option<PathBuf>,
+    /// Seconds a monitor or OSD call may take.
+    pub op_timeout: u64,
+}
+
+/// Credentials one request uses.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Credentials {
+    user: Option<String>,
+    key: Option<String>,
+}
+
+impl Credentials {
+    /// The controller prefers the admin pair, the node the user pair.
+    fn from_secrets(secrets: &Secrets, admin: bool) -> Result<Credentials> {
+        let pairs: &[(&str, &str)] = if admin {
+            &[("adminID", "adminKey"), ("userID", "userKey")]
+        } else {
+            &[("userID", "userKey")]
+        };
+        for (id, key) in pairs {
+            match (secrets.get(id), secrets.get(key)) {
+                (Some(i), Some(k)) if !i.is_empty() && !k.is_empty() => {
+                    return Ok(Credentials { user: Some(i.into()), key: Some(k.into()) })
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(error::invalid(format!(
+                        "the secret must carry both {id} and {key}, or neither"
+                    )))
+                }
+            }
+        }
+        Ok(Credentials { user: None, key: None })
+    }
+}
+
+#[derive(Clone)]
+pub struct Connections {
+    config: Arc<ClusterConfig>,
+    clusters: Arc<Mutex<HashMap<Credentials, Cluster>>>,
+    pools: Arc<Mutex<HashMap<(Credentials, String), Pool>>>,
+}
+
+impl Connections {
+    pub fn new(config: ClusterConfig) -> Result<Connections> {
+        ceph::libraries().map_err(error::failed_precondition)?;
+        Ok(Connections {
+            config: Arc::new(config),
+            clusters: Arc::default(),
+            pools: Arc::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    async fn cluster(&self, creds: &Credentials) -> Result<Cluster> {
+        if let Some(c) = self.clusters.lock().expect("connections lock").get(creds) {
+            return Ok(c.clone());
+        }
+        let (config, c) = (self.config.clone(), creds.clone());
+        let cluster = blocking(move || {
+            let how = ceph::Connect {
+                conf: config.conf.as_deref(),
+                user: c.user.as_deref().or(config.user.as_deref()),
+                key: c.key.as_deref(),
+                keyring: if c.key.is_some() { None } else { config.keyring.as_deref() },
+                mon_host: None,
+                op_timeout: config.op_timeout,
+            };
+            Cluster::connect(&how).map_err(|e| match e.errno {
+                // A refused or unreachable cluster is retried by the CO.
+                libc::ENOENT | libc::EINVAL => error::failed_precondition(format!(
+                    "{e} (check --ceph-conf and the credentials)"
+                )),
+                _ => ceph_error(e),
+            })
+        })
+        .await?;
+        let mut all = self.clusters.lock().expect("connections lock");
+        Ok(all.entry(creds.clone()).or_insert(cluster).clone())
+    }
+
+    /// The default credentials' connection.
+    pub async fn default_cluster(&self) -> Result<Cluster> {
+        self.cluster(&Credentials { user: None, key: None }).await
+    }
+
+    /// A pool, with the credentials the request carried (controller side).
+    pub async fn pool(&self, name: &str, secrets: &Secrets) -> Result<Pool> {
+        self.pool_as(name, Credentials::from_secrets(secrets, true)?).await
+    }
+
+    /// A pool with the node's credentials from the request's secrets.
+    pub async fn node_pool(&self, name: &str, secrets: &Secrets) -> Result<Pool> {
+        self.pool_as(name, Credentials::from_secrets(secrets, false)?).await
+    }
+
+    pub async fn node_cluster(&self, secrets: &Secrets) -> Result<Cluster> {
+        self.cluster(&Credentials::from_secrets(secrets, false)?).await
+    }
+
+    async fn pool_as(&self, name: &str, creds: Credentials) -> Result<Pool> {
+        let key = (creds, name.to_string());
+        if let Some(p) = self.pools.lock().expect("pools lock").get(&key) {
+            return Ok(p.clone());
+        }
+        let cluster = self.cluster(&key.0).await?;
+        let pool_name = name.to_string();
+        let pool = blocking(move || {
+            cluster.pool(&pool_name).map_err(|e| match e.errno {
+                libc::ENOENT => error::not_found(format!("pool {pool_name:?} does not exist")),
+                _ => ceph_error(e),
+            })
+        })
+        .await?;
+        let mut all = self.pools.lock().expect("pools lock");
+        Ok(all.entry(key).or_insert(pool).clone())
+    }
+
+    /// Secrets for a helper process (rbd-fuse, rbd-nbd): the user id and
+    /// key the request carried, if any.
+    pub fn helper_credentials(secrets: &Secrets) -> Result<Option<(String, String)>> {
+        let c = Credentials::from_secrets(secrets, false)?;
+        Ok(c.user.zip(c.key))
+    }
+}

@@ -1,0 +1,374 @@
+//! Mapping an RBD image to a block device on this node.
+//!
+//! - `krbd`: the kernel's RBD driver (`rbd map`); the production default.
+//! - `nbd`: `rbd-nbd`, a user-space librbd behind the kernel's NBD driver.
+//! - `fuse`: `rbd-fuse` shows the image as a file, attached with a loop
+//!   device (direct I/O); for kernels with neither rbd nor nbd.
+//!
+//! A helper process (rbd-fuse; rbd-nbd forks its own) runs in its own
+//! session and outlives a restart of the driver, which finds it again from
+//! the kernel: the fuse mount and the loop device bound to its file, under
+//! `<state>/rbd/<pool>/<image>`. Unmapping stops it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferrovol_host::{exec, loopdev, node::mountinfo};
+
+use crate::error::{self, Error, Result};
+use crate::ids::VolumeId;
+
+/// How long a helper may take to show its image, or to exit once unmapped.
+const HELPER_DEADLINE: Duration = Duration::from_secs(30);
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Choice {
+    /// The first of krbd, nbd, fuse that works here.
+    Auto,
+    Krbd,
+    Nbd,
+    Fuse,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Krbd,
+    Nbd,
+    Fuse,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Krbd => "krbd",
+            Kind::Nbd => "nbd",
+            Kind::Fuse => "fuse",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "krbd" => Some(Kind::Krbd),
+            "nbd" => Some(Kind::Nbd),
+            "fuse" => Some(Kind::Fuse),
+            _ => None,
+        }
+    }
+
+    /// Whether this node can map with it now (what `auto` tries).
+    pub fn available(self) -> std::result::Result<(), String> {
+        let have = |p: &str| Path::new(p).exists();
+        let tool = |t: &str| {
+            std::env::var_os("PATH")
+                .map(|paths| std::env::split_paths(&paths).any(|d| d.join(t).is_file()))
+                .unwrap_or(false)
+        };
+        match self {
+            Kind::Krbd if !have("/sys/bus/rbd") => {
+                Err("the kernel has no rbd driver (/sys/bus/rbd)".into())
+            }
+            Kind::Krbd if !tool("rbd") => Err("rbd is not installed (ceph-common)".into()),
+            Kind::Nbd if !have("/sys/module/nbd") => Err("the kernel has no nbd driver".into()),
+            Kind::Nbd if !tool("rbd-nbd") => Err("rbd-nbd is not installed".into()),
+            Kind::Fuse if !have("/dev/fuse") => Err("the kernel has no fuse (/dev/fuse)".into()),
+            Kind::Fuse if !tool("rbd-fuse") => Err("rbd-fuse is not installed".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Picks the mapper `--rbd-mapper` names (auto: the first available).
+pub fn choose(choice: Choice) -> Result<Kind> {
+    let order: &[Kind] = match choice {
+        Choice::Auto => &[Kind::Krbd, Kind::Nbd, Kind::Fuse],
+        Choice::Krbd => &[Kind::Krbd],
+        Choice::Nbd => &[Kind::Nbd],
+        Choice::Fuse => &[Kind::Fuse],
+    };
+    let mut why = vec![];
+    for k in order {
+        match k.available() {
+            Ok(()) => return Ok(*k),
+            Err(e) => why.push(format!("{}: {e}", k.name())),
+        }
+    }
+    Err(error::failed_precondition(format!(
+        "no RBD mapper works on this node ({})",
+        why.join("; ")
+    )))
+}
+
+/// Credentials and config a helper or `rbd map` needs.
+#[derive(Clone)]
+pub struct Auth {
+    pub conf: Option<PathBuf>,
+    pub user: Option<String>,
+    pub keyring: Option<PathBuf>,
+    /// A key from the request's secret (written to a 0600 file for the
+    /// helper, never put on a command line).
+    pub key: Option<String>,
+}
+
+impl Auth {
+    fn args(&self, keyfile: Option<&Path>) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![];
+        if let Some(c) = &self.conf {
+            a.extend(["-c".into(), c.clone().into()]);
+        }
+        if let Some(u) = &self.user {
+            a.extend(["--id".into(), u.into()]);
+        }
+        match (keyfile, &self.keyring) {
+            (Some(k), _) => a.extend(["--keyfile".into(), k.into()]),
+            (None, Some(k)) => a.extend(["--keyring".into(), k.clone().into()]),
+            (None, None) => {}
+        }
+        a
+    }
+}
+
+/// Where a volume's fuse mapping lives.
+pub fn fuse_dir(state: &Path, v: &VolumeId) -> PathBuf {
+    state.join("rbd").join(&v.pool).join(&v.image)
+}
+
+fn fuse_file(state: &Path, v: &VolumeId) -> PathBuf {
+    fuse_dir(state, v).join("mnt").join(&v.image)
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+/// The device a volume is mapped as on this node, by any mapper.
+pub fn find(state: &Path, v: &VolumeId) -> Result<Option<(Kind, PathBuf)>> {
+    let file = fuse_file(state, v);
+    if fuse_dir(state, v).exists() {
+        if let Some(a) =
+            loopdev::find(&file).map_err(io("reading loop devices"))?.into_iter().next()
+        {
+            return Ok(Some((Kind::Fuse, a.device)));
+        }
+    }
+    if let Some(d) = krbd_find(v)? {
+        return Ok(Some((Kind::Krbd, d)));
+    }
+    Ok(None)
+}
+
+/// Every device this node has mapped for the engine.
+pub fn all(state: &Path) -> Result<Vec<PathBuf>> {
+    let root = state.join("rbd");
+    let mut out = vec![];
+    for a in loopdev::list().map_err(io("reading loop devices"))? {
+        if a.backing.starts_with(&root) {
+            out.push(a.device);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/bus/rbd/devices") {
+        for e in entries.flatten() {
+            out.push(PathBuf::from(format!("/dev/rbd{}", e.file_name().to_string_lossy())));
+        }
+    }
+    Ok(out)
+}
+
+fn krbd_find(v: &VolumeId) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir("/sys/bus/rbd/devices") else { return Ok(None) };
+    for e in entries.flatten() {
+        let read = |f: &str| {
+            std::fs::read_to_string(e.path().join(f)).unwrap_or_default().trim().to_string()
+        };
+        if read("pool") == v.pool && read("name") == v.image && read("current_snap") == "-" {
+            return Ok(Some(PathBuf::from(format!("/dev/rbd{}", e.file_name().to_string_lossy()))));
+        }
+    }
+    Ok(None)
+}
+
+/// Maps the image; answers its device.
+pub async fn map(kind: Kind, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
+    match kind {
+        Kind::Fuse => map_fuse(state, v, auth).await,
+        Kind::Krbd | Kind::Nbd => {
+            let dir = fuse_dir(state, v);
+            let keyfile = write_keyfile(&dir, auth)?;
+            let mut args: Vec<OsString> =
+                vec!["map".into(), format!("{}/{}", v.pool, v.image).into()];
+            args.extend(auth.args(keyfile.as_deref()));
+            let tool = if kind == Kind::Krbd { "rbd" } else { "rbd-nbd" };
+            let out = exec::run(tool, &args, TOOL_TIMEOUT).await;
+            if let Some(k) = keyfile {
+                let _ = std::fs::remove_file(k);
+            }
+            Ok(PathBuf::from(out?.stdout.trim()))
+        }
+    }
+}
+
+fn write_keyfile(dir: &Path, auth: &Auth) -> Result<Option<PathBuf>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(key) = &auth.key else { return Ok(None) };
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let path = dir.join("keyfile");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(format!("writing {}", path.display())))?;
+    f.write_all(key.as_bytes()).map_err(io(format!("writing {}", path.display())))?;
+    Ok(Some(path))
+}
+
+fn fuse_mounted(mnt: &Path) -> Result<bool> {
+    let mounts = mountinfo::read().map_err(io("reading the mount table"))?;
+    Ok(mountinfo::at(&mounts, mnt).is_some_and(|m| m.fs_type.starts_with("fuse")))
+}
+
+async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
+    let dir = fuse_dir(state, v);
+    let mnt = dir.join("mnt");
+    let file = fuse_file(state, v);
+    if !fuse_mounted(&mnt)? {
+        std::fs::create_dir_all(&mnt).map_err(io(format!("creating {}", mnt.display())))?;
+        let keyfile = write_keyfile(&dir, auth)?;
+        let mut args = auth.args(keyfile.as_deref());
+        args.extend([
+            "-f".into(),
+            "-p".into(),
+            v.pool.clone().into(),
+            "-r".into(),
+            v.image.clone().into(),
+            mnt.clone().into(),
+        ]);
+        let log = dir.join("rbd-fuse.log");
+        let pid = exec::spawn_detached("rbd-fuse", &args, &log)?;
+        std::fs::write(dir.join("rbd-fuse.pid"), pid.to_string())
+            .map_err(io("writing the helper's pid"))?;
+        // Wait for the helper to show the image, or to give up.
+        let deadline = Instant::now() + HELPER_DEADLINE;
+        loop {
+            if fuse_mounted(&mnt)? && file.exists() {
+                break;
+            }
+            if !alive(pid) || Instant::now() > deadline {
+                stop_helper(pid);
+                let _ = ferrovol_host::node::fs::unmount(&mnt);
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: String = tail
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                return Err(error::unavailable(format!(
+                    "rbd-fuse did not show {}/{}: {tail}",
+                    v.pool, v.image
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    if let Some(a) = loopdev::find(&file).map_err(io("reading loop devices"))?.into_iter().next() {
+        return Ok(a.device);
+    }
+    let f = file.clone();
+    crate::blocking(move || {
+        loopdev::attach(&f, false, loopdev::VOLUME_BLOCK_SIZE)
+            .map_err(|e| e.into_error(format!("attaching {}", f.display())))
+    })
+    .await
+}
+
+/// Unmaps; an unmapped volume is fine. A device still held open is
+/// FAILED_PRECONDITION and nothing is undone halfway.
+pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
+    if let Some(d) = krbd_find(v)? {
+        exec::run("rbd", ["unmap".into(), d.into_os_string()], TOOL_TIMEOUT).await?;
+    }
+    let dir = fuse_dir(state, v);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let file = fuse_file(state, v);
+    for a in loopdev::find(&file).map_err(io("reading loop devices"))? {
+        let device = a.device.clone();
+        let backing = file.clone();
+        crate::blocking(move || {
+            loopdev::detach(&device).map_err(io(format!("detaching {}", device.display())))?;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while loopdev::find(&backing)
+                .map_err(io("reading loop devices"))?
+                .iter()
+                .any(|b| b.device == device)
+            {
+                if Instant::now() > deadline {
+                    return Err(error::failed_precondition(format!(
+                        "{} stays bound to the image: another process holds it open; retry \
+                         once it is closed",
+                        device.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let mnt = dir.join("mnt");
+    let pid = std::fs::read_to_string(dir.join("rbd-fuse.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    // Unmounting the fuse file system ends the helper.
+    ferrovol_host::node::fs::unmount(&mnt)?;
+    if let Some(pid) = pid.filter(|p| is_helper(*p, &mnt)) {
+        let deadline = Instant::now() + HELPER_DEADLINE;
+        while alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if alive(pid) {
+            stop_helper(pid);
+        }
+    }
+    std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
+    Ok(())
+}
+
+/// Whether the pid is still the rbd-fuse serving this mount point (a pid
+/// file outlives reboots; its number may be someone else's by now).
+fn is_helper(pid: u32, mnt: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text = String::from_utf8_lossy(&cmdline);
+    text.contains("rbd-fuse") && text.contains(&*mnt.to_string_lossy())
+}
+
+/// Running and not a zombie; reaps it if it is our exited child.
+fn alive(pid: u32) -> bool {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn stop_helper(pid: u32) {
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+    }
+}
+
+/// Pids of the fuse helpers this node runs (for tests and diagnostics).
+pub fn helper_pid(state: &Path, v: &VolumeId) -> Option<u32> {
+    std::fs::read_to_string(fuse_dir(state, v).join("rbd-fuse.pid")).ok()?.trim().parse().ok()
+}

@@ -1,0 +1,163 @@
+//! The node half: maps an image from the volume ID (its pool and name),
+//! the volume context (a StorageClass's `mounter`) and the stage secrets;
+//! the node service formats, mounts and grows it as any block device.
+//!
+//! Before mapping an image published with a single-node access mode, a
+//! lock held by another client is broken (which blocklists that client):
+//! the controller gave this node the volume, so the holder is a dead or
+//! fenced node whose lock would otherwise stall the first write until its
+//! watch times out.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ferrovol_core::engine::{Attach, Condition, Features, NodeAttacher, Quiesce, Topology};
+
+use crate::connect::Connections;
+use crate::error::{self, Result};
+use crate::ids::VolumeId;
+use crate::mapper::{self, Auth, Kind};
+use crate::{blocking, ceph_error};
+
+pub struct RbdNode {
+    conn: Connections,
+    state_dir: PathBuf,
+    default_mapper: Kind,
+}
+
+impl RbdNode {
+    pub fn new(conn: Connections, state_dir: PathBuf, choice: mapper::Choice) -> Result<RbdNode> {
+        let default_mapper = mapper::choose(choice)?;
+        tracing::info!(mapper = default_mapper.name(), "RBD images are mapped with this mapper");
+        Ok(RbdNode { conn, state_dir, default_mapper })
+    }
+
+    fn parse(volume_id: &str) -> Result<VolumeId> {
+        VolumeId::parse(volume_id)
+            .ok_or_else(|| error::not_found(format!("volume {volume_id:?} does not exist")))
+    }
+
+    /// Breaks a lock another client holds on an image this node was
+    /// given alone.
+    async fn fence_others(&self, v: &VolumeId, request: &Attach) -> Result<()> {
+        if request.publish_context.get("exclusive").map(String::as_str) != Some("true") {
+            return Ok(());
+        }
+        let pool = self.conn.node_pool(&v.pool, &request.secrets).await?;
+        let image = v.image.clone();
+        blocking(move || {
+            // Lock owners are only seen through a writable open (which
+            // watches the image but takes no lock).
+            let img = pool.open(&image).map_err(ceph_error)?;
+            for owner in img.lock_owners().map_err(ceph_error)? {
+                tracing::warn!(image = %image, owner = %owner, "breaking a stale lock (its client is blocklisted)");
+                match img.lock_break(&owner) {
+                    Err(e) if !e.is(libc::ENOENT) => return Err(ceph_error(e)),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAttacher for RbdNode {
+    fn kind(&self) -> &'static str {
+        "rbd"
+    }
+
+    fn features(&self) -> Features {
+        crate::controller::features()
+    }
+
+    fn topology(&self) -> Topology {
+        BTreeMap::new()
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.default_mapper.available().map_err(error::unavailable)
+    }
+
+    async fn check_known(&self, volume_id: &str) -> Result<()> {
+        Self::parse(volume_id).map(drop)
+    }
+
+    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+        let v = Self::parse(&request.volume_id)?;
+        if let Some((_, device)) = mapper::find(&self.state_dir, &v)? {
+            return Ok(device);
+        }
+        let kind = match request.volume_context.get("mounter") {
+            Some(m) => {
+                let k = Kind::parse(m)
+                    .ok_or_else(|| error::invalid(format!("mounter {m:?} is unknown")))?;
+                k.available()
+                    .map_err(|e| error::failed_precondition(format!("mounter {m}: {e}")))?;
+                k
+            }
+            None => self.default_mapper,
+        };
+        self.fence_others(&v, request).await?;
+        let creds = Connections::helper_credentials(&request.secrets)?;
+        let config = self.conn.config();
+        let auth = Auth {
+            conf: config.conf.clone(),
+            user: creds.as_ref().map(|(u, _)| u.clone()).or(config.user.clone()),
+            keyring: config.keyring.clone(),
+            key: creds.map(|(_, k)| k),
+        };
+        mapper::map(kind, &self.state_dir, &v, &auth).await
+    }
+
+    async fn detach(&self, volume_id: &str) -> Result<()> {
+        mapper::unmap(&self.state_dir, &Self::parse(volume_id)?).await
+    }
+
+    async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>> {
+        Ok(mapper::find(&self.state_dir, &Self::parse(volume_id)?)?.map(|(_, d)| d))
+    }
+
+    async fn all_attached(&self) -> Result<Vec<PathBuf>> {
+        mapper::all(&self.state_dir)
+    }
+
+    async fn refresh(&self, volume_id: &str) -> Result<()> {
+        let v = Self::parse(volume_id)?;
+        match mapper::find(&self.state_dir, &v)? {
+            // The kernel's rbd and nbd follow the image's size themselves.
+            Some((Kind::Krbd | Kind::Nbd, _)) => Ok(()),
+            Some((Kind::Fuse, device)) => {
+                blocking(move || {
+                    ferrovol_host::loopdev::refresh_capacity(&device).map_err(|e| {
+                        error::Error::io(format!("refreshing the size of {}", device.display()), e)
+                    })
+                })
+                .await
+            }
+            None => Err(error::failed_precondition(format!(
+                "volume {volume_id} is not mapped on this node"
+            ))),
+        }
+    }
+
+    async fn condition(&self, volume_id: &str) -> Result<Condition> {
+        let v = Self::parse(volume_id)?;
+        Ok(match mapper::find(&self.state_dir, &v)? {
+            Some(_) => Condition::Healthy,
+            None if mapper::fuse_dir(&self.state_dir, &v).exists() => Condition::Abnormal(format!(
+                "the rbd-fuse helper of {volume_id} is gone: unstage and stage the volume again"
+            )),
+            None => Condition::Healthy,
+        })
+    }
+
+    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
+        let mut devices = Vec::with_capacity(volume_ids.len());
+        for id in volume_ids {
+            devices.push((id.clone(), self.device(id).await?));
+        }
+        ferrovol_host::node::quiesce::prepare(devices, strict).await
+    }
+}

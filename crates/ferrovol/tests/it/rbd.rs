@@ -1,0 +1,984 @@
+//! The RBD engine against a real Ceph: the throw-away cluster `.ci/run`
+//! starts with `scripts/ceph-dev-cluster` (its ceph.conf in
+//! `FERROVOL_TEST_CEPH_CONF`). Each test gets a pool of its own, which it
+//! checks is empty at the end (images, trash, groups, our records) and then
+//! removes. The node side maps through rbd-fuse and a loop device, the only
+//! mapper this machine's kernel allows. Ceph's own tools (`rbd`, `rados`,
+//! `ceph`) check what the driver did.
+//!
+//! Without `FERROVOL_TEST_CEPH_CONF` the tests say so and pass, unless
+//! `FERROVOL_REQUIRE_CEPH` is set (as `.ci/run` sets it).
+
+use crate::common;
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
+use common::{last_seq, Driver, DriverBuilder};
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::group_controller_client::GroupControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use ferrovol_csi::snapshot_metadata_client::SnapshotMetadataClient;
+use ferrovol_csi::volume_capability::access_mode::Mode;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// A pool of this test's own on the dev cluster, and everything the test
+/// made on this host; removed (and checked) on drop.
+struct Ceph {
+    conf: PathBuf,
+    pool: String,
+    root: tempfile::TempDir,
+    kubelet: PathBuf,
+}
+
+fn ceph(test: &str) -> Option<Ceph> {
+    let Some(conf) = std::env::var_os("FERROVOL_TEST_CEPH_CONF") else {
+        assert!(
+            std::env::var_os("FERROVOL_REQUIRE_CEPH").is_none(),
+            "FERROVOL_REQUIRE_CEPH is set but FERROVOL_TEST_CEPH_CONF is not"
+        );
+        eprintln!("{test}: skipped (no Ceph: set FERROVOL_TEST_CEPH_CONF, see .ci/run)");
+        return None;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let kubelet = root.path().join("kubelet");
+    std::fs::create_dir_all(&kubelet).unwrap();
+    let pool = format!("t-{test}-{}", std::process::id());
+    let c = Ceph { conf: conf.into(), pool, kubelet: kubelet.canonicalize().unwrap(), root };
+    c.tool("ceph", &["osd", "pool", "create", &c.pool, "4", "4"]);
+    c.tool("ceph", &["osd", "pool", "set", &c.pool, "size", "1", "--yes-i-really-mean-it"]);
+    c.tool("rbd", &["pool", "init", &c.pool]);
+    Some(c)
+}
+
+impl Ceph {
+    /// Runs a Ceph tool against the dev cluster; answers its stdout.
+    fn tool(&self, tool: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(tool)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, tool: &str, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        serde_json::from_str(&self.tool(tool, &a)).unwrap()
+    }
+
+    fn driver(&self, name: &str, node: &str, extra: &[&str]) -> DriverBuilder {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        DriverBuilder::new(&dir)
+            .node_id(node)
+            .args(["--engine", "rbd", "--rbd-mapper", "fuse", "--rbd-pools", &self.pool])
+            .args(["--ceph-conf".to_string(), self.conf.display().to_string()])
+            .args(["--kubelet-dir".to_string(), self.kubelet.display().to_string()])
+            .args(extra.iter().copied())
+    }
+
+    fn params(&self, features: &str) -> std::collections::HashMap<String, String> {
+        [("pool", self.pool.as_str()), ("imageFeatures", features)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn create(&self, name: &str, size: i64) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            parameters: self.params("layering,exclusive-lock"),
+            ..req::create(name, size)
+        }
+    }
+
+    fn images(&self) -> Vec<String> {
+        self.json("rbd", &["ls", "-p", &self.pool])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// User-visible and hidden snapshots of an image (name, namespace).
+    fn snaps(&self, image: &str) -> Vec<(String, String)> {
+        self.json("rbd", &["snap", "ls", "--all", &format!("{}/{image}", self.pool)])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let ns = s["namespace"]["type"].as_str().unwrap_or("user").to_string();
+                (s["name"].as_str().unwrap().to_string(), ns)
+            })
+            .collect()
+    }
+
+    fn staging(&self, pv: &str) -> PathBuf {
+        let p = self.kubelet.join("plugins/kubernetes.io/csi/pv").join(pv).join("globalmount");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn target(&self, pod: &str, pv: &str) -> PathBuf {
+        let p = self.kubelet.join("pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
+        std::fs::create_dir_all(&p).unwrap();
+        p.join("mount")
+    }
+
+    fn host_mounts(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = ferrovol_host::node::mountinfo::read()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(self.root.path()))
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        v
+    }
+
+    fn loops(&self) -> Vec<ferrovol_host::loopdev::Attached> {
+        ferrovol_host::loopdev::list()
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.backing.starts_with(self.root.path()))
+            .collect()
+    }
+
+    /// rbd-fuse helpers serving this test's state dirs.
+    fn helpers(&self) -> Vec<i32> {
+        let root = self.root.path().display().to_string();
+        let mut out = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+            if cmd.starts_with("rbd-fuse") && cmd.contains(&root) && !zombie {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Nothing left: no image, trash entry, group or record of ours in
+    /// the pool, and no mount, loop device or helper on this host.
+    fn assert_clean(&self) {
+        assert_eq!(self.images(), Vec::<String>::new(), "images left behind");
+        let trash = self.json("rbd", &["trash", "ls", "-p", &self.pool]);
+        assert_eq!(trash.as_array().unwrap().len(), 0, "trash left behind: {trash}");
+        let groups = self.json("rbd", &["group", "ls", "-p", &self.pool]);
+        assert_eq!(groups.as_array().unwrap().len(), 0, "groups left behind: {groups}");
+        let objects = self.tool("rados", &["-p", &self.pool, "ls"]);
+        let ours: Vec<&str> = objects.lines().filter(|o| o.starts_with("ferrovol.")).collect();
+        assert!(ours.is_empty(), "records left behind: {ours:?}");
+        assert!(self.host_mounts().is_empty(), "mounts left: {:?}", self.host_mounts());
+        assert!(self.loops().is_empty(), "loop devices left: {:?}", self.loops());
+        assert!(self.helpers().is_empty(), "rbd-fuse helpers left: {:?}", self.helpers());
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        for m in self.host_mounts() {
+            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+        }
+        for l in self.loops() {
+            let _ = ferrovol_host::loopdev::detach(&l.device);
+        }
+        for pid in self.helpers() {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = std::process::Command::new("ceph")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["osd", "pool", "rm", &self.pool, &self.pool, "--yes-i-really-really-mean-it"])
+            .output();
+    }
+}
+
+struct Clients {
+    c: ControllerClient<Channel>,
+    g: GroupControllerClient<Channel>,
+    n: NodeClient<Channel>,
+    m: SnapshotMetadataClient<Channel>,
+}
+
+async fn clients(d: &Driver) -> Clients {
+    let ch = d.channel().await;
+    Clients {
+        c: ControllerClient::new(ch.clone()),
+        g: GroupControllerClient::new(ch.clone()),
+        n: NodeClient::new(ch.clone()),
+        m: SnapshotMetadataClient::new(ch),
+    }
+}
+
+fn image_of(volume_id: &str) -> String {
+    volume_id.rsplit(':').next().unwrap().to_string()
+}
+
+async fn new_volume(k: &mut Clients, ceph: &Ceph, name: &str, size: i64) -> String {
+    let v = k.c.create_volume(ceph.create(name, size)).await.unwrap().into_inner();
+    v.volume.unwrap().volume_id
+}
+
+async fn snapshot(k: &mut Clients, name: &str, source: &str) -> String {
+    let s = k.c.create_snapshot(req::snapshot(name, source)).await.unwrap().into_inner();
+    s.snapshot.unwrap().snapshot_id
+}
+
+fn publish(
+    volume: &str,
+    node: &str,
+    mode: Mode,
+    block: bool,
+) -> csi::ControllerPublishVolumeRequest {
+    let mut cap = if block { req::block_cap() } else { req::mount_cap("ext4") };
+    cap.access_mode = Some(csi::volume_capability::AccessMode { mode: mode as i32 });
+    csi::ControllerPublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn rbd_volumes_snapshots_and_clones() {
+    let Some(ceph) = ceph("ctrl") else { return };
+    let d = ceph.driver("d", "node-a", &["--mode", "controller"]).start();
+    let mut k = clients(&d).await;
+
+    // Parameters: ceph-csi's names; anything else is the caller's mistake.
+    for (params, why) in [
+        (vec![], "no pool"),
+        (vec![("pool", ceph.pool.as_str()), ("thickProvision", "true")], "ceph-csi only"),
+        (vec![("pool", ceph.pool.as_str()), ("colour", "blue")], "unknown"),
+        (vec![("pool", "no-such-pool")], "missing pool"),
+    ] {
+        let r = csi::CreateVolumeRequest {
+            parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..req::create("bad", 16 * MIB)
+        };
+        let e = k.c.create_volume(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{why}: {e:?}");
+    }
+    assert!(ceph.images().is_empty(), "a refused request made an image");
+
+    // Create: the image is named by the request; a retry finds it.
+    let a = new_volume(&mut k, &ceph, "pvc-a", 64 * MIB).await;
+    assert_eq!(new_volume(&mut k, &ceph, "pvc-a", 64 * MIB).await, a);
+    let e = k.c.create_volume(ceph.create("pvc-a", 128 * MIB)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let info = ceph.json("rbd", &["info", &format!("{}/{}", ceph.pool, image_of(&a))]);
+    assert_eq!(info["size"], 64 * MIB);
+    let features: Vec<&str> =
+        info["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(features.contains(&"exclusive-lock"), "{features:?}");
+
+    // Snapshots: RBD snapshots of the image, idempotent by name.
+    let s = snapshot(&mut k, "snap-1", &a).await;
+    assert_eq!(snapshot(&mut k, "snap-1", &a).await, s);
+    let b = new_volume(&mut k, &ceph, "pvc-b", 16 * MIB).await;
+    let e = k.c.create_snapshot(req::snapshot("snap-1", &b)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert_eq!(ceph.snaps(&image_of(&a)).len(), 1);
+
+    // Restore and clone are copy-on-write clones; the clone's transient
+    // snapshot of its source is gone from view at once.
+    let restore = csi::CreateVolumeRequest {
+        parameters: ceph.params("layering"),
+        ..req::from_snapshot("pvc-r", &s, 128 * MIB)
+    };
+    let r = k.c.create_volume(restore.clone()).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(r.capacity_bytes, 128 * MIB, "grown past its snapshot");
+    let rinfo = ceph.json("rbd", &["info", &format!("{}/{}", ceph.pool, image_of(&r.volume_id))]);
+    assert_eq!(rinfo["parent"]["image"], image_of(&a), "{rinfo}");
+    assert_eq!(
+        k.c.create_volume(restore).await.unwrap().into_inner().volume.unwrap().volume_id,
+        r.volume_id
+    );
+    let clone = csi::CreateVolumeRequest {
+        parameters: ceph.params("layering"),
+        ..req::from_volume("pvc-c", &a, 64 * MIB)
+    };
+    let c = k.c.create_volume(clone).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let cinfo = ceph.json("rbd", &["info", &format!("{}/{}", ceph.pool, image_of(&c))]);
+    assert_eq!(cinfo["parent"]["image"], image_of(&a), "{cinfo}");
+    let user: Vec<_> =
+        ceph.snaps(&image_of(&a)).into_iter().filter(|(_, ns)| ns == "user").collect();
+    assert_eq!(user.len(), 1, "only the CSI snapshot is visible: {user:?}");
+    assert_eq!(ceph.images().len(), 4, "no temporary images: {:?}", ceph.images());
+
+    // Get and list (page by page) answer exactly these volumes.
+    let got =
+        k.c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: a.clone() })
+            .await
+            .unwrap();
+    assert_eq!(got.into_inner().volume.unwrap().capacity_bytes, 64 * MIB);
+    let mut listed = vec![];
+    let mut token = String::new();
+    loop {
+        let page =
+            k.c.list_volumes(csi::ListVolumesRequest { max_entries: 1, starting_token: token })
+                .await
+                .unwrap()
+                .into_inner();
+        assert!(page.entries.len() <= 1);
+        listed.extend(page.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut want = vec![a.clone(), b.clone(), r.volume_id.clone(), c.clone()];
+    want.sort();
+    listed.sort();
+    assert_eq!(listed, want);
+    let e = k
+        .c
+        .list_volumes(csi::ListVolumesRequest { max_entries: 1, starting_token: "bogus".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    let snaps =
+        k.c.list_snapshots(csi::ListSnapshotsRequest {
+            source_volume_id: a.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snaps.entries.len(), 1);
+
+    // Expansion happens in the controller; the node grows the filesystem.
+    let grown =
+        k.c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: b.clone(),
+            capacity_range: req::range(32 * MIB, 0),
+            volume_capability: Some(req::mount_cap("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 32 * MIB);
+    assert!(grown.node_expansion_required);
+    assert_eq!(
+        ceph.json("rbd", &["info", &format!("{}/{}", ceph.pool, image_of(&b))])["size"],
+        32 * MIB
+    );
+
+    // A deleted volume's snapshot lives on and still restores.
+    k.c.delete_volume(req::delete(&a)).await.unwrap();
+    k.c.delete_volume(req::delete(&a)).await.unwrap();
+    let e =
+        k.c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: a.clone() })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let again = csi::CreateVolumeRequest {
+        parameters: ceph.params("layering"),
+        ..req::from_snapshot("pvc-r2", &s, 64 * MIB)
+    };
+    let r2 = k.c.create_volume(again).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let got =
+        k.c.get_snapshot(csi::GetSnapshotRequest { snapshot_id: s.clone(), ..Default::default() })
+            .await
+            .unwrap();
+    assert_eq!(
+        got.into_inner().snapshot.unwrap().source_volume_id,
+        a,
+        "the snapshot still names its volume"
+    );
+
+    // Deleting everything, in any order, leaves nothing: the deleted
+    // volume's image goes with the last thing that needs it.
+    for id in [&s] {
+        k.c.delete_snapshot(req::delete_snapshot(id)).await.unwrap();
+    }
+    for id in [&r.volume_id, &c, &b, &r2] {
+        k.c.delete_volume(req::delete(id)).await.unwrap();
+    }
+    k.c.delete_snapshot(req::delete_snapshot(&s)).await.unwrap();
+    drop(d);
+    ceph.assert_clean();
+}
+
+#[tokio::test]
+async fn rbd_publish_enforces_single_node_modes_across_replicas() {
+    let Some(ceph) = ceph("publish") else { return };
+    // Two controller replicas: the record lives with the image, so either
+    // one enforces what the other granted.
+    let d1 = ceph.driver("d1", "ctl-1", &["--mode", "controller"]).start();
+    let d2 = ceph.driver("d2", "ctl-2", &["--mode", "controller"]).start();
+    let (mut k1, mut k2) = (clients(&d1).await, clients(&d2).await);
+    let v = new_volume(&mut k1, &ceph, "pvc-rwo", 16 * MIB).await;
+
+    let ctx =
+        k1.c.controller_publish_volume(publish(&v, "node-a", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap();
+    assert_eq!(ctx.into_inner().publish_context.get("exclusive").map(String::as_str), Some("true"));
+    // Again: the same answer.
+    k2.c.controller_publish_volume(publish(&v, "node-a", Mode::SingleNodeWriter, false))
+        .await
+        .unwrap();
+    let e =
+        k2.c.controller_publish_volume(publish(&v, "node-b", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e =
+        k1.c.controller_publish_volume(publish(&v, "node-a", Mode::SingleNodeReaderOnly, false))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let got =
+        k2.c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: v.clone() })
+            .await
+            .unwrap();
+    assert_eq!(got.into_inner().status.unwrap().published_node_ids, vec!["node-a".to_string()]);
+
+    let unpub = |node: &str| csi::ControllerUnpublishVolumeRequest {
+        volume_id: v.clone(),
+        node_id: node.into(),
+        ..Default::default()
+    };
+    k2.c.controller_unpublish_volume(unpub("node-a")).await.unwrap();
+    k2.c.controller_unpublish_volume(unpub("node-a")).await.unwrap();
+    k1.c.controller_publish_volume(publish(&v, "node-b", Mode::SingleNodeWriter, false))
+        .await
+        .unwrap();
+    k1.c.controller_unpublish_volume(unpub("node-b")).await.unwrap();
+
+    // Raw block volumes may be shared by several nodes; filesystems not.
+    let blk = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::block_cap()],
+        ..ceph.create("pvc-rwx", 16 * MIB)
+    };
+    let b = k1.c.create_volume(blk).await.unwrap().into_inner().volume.unwrap().volume_id;
+    for node in ["node-a", "node-b"] {
+        let ctx =
+            k1.c.controller_publish_volume(publish(&b, node, Mode::MultiNodeMultiWriter, true))
+                .await
+                .unwrap();
+        assert_eq!(
+            ctx.into_inner().publish_context.get("exclusive").map(String::as_str),
+            Some("false")
+        );
+    }
+    let e =
+        k1.c.controller_publish_volume(publish(&v, "node-a", Mode::MultiNodeMultiWriter, false))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A volume that is gone was unpublished.
+    let gone = "rbd:nopool:csi-vol-00000000000000000000000000000000";
+    k1.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: gone.into(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e =
+        k1.c.controller_publish_volume(publish(gone, "node-a", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    for id in [&v, &b] {
+        k1.c.delete_volume(req::delete(id)).await.unwrap();
+    }
+    drop((d1, d2));
+    ceph.assert_clean();
+}
+
+/// Stages and publishes a filesystem volume on a node; answers the target.
+async fn mount(k: &mut Clients, ceph: &Ceph, id: &str, pv: &str, fs: &str) -> (PathBuf, PathBuf) {
+    let (staging, target) = (ceph.staging(pv), ceph.target("app", pv));
+    k.n.node_stage_volume(stage_req(id, &staging, req::mount_cap(fs))).await.unwrap();
+    k.n.node_publish_volume(publish_req(id, &staging, &target, req::mount_cap(fs), false))
+        .await
+        .unwrap();
+    (staging, target)
+}
+
+async fn unmount(k: &mut Clients, id: &str, staging: &Path, target: &Path) {
+    k.n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+    k.n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+}
+
+#[tokio::test]
+async fn rbd_node_maps_with_rbd_fuse_and_survives_a_driver_restart() {
+    let Some(ceph) = ceph("node") else { return };
+    let builder = || ceph.driver("d", "node-a", &[]);
+    let mut d = builder().start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &ceph, "pvc-n", 64 * MIB).await;
+    let (staging, target) = mount(&mut k, &ceph, &v, "pv-n", "ext4").await;
+    std::fs::write(target.join("data"), b"written before the restart").unwrap();
+    let helpers = ceph.helpers();
+    assert_eq!(helpers.len(), 1, "one rbd-fuse helper per mapped image");
+    let loops = ceph.loops();
+    assert_eq!(loops.len(), 1);
+
+    // The driver dies; the helper (its own session) and the mount do not.
+    d.kill();
+    assert_eq!(ceph.helpers(), helpers, "the helper outlived the driver");
+    std::fs::write(target.join("more"), b"written while the driver was down").unwrap();
+
+    d = builder().start();
+    let mut k = clients(&d).await;
+    // The kubelet retries the stage: the same device, no second helper.
+    k.n.node_stage_volume(stage_req(&v, &staging, req::mount_cap("ext4"))).await.unwrap();
+    assert_eq!(ceph.helpers(), helpers);
+    assert_eq!(
+        ceph.loops().iter().map(|l| &l.device).collect::<Vec<_>>(),
+        loops.iter().map(|l| &l.device).collect::<Vec<_>>()
+    );
+    let stats =
+        k.n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.usage.is_empty());
+
+    // Deleting a mapped volume is refused while its helper has it open.
+    let e = k.c.delete_volume(req::delete(&v)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    unmount(&mut k, &v, &staging, &target).await;
+    assert!(ceph.helpers().is_empty(), "unstage stopped the helper");
+    assert!(ceph.loops().is_empty());
+    // The data went to Ceph: a restore of a snapshot shows it.
+    let s = snapshot(&mut k, "snap-n", &v).await;
+    let r = csi::CreateVolumeRequest {
+        parameters: ceph.params("layering"),
+        ..req::from_snapshot("pvc-n2", &s, 64 * MIB)
+    };
+    let r = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let (st2, tg2) = mount(&mut k, &ceph, &r, "pv-n2", "ext4").await;
+    assert_eq!(std::fs::read(tg2.join("data")).unwrap(), b"written before the restart");
+    assert_eq!(std::fs::read(tg2.join("more")).unwrap(), b"written while the driver was down");
+    unmount(&mut k, &r, &st2, &tg2).await;
+    k.c.delete_volume(req::delete(&r)).await.unwrap();
+    k.c.delete_snapshot(req::delete_snapshot(&s)).await.unwrap();
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    drop(d);
+    ceph.assert_clean();
+}
+
+#[tokio::test]
+async fn rbd_online_expansion_grows_a_mounted_filesystem() {
+    let Some(ceph) = ceph("expand") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let r = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::mount_cap("xfs")],
+        ..ceph.create("pvc-x", 320 * MIB)
+    };
+    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let (staging, target) = mount(&mut k, &ceph, &v, "pv-x", "xfs").await;
+    let size = |p: &Path| rustix::fs::statvfs(p).map(|s| s.f_blocks * s.f_frsize).unwrap();
+    let before = size(&target);
+    let grown =
+        k.c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.clone(),
+            capacity_range: req::range(640 * MIB, 0),
+            volume_capability: Some(req::mount_cap("xfs")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.node_expansion_required);
+    let out =
+        k.n.node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: v.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: staging.display().to_string(),
+            capacity_range: req::range(640 * MIB, 0),
+            volume_capability: Some(req::mount_cap("xfs")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.capacity_bytes, 640 * MIB);
+    let after = size(&target);
+    assert!(after > before + 250 * MIB as u64, "the mounted filesystem grew: {before} -> {after}");
+    unmount(&mut k, &v, &staging, &target).await;
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    drop(d);
+    ceph.assert_clean();
+}
+
+/// A writer that appends sequence numbers to every member in turn and
+/// makes each durable (fdatasync) before the next: at any instant the
+/// members' durable logs differ by at most one step, so a crash-consistent
+/// group snapshot restores members within one step of each other.
+struct DurableLockstep {
+    stop: Arc<AtomicBool>,
+    steps: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DurableLockstep {
+    fn start(logs: Vec<PathBuf>) -> DurableLockstep {
+        let stop = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, steps) = (stop.clone(), steps.clone());
+            std::thread::spawn(move || {
+                let mut files: Vec<_> =
+                    logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
+                let mut seq = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for f in &mut files {
+                        writeln!(f, "{seq}").unwrap();
+                        f.sync_data().unwrap();
+                    }
+                    steps.store(seq, Ordering::Relaxed);
+                    seq += 1;
+                }
+            })
+        };
+        while steps.load(Ordering::Relaxed) < 20 {
+            std::thread::yield_now();
+        }
+        DurableLockstep { stop, steps, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.steps.load(Ordering::Relaxed)
+    }
+}
+
+/// Restores each snapshot, mounts it and answers the last sequence number
+/// its log holds; everything restored is removed again.
+async fn restored_seqs(k: &mut Clients, ceph: &Ceph, snaps: &[String], tag: &str) -> Vec<u64> {
+    let mut seqs = vec![];
+    for (i, s) in snaps.iter().enumerate() {
+        let r = csi::CreateVolumeRequest {
+            parameters: ceph.params("layering"),
+            ..req::from_snapshot(&format!("{tag}-{i}"), s, 64 * MIB)
+        };
+        let r = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+        let (st, tg) = mount(k, ceph, &r, &format!("pv-{tag}-{i}"), "ext4").await;
+        seqs.push(last_seq(&tg.join("log")));
+        unmount(k, &r, &st, &tg).await;
+        k.c.delete_volume(req::delete(&r)).await.unwrap();
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn rbd_group_snapshots_are_one_instant_and_members_restore() {
+    let Some(ceph) = ceph("group") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let mut vols = vec![];
+    for i in 0..2 {
+        let v = new_volume(&mut k, &ceph, &format!("pvc-g{i}"), 64 * MIB).await;
+        let (st, tg) = mount(&mut k, &ceph, &v, &format!("pv-g{i}"), "ext4").await;
+        vols.push((v, st, tg));
+    }
+    let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
+    let logs: Vec<PathBuf> = vols.iter().map(|v| v.2.join("log")).collect();
+    let group_req = |name: &str, ids: &[String]| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.to_vec(),
+        ..Default::default()
+    };
+
+    // One group snapshot while the writer runs...
+    let writer = DurableLockstep::start(logs.clone());
+    let g =
+        k.g.create_volume_group_snapshot(group_req("group-1", &ids))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    // ...and, for contrast, two single snapshots one after the other.
+    let mut singles = vec![];
+    for (i, id) in ids.iter().enumerate() {
+        singles.push(snapshot(&mut k, &format!("single-{i}"), id).await);
+    }
+    let steps = writer.stop();
+    assert!(steps > 20);
+
+    assert_eq!(g.snapshots.len(), 2);
+    assert!(g
+        .snapshots
+        .iter()
+        .all(|s| s.group_snapshot_id == g.group_snapshot_id && s.ready_to_use));
+    let again =
+        k.g.create_volume_group_snapshot(group_req("group-1", &ids))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+    assert_eq!(again.group_snapshot_id, g.group_snapshot_id);
+    let e = k.g.create_volume_group_snapshot(group_req("group-1", &ids[..1])).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let member =
+        g.snapshots.iter().find(|s| s.source_volume_id == ids[0]).unwrap().snapshot_id.clone();
+    let e = k.c.delete_snapshot(req::delete_snapshot(&member)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "a member goes with its group");
+    let listed =
+        k.c.list_snapshots(csi::ListSnapshotsRequest {
+            snapshot_id: member.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.into_inner().entries[0].snapshot.as_ref().unwrap().group_snapshot_id,
+        g.group_snapshot_id
+    );
+
+    // Members restore (on Pacific by a full copy) within one step of each
+    // other; the single snapshots, taken apart, do not.
+    let members: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            g.snapshots.iter().find(|s| &s.source_volume_id == id).unwrap().snapshot_id.clone()
+        })
+        .collect();
+    let group_seqs = restored_seqs(&mut k, &ceph, &members, "rg").await;
+    let single_seqs = restored_seqs(&mut k, &ceph, &singles, "rs").await;
+    let (a, b) = (group_seqs[0], group_seqs[1]);
+    assert!(
+        a > 0 && (a == b || a == b + 1),
+        "group members agree: {group_seqs:?} of {steps} steps"
+    );
+    let (a, b) = (single_seqs[0], single_seqs[1]);
+    assert!(b > a + 1, "separate snapshots see different instants: {single_seqs:?} of {steps}");
+    eprintln!("group members {group_seqs:?}, separate snapshots {single_seqs:?}, of {steps} steps");
+
+    // CBT on a member: its allocated blocks list; a member as a base of a
+    // delta is refused (librbd diffs from user snapshots only).
+    let req_alloc =
+        csi::GetMetadataAllocatedRequest { snapshot_id: members[0].clone(), ..Default::default() };
+    let mut stream = k.m.get_metadata_allocated(req_alloc).await.unwrap().into_inner();
+    let mut ranges = 0;
+    while let Some(msg) = stream.message().await.unwrap() {
+        ranges += msg.block_metadata.len();
+    }
+    assert!(ranges > 0);
+    let delta = csi::GetMetadataDeltaRequest {
+        base_snapshot_id: members[0].clone(),
+        target_snapshot_id: singles[0].clone(),
+        ..Default::default()
+    };
+    let e = match k.m.get_metadata_delta(delta).await {
+        Err(e) => e,
+        Ok(s) => s.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    k.g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: g.group_snapshot_id.clone(),
+        snapshot_ids: members.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (v, st, tg) in &vols {
+        let group_snaps: Vec<_> =
+            ceph.snaps(&image_of(v)).into_iter().filter(|(_, ns)| ns == "group").collect();
+        assert!(group_snaps.is_empty(), "{group_snaps:?}");
+        unmount(&mut k, v, st, tg).await;
+    }
+    for s in &singles {
+        k.c.delete_snapshot(req::delete_snapshot(s)).await.unwrap();
+    }
+    for v in &ids {
+        k.c.delete_volume(req::delete(v)).await.unwrap();
+    }
+    drop(d);
+    ceph.assert_clean();
+}
+
+#[tokio::test]
+async fn rbd_changed_blocks_come_from_rbd_diffs() {
+    let Some(ceph) = ceph("cbt") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let r = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::block_cap()],
+        ..ceph.create("pvc-b", 32 * MIB)
+    };
+    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let staging = ceph.staging("pv-b");
+    let target = ceph.target("app", "pv-b");
+    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
+    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
+        .await
+        .unwrap();
+    let write = |off: u64| {
+        let f = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+        f.write_all_at(&[0xab; 4096], off).unwrap();
+        f.sync_all().unwrap();
+    };
+    write(MIB as u64);
+    let s1 = snapshot(&mut k, "s1", &v).await;
+    write(20 * MIB as u64);
+    let s2 = snapshot(&mut k, "s2", &v).await;
+
+    let covers = |ranges: &[(u64, u64)], off: u64| {
+        ranges.iter().any(|(o, l)| *o <= off && off + 4096 <= o + l)
+    };
+    let collect = |msgs: Vec<csi::BlockMetadata>| {
+        msgs.iter().map(|b| (b.byte_offset as u64, b.size_bytes as u64)).collect::<Vec<_>>()
+    };
+    let mut alloc = vec![];
+    let mut s =
+        k.m.get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: s1.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = s.message().await.unwrap() {
+        assert_eq!(m.volume_capacity_bytes, 32 * MIB);
+        alloc.extend(collect(m.block_metadata));
+    }
+    assert!(covers(&alloc, MIB as u64), "{alloc:?}");
+    assert!(!covers(&alloc, 20 * MIB as u64), "{alloc:?}");
+    let mut delta = vec![];
+    let mut s =
+        k.m.get_metadata_delta(csi::GetMetadataDeltaRequest {
+            base_snapshot_id: s1.clone(),
+            target_snapshot_id: s2.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = s.message().await.unwrap() {
+        delta.extend(collect(m.block_metadata));
+    }
+    assert!(covers(&delta, 20 * MIB as u64), "{delta:?}");
+    assert!(
+        !delta.iter().any(|(o, l)| *o < MIB as u64 + 4096 && MIB as u64 <= o + l),
+        "the unchanged block is not in the delta: {delta:?}"
+    );
+
+    k.n.node_unpublish_volume(unpublish_req(&v, &target)).await.unwrap();
+    k.n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
+    for s in [&s1, &s2] {
+        k.c.delete_snapshot(req::delete_snapshot(s)).await.unwrap();
+    }
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    drop(d);
+    ceph.assert_clean();
+}
+
+#[tokio::test]
+async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
+    let Some(ceph) = ceph("fence") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &ceph, "pvc-f", 64 * MIB).await;
+    let image = format!("{}/{}", ceph.pool, image_of(&v));
+    let ctx =
+        k.c.controller_publish_volume(publish(&v, "node-a", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+    let staging = ceph.staging("pv-f");
+    let stage = |ctx: &std::collections::HashMap<String, String>| csi::NodeStageVolumeRequest {
+        publish_context: ctx.clone(),
+        ..stage_req(&v, &staging, req::mount_cap("ext4"))
+    };
+    k.n.node_stage_volume(stage(&ctx)).await.unwrap();
+    std::fs::write(staging.join("f"), b"x").unwrap();
+    rustix::fs::sync();
+    let owner = ceph.json("rbd", &["lock", "ls", &image]);
+    assert_eq!(owner.as_array().map(Vec::len), Some(1), "the writer holds the lock: {owner}");
+
+    // node-a dies with the image mapped: its helper is gone, its lock is
+    // not. The CO moves the volume (unpublish, publish elsewhere).
+    for pid in ceph.helpers() {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+    }
+    for m in ceph.host_mounts() {
+        let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+    }
+    for l in ceph.loops() {
+        let _ = ferrovol_host::loopdev::detach(&l.device);
+    }
+    let dead = owner[0]["address"].as_str().unwrap().to_string();
+    k.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: v.clone(),
+        node_id: "node-a".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d2 = ceph.driver("d2", "node-b", &[]).start();
+    let mut k2 = clients(&d2).await;
+    let ctx =
+        k2.c.controller_publish_volume(publish(&v, "node-b", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+    let staging_b = ceph.staging("pv-f-b");
+    let req_b = csi::NodeStageVolumeRequest {
+        publish_context: ctx,
+        ..stage_req(&v, &staging_b, req::mount_cap("ext4"))
+    };
+    k2.n.node_stage_volume(req_b).await.unwrap();
+    let blocklist = ceph.tool("ceph", &["osd", "blocklist", "ls"]);
+    assert!(blocklist.contains(&dead), "the dead client {dead} is fenced: {blocklist}");
+    assert_eq!(std::fs::read(staging_b.join("f")).unwrap(), b"x");
+    std::fs::write(staging_b.join("g"), b"y").unwrap();
+    rustix::fs::sync();
+
+    k2.n.node_unstage_volume(unstage_req(&v, &staging_b)).await.unwrap();
+    // node-a's stale state dir is this test's to clear (a dead node's is
+    // gone with it).
+    let _ = std::fs::remove_dir_all(d.state_dir.join("rbd"));
+    k2.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: v.clone(),
+        node_id: "node-b".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    k2.c.delete_volume(req::delete(&v)).await.unwrap();
+    let _ = ceph.tool("ceph", &["osd", "blocklist", "rm", &dead]);
+    drop((d, d2));
+    ceph.assert_clean();
+}
