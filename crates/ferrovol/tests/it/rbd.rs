@@ -982,3 +982,91 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
     drop((d, d2));
     ceph.assert_clean();
 }
+
+#[tokio::test]
+async fn rbd_long_clone_chains_are_flattened_and_half_made_images_adopted() {
+    let Some(ceph) = ceph("chain") else { return };
+    let d =
+        ceph.driver("d", "node-a", &["--mode", "controller", "--rbd-max-clone-depth", "1"]).start();
+    let mut k = clients(&d).await;
+    let a = new_volume(&mut k, &ceph, "pvc-0", 16 * MIB).await;
+    let clone = |name: &str, from: &str| csi::CreateVolumeRequest {
+        parameters: ceph.params("layering"),
+        ..req::from_volume(name, from, 16 * MIB)
+    };
+    let b =
+        k.c.create_volume(clone("pvc-1", &a)).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let c =
+        k.c.create_volume(clone("pvc-2", &b)).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let parent = |v: &str| {
+        ceph.json("rbd", &["info", &format!("{}/{}", ceph.pool, image_of(v))])["parent"].clone()
+    };
+    assert!(parent(&b).is_object(), "depth 1 stays a clone");
+    // Depth 2 is past the limit: flattened in the background. Waited for
+    // (the condition itself), within a bound that only a hang exceeds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while parent(&c).is_object() {
+        assert!(std::time::Instant::now() < deadline, "never flattened: {}", parent(&c));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A crash after the image was made but before it was committed leaves
+    // an image without our attributes: the retry finishes it.
+    let image =
+        format!("csi-vol-{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"pvc-half").simple());
+    ceph.tool("rbd", &["create", "--size", "16M", &format!("{}/{image}", ceph.pool)]);
+    let listed = k.c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.entries.len(), 3, "a half-made image is not a volume yet");
+    let h = new_volume(&mut k, &ceph, "pvc-half", 16 * MIB).await;
+    assert_eq!(image_of(&h), image);
+    let listed = k.c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.entries.len(), 4);
+
+    for v in [&c, &b, &a, &h] {
+        k.c.delete_volume(req::delete(v)).await.unwrap();
+    }
+    drop(d);
+    ceph.assert_clean();
+}
+
+#[tokio::test]
+async fn rbd_secrets_carry_the_credentials_and_are_never_logged() {
+    let Some(ceph) = ceph("secrets") else { return };
+    let d = ceph.driver("d", "node-a", &["--mode", "controller"]).start();
+    let mut k = clients(&d).await;
+    let key = ceph.tool("ceph", &["auth", "get-key", "client.admin"]);
+    let with = |id: &str, key: &str| {
+        let mut r = ceph.create("pvc-s", 16 * MIB);
+        r.secrets = [("adminID", id), ("adminKey", key)]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        r
+    };
+    let v =
+        k.c.create_volume(with("admin", key.trim()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+    // A key the cluster refuses, or half a pair, is the caller's to fix.
+    let e =
+        k.c.create_volume(with("admin", "AQBnotakeynotakeynotakeynotakeynotake=="))
+            .await
+            .unwrap_err();
+    assert!(matches!(e.code(), Code::FailedPrecondition | Code::InvalidArgument), "{e:?}");
+    let mut half = ceph.create("pvc-s", 16 * MIB);
+    half.secrets = [("adminID".to_string(), "admin".to_string())].into();
+    assert_eq!(k.c.create_volume(half).await.unwrap_err().code(), Code::InvalidArgument);
+    let mut del = req::delete(&v);
+    del.secrets = [("adminID", "admin"), ("adminKey", key.trim())]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    k.c.delete_volume(del).await.unwrap();
+    assert!(!d.logs().contains(key.trim()), "a key reached the log");
+    drop(d);
+    ceph.assert_clean();
+}
