@@ -21,7 +21,8 @@ import sys
 import yaml
 
 MIN_K8S, MAX_K8S = "1.30.0", "1.37.0"
-TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local", "deploy/kubernetes/overlays/full"]
+TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local", "deploy/kubernetes/overlays/full",
+           "deploy/kubernetes/rbd"]
 CRD_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com",
               "cbt.storage.k8s.io")
 RULES_FILE = "deploy/prometheus/ferrovol.rules.yaml"
@@ -400,19 +401,111 @@ def cross_checks(docs, binary):
     # Every tool the node service runs is installed in the runtime image.
     exec_rs = open("crates/ferrovol-host/src/exec.rs").read()
     package_of = {}
-    for progs, pkg in re.findall(r'((?:"[\w.]+"\s*\|?\s*)+)=>\s*"([\w-]+)"', exec_rs):
-        for p in re.findall(r'"([\w.]+)"', progs):
+    for progs, pkg in re.findall(r'((?:"[\w.-]+"\s*\|?\s*)+)=>\s*"([\w-]+)"', exec_rs):
+        for p in re.findall(r'"([\w.-]+)"', progs):
             package_of[p] = pkg
     used = set()
-    for f in glob.glob("crates/ferrovol-host/src/node/*.rs") + ["crates/ferrovol-local/src/poolinit.rs"]:
-        used |= set(re.findall(r'exec::run(?:_status)?\(\s*"([\w.]+)"', open(f).read()))
+    for f in glob.glob("crates/ferrovol-host/src/node/*.rs") + ["crates/ferrovol-local/src/poolinit.rs",
+                                                                 "crates/ferrovol-rbd/src/mapper.rs"]:
+        text = open(f).read()
+        used |= set(re.findall(r'exec::(?:run(?:_status)?|spawn_detached)\(\s*"([\w.-]+)"', text))
+        # A tool picked by mapper kind: `let tool = if … { "a" } else { "b" };`.
+        for pair in re.findall(r'let tool = if [^{]*\{ "([\w.-]+)" \} else \{ "([\w.-]+)" \}', text):
+            used |= set(pair)
     dockerfile = open("Dockerfile").read()
     runtime = dockerfile.split("FROM ")[-1]
+    check({"rbd", "rbd-nbd", "rbd-fuse"} <= used, f"the RBD mappers' tools are found in the source: {sorted(used)}")
     for prog in sorted(used):
         pkg = package_of.get(prog)
         check(pkg is not None, f"{prog} has a package in exec::package_for")
         check(pkg is not None and re.search(rf"\b{re.escape(pkg)}\b", runtime), f"runtime image installs {pkg} for {prog}")
     check(re.search(r'ENTRYPOINT \["/usr/local/bin/ferrovol"\]', runtime), "image entrypoint is ferrovol")
+
+
+def check_rbd(docs, binary):
+    """The RBD engine's base: deployed as ceph-csi is (a controller
+    Deployment with the four controller sidecars, a node DaemonSet), with a
+    CSIDriver that says what the engine does, classes the engine accepts,
+    and the Ceph config and secret wired to where the driver reads them."""
+    lib = open("crates/ferrovol-rbd/src/lib.rs").read()
+    name = re.search(r'DRIVER_NAME: &str = "([^"]+)"', lib).group(1)
+    features = re.search(r"pub fn features\(\) -> Features \{.*?\n}\n",
+                         open("crates/ferrovol-rbd/src/controller.rs").read(), re.S).group(0)
+    publishes = re.search(r"publish: (true|false)", features).group(1) == "true"
+    params_rs = open("crates/ferrovol-rbd/src/params.rs").read()
+    known = set(re.findall(r'^\s+"(\w+)"(?: if [^=]*)? =>', params_rs, re.M))
+    (csidriver,) = of_kind(docs, "CSIDriver")
+    (dep,) = of_kind(docs, "Deployment")
+    (ds,) = of_kind(docs, "DaemonSet")
+    ccs, ncs = containers(dep), containers(ds)
+    ctl, node = ccs["ferrovol"], ncs["ferrovol"]
+    check(csidriver["metadata"]["name"] == name, f"RBD CSIDriver is {name}")
+    check(csidriver["spec"]["attachRequired"] == publishes is True,
+          "RBD attachRequired: the engine publishes (ControllerPublish records the node)")
+    check(csidriver["spec"].get("storageCapacity") is False and arg(ccs["csi-provisioner"], "--enable-capacity") is None,
+          "RBD: no per-node capacity objects")
+    check((arg(ctl, "--mode"), arg(ctl, "--engine")) == ("controller", "rbd"), "RBD controller: --mode=controller --engine=rbd")
+    check((arg(node, "--mode"), arg(node, "--engine")) == ("node", "rbd"), "RBD node: --mode=node --engine=rbd")
+    for c in (ctl, node):
+        check(arg(c, "--driver-name") == name, f"RBD --driver-name is {name}")
+    help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
+    for a in ctl["args"][1:] + node["args"][1:]:
+        check(a.split("=", 1)[0] in help_text, f"ferrovol serve accepts {a.split('=', 1)[0]} (RBD)")
+    for sidecar in ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter"):
+        check(sidecar in ccs and sidecar not in ncs, f"RBD {sidecar} runs in the controller only")
+        if sidecar in ccs:
+            check(arg(ccs[sidecar], "--leader-election") == "true", f"RBD {sidecar} elects a leader")
+            check(arg(ccs[sidecar], "--csi-address") == arg(ctl, "--endpoint").removeprefix("unix://"),
+                  f"RBD {sidecar} talks to the controller's socket")
+    check(arg(ccs["csi-snapshotter"], "--feature-gates") == "CSIVolumeGroupSnapshot=true", "RBD group snapshots on")
+    for w in (ds, dep):
+        for cname, c in containers(w).items():
+            check(arg(c, "--node-deployment") in (None, "false"), f"RBD {w['kind']} {cname} is not a node deployment")
+    # Ceph's config reaches both where --ceph-conf points.
+    (cm,) = of_kind(docs, "ConfigMap")
+    check("mon_host" in cm["data"].get("ceph.conf", ""), "the Ceph ConfigMap names monitors")
+    for w, c in ((dep, ctl), (ds, node)):
+        vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+        conf_dir, conf_file = arg(c, "--ceph-conf").rsplit("/", 1)
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vol = vols.get(mounts.get(conf_dir, ""), {})
+        check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
+              f"RBD {w['kind']} mounts the Ceph config at --ceph-conf")
+    check(node.get("securityContext", {}).get("privileged") is True, "RBD node container is privileged")
+    kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
+    check(kubelet.get("mountPropagation") == "Bidirectional" and arg(node, "--kubelet-dir") == kubelet["mountPath"],
+          "RBD node: kubelet dir mounted Bidirectional at --kubelet-dir")
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    host_dir = vols["socket-dir"]["hostPath"]["path"]
+    check(host_dir == f"/var/lib/kubelet/plugins/{name}"
+          and arg(ncs["node-driver-registrar"], "--kubelet-registration-path") == host_dir + "/csi.sock",
+          "RBD registrar announces the plugin socket under the kubelet's plugins dir")
+    # Classes: the driver's name, parameters the engine accepts, and the
+    # secret they name exists with ceph-csi's keys.
+    secrets = {d["metadata"]["name"]: d for d in of_kind(docs, "Secret")}
+    for sc in of_kind(docs, "StorageClass"):
+        check(sc["provisioner"] == name, f"RBD StorageClass {sc['metadata']['name']} provisioner")
+        engine_keys = {k for k in sc["parameters"] if not k.startswith("csi.storage.k8s.io/")}
+        check(engine_keys <= known and "pool" in engine_keys, f"RBD StorageClass parameters {engine_keys} are known: {known}")
+        for k, v in sc["parameters"].items():
+            if k.endswith("-secret-name"):
+                sec = secrets.get(v, {})
+                keys = set(sec.get("stringData", {})) | set(sec.get("data", {}))
+                check({"userID", "userKey", "adminID", "adminKey"} <= keys, f"RBD {k} names a Secret with ceph-csi's keys")
+    for kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
+        for c in of_kind(docs, kind):
+            check(c["driver"] == name, f"RBD {kind} driver")
+    # Each sidecar's account may do what it does.
+    sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
+    for resource, verb in [("persistentvolumes", "create"), ("secrets", "get"), ("volumeattachments", "patch"),
+                           ("volumeattachments/status", "patch"), ("csinodes", "get"),
+                           ("volumesnapshotcontents", "create"), ("volumegroupsnapshotcontents", "update"),
+                           ("persistentvolumeclaims/status", "patch"), ("leases", "update")]:
+        check(grants(roles, bindings, sa, ns, resource, verb), f"RBD controller may {verb} {resource}")
+    node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])), "RBD node account has no roles")
 
 
 def main():
@@ -432,6 +525,7 @@ def main():
     check_no_node_deployment(rendered["deploy/kubernetes/overlays/local"])
     check_link(rendered["deploy/kubernetes/overlays/local"])
     check_components(rendered["deploy/kubernetes/overlays/full"])
+    check_rbd(rendered["deploy/kubernetes/rbd"], binary)
     r = subprocess.run(["promtool", "check", "rules", RULES_FILE], capture_output=True, text=True)
     check(r.returncode == 0, f"promtool check rules {RULES_FILE}: {r.stdout}{r.stderr}")
     print(f"{passed} passed, {failed} failed")

@@ -368,7 +368,13 @@ fn stop_helper(pid: u32) {
     }
 }
 
-/// Pids of the fuse helpers this node runs (for tests and diagnostics).
-pub fn helper_pid(state: &Path, v: &VolumeId) -> Option<u32> {
-    std::fs::read_to_string(fuse_dir(state, v).join("rbd-fuse.pid")).ok()?.trim().parse().ok()
+/// Whether a fuse mapping's helper still serves it (None: not a fuse
+/// mapping).
+pub fn fuse_helper_alive(state: &Path, v: &VolumeId) -> Option<bool> {
+    let dir = fuse_dir(state, v);
+    if !dir.exists() {
+        return None;
+    }
+    let pid = std::fs::read_to_string(dir.join("rbd-fuse.pid")).ok()?.trim().parse().ok()?;
+    Some(is_helper(pid, &dir.join("mnt")) && alive(pid))
 }

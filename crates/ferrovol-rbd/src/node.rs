@@ -145,6 +145,14 @@ impl NodeAttacher for RbdNode {
     async fn condition(&self, volume_id: &str) -> Result<Condition> {
         let v = Self::parse(volume_id)?;
         Ok(match mapper::find(&self.state_dir, &v)? {
+            Some((Kind::Fuse, _))
+                if mapper::fuse_helper_alive(&self.state_dir, &v) == Some(false) =>
+            {
+                Condition::Abnormal(format!(
+                    "the rbd-fuse helper of {volume_id} has stopped: I/O to it fails until the \
+                     volume is unstaged and staged again"
+                ))
+            }
             Some(_) => Condition::Healthy,
             None if mapper::fuse_dir(&self.state_dir, &v).exists() => Condition::Abnormal(format!(
                 "the rbd-fuse helper of {volume_id} is gone: unstage and stage the volume again"

@@ -932,6 +932,19 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
         )
         .unwrap();
     }
+    // node-a's driver (if it still ran) says so rather than "healthy".
+    let stats =
+        k.n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.clone(),
+            volume_path: staging.display().to_string(),
+            ..Default::default()
+        })
+        .await;
+    let condition = stats.map(|s| s.into_inner().volume_condition.unwrap_or_default());
+    assert!(
+        condition.as_ref().map_or(true, |c| c.abnormal),
+        "a dead helper is reported: {condition:?}"
+    );
     for m in ceph.host_mounts() {
         let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
     }
