@@ -3,49 +3,41 @@
 //! Each call is one blocking sequence of librbd calls, ordered so that a
 //! crash at any point leaves something the retry adopts:
 //! - CreateVolume makes the image under the name the request name gives,
-//!   then writes its attributes, the request name last. An image without
-//!   that name is half made: a retry finishes it.
+//!   then writes its attributes, the request name among them, last. An
+//!   image without them is half made: a retry finishes it
+//!   ([`crate::volumes`]).
 //! - A snapshot's name is recorded (object `ferrovol.snapshot.<hash>`: the
 //!   image id) before the snapshot is taken, so a second request with the
 //!   same name and another source is ALREADY_EXISTS.
 //! - A group's members are recorded (`ferrovol.group.<hash>`) before the
-//!   RBD group is made.
-//!
-//! Deleting a volume whose snapshots live on hides its image
-//! (`csi-deleted-<id>`: snapshots stay restorable by name); one whose only
-//! snapshots are held by clones goes to the RBD trash. Either is removed
-//! for good by the call that frees its last snapshot (deleting the
-//! snapshot, or the last clone, or flattening it).
+//!   RBD group is made ([`crate::groups`]).
+//! - DeleteVolume moves the image to the RBD trash; the purger
+//!   ([`crate::purge`]) removes it for good in the background, or, while
+//!   snapshots or clones still need it, the call that frees it last.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use ferrovol_core::engine::{
-    self, AccessMode, AccessType, Capacity, Condition, ContentSource, ControllerEngine,
-    EngineStats, ExpansionSite, Features, GroupSnapshot, NewVolume, Page, Publish, Range, Secrets,
-    Snapshot, SnapshotFilter, Topology, Volume,
+    self, AccessMode, Capacity, Condition, ContentSource, ControllerEngine, EngineStats,
+    ExpansionSite, Features, GroupSnapshot, NewVolume, Page, Publish, Range, Secrets, Snapshot,
+    SnapshotFilter, Topology, Volume,
 };
-use ferrovol_host::ceph::{self, CephError, Image, ImageOptions, Pool, SnapNamespace};
+use ferrovol_host::ceph::{self, Pool};
 
 use crate::connect::Connections;
 use crate::error::{self, Result};
+use crate::groups::{create_group, group_of, read_group};
 use crate::ids::{self, GroupId, SnapshotId, VolumeId};
-use crate::params::{self, Parameters};
-use crate::{blocking, ceph_error};
-
-/// Image metadata keys (our attributes live with the image).
-const META_NAME: &str = "ferrovol.name";
-const META_VOLUME: &str = "ferrovol.volume";
-const META_SOURCE: &str = "ferrovol.source";
-const META_DEPTH: &str = "ferrovol.depth";
-const META_ACCESS: &str = "ferrovol.access";
-const META_CONTEXT: &str = "ferrovol.context";
-
-/// Sizes are whole MiB (librbd takes any byte size; the kernel's block
-/// layer and every filesystem are happier with round ones).
-pub const GRANULARITY: u64 = 1 << 20;
-const MAXIMUM_VOLUME: u64 = 1 << 50;
+use crate::params;
+use crate::purge::Purger;
+use crate::snapshots::{find_snap, image_snapshots, merge, open_at, snapshot_of};
+use crate::volumes::{
+    self, depth_of, describe, is_volume_name, not_found_or, publish_record, published, settle,
+    Origin, GRANULARITY, MAXIMUM_VOLUME,
+};
+use crate::{blocking, ceph_error, claim};
 
 /// Settings of the controller half.
 #[derive(Clone, Debug)]
@@ -61,11 +53,21 @@ pub struct RbdEngine {
     settings: Settings,
     /// Images being flattened now (one flatten per image).
     flattening: Arc<Mutex<HashSet<String>>>,
+    purger: Purger,
 }
 
 impl RbdEngine {
-    pub fn new(conn: Connections, settings: Settings) -> RbdEngine {
-        RbdEngine { conn, settings, flattening: Arc::default() }
+    /// The engine, and its purger's task (so: within a Tokio runtime). The
+    /// purger sweeps every listed pool's trash once at start.
+    pub async fn open(conn: Connections, settings: Settings) -> RbdEngine {
+        let engine =
+            RbdEngine { conn, settings, flattening: Arc::default(), purger: Purger::start() };
+        for name in &engine.settings.pools {
+            if let Ok(Some(pool)) = engine.pool_of(name, &Secrets::default()).await {
+                engine.purger.wake(&pool);
+            }
+        }
+        engine
     }
 
     async fn pool(&self, name: &str, secrets: &Secrets) -> Result<Pool> {
@@ -93,7 +95,7 @@ impl RbdEngine {
                 let img = p.open(&name).map_err(ceph_error)?;
                 let parent = img.parent().map_err(ceph_error)?;
                 img.flatten().map_err(ceph_error)?;
-                img.set_metadata(META_DEPTH, "0").map_err(ceph_error)?;
+                volumes::set_depth(&img, 0)?;
                 drop(img);
                 if let Some(parent) = parent.filter(|pp| pp.pool == p.name()) {
                     settle(&p, &parent.image_id)?;
@@ -132,346 +134,8 @@ fn is_single_node(mode: AccessMode) -> bool {
     )
 }
 
-/// Where a new volume's data comes from, resolved.
-enum Origin {
-    Empty,
-    /// A user snapshot: cloned copy-on-write.
-    Snapshot {
-        parent: Pool,
-        parent_name: String,
-        snap: String,
-        size: u64,
-        depth: u32,
-    },
-    /// A group member: cloned by snapshot id where librbd can, else copied.
-    Member {
-        parent: Pool,
-        parent_id: String,
-        parent_name: String,
-        snap_id: u64,
-        size: u64,
-    },
-    /// Another volume: cloned through a transient snapshot.
-    Volume {
-        parent: Pool,
-        parent_name: String,
-        size: u64,
-        depth: u32,
-    },
-}
-
-impl Origin {
-    fn size(&self) -> u64 {
-        match self {
-            Origin::Empty => 0,
-            Origin::Snapshot { size, .. }
-            | Origin::Member { size, .. }
-            | Origin::Volume { size, .. } => *size,
-        }
-    }
-}
-
-fn not_found_or(e: CephError, what: impl FnOnce() -> String) -> error::Error {
-    if e.is(libc::ENOENT) {
-        error::not_found(what())
-    } else {
-        ceph_error(e)
-    }
-}
-
-fn depth_of(img: &Image) -> u32 {
-    img.metadata(META_DEPTH).ok().flatten().and_then(|d| d.parse().ok()).unwrap_or(0)
-}
-
-/// The user snapshot of this name on an image, if it exists.
-fn find_snap(img: &Image, name: &str) -> Result<Option<ceph::Snap>> {
-    Ok(img.snaps().map_err(ceph_error)?.into_iter().find(|s| s.name == name))
-}
-
-/// The image's snapshot that belongs to a group snapshot.
-fn find_member(img: &Image, group: &GroupId) -> Result<Option<ceph::Snap>> {
-    for s in img.snaps().map_err(ceph_error)? {
-        if let SnapNamespace::Group { group: g, snap } =
-            img.snap_namespace(s.id).map_err(ceph_error)?
-        {
-            if g == group.group_name() && snap == group.snap_name() {
-                return Ok(Some(s));
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// Which nodes a volume is published to, and how: an object of its own
-/// rather than image metadata, because changing an image's metadata goes
-/// through its exclusive lock's owner, and the owner of a volume being
-/// moved is often a dead node (the change would wait out its watch).
-fn publish_record(image: &str) -> String {
-    format!("ferrovol.published.{image}")
-}
-
-fn published(pool: &Pool, image: &str) -> Result<BTreeMap<String, String>> {
-    match pool
-        .read_object(&publish_record(image))
-        .map_err(ceph_error)?
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-    {
-        None => Ok(BTreeMap::new()),
-        Some(json) => serde_json::from_str(&json)
-            .map_err(|e| error::internal(format!("the image's publish record is unreadable: {e}"))),
-    }
-}
-
 fn mode_name(mode: AccessMode, read_only: bool) -> String {
     format!("{}{}", mode.as_str_name(), if read_only { ",ro" } else { "" })
-}
-
-/// Describes a committed volume (None: the image is half made).
-fn describe(pool: &Pool, image: &str) -> Result<Option<Volume>> {
-    let img = pool.open_read_only(image).map_err(|e| {
-        not_found_or(e, || format!("volume {}:{image} does not exist", pool.name()))
-    })?;
-    let Some(name) = img.metadata(META_NAME).map_err(ceph_error)? else {
-        return Ok(None);
-    };
-    let id = VolumeId { pool: pool.name().into(), image: image.into() }.render();
-    let source = img.metadata(META_SOURCE).map_err(ceph_error)?.and_then(|s| {
-        if let Some(rest) = s.strip_prefix("snapshot:") {
-            Some(ContentSource::Snapshot(rest.into()))
-        } else {
-            s.strip_prefix("volume:").map(|rest| ContentSource::Volume(rest.into()))
-        }
-    });
-    let access = match img.metadata(META_ACCESS).map_err(ceph_error)?.as_deref() {
-        Some("block") => AccessType::Block,
-        Some(other) => {
-            AccessType::Mount { fs_type: other.strip_prefix("mount:").unwrap_or("").into() }
-        }
-        None => AccessType::Mount { fs_type: String::new() },
-    };
-    let context = match img.metadata(META_CONTEXT).map_err(ceph_error)? {
-        Some(json) => serde_json::from_str(&json).unwrap_or_default(),
-        None => BTreeMap::new(),
-    };
-    Ok(Some(Volume {
-        id,
-        name,
-        capacity: img.size().map_err(ceph_error)?,
-        source,
-        access,
-        parameters: BTreeMap::new(),
-        context,
-        accessible: vec![],
-        published_nodes: published(pool, image)?.into_keys().collect(),
-        created: img.created().map_err(ceph_error)?,
-    }))
-}
-
-/// Removes, for good, an image nobody needs any more (a hidden or trashed
-/// image without snapshots), and then its parent if that frees it too.
-fn settle(pool: &Pool, image_id: &str) -> Result<()> {
-    let mut id = image_id.to_string();
-    loop {
-        let img = match pool.open_by_id_read_only(&id) {
-            Ok(i) => i,
-            Err(e) if e.is(libc::ENOENT) => return Ok(()),
-            Err(e) => return Err(ceph_error(e)),
-        };
-        let name = img.name().map_err(ceph_error)?;
-        let snaps = img.snaps().map_err(ceph_error)?;
-        let mut only_trash = true;
-        for s in &snaps {
-            if img.snap_namespace(s.id).map_err(ceph_error)? != SnapNamespace::Trash {
-                only_trash = false;
-            }
-        }
-        let parent = img.parent().map_err(ceph_error)?;
-        drop(img);
-        let in_trash = pool.trash_list().map_err(ceph_error)?.iter().any(|t| t.id == id);
-        let removed = if in_trash {
-            snaps.is_empty() && ignore_busy(pool.trash_remove(&id))?
-        } else if name.starts_with(ids::DELETED_PREFIX) {
-            if snaps.is_empty() {
-                ignore_busy(pool.remove_image(&name))?
-            } else {
-                if only_trash {
-                    ignore_busy(pool.trash_move(&name))?;
-                }
-                false
-            }
-        } else {
-            false
-        };
-        match parent {
-            Some(p) if removed && p.pool == pool.name() => id = p.image_id,
-            _ => return Ok(()),
-        }
-    }
-}
-
-/// Whether a clean-up step happened; one that must wait (still open,
-/// still has snapshots, already gone) is not an error.
-fn ignore_busy(r: ceph::Result<()>) -> Result<bool> {
-    match r {
-        Ok(()) => Ok(true),
-        Err(e) if e.is(libc::EBUSY) || e.is(libc::ENOTEMPTY) || e.is(libc::ENOENT) => Ok(false),
-        Err(e) => Err(ceph_error(e)),
-    }
-}
-
-fn snapshot_of(
-    pool: &Pool,
-    img: &Image,
-    id: &SnapshotId,
-    snap: &ceph::Snap,
-    group: Option<&GroupId>,
-) -> Result<Snapshot> {
-    let source = img.metadata(META_VOLUME).map_err(ceph_error)?.unwrap_or_else(|| {
-        VolumeId { pool: pool.name().into(), image: img.name().unwrap_or_default() }.render()
-    });
-    Ok(Snapshot {
-        id: id.render(),
-        name: String::new(),
-        source_volume: source,
-        size: snap.size,
-        created: img.snap_created(snap.id).map_err(ceph_error)?,
-        ready: true,
-        group_id: group.map(GroupId::render),
-    })
-}
-
-/// Every snapshot of ours on one image (user snapshots and group members).
-fn image_snapshots(pool: &Pool, image_id: &str) -> Result<Vec<Snapshot>> {
-    let img = match pool.open_by_id_read_only(image_id) {
-        Ok(i) => i,
-        Err(e) if e.is(libc::ENOENT) => return Ok(vec![]),
-        Err(e) => return Err(ceph_error(e)),
-    };
-    let mut out = vec![];
-    for s in img.snaps().map_err(ceph_error)? {
-        match img.snap_namespace(s.id).map_err(ceph_error)? {
-            SnapNamespace::User => {
-                if let Some(hash) = s.name.strip_prefix(ids::SNAP_PREFIX) {
-                    let id = SnapshotId {
-                        pool: pool.name().into(),
-                        image_id: image_id.into(),
-                        hash: hash.into(),
-                        member: false,
-                    };
-                    if SnapshotId::parse(&id.render()).is_some() {
-                        out.push(snapshot_of(pool, &img, &id, &s, None)?);
-                    }
-                }
-            }
-            SnapNamespace::Group { group, snap } => {
-                if let Some(hash) = group.strip_prefix(ids::GROUP_PREFIX).filter(|h| *h == snap) {
-                    let gid = GroupId { pool: pool.name().into(), hash: hash.into() };
-                    let id = SnapshotId {
-                        pool: pool.name().into(),
-                        image_id: image_id.into(),
-                        hash: hash.into(),
-                        member: true,
-                    };
-                    if GroupId::parse(&gid.render()).is_some() {
-                        out.push(snapshot_of(pool, &img, &id, &s, Some(&gid))?);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
-/// A group's record: its members' volume IDs and image ids, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct GroupRecord {
-    members: Vec<(String, String)>,
-}
-
-impl GroupRecord {
-    fn encode(&self) -> Vec<u8> {
-        let list: Vec<serde_json::Value> = self
-            .members
-            .iter()
-            .map(|(v, i)| serde_json::json!({"volume": v, "image": i}))
-            .collect();
-        serde_json::Value::Array(list).to_string().into_bytes()
-    }
-
-    fn decode(bytes: &[u8]) -> Result<GroupRecord> {
-        let bad = || error::internal("a group snapshot record is unreadable");
-        let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| bad())?;
-        let members = v
-            .as_array()
-            .ok_or_else(bad)?
-            .iter()
-            .map(|m| Some((m["volume"].as_str()?.to_string(), m["image"].as_str()?.to_string())))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(bad)?;
-        Ok(GroupRecord { members })
-    }
-
-    fn volumes(&self) -> Vec<&str> {
-        self.members.iter().map(|(v, _)| v.as_str()).collect()
-    }
-}
-
-fn read_group(pool: &Pool, gid: &GroupId) -> Result<Option<GroupRecord>> {
-    pool.read_object(&gid.record())
-        .map_err(ceph_error)?
-        .map(|b| GroupRecord::decode(&b))
-        .transpose()
-}
-
-fn group_of(pool: &Pool, gid: &GroupId, record: &GroupRecord) -> Result<GroupSnapshot> {
-    let mut snapshots = Vec::with_capacity(record.members.len());
-    let mut created = SystemTime::UNIX_EPOCH;
-    for (volume, image_id) in &record.members {
-        let img = pool.open_by_id_read_only(image_id).map_err(|e| {
-            not_found_or(e, || {
-                format!("group snapshot {}: member image of {volume} is gone", gid.render())
-            })
-        })?;
-        let snap = find_member(&img, gid)?.ok_or_else(|| {
-            error::not_found(format!("group snapshot {} does not exist", gid.render()))
-        })?;
-        let id = SnapshotId {
-            pool: pool.name().into(),
-            image_id: image_id.clone(),
-            hash: gid.hash.clone(),
-            member: true,
-        };
-        let s = snapshot_of(pool, &img, &id, &snap, Some(gid))?;
-        created = created.max(s.created);
-        snapshots.push(s);
-    }
-    Ok(GroupSnapshot { id: gid.render(), name: String::new(), snapshots, created, ready: true })
-}
-
-fn merge(ranges: &mut Vec<Range>, off: u64, len: u64) {
-    if let Some(last) = ranges.last_mut() {
-        if last.0 + last.1 == off {
-            last.1 += len;
-            return;
-        }
-    }
-    ranges.push((off, len));
-}
-
-/// Opens an image at one of its snapshots for reading.
-fn open_at(pool: &Pool, id: &SnapshotId) -> Result<(Image, ceph::Snap)> {
-    let text = || format!("snapshot {} does not exist", id.render());
-    let missing = || error::not_found(text());
-    let img = pool.open_by_id_read_only(&id.image_id).map_err(|e| not_found_or(e, text))?;
-    let snap = if id.member {
-        find_member(&img, &GroupId { pool: id.pool.clone(), hash: id.hash.clone() })?
-    } else {
-        find_snap(&img, &id.snap_name())?
-    }
-    .ok_or_else(missing)?;
-    img.set_snap_id(snap.id).map_err(ceph_error)?;
-    Ok((img, snap))
 }
 
 #[tonic::async_trait]
@@ -542,7 +206,7 @@ impl ControllerEngine for RbdEngine {
         let max_depth = self.settings.max_clone_depth;
         let (pool2, image2) = (pool.clone(), image.clone());
         let (volume, depth) =
-            blocking(move || create(&pool2, &image2, &req, &p, origin, size)).await?;
+            blocking(move || volumes::create(&pool2, &image2, &req, &p, origin, size)).await?;
         if depth > max_depth {
             self.flatten_later(pool, image);
         }
@@ -552,7 +216,10 @@ impl ControllerEngine for RbdEngine {
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
         let Some(v) = VolumeId::parse(id) else { return Ok(()) };
         let Some(pool) = self.pool_of(&v.pool, secrets).await? else { return Ok(()) };
-        blocking(move || delete(&pool, &v.image)).await
+        let p = pool.clone();
+        blocking(move || volumes::delete(&p, &v.image)).await?;
+        self.purger.wake(&pool);
+        Ok(())
     }
 
     async fn volume(&self, id: &str) -> Result<Volume> {
@@ -1006,31 +673,6 @@ impl ControllerEngine for RbdEngine {
     }
 }
 
-/// Any image name of ours that is a volume (a prefix and 32 hex digits).
-fn is_volume_name(name: &str) -> bool {
-    !name.starts_with(ids::DELETED_PREFIX)
-        && name.len() > 32
-        && name.is_char_boundary(name.len() - 32)
-        && ids::is_volume_image(name, &name[..name.len() - 32])
-}
-
-/// Records a name as taken by `value` (an object created exclusively),
-/// or checks that it already is.
-fn claim(pool: &Pool, oid: &str, value: &[u8], taken: impl Fn() -> String) -> Result<()> {
-    loop {
-        match pool.read_object(oid).map_err(ceph_error)? {
-            Some(v) if v == value => return Ok(()),
-            Some(_) => return Err(error::already_exists(taken())),
-            None => match pool.create_object(oid, value) {
-                Ok(()) => return Ok(()),
-                // Someone claimed it between the read and the create.
-                Err(e) if e.is(libc::EEXIST) => continue,
-                Err(e) => return Err(ceph_error(e)),
-            },
-        }
-    }
-}
-
 impl RbdEngine {
     async fn origin(&self, source: Option<&ContentSource>, secrets: &Secrets) -> Result<Origin> {
         match source {
@@ -1041,20 +683,15 @@ impl RbdEngine {
                 let parent = self.pool_of(&s.pool, secrets).await?.ok_or_else(missing)?;
                 blocking(move || {
                     let (img, snap) = open_at(&parent, &s)?;
-                    let parent_name = img.name().map_err(ceph_error)?;
+                    let parent_id = s.image_id.clone();
                     Ok(if s.member {
-                        Origin::Member {
-                            parent_id: s.image_id.clone(),
-                            parent_name,
-                            snap_id: snap.id,
-                            size: snap.size,
-                            parent,
-                        }
+                        Origin::Member { parent_id, snap_id: snap.id, size: snap.size, parent }
                     } else {
                         let depth = depth_of(&img);
+                        let snap_name = s.snap_name();
                         Origin::Snapshot {
-                            parent_name,
-                            snap: s.snap_name(),
+                            parent_id,
+                            snap: snap_name,
                             size: snap.size,
                             depth,
                             parent,
@@ -1108,288 +745,4 @@ impl RbdEngine {
         })
         .await
     }
-}
-
-fn source_record(source: Option<&ContentSource>) -> String {
-    match source {
-        None => String::new(),
-        Some(ContentSource::Snapshot(s)) => format!("snapshot:{s}"),
-        Some(ContentSource::Volume(v)) => format!("volume:{v}"),
-    }
-}
-
-/// The blocking body of CreateVolume: adopt, make or finish the image.
-fn create(
-    pool: &Pool,
-    image: &str,
-    req: &NewVolume,
-    p: &Parameters,
-    origin: Origin,
-    size: u64,
-) -> Result<(Volume, u32)> {
-    let id = VolumeId { pool: pool.name().into(), image: image.into() }.render();
-    let source = source_record(req.source.as_ref());
-    // A committed image of this name answers the request if it fits it.
-    match pool.open_read_only(image) {
-        Ok(img) => {
-            if let Some(name) = img.metadata(META_NAME).map_err(ceph_error)? {
-                let existing_source =
-                    img.metadata(META_SOURCE).map_err(ceph_error)?.unwrap_or_default();
-                let capacity = img.size().map_err(ceph_error)?;
-                let fits = capacity >= req.required_bytes
-                    && (req.limit_bytes == 0 || capacity <= req.limit_bytes);
-                if name != req.name || existing_source != source || !fits {
-                    return Err(error::already_exists(format!(
-                        "volume {} exists with a different size or source",
-                        req.name
-                    )));
-                }
-                drop(img);
-                let volume = describe(pool, image)?
-                    .ok_or_else(|| error::internal("a committed volume lost its name"))?;
-                return Ok((volume, 0));
-            }
-        }
-        Err(e) if e.is(libc::ENOENT) => {}
-        Err(e) => return Err(ceph_error(e)),
-    }
-    let options = ImageOptions { features: p.features, data_pool: p.data_pool.clone() };
-    let made = |r: ceph::Result<()>| match r {
-        // A half-made image from an earlier attempt: finish it.
-        Err(e) if e.is(libc::EEXIST) => Ok(()),
-        r => r.map_err(ceph_error),
-    };
-    let depth = match &origin {
-        Origin::Empty => {
-            made(pool.create_image(image, size, &options))?;
-            0
-        }
-        Origin::Snapshot { parent, parent_name, snap, depth, .. } => {
-            made(parent.clone_image(parent_name, snap, pool, image, &options))?;
-            depth + 1
-        }
-        Origin::Volume { parent, parent_name, depth, .. } => {
-            let snap = format!("{}{}", ids::CLONE_SNAP_PREFIX, ids::hash(&req.name));
-            if pool.open_read_only(image).is_err() {
-                let src = parent.open(parent_name).map_err(|e| {
-                    not_found_or(e, || format!("source volume {parent_name} does not exist"))
-                })?;
-                match src.snap_create(&snap) {
-                    Err(e) if !e.is(libc::EEXIST) => return Err(ceph_error(e)),
-                    _ => {}
-                }
-                drop(src);
-                made(parent.clone_image(parent_name, &snap, pool, image, &options))?;
-            }
-            // The clone keeps what it needs (format 2 moves the snapshot to
-            // the trash namespace until the clone stands alone).
-            if let Ok(src) = parent.open(parent_name) {
-                match src.snap_remove(&snap) {
-                    Err(e) if !e.is(libc::ENOENT) => return Err(ceph_error(e)),
-                    _ => {}
-                }
-            }
-            depth + 1
-        }
-        Origin::Member { parent, parent_id, parent_name, snap_id, .. } => {
-            match parent.clone_image_by_snap_id(parent_name, *snap_id, pool, image, &options) {
-                Some(r) => {
-                    made(r)?;
-                    1
-                }
-                None => {
-                    // Before Squid a group member cannot be cloned: copy it.
-                    if pool.open_read_only(image).is_err() {
-                        let src = parent.open_by_id_read_only(parent_id).map_err(ceph_error)?;
-                        src.set_snap_id(*snap_id).map_err(ceph_error)?;
-                        let started = Instant::now();
-                        made(src.copy_to(pool, image, &options))?;
-                        tracing::info!(
-                            image,
-                            bytes = src.size().unwrap_or(0),
-                            ms = started.elapsed().as_millis() as u64,
-                            "restored a group snapshot member by a full copy (librbd before \
-                             Squid cannot clone it)"
-                        );
-                    }
-                    0
-                }
-            }
-        }
-    };
-    let img = pool.open(image).map_err(ceph_error)?;
-    if img.size().map_err(ceph_error)? < size {
-        img.resize(size).map_err(ceph_error)?;
-    }
-    let access = match &req.access {
-        AccessType::Block => "block".to_string(),
-        AccessType::Mount { fs_type } => format!("mount:{fs_type}"),
-    };
-    let mut context = BTreeMap::from([
-        ("pool".to_string(), p.pool.clone()),
-        ("imageName".to_string(), image.to_string()),
-        ("imageFeatures".to_string(), p.feature_names.clone()),
-    ]);
-    if let Some(c) = &p.cluster_id {
-        context.insert("clusterID".into(), c.clone());
-    }
-    if let Some(m) = &p.mounter {
-        context.insert("mounter".into(), m.clone());
-    }
-    for (k, v) in [
-        (META_DEPTH, depth.to_string()),
-        (META_SOURCE, source),
-        (META_ACCESS, access),
-        (META_VOLUME, id.clone()),
-        (META_CONTEXT, serde_json::to_string(&context).expect("a map of strings")),
-        // Last: the name commits the volume.
-        (META_NAME, req.name.clone()),
-    ] {
-        img.set_metadata(k, &v).map_err(ceph_error)?;
-    }
-    drop(img);
-    let volume = describe(pool, image)?
-        .ok_or_else(|| error::internal("a committed volume lost its name"))?;
-    Ok((volume, depth))
-}
-
-/// The blocking body of DeleteVolume.
-fn delete(pool: &Pool, image: &str) -> Result<()> {
-    let record = publish_record(image);
-    let parent = match pool.open_read_only(image) {
-        Ok(img) => img.parent().map_err(ceph_error)?,
-        Err(e) if e.is(libc::ENOENT) => return pool.remove_object(&record).map_err(ceph_error),
-        Err(e) => return Err(ceph_error(e)),
-    };
-    match pool.remove_image(image) {
-        Ok(()) => {}
-        Err(e) if e.is(libc::ENOENT) => return pool.remove_object(&record).map_err(ceph_error),
-        Err(e) if e.is(libc::EBUSY) => {
-            return Err(error::failed_precondition(format!(
-                "volume {}:{image} is still open on a node (it has watchers): unstage it first",
-                pool.name()
-            )))
-        }
-        Err(e) if e.is(libc::ENOTEMPTY) => {
-            hide(pool, image)?;
-            return pool.remove_object(&record).map_err(ceph_error);
-        }
-        Err(e) => return Err(ceph_error(e)),
-    }
-    pool.remove_object(&record).map_err(ceph_error)?;
-    if let Some(p) = parent.filter(|p| p.pool == pool.name()) {
-        settle(pool, &p.image_id)?;
-    }
-    Ok(())
-}
-
-/// A deleted volume whose snapshots live on: its image leaves the volume
-/// namespace (hidden by name, or to the trash when only clones need it).
-fn hide(pool: &Pool, image: &str) -> Result<()> {
-    let img = pool.open_read_only(image).map_err(ceph_error)?;
-    if !img.watchers().map_err(ceph_error)?.is_empty() {
-        return Err(error::failed_precondition(format!(
-            "volume {}:{image} is still open on a node (it has watchers): unstage it first",
-            pool.name()
-        )));
-    }
-    let id = img.id().map_err(ceph_error)?;
-    let mut user_visible = false;
-    for s in img.snaps().map_err(ceph_error)? {
-        if img.snap_namespace(s.id).map_err(ceph_error)? != SnapNamespace::Trash {
-            user_visible = true;
-        }
-    }
-    drop(img);
-    if user_visible {
-        pool.rename_image(image, &format!("{}{id}", ids::DELETED_PREFIX)).map_err(ceph_error)
-    } else {
-        pool.trash_move(image).map_err(ceph_error)
-    }
-}
-
-/// The blocking body of CreateVolumeGroupSnapshot.
-fn create_group(
-    pool: &Pool,
-    gid: &GroupId,
-    name: &str,
-    volumes: &[VolumeId],
-) -> Result<(GroupSnapshot, Duration)> {
-    let mut members = vec![];
-    let mut images = vec![];
-    for v in volumes {
-        let img = pool
-            .open_read_only(&v.image)
-            .map_err(|e| not_found_or(e, || format!("volume {} does not exist", v.render())))?;
-        let mapped = !img.watchers().map_err(ceph_error)?.is_empty();
-        if mapped && img.features().map_err(ceph_error)? & ceph::FEATURE_EXCLUSIVE_LOCK == 0 {
-            return Err(error::failed_precondition(format!(
-                "volume {} is in use and lacks the exclusive-lock feature, so its writers \
-                 cannot be paused for the group's instant (imageFeatures: layering,exclusive-lock)",
-                v.render()
-            )));
-        }
-        let id = img.id().map_err(ceph_error)?;
-        members.push((v.render(), id.clone()));
-        images.push((v.image.clone(), id, img.group().map_err(ceph_error)?));
-    }
-    let mut record = GroupRecord { members };
-    record.members.sort();
-    match read_group(pool, gid)? {
-        Some(existing) if existing.volumes() != record.volumes() => {
-            return Err(error::already_exists(format!(
-                "group snapshot {name:?} exists with other volumes"
-            )))
-        }
-        Some(_) => {}
-        None => claim(pool, &gid.record(), &record.encode(), || {
-            format!("group snapshot {name:?} exists with other volumes")
-        })?,
-    }
-    let group = gid.group_name();
-    let snaps = pool.group_snaps(&group);
-    let done = match &snaps {
-        Ok(list) => list.iter().any(|s| s.name == gid.snap_name() && s.complete),
-        Err(e) if e.is(libc::ENOENT) => false,
-        Err(e) => return Err(ceph_error(e.clone())),
-    };
-    let mut window = Duration::ZERO;
-    if !done {
-        match pool.group_create(&group) {
-            Err(e) if !e.is(libc::EEXIST) => return Err(ceph_error(e)),
-            _ => {}
-        }
-        if snaps.is_ok_and(|l| l.iter().any(|s| s.name == gid.snap_name())) {
-            // An incomplete snapshot from a crashed attempt: take it anew.
-            pool.group_snap_remove(&group, gid.snap_name()).map_err(ceph_error)?;
-        }
-        for (image, id, current) in &images {
-            match current {
-                Some((_, g)) if *g == group => continue,
-                // An image belongs to one group at a time; an earlier group
-                // snapshot's group only needs it while snapshotting.
-                Some((_, g)) => match pool.group_remove_image(g, pool, id) {
-                    Err(e) if !e.is(libc::ENOENT) => return Err(ceph_error(e)),
-                    _ => {}
-                },
-                None => {}
-            }
-            match pool.group_add(&group, pool, image) {
-                Err(e) if !e.is(libc::EEXIST) => return Err(ceph_error(e)),
-                _ => {}
-            }
-        }
-        let started = Instant::now();
-        pool.group_snap_create(&group, gid.snap_name()).map_err(ceph_error)?;
-        window = started.elapsed();
-    }
-    // Members leave the group so they can join another group's snapshot;
-    // their snapshots stay, and the group snapshot still removes them.
-    for (_, id, _) in &images {
-        match pool.group_remove_image(&group, pool, id) {
-            Err(e) if !e.is(libc::ENOENT) => return Err(ceph_error(e)),
-            _ => {}
-        }
-    }
-    Ok((group_of(pool, gid, &record)?, window))
 }

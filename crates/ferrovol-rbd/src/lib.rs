@@ -14,10 +14,14 @@
 
 pub mod connect;
 pub mod controller;
+mod groups;
 pub mod ids;
 pub mod mapper;
 pub mod node;
 pub mod params;
+mod purge;
+mod snapshots;
+mod volumes;
 
 pub use ferrovol_csi::error;
 
@@ -48,6 +52,29 @@ pub fn ceph_error(e: CephError) -> Error {
         | libc::EROFS
         | libc::EAGAIN => Error::Unavailable(msg),
         _ => Error::Internal(msg),
+    }
+}
+
+/// Records a name as taken by `value` (a small object created
+/// exclusively), or checks that it already is: ALREADY_EXISTS when another
+/// value took it.
+pub(crate) fn claim(
+    pool: &ferrovol_host::ceph::Pool,
+    oid: &str,
+    value: &[u8],
+    taken: impl Fn() -> String,
+) -> Result<()> {
+    loop {
+        match pool.read_object(oid).map_err(ceph_error)? {
+            Some(v) if v == value => return Ok(()),
+            Some(_) => return Err(error::already_exists(taken())),
+            None => match pool.create_object(oid, value) {
+                Ok(()) => return Ok(()),
+                // Someone claimed it between the read and the create.
+                Err(e) if e.is(libc::EEXIST) => continue,
+                Err(e) => return Err(ceph_error(e)),
+            },
+        }
     }
 }
 

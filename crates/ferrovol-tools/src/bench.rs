@@ -15,10 +15,27 @@ use crate::endpoint::{self, Endpoint};
 use crate::scratch::{Options, Scratch};
 
 mod limits;
+mod rbd;
 mod relay;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
+    /// Which engine to measure: `local` (a temporary XFS pool) or `rbd`
+    /// (a Ceph cluster, --ceph-conf; e.g. scripts/ceph-dev-cluster).
+    #[arg(long, value_enum, default_value_t = BenchEngine::Local)]
+    pub engine: BenchEngine,
+    /// The RBD engine's cluster.
+    #[arg(long)]
+    pub ceph_conf: Option<PathBuf>,
+    /// The RBD engine's pool.
+    #[arg(long, default_value = "rbd")]
+    pub rbd_pool: String,
+    /// RBD create+delete pairs per concurrency level.
+    #[arg(long, default_value_t = 200)]
+    pub rbd_pairs: usize,
+    /// The RBD StorageClass's imageFeatures (ceph-csi's default: layering).
+    #[arg(long, default_value = "layering")]
+    pub rbd_image_features: String,
     /// Use this pool directory instead of making a temporary XFS pool.
     #[arg(long)]
     pub pool_dir: Option<PathBuf>,
@@ -37,6 +54,12 @@ pub struct BenchArgs {
     /// Seconds per fio run (0 skips the data-path comparison).
     #[arg(long, default_value_t = 3)]
     pub fio_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchEngine {
+    Local,
+    Rbd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -148,6 +171,9 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
+    if args.engine == BenchEngine::Rbd {
+        return rbd::run(&args).await;
+    }
     let others = args.only.is_empty() || args.only.iter().any(|s| *s != Section::Relay);
     if others {
         one_driver(&args).await?;
@@ -161,6 +187,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 /// Every section but the relay's, on one driver.
 async fn one_driver(args: &BenchArgs) -> Result<(), String> {
     let scratch = Scratch::start(Options {
+        local_pool: true,
         name: "bench",
         pool_dir: args.pool_dir.clone(),
         pool_size: 16 << 30,

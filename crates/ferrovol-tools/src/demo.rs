@@ -208,6 +208,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         None => {
             say("Starting ferrovol on a temporary XFS pool (copy-on-write by reflink)…");
             let s = Scratch::start(Options {
+                local_pool: true,
                 name: "demo",
                 pool_dir: None,
                 pool_size: 8 << 30,

@@ -13,6 +13,8 @@ pub struct Options {
     pub name: &'static str,
     /// Use this pool instead of making one.
     pub pool_dir: Option<PathBuf>,
+    /// Whether the engine has a pool at all (the RBD engine's live in Ceph).
+    pub local_pool: bool,
     /// Size of the pool image made when no pool is given.
     pub pool_size: u64,
     /// The driver's RUST_LOG; its JSON log goes to `log_path()`.
@@ -45,7 +47,7 @@ impl Scratch {
             made_pool: false,
         };
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        if opts.pool_dir.is_none() {
+        if opts.local_pool && opts.pool_dir.is_none() {
             let image = scratch.work.join("pool.img");
             let made = Command::new(&exe)
                 .args(["pool", "init", "--fs", "xfs", "--dir"])
@@ -67,13 +69,16 @@ impl Scratch {
             scratch.made_pool = true;
         }
         let log = std::fs::File::create(scratch.log_path()).map_err(|e| e.to_string())?;
+        let pool_flag = match opts.local_pool {
+            true => vec!["--pool-dir".into(), scratch.pool_dir.clone().into_os_string()],
+            false => vec![],
+        };
         let child = Command::new(exe)
             .args(["serve", "--node-id", opts.name, "--endpoint"])
             .arg(&scratch.socket)
             .arg("--state-dir")
             .arg(scratch.work.join("state"))
-            .arg("--pool-dir")
-            .arg(&scratch.pool_dir)
+            .args(pool_flag)
             .arg("--kubelet-dir")
             .arg(scratch.kubelet_dir())
             .args(&opts.args)

@@ -205,7 +205,7 @@ async fn serve(args: ServeCommand) -> Result<(), String> {
                 (Some(engine), node)
             }
         }
-        EngineKind::Rbd => rbd(&common, &args.rbd)?,
+        EngineKind::Rbd => rbd(&common, &args.rbd).await?,
     };
     let companion = match common.mode {
         Mode::Agent => Some(agent(&link)?),
@@ -216,7 +216,10 @@ async fn serve(args: ServeCommand) -> Result<(), String> {
 
 /// `--engine rbd`: the controller half talks to the cluster; the node
 /// half maps images. Ceph's libraries are loaded here, and only here.
-fn rbd(common: &ferrovol_core::cli::ServeArgs, args: &cli::RbdArgs) -> Result<Halves, String> {
+async fn rbd(
+    common: &ferrovol_core::cli::ServeArgs,
+    args: &cli::RbdArgs,
+) -> Result<Halves, String> {
     use ferrovol_rbd::{connect, controller, node};
     if matches!(common.mode, Mode::Relay | Mode::Agent) {
         return Err("the relay and its agents are the local engine's; the RBD engine's \
@@ -234,15 +237,16 @@ fn rbd(common: &ferrovol_core::cli::ServeArgs, args: &cli::RbdArgs) -> Result<Ha
         ferrovol_rbd::ids::check_pool(pool).map_err(|e| format!("--rbd-pools: {}", e.message()))?;
     }
     let controller: Option<Arc<dyn ferrovol_core::engine::ControllerEngine>> =
-        common.mode.controller().then(|| {
-            Arc::new(controller::RbdEngine::new(
-                conn.clone(),
-                controller::Settings {
+        match common.mode.controller() {
+            true => {
+                let settings = controller::Settings {
                     pools: args.rbd_pools.clone(),
                     max_clone_depth: args.rbd_max_clone_depth,
-                },
-            )) as _
-        });
+                };
+                Some(Arc::new(controller::RbdEngine::open(conn.clone(), settings).await))
+            }
+            false => None,
+        };
     let node: Option<Arc<dyn NodeAttacher>> = match common.mode.node() {
         true => {
             ferrovol_core::server::prepare_state_dir(common)?;

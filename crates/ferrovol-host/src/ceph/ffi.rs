@@ -176,6 +176,7 @@ api! {
         fn rbd_trash_list(IoCtx, *mut TrashInfo, *mut usize) -> c_int;
         fn rbd_trash_list_cleanup(*mut TrashInfo, usize);
         fn rbd_trash_remove(IoCtx, *const c_char, bool) -> c_int;
+        fn rbd_trash_restore(IoCtx, *const c_char, *const c_char) -> c_int;
         fn rbd_open(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int;
         fn rbd_open_by_id(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int;
         fn rbd_open_read_only(IoCtx, *const c_char, *mut Image, *const c_char) -> c_int;

@@ -541,12 +541,25 @@ impl Pool {
     }
 
     /// Removes a trashed image for good: ENOTEMPTY while it has snapshots.
+    /// (Forced past its deferment time: ours are moved with none, and the
+    /// time is kept in whole seconds, so "now" can still be too early.)
     pub fn trash_remove(&self, id: &str) -> Result<()> {
         let c = cstring("image id", id)?;
         // SAFETY: a live pool and valid string.
         check(|| format!("purging image {id} from the trash of {}", self.name), unsafe {
-            (api().rbd_trash_remove)(self.io(), c.as_ptr(), false)
+            (api().rbd_trash_remove)(self.io(), c.as_ptr(), true)
         })
+        .map(drop)
+    }
+
+    /// Brings a trashed image back into the pool's directory as `name`.
+    pub fn trash_restore(&self, id: &str, name: &str) -> Result<()> {
+        let (i, n) = (cstring("image id", id)?, cstring("image", name)?);
+        // SAFETY: a live pool and valid strings.
+        check(
+            || format!("restoring image {id} from the trash of {} as {name}", self.name),
+            unsafe { (api().rbd_trash_restore)(self.io(), i.as_ptr(), n.as_ptr()) },
+        )
         .map(drop)
     }
 

@@ -167,6 +167,7 @@ pub async fn run(samples: usize) -> Result<(), String> {
     };
     let log = "warn,ferrovol_core::services::group_controller=info,ferrovol_local=debug";
     let a = Scratch::start(Options {
+        local_pool: true,
         name: "relay-a",
         pool_dir: None,
         pool_size: 8 << 30,
@@ -175,6 +176,7 @@ pub async fn run(samples: usize) -> Result<(), String> {
     })
     .await?;
     let b = Scratch::start(Options {
+        local_pool: true,
         name: "relay-b",
         pool_dir: None,
         pool_size: 8 << 30,

@@ -175,8 +175,18 @@ impl Ceph {
     /// the pool, and no mount, loop device or helper on this host.
     fn assert_clean(&self) {
         assert_eq!(self.images(), Vec::<String>::new(), "images left behind");
-        let trash = self.json("rbd", &["trash", "ls", "-p", &self.pool]);
-        assert_eq!(trash.as_array().unwrap().len(), 0, "trash left behind: {trash}");
+        // Deleted images leave the trash in the background (the purger):
+        // waited for, within a bound only a purge that never happens
+        // exceeds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let trash = self.json("rbd", &["trash", "ls", "-p", &self.pool]);
+            if trash.as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "trash left behind: {trash}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let groups = self.json("rbd", &["group", "ls", "-p", &self.pool]);
         assert_eq!(groups.as_array().unwrap().len(), 0, "groups left behind: {groups}");
         let objects = self.tool("rados", &["-p", &self.pool, "ls"]);
@@ -414,8 +424,8 @@ async fn rbd_volumes_snapshots_and_clones() {
         k.c.delete_volume(req::delete(id)).await.unwrap();
     }
     k.c.delete_snapshot(req::delete_snapshot(&s)).await.unwrap();
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }
 
 #[tokio::test]
@@ -504,8 +514,8 @@ async fn rbd_publish_enforces_single_node_modes_across_replicas() {
     for id in [&v, &b] {
         k1.c.delete_volume(req::delete(id)).await.unwrap();
     }
-    drop((d1, d2));
     ceph.assert_clean();
+    drop((d1, d2));
 }
 
 /// Stages and publishes a filesystem volume on a node; answers the target.
@@ -583,8 +593,8 @@ async fn rbd_node_maps_with_rbd_fuse_and_survives_a_driver_restart() {
     k.c.delete_volume(req::delete(&r)).await.unwrap();
     k.c.delete_snapshot(req::delete_snapshot(&s)).await.unwrap();
     k.c.delete_volume(req::delete(&v)).await.unwrap();
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }
 
 #[tokio::test]
@@ -628,8 +638,8 @@ async fn rbd_online_expansion_grows_a_mounted_filesystem() {
     assert!(after > before + 250 * MIB as u64, "the mounted filesystem grew: {before} -> {after}");
     unmount(&mut k, &v, &staging, &target).await;
     k.c.delete_volume(req::delete(&v)).await.unwrap();
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }
 
 /// A writer that appends sequence numbers to every member in turn and
@@ -819,8 +829,8 @@ async fn rbd_group_snapshots_are_one_instant_and_members_restore() {
     for v in &ids {
         k.c.delete_volume(req::delete(v)).await.unwrap();
     }
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }
 
 #[tokio::test]
@@ -895,8 +905,8 @@ async fn rbd_changed_blocks_come_from_rbd_diffs() {
         k.c.delete_snapshot(req::delete_snapshot(s)).await.unwrap();
     }
     k.c.delete_volume(req::delete(&v)).await.unwrap();
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }
 
 #[tokio::test]
@@ -992,8 +1002,8 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
     .unwrap();
     k2.c.delete_volume(req::delete(&v)).await.unwrap();
     let _ = ceph.tool("ceph", &["osd", "blocklist", "rm", &dead]);
-    drop((d, d2));
     ceph.assert_clean();
+    drop((d, d2));
 }
 
 #[tokio::test]
@@ -1038,8 +1048,8 @@ async fn rbd_long_clone_chains_are_flattened_and_half_made_images_adopted() {
     for v in [&c, &b, &a, &h] {
         k.c.delete_volume(req::delete(v)).await.unwrap();
     }
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }
 
 #[tokio::test]
@@ -1080,6 +1090,6 @@ async fn rbd_secrets_carry_the_credentials_and_are_never_logged() {
         .collect();
     k.c.delete_volume(del).await.unwrap();
     assert!(!d.logs().contains(key.trim()), "a key reached the log");
-    drop(d);
     ceph.assert_clean();
+    drop(d);
 }

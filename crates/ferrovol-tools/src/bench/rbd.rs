@@ -1,0 +1,653 @@
+//! `ferrovol bench --engine rbd`: the RBD engine against a Ceph cluster
+//! (e.g. `scripts/ceph-dev-cluster start DIR`), each figure beside the bare
+//! librbd calls it is made of (measured in this run, from this process)
+//! and the reference Ceph CSI driver's figures (measured on this kind of
+//! machine against the same kind of cluster in the issue that set the
+//! goals: static numbers, not measured here).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use ferrovol_host::ceph::{self, Cluster, ImageOptions, Pool};
+use tonic::transport::Channel;
+
+use super::limits::{cpu_seconds, report};
+use super::{create, create_request, delete, node_paths, percentiles, snapshot, BenchArgs};
+use crate::endpoint::{self, Endpoint};
+use crate::scratch::{Options, Scratch};
+
+/// The image features every request of the run uses.
+static FEATURES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn features() -> &'static str {
+    FEATURES.get().map_or("layering", String::as_str)
+}
+
+fn params(pool: &str) -> std::collections::HashMap<String, String> {
+    [("pool".to_string(), pool.to_string()), ("imageFeatures".into(), features().to_string())]
+        .into()
+}
+
+/// The same features as librbd bits, for the bare calls.
+fn feature_bits() -> u64 {
+    features().split(',').filter_map(|f| ceph::feature_bit(f.trim())).fold(0, |a, b| a | b)
+}
+
+fn rbd_request(
+    pool: &str,
+    name: String,
+    bytes: i64,
+    source: Option<csi::VolumeContentSource>,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest { parameters: params(pool), ..create_request(name, bytes, source) }
+}
+
+/// Waits until the purger has emptied the pool's trash (so the next
+/// figures are not shared with it); answers how long that took.
+async fn drain(pool: &Pool) -> Result<Duration, String> {
+    let started = Instant::now();
+    loop {
+        let p = pool.clone();
+        let left = tokio::task::spawn_blocking(move || p.trash_list())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if left.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(format!(
+                "{} deleted images still in the trash after 10 minutes",
+                left.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn p50(samples: &mut [Duration]) -> f64 {
+    percentiles(samples).0
+}
+
+/// A blocking librbd sequence, timed, on the blocking pool.
+async fn bare<T: Send + 'static>(
+    f: impl FnOnce() -> ceph::Result<T> + Send + 'static,
+) -> Result<(T, Duration), String> {
+    tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        f().map(|v| (v, t.elapsed())).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn image_count(pool: &Pool) -> usize {
+    pool.list_images().map(|l| l.len()).unwrap_or(0)
+}
+
+pub async fn run(args: &BenchArgs) -> Result<(), String> {
+    let conf = args
+        .ceph_conf
+        .clone()
+        .ok_or("--engine rbd needs --ceph-conf (e.g. from scripts/ceph-dev-cluster start DIR)")?;
+    let pool_name = args.rbd_pool.clone();
+    let _ = FEATURES.set(args.rbd_image_features.clone());
+    let scratch = Scratch::start(Options {
+        local_pool: false,
+        name: "bench-rbd",
+        pool_dir: None,
+        pool_size: 0,
+        rust_log: "warn",
+        args: [
+            "--engine",
+            "rbd",
+            "--mode",
+            "all",
+            "--rbd-mapper",
+            "fuse",
+            "--rbd-pools",
+            &pool_name,
+            "--ceph-conf",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([conf.display().to_string()])
+        .collect(),
+    })
+    .await?;
+    let channel = endpoint::connect(&Endpoint::Unix(scratch.socket.clone()))
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let pid = scratch.driver_pid().unwrap_or(0);
+    // The engine loads librbd and connects on its first call.
+    csi::identity_client::IdentityClient::new(channel.clone())
+        .probe(csi::ProbeRequest {})
+        .await
+        .map_err(|e| format!("Probe: {e}"))?;
+    let idle = rss_kib(pid, "VmRSS:");
+    let cluster = {
+        let conf = conf.clone();
+        tokio::task::spawn_blocking(move || {
+            Cluster::connect(&ceph::Connect {
+                conf: Some(&conf),
+                op_timeout: 30,
+                ..Default::default()
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?
+    };
+    let pool = cluster.pool(&pool_name).map_err(|e| e.to_string())?;
+    let libs = ceph::libraries()?;
+    println!(
+        "ferrovol bench --engine rbd: pool {pool_name} via {} (librbd {}.{}.{}; driver {})",
+        conf.display(),
+        libs.rbd_version.0,
+        libs.rbd_version.1,
+        libs.rbd_version.2,
+        ferrovol_csi::build::version()
+    );
+    println!("(\"reference\": ceph-csi's RBD driver on this kind of machine and cluster; static figures, not measured here)");
+    println!("imageFeatures: {}", args.rbd_image_features);
+    report(
+        "driver RSS idle, engine loaded",
+        &format!("{:.1} MiB", idle as f64 / 1024.0),
+        "≤ 20 MiB",
+        "93 MiB",
+    );
+
+    let pairs = args.rbd_pairs;
+    for (concurrency, goal, reference) in [(1usize, "≥ 59", "5.9"), (8, "≥ 194", "19.4")] {
+        let cpu = cpu_seconds(pid);
+        let rate = provisioning(&channel, &pool_name, concurrency, pairs).await?;
+        let per_pair =
+            (cpu_seconds(pid) - cpu) * 1e3 / (pairs.div_ceil(concurrency) * concurrency) as f64;
+        let bare_rate = bare_pairs(&pool, concurrency, pairs).await?;
+        report(
+            &format!("create+delete pairs/s, c={concurrency}"),
+            &format!("{rate:.1}"),
+            goal,
+            reference,
+        );
+        println!("    (bare librbd create4+remove: {bare_rate:.1} pairs/s; driver CPU {per_pair:.1} ms per pair, reference ~35 ms)");
+    }
+
+    for data_mib in [256u64, 1024] {
+        drain(&pool).await?;
+        cow(&channel, &pool, &pool_name, &conf, data_mib, args.samples.min(11)).await?;
+    }
+    member_restore(&channel, &pool_name, &conf).await?;
+    node_cycle(&channel, &scratch.work, &pool_name, args.samples.min(7)).await?;
+    if args.fio_seconds > 0 {
+        data_path(&channel, &scratch.work, &pool_name, &conf, args.fio_seconds).await?;
+    }
+    report(
+        "driver RSS peak",
+        &format!("{:.1} MiB", rss_kib(pid, "VmHWM:") as f64 / 1024.0),
+        "",
+        "124 MiB",
+    );
+    let left = pool.list_images().map_err(|e| e.to_string())?;
+    let trash = pool.trash_list().map_err(|e| e.to_string())?;
+    println!("images left in {pool_name}: {} (trash: {})", left.len(), trash.len());
+    Ok(())
+}
+
+async fn provisioning(
+    channel: &Channel,
+    pool: &str,
+    concurrency: usize,
+    pairs: usize,
+) -> Result<f64, String> {
+    let per_worker = pairs.div_ceil(concurrency);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let mut c = ControllerClient::new(channel.clone());
+        let pool = pool.to_string();
+        workers.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let v = create(
+                    &mut c,
+                    rbd_request(&pool, format!("bench-{concurrency}-{w}-{i}"), 1 << 30, None),
+                )
+                .await?;
+                delete(&mut c, v.volume_id).await?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn bare_pairs(pool: &Pool, concurrency: usize, pairs: usize) -> Result<f64, String> {
+    let per_worker = pairs.div_ceil(concurrency);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let pool = pool.clone();
+        workers.push(tokio::task::spawn_blocking(move || {
+            let opts = ImageOptions { features: feature_bits(), data_pool: None };
+            for i in 0..per_worker {
+                let name = format!("bench-bare-{concurrency}-{w}-{i}");
+                pool.create_image(&name, 1 << 30, &opts).map_err(|e| e.to_string())?;
+                pool.remove_image(&name).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn image_of(volume_id: &str) -> String {
+    volume_id.rsplit(':').next().unwrap_or_default().to_string()
+}
+
+/// Writes `mib` of data into an image with Ceph's own `rbd bench`.
+fn fill(conf: &Path, pool: &str, image: &str, mib: u64) -> Result<(), String> {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args([
+            "bench",
+            "--io-type",
+            "write",
+            "--io-pattern",
+            "seq",
+            "--io-size",
+            "4M",
+            "--io-threads",
+            "8",
+        ])
+        .arg(format!("--io-total={mib}M"))
+        .arg(format!("{pool}/{image}"))
+        .output()
+        .map_err(|e| format!("running rbd bench (ceph-common): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("rbd bench: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(())
+}
+
+/// Snapshot, restore, clone and snapshot delete of a volume holding
+/// `data_mib` of data, beside the bare librbd calls they are made of.
+async fn cow(
+    channel: &Channel,
+    pool: &Pool,
+    pool_name: &str,
+    conf: &Path,
+    data_mib: u64,
+    samples: usize,
+) -> Result<(), String> {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let mut c = ControllerClient::new(channel.clone());
+    let size = ((data_mib as i64) << 20).max(1 << 30);
+    let src =
+        create(&mut c, rbd_request(pool_name, format!("bench-src-{data_mib}"), size, None)).await?;
+    let image = image_of(&src.volume_id);
+    let (p, i) = (pool_name.to_string(), image.clone());
+    let conf = conf.to_path_buf();
+    tokio::task::spawn_blocking(move || fill(&conf, &p, &i, data_mib))
+        .await
+        .map_err(|e| e.to_string())??;
+
+    let (mut snap_t, mut restore_t, mut clone_t, mut delsnap_t) = (vec![], vec![], vec![], vec![]);
+    let (mut b_snap, mut b_clone, mut b_vclone, mut b_delsnap) = (vec![], vec![], vec![], vec![]);
+    let mut extra_images = 0usize;
+    for n in 0..samples {
+        let before = image_count(pool);
+        let t = Instant::now();
+        let snap = snapshot(&mut c, format!("bench-snap-{data_mib}-{n}"), &src.volume_id).await?;
+        snap_t.push(t.elapsed());
+        let from_snapshot = csi::VolumeContentSource {
+            r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() })),
+        };
+        let t = Instant::now();
+        let restored = create(
+            &mut c,
+            rbd_request(
+                pool_name,
+                format!("bench-restore-{data_mib}-{n}"),
+                size,
+                Some(from_snapshot),
+            ),
+        )
+        .await?;
+        restore_t.push(t.elapsed());
+        let from_volume = csi::VolumeContentSource {
+            r#type: Some(Type::Volume(VolumeSource { volume_id: src.volume_id.clone() })),
+        };
+        let t = Instant::now();
+        let cloned = create(
+            &mut c,
+            rbd_request(pool_name, format!("bench-clone-{data_mib}-{n}"), size, Some(from_volume)),
+        )
+        .await?;
+        clone_t.push(t.elapsed());
+        extra_images += image_count(pool) - before - 2;
+        for id in [restored.volume_id, cloned.volume_id] {
+            delete(&mut c, id).await?;
+        }
+        let t = Instant::now();
+        c.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        delsnap_t.push(t.elapsed());
+
+        // The same work as bare librbd calls: open + snap_create; clone3;
+        // snap_create + clone3 + snap_remove; snap_remove; each image made
+        // removed again (not timed).
+        let (pl, img) = (pool.clone(), image.clone());
+        let opts = ImageOptions { features: feature_bits(), data_pool: None };
+        let (_, t) = bare({
+            let (pl, img) = (pl.clone(), img.clone());
+            move || pl.open(&img)?.snap_create("bare-snap")
+        })
+        .await?;
+        b_snap.push(t);
+        let (_, t) = bare({
+            let (pl, img, o) = (pl.clone(), img.clone(), opts.clone());
+            move || pl.clone_image(&img, "bare-snap", &pl, "bare-restore", &o)
+        })
+        .await?;
+        b_clone.push(t);
+        let (_, t) = bare({
+            let (pl, img, o) = (pl.clone(), img.clone(), opts.clone());
+            move || {
+                let src = pl.open(&img)?;
+                src.snap_create("bare-clone-snap")?;
+                pl.clone_image(&img, "bare-clone-snap", &pl, "bare-clone", &o)?;
+                src.snap_remove("bare-clone-snap")
+            }
+        })
+        .await?;
+        b_vclone.push(t);
+        bare({
+            let pl = pl.clone();
+            move || {
+                pl.remove_image("bare-restore")?;
+                pl.remove_image("bare-clone")
+            }
+        })
+        .await?;
+        let (_, t) = bare(move || pl.open(&img)?.snap_remove("bare-snap")).await?;
+        b_delsnap.push(t);
+    }
+    println!("{data_mib} MiB of data in the source ({samples} samples, p50):");
+    for (what, ours, bare, reference) in [
+        ("snapshot", &mut snap_t, &mut b_snap, "360-420"),
+        ("restore", &mut restore_t, &mut b_clone, "230-240"),
+        ("clone", &mut clone_t, &mut b_vclone, "320-370"),
+        ("delete snapshot", &mut delsnap_t, &mut b_delsnap, "~120"),
+    ] {
+        let (o, b) = (p50(ours), p50(bare));
+        report(
+            &format!("  {what} ms (bare librbd {b:.1} ms, {:.2}×)", o / b),
+            &format!("{o:.1}"),
+            "≤ 1.5× bare",
+            reference,
+        );
+    }
+    println!("  images made per restore + clone beyond the two volumes: {extra_images}");
+    delete(&mut c, src.volume_id).await?;
+    Ok(())
+}
+
+/// Restoring a group snapshot member: on Pacific a full copy (the
+/// documented exception), by clone where librbd has rbd_clone4.
+async fn member_restore(channel: &Channel, pool_name: &str, conf: &Path) -> Result<(), String> {
+    use csi::volume_content_source::{SnapshotSource, Type};
+    use ferrovol_csi::group_controller_client::GroupControllerClient;
+    let mut c = ControllerClient::new(channel.clone());
+    let mut g = GroupControllerClient::new(channel.clone());
+    let src =
+        create(&mut c, rbd_request(pool_name, "bench-member-src".into(), 1 << 30, None)).await?;
+    let (p, i) = (pool_name.to_string(), image_of(&src.volume_id));
+    let conf = conf.to_path_buf();
+    tokio::task::spawn_blocking(move || fill(&conf, &p, &i, 256))
+        .await
+        .map_err(|e| e.to_string())??;
+    let t = Instant::now();
+    let group = g
+        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+            name: "bench-member-group".into(),
+            source_volume_ids: vec![src.volume_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .group_snapshot
+        .ok_or("no group")?;
+    let group_ms = t.elapsed().as_secs_f64() * 1e3;
+    let member = group.snapshots[0].snapshot_id.clone();
+    let from = csi::VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: member })),
+    };
+    let t = Instant::now();
+    let restored =
+        create(&mut c, rbd_request(pool_name, "bench-member-restore".into(), 1 << 30, Some(from)))
+            .await?;
+    let restore_ms = t.elapsed().as_secs_f64() * 1e3;
+    let how = if ceph::libraries()?.has_clone_by_snap_id() {
+        "clone (rbd_clone4)"
+    } else {
+        "full copy (Pacific)"
+    };
+    println!("group snapshot of 1 volume: {group_ms:.1} ms; restore of its member (256 MiB of data): {restore_ms:.1} ms, by {how}");
+    delete(&mut c, restored.volume_id).await?;
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id,
+        snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    delete(&mut c, src.volume_id).await
+}
+
+fn stage_req(id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+/// stage → publish → unpublish → unstage through the fuse mapper.
+async fn node_cycle(
+    channel: &Channel,
+    work: &Path,
+    pool_name: &str,
+    samples: usize,
+) -> Result<(), String> {
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let id =
+        create(&mut c, rbd_request(pool_name, "bench-node".into(), 1 << 30, None)).await?.volume_id;
+    let (staging, target) = node_paths(work, "rbd-node")?;
+    let mut times = vec![];
+    for _ in 0..samples + 1 {
+        let t = Instant::now();
+        super::stage_publish(&mut n, &id, &staging, &target).await?;
+        super::unpublish_unstage(&mut n, &id, &staging, &target).await?;
+        times.push(t.elapsed());
+    }
+    let first = times.remove(0);
+    let (p50, _, max) = percentiles(&mut times);
+    println!(
+        "node cycle through rbd-fuse + loop: first (mkfs) {:.1} ms; again p50 {p50:.1} ms max {max:.1} ms ({samples} samples)",
+        first.as_secs_f64() * 1e3
+    );
+    delete(&mut c, id).await
+}
+
+fn fio(device: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), String> {
+    let out = Command::new("fio")
+        .args(["--name=bench", "--size=512M", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
+        .arg(format!("--filename={}", device.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(["--time_based", "--output-format=terse", "--randrepeat=0"])
+        .output()
+        .map_err(|e| format!("running fio (install the fio package): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.lines().last().unwrap_or_default().split(';').collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok(if rw.contains("read") { (num(6) / 1024.0, num(7)) } else { (num(47) / 1024.0, num(48)) })
+}
+
+/// MiB/s and IOPS of `rbd bench` on the image.
+fn rbd_bench(
+    conf: &Path,
+    pool: &str,
+    image: &str,
+    kind: &str,
+    pattern: &str,
+    bs: &str,
+) -> Result<(f64, f64), String> {
+    let total = if bs == "4K" { "64M" } else { "512M" };
+    let t = Instant::now();
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args([
+            "bench",
+            "--io-type",
+            kind,
+            "--io-pattern",
+            pattern,
+            "--io-size",
+            bs,
+            "--io-threads",
+            "16",
+        ])
+        .arg(format!("--io-total={total}"))
+        .arg(format!("{pool}/{image}"))
+        .output()
+        .map_err(|e| format!("running rbd bench: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("rbd bench: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "elapsed: 1   ops: 16384   ops/sec: 12345.6   bytes/sec: 50.2 MiB/s"
+    let line = text.lines().find(|l| l.contains("elapsed:")).unwrap_or_default();
+    let field = |k: &str| {
+        line.split(k).nth(1).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+    };
+    let ops = field("ops/sec:").unwrap_or(0.0);
+    let ops_total = field(" ops:").unwrap_or(0.0);
+    let bytes_per_op = if bs == "4K" { 4096.0 } else { 4.0 * 1048576.0 };
+    let secs = t.elapsed().as_secs_f64().max(0.001);
+    let mibs = if ops > 0.0 {
+        ops * bytes_per_op / 1048576.0
+    } else {
+        ops_total * bytes_per_op / 1048576.0 / secs
+    };
+    Ok((mibs, ops))
+}
+
+/// fio through the mapped volume (loop on rbd-fuse) vs `rbd bench` on the
+/// same image.
+async fn data_path(
+    channel: &Channel,
+    work: &Path,
+    pool_name: &str,
+    conf: &Path,
+    seconds: u64,
+) -> Result<(), String> {
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let block = csi::VolumeCapability {
+        access_mode: Some(csi::volume_capability::AccessMode {
+            mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(csi::volume_capability::AccessType::Block(
+            csi::volume_capability::BlockVolume {},
+        )),
+    };
+    let req = csi::CreateVolumeRequest {
+        volume_capabilities: vec![block.clone()],
+        ..rbd_request(pool_name, "bench-fio".into(), 1 << 30, None)
+    };
+    let id = create(&mut c, req).await?.volume_id;
+    let (staging, target) = node_paths(work, "rbd-fio")?;
+    n.node_stage_volume(stage_req(&id, &staging, block.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    n.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(block),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let jobs = [
+        ("write", "4M", "seq write 4M"),
+        ("read", "4M", "seq read 4M"),
+        ("randwrite", "4k", "rand write 4k"),
+        ("randread", "4k", "rand read 4k"),
+    ];
+    let mut ours = vec![];
+    for (rw, bs, _) in jobs {
+        ours.push(fio(&target, rw, bs, seconds)?);
+    }
+    n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let image = image_of(&id);
+    let bare_jobs = [
+        ("write", "seq", "4M"),
+        ("read", "seq", "4M"),
+        ("write", "rand", "4K"),
+        ("read", "rand", "4K"),
+    ];
+    for ((_, _, label), ((kind, pattern, bs), (mibs, iops))) in
+        jobs.iter().zip(bare_jobs.iter().zip(ours))
+    {
+        let (bm, bi) = rbd_bench(conf, pool_name, &image, kind, pattern, bs)?;
+        println!(
+            "fio {label:<14}: mapped (loop on rbd-fuse) {mibs:>7.1} MiB/s {iops:>7.0} IOPS | rbd bench {bm:>7.1} MiB/s {bi:>7.0} IOPS"
+        );
+    }
+    delete(&mut c, id).await
+}
