@@ -49,6 +49,10 @@ impl RbdNode {
             // Lock owners are only seen through a writable open (which
             // watches the image but takes no lock).
             let img = pool.open(&image).map_err(ceph_error)?;
+            // Without the exclusive-lock feature there is no lock to hold.
+            if img.features().map_err(ceph_error)? & ferrovol_host::ceph::FEATURE_EXCLUSIVE_LOCK == 0 {
+                return Ok(());
+            }
             for owner in img.lock_owners().map_err(ceph_error)? {
                 tracing::warn!(image = %image, owner = %owner, "breaking a stale lock (its client is blocklisted)");
                 match img.lock_break(&owner) {

@@ -171,6 +171,29 @@ impl Ceph {
         out
     }
 
+    /// Undoes by force what the test's nodes hold on this host, in the
+    /// order they hold each other: pods' and staging mounts (they hold the
+    /// loop devices), the loop devices (found first: their backing files'
+    /// paths are lost with the fuse mounts under them), the fuse mounts
+    /// (their helpers exit), then any helper still running.
+    fn release_host(&self) {
+        let loops = self.loops();
+        for m in self.host_mounts().iter().filter(|m| m.starts_with(&self.kubelet)) {
+            let _ = rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH);
+        }
+        for l in &loops {
+            let _ = ferrovol_host::loopdev::detach(&l.device);
+        }
+        for m in self.host_mounts() {
+            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+        }
+        for pid in self.helpers() {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+
     /// Nothing left: no image, trash entry, group or record of ours in
     /// the pool, and no mount, loop device or helper on this host.
     fn assert_clean(&self) {
@@ -200,17 +223,7 @@ impl Ceph {
 
 impl Drop for Ceph {
     fn drop(&mut self) {
-        for m in self.host_mounts() {
-            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
-        }
-        for l in self.loops() {
-            let _ = ferrovol_host::loopdev::detach(&l.device);
-        }
-        for pid in self.helpers() {
-            if let Some(p) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-            }
-        }
+        self.release_host();
         let _ = std::process::Command::new("ceph")
             .arg("-c")
             .arg(&self.conf)
@@ -678,6 +691,19 @@ impl DurableLockstep {
         DurableLockstep { stop, steps, thread }
     }
 
+    /// Steps written durably to every member so far.
+    fn steps(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
+    }
+
+    /// Returns once `n` more steps are durable on every member.
+    fn advance(&self, n: u64) {
+        let target = self.steps() + n;
+        while self.steps() < target {
+            std::thread::yield_now();
+        }
+    }
+
     fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap();
@@ -731,9 +757,13 @@ async fn rbd_group_snapshots_are_one_instant_and_members_restore() {
             .into_inner()
             .group_snapshot
             .unwrap();
-    // ...and, for contrast, two single snapshots one after the other.
+    // ...and, for contrast, two single snapshots one after the other, the
+    // writer at least two steps further on at the second.
     let mut singles = vec![];
     for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            writer.advance(3);
+        }
         singles.push(snapshot(&mut k, &format!("single-{i}"), id).await);
     }
     let steps = writer.stop();
@@ -955,12 +985,7 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
         condition.as_ref().map_or(true, |c| c.abnormal),
         "a dead helper is reported: {condition:?}"
     );
-    for m in ceph.host_mounts() {
-        let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
-    }
-    for l in ceph.loops() {
-        let _ = ferrovol_host::loopdev::detach(&l.device);
-    }
+    ceph.release_host();
     let dead = owner[0]["address"].as_str().unwrap().to_string();
     k.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
         volume_id: v.clone(),
@@ -988,6 +1013,35 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
     assert_eq!(std::fs::read(staging_b.join("f")).unwrap(), b"x");
     std::fs::write(staging_b.join("g"), b"y").unwrap();
     rustix::fs::sync();
+
+    // A volume without the exclusive-lock feature has no lock to break:
+    // it maps all the same.
+    let plain = csi::CreateVolumeRequest {
+        parameters: ceph.params("layering"),
+        ..req::create("pvc-plain", 16 * MIB)
+    };
+    let plain = k2.c.create_volume(plain).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let ctx =
+        k2.c.controller_publish_volume(publish(&plain, "node-b", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+    let staging_p = ceph.staging("pv-plain");
+    let req_p = csi::NodeStageVolumeRequest {
+        publish_context: ctx,
+        ..stage_req(&plain, &staging_p, req::mount_cap("ext4"))
+    };
+    k2.n.node_stage_volume(req_p).await.unwrap();
+    k2.n.node_unstage_volume(unstage_req(&plain, &staging_p)).await.unwrap();
+    k2.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: plain.clone(),
+        node_id: "node-b".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    k2.c.delete_volume(req::delete(&plain)).await.unwrap();
 
     k2.n.node_unstage_volume(unstage_req(&v, &staging_b)).await.unwrap();
     // node-a's stale state dir is this test's to clear (a dead node's is
