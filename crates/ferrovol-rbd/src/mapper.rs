@@ -155,7 +155,20 @@ pub fn find(state: &Path, v: &VolumeId) -> Result<Option<(Kind, PathBuf)>> {
     if let Some(d) = krbd_find(v)? {
         return Ok(Some((Kind::Krbd, d)));
     }
+    if let Some(d) = nbd_find(state, v) {
+        return Ok(Some((Kind::Nbd, d)));
+    }
     Ok(None)
+}
+
+/// The nbd device rbd-nbd mapped the image as, while it is connected (the
+/// device is recorded at map time: the kernel's nbd knows no image names).
+fn nbd_find(state: &Path, v: &VolumeId) -> Option<PathBuf> {
+    let device = std::fs::read_to_string(fuse_dir(state, v).join("nbd-device")).ok()?;
+    let device = PathBuf::from(device.trim());
+    let name = device.file_name()?.to_string_lossy().into_owned();
+    // A connected nbd device has the pid of the process serving it.
+    Path::new("/sys/block").join(name).join("pid").exists().then_some(device)
 }
 
 /// Every device this node has mapped for the engine.
@@ -170,6 +183,15 @@ pub fn all(state: &Path) -> Result<Vec<PathBuf>> {
     if let Ok(entries) = std::fs::read_dir("/sys/bus/rbd/devices") {
         for e in entries.flatten() {
             out.push(PathBuf::from(format!("/dev/rbd{}", e.file_name().to_string_lossy())));
+        }
+    }
+    for pool in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for image in std::fs::read_dir(pool.path()).into_iter().flatten().flatten() {
+            let v = VolumeId {
+                pool: pool.file_name().to_string_lossy().into_owned(),
+                image: image.file_name().to_string_lossy().into_owned(),
+            };
+            out.extend(nbd_find(state, &v));
         }
     }
     Ok(out)
@@ -203,9 +225,30 @@ pub async fn map(kind: Kind, state: &Path, v: &VolumeId, auth: &Auth) -> Result<
             if let Some(k) = keyfile {
                 let _ = std::fs::remove_file(k);
             }
-            Ok(PathBuf::from(out?.stdout.trim()))
+            let device = PathBuf::from(out?.stdout.trim());
+            if kind == Kind::Nbd {
+                std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+                std::fs::write(dir.join("nbd-device"), device.as_os_str().as_encoded_bytes())
+                    .map_err(io("recording the nbd device"))?;
+            }
+            Ok(device)
         }
     }
+}
+
+/// `rbd unmap` / `rbd-nbd unmap`; a device still open is the caller's to
+/// close first.
+async fn unmap_device(tool: &str, device: PathBuf) -> Result<()> {
+    let shown = device.display().to_string();
+    exec::run(tool, ["unmap".into(), device.into_os_string()], TOOL_TIMEOUT).await.map_err(
+        |e| {
+            error::failed_precondition(format!(
+                "unmapping {shown} failed (still open? retry once it is closed): {}",
+                e.message()
+            ))
+        },
+    )?;
+    Ok(())
 }
 
 fn write_keyfile(dir: &Path, auth: &Auth) -> Result<Option<PathBuf>> {
@@ -292,7 +335,10 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
 /// FAILED_PRECONDITION and nothing is undone halfway.
 pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
     if let Some(d) = krbd_find(v)? {
-        exec::run("rbd", ["unmap".into(), d.into_os_string()], TOOL_TIMEOUT).await?;
+        unmap_device("rbd", d).await?;
+    }
+    if let Some(d) = nbd_find(state, v) {
+        unmap_device("rbd-nbd", d).await?;
     }
     let dir = fuse_dir(state, v);
     if !dir.exists() {

@@ -1109,7 +1109,7 @@ async fn rbd_long_clone_chains_are_flattened_and_half_made_images_adopted() {
 #[tokio::test]
 async fn rbd_secrets_carry_the_credentials_and_are_never_logged() {
     let Some(ceph) = ceph("secrets") else { return };
-    let d = ceph.driver("d", "node-a", &["--mode", "controller"]).start();
+    let d = ceph.driver("d", "node-a", &[]).start();
     let mut k = clients(&d).await;
     let key = ceph.tool("ceph", &["auth", "get-key", "client.admin"]);
     let with = |id: &str, key: &str| {
@@ -1137,6 +1137,36 @@ async fn rbd_secrets_carry_the_credentials_and_are_never_logged() {
     let mut half = ceph.create("pvc-s", 16 * MIB);
     half.secrets = [("adminID".to_string(), "admin".to_string())].into();
     assert_eq!(k.c.create_volume(half).await.unwrap_err().code(), Code::InvalidArgument);
+    // The node maps with the stage secret's user: the helper gets the key
+    // in a file only root can read, never on its command line.
+    let staging = ceph.staging("pv-s");
+    let mut stage = stage_req(&v, &staging, req::mount_cap("ext4"));
+    stage.secrets = [("userID", "admin"), ("userKey", key.trim())]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    k.n.node_stage_volume(stage).await.unwrap();
+    let helpers = ceph.helpers();
+    assert_eq!(helpers.len(), 1);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", helpers[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(!cmdline.contains(key.trim()) && cmdline.contains("--keyfile"), "{cmdline}");
+    let keyfile = cmdline.split("--keyfile ").nth(1).unwrap().split(' ').next().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(keyfile).unwrap().permissions().mode() & 0o777, 0o600);
+    k.n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
+    assert!(!Path::new(keyfile).exists(), "the key file goes with the mapping");
+
+    // Without a mgr the cluster's capacity is unknown, not zero.
+    let e =
+        k.c.get_capacity(csi::GetCapacityRequest {
+            parameters: ceph.params("layering"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
     let mut del = req::delete(&v);
     del.secrets = [("adminID", "admin"), ("adminKey", key.trim())]
         .into_iter()
