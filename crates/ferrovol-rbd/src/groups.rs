@@ -90,7 +90,7 @@ pub fn create_group(
         let img = pool
             .open_read_only(&v.image)
             .map_err(|e| not_found_or(e, || format!("volume {} does not exist", v.render())))?;
-        let mapped = !img.watchers().map_err(ceph_error)?.is_empty();
+        let mapped = img.watchers().map_err(ceph_error)?.iter().any(|w| !pool.is_own_watcher(w));
         if mapped && img.features().map_err(ceph_error)? & ceph::FEATURE_EXCLUSIVE_LOCK == 0 {
             return Err(error::failed_precondition(format!(
                 "volume {} is in use and lacks the exclusive-lock feature, so its writers \

@@ -370,12 +370,17 @@ pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
         .await?;
     }
     let mnt = dir.join("mnt");
+    // Which process is the helper is read before it is told to go: an
+    // exiting process soon has no command line to recognise it by, and
+    // it still has the image open (a watch the OSDs would keep for 30 s
+    // if it were not closed) until it has exited.
     let pid = std::fs::read_to_string(dir.join("rbd-fuse.pid"))
         .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok());
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|p| is_helper(*p, &mnt));
     // Unmounting the fuse file system ends the helper.
     ferrovol_host::node::fs::unmount(&mnt)?;
-    if let Some(pid) = pid.filter(|p| is_helper(*p, &mnt)) {
+    if let Some(pid) = pid {
         let deadline = Instant::now() + HELPER_DEADLINE;
         while alive(pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

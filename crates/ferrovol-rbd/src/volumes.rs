@@ -376,8 +376,10 @@ pub fn delete(pool: &Pool, image: &str) -> Result<()> {
         ))
     };
     // librbd moves an open image to the trash without a word: ask first.
+    // This driver's own client opens images for moments (the purger
+    // detaching a clone from its parent, a flatten): not a user.
     let open = match pool.open_read_only(image) {
-        Ok(img) => !img.watchers().map_err(ceph_error)?.is_empty(),
+        Ok(img) => img.watchers().map_err(ceph_error)?.iter().any(|w| !pool.is_own_watcher(w)),
         Err(e) if e.is(libc::ENOENT) => false,
         Err(e) => return Err(ceph_error(e)),
     };

@@ -326,7 +326,7 @@ impl Cluster {
     }
 }
 
-struct IoHandle(ffi::IoCtx, #[allow(dead_code)] Arc<ClusterHandle>);
+struct IoHandle(ffi::IoCtx, Arc<ClusterHandle>);
 
 // SAFETY: librados I/O contexts may be used from any thread at once.
 unsafe impl Send for IoHandle {}
@@ -550,6 +550,16 @@ impl Pool {
             (api().rbd_trash_remove)(self.io(), c.as_ptr(), true)
         })
         .map(drop)
+    }
+
+    /// Whether a watcher's address (as [`Image::watchers`] lists them) is
+    /// this client's own: addresses end in `/<nonce>`, unique per client.
+    pub fn is_own_watcher(&self, watcher: &str) -> bool {
+        let Ok(own) = (Cluster { handle: self.io.1.clone() }).address() else { return false };
+        let nonce =
+            |a: &str| a.rsplit('/').next().map(|n| n.trim_end_matches([']', ',']).to_string());
+        let ours: Vec<String> = own.split(',').filter_map(nonce).collect();
+        nonce(watcher).is_some_and(|n| ours.contains(&n))
     }
 
     /// Brings a trashed image back into the pool's directory as `name`.
