@@ -272,13 +272,15 @@ async fn group_delete_waits_for_a_restore_from_a_member() {
     let mut g = GroupControllerClient::new(ch);
     // Creations pause at the failpoint until the gate opens: open it for the
     // two sources.
+    // Pauses are counted, not waited for "from now on": a call spawned
+    // first may reach its pause before the wait starts.
     let mut sources = Vec::new();
-    for name in ["m1", "m2"] {
+    for (i, name) in ["m1", "m2"].into_iter().enumerate() {
         let call = tokio::spawn({
             let mut c = c.clone();
             async move { c.create_volume(req::create(name, 4 * MIB)).await }
         });
-        assert!(driver.wait_for_new_log("failpoint reached").is_some());
+        assert!(driver.wait_for_log_count("failpoint reached", i + 1));
         std::fs::write(&fifo, b"go").unwrap();
         sources.push(call.await.unwrap().unwrap().into_inner().volume.unwrap().volume_id);
     }
@@ -301,7 +303,7 @@ async fn group_delete_waits_for_a_restore_from_a_member() {
         let member = member.clone();
         async move { c.create_volume(req::from_snapshot("restored", &member, 4 * MIB)).await }
     });
-    assert!(driver.wait_for_new_log("failpoint reached").is_some());
+    assert!(driver.wait_for_log_count("failpoint reached", 3));
     let delete = csi::DeleteVolumeGroupSnapshotRequest {
         group_snapshot_id: group.group_snapshot_id.clone(),
         ..Default::default()
