@@ -24,6 +24,17 @@ pub fn package_for(program: &str) -> &'static str {
     }
 }
 
+/// Why a tool did not start: a missing one names its package.
+fn spawn_error(program: &str, e: std::io::Error) -> error::Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => error::failed_precondition(format!(
+            "{program} is not installed on this node (install the {} package)",
+            package_for(program)
+        )),
+        _ => error::internal(format!("starting {program}: {e}")),
+    }
+}
+
 /// Output of a successful run.
 #[derive(Debug)]
 pub struct Output {
@@ -74,13 +85,7 @@ where
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => error::failed_precondition(format!(
-            "{program} is not installed on this node (install the {} package)",
-            package_for(program)
-        )),
-        _ => error::internal(format!("starting {program}: {e}")),
-    })?;
+    let child = command.spawn().map_err(|e| spawn_error(program, e))?;
     let waited = tokio::time::timeout(timeout, child.wait_with_output()).await;
     let out = match waited {
         Err(_) => {
@@ -123,13 +128,7 @@ pub fn spawn_detached(
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => error::failed_precondition(format!(
-            "{program} is not installed on this node (install the {} package)",
-            package_for(program)
-        )),
-        _ => error::internal(format!("starting {program}: {e}")),
-    })?;
+    let child = command.spawn().map_err(|e| spawn_error(program, e))?;
     // Not waited for here: a child of ours that exits is reaped by
     // whoever stops it (or by init once we are gone).
     Ok(child.id())

@@ -124,6 +124,16 @@ pub fn features() -> Features {
     Features { publish: true, expansion: ExpansionSite::Controller, mount_modes, block_modes }
 }
 
+/// The first `max` of `items` (one more was fetched to know there are
+/// more), and the token that resumes after them.
+fn page<T>(mut items: Vec<T>, max: usize, id: impl Fn(&T) -> String) -> Page<T> {
+    let next = (items.len() > max).then(|| {
+        items.truncate(max);
+        items.last().map(id)
+    });
+    Page { items, next: next.flatten() }
+}
+
 fn is_single_node(mode: AccessMode) -> bool {
     matches!(
         mode,
@@ -289,13 +299,7 @@ impl ControllerEngine for RbdEngine {
                 break;
             }
         }
-        let next = if items.len() > max {
-            items.truncate(max);
-            items.last().map(|v| v.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { items, next })
+        Ok(page(items, max, |v| v.id.clone()))
     }
 
     async fn capacity(
@@ -541,13 +545,7 @@ impl ControllerEngine for RbdEngine {
             }
             all.drain(..pos.unwrap_or(all.len()));
         }
-        let next = if all.len() > max {
-            all.truncate(max);
-            all.last().map(|s| s.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { items: all, next })
+        Ok(page(all, max, |s| s.id.clone()))
     }
 
     async fn create_group_snapshot(

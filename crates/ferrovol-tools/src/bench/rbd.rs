@@ -276,28 +276,8 @@ fn image_of(volume_id: &str) -> String {
 
 /// Writes `mib` of data into an image with Ceph's own `rbd bench`.
 fn fill(conf: &Path, pool: &str, image: &str, mib: u64) -> Result<(), String> {
-    let out = Command::new("rbd")
-        .arg("-c")
-        .arg(conf)
-        .args([
-            "bench",
-            "--io-type",
-            "write",
-            "--io-pattern",
-            "seq",
-            "--io-size",
-            "4M",
-            "--io-threads",
-            "8",
-        ])
-        .arg(format!("--io-total={mib}M"))
-        .arg(format!("{pool}/{image}"))
-        .output()
-        .map_err(|e| format!("running rbd bench (ceph-common): {e}"))?;
-    if !out.status.success() {
-        return Err(format!("rbd bench: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(())
+    let job = RbdBench { kind: "write", pattern: "seq", size: "4M", total: format!("{mib}M") };
+    rbd_bench(conf, pool, image, &job).map(drop)
 }
 
 /// Snapshot, restore, clone and snapshot delete of a volume holding
@@ -517,54 +497,27 @@ async fn node_cycle(
     delete(&mut c, id).await
 }
 
-fn fio(device: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), String> {
-    let out = Command::new("fio")
-        .args(["--name=bench", "--size=512M", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
-        .arg(format!("--filename={}", device.display()))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--runtime={seconds}"))
-        .args(["--time_based", "--output-format=terse", "--randrepeat=0"])
-        .output()
-        .map_err(|e| format!("running fio (install the fio package): {e}"))?;
-    if !out.status.success() {
-        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<&str> = text.lines().last().unwrap_or_default().split(';').collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok(if rw.contains("read") { (num(6) / 1024.0, num(7)) } else { (num(47) / 1024.0, num(48)) })
+/// One `rbd bench` job.
+struct RbdBench {
+    kind: &'static str,
+    pattern: &'static str,
+    /// Bytes per I/O, as rbd writes sizes (`4K`, `4M`).
+    size: &'static str,
+    total: String,
 }
 
 /// MiB/s and IOPS of `rbd bench` on the image.
-fn rbd_bench(
-    conf: &Path,
-    pool: &str,
-    image: &str,
-    kind: &str,
-    pattern: &str,
-    bs: &str,
-) -> Result<(f64, f64), String> {
-    let total = if bs == "4K" { "64M" } else { "512M" };
+fn rbd_bench(conf: &Path, pool: &str, image: &str, job: &RbdBench) -> Result<(f64, f64), String> {
     let t = Instant::now();
     let out = Command::new("rbd")
         .arg("-c")
         .arg(conf)
-        .args([
-            "bench",
-            "--io-type",
-            kind,
-            "--io-pattern",
-            pattern,
-            "--io-size",
-            bs,
-            "--io-threads",
-            "16",
-        ])
-        .arg(format!("--io-total={total}"))
+        .args(["bench", "--io-type", job.kind, "--io-pattern", job.pattern])
+        .args(["--io-size", job.size, "--io-threads", "16"])
+        .arg(format!("--io-total={}", job.total))
         .arg(format!("{pool}/{image}"))
         .output()
-        .map_err(|e| format!("running rbd bench: {e}"))?;
+        .map_err(|e| format!("running rbd bench (ceph-common): {e}"))?;
     if !out.status.success() {
         return Err(format!("rbd bench: {}", String::from_utf8_lossy(&out.stderr)));
     }
@@ -574,16 +527,12 @@ fn rbd_bench(
     let field = |k: &str| {
         line.split(k).nth(1).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
     };
-    let ops = field("ops/sec:").unwrap_or(0.0);
-    let ops_total = field(" ops:").unwrap_or(0.0);
-    let bytes_per_op = if bs == "4K" { 4096.0 } else { 4.0 * 1048576.0 };
-    let secs = t.elapsed().as_secs_f64().max(0.001);
-    let mibs = if ops > 0.0 {
-        ops * bytes_per_op / 1048576.0
-    } else {
-        ops_total * bytes_per_op / 1048576.0 / secs
+    let bytes_per_op = if job.size == "4K" { 4096.0 } else { 4.0 * 1048576.0 };
+    let ops = match field("ops/sec:") {
+        Some(o) if o > 0.0 => o,
+        _ => field(" ops:").unwrap_or(0.0) / t.elapsed().as_secs_f64().max(0.001),
     };
-    Ok((mibs, ops))
+    Ok((ops * bytes_per_op / 1048576.0, ops))
 }
 
 /// fio through the mapped volume (loop on rbd-fuse) vs `rbd bench` on the
@@ -631,7 +580,8 @@ async fn data_path(
     ];
     let mut ours = vec![];
     for (rw, bs, _) in jobs {
-        ours.push(fio(&target, rw, bs, seconds)?);
+        let (kib, iops) = super::fio(&target, rw, bs, seconds)?;
+        ours.push((kib / 1024.0, iops));
     }
     n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
         volume_id: id.clone(),
@@ -655,7 +605,9 @@ async fn data_path(
     for ((_, _, label), ((kind, pattern, bs), (mibs, iops))) in
         jobs.iter().zip(bare_jobs.iter().zip(ours))
     {
-        let (bm, bi) = rbd_bench(conf, pool_name, &image, kind, pattern, bs)?;
+        let total = if *bs == "4K" { "64M" } else { "512M" }.to_string();
+        let job = RbdBench { kind, pattern, size: bs, total };
+        let (bm, bi) = rbd_bench(conf, pool_name, &image, &job)?;
         println!(
             "fio {label:<14}: mapped (loop on rbd-fuse) {mibs:>7.1} MiB/s {iops:>7.0} IOPS | rbd bench {bm:>7.1} MiB/s {bi:>7.0} IOPS"
         );

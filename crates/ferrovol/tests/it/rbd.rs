@@ -11,14 +11,11 @@
 
 use crate::common;
 
-use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
-use common::{last_seq, Driver, DriverBuilder};
+use common::{last_seq, Driver, DriverBuilder, Lockstep};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::group_controller_client::GroupControllerClient;
@@ -279,6 +276,30 @@ fn publish(
     }
 }
 
+fn unpublish(volume: &str, node: &str) -> csi::ControllerUnpublishVolumeRequest {
+    csi::ControllerUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        ..Default::default()
+    }
+}
+
+/// ControllerPublish for one node alone, then the stage with the context
+/// it answered, as the attacher and the kubelet do.
+async fn publish_and_stage(k: &mut Clients, volume: &str, node: &str, staging: &Path) {
+    let ctx =
+        k.c.controller_publish_volume(publish(volume, node, Mode::SingleNodeWriter, false))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+    let stage = csi::NodeStageVolumeRequest {
+        publish_context: ctx,
+        ..stage_req(volume, staging, req::mount_cap("ext4"))
+    };
+    k.n.node_stage_volume(stage).await.unwrap();
+}
+
 #[tokio::test]
 async fn rbd_volumes_snapshots_and_clones() {
     let Some(ceph) = ceph("ctrl") else { return };
@@ -476,11 +497,7 @@ async fn rbd_publish_enforces_single_node_modes_across_replicas() {
             .unwrap();
     assert_eq!(got.into_inner().status.unwrap().published_node_ids, vec!["node-a".to_string()]);
 
-    let unpub = |node: &str| csi::ControllerUnpublishVolumeRequest {
-        volume_id: v.clone(),
-        node_id: node.into(),
-        ..Default::default()
-    };
+    let unpub = |node: &str| unpublish(&v, node);
     k2.c.controller_unpublish_volume(unpub("node-a")).await.unwrap();
     k2.c.controller_unpublish_volume(unpub("node-a")).await.unwrap();
     k1.c.controller_publish_volume(publish(&v, "node-b", Mode::SingleNodeWriter, false))
@@ -511,13 +528,7 @@ async fn rbd_publish_enforces_single_node_modes_across_replicas() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // A volume that is gone was unpublished.
     let gone = "rbd:nopool:csi-vol-00000000000000000000000000000000";
-    k1.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: gone.into(),
-        node_id: "node-a".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    k1.c.controller_unpublish_volume(unpublish(gone, "node-a")).await.unwrap();
     let e =
         k1.c.controller_publish_volume(publish(gone, "node-a", Mode::SingleNodeWriter, false))
             .await
@@ -655,62 +666,6 @@ async fn rbd_online_expansion_grows_a_mounted_filesystem() {
     drop(d);
 }
 
-/// A writer that appends sequence numbers to every member in turn and
-/// makes each durable (fdatasync) before the next: at any instant the
-/// members' durable logs differ by at most one step, so a crash-consistent
-/// group snapshot restores members within one step of each other.
-struct DurableLockstep {
-    stop: Arc<AtomicBool>,
-    steps: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl DurableLockstep {
-    fn start(logs: Vec<PathBuf>) -> DurableLockstep {
-        let stop = Arc::new(AtomicBool::new(false));
-        let steps = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (stop, steps) = (stop.clone(), steps.clone());
-            std::thread::spawn(move || {
-                let mut files: Vec<_> =
-                    logs.iter().map(|l| std::fs::File::create(l).unwrap()).collect();
-                let mut seq = 1u64;
-                while !stop.load(Ordering::Relaxed) {
-                    for f in &mut files {
-                        writeln!(f, "{seq}").unwrap();
-                        f.sync_data().unwrap();
-                    }
-                    steps.store(seq, Ordering::Relaxed);
-                    seq += 1;
-                }
-            })
-        };
-        while steps.load(Ordering::Relaxed) < 20 {
-            std::thread::yield_now();
-        }
-        DurableLockstep { stop, steps, thread }
-    }
-
-    /// Steps written durably to every member so far.
-    fn steps(&self) -> u64 {
-        self.steps.load(Ordering::Relaxed)
-    }
-
-    /// Returns once `n` more steps are durable on every member.
-    fn advance(&self, n: u64) {
-        let target = self.steps() + n;
-        while self.steps() < target {
-            std::thread::yield_now();
-        }
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap();
-        self.steps.load(Ordering::Relaxed)
-    }
-}
-
 /// Restores each snapshot, mounts it and answers the last sequence number
 /// its log holds; everything restored is removed again.
 async fn restored_seqs(k: &mut Clients, ceph: &Ceph, snaps: &[String], tag: &str) -> Vec<u64> {
@@ -741,7 +696,6 @@ async fn rbd_group_snapshots_are_one_instant_and_members_restore() {
         vols.push((v, st, tg));
     }
     let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
-    let logs: Vec<PathBuf> = vols.iter().map(|v| v.2.join("log")).collect();
     let group_req = |name: &str, ids: &[String]| csi::CreateVolumeGroupSnapshotRequest {
         name: name.into(),
         source_volume_ids: ids.to_vec(),
@@ -749,7 +703,7 @@ async fn rbd_group_snapshots_are_one_instant_and_members_restore() {
     };
 
     // One group snapshot while the writer runs...
-    let writer = DurableLockstep::start(logs.clone());
+    let writer = Lockstep::start_durable(&vols);
     let g =
         k.g.create_volume_group_snapshot(group_req("group-1", &ids))
             .await
@@ -946,18 +900,8 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
     let mut k = clients(&d).await;
     let v = new_volume(&mut k, &ceph, "pvc-f", 64 * MIB).await;
     let image = format!("{}/{}", ceph.pool, image_of(&v));
-    let ctx =
-        k.c.controller_publish_volume(publish(&v, "node-a", Mode::SingleNodeWriter, false))
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
     let staging = ceph.staging("pv-f");
-    let stage = |ctx: &std::collections::HashMap<String, String>| csi::NodeStageVolumeRequest {
-        publish_context: ctx.clone(),
-        ..stage_req(&v, &staging, req::mount_cap("ext4"))
-    };
-    k.n.node_stage_volume(stage(&ctx)).await.unwrap();
+    publish_and_stage(&mut k, &v, "node-a", &staging).await;
     std::fs::write(staging.join("f"), b"x").unwrap();
     rustix::fs::sync();
     let owner = ceph.json("rbd", &["lock", "ls", &image]);
@@ -987,27 +931,11 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
     );
     ceph.release_host();
     let dead = owner[0]["address"].as_str().unwrap().to_string();
-    k.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: v.clone(),
-        node_id: "node-a".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    k.c.controller_unpublish_volume(unpublish(&v, "node-a")).await.unwrap();
     let d2 = ceph.driver("d2", "node-b", &[]).start();
     let mut k2 = clients(&d2).await;
-    let ctx =
-        k2.c.controller_publish_volume(publish(&v, "node-b", Mode::SingleNodeWriter, false))
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
     let staging_b = ceph.staging("pv-f-b");
-    let req_b = csi::NodeStageVolumeRequest {
-        publish_context: ctx,
-        ..stage_req(&v, &staging_b, req::mount_cap("ext4"))
-    };
-    k2.n.node_stage_volume(req_b).await.unwrap();
+    publish_and_stage(&mut k2, &v, "node-b", &staging_b).await;
     let blocklist = ceph.tool("ceph", &["osd", "blocklist", "ls"]);
     assert!(blocklist.contains(&dead), "the dead client {dead} is fenced: {blocklist}");
     assert_eq!(std::fs::read(staging_b.join("f")).unwrap(), b"x");
@@ -1021,39 +949,17 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
         ..req::create("pvc-plain", 16 * MIB)
     };
     let plain = k2.c.create_volume(plain).await.unwrap().into_inner().volume.unwrap().volume_id;
-    let ctx =
-        k2.c.controller_publish_volume(publish(&plain, "node-b", Mode::SingleNodeWriter, false))
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
     let staging_p = ceph.staging("pv-plain");
-    let req_p = csi::NodeStageVolumeRequest {
-        publish_context: ctx,
-        ..stage_req(&plain, &staging_p, req::mount_cap("ext4"))
-    };
-    k2.n.node_stage_volume(req_p).await.unwrap();
+    publish_and_stage(&mut k2, &plain, "node-b", &staging_p).await;
     k2.n.node_unstage_volume(unstage_req(&plain, &staging_p)).await.unwrap();
-    k2.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: plain.clone(),
-        node_id: "node-b".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    k2.c.controller_unpublish_volume(unpublish(&plain, "node-b")).await.unwrap();
     k2.c.delete_volume(req::delete(&plain)).await.unwrap();
 
     k2.n.node_unstage_volume(unstage_req(&v, &staging_b)).await.unwrap();
     // node-a's stale state dir is this test's to clear (a dead node's is
     // gone with it).
     let _ = std::fs::remove_dir_all(d.state_dir.join("rbd"));
-    k2.c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: v.clone(),
-        node_id: "node-b".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    k2.c.controller_unpublish_volume(unpublish(&v, "node-b")).await.unwrap();
     k2.c.delete_volume(req::delete(&v)).await.unwrap();
     let _ = ceph.tool("ceph", &["osd", "blocklist", "rm", &dead]);
     ceph.assert_clean();
