@@ -686,9 +686,11 @@ impl RbdEngine {
                         Origin::Member { parent_id, snap_id: snap.id, size: snap.size, parent }
                     } else {
                         let depth = depth_of(&img);
+                        let parent_name = img.name().map_err(ceph_error)?;
                         let snap_name = s.snap_name();
                         Origin::Snapshot {
                             parent_id,
+                            parent_name,
                             snap: snap_name,
                             size: snap.size,
                             depth,

@@ -119,6 +119,9 @@ pub enum Origin {
     Snapshot {
         parent: Pool,
         parent_id: String,
+        /// The parent's name when the snapshot was found (a deleted
+        /// volume's image is in the trash, and has none to clone from).
+        parent_name: String,
         snap: String,
         size: u64,
         depth: u32,
@@ -239,9 +242,15 @@ fn make(
     };
     Ok(match origin {
         Origin::Empty => (made(pool.create_image(image, size, options))?, 0),
-        Origin::Snapshot { parent, parent_id, snap, depth, .. } => {
-            let parent_name = nameable(parent, parent_id)?;
-            (made(parent.clone_image(&parent_name, snap, pool, image, options))?, depth + 1)
+        Origin::Snapshot { parent, parent_id, parent_name, snap, depth, .. } => {
+            let clone = |name: &str| parent.clone_image(name, snap, pool, image, options);
+            let r = match clone(parent_name) {
+                // Not in the directory: the volume was deleted (its image
+                // waits in the trash for its snapshots to go).
+                Err(e) if e.is(libc::ENOENT) => clone(&nameable(parent, parent_id)?),
+                r => r,
+            };
+            (made(r)?, depth + 1)
         }
         Origin::Volume { parent, parent_name, depth, .. } => {
             let snap = format!("{}{}", ids::CLONE_SNAP_PREFIX, ids::hash(&req.name));
