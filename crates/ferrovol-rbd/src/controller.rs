@@ -524,8 +524,12 @@ impl ControllerEngine for RbdEngine {
                 let Some(pool) = self.pool_of(name, &Secrets::default()).await? else { continue };
                 out.extend(
                     blocking(move || {
+                        // Deleted volumes' images (in the trash, or back
+                        // under a hidden name) keep their snapshots too.
+                        let images = pool.list_images().map_err(ceph_error)?.into_iter();
+                        let trashed = pool.trash_list().map_err(ceph_error)?.into_iter();
                         let mut snaps = vec![];
-                        for (id, n) in pool.list_images().map_err(ceph_error)? {
+                        for (id, n) in images.chain(trashed.map(|t| (t.id, t.name))) {
                             if is_volume_name(&n) || n.starts_with(ids::DELETED_PREFIX) {
                                 snaps.extend(image_snapshots(&pool, &id)?);
                             }

@@ -434,6 +434,10 @@ async fn rbd_volumes_snapshots_and_clones() {
             .await
             .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    let listed = k.c.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap();
+    let listed: Vec<String> =
+        listed.into_inner().entries.into_iter().map(|e| e.snapshot.unwrap().snapshot_id).collect();
+    assert_eq!(listed, vec![s.clone()], "the deleted volume's snapshot is still listed");
     let again = csi::CreateVolumeRequest {
         parameters: ceph.params("layering"),
         ..req::from_snapshot("pvc-r2", &s, 64 * MIB)
