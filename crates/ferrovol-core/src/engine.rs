@@ -248,6 +248,17 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// Trims a listing fetched with one item more than `max` (so it is known
+/// whether more follow) and answers the token that resumes after it.
+pub fn next_token<T>(items: &mut Vec<T>, max: usize, id: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() > max {
+        items.truncate(max);
+        items.last().map(id)
+    } else {
+        None
+    }
+}
+
 /// A ControllerPublishVolume, validated.
 #[derive(Clone, Debug)]
 pub struct Publish {

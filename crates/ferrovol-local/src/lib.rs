@@ -557,7 +557,7 @@ impl ControllerEngine for LocalEngine {
         let mut records = self
             .journal
             .scan::<VolumeRecord>(token, max.saturating_add(1), |r| r.state() == State::Ready)?;
-        let next = next_token(&mut records, max, |r| r.id.clone());
+        let next = ferrovol_core::engine::next_token(&mut records, max, |r| r.id.clone());
         Ok(Page { items: records.iter().map(to_volume).collect(), next })
     }
 
@@ -742,7 +742,7 @@ impl ControllerEngine for LocalEngine {
             self.journal.scan::<SnapshotRecord>(token, max.saturating_add(1), |r| {
                 r.state() == State::Ready && source_matches(r)
             })?;
-        let next = next_token(&mut records, max, |r| r.id.clone());
+        let next = ferrovol_core::engine::next_token(&mut records, max, |r| r.id.clone());
         Ok(Page { items: records.iter().map(to_snapshot).collect(), next })
     }
 
@@ -1071,16 +1071,6 @@ impl LocalEngine {
             }
         }
         self.journal.remove(group).await
-    }
-}
-
-/// Trims a page fetched with one extra item and answers the next token.
-fn next_token<T>(items: &mut Vec<T>, max: usize, id: impl Fn(&T) -> String) -> Option<String> {
-    if items.len() > max {
-        items.truncate(max);
-        items.last().map(id)
-    } else {
-        None
     }
 }
 

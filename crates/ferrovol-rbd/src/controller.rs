@@ -124,16 +124,6 @@ pub fn features() -> Features {
     Features { publish: true, expansion: ExpansionSite::Controller, mount_modes, block_modes }
 }
 
-/// The first `max` of `items` (one more was fetched to know there are
-/// more), and the token that resumes after them.
-fn page<T>(mut items: Vec<T>, max: usize, id: impl Fn(&T) -> String) -> Page<T> {
-    let next = (items.len() > max).then(|| {
-        items.truncate(max);
-        items.last().map(id)
-    });
-    Page { items, next: next.flatten() }
-}
-
 fn is_single_node(mode: AccessMode) -> bool {
     matches!(
         mode,
@@ -299,7 +289,8 @@ impl ControllerEngine for RbdEngine {
                 break;
             }
         }
-        Ok(page(items, max, |v| v.id.clone()))
+        let next = engine::next_token(&mut items, max, |v| v.id.clone());
+        Ok(Page { items, next })
     }
 
     async fn capacity(
@@ -549,7 +540,8 @@ impl ControllerEngine for RbdEngine {
             }
             all.drain(..pos.unwrap_or(all.len()));
         }
-        Ok(page(all, max, |s| s.id.clone()))
+        let next = engine::next_token(&mut all, max, |s| s.id.clone());
+        Ok(Page { items: all, next })
     }
 
     async fn create_group_snapshot(

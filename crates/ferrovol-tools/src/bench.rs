@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::group_controller_client::GroupControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
@@ -443,32 +444,48 @@ async fn timed_group_snapshots(
     prefix: &str,
     samples: usize,
 ) -> Result<Vec<Duration>, String> {
-    use ferrovol_csi::group_controller_client::GroupControllerClient;
     let mut g = GroupControllerClient::new(channel.clone());
     let mut totals = Vec::with_capacity(samples);
     for i in 0..samples {
         let t = Instant::now();
-        let group = g
-            .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-                name: format!("{prefix}-{i}"),
-                source_volume_ids: ids.to_vec(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .into_inner()
-            .group_snapshot
-            .ok_or("no group")?;
+        let group = group_snapshot(&mut g, format!("{prefix}-{i}"), ids).await?;
         totals.push(t.elapsed());
-        g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-            group_snapshot_id: group.group_snapshot_id,
-            snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        delete_group_snapshot(&mut g, group).await?;
     }
     Ok(totals)
+}
+
+/// CreateVolumeGroupSnapshot named `name` of `ids`.
+async fn group_snapshot(
+    g: &mut GroupControllerClient<Channel>,
+    name: String,
+    ids: &[String],
+) -> Result<csi::VolumeGroupSnapshot, String> {
+    g.create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+        name,
+        source_volume_ids: ids.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .into_inner()
+    .group_snapshot
+    .ok_or_else(|| "no group".into())
+}
+
+/// DeleteVolumeGroupSnapshot of a group and exactly its members.
+async fn delete_group_snapshot(
+    g: &mut GroupControllerClient<Channel>,
+    group: csi::VolumeGroupSnapshot,
+) -> Result<(), String> {
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id,
+        snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
+        ..Default::default()
+    })
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// GetMetadataDelta between two snapshots of a 10 GiB volume full of data,

@@ -425,6 +425,7 @@ async fn cow(
 async fn member_restore(channel: &Channel, pool_name: &str, conf: &Path) -> Result<(), String> {
     use csi::volume_content_source::{SnapshotSource, Type};
     use ferrovol_csi::group_controller_client::GroupControllerClient;
+
     let mut c = ControllerClient::new(channel.clone());
     let mut g = GroupControllerClient::new(channel.clone());
     let src =
@@ -435,17 +436,12 @@ async fn member_restore(channel: &Channel, pool_name: &str, conf: &Path) -> Resu
         .await
         .map_err(|e| e.to_string())??;
     let t = Instant::now();
-    let group = g
-        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-            name: "bench-member-group".into(),
-            source_volume_ids: vec![src.volume_id.clone()],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner()
-        .group_snapshot
-        .ok_or("no group")?;
+    let group = super::group_snapshot(
+        &mut g,
+        "bench-member-group".into(),
+        std::slice::from_ref(&src.volume_id),
+    )
+    .await?;
     let group_ms = t.elapsed().as_secs_f64() * 1e3;
     let member = group.snapshots[0].snapshot_id.clone();
     let from = csi::VolumeContentSource {
@@ -463,13 +459,7 @@ async fn member_restore(channel: &Channel, pool_name: &str, conf: &Path) -> Resu
     };
     println!("group snapshot of 1 volume: {group_ms:.1} ms; restore of its member (256 MiB of data): {restore_ms:.1} ms, by {how}");
     delete(&mut c, restored.volume_id).await?;
-    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: group.group_snapshot_id,
-        snapshot_ids: group.snapshots.into_iter().map(|s| s.snapshot_id).collect(),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    super::delete_group_snapshot(&mut g, group).await?;
     delete(&mut c, src.volume_id).await
 }
 
