@@ -36,6 +36,16 @@ impl Mode {
     pub fn node(self) -> bool {
         matches!(self, Mode::Node | Mode::All | Mode::Agent)
     }
+    /// The name `--mode` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Controller => "controller",
+            Mode::Node => "node",
+            Mode::All => "all",
+            Mode::Relay => "relay",
+            Mode::Agent => "agent",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

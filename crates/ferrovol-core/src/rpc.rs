@@ -71,38 +71,94 @@ fn code_of<T>(outcome: &Result<T>) -> tonic::Code {
 struct GrpcPath(String);
 
 /// A tower layer for the server: records each request's gRPC path, which
-/// tonic routes on but does not hand to the service.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MethodLayer;
+/// tonic routes on but does not hand to the service, and gives tonic's own
+/// UNIMPLEMENTED answer (a service or method this process does not serve)
+/// a message saying so: an empty one leaves the caller guessing.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodLayer {
+    mode: crate::cli::Mode,
+}
+
+impl MethodLayer {
+    pub fn new(mode: crate::cli::Mode) -> Self {
+        MethodLayer { mode }
+    }
+}
 
 impl<S> tower::Layer<S> for MethodLayer {
     type Service = MethodService<S>;
 
     fn layer(&self, inner: S) -> MethodService<S> {
-        MethodService(inner)
+        MethodService { inner, mode: self.mode }
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct MethodService<S>(S);
+pub struct MethodService<S> {
+    inner: S,
+    mode: crate::cli::Mode,
+}
 
-impl<S, B> tower::Service<http::Request<B>> for MethodService<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for MethodService<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
-        let path = GrpcPath(request.uri().path().to_string());
-        request.extensions_mut().insert(path);
-        self.0.call(request)
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let mode = self.mode;
+        request.extensions_mut().insert(GrpcPath(path.clone()));
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            explain_unimplemented(response.headers_mut(), &path, mode);
+            Ok(response)
+        })
     }
+}
+
+/// Adds a `grpc-message` to a trailers-only UNIMPLEMENTED answer that has
+/// none (tonic's answer for a path no registered service routes).
+fn explain_unimplemented(headers: &mut http::HeaderMap, path: &str, mode: crate::cli::Mode) {
+    let unimplemented = headers.get("grpc-status").is_some_and(|v| {
+        v.as_bytes() == (tonic::Code::Unimplemented as i32).to_string().as_bytes()
+    });
+    if !unimplemented || headers.contains_key("grpc-message") {
+        return;
+    }
+    let message = format!(
+        "{} is not served by this ferrovol process (--mode {}): node calls go to the node \
+         plugin's socket, controller calls to the controller's",
+        crate::error::bounded(path),
+        mode.name()
+    );
+    if let Ok(value) = http::HeaderValue::from_str(&percent_encode(&message)) {
+        headers.insert("grpc-message", value);
+    }
+}
+
+/// gRPC's encoding of `grpc-message`: bytes outside printable ASCII, and
+/// `%` itself, as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        match b {
+            b'%' => out.push_str("%25"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// The method name of a request: the last part of its gRPC path, or

@@ -21,6 +21,7 @@ use crate::endpoint::{self, Endpoint, SocketState};
 use crate::engine::{ControllerEngine, NodeAttacher};
 use crate::locks::OpLocks;
 use crate::services::controller::ControllerService;
+use crate::services::controller_side_node::ControllerSideNode;
 use crate::services::group_controller::GroupControllerService;
 use crate::services::identity::IdentityService;
 use crate::services::node::{NodeConfig, NodeService};
@@ -198,13 +199,16 @@ pub fn routes(driver: Arc<Driver>, node: NodeConfig) -> Router<Stack<MethodLayer
     if driver.mode.node() {
         router =
             router.add_service(csi::node_server::NodeServer::new(NodeService::new(driver, node)));
+    } else if driver.mode.controller() {
+        router =
+            router.add_service(csi::node_server::NodeServer::new(ControllerSideNode::new(driver)));
     }
     router
 }
 
 fn identity_routes(server: Server, driver: Arc<Driver>) -> Router<Stack<MethodLayer, Identity>> {
     server
-        .layer(MethodLayer)
+        .layer(MethodLayer::new(driver.mode))
         .add_service(csi::identity_server::IdentityServer::new(IdentityService::new(driver)))
 }
 

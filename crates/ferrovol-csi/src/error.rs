@@ -162,6 +162,23 @@ err_ctor! {
     internal => Internal,
 }
 
+/// The most of a client's value an error message or a log line repeats.
+pub const ECHO_LIMIT: usize = 128;
+
+/// `value` as an error or a log may echo it: whole when short, else its
+/// first [`ECHO_LIMIT`] bytes (cut at a character boundary) and its full
+/// length, so a huge name never becomes a huge message.
+pub fn bounded(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.len() <= ECHO_LIMIT {
+        return value.into();
+    }
+    let mut end = ECHO_LIMIT;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} bytes in all]", &value[..end], value.len()).into()
+}
+
 /// The canonical name of a gRPC code, as the CSI spec and grpc-go write it
 /// (`OK`, `INVALID_ARGUMENT`, …): one spelling for logs and metric labels.
 pub fn code_name(code: Code) -> &'static str {
@@ -189,6 +206,15 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoed_values_are_bounded() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(1000);
+        let cut = bounded(&long);
+        assert!(cut.len() < ECHO_LIMIT + 32, "{}", cut.len());
+        assert!(cut.ends_with("[2000 bytes in all]"), "{cut}");
+    }
 
     #[test]
     fn full_disk_is_resource_exhausted() {

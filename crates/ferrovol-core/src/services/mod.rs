@@ -3,6 +3,7 @@
 //! traced the same way.
 
 pub mod controller;
+pub mod controller_side_node;
 pub mod convert;
 pub mod group_controller;
 pub mod identity;

@@ -730,6 +730,13 @@ fn unmount_all_and_remove(path: &Path) -> Result<()> {
 impl NodeService {
     async fn get_capabilities(
         &self,
+        req: csi::NodeGetCapabilitiesRequest,
+    ) -> Result<csi::NodeGetCapabilitiesResponse> {
+        Self::get_capabilities_static(req)
+    }
+
+    /// NodeGetCapabilities' answer, which depends on no state.
+    pub(crate) fn get_capabilities_static(
         _: csi::NodeGetCapabilitiesRequest,
     ) -> Result<csi::NodeGetCapabilitiesResponse> {
         let capabilities = Self::capabilities()

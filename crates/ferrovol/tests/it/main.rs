@@ -23,6 +23,7 @@ mod rbd;
 mod recovery;
 mod relay;
 mod secrets;
+mod sidecars;
 mod soak;
 mod split;
 mod startup;
