@@ -431,9 +431,7 @@ impl ControllerEngine for LocalEngine {
         let ours = self.node.topology();
         if let Some(reqs) = &req.accessibility {
             if !reqs.requisite.is_empty() && !reqs.requisite.iter().any(|t| serves(&ours, t)) {
-                return Err(error::exhausted(format!(
-                    "the requisite topology excludes this node ({ours:?})"
-                )));
+                return Err(self.elsewhere(&req.source, &reqs.requisite));
             }
         }
         let thick = is_thick(&req.parameters);
@@ -999,7 +997,44 @@ fn serves(ours: &Topology, theirs: &Topology) -> bool {
     theirs.iter().all(|(k, v)| ours.get(k) == Some(v))
 }
 
+/// Topology segments as an operator writes them: `key=value` joined by
+/// commas, one segment per brace.
+fn describe_topology(segments: &[Topology]) -> String {
+    let each: Vec<String> = segments
+        .iter()
+        .map(|t| {
+            let pairs: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{{{}}}", pairs.join(","))
+        })
+        .collect();
+    each.join(" or ")
+}
+
 impl LocalEngine {
+    /// Why a volume cannot be made here for a request whose requisite
+    /// topology leaves this node out. RESOURCE_EXHAUSTED, as the spec's
+    /// table says (the provisioner then lets the scheduler pick again, and
+    /// shows this message in the claim's events): it names what was asked
+    /// for and, for a restore or clone, that the new volume can only live
+    /// where its source does.
+    fn elsewhere(&self, source: &Option<ContentSource>, requisite: &[Topology]) -> Error {
+        let here = self.node.node_id();
+        let asked = describe_topology(requisite);
+        let source = match source {
+            Some(ContentSource::Snapshot(id)) => Some(("snapshot", id)),
+            Some(ContentSource::Volume(id)) => Some(("volume", id)),
+            None => None,
+        };
+        error::exhausted(match source {
+            Some((noun, id)) => format!(
+                "{noun} {id} lives on node {here}, and a volume made from it lives there too \
+                 (local restores and clones stay on their source's node), but the request \
+                 allows only {asked}: schedule the pod on node {here}"
+            ),
+            None => format!("node {here} is not among the nodes the request allows: {asked}"),
+        })
+    }
+
     /// The short path of an empty thin volume: the sparse file in staging,
     /// one durable commit of the `Ready` record (a crash before it leaves a
     /// staged file no record claims, which recovery removes; one after it,

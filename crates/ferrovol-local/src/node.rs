@@ -28,6 +28,10 @@ impl LocalNode {
         LocalNode { pool, node_id: node_id.to_string() }
     }
 
+    pub(super) fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
     /// The node half alone, for `--mode node`: the pool's layout, without
     /// its journal (the controller half's, which another process may hold).
     /// The pool's identity is checked first, as in every mode: a node

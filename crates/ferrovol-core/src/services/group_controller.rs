@@ -107,7 +107,7 @@ impl GroupControllerService {
         // is ABORTED and retried), and never reads a file being trashed.
         let _members = match engine.group_snapshot(&req.group_snapshot_id).await {
             Ok(g) => {
-                check_members(&g, &req.snapshot_ids)?;
+                self.check_members_left(&g, &req.snapshot_ids).await?;
                 let keys: Vec<String> =
                     g.snapshots.iter().map(|m| locks::snapshot(&m.id)).collect();
                 Some(self.driver.locks.acquire(&keys, &[])?)
@@ -119,6 +119,37 @@ impl GroupControllerService {
             .delete_group_snapshot(&req.group_snapshot_id, &validate::secrets(&req.secrets))
             .await?;
         Ok(csi::DeleteVolumeGroupSnapshotResponse {})
+    }
+
+    /// DeleteVolumeGroupSnapshot's `snapshot_ids` check. A delete that was
+    /// cut short (a group spread over nodes, one node's part gone, another
+    /// node unreachable or busy) leaves fewer members than the sidecar
+    /// names on its retry: a named member that no longer exists anywhere
+    /// is one that delete already removed, not a mismatch. Every member
+    /// still there must be named, and none named may live on elsewhere.
+    async fn check_members_left(&self, g: &GroupSnapshot, snapshot_ids: &[String]) -> Result<()> {
+        if snapshot_ids.is_empty() {
+            return Ok(());
+        }
+        let given: HashSet<&str> = snapshot_ids.iter().map(String::as_str).collect();
+        let left: HashSet<&str> = g.snapshots.iter().map(|s| s.id.as_str()).collect();
+        let mismatch = || {
+            error::invalid(format!(
+                "snapshot_ids do not match the members of group snapshot {}",
+                g.id
+            ))
+        };
+        if !left.is_subset(&given) {
+            return Err(mismatch());
+        }
+        for gone in given.difference(&left) {
+            match self.driver.controller().snapshot(gone).await {
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Ok(_) => return Err(mismatch()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     async fn get(

@@ -143,11 +143,19 @@ impl Cluster {
 
     /// Restarts agent `i` on its pool and state, and waits for its link.
     fn restart_agent(&mut self, i: usize) {
+        self.restart_agent_with(i, &[]);
+    }
+
+    /// Restarts agent `i` with `env` added to its environment.
+    fn restart_agent_with(&mut self, i: usize, env: &[(&str, &str)]) {
         self.agents[i].driver.kill();
         let agent = &self.agents[i];
         let needle = format!("node agent connected node={} ", agent.name);
         let before = self.relay.logs().matches(&needle).count();
-        let b = self.agent_builder(&agent.name, &agent.root, &agent.pool, &agent.kubelet);
+        let mut b = self.agent_builder(&agent.name, &agent.root, &agent.pool, &agent.kubelet);
+        for (k, v) in env {
+            b = b.env(k, v);
+        }
         let agent = &mut self.agents[i];
         agent.driver = b.start();
         assert!(
@@ -937,4 +945,128 @@ async fn a_part_whose_freeze_ended_is_never_used() {
     assert!(hi - lo <= 1, "members are from one instant: {ends:?}");
 
     delete_group_and_volumes(&cluster, &group, &vols).await;
+}
+
+/// A group across two nodes whose delete reaches one node's part but not
+/// the other's (node-b's member is busy: a restore from it, started by
+/// another controller replica, still runs there). The delete is ABORTED;
+/// the sidecar's retry names both members, one of them already gone, and
+/// must finish the delete rather than fail for ever on a mismatch (the
+/// member VolumeSnapshot of node-b was left behind on a real cluster).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_delete_cut_short_on_one_node_finishes_on_retry() {
+    let mut cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Xfs).await;
+    let vols = mounted_on_each(&cluster).await;
+    let group = cluster
+        .groups()
+        .await
+        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+            name: "cut-short".into(),
+            source_volume_ids: vols.iter().map(|v| v.0.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    let on_b = group.snapshots.iter().find(|s| s.snapshot_id.ends_with("@node-b")).unwrap();
+    let delete = csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids: group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+        ..Default::default()
+    };
+    // A member named that lives on outside the group is still a mismatch,
+    // and so is a member left out.
+    let mut c = cluster.controller().await;
+    let loner = snapshot(&mut c, "loner", &vols[0].0).await;
+    let mut extra = delete.clone();
+    extra.snapshot_ids.push(loner.snapshot_id.clone());
+    let mut short = delete.clone();
+    short.snapshot_ids.pop();
+    for bad in [extra, short] {
+        let e = cluster.groups().await.delete_volume_group_snapshot(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    c.delete_snapshot(req::delete_snapshot(&loner.snapshot_id)).await.unwrap();
+
+    // node-b again, a restore from its member paused inside node-b.
+    let gate = tempfile::tempdir().unwrap();
+    let fifo = gate.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("create-volume-after-reserve=pause:{}", fifo.display());
+    cluster.restart_agent_with(1, &[("FERROVOL_FAILPOINTS", &spec)]);
+    let restore = {
+        let mut own = cluster.agents[1].local().await;
+        let r = req::from_snapshot("restore-on-b", &on_b.snapshot_id, 64 * MIB);
+        tokio::spawn(async move { own.create_volume(r).await })
+    };
+    cluster.agents[1].driver.wait_for_log("failpoint reached").unwrap();
+
+    let e = cluster.groups().await.delete_volume_group_snapshot(delete.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(cluster.agents[0].pool.files("snapshots").is_empty(), "node-a's part went");
+    assert_eq!(cluster.agents[1].pool.files("snapshots").len(), 1, "node-b's part stayed");
+
+    std::fs::write(&fifo, b"go").unwrap();
+    let restored = restore.await.unwrap().unwrap().into_inner().volume.unwrap();
+    // The sidecar's retry, with the same members.
+    cluster.groups().await.delete_volume_group_snapshot(delete.clone()).await.unwrap();
+    assert!(cluster.agents[1].pool.files("snapshots").is_empty(), "node-b's part went");
+    let e = cluster
+        .groups()
+        .await
+        .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
+    delete_group_and_volumes(&cluster, &group, &vols).await;
+}
+
+/// The relay's Deployment runs the controller sidecars beside it, the
+/// agents' DaemonSet the node ones: each starts (csi-resizer exited at
+/// start beside the relay, which answered its NodeGetCapabilities with an
+/// empty UNIMPLEMENTED, so a PVC edit never grew a volume).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sidecars_start_beside_the_relay_and_the_agents() {
+    use crate::sidecars::{assert_start, assert_unserved_says_so, CONTROLLER, NODE};
+    let cluster = Cluster::start(&["node-a"], PoolFs::Ext4).await;
+    let relay = cluster.relay.channel().await;
+    assert_start(&relay, CONTROLLER, "--mode relay").await;
+    assert_unserved_says_so(&relay, true).await;
+    let agent = cluster.agents[0].driver.channel().await;
+    assert_start(&agent, CONTROLLER, "--mode agent").await;
+    assert_start(&agent, NODE, "--mode agent").await;
+}
+
+/// A restore of a snapshot that lives on node-b, for a pod the scheduler
+/// put on node-a: refused with what was asked for and where the snapshot
+/// is (it named node-b's own topology only, and the claim stayed Pending
+/// with nothing to go on). The same for a clone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_for_another_node_says_where_its_source_lives() {
+    let cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Ext4).await;
+    let mut c = cluster.controller().await;
+    let source = create(&mut c, on_node("pvc-b", "node-b", 16 * MIB)).await;
+    let snap = snapshot(&mut c, "snap-b", &source.volume_id).await;
+    let pinned = on_node("restore", "node-a", 16 * MIB);
+    let topology = pinned.accessibility_requirements.clone();
+    for (noun, from) in [
+        ("snapshot", req::from_snapshot("restore", &snap.snapshot_id, 16 * MIB)),
+        ("volume", req::from_volume("clone", &source.volume_id, 16 * MIB)),
+    ] {
+        let r = csi::CreateVolumeRequest { accessibility_requirements: topology.clone(), ..from };
+        let e = c.create_volume(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        let m = e.message();
+        assert!(m.contains(&format!("{noun} ")) && m.contains("lives on node node-b"), "{m}");
+        assert!(m.contains("allows only {local.csi.ferrovol.io/node=node-a}"), "{m}");
+    }
+    assert_eq!(cluster.agents[1].pool.files("volumes").len(), 1, "nothing made on node-b");
+    c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    c.delete_volume(req::delete(&source.volume_id)).await.unwrap();
 }
