@@ -22,7 +22,7 @@ import yaml
 
 MIN_K8S, MAX_K8S = "1.30.0", "1.37.0"
 TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local", "deploy/kubernetes/overlays/full",
-           "deploy/kubernetes/rbd"]
+           "deploy/kubernetes/overlays/kind", "deploy/kubernetes/rbd"]
 CRD_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com",
               "cbt.storage.k8s.io")
 RULES_FILE = "deploy/prometheus/ferrovol.rules.yaml"
@@ -481,20 +481,41 @@ def check_rbd(docs, binary):
           and arg(ncs["node-driver-registrar"], "--kubelet-registration-path") == host_dir + "/csi.sock",
           "RBD registrar announces the plugin socket under the kubelet's plugins dir")
     # Classes: the driver's name, parameters the engine accepts, and the
-    # secret they name exists with ceph-csi's keys.
-    secrets = {d["metadata"]["name"]: d for d in of_kind(docs, "Secret")}
+    # secret they name is the one the docs' install steps create.
+    check(not of_kind(docs, "Secret"),
+          "RBD base holds no Secret (applying it must never overwrite the operator's key)")
+    named = set()
     for sc in of_kind(docs, "StorageClass"):
         check(sc["provisioner"] == name, f"RBD StorageClass {sc['metadata']['name']} provisioner")
         engine_keys = {k for k in sc["parameters"] if not k.startswith("csi.storage.k8s.io/")}
         check(engine_keys <= known and "pool" in engine_keys, f"RBD StorageClass parameters {engine_keys} are known: {known}")
-        for k, v in sc["parameters"].items():
-            if k.endswith("-secret-name"):
-                sec = secrets.get(v, {})
-                keys = set(sec.get("stringData", {})) | set(sec.get("data", {}))
-                check({"userID", "userKey", "adminID", "adminKey"} <= keys, f"RBD {k} names a Secret with ceph-csi's keys")
+        named |= {(v, sc["parameters"].get(k.replace("-name", "-namespace")))
+                  for k, v in sc["parameters"].items() if k.endswith("-secret-name")}
     for kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
         for c in of_kind(docs, kind):
             check(c["driver"] == name, f"RBD {kind} driver")
+            named |= {(v, c["parameters"].get(k.replace("-name", "-namespace")))
+                      for k, v in c.get("parameters", {}).items() if k.endswith("-secret-name")}
+    check(len(named) == 1, f"RBD classes name one Secret: {named}")
+    (secret_name, secret_ns), = named or {(None, None)}
+    made = docs_secret_commands()
+    check(any(n == secret_name and ns == secret_ns and {"userID", "userKey", "adminID", "adminKey"} <= keys
+              for n, ns, keys in made),
+          f"docs/kubernetes.md creates Secret {secret_ns}/{secret_name} with ceph-csi's keys: {made}")
+    # The controller's own calls use that Secret, mounted where
+    # --ceph-secret-dir points.
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in ctl["volumeMounts"]}
+    secret_vol = vols.get(mounts.get(arg(ctl, "--ceph-secret-dir") or "", ""), {})
+    check(secret_vol.get("secret", {}).get("secretName") == secret_name,
+          "RBD controller: --ceph-secret-dir is the classes' Secret, mounted (Probe has a credential)")
+    # Host paths a plain Linux node may lack must not keep the pod from
+    # starting.
+    for v in ds["spec"]["template"]["spec"]["volumes"]:
+        hp = v.get("hostPath")
+        if hp and hp["path"] not in ("/dev", "/sys") and not hp["path"].startswith("/var/lib/kubelet") \
+                and hp.get("type") == "Directory":
+            check(False, f"RBD node: hostPath {hp['path']} must not require an existing directory")
     # Each sidecar's account may do what it does.
     sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
@@ -506,6 +527,42 @@ def check_rbd(docs, binary):
         check(grants(roles, bindings, sa, ns, resource, verb), f"RBD controller may {verb} {resource}")
     node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
     check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])), "RBD node account has no roles")
+
+
+def docs_secret_commands():
+    """(name, namespace, keys) of each `kubectl create secret generic` in
+    docs/kubernetes.md: what an operator following the docs makes."""
+    text = open("docs/kubernetes.md").read().replace("\\\n", " ")
+    made = []
+    for cmd in re.findall(r"kubectl[^\n]*create secret generic[^\n]*", text):
+        words = cmd.split()
+        name = words[words.index("generic") + 1]
+        ns = words[words.index("-n") + 1] if "-n" in words else None
+        keys = set(re.findall(r"--from-(?:literal|file)=(\w+)=", cmd))
+        made.append((name, ns, keys))
+    return made
+
+
+def check_pool_image(docs, binary):
+    """The kind overlay makes each node's pool with `pool init` before the
+    agent starts, at the agent's --pool-dir, its mounts reaching the host."""
+    (ds,) = [d for d in of_kind(docs, "DaemonSet") if d["metadata"]["name"] == "ferrovol-node"]
+    spec = ds["spec"]["template"]["spec"]
+    inits = {c["name"]: c for c in spec.get("initContainers", [])}
+    check("pool-init" in inits, "kind overlay: a pool-init init container")
+    init, agent = inits.get("pool-init", {"args": []}), containers(ds)["ferrovol"]
+    check(init["args"][:2] == ["pool", "init"] and arg(init, "--dir") == arg(agent, "--pool-dir"),
+          "pool-init makes the pool at the agent's --pool-dir")
+    help_text = subprocess.run([binary, "pool", "init", "--help"], check=True, capture_output=True, text=True).stdout
+    for a in init["args"][2:]:
+        check(a.split("=", 1)[0] in help_text, f"ferrovol pool init accepts {a.split('=', 1)[0]}")
+    own = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    for m in init.get("volumeMounts", []):
+        check(own.get(m["mountPath"], {}).get("name") == m["name"], f"pool-init mounts {m['mountPath']} as the agent does")
+    state = [m for m in init.get("volumeMounts", []) if m["mountPath"] == arg(agent, "--state-dir")]
+    check(state and state[0].get("mountPropagation") == "Bidirectional",
+          "pool-init's pool mount reaches the host (Bidirectional)")
+    check(init.get("securityContext", {}).get("privileged") is True, "pool-init is privileged (loop device, mount)")
 
 
 def main():
@@ -526,6 +583,7 @@ def main():
     check_link(rendered["deploy/kubernetes/overlays/local"])
     check_components(rendered["deploy/kubernetes/overlays/full"])
     check_rbd(rendered["deploy/kubernetes/rbd"], binary)
+    check_pool_image(rendered["deploy/kubernetes/overlays/kind"], binary)
     r = subprocess.run(["promtool", "check", "rules", RULES_FILE], capture_output=True, text=True)
     check(r.returncode == 0, f"promtool check rules {RULES_FILE}: {r.stdout}{r.stderr}")
     print(f"{passed} passed, {failed} failed")

@@ -23,8 +23,50 @@ pub struct ClusterConfig {
     /// Client id without "client." (None: admin).
     pub user: Option<String>,
     pub keyring: Option<PathBuf>,
+    /// The client's key itself (from `--ceph-secret-dir`): wins over the
+    /// keyring.
+    pub key: Option<String>,
     /// Seconds a monitor or OSD call may take.
     pub op_timeout: u64,
+}
+
+impl ClusterConfig {
+    /// The default client from a directory holding a Kubernetes Secret with
+    /// ceph-csi's keys, as a Secret volume mounts it (one file per key):
+    /// `adminID`/`adminKey` for the controller (else `userID`/`userKey`),
+    /// `userID`/`userKey` for the node. The same Secret the StorageClass
+    /// names serves the driver's own calls (Probe, listings, capacity),
+    /// so the operator makes one credential, not two.
+    pub fn use_secret_dir(&mut self, dir: &std::path::Path, admin: bool) -> Result<()> {
+        let read = |name: &str| -> Result<Option<String>> {
+            match std::fs::read_to_string(dir.join(name)) {
+                Ok(v) => Ok(Some(v.trim().to_string()).filter(|v| !v.is_empty())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(error::failed_precondition(format!(
+                    "reading {}: {e}",
+                    dir.join(name).display()
+                ))),
+            }
+        };
+        let pairs: &[(&str, &str)] = if admin {
+            &[("adminID", "adminKey"), ("userID", "userKey")]
+        } else {
+            &[("userID", "userKey")]
+        };
+        for (id, key) in pairs {
+            if let (Some(i), Some(k)) = (read(id)?, read(key)?) {
+                self.user = Some(i);
+                self.key = Some(k);
+                return Ok(());
+            }
+        }
+        let wanted: Vec<String> = pairs.iter().map(|(i, k)| format!("{i} and {k}")).collect();
+        Err(error::failed_precondition(format!(
+            "{} holds no Ceph credentials: it needs the files {}",
+            dir.display(),
+            wanted.join(", or ")
+        )))
+    }
 }
 
 /// Credentials one request uses.
@@ -86,11 +128,16 @@ impl Connections {
         }
         let (config, c) = (self.config.clone(), creds.clone());
         let cluster = blocking(move || {
+            // A request's own secret, else the driver's default client.
+            let (user, key) = match &c.key {
+                Some(k) => (c.user.as_deref(), Some(k.as_str())),
+                None => (config.user.as_deref(), config.key.as_deref()),
+            };
             let how = ceph::Connect {
                 conf: config.conf.as_deref(),
-                user: c.user.as_deref().or(config.user.as_deref()),
-                key: c.key.as_deref(),
-                keyring: if c.key.is_some() { None } else { config.keyring.as_deref() },
+                user,
+                key,
+                keyring: if key.is_some() { None } else { config.keyring.as_deref() },
                 mon_host: None,
                 op_timeout: config.op_timeout,
             };

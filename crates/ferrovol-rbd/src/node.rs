@@ -110,7 +110,7 @@ impl NodeAttacher for RbdNode {
             conf: config.conf.clone(),
             user: creds.as_ref().map(|(u, _)| u.clone()).or(config.user.clone()),
             keyring: config.keyring.clone(),
-            key: creds.map(|(_, k)| k),
+            key: creds.map(|(_, k)| k).or(config.key.clone()),
         };
         mapper::map(kind, &self.state_dir, &v, &auth).await
     }

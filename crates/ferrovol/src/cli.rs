@@ -125,6 +125,13 @@ pub struct RbdArgs {
     #[arg(long, env = "FERROVOL_CEPH_KEYRING")]
     pub ceph_keyring: Option<PathBuf>,
 
+    /// Instead of --ceph-user/--ceph-keyring: a directory holding a
+    /// Kubernetes Secret with ceph-csi's keys, one file per key (as a Secret
+    /// volume mounts it): adminID/adminKey (the controller; else
+    /// userID/userKey) or userID/userKey (the node).
+    #[arg(long, env = "FERROVOL_CEPH_SECRET_DIR", conflicts_with_all = ["ceph_user", "ceph_keyring"])]
+    pub ceph_secret_dir: Option<PathBuf>,
+
     /// Pools that ListVolumes, ListSnapshots, metrics and capacity cover
     /// (comma-separated). Volumes in other pools work all the same.
     #[arg(long, env = "FERROVOL_RBD_POOLS", value_delimiter = ',', default_value = "rbd")]

@@ -226,13 +226,19 @@ async fn rbd(
                     controller reaches the cluster itself (--mode controller)"
             .into());
     }
-    let conn = connect::Connections::new(connect::ClusterConfig {
+    let mut config = connect::ClusterConfig {
         conf: args.ceph_conf.clone(),
         user: args.ceph_user.clone(),
         keyring: args.ceph_keyring.clone(),
+        key: None,
         op_timeout: args.ceph_timeout,
-    })
-    .map_err(|e| e.message().to_string())?;
+    };
+    if let Some(dir) = &args.ceph_secret_dir {
+        config
+            .use_secret_dir(dir, common.mode.controller())
+            .map_err(|e| format!("--ceph-secret-dir: {}", e.message()))?;
+    }
+    let conn = connect::Connections::new(config).map_err(|e| e.message().to_string())?;
     for pool in &args.rbd_pools {
         ferrovol_rbd::ids::check_pool(pool).map_err(|e| format!("--rbd-pools: {}", e.message()))?;
     }

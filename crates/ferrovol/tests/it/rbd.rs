@@ -19,6 +19,7 @@ use common::{last_seq, Driver, DriverBuilder, Lockstep};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::group_controller_client::GroupControllerClient;
+use ferrovol_csi::identity_client::IdentityClient;
 use ferrovol_csi::node_client::NodeClient;
 use ferrovol_csi::snapshot_metadata_client::SnapshotMetadataClient;
 use ferrovol_csi::volume_capability::access_mode::Mode;
@@ -1086,4 +1087,100 @@ async fn rbd_secrets_carry_the_credentials_and_are_never_logged() {
     assert!(!d.logs().contains(key.trim()), "a key reached the log");
     ceph.assert_clean();
     drop(d);
+}
+
+/// The controller's own client (Probe, listings, requests without
+/// secrets) from the Secret the operator already made, mounted as files
+/// (`--ceph-secret-dir`): the shipped manifests passed no credential, so
+/// Probe connected as client.admin, failed, and the liveness probe
+/// restarted the driver in a loop. A wrong key in it makes Probe fail
+/// (it is the one used), and no key reaches the log.
+#[tokio::test]
+async fn rbd_the_controller_uses_the_mounted_secret_for_its_own_calls() {
+    let Some(ceph) = ceph("secretdir") else { return };
+    let user = format!("t-secretdir-{}", std::process::id());
+    let pool_caps = format!("profile rbd pool={}", ceph.pool);
+    let key = ceph.tool(
+        "ceph",
+        &[
+            "auth",
+            "get-or-create-key",
+            &format!("client.{user}"),
+            "mon",
+            "profile rbd",
+            "osd",
+            &pool_caps,
+        ],
+    );
+    let key = key.trim().to_string();
+    let secret = |name: &str, key: &str| {
+        let dir = ceph.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, value) in [("adminID", user.as_str()), ("adminKey", key)] {
+            std::fs::write(dir.join(file), value).unwrap();
+        }
+        dir.display().to_string()
+    };
+    let bad = secret("bad-secret", "AQBnotakeynotakeynotakeynotakeynotake==");
+    let d = ceph.driver("b", "ctl", &["--mode", "controller", "--ceph-secret-dir", &bad]).start();
+    let e = IdentityClient::new(d.channel().await).probe(csi::ProbeRequest {}).await;
+    assert!(!matches!(e, Ok(ref r) if r.get_ref().ready != Some(false)), "{e:?}");
+    drop(d);
+
+    let good = secret("good-secret", &key);
+    let d = ceph.driver("d", "ctl", &["--mode", "controller", "--ceph-secret-dir", &good]).start();
+    let ch = d.channel().await;
+    let probe = IdentityClient::new(ch.clone()).probe(csi::ProbeRequest {}).await.unwrap();
+    assert_ne!(probe.into_inner().ready, Some(false));
+    let mut c = ControllerClient::new(ch);
+    let v = c.create_volume(ceph.create("pvc-d", 16 * MIB)).await.unwrap().into_inner().volume;
+    let v = v.unwrap().volume_id;
+    assert_eq!(ceph.images().len(), 1);
+    c.delete_volume(req::delete(&v)).await.unwrap();
+    // The purger (the same client) empties the trash while it runs.
+    ceph.assert_clean();
+    assert!(!d.logs().contains(&key), "a key reached the log");
+    drop(d);
+    ceph.tool("ceph", &["auth", "del", &format!("client.{user}")]);
+}
+
+/// `scripts/ceph-dev-cluster --addr` binds the cluster where pods can
+/// reach it (it was 127.0.0.1 only, so the documented throw-away cluster
+/// could serve no pod): the monitor listens on the address asked for and
+/// not on 127.0.0.1, clients reach it there, and an address this host does
+/// not have is refused at once.
+#[tokio::test]
+async fn rbd_the_dev_cluster_binds_the_address_asked_for() {
+    if ceph("devaddr").is_none() {
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/ceph-dev-cluster");
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("c");
+    let run = |args: &[&str]| std::process::Command::new(script).args(args).output().unwrap();
+    let refused = run(&["start", dir.to_str().unwrap(), "--addr", "192.0.2.77"]);
+    assert!(!refused.status.success() && !dir.exists(), "{refused:?}");
+
+    struct Stop<'a>(&'a Path, &'static str);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(self.1).arg("stop").arg(self.0).status();
+        }
+    }
+    let started = run(&["start", dir.to_str().unwrap(), "--addr", "127.0.0.2"]);
+    let _stop = Stop(&dir, script);
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let conf = std::fs::read_to_string(dir.join("ceph.conf")).unwrap();
+    let mon_host = conf.lines().find(|l| l.starts_with("mon host")).unwrap();
+    assert!(mon_host.contains("v2:127.0.0.2:") && !mon_host.contains("127.0.0.1"), "{mon_host}");
+    let port = mon_host.split("v2:127.0.0.2:").nth(1).unwrap().split(',').next().unwrap();
+    let listening = std::process::Command::new("ss").args(["-Hltn"]).output().unwrap();
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    assert!(listening.contains(&format!("127.0.0.2:{port} ")), "{listening}");
+    assert!(!listening.contains(&format!("127.0.0.1:{port} ")), "{listening}");
+    let status = std::process::Command::new("ceph")
+        .args(["-c", dir.join("ceph.conf").to_str().unwrap(), "osd", "stat"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
 }
