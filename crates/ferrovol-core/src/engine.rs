@@ -173,6 +173,18 @@ pub struct EngineStats {
 /// A byte range of a volume or snapshot: (offset, length).
 pub type Range = (u64, u64);
 
+/// Whether a volume that shows no filesystem signature was ever written:
+/// only one provably never written may be formatted (data without a
+/// signature — a database's raw device, headerless encrypted data — looks
+/// blank to `blkid`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Nothing was ever written: formatting loses nothing.
+    Never,
+    /// Data is there, or may be: why, for the refusal.
+    Maybe(String),
+}
+
 /// Health of one volume as the engine sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Condition {
@@ -461,6 +473,15 @@ pub trait NodeAttacher: Send + Sync + 'static {
 
     /// The volume's health as this node sees it.
     async fn condition(&self, volume_id: &str) -> Result<Condition>;
+
+    /// Whether the attached volume (`device`) was ever written, asked when
+    /// it shows no filesystem signature, before formatting it. An engine
+    /// that cannot tell answers `Maybe`, and such a volume is never
+    /// formatted.
+    async fn written(&self, request: &Attach, device: &std::path::Path) -> Result<Written> {
+        let _ = (request, device);
+        Ok(Written::Maybe(format!("the {} engine cannot tell whether it was written", self.kind())))
+    }
 
     /// Grows the volume's storage, for engines whose expansion happens on
     /// the node ([`ExpansionSite::Node`]); answers the new capacity.

@@ -37,7 +37,7 @@ use crate::journal::{
 use ferrovol_core::engine::{
     choose_size, AccessType, Attach, Capacity, Condition, ContentSource, ControllerEngine,
     Features, GroupSnapshot, NewVolume, NodeAttacher, Page, Quiesce, Range, Secrets, Snapshot,
-    SnapshotFilter, Topology, Volume,
+    SnapshotFilter, Topology, Volume, Written,
 };
 use pool::{CowMethod, Pool, GRANULARITY};
 
@@ -985,6 +985,10 @@ impl NodeAttacher for LocalEngine {
 
     async fn grow(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
         self.expand_volume(volume_id, required, limit, &Secrets::default()).await
+    }
+
+    async fn written(&self, request: &Attach, device: &Path) -> Result<Written> {
+        self.node.written(request, device).await
     }
 
     async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{self, Error, Result};
 use crate::ids::{self, Kind};
-use ferrovol_core::engine::{Attach, Condition, Features, NodeAttacher, Quiesce, Topology};
+use ferrovol_core::engine::{
+    Attach, Condition, Features, NodeAttacher, Quiesce, Topology, Written,
+};
 
 use super::pool::Pool;
 use crate::loopdev;
@@ -186,6 +188,35 @@ impl NodeAttacher for LocalNode {
             };
             loopdev::refresh_capacity(&device)
                 .map_err(|e| Error::io(format!("refreshing the size of {}", device.display()), e))
+        })
+        .await
+    }
+
+    /// From the volume's file: a data extent anywhere means something was
+    /// written (a preallocated, never written extent is no data). The
+    /// device is flushed first, so writes still in its page cache count.
+    async fn written(&self, request: &Attach, device: &Path) -> Result<Written> {
+        let path = self.file(&request.volume_id)?;
+        let device = device.to_path_buf();
+        blocking(move || {
+            let dev = std::fs::File::open(&device)
+                .map_err(|e| Error::io(format!("opening {}", device.display()), e))?;
+            dev.sync_all().map_err(|e| Error::io(format!("flushing {}", device.display()), e))?;
+            let file = std::fs::File::open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let size = file
+                .metadata()
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+                .len();
+            let data = ferrovol_host::extents::allocated(&file, size)
+                .map_err(|e| Error::io(format!("reading the extents of {}", path.display()), e))?;
+            Ok(match data.first() {
+                None => Written::Never,
+                Some((offset, _)) => Written::Maybe(format!(
+                    "it holds {} bytes of data (the first at offset {offset})",
+                    data.iter().map(|(_, len)| len).sum::<u64>()
+                )),
+            })
         })
         .await
     }

@@ -9,9 +9,11 @@
 //! watch times out.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use ferrovol_core::engine::{Attach, Condition, Features, NodeAttacher, Quiesce, Topology};
+use ferrovol_core::engine::{
+    Attach, Condition, Features, NodeAttacher, Quiesce, Topology, Written,
+};
 
 use crate::connect::Connections;
 use crate::error::{self, Result};
@@ -113,6 +115,32 @@ impl NodeAttacher for RbdNode {
             key: creds.map(|(_, k)| k).or(config.key.clone()),
         };
         mapper::map(kind, &self.state_dir, &v, &auth).await
+    }
+
+    /// From the image itself: any extent `rbd_diff_iterate2` reports from
+    /// nothing (parents included) means data is there.
+    async fn written(&self, request: &Attach, _device: &Path) -> Result<Written> {
+        let v = Self::parse(&request.volume_id)?;
+        let pool = self.conn.node_pool(&v.pool, &request.secrets).await?;
+        blocking(move || {
+            let img = pool.open_read_only(&v.image).map_err(ceph_error)?;
+            let size = img.size().map_err(ceph_error)?;
+            let (mut bytes, mut first) = (0u64, None);
+            img.diff(None, size, &mut |off, len, exists| {
+                if exists {
+                    bytes += len;
+                    first.get_or_insert(off);
+                }
+            })
+            .map_err(ceph_error)?;
+            Ok(match first {
+                None => Written::Never,
+                Some(offset) => Written::Maybe(format!(
+                    "its image holds {bytes} bytes of data (the first at offset {offset})"
+                )),
+            })
+        })
+        .await
     }
 
     async fn detach(&self, volume_id: &str) -> Result<()> {

@@ -14,7 +14,7 @@ use ferrovol_csi as csi;
 use ferrovol_csi::node_service_capability::rpc::Type as Cap;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 
-use crate::engine::{AccessType, Attach, ExpansionSite, Features};
+use crate::engine::{AccessType, Attach, ExpansionSite, Features, Written};
 use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::node::fs::{self as nodefs, Content};
@@ -175,17 +175,15 @@ impl NodeService {
             )));
         }
         let was_attached = attached.is_some();
-        let device = attacher
-            .attach(&Attach {
-                volume_id: req.volume_id.clone(),
-                volume_context: req.volume_context.into_iter().collect(),
-                publish_context: req.publish_context.into_iter().collect(),
-                secrets: validate::secrets(&req.secrets),
-                read_only,
-            })
-            .await?;
-        let staged =
-            self.stage_on(&device, &staging, &access, &flags, read_only, &req.volume_id).await;
+        let request = Attach {
+            volume_id: req.volume_id.clone(),
+            volume_context: req.volume_context.into_iter().collect(),
+            publish_context: req.publish_context.into_iter().collect(),
+            secrets: validate::secrets(&req.secrets),
+            read_only,
+        };
+        let device = attacher.attach(&request).await?;
+        let staged = self.stage_on(&device, &staging, &access, &flags, &request).await;
         if staged.is_err() && !was_attached {
             // Nothing of a failed first stage may stay attached.
             let _ = attacher.detach(&req.volume_id).await;
@@ -199,9 +197,9 @@ impl NodeService {
         staging: &Path,
         access: &AccessType,
         flags: &[String],
-        read_only: bool,
-        volume_id: &str,
+        request: &Attach,
     ) -> Result<()> {
+        let (volume_id, read_only) = (request.volume_id.as_str(), request.read_only);
         let mounts = off_executor("reading the mount table", read_mounts).await?;
         let target = match access {
             AccessType::Block => staging.join(BLOCK_MARKER),
@@ -238,6 +236,18 @@ impl NodeService {
                     true => Content::Blank,
                     false => nodefs::probe(device).await?,
                 };
+                // No signature is not no data: only a volume the engine
+                // knows was never written is formatted.
+                if content == Content::Blank && !marker.exists() {
+                    if let Written::Maybe(why) = self.driver.node().written(request, device).await?
+                    {
+                        return Err(error::failed_precondition(format!(
+                            "volume {volume_id} shows no filesystem signature, but {why}: it \
+                             will not be formatted (stage it as a raw block volume to reach \
+                             its data, or erase it yourself if the data is not wanted)"
+                        )));
+                    }
+                }
                 let fs_type = match content {
                     Content::Blank => {
                         let fs = if fs_type.is_empty() { validate::DEFAULT_FS_TYPE } else { fs_type };

@@ -562,3 +562,46 @@ async fn unstage_waits_for_the_kernel_to_let_the_device_go() {
     c.delete_volume(req::delete(&id)).await.unwrap();
     e.kubelet.assert_clean();
 }
+
+/// A volume that holds data without a filesystem signature (here, 1 MiB of
+/// random bytes written through a raw block stage, as a database's raw
+/// device or headerless encrypted data would be) is never formatted when
+/// it is later staged as a filesystem: FAILED_PRECONDITION saying why, and
+/// every byte still there. Today's `blkid` alone saw it blank and ran mkfs.
+#[tokio::test(flavor = "multi_thread")]
+async fn data_without_a_signature_is_never_formatted() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let block = req::block_cap();
+    let id = new_volume(&mut c, "raw-then-fs", 64 * MIB, block.clone()).await;
+    let (staging, target) = (e.kubelet.staging("pv-rf"), e.kubelet.target("pod", "pv-rf"));
+    n.node_stage_volume(stage_req(&id, &staging, block.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, block.clone(), false)).await.unwrap();
+    let mut rng = common::Rng(0x5eed);
+    let data: Vec<u8> = (0..MIB).map(|_| rng.next() as u8).collect();
+    {
+        use std::os::unix::fs::FileExt;
+        let dev = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+        dev.write_all_at(&data, 4 * MIB as u64).unwrap();
+        dev.sync_all().unwrap();
+    }
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+
+    let e2 = n.node_stage_volume(stage_req(&id, &staging, req::mount_cap("ext4"))).await;
+    let err = e2.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no filesystem signature"), "{err:?}");
+    assert!(err.message().contains("1048576 bytes of data"), "{err:?}");
+    assert!(!is_mounted(&staging) && e.kubelet.loops().is_empty(), "nothing left attached");
+    let kept = common::read_at(&e.pool.volume_file(&id), 4 * MIB as u64, MIB as usize);
+    assert!(kept == data, "the data is untouched");
+
+    // A volume never written is formatted as before.
+    let fresh = new_volume(&mut c, "fresh", 64 * MIB, req::mount_cap("ext4")).await;
+    let staging2 = e.kubelet.staging("pv-fresh");
+    n.node_stage_volume(stage_req(&fresh, &staging2, req::mount_cap("ext4"))).await.unwrap();
+    assert_eq!(fs_of(&staging2), "ext4");
+    n.node_unstage_volume(unstage_req(&fresh, &staging2)).await.unwrap();
+    e.kubelet.assert_clean();
+}

@@ -1184,3 +1184,48 @@ async fn rbd_the_dev_cluster_binds_the_address_asked_for() {
         .unwrap();
     assert!(status.status.success(), "{status:?}");
 }
+
+/// An image that holds data without a filesystem signature (random bytes
+/// written through a raw block stage) is never formatted when staged as a
+/// filesystem later: the image's own extents say it was written.
+#[tokio::test]
+async fn rbd_data_without_a_signature_is_never_formatted() {
+    let Some(ceph) = ceph("noformat") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let r = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::block_cap()],
+        ..ceph.create("pvc-raw", 32 * MIB)
+    };
+    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let (staging, target) = (ceph.staging("pv-raw"), ceph.target("app", "pv-raw"));
+    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
+    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
+        .await
+        .unwrap();
+    let mut rng = common::Rng(7);
+    let data: Vec<u8> = (0..MIB).map(|_| rng.next() as u8).collect();
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
+        f.write_all_at(&data, 2 * MIB as u64).unwrap();
+        f.sync_all().unwrap();
+    }
+    unmount(&mut k, &v, &staging, &target).await;
+
+    let e = k.n.node_stage_volume(stage_req(&v, &staging, req::mount_cap("ext4"))).await;
+    let e = e.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("no filesystem signature"), "{e:?}");
+    // Still the same bytes, read back through a fresh raw stage.
+    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
+    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
+        .await
+        .unwrap();
+    let mut back = vec![0u8; MIB as usize];
+    std::fs::File::open(&target).unwrap().read_exact_at(&mut back, 2 * MIB as u64).unwrap();
+    assert!(back == data, "the data is untouched");
+    unmount(&mut k, &v, &staging, &target).await;
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    ceph.assert_clean();
+    drop(d);
+}
