@@ -46,7 +46,12 @@ pub fn node_id(args: &ServeArgs) -> Result<String, String> {
 /// markers there, and an engine may keep its own state there too (the
 /// binary calls this before it opens one that does).
 pub fn prepare_state_dir(args: &ServeArgs) -> Result<(), String> {
-    std::fs::create_dir_all(&args.state_dir)
+    use std::os::unix::fs::DirBuilderExt;
+    // Root's alone: format markers and the engine's journal live there.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.state_dir)
         .map_err(|e| format!("creating state dir {}: {e}", args.state_dir.display()))
 }
 

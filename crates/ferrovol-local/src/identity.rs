@@ -51,7 +51,11 @@ fn read_id(path: &Path) -> Result<Option<String>> {
 fn write_id(dir: &Path, name: &str, id: &str) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.tmp"));
-    let written = std::fs::File::create(&tmp)
+    let written = crate::private::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
         .and_then(|mut f| {
             writeln!(f, "{MAGIC} {id}")?;
             f.sync_all()

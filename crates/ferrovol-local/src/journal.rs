@@ -386,8 +386,16 @@ fn db_err(what: &str, e: impl Into<redb::Error>) -> Error {
 /// repaired) there; the copy's name is gone once it is open.
 fn repaired_copy(path: &Path) -> Result<Database> {
     let copy = std::env::temp_dir().join(format!("ferrovol-check-{}.redb", uuid::Uuid::new_v4()));
-    std::fs::copy(path, &copy)
-        .map_err(|e| Error::io(format!("copying {} to check it", path.display()), e))?;
+    // Made 0600 before a byte is copied: /tmp is everyone's.
+    let copied = crate::private::options()
+        .write(true)
+        .create_new(true)
+        .open(&copy)
+        .and_then(|mut dst| std::io::copy(&mut std::fs::File::open(path)?, &mut dst));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&copy);
+        return Err(Error::io(format!("copying {} to check it", path.display()), e));
+    }
     let db = Database::create(&copy).map_err(|e| db_err(&format!("open {}", path.display()), e));
     let _ = std::fs::remove_file(&copy);
     db
@@ -400,6 +408,9 @@ fn open_db(path: &Path) -> Result<Database> {
 }
 
 fn open_db_unguarded(path: &Path) -> Result<Database> {
+    // Made 0600 by us when missing (redb would make it as the umask says).
+    crate::private::ensure_file(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     let db = Database::create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => error::unavailable(format!(
             "journal {} is locked by another process (is another ferrovol serving this pool?)",

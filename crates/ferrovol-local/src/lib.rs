@@ -16,6 +16,7 @@ pub mod journal;
 pub mod node;
 pub mod pool;
 pub mod poolinit;
+pub mod private;
 pub mod recovery;
 pub mod seed;
 

@@ -52,7 +52,7 @@ impl Pool {
     pub fn open(root: &Path) -> Result<Pool> {
         let dirs = ["volumes", "snapshots", "staging", "trash"].map(|d| root.join(d));
         for dir in std::iter::once(root.to_path_buf()).chain(dirs) {
-            std::fs::create_dir_all(&dir)
+            crate::private::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
         let root = root

@@ -144,7 +144,7 @@ async fn existing(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<(Po
             dir_real.display()
         )));
     }
-    std::fs::create_dir_all(dir)
+    crate::private::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     require_empty(dir)?;
     let device = mount_image(&image, dir, fs)?;
@@ -260,13 +260,14 @@ async fn init_with(
     if size < 512 << 20 {
         return Err(error::invalid("a pool image needs at least 512 MiB"));
     }
-    std::fs::create_dir_all(dir)
+    crate::private::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     require_empty(dir)?;
     if image.exists() {
         return Err(error::already_exists(format!("{} already exists", image.display())));
     }
-    let file = std::fs::OpenOptions::new()
+    // The image holds every volume's data: root's alone.
+    let file = crate::private::options()
         .write(true)
         .create_new(true)
         .open(image)
@@ -304,6 +305,17 @@ async fn init_with(
     .await;
     // The new pool's identity, so a driver that serves it knows it from an
     // empty mount point later (engine::local::identity).
+    // The new filesystem's root (mkfs makes it 0755) is the pool: root's
+    // alone, as every directory in it.
+    let made =
+        made.and_then(|device| match crate::private::tighten(dir, crate::private::DIR_MODE) {
+            Ok(()) => Ok(device),
+            Err(e) => {
+                let _ = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH);
+                let _ = loopdev::detach(&device);
+                Err(Error::io(format!("making {} private", dir.display()), e))
+            }
+        });
     let made = match made {
         Ok(device) => match crate::identity::stamp(dir) {
             Ok(_) => Ok(device),

@@ -52,6 +52,9 @@ pub struct Report {
     pub short: Vec<String>,
     /// Empty thin volumes whose file was made again.
     pub recreated: Vec<String>,
+    /// Pool files and directories others may read (or enter), with their
+    /// modes: made 0600/0700 now, tightened by a repair.
+    pub loose_modes: Vec<(PathBuf, u32)>,
 }
 
 impl Report {
@@ -72,7 +75,7 @@ impl fmt::Display for Report {
             f,
             "rolled back {:?}, finished deletes {:?}, published {:?}, removed unclaimed staged \
              files {:?}, emptied trash {:?}, resized {:?}, dangling {:?}, orphans {:?}, \
-             smaller than their capacity {:?}, recreated empty {:?}",
+             smaller than their capacity {:?}, recreated empty {:?}, readable by others {}",
             self.rolled_back,
             self.finished_deletes,
             self.published,
@@ -82,9 +85,32 @@ impl fmt::Display for Report {
             self.dangling,
             self.orphans,
             self.short,
-            self.recreated
+            self.recreated,
+            loose_modes(&self.loose_modes)
         )
     }
+}
+
+fn loose_modes(found: &[(PathBuf, u32)]) -> String {
+    let each: Vec<String> =
+        found.iter().map(|(p, m)| format!("{} ({m:04o})", p.display())).collect();
+    format!("[{}]", each.join(", "))
+}
+
+/// The pool's own files and directories (not each volume's: those are
+/// created 0600 one by one, and a start must not stat 100,000 files), and
+/// the image `pool init` makes beside the pool by default.
+fn private_paths(pool: &Pool) -> Vec<PathBuf> {
+    let root = pool.root();
+    let mut paths = vec![root.to_path_buf(), pool.journal_path()];
+    paths.push(root.join(crate::identity::MARKER));
+    for d in ["volumes", "snapshots", "staging", "trash"] {
+        paths.push(root.join(d));
+    }
+    let mut image = root.as_os_str().to_owned();
+    image.push(".img");
+    paths.push(PathBuf::from(image));
+    paths
 }
 
 /// Settles every record and file; what it did is in the report.
@@ -251,6 +277,13 @@ impl Pass<'_> {
             let unowned: HashSet<OsString> =
                 self.listed.placed(kind).difference(&known).cloned().collect();
             self.report.orphans.extend(paths_in(&pool.dir(kind), &unowned));
+        }
+        self.report.loose_modes = crate::private::loose(&private_paths(pool));
+        if self.repair {
+            for (path, mode) in &self.report.loose_modes {
+                crate::private::tighten(path, *mode)
+                    .map_err(|e| Error::io(format!("making {} private", path.display()), e))?;
+            }
         }
         Ok(self.report)
     }

@@ -115,3 +115,64 @@ fn init_checks_the_hosts_free_space() {
     assert!(said(&sparse).contains("can fill the host's disk"), "{}", said(&sparse));
     assert!(pool(&["release", "--dir", d]).status.success());
 }
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// The pool holds every volume's data: `pool init` makes its image and
+/// directory root's alone, a driver's first start makes the journal, the
+/// identity records and every directory the same (they were 0644/0755:
+/// every local user could read every volume through the image), and `pool
+/// check` reports looser modes (an old pool, a hand-made copy) until a
+/// repair tightens them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_is_root_s_alone_and_check_says_when_it_is_not() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("pool");
+    let image = root.path().join("pool.img");
+    let _cleanup = Cleanup(dir.clone(), image.clone());
+    let (d, i) = (dir.to_str().unwrap(), image.to_str().unwrap());
+    let made = pool(&["init", "--dir", d, "--image", i, "--size", "600M"]);
+    assert!(made.status.success(), "{}", said(&made));
+    assert_eq!(mode(&image), 0o600, "the image");
+    assert_eq!(mode(&dir), 0o700, "the pool's root");
+
+    // The driver's own state dir is <its root>/state.
+    let state = root.path().join("driver").join("state");
+    let driver = common::DriverBuilder::new(&root.path().join("driver"))
+        .args(["--pool-dir", d, "--mode", "controller"])
+        .start();
+    drop(driver);
+    for f in [dir.join("journal.redb"), dir.join(".ferrovol-pool"), state.join("pool-id")] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    for sub in ["volumes", "snapshots", "staging", "trash"] {
+        assert_eq!(mode(&dir.join(sub)), 0o700, "{sub}");
+    }
+    assert_eq!(mode(&state), 0o700, "the state dir");
+
+    let check = |repair: bool| {
+        let mut args = vec!["check", "--state-dir", state.to_str().unwrap(), "--pool-dir", d];
+        if repair {
+            args.push("--repair");
+        }
+        pool(&args)
+    };
+    assert!(check(false).status.success(), "{}", said(&check(false)));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("journal.redb"), std::fs::Permissions::from_mode(0o644))
+        .unwrap();
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loose = check(false);
+    assert!(!loose.status.success(), "{}", said(&loose));
+    assert!(said(&loose).contains("readable by others"), "{}", said(&loose));
+    assert!(said(&loose).contains("journal.redb (0644)"), "{}", said(&loose));
+    assert!(said(&loose).contains("pool.img (0644)"), "{}", said(&loose));
+    assert_eq!(mode(&image), 0o644, "a check changes nothing");
+    assert!(check(true).status.success(), "{}", said(&check(true)));
+    assert_eq!((mode(&image), mode(&dir.join("journal.redb"))), (0o600, 0o600));
+    assert!(check(false).status.success(), "{}", said(&check(false)));
+    assert!(pool(&["release", "--dir", d]).status.success());
+}
