@@ -73,9 +73,28 @@ impl LinkCerts {
     }
 
     /// Writes `dir/relay/` and `dir/agent/`, each with ca.crt, tls.crt and
-    /// tls.key (keys readable by the owner only).
-    pub fn write(&self, dir: &Path) -> Result<(), String> {
+    /// tls.key (keys readable by the owner only). Certificates already
+    /// there are refused unless `force`: replacing a CA silently breaks
+    /// every end that still holds the old one at its next restart.
+    pub fn write(&self, dir: &Path, force: bool) -> Result<(), String> {
         use std::os::unix::fs::OpenOptionsExt;
+        if !force {
+            let there: Vec<String> = ["relay", "agent"]
+                .iter()
+                .flat_map(|end| [CA_FILE, CERT_FILE, KEY_FILE].map(|f| dir.join(end).join(f)))
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .collect();
+            if !there.is_empty() {
+                return Err(format!(
+                    "{} already hold link certificates ({}); a new CA breaks every relay and \
+                     agent that still trusts the old one at its next restart. Pass --force to \
+                     replace them, or choose another --out",
+                    dir.display(),
+                    there.join(", ")
+                ));
+            }
+        }
         for (end, pair) in [("relay", &self.relay), ("agent", &self.agent)] {
             let d = dir.join(end);
             std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
@@ -128,7 +147,13 @@ mod tests {
     fn generated_certificates_load_as_both_ends() {
         let certs = LinkCerts::generate(30).unwrap();
         let dir = tempfile_dir();
-        certs.write(&dir).unwrap();
+        certs.write(&dir, false).unwrap();
+        let again = LinkCerts::generate(30).unwrap();
+        let refused = again.write(&dir, false).unwrap_err();
+        assert!(refused.contains("--force") && refused.contains("ca.crt"), "{refused}");
+        assert_eq!(std::fs::read_to_string(dir.join("relay").join(CA_FILE)).unwrap(), certs.ca);
+        again.write(&dir, true).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("relay").join(CA_FILE)).unwrap(), again.ca);
         let relay = crate::tls::Credentials::load(&dir.join("relay")).unwrap();
         let agent = crate::tls::Credentials::load(&dir.join("agent")).unwrap();
         relay.server().unwrap();

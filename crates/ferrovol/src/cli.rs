@@ -58,6 +58,11 @@ pub enum LinkCommand {
         /// How long the certificates are valid, in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// With --out: replace certificates already there. A new CA breaks
+        /// every agent and relay still holding the old one at its next
+        /// restart, so this is never done without asking.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
 }
 

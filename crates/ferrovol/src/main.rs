@@ -81,11 +81,11 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
-        Command::Link(LinkCommand::Certs { out, namespace, days }) => {
+        Command::Link(LinkCommand::Certs { out, namespace, days, force }) => {
             let certs = ferrovol_relay::certs::LinkCerts::generate(days)?;
             match out {
                 Some(dir) => {
-                    certs.write(&dir)?;
+                    certs.write(&dir, force)?;
                     println!(
                         "wrote {0}/relay and {0}/agent (ca.crt, tls.crt, tls.key)",
                         dir.display()

@@ -1070,3 +1070,29 @@ async fn a_restore_for_another_node_says_where_its_source_lives() {
     c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
     c.delete_volume(req::delete(&source.volume_id)).await.unwrap();
 }
+
+/// `link certs --out` where certificates already are: refused, naming them
+/// and --force, the old CA untouched (replacing it silently broke every
+/// agent at its next restart); with --force, replaced.
+#[test]
+fn link_certs_never_replaces_a_ca_unasked() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("link");
+    certs(&dir);
+    let ca = std::fs::read(dir.join("relay/ca.crt")).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["link", "certs", "--out"])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let again = run(&[]);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{said}");
+    assert!(said.contains("--force") && said.contains("ca.crt"), "{said}");
+    assert_eq!(std::fs::read(dir.join("relay/ca.crt")).unwrap(), ca, "untouched");
+    assert!(run(&["--force"]).status.success());
+    assert_ne!(std::fs::read(dir.join("relay/ca.crt")).unwrap(), ca, "replaced");
+}
