@@ -7,6 +7,7 @@ pub mod controller_side_node;
 pub mod convert;
 pub mod group_controller;
 pub mod identity;
+pub mod mount_options;
 pub mod node;
 pub mod snapshot_metadata;
 pub mod validate;

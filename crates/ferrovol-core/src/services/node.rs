@@ -388,6 +388,9 @@ impl NodeService {
             }
             AccessType::Mount { .. } => {
                 make_dir(&target)?;
+                // nodev,nosuid again: a bind's own flags are its own.
+                let mut flags = flags;
+                flags.push("nodev,nosuid".into());
                 nodefs::bind(&staging, &target, &flags, read_only)
             }
         })

@@ -135,6 +135,7 @@ pub fn capability(cap: &csi::VolumeCapability, features: &Features) -> Result<Ac
                     m.fs_type
                 )));
             }
+            super::mount_options::check(&m.fs_type, &m.mount_flags)?;
             AccessType::Mount { fs_type: m.fs_type.clone() }
         }
     };

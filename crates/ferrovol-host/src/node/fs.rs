@@ -216,7 +216,9 @@ pub fn split_mount_flags(flags: &[String]) -> (MountFlags, String) {
     (bits, data.join(","))
 }
 
-/// Mounts a filesystem. XFS gets `nouuid`: restores and clones carry their
+/// Mounts a volume's filesystem, always `nodev,nosuid` (a pod's volume
+/// must not bring device nodes or setuid binaries onto the node, as the
+/// kubelet expects). XFS gets `nouuid`: restores and clones carry their
 /// source's UUID, and XFS would otherwise refuse to mount both on one node.
 pub fn mount(
     device: &Path,
@@ -226,6 +228,7 @@ pub fn mount(
     read_only: bool,
 ) -> Result<()> {
     let (mut bits, mut data) = split_mount_flags(flags);
+    bits |= POD_VOLUME;
     if read_only {
         bits |= MountFlags::RDONLY;
     }
@@ -248,6 +251,9 @@ pub fn mount(
         }
     })
 }
+
+/// What every filesystem a pod gets is mounted with.
+pub const POD_VOLUME: MountFlags = MountFlags::NODEV.union(MountFlags::NOSUID);
 
 /// Bind-mounts `source` on `target`, then applies read-only and the generic
 /// flags (a bind mount ignores them until remounted).

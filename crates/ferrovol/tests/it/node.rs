@@ -605,3 +605,57 @@ async fn data_without_a_signature_is_never_formatted() {
     n.node_unstage_volume(unstage_req(&fresh, &staging2)).await.unwrap();
     e.kubelet.assert_clean();
 }
+
+fn options_of(path: &Path) -> String {
+    ferrovol_host::node::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+        .map(|m| m.options)
+        .unwrap_or_default()
+}
+
+/// Mount options from a capability are checked before the kernel sees
+/// them: `dev`, `suid`, `exec`, `remount` and `errors=panic` (which reached
+/// the kernel as INTERNAL "Invalid argument", or were applied silently)
+/// are INVALID_ARGUMENT naming the option, at create, stage and publish;
+/// every filesystem a pod gets is nodev,nosuid.
+#[tokio::test(flavor = "multi_thread")]
+async fn mount_options_are_checked_and_pods_get_nodev_nosuid() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let with = |flags: &[&str]| {
+        let mut cap = req::mount_cap("ext4");
+        if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+            m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+        }
+        cap
+    };
+    let good = with(&["noatime", "errors=remount-ro"]);
+    let id = new_volume(&mut c, "opts", 64 * MIB, good.clone()).await;
+    let (staging, target) = (e.kubelet.staging("pv-o"), e.kubelet.target("pod", "pv-o"));
+    for bad in ["dev", "suid", "exec", "nosuid,dev", "remount", "errors=panic", "nonsense=1"] {
+        let named = bad.rsplit(',').next().unwrap();
+        let st = n.node_stage_volume(stage_req(&id, &staging, with(&[bad]))).await.unwrap_err();
+        assert_eq!(st.code(), Code::InvalidArgument, "{bad}: {st:?}");
+        assert!(st.message().contains(&format!("{named:?}")), "{bad}: {st:?}");
+        let mut create = req::create("opts-bad", 64 * MIB);
+        create.volume_capabilities = vec![with(&[bad])];
+        let cr = c.create_volume(create).await.unwrap_err();
+        assert_eq!(cr.code(), Code::InvalidArgument, "{bad}: {cr:?}");
+    }
+    assert!(!is_mounted(&staging) && e.kubelet.loops().is_empty(), "nothing happened");
+
+    n.node_stage_volume(stage_req(&id, &staging, good.clone())).await.unwrap();
+    let bad_publish = publish_req(&id, &staging, &target, with(&["suid"]), false);
+    assert_eq!(n.node_publish_volume(bad_publish).await.unwrap_err().code(), Code::InvalidArgument);
+    n.node_publish_volume(publish_req(&id, &staging, &target, good.clone(), false)).await.unwrap();
+    for p in [&staging, &target] {
+        let o = options_of(p);
+        assert!(o.contains("nodev") && o.contains("nosuid") && o.contains("noatime"), "{o}");
+    }
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
