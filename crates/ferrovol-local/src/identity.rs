@@ -21,6 +21,11 @@ fn marker_of(pool_dir: &Path) -> Result<Option<String>> {
     read_id(&pool_dir.join(MARKER))
 }
 
+/// The identity a pool directory carries, if any.
+pub fn pool_id(pool_dir: &Path) -> Result<Option<String>> {
+    marker_of(pool_dir)
+}
+
 /// The UUID a state directory serves, if it records one.
 fn recorded_in(state_dir: &Path) -> Result<Option<String>> {
     read_id(&state_dir.join(RECORD))

@@ -112,6 +112,11 @@ pub struct GroupRecord {
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
+/// Facts about the journal itself: `pool`, the identity of the pool it
+/// belongs to (the UUID of the pool's `.ferrovol-pool`).
+const META: Table = TableDefinition::new("meta");
+const META_POOL: &str = "pool";
+
 /// A kind of journalled object: where its records and its names live.
 pub trait Record: Message + Default + Clone + Send + 'static {
     const RECORDS: Table;
@@ -433,11 +438,58 @@ fn open_db_unguarded(path: &Path) -> Result<Database> {
     Ok(db)
 }
 
+/// Checks (or records) which pool the journal belongs to.
+fn bind_to_pool(db: &Database, path: &Path, pool_id: &str) -> Result<()> {
+    let txn = db.begin_write().map_err(|e| db_err("begin", e))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| db_err("open", e))?;
+        let found = meta
+            .get(META_POOL)
+            .map_err(|e| db_err("get", e))?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+        match found {
+            Some(theirs) if theirs == pool_id => return Ok(()),
+            Some(theirs) => return Err(foreign(path, &theirs, pool_id)),
+            None => {
+                meta.insert(META_POOL, pool_id.as_bytes()).map_err(|e| db_err("insert", e))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| db_err("commit", e))
+}
+
+/// The refusal of a journal from another pool.
+pub fn foreign(path: &Path, theirs: &str, ours: &str) -> Error {
+    error::failed_precondition(format!(
+        "journal {} belongs to pool {theirs}, but the pool it sits in is pool {ours} (its \
+         .ferrovol-pool): a journal from another pool would serve that pool's volumes here and \
+         leave this pool's files unaccounted for. Put this pool's own journal back (a backup of \
+         it), or serve the other pool where it lives",
+        path.display()
+    ))
+}
+
 impl Journal {
     /// Opens (or creates) the journal. Fails if another process holds it, so
     /// two drivers can never share one pool.
     pub fn open(path: &Path) -> Result<Journal> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens (or creates) the journal of pool `pool_id`: a journal that
+    /// names another pool is refused (one copied from another pool would
+    /// serve that pool's volumes here, and leave this pool's files
+    /// orphaned); one that names none (new, or from before journals named
+    /// their pool) is given this pool's.
+    pub fn open_for_pool(path: &Path, pool_id: &str) -> Result<Journal> {
+        Self::open_with(path, Some(pool_id))
+    }
+
+    fn open_with(path: &Path, pool_id: Option<&str>) -> Result<Journal> {
         let db = open_db(path)?;
+        if let Some(id) = pool_id {
+            guarded(path, "bind", || bind_to_pool(&db, path, id))?;
+        }
         let store = Arc::new(Store {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(Db::ReadWrite(db)))),
@@ -646,6 +698,21 @@ impl Journal {
     }
 
     /// Whether the journal holds no record at all.
+    /// The pool this journal belongs to, if it names one.
+    pub fn pool(&self) -> Result<Option<String>> {
+        guarded(self.path(), "get", || {
+            let txn = self.db()?.begin_read()?;
+            let meta = match txn.open_table(META) {
+                Ok(t) => t,
+                // A journal from before journals named their pool.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(db_err("open", e)),
+            };
+            let found = meta.get(META_POOL).map_err(|e| db_err("get", e))?;
+            Ok(found.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+        })
+    }
+
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.scan::<VolumeRecord>(None, 1, |_| true)?.is_empty()
             && self.scan::<SnapshotRecord>(None, 1, |_| true)?.is_empty()

@@ -176,19 +176,20 @@ impl LocalEngine {
     pub async fn open(pool_dir: &Path, state_dir: &Path, node_id: &str) -> Result<LocalEngine> {
         // Before anything is created in the pool directory: is it the pool
         // this driver serves (and not an empty mount point)?
-        match identity::settle(pool_dir, state_dir)? {
-            identity::Settled::Known(_) => {}
+        let pool_id = match identity::settle(pool_dir, state_dir)? {
+            identity::Settled::Known(id) => id,
             identity::Settled::Adopted { id, fresh } => {
-                info!(pool = %pool_dir.display(), %id, fresh, "pool identity recorded")
+                info!(pool = %pool_dir.display(), %id, fresh, "pool identity recorded");
+                id
             }
-        }
+        };
         let journal_was_there =
             std::fs::metadata(pool_dir.join(pool::JOURNAL)).is_ok_and(|m| m.len() > 0);
         let pool = Pool::open(pool_dir)?;
         if !journal_was_there {
             refuse_files_without_journal(&pool)?;
         }
-        let journal = Journal::open(&pool.journal_path())?;
+        let journal = Journal::open_for_pool(&pool.journal_path(), &pool_id)?;
         let method = pool.probe_cow_method()?;
         if method == CowMethod::Copy {
             warn!(
@@ -233,12 +234,20 @@ impl LocalEngine {
             )));
         }
         let pool = Pool::open_existing(pool_dir)?;
-        if repair {
-            let journal = Journal::open(&pool.journal_path())?;
-            recovery::recover(&pool, &journal).await
-        } else {
-            let journal = Journal::open_read_only(&pool.journal_path())?;
-            recovery::inspect(&pool, &journal).await
+        let journal = match repair {
+            true => Journal::open(&pool.journal_path())?,
+            false => Journal::open_read_only(&pool.journal_path())?,
+        };
+        // A journal from another pool is refused, never "repaired" into
+        // this one.
+        if let (Some(theirs), Some(ours)) = (journal.pool()?, identity::pool_id(pool_dir)?) {
+            if theirs != ours {
+                return Err(journal::foreign(&pool.journal_path(), &theirs, &ours));
+            }
+        }
+        match repair {
+            true => recovery::recover(&pool, &journal).await,
+            false => recovery::inspect(&pool, &journal).await,
         }
     }
 

@@ -80,6 +80,9 @@ struct Worker {
     w: u64,
     data: String,
     volumes: Vec<String>,
+    /// Those of `volumes` made empty: the ones a pod may format (the
+    /// others hold the data volume's raw pattern, which no stage formats).
+    empty: std::collections::HashSet<String>,
     snapshots: Vec<String>,
     rng: Rng,
     seq: u64,
@@ -114,7 +117,8 @@ impl Worker {
             _ if self.snapshots.len() >= 4 => self.delete_snapshot(k).await,
             0..=21 => {
                 let name = self.name("v");
-                self.create(k, req::create(&name, size)).await
+                self.create(k, req::create(&name, size)).await;
+                self.empty.extend(self.volumes.last().cloned());
             }
             22..=33 if !self.volumes.is_empty() => self.delete_volume(k).await,
             34..=45 => {
@@ -167,9 +171,9 @@ impl Worker {
                 k.timed("DeleteVolumeGroupSnapshot", k.g.clone().delete_volume_group_snapshot(r))
                     .await;
             }
-            91..=95 if !self.volumes.is_empty() => {
+            91..=95 if self.volumes.iter().any(|v| self.empty.contains(v)) => {
                 // A pod comes and goes: format on first use, mount, unmount.
-                let id = self.volumes[0].clone();
+                let id = self.volumes.iter().find(|v| self.empty.contains(*v)).unwrap().clone();
                 let cap = req::mount_cap("ext4");
                 let pv = self.name("pv");
                 let (staging, target) = (kubelet.staging(&pv), kubelet.target(&pv, &pv));
@@ -282,7 +286,8 @@ async fn mixed_load_at_concurrency_16_stays_correct_flat_and_responsive() {
             req::new_volume(&mut c, &format!("w{w}-data"), 32 * MIB, req::mount_cap("ext4")).await;
         common::write_pattern(&pool.volume_file(&data), 0, DATA, w as u8);
         let rng = Rng(0x50a4_0000 + w * 7919 + 1);
-        workers.push(Worker { w, data, volumes: vec![], snapshots: vec![], rng, seq: 0 });
+        let empty = Default::default();
+        workers.push(Worker { w, data, volumes: vec![], empty, snapshots: vec![], rng, seq: 0 });
     }
 
     // Probe, sampled the whole time, from its own connection (as the

@@ -86,14 +86,15 @@ async fn a_lost_or_emptied_journal_is_refused() {
         assert!(logs.contains("is missing or empty") && logs.contains("restore"), "{what}: {logs}");
         std::fs::write(&journal, &saved).unwrap();
     }
-    // A journal with no records beside files: refused too.
+    // Another pool's journal with no records beside files: refused too
+    // (it names its own pool).
     let other = tempfile::tempdir().unwrap();
     let blank = TestPool::new(PoolFs::Ext4).await;
     DriverBuilder::new(other.path()).pool(&blank).start().terminate();
     std::fs::copy(blank.dir.join("journal.redb"), &journal).unwrap();
     let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
     assert_ne!(code, Some(0), "{logs}");
-    assert!(logs.contains("holds no records"), "{logs}");
+    assert!(logs.contains("belongs to pool"), "{logs}");
     std::fs::write(&journal, &saved).unwrap();
     DriverBuilder::new(root.path()).pool(&pool).start().terminate();
 }
@@ -197,4 +198,43 @@ async fn seeded_volumes_are_ordinary_volumes() {
         c.delete_volume(req::delete(&id)).await.unwrap();
     }
     assert!(pool.files("volumes").is_empty());
+}
+
+/// A journal copied from another pool (as "restore it from a backup"
+/// invites): refused at start and by `pool check`, naming both pools;
+/// before, it started with a warning, made empty files for the foreign
+/// volumes and left this pool's own files orphaned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_journal_from_another_pool_is_refused() {
+    let (a, b) = (TestPool::new(PoolFs::Ext4).await, TestPool::new(PoolFs::Ext4).await);
+    let (root_a, root_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    make_volume(root_a.path(), &a).await;
+    let ours = make_volume(root_b.path(), &b).await;
+    let id_of = |p: &TestPool| {
+        let text = std::fs::read_to_string(p.dir.join(".ferrovol-pool")).unwrap();
+        text.split_whitespace().last().unwrap().to_string()
+    };
+    let (id_a, id_b) = (id_of(&a), id_of(&b));
+    let journal = b.dir.join("journal.redb");
+    let saved = std::fs::read(&journal).unwrap();
+    let files_before = b.files("volumes");
+    std::fs::copy(a.dir.join("journal.redb"), &journal).unwrap();
+
+    let (code, logs) = refused(DriverBuilder::new(root_b.path()).pool(&b));
+    assert_ne!(code, Some(0), "{logs}");
+    assert!(logs.contains(&format!("belongs to pool {id_a}")), "{logs}");
+    assert!(logs.contains(&format!("is pool {id_b}")), "{logs}");
+    for repair in [false, true] {
+        let (clean, said) = common::pool_check(&b, repair);
+        assert!(!clean && said.contains(&format!("belongs to pool {id_a}")), "{said}");
+    }
+    assert_eq!(b.files("volumes"), files_before, "nothing made, nothing orphaned");
+
+    std::fs::write(&journal, &saved).unwrap();
+    let d = DriverBuilder::new(root_b.path()).pool(&b).start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let listed =
+        c.list_volumes(ferrovol_csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    assert_eq!(listed.entries[0].volume.as_ref().unwrap().volume_id, ours);
 }
