@@ -100,7 +100,13 @@ fn from_nanos(n: i64) -> SystemTime {
 }
 
 /// A volume's condition from its file and the pool's free space.
-fn condition_of(record: &VolumeRecord, path: &Path, available: u64, pool: &Pool) -> Condition {
+fn condition_of(
+    record: &VolumeRecord,
+    path: &Path,
+    available: u64,
+    pool: &Pool,
+    device: Option<&Path>,
+) -> Condition {
     match std::fs::File::open(path).and_then(|f| f.metadata()) {
         Err(e) => Condition::Abnormal(format!(
             "backing file {} is missing or unreadable: {e}",
@@ -120,6 +126,16 @@ fn condition_of(record: &VolumeRecord, path: &Path, available: u64, pool: &Pool)
                  this thin-provisioned volume fail",
                 pool.root().display()
             ))
+        }
+        // An online growth that could not grow the filesystem (ext4 without
+        // CAP_SYS_RESOURCE): the volume grew, its filesystem lags until the
+        // next stage.
+        Ok(_) if device.is_some_and(host_node::fs::ext4_smaller_than_device) => {
+            Condition::Abnormal(
+                "the ext4 filesystem is smaller than its grown volume: it grows when the volume \
+                 is next staged (or online, given CAP_SYS_RESOURCE)"
+                    .into(),
+            )
         }
         Ok(_) => Condition::Healthy,
     }
@@ -550,9 +566,20 @@ impl ControllerEngine for LocalEngine {
         let pool = self.pool.clone();
         blocking(move || {
             let (available, _) = pool.space()?;
+            // The attached ones' devices, from one listing.
+            let attached: std::collections::HashMap<PathBuf, PathBuf> = loopdev::list()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| (a.backing, a.device))
+                .collect();
             Ok(volumes
                 .into_iter()
-                .map(|v| v.map(|(record, path)| condition_of(&record, &path, available, &pool)))
+                .map(|v| {
+                    v.map(|(record, path)| {
+                        let device = attached.get(&path).map(PathBuf::as_path);
+                        condition_of(&record, &path, available, &pool, device)
+                    })
+                })
                 .collect())
         })
         .await
@@ -717,8 +744,10 @@ impl ControllerEngine for LocalEngine {
             return Ok(());
         };
         if !record.group_id.is_empty() && record.state() == State::Ready {
-            return Err(error::failed_precondition(format!(
-                "snapshot {id} belongs to group snapshot {}; delete the group instead",
+            // The spec's code for a member deleted alone: the caller must
+            // stop and delete the group (FAILED_PRECONDITION is retried).
+            return Err(error::invalid(format!(
+                "snapshot {id} is part of group snapshot {}; delete the group instead",
                 record.group_id
             )));
         }

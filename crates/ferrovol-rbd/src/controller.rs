@@ -444,8 +444,10 @@ impl ControllerEngine for RbdEngine {
         let Some(s) = SnapshotId::parse(id) else { return Ok(()) };
         if s.member {
             let group = GroupId { pool: s.pool.clone(), hash: s.hash.clone() }.render();
-            return Err(error::failed_precondition(format!(
-                "snapshot {id} is a member of group snapshot {group}: delete the group snapshot"
+            // The spec's code for a member deleted alone: the caller must
+            // stop and delete the group (FAILED_PRECONDITION is retried).
+            return Err(error::invalid(format!(
+                "snapshot {id} is part of group snapshot {group}: delete the group snapshot"
             )));
         }
         let Some(pool) = self.pool_of(&s.pool, secrets).await? else { return Ok(()) };

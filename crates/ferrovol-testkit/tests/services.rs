@@ -437,7 +437,7 @@ async fn a_node_mode_process_never_calls_the_controller_half() {
     // Known (from the node half alone) but not attached here; unknown.
     let e = n.node_get_volume_stats(stats(&made.id)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert!(e.message().contains("not attached"), "{e:?}");
+    assert!(e.message().contains("not staged or published"), "{e:?}");
     let e = n.node_get_volume_stats(stats("mem-vol-404")).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("does not exist"), "{e:?}");

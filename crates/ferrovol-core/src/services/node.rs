@@ -98,6 +98,14 @@ impl NodeService {
         validate::kubelet_path(translated.as_deref().unwrap_or(raw), what, &self.kubelet_dir)
     }
 
+    /// A `volume_path` (NodeGetVolumeStats, NodeExpandVolume) as a path under
+    /// the kubelet directory; any other (relative, elsewhere) is where the
+    /// volume is not: NOT_FOUND, as the spec's tables say, and as for an
+    /// unmounted path or another volume's.
+    fn volume_path(&self, volume_id: &str, raw: &str) -> Result<PathBuf> {
+        self.checked_path(raw, "volume_path").map_err(|_| not_here(volume_id, Path::new(raw)))
+    }
+
     /// The path where the volume is mounted on this node, among `mounts`
     /// (the volume's own, from [`crate::services::volume_mounts`]); NOT_FOUND
     /// when `path` is not one of them, whatever else may be mounted there.
@@ -106,12 +114,7 @@ impl NodeService {
         mounts: &'a [MountEntry],
         path: &Path,
     ) -> Result<&'a MountEntry> {
-        mounts.iter().find(|m| m.mount_point == path).ok_or_else(|| {
-            error::not_found(format!(
-                "volume {volume_id} is not staged or published at {}",
-                path.display()
-            ))
-        })
+        mounts.iter().find(|m| m.mount_point == path).ok_or_else(|| not_here(volume_id, path))
     }
 
     fn access(
@@ -309,6 +312,20 @@ impl NodeService {
         req: csi::NodePublishVolumeRequest,
     ) -> Result<csi::NodePublishVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
+        if req.target_path.is_empty() {
+            return Err(error::invalid("target_path is required"));
+        }
+        if req.volume_capability.is_none() {
+            return Err(error::invalid("volume_capability is required"));
+        }
+        // The spec's code: this plugin stages (STAGE_UNSTAGE_VOLUME), so a
+        // publish must name where the volume was staged.
+        if req.staging_target_path.is_empty() {
+            return Err(error::failed_precondition(
+                "staging_target_path is required: this plugin stages volumes \
+                 (STAGE_UNSTAGE_VOLUME); call NodeStageVolume first and publish from there",
+            ));
+        }
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
         let target = self.checked_path(&req.target_path, "target_path")?;
         let attacher = self.driver.node();
@@ -430,6 +447,27 @@ impl NodeService {
         attacher.check_known(&req.volume_id).await?;
         let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let marker = staging.join(BLOCK_MARKER);
+        // Staged somewhere else, not here: the spec's answer is OK, and
+        // nothing of the volume is touched (it stays staged where it is);
+        // a path that holds another volume's mount is NOT_FOUND.
+        let here = |m: &&MountEntry| m.mount_point == staging || m.mount_point == marker;
+        if !mounts.is_empty() && !mounts.iter().any(|m| here(&m)) {
+            let (id, own, s, mk) =
+                (req.volume_id.clone(), mounts.clone(), staging.clone(), marker.clone());
+            off_executor("reading the mount table", move || {
+                let all = read_mounts()?;
+                refuse_foreign_mount(&id, &own, &all, &s)?;
+                refuse_foreign_mount(&id, &own, &all, &mk)
+            })
+            .await?;
+            tracing::warn!(
+                volume_id = %req.volume_id,
+                path = %staging.display(),
+                staged_at = %mounts[0].mount_point.display(),
+                "NodeUnstageVolume at a path where the volume is not staged: nothing to do"
+            );
+            return Ok(csi::NodeUnstageVolumeResponse {});
+        }
         if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
         {
             return Err(error::failed_precondition(format!(
@@ -466,14 +504,12 @@ impl NodeService {
         }
         let attacher = self.driver.node();
         attacher.check_known(&req.volume_id).await?;
-        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        let path = self.volume_path(&req.volume_id, &req.volume_path)?;
         let (device, mounts) =
             crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         // Only the volume's own mount is measured: never whatever filesystem
         // (the host's) lies under a path it has left.
-        let device = device.ok_or_else(|| {
-            error::not_found(format!("volume {} is not attached on this node", req.volume_id))
-        })?;
+        let device = device.ok_or_else(|| not_here(&req.volume_id, &path))?;
         let mount = Self::own_mount(&req.volume_id, &mounts, &path)?;
         let meta = std::fs::metadata(&path).map_err(|_| {
             error::not_found(format!("volume path {} does not exist", path.display()))
@@ -542,16 +578,11 @@ impl NodeService {
         let attacher = self.driver.node();
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         attacher.check_known(&req.volume_id).await?;
-        let path = self.checked_path(&req.volume_path, "volume_path")?;
+        let path = self.volume_path(&req.volume_id, &req.volume_path)?;
         // Staged, and at this path, before anything grows.
         let (device, mounts) =
             crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
-        let device = device.ok_or_else(|| {
-            error::failed_precondition(format!(
-                "volume {} is not staged on this node",
-                req.volume_id
-            ))
-        })?;
+        let device = device.ok_or_else(|| not_here(&req.volume_id, &path))?;
         Self::own_mount(&req.volume_id, &mounts, &path)?;
         if attacher.features().expansion == ExpansionSite::Node {
             attacher.grow(&req.volume_id, required, limit).await?;
@@ -574,10 +605,26 @@ impl NodeService {
                         req.volume_id
                     ))
                 })?;
-            nodefs::grow(&mount.fs_type, &device, &mount.mount_point).await?;
+            // A request no larger than the volume (the spec's idempotent
+            // "already big enough") has nothing to grow: an ext4 that fills
+            // its device is left alone, rather than asking for a capability
+            // to do nothing.
+            let lags = mount.fs_type != "ext4" || nodefs::ext4_smaller_than_device(&device);
+            if lags {
+                nodefs::grow(&mount.fs_type, &device, &mount.mount_point).await?;
+            }
         }
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })
     }
+}
+
+/// The one answer for a volume path where the volume is not.
+fn not_here(volume_id: &str, path: &Path) -> Error {
+    error::not_found(format!(
+        "volume {} is not staged or published at {}",
+        error::bounded(volume_id),
+        error::bounded(&path.to_string_lossy())
+    ))
 }
 
 /// How long one piece of blocking node work (a mount, an unmount, reading

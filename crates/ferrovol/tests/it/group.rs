@@ -157,7 +157,7 @@ async fn idempotency_errors_and_deletion_rules() {
     // …restore like any snapshot, but are not deleted on their own.
     c.create_volume(req::from_snapshot("from-member", &member.snapshot_id, 0)).await.unwrap();
     let del = c.delete_snapshot(req::delete_snapshot(&member.snapshot_id)).await.unwrap_err();
-    assert_eq!(del.code(), Code::FailedPrecondition);
+    assert_eq!(del.code(), Code::InvalidArgument, "the spec's code for a group member");
 
     let ids: Vec<String> = first.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     let get = |snapshot_ids: Vec<String>| csi::GetVolumeGroupSnapshotRequest {

@@ -507,14 +507,26 @@ async fn ext4_growth_without_cap_sys_resource_converges_at_the_next_stage() {
     };
     let before = total(&target);
 
-    let expand = csi::NodeExpandVolumeRequest {
+    let expand = |bytes: i64| csi::NodeExpandVolumeRequest {
         volume_id: id.clone(),
         volume_path: target.display().to_string(),
-        capacity_range: req::range(512 * MIB, 0),
+        capacity_range: req::range(bytes, 0),
         ..Default::default()
     };
-    let err = n.node_expand_volume(expand).await.unwrap_err();
+    // No larger than the volume: nothing to grow, OK (it asked for the
+    // capability and said "the volume itself has grown").
+    let same = n.node_expand_volume(expand(128 * MIB)).await.unwrap().into_inner();
+    assert_eq!(same.capacity_bytes, 256 * MIB);
+    let err = n.node_expand_volume(expand(512 * MIB)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // The controller's view says so too (ControllerGetVolume's condition).
+    let got = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("next staged"), "{cond:?}");
     let stats = |path: &Path| csi::NodeGetVolumeStatsRequest {
         volume_id: id.clone(),
         volume_path: path.display().to_string(),
@@ -657,5 +669,61 @@ async fn mount_options_are_checked_and_pods_get_nodev_nosuid() {
     }
     n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
     n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
+/// The spec's codes for node calls at the wrong place: a publish without
+/// a staging path is FAILED_PRECONDITION (this plugin stages); stats and
+/// expansion at a path where the volume is not — relative, never mounted,
+/// another volume's — are NOT_FOUND, the same answer from both.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_calls_at_the_wrong_place_get_the_spec_s_codes() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let a = new_volume(&mut c, "where-a", 64 * MIB, cap.clone()).await;
+    let b = new_volume(&mut c, "where-b", 64 * MIB, cap.clone()).await;
+    let (sa, ta) = (e.kubelet.staging("pv-wa"), e.kubelet.target("pod", "pv-wa"));
+    let sb = e.kubelet.staging("pv-wb");
+    n.node_stage_volume(stage_req(&a, &sa, cap.clone())).await.unwrap();
+    n.node_stage_volume(stage_req(&b, &sb, cap.clone())).await.unwrap();
+
+    let mut unstaged = publish_req(&a, &sa, &ta, cap.clone(), false);
+    unstaged.staging_target_path = String::new();
+    let err = n.node_publish_volume(unstaged).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let never_mounted = e.kubelet.staging("pv-nowhere");
+    std::fs::create_dir_all(&never_mounted).unwrap();
+    for path in
+        ["relative/path".to_string(), never_mounted.display().to_string(), sb.display().to_string()]
+    {
+        let stats = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: a.clone(),
+                volume_path: path.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        let grow = n
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: a.clone(),
+                volume_path: path.clone(),
+                capacity_range: req::range(128 * MIB, 0),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((stats.code(), grow.code()), (Code::NotFound, Code::NotFound), "{path}");
+        assert_eq!(stats.message(), grow.message(), "the same answer at {path}");
+    }
+    // Unstaged at a path where it is not staged: OK as the spec says, and
+    // nothing touched (it answered "still published at" its real staging
+    // path, which it was not).
+    n.node_unstage_volume(unstage_req(&a, &never_mounted)).await.unwrap();
+    assert!(is_mounted(&sa), "still staged where it was");
+    n.node_unstage_volume(unstage_req(&a, &sa)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&b, &sb)).await.unwrap();
     e.kubelet.assert_clean();
 }
