@@ -40,6 +40,12 @@ pub trait RequestIds {
     fn ids(&self) -> Ids<'_> {
         Ids::default()
     }
+
+    /// The request's maps (parameters, secrets, contexts), by field name:
+    /// held to the spec's size limits before any handler sees them.
+    fn maps(&self) -> Vec<(&'static str, &std::collections::HashMap<String, String>)> {
+        Vec::new()
+    }
 }
 
 /// Methods polled constantly by the CO; their successes are logged at debug
@@ -234,13 +240,17 @@ where
             ("group_snapshot_id", ids.group_snapshot_id),
         ] {
             if let Some(v) = value.filter(|v| !v.is_empty()) {
-                span.record(key, v);
+                // Logged before validation: a client's value, bounded.
+                span.record(key, crate::error::bounded(v).as_ref());
             }
         }
     }
 
     let started = Instant::now();
-    let outcome = catching_panics(body(req).instrument(span.clone())).await;
+    let outcome = match crate::services::validate::maps(&req.maps()) {
+        Err(e) => Err(e),
+        Ok(()) => catching_panics(body(req).instrument(span.clone())).await,
+    };
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
 
     let code = code_of(&outcome);
@@ -336,12 +346,16 @@ macro_rules! service {
 pub(crate) use service;
 
 macro_rules! request_ids {
-    ($($ty:ident { $($kind:ident : $field:ident),* $(,)? })*) => {
+    ($($ty:ident { $($kind:ident : $field:ident),* $(,)? } $([$($map:ident),*])?)*) => {
         $(
             impl RequestIds for csi::$ty {
                 #[allow(clippy::needless_update)]
                 fn ids(&self) -> Ids<'_> {
                     Ids { $($kind: Some(self.$field.as_str()),)* ..Ids::default() }
+                }
+
+                fn maps(&self) -> Vec<(&'static str, &std::collections::HashMap<String, String>)> {
+                    vec![$($((stringify!($map), &self.$map)),*)?]
                 }
             }
         )*
@@ -352,33 +366,34 @@ request_ids! {
     GetPluginInfoRequest {}
     GetPluginCapabilitiesRequest {}
     ProbeRequest {}
-    CreateVolumeRequest { name: name }
-    DeleteVolumeRequest { volume_id: volume_id }
-    ControllerPublishVolumeRequest { volume_id: volume_id }
-    ControllerUnpublishVolumeRequest { volume_id: volume_id }
+    CreateVolumeRequest { name: name } [parameters, secrets, mutable_parameters]
+    DeleteVolumeRequest { volume_id: volume_id } [secrets]
+    ControllerPublishVolumeRequest { volume_id: volume_id } [secrets, volume_context]
+    ControllerUnpublishVolumeRequest { volume_id: volume_id } [secrets]
     ValidateVolumeCapabilitiesRequest { volume_id: volume_id }
+        [volume_context, parameters, secrets, mutable_parameters]
     ListVolumesRequest {}
-    GetCapacityRequest {}
+    GetCapacityRequest {} [parameters]
     ControllerGetCapabilitiesRequest {}
-    CreateSnapshotRequest { name: name, volume_id: source_volume_id }
-    DeleteSnapshotRequest { snapshot_id: snapshot_id }
-    ListSnapshotsRequest { volume_id: source_volume_id, snapshot_id: snapshot_id }
-    GetSnapshotRequest { snapshot_id: snapshot_id }
-    ControllerExpandVolumeRequest { volume_id: volume_id }
+    CreateSnapshotRequest { name: name, volume_id: source_volume_id } [secrets, parameters]
+    DeleteSnapshotRequest { snapshot_id: snapshot_id } [secrets]
+    ListSnapshotsRequest { volume_id: source_volume_id, snapshot_id: snapshot_id } [secrets]
+    GetSnapshotRequest { snapshot_id: snapshot_id } [secrets]
+    ControllerExpandVolumeRequest { volume_id: volume_id } [secrets]
     ControllerGetVolumeRequest { volume_id: volume_id }
-    ControllerModifyVolumeRequest { volume_id: volume_id }
+    ControllerModifyVolumeRequest { volume_id: volume_id } [secrets, mutable_parameters]
     GroupControllerGetCapabilitiesRequest {}
-    CreateVolumeGroupSnapshotRequest { name: name }
-    DeleteVolumeGroupSnapshotRequest { group_snapshot_id: group_snapshot_id }
-    GetVolumeGroupSnapshotRequest { group_snapshot_id: group_snapshot_id }
-    GetMetadataAllocatedRequest { snapshot_id: snapshot_id }
-    GetMetadataDeltaRequest { snapshot_id: target_snapshot_id }
-    NodeStageVolumeRequest { volume_id: volume_id }
+    CreateVolumeGroupSnapshotRequest { name: name } [secrets, parameters]
+    DeleteVolumeGroupSnapshotRequest { group_snapshot_id: group_snapshot_id } [secrets]
+    GetVolumeGroupSnapshotRequest { group_snapshot_id: group_snapshot_id } [secrets]
+    GetMetadataAllocatedRequest { snapshot_id: snapshot_id } [secrets]
+    GetMetadataDeltaRequest { snapshot_id: target_snapshot_id } [secrets]
+    NodeStageVolumeRequest { volume_id: volume_id } [publish_context, secrets, volume_context]
     NodeUnstageVolumeRequest { volume_id: volume_id }
-    NodePublishVolumeRequest { volume_id: volume_id }
+    NodePublishVolumeRequest { volume_id: volume_id } [publish_context, secrets, volume_context]
     NodeUnpublishVolumeRequest { volume_id: volume_id }
     NodeGetVolumeStatsRequest { volume_id: volume_id }
-    NodeExpandVolumeRequest { volume_id: volume_id }
+    NodeExpandVolumeRequest { volume_id: volume_id } [secrets]
     NodeGetCapabilitiesRequest {}
     NodeGetInfoRequest {}
 }

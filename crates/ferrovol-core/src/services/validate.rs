@@ -63,6 +63,30 @@ pub fn id(value: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// CSI's limit on a whole map (parameters, secrets, contexts).
+pub const MAX_MAP: usize = 4096;
+
+/// The spec's size limits on a request's maps: a key at most 128 bytes,
+/// keys and values at most 4 KiB in all. Nothing of an oversized map is
+/// echoed back (its bytes may be a secret).
+pub fn maps(maps: &[(&str, &HashMap<String, String>)]) -> Result<()> {
+    for (field, map) in maps {
+        if let Some(k) = map.keys().find(|k| k.len() > MAX_STRING) {
+            return Err(error::invalid(format!(
+                "a key of {field} is {} bytes; at most {MAX_STRING}",
+                k.len()
+            )));
+        }
+        let total: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if total > MAX_MAP {
+            return Err(error::invalid(format!(
+                "{field} is {total} bytes in all; at most {MAX_MAP}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Longest path the node service accepts (Linux's PATH_MAX).
 pub const MAX_PATH: usize = 4096;
 
@@ -81,19 +105,26 @@ pub fn kubelet_path(raw: &str, what: &str, kubelet_dir: &Path) -> Result<PathBuf
     if !path.is_absolute()
         || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
     {
-        return Err(error::invalid(format!("{what} {raw:?} must be absolute and normalized")));
+        return Err(error::invalid(format!(
+            "{what} {:?} must be absolute and normalized",
+            error::bounded(raw)
+        )));
     }
     if !path.starts_with(kubelet_dir) || path == kubelet_dir {
         return Err(error::invalid(format!(
-            "{what} {raw:?} is not inside the kubelet directory {}",
+            "{what} {:?} is not inside the kubelet directory {}",
+            error::bounded(raw),
             kubelet_dir.display()
         )));
     }
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let resolved = existing.canonicalize().map_err(|e| Error::io(format!("resolving {raw}"), e))?;
+    let resolved = existing
+        .canonicalize()
+        .map_err(|e| Error::io(format!("resolving {}", error::bounded(raw)), e))?;
     if !resolved.starts_with(kubelet_dir) {
         return Err(error::invalid(format!(
-            "{what} {raw:?} leads outside the kubelet directory through a symlink"
+            "{what} {:?} leads outside the kubelet directory through a symlink",
+            error::bounded(raw)
         )));
     }
     Ok(path)

@@ -283,3 +283,63 @@ async fn undecodable_bytes_on_the_wire_are_invalid_argument() {
     assert!(pool.files("volumes").is_empty() && pool.files("staging").is_empty());
     kubelet.assert_clean();
 }
+
+/// A megabyte in a name, a parameter, a secret or a context: INVALID_ARGUMENT
+/// by the spec's size limits (128 bytes for names and IDs and map keys,
+/// 4 KiB for a map), with a short message that echoes at most 128 bytes of
+/// it, and a log that stays small. It was logged whole (5 MB from nine
+/// calls) and echoed into the status, whose trailer then broke the
+/// client's metadata limit (RESOURCE_EXHAUSTED instead of the real error).
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_input_is_refused_by_size_and_never_echoed_whole() {
+    use ferrovol_csi::controller_client::ControllerClient;
+    use ferrovol_csi::node_client::NodeClient;
+    let pool = common::TestPool::new(common::PoolFs::Ext4).await;
+    let kubelet = common::Kubelet::new(&pool);
+    let root = tempfile::tempdir().unwrap();
+    let driver = common::DriverBuilder::new(root.path()).pool(&pool).kubelet(&kubelet).start();
+    let mut c = ControllerClient::new(driver.channel().await);
+    let mut n = NodeClient::new(driver.channel().await);
+    let huge = "x".repeat(1 << 20);
+    let big_map = || std::collections::HashMap::from([("k".to_string(), huge.clone())]);
+    let big_key = || std::collections::HashMap::from([(huge.clone(), "v".to_string())]);
+    let log_before = driver.logs().len();
+    let mut statuses = Vec::new();
+    let create = |f: &dyn Fn(&mut csi::CreateVolumeRequest)| {
+        let mut r = common::req::create("huge", 16 << 20);
+        f(&mut r);
+        r
+    };
+    for r in [
+        create(&|r| r.name = huge.clone()),
+        create(&|r| r.parameters = big_map()),
+        create(&|r| r.parameters = big_key()),
+        create(&|r| r.secrets = big_map()),
+        create(&|r| r.mutable_parameters = big_map()),
+    ] {
+        statuses.push(c.create_volume(r).await.unwrap_err());
+    }
+    statuses.push(c.delete_volume(common::req::delete(&huge)).await.unwrap_err());
+    let staging = kubelet.staging("pv-huge");
+    let mut stage = common::req::stage_req("vol-x", &staging, common::req::mount_cap("ext4"));
+    stage.volume_context = big_map();
+    statuses.push(n.node_stage_volume(stage).await.unwrap_err());
+    let mut stage = common::req::stage_req("vol-x", &staging, common::req::mount_cap("ext4"));
+    stage.staging_target_path = format!("relative/{huge}");
+    statuses.push(n.node_stage_volume(stage).await.unwrap_err());
+    let snap = csi::CreateSnapshotRequest {
+        name: "s".into(),
+        source_volume_id: "vol-x".into(),
+        parameters: big_map(),
+        ..Default::default()
+    };
+    statuses.push(c.create_snapshot(snap).await.unwrap_err());
+    for s in &statuses {
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{:?}", s.code());
+        assert!(s.message().len() < 512, "echoed {} bytes", s.message().len());
+    }
+    let logged = driver.logs().len() - log_before;
+    assert!(logged < 64 << 10, "{logged} bytes of log from {} calls", statuses.len());
+    assert!(pool.files("volumes").is_empty());
+    kubelet.assert_clean();
+}
