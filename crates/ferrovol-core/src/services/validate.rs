@@ -223,10 +223,18 @@ pub fn topology(t: &csi::Topology) -> crate::engine::Topology {
 pub fn max_entries(value: i32) -> Result<usize> {
     match value {
         n if n < 0 => Err(error::invalid("max_entries must not be negative")),
-        0 => Ok(usize::MAX),
-        n => Ok(n as usize),
+        // "No limit" and limits past a reply's worth: one reply's worth and
+        // a next_token (the spec lets a plugin return fewer). An entry is a
+        // few hundred bytes, so a page stays far below the 4 MiB every
+        // gRPC client accepts by default, and a listing never holds the
+        // whole set in memory.
+        0 => Ok(MAX_PAGE),
+        n => Ok((n as usize).min(MAX_PAGE)),
     }
 }
+
+/// The most entries one ListVolumes or ListSnapshots reply holds.
+pub const MAX_PAGE: usize = 4096;
 
 /// Whether a requested topology segment set describes where we are.
 pub fn topology_matches(ours: &BTreeMap<String, String>, theirs: &HashMap<String, String>) -> bool {
