@@ -301,7 +301,7 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
             }
             if !alive(pid) || Instant::now() > deadline {
                 stop_helper(pid);
-                let _ = ferrovol_host::node::fs::unmount(&mnt);
+                let _ = ferrovol_host::node::fs::unmount_own(&mnt);
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: String = tail
                     .lines()
@@ -379,7 +379,7 @@ pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
         .and_then(|p| p.trim().parse::<u32>().ok())
         .filter(|p| is_helper(*p, &mnt));
     // Unmounting the fuse file system ends the helper.
-    ferrovol_host::node::fs::unmount(&mnt)?;
+    ferrovol_host::node::fs::unmount_own(&mnt)?;
     if let Some(pid) = pid {
         let deadline = Instant::now() + HELPER_DEADLINE;
         while alive(pid) && Instant::now() < deadline {

@@ -17,6 +17,7 @@ use ferrovol_csi::volume_capability::access_mode::Mode;
 use crate::engine::{AccessType, Attach, ExpansionSite, Features, Written};
 use crate::error::{self, Error, Result};
 use crate::locks;
+use crate::node::beneath::{self, Beneath};
 use crate::node::fs::{self as nodefs, Content};
 use crate::node::mountinfo::{self, MountEntry};
 use crate::rpc;
@@ -218,15 +219,19 @@ impl NodeService {
                 m.source
             )));
         }
-        let dir = staging.to_path_buf();
-        off_executor("creating the staging directory", move || make_dir(&dir)).await?;
+        let (kubelet, dir) = (self.kubelet_dir.clone(), staging.to_path_buf());
+        off_executor("creating the staging directory", move || {
+            Beneath::open(&kubelet)?.dir(&dir).map(drop)
+        })
+        .await?;
 
         match access {
             AccessType::Block => {
-                let device = device.to_path_buf();
+                let (kubelet, device) = (self.kubelet_dir.clone(), device.to_path_buf());
                 off_executor("binding the device", move || {
-                    create_file(&target)?;
-                    nodefs::bind(&device, &target, &[], false)
+                    let onto = Beneath::open(&kubelet)?.file(&target)?;
+                    let source = beneath::open_source(&device)?;
+                    nodefs::bind(&source, &device, &onto, &[], false)
                 })
                 .await
             }
@@ -295,8 +300,11 @@ impl NodeService {
                 }
                 let (device, staging, flags) =
                     (device.to_path_buf(), staging.to_path_buf(), flags.to_vec());
+                let kubelet = self.kubelet_dir.clone();
                 off_executor("mounting", move || {
-                    let mounted = nodefs::mount(&device, &staging, &fs_type, &flags, read_only);
+                    // Resolved once, mounted onto what was resolved.
+                    let onto = Beneath::open(&kubelet)?.dir(&staging)?;
+                    let mounted = nodefs::mount(&device, &onto, &fs_type, &flags, read_only);
                     if mounted.is_err() && mounted_from(&read_mounts()?, &device, &staging)? {
                         return Ok(()); // a mount from before a restart finished meanwhile
                     }
@@ -398,17 +406,26 @@ impl NodeService {
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
             return Err(error::invalid(format!("target {} is a symlink", target.display())));
         }
-        off_executor("publishing", move || match access {
-            AccessType::Block => {
-                create_file(&target)?;
-                nodefs::bind(&device, &target, &[], read_only)
-            }
-            AccessType::Mount { .. } => {
-                make_dir(&target)?;
-                // nodev,nosuid again: a bind's own flags are its own.
-                let mut flags = flags;
-                flags.push("nodev,nosuid".into());
-                nodefs::bind(&staging, &target, &flags, read_only)
+        let kubelet = self.kubelet_dir.clone();
+        off_executor("publishing", move || {
+            let paths = Beneath::open(&kubelet)?;
+            match access {
+                AccessType::Block => {
+                    let onto = paths.file(&target)?;
+                    let source = beneath::open_source(&device)?;
+                    nodefs::bind(&source, &device, &onto, &[], read_only)
+                }
+                AccessType::Mount { .. } => {
+                    let onto = paths.dir(&target)?;
+                    // The staging mount itself, resolved as the target is.
+                    let source = paths.existing(&staging)?.ok_or_else(|| {
+                        error::failed_precondition(format!("{} is gone", staging.display()))
+                    })?;
+                    // nodev,nosuid again: a bind's own flags are its own.
+                    let mut flags = flags;
+                    flags.push("nodev,nosuid".into());
+                    nodefs::bind(&source.fd, &staging, &onto, &flags, read_only)
+                }
             }
         })
         .await?;
@@ -426,10 +443,10 @@ impl NodeService {
         let attacher = self.driver.node();
         attacher.check_known(&req.volume_id).await?;
         let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
-        let id = req.volume_id.clone();
+        let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
         off_executor("unpublishing", move || {
             refuse_foreign_mount(&id, &mounts, &read_mounts()?, &target)?;
-            unmount_all_and_remove(&target)
+            unmount_all_and_remove(&Beneath::open(&kubelet)?, &target)
         })
         .await?;
         Ok(csi::NodeUnpublishVolumeResponse {})
@@ -476,15 +493,16 @@ impl NodeService {
                 p.mount_point.display()
             )));
         }
-        let id = req.volume_id.clone();
+        let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
         off_executor("unstaging", move || {
             let all = read_mounts()?;
             refuse_foreign_mount(&id, &mounts, &all, &staging)?;
             refuse_foreign_mount(&id, &mounts, &all, &marker)?;
-            if marker.exists() {
-                unmount_all_and_remove(&marker)?;
+            let paths = Beneath::open(&kubelet)?;
+            if paths.existing(&marker)?.is_some() {
+                unmount_all_and_remove(&paths, &marker)?;
             }
-            unmount_all(&staging)
+            unmount_all(&paths, &staging)
         })
         .await?;
         attacher.detach(&req.volume_id).await?;
@@ -694,46 +712,6 @@ fn read_mounts() -> Result<Vec<MountEntry>> {
     mountinfo::read().map_err(|e| Error::io("reading /proc/self/mountinfo", e))
 }
 
-/// A path the caller gave that cannot be what it must be (a directory
-/// where a file is, a path under a file): the caller's to fix.
-fn path_error(path: &Path, e: std::io::Error) -> Error {
-    use rustix::io::Errno;
-    match Errno::from_io_error(&e) {
-        Some(Errno::NOTDIR | Errno::EXIST | Errno::ISDIR | Errno::LOOP) => {
-            error::failed_precondition(format!("{} cannot be used here: {e}", path.display()))
-        }
-        _ => Error::io(format!("creating {}", path.display()), e),
-    }
-}
-
-/// Makes a directory (and its parents); a file in the way is
-/// FAILED_PRECONDITION.
-fn make_dir(path: &Path) -> Result<()> {
-    std::fs::create_dir_all(path).map_err(|e| path_error(path, e))?;
-    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-        return Err(error::failed_precondition(format!("{} is not a directory", path.display())));
-    }
-    Ok(())
-}
-
-/// Makes the file a device is bind-mounted onto, never following a symlink
-/// at its place (O_NOFOLLOW), so a link planted there cannot point the mount
-/// elsewhere.
-fn create_file(path: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        make_dir(parent)?;
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .map(drop)
-        .map_err(|e| path_error(path, e))
-}
-
 /// A mount at `path` that is not the volume's own is someone else's: NOT_FOUND,
 /// and it is left alone.
 fn refuse_foreign_mount(
@@ -752,39 +730,26 @@ fn refuse_foreign_mount(
     }
 }
 
-/// Unmounts everything stacked at `path`.
-fn unmount_all(path: &Path) -> Result<()> {
+/// Unmounts everything stacked at `path`, each mount named through a
+/// descriptor resolved beneath the kubelet directory.
+fn unmount_all(paths: &Beneath, path: &Path) -> Result<()> {
     // Bounded: a path can only hold so many stacked mounts, and a loop that
     // never empties the stack must not spin forever.
     for _ in 0..16 {
         if mountinfo::at(&read_mounts()?, path).is_none() {
             return Ok(());
         }
-        nodefs::unmount(path)?;
+        if !paths.unmount(path)? {
+            return Ok(());
+        }
     }
     Err(error::internal(format!("{} stays mounted", path.display())))
 }
 
 /// Unmounts `path` and removes the directory or file there; gone is fine.
-fn unmount_all_and_remove(path: &Path) -> Result<()> {
-    unmount_all(path)?;
-    let removed = match std::fs::symlink_metadata(path) {
-        Err(_) => Ok(()),
-        Ok(m) if m.is_dir() => std::fs::remove_dir(path),
-        Ok(_) => std::fs::remove_file(path),
-    };
-    match removed {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        // Not a directory we made: its contents are somebody else's.
-        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
-            Err(error::failed_precondition(format!(
-                "{} is a directory with files in it and no volume mounted; not removing it",
-                path.display()
-            )))
-        }
-        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
-    }
+fn unmount_all_and_remove(paths: &Beneath, path: &Path) -> Result<()> {
+    unmount_all(paths, path)?;
+    paths.remove(path)
 }
 
 impl NodeService {

@@ -102,8 +102,11 @@ pub fn kubelet_path(raw: &str, what: &str, kubelet_dir: &Path) -> Result<PathBuf
         return Err(error::invalid(format!("{what} is not a usable path")));
     }
     let path = PathBuf::from(raw);
+    // Components: Path::components() drops a "." inside a path, so the
+    // string itself is checked (`/var/lib/kubelet/./x` is not normalized).
     if !path.is_absolute()
         || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || raw.split('/').any(|segment| segment == "." || segment == "..")
     {
         return Err(error::invalid(format!(
             "{what} {:?} must be absolute and normalized",
@@ -264,6 +267,16 @@ mod tests {
             expansion: crate::engine::ExpansionSite::Node,
             mount_modes: Features::single_node_modes(),
             block_modes: Features::single_node_modes(),
+        }
+    }
+
+    #[test]
+    fn paths_with_dot_components_are_not_normalized() {
+        let dir = std::env::temp_dir().canonicalize().unwrap();
+        for raw in ["/./stg", "/a/./stg", "/a/../stg", "/a/stg/."] {
+            let raw = format!("{}{raw}", dir.display());
+            let e = kubelet_path(&raw, "staging_target_path", &dir).unwrap_err();
+            assert!(e.message().contains("normalized"), "{raw}: {e:?}");
         }
     }
 

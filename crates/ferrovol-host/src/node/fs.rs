@@ -5,7 +5,9 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
-use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::mount::MountFlags;
+
+use super::beneath::{self, Resolved};
 
 use crate::error::{self, Result};
 use crate::exec;
@@ -222,7 +224,7 @@ pub fn split_mount_flags(flags: &[String]) -> (MountFlags, String) {
 /// source's UUID, and XFS would otherwise refuse to mount both on one node.
 pub fn mount(
     device: &Path,
-    target: &Path,
+    target: &Resolved,
     fs_type: &str,
     flags: &[String],
     read_only: bool,
@@ -238,9 +240,9 @@ pub fn mount(
     let data =
         std::ffi::CString::new(data).map_err(|_| error::invalid("mount flags contain NUL"))?;
     let data = (!data.as_bytes().is_empty()).then_some(data.as_c_str());
-    rustix::mount::mount(device, target, fs_type, bits, data).map_err(|e| {
+    beneath::mount_onto(device, target, fs_type, bits, data).map_err(|e| {
         let what =
-            format!("mounting {} ({fs_type}) on {}: {e}", device.display(), target.display());
+            format!("mounting {} ({fs_type}) on {}: {e}", device.display(), target.path.display());
         match e {
             // Something holds the device right now (a mount still finishing
             // from before a restart): worth a retry, not a failure.
@@ -255,26 +257,44 @@ pub fn mount(
 /// What every filesystem a pod gets is mounted with.
 pub const POD_VOLUME: MountFlags = MountFlags::NODEV.union(MountFlags::NOSUID);
 
-/// Bind-mounts `source` on `target`, then applies read-only and the generic
-/// flags (a bind mount ignores them until remounted).
-pub fn bind(source: &Path, target: &Path, flags: &[String], read_only: bool) -> Result<()> {
-    rustix::mount::mount_bind(source, target).map_err(|e| {
-        error::internal(format!("bind-mounting {} on {}: {e}", source.display(), target.display()))
-    })?;
+/// Bind-mounts `source` (an open descriptor; `shown` names it in errors)
+/// on the resolved `target`, with read-only and the generic flags set
+/// before the mount appears.
+pub fn bind(
+    source: &impl std::os::fd::AsFd,
+    shown: &Path,
+    target: &Resolved,
+    flags: &[String],
+    read_only: bool,
+) -> Result<()> {
     let (mut bits, _) = split_mount_flags(flags);
     if read_only {
         bits |= MountFlags::RDONLY;
     }
-    if !bits.is_empty() {
-        if let Err(e) = rustix::mount::mount_remount(target, bits | MountFlags::BIND, "") {
-            let _ = unmount(target);
-            return Err(error::internal(format!(
-                "applying mount flags on {}: {e}",
-                target.display()
-            )));
-        }
-    }
-    Ok(())
+    beneath::bind_onto(source, target, attributes(bits)).map_err(|e| {
+        error::internal(format!(
+            "bind-mounting {} on {}: {e}",
+            shown.display(),
+            target.path.display()
+        ))
+    })
+}
+
+/// A bind mount's own flags as `mount_setattr` attributes (the superblock
+/// flags, sync and dirsync, belong to the filesystem's own mount).
+fn attributes(bits: MountFlags) -> rustix::mount::MountAttrFlags {
+    use rustix::mount::MountAttrFlags as A;
+    let pairs = [
+        (MountFlags::RDONLY, A::MOUNT_ATTR_RDONLY),
+        (MountFlags::NOSUID, A::MOUNT_ATTR_NOSUID),
+        (MountFlags::NODEV, A::MOUNT_ATTR_NODEV),
+        (MountFlags::NOEXEC, A::MOUNT_ATTR_NOEXEC),
+        (MountFlags::NOATIME, A::MOUNT_ATTR_NOATIME),
+        (MountFlags::NODIRATIME, A::MOUNT_ATTR_NODIRATIME),
+        (MountFlags::RELATIME, A::MOUNT_ATTR_RELATIME),
+        (MountFlags::STRICTATIME, A::MOUNT_ATTR_STRICTATIME),
+    ];
+    pairs.iter().filter(|(m, _)| bits.contains(*m)).fold(A::empty(), |acc, (_, a)| acc | *a)
 }
 
 /// Size in bytes of a block device (or a bind mount of its node).
@@ -295,8 +315,10 @@ pub fn block_device_size(device: &Path) -> Result<u64> {
 }
 
 /// Unmounts `target`; not mounted is fine.
-pub fn unmount(target: &Path) -> Result<()> {
-    match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+/// Unmounts a mount of the driver's own (its state directory: never a path
+/// a client named); not mounted is fine.
+pub fn unmount_own(target: &Path) -> Result<()> {
+    match rustix::mount::unmount(target, rustix::mount::UnmountFlags::NOFOLLOW) {
         Ok(()) | Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOENT) => Ok(()),
         Err(e) => Err(error::internal(format!("unmounting {}: {e}", target.display()))),
     }

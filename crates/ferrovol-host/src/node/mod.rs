@@ -2,6 +2,7 @@
 //! and growing filesystems, freezing them. The node service is built on
 //! these; nothing here remembers state the kernel already has.
 
+pub mod beneath;
 pub mod freeze;
 pub mod fs;
 pub mod mountinfo;

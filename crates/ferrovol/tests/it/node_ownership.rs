@@ -5,7 +5,9 @@
 
 use crate::common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use common::req::{self, MIB};
 use common::req::{new_volume, publish_req, stage_req, unpublish_req, unstage_req};
@@ -186,4 +188,134 @@ async fn a_kubelet_dir_that_is_a_symlink_works() {
     n.node_get_volume_stats(stats(&v, &staging)).await.unwrap();
     n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
     kubelet.assert_clean();
+}
+
+/// Exchanges `a` and `b` (a directory and a symlink to a directory outside
+/// the kubelet dir) as fast as it can until told to stop; answers how many
+/// times.
+fn swapper(a: PathBuf, b: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut swaps = 0;
+        while !stop.load(Ordering::Relaxed) {
+            use rustix::fs::{renameat_with, RenameFlags, CWD};
+            renameat_with(CWD, &a, CWD, &b, RenameFlags::EXCHANGE).unwrap();
+            swaps += 1;
+        }
+        swaps
+    })
+}
+
+/// Puts the real directory back at `real` (the symlink at `other`).
+fn settle(real: &Path, other: &Path) {
+    if std::fs::symlink_metadata(real).unwrap().file_type().is_symlink() {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        renameat_with(CWD, real, CWD, other, RenameFlags::EXCHANGE).unwrap();
+    }
+}
+
+/// Whatever an escaped mount left under the outside directory goes, even
+/// when the test fails.
+struct UnmountUnder(PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        for m in mounts_under(&self.0).into_iter().rev() {
+            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// Mounts under `outside`, from the kernel's table.
+fn mounts_under(outside: &Path) -> Vec<PathBuf> {
+    ferrovol_host::node::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(outside))
+        .collect()
+}
+
+/// A component of the staging (then the target) path swapped for a symlink
+/// to a directory outside the kubelet dir while NodeStageVolume (then
+/// NodePublishVolume) runs, again and again: each call either mounts where
+/// it checked (inside) or refuses the symlink — never a mount outside. It
+/// mounted outside in 1 of 25 stages, answering OK.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlink_swapped_in_mid_call_never_redirects_a_mount() {
+    const ROUNDS: usize = 150;
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let v = new_volume(&mut c, "race", 64 * MIB, cap.clone()).await;
+    let outside = tempfile::tempdir().unwrap();
+    let outside = outside.path().canonicalize().unwrap();
+    let _guard = UnmountUnder(outside.clone());
+    std::fs::create_dir_all(outside.join("globalmount")).unwrap();
+    std::fs::create_dir_all(outside.join("mount")).unwrap();
+
+    // The staging path's pv directory, and its twin symlink.
+    let pv = e.kubelet.dir.join("plugins/kubernetes.io/csi/pv/race");
+    let pv_link = e.kubelet.dir.join("plugins/kubernetes.io/csi/pv/race-swap");
+    std::fs::create_dir_all(pv.join("globalmount")).unwrap();
+    std::os::unix::fs::symlink(&outside, &pv_link).unwrap();
+    let staging = pv.join("globalmount");
+    // Formatted once, in peace.
+    n.node_stage_volume(stage_req(&v, &staging, cap.clone())).await.unwrap();
+    n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
+
+    let (mut swaps, mut staged, mut refused) = (0u64, 0, 0);
+    for _ in 0..ROUNDS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = swapper(pv.clone(), pv_link.clone(), stop.clone());
+        let r = n.node_stage_volume(stage_req(&v, &staging, cap.clone())).await;
+        stop.store(true, Ordering::Relaxed);
+        swaps += t.join().unwrap();
+        settle(&pv, &pv_link);
+        assert_eq!(mounts_under(&outside), Vec::<PathBuf>::new(), "a stage mounted outside");
+        match r {
+            Ok(_) => {
+                staged += 1;
+                assert!(is_mounted(&staging), "mounted where it was checked");
+                n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
+            }
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument),
+                    "{s:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("stage: {ROUNDS} calls, {swaps} swaps, {staged} staged, {refused} refused");
+    assert!(swaps >= 1000, "{swaps} swaps");
+    assert!(staged > 0, "some stages found the directory");
+
+    // The same for the pod's target.
+    n.node_stage_volume(stage_req(&v, &staging, cap.clone())).await.unwrap();
+    let pod = e.kubelet.dir.join("pods/racer/volumes/kubernetes.io~csi");
+    let pod_link = e.kubelet.dir.join("pods/racer/volumes/swap");
+    std::fs::create_dir_all(&pod).unwrap();
+    std::os::unix::fs::symlink(&outside, &pod_link).unwrap();
+    let target = pod.join("mount");
+    let (mut swaps, mut published) = (0u64, 0);
+    for _ in 0..ROUNDS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = swapper(pod.clone(), pod_link.clone(), stop.clone());
+        let r = n.node_publish_volume(publish_req(&v, &staging, &target, cap.clone(), false)).await;
+        stop.store(true, Ordering::Relaxed);
+        swaps += t.join().unwrap();
+        settle(&pod, &pod_link);
+        assert_eq!(mounts_under(&outside), Vec::<PathBuf>::new(), "a publish mounted outside");
+        if r.is_ok() {
+            published += 1;
+            n.node_unpublish_volume(unpublish_req(&v, &target)).await.unwrap();
+        }
+    }
+    eprintln!("publish: {ROUNDS} calls, {swaps} swaps, {published} published");
+    assert!(swaps >= 1000 && published > 0, "{swaps} swaps, {published} published");
+    n.node_unstage_volume(unstage_req(&v, &staging)).await.unwrap();
+    std::fs::remove_file(&pv_link).unwrap();
+    std::fs::remove_file(&pod_link).unwrap();
+    e.kubelet.assert_clean();
 }
