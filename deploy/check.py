@@ -215,8 +215,9 @@ def check_no_node_deployment(docs):
 
 def check_link(docs):
     """The relay and the agents find each other: the agents dial the
-    headless Service in front of the controller's link port, and both ends
-    mount the Secrets `ferrovol link certs` makes."""
+    headless Service in front of the controller's link port; the relay
+    mounts the Secret `ferrovol link secret` makes, and each agent its own
+    node's certificate from the node (no certificate all nodes share)."""
     certs_rs = open("crates/ferrovol-relay/src/certs.rs").read()
     secret_of = dict(re.findall(r'pub const (\w+)_SECRET: &str = "([^"]+)"', certs_rs))
     (ds,) = of_kind(docs, "DaemonSet")
@@ -240,12 +241,16 @@ def check_link(docs):
           "agents dial the link Service")
     check(any(e["name"] == "NAMESPACE" for e in agent.get("env", [])) or "$(NAMESPACE)" not in arg(agent, "--link-controller"),
           "the agent's $(NAMESPACE) is defined")
-    for w, c, want in ((dep, relay, secret_of.get("RELAY")), (ds, agent, secret_of.get("AGENT"))):
+    def link_volume(w, c):
         vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        vol = vols.get(mounts.get(arg(c, "--link-tls"), ""), {})
-        check(vol.get("secret", {}).get("secretName") == want,
-              f"{w['kind']} mounts Secret {want} at --link-tls")
+        return vols.get(mounts.get(arg(c, "--link-tls"), ""), {})
+    want = secret_of.get("RELAY")
+    check(link_volume(dep, relay).get("secret", {}).get("secretName") == want,
+          f"the relay mounts Secret {want} at --link-tls")
+    own = link_volume(ds, agent)
+    check("hostPath" in own and "secret" not in own,
+          "each agent's link certificate is its node's own (a hostPath), not a Secret all nodes share")
     check(dep["spec"]["template"]["metadata"]["labels"] != ds["spec"]["template"]["metadata"]["labels"],
           "the Deployment's and DaemonSet's pods are told apart by their labels")
 

@@ -25,7 +25,14 @@ pub const MAX_HOLD: Duration = Duration::from_secs(10);
 /// that moved).
 const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Between tries at a relay that cannot be reached.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Between tries at a relay that closes the link at once (it refused this
+/// node: a certificate not its own, a second link): far apart, so a
+/// refusal is a line a minute in each log, not ten a second.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A link that lasted less than this was refused rather than lost.
+const SHORT_LINK: Duration = Duration::from_secs(5);
 
 /// The freezes one relay connection made; dropped (thawed) with it.
 #[derive(Default)]
@@ -184,24 +191,34 @@ async fn dial(
     driver: Arc<Driver>,
 ) {
     let connector = tokio_rustls::TlsConnector::from(tls);
-    let mut backoff = Duration::from_millis(100);
+    let first = Duration::from_millis(100);
+    let mut backoff = first;
     loop {
         match connect(addr, &connector).await {
             Ok(stream) => {
-                backoff = Duration::from_millis(100);
                 info!(relay = %addr, "link to the relay up");
+                let up = std::time::Instant::now();
                 let (io, closed) = LinkIo::new(stream);
                 let routes = link_routes(driver.clone());
                 tokio::spawn(
                     routes.serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(io))),
                 );
                 let _ = closed.await;
-                warn!(relay = %addr, "link to the relay lost; redialling");
+                if up.elapsed() < SHORT_LINK {
+                    backoff = (backoff * 2).min(REFUSED_BACKOFF_MAX);
+                    warn!(relay = %addr, retry_in = ?backoff,
+                          "link to the relay lost at once (refused? the relay's log says why)");
+                } else {
+                    backoff = first;
+                    warn!(relay = %addr, "link to the relay lost; redialling");
+                }
             }
-            Err(e) => warn!(relay = %addr, error = %e, "cannot reach the relay"),
+            Err(e) => {
+                backoff = (backoff * 2).min(BACKOFF_MAX.max(backoff));
+                warn!(relay = %addr, error = %e, "cannot reach the relay");
+            }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 

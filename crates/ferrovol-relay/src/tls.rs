@@ -87,6 +87,39 @@ impl Credentials {
     }
 }
 
+/// The name a node's certificate carries (a DNS subject alternative name):
+/// the only identity under which the relay lets that node's link in.
+/// Kubernetes node names are DNS subdomains, so this is a DNS name too.
+pub fn node_identity(node_id: &str) -> Result<String, String> {
+    let name = format!("{node_id}.node.ferrovol.link");
+    let valid = !node_id.is_empty()
+        && name.len() <= 253
+        && node_id.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !valid {
+        return Err(format!(
+            "node ID {:?} is not a DNS name (lowercase letters, digits, '-' and '.'), which a \
+             node's link certificate must carry",
+            ferrovol_csi::error::bounded(node_id)
+        ));
+    }
+    Ok(name)
+}
+
+/// Whether the certificate (DER) is one the link CA issued for `node_id`
+/// (the chain itself was verified by the TLS handshake).
+pub fn certifies_node(cert: &CertificateDer<'_>, node_id: &str) -> bool {
+    let Ok(name) = node_identity(node_id) else { return false };
+    let Ok(name) = ServerName::try_from(name) else { return false };
+    webpki::EndEntityCert::try_from(cert)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
 pub fn relay_name() -> ServerName<'static> {
     ServerName::try_from(RELAY_NAME).expect("a valid DNS name")
 }

@@ -44,25 +44,38 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum LinkCommand {
-    /// Make the link's CA and certificates (the relay's, and one for every
-    /// agent): without --out, print the two Kubernetes Secrets the
-    /// manifests mount, ready for `kubectl apply -f -`.
+    /// Make the link's CA (kept in DIR/ca, key and all) and the relay's
+    /// certificate (DIR/relay); with --node, issue a node's own certificate
+    /// (DIR/nodes/NAME) from the CA in DIR. Each node's agent needs its
+    /// own: the relay admits a node's link only with that node's
+    /// certificate. Each directory holds ca.crt, tls.crt and tls.key.
     Certs {
-        /// Write PEM files to DIR/relay and DIR/agent instead (ca.crt,
-        /// tls.crt, tls.key in each).
+        /// Where the CA, the relay's and the nodes' certificates go.
         #[arg(long)]
-        out: Option<PathBuf>,
-        /// The Secrets' namespace.
-        #[arg(long, default_value = "ferrovol")]
-        namespace: String,
+        out: PathBuf,
+        /// Issue a certificate for this node (repeatable; its node ID, as
+        /// --node-id or the hostname, a DNS name). The CA in --out is made
+        /// first if there is none.
+        #[arg(long = "node", value_name = "NAME")]
+        nodes: Vec<String>,
         /// How long the certificates are valid, in days.
         #[arg(long, default_value_t = 3650)]
         days: u32,
-        /// With --out: replace certificates already there. A new CA breaks
-        /// every agent and relay still holding the old one at its next
-        /// restart, so this is never done without asking.
-        #[arg(long, requires = "out")]
+        /// Replace a CA already in --out. A new CA breaks every agent and
+        /// relay still holding the old one at its next restart, so this is
+        /// never done without asking.
+        #[arg(long)]
         force: bool,
+    },
+    /// Print the relay's Kubernetes Secret (from `link certs --out DIR`),
+    /// ready for `kubectl apply -f -`.
+    Secret {
+        /// The directory `link certs --out` wrote.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The Secret's namespace.
+        #[arg(long, default_value = "ferrovol")]
+        namespace: String,
     },
 }
 

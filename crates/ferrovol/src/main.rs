@@ -81,18 +81,11 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
-        Command::Link(LinkCommand::Certs { out, namespace, days, force }) => {
-            let certs = ferrovol_relay::certs::LinkCerts::generate(days)?;
-            match out {
-                Some(dir) => {
-                    certs.write(&dir, force)?;
-                    println!(
-                        "wrote {0}/relay and {0}/agent (ca.crt, tls.crt, tls.key)",
-                        dir.display()
-                    );
-                }
-                None => print!("{}", certs.secrets_manifest(&namespace)),
-            }
+        Command::Link(LinkCommand::Certs { out, nodes, days, force }) => {
+            ferrovol_relay::certs::make(&out, &nodes, days, force)
+        }
+        Command::Link(LinkCommand::Secret { dir, namespace }) => {
+            print!("{}", ferrovol_relay::certs::relay_secret_from(&dir, &namespace)?);
             Ok(())
         }
         Command::Pool(PoolCommand::Check { state_dir, pool_dir, repair }) => {

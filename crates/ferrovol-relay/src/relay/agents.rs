@@ -18,6 +18,10 @@ use crate::proto::HelloRequest;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a node's existing link has to answer before a new link for the
+/// node replaces it.
+const LIVENESS_CHECK: Duration = Duration::from_secs(2);
+
 /// How long an agent may take to answer a call that reads (a volume, a
 /// listing page, capacity) or freezes and thaws: an agent whose link is
 /// alive but which does not answer (a hung disk) must not hold the relay's
@@ -130,12 +134,30 @@ impl Agents {
         self.read().by_tag.len()
     }
 
-    fn insert(&self, link: Arc<AgentLink>) {
+    /// Admits a node's link, unless it has a live one already: one
+    /// identity, one link. A link that is there but dead (the node
+    /// restarted before the keepalive noticed) is replaced; a live one
+    /// stays and the newcomer is refused.
+    async fn insert(&self, link: Arc<AgentLink>) -> Result<(), String> {
+        let existing = self.read().by_tag.get(&link.tag).cloned();
+        if let Some(old) = existing {
+            let alive =
+                tokio::time::timeout(LIVENESS_CHECK, old.agent.clone().hello(HelloRequest {}))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if alive {
+                return Err(format!(
+                    "node {} already has a live link; a second one is refused (is another \
+                     process using this node's identity?)",
+                    link.node_id
+                ));
+            }
+            info!(node = %old.node_id, "the node reconnected: its dead link is replaced");
+        }
         let mut inner = self.write();
         inner.known.insert(link.node_id.clone(), link.tag.clone());
-        if let Some(old) = inner.by_tag.insert(link.tag.clone(), link.clone()) {
-            info!(node = %old.node_id, "the node reconnected: its older link is replaced");
-        }
+        inner.by_tag.insert(link.tag.clone(), link);
+        Ok(())
     }
 
     fn remove(&self, tag: &str, generation: u64) {
@@ -183,6 +205,15 @@ async fn admit(
         .await
         .map_err(|_| "no TLS handshake in time".to_string())?
         .map_err(|e| format!("TLS: {e}"))?;
+    // The node this certificate is for: the only node ID this link may
+    // claim (checked against Hello below).
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .ok_or_else(|| "no client certificate".to_string())?;
     let (io, closed) = LinkIo::new(stream);
     // The roles turn: the agent dialled, but it is the server from here.
     let one = std::sync::Mutex::new(Some(io));
@@ -207,8 +238,15 @@ async fn admit(
         .map_err(|_| "no Hello in time".to_string())?
         .map_err(|e| format!("Hello: {}", e.message()))?
         .into_inner();
+    let claimed = ferrovol_csi::error::bounded(&hello.node_id).into_owned();
     if hello.tag != ferrovol_local::ids::node_tag(&hello.node_id) {
-        return Err(format!("node {} says its tag is {:?}", hello.node_id, hello.tag));
+        return Err(format!("node {claimed} says its tag is {:?}", hello.tag));
+    }
+    if !crate::tls::certifies_node(&cert, &hello.node_id) {
+        return Err(format!(
+            "a link claiming node {claimed} presented a certificate that is not node {claimed}'s \
+             (each node needs its own: ferrovol link certs --node {claimed})"
+        ));
     }
     let generation = agents.generations.fetch_add(1, Ordering::Relaxed);
     let link = Arc::new(AgentLink {
@@ -220,7 +258,7 @@ async fn admit(
         metadata: csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel),
         agent,
     });
-    agents.insert(link);
+    agents.insert(link).await?;
     info!(node = %hello.node_id, %peer, version = %hello.version, agents = agents.count(), "node agent connected");
     let _ = closed.await;
     agents.remove(&hello.tag, generation);

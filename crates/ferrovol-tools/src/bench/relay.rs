@@ -35,7 +35,7 @@ impl Relay {
             std::env::temp_dir().join(format!("ferrovol-bench-relay-{}", std::process::id()));
         std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
         let certs = Command::new(exe)
-            .args(["link", "certs", "--out"])
+            .args(["link", "certs", "--node", "relay-a", "--node", "relay-b", "--out"])
             .arg(work.join("certs"))
             .output()
             .map_err(|e| e.to_string())?;
@@ -155,14 +155,15 @@ where
 pub async fn run(samples: usize) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let relay = Relay::start(&exe).await?;
-    let agent_args = || {
+    // Each agent with its own node's certificate.
+    let agent_args = |node: &str| {
         vec![
             "--mode".to_string(),
             "agent".into(),
             "--link-controller".into(),
             relay.link.clone(),
             "--link-tls".into(),
-            relay.work.join("certs/agent").display().to_string(),
+            relay.work.join("certs/nodes").join(node).display().to_string(),
         ]
     };
     let log = "warn,ferrovol_core::services::group_controller=info,ferrovol_local=debug";
@@ -172,7 +173,7 @@ pub async fn run(samples: usize) -> Result<(), String> {
         pool_dir: None,
         pool_size: 8 << 30,
         rust_log: log,
-        args: agent_args(),
+        args: agent_args("relay-a"),
     })
     .await?;
     let b = Scratch::start(Options {
@@ -181,7 +182,7 @@ pub async fn run(samples: usize) -> Result<(), String> {
         pool_dir: None,
         pool_size: 8 << 30,
         rust_log: log,
-        args: agent_args(),
+        args: agent_args("relay-b"),
     })
     .await?;
     relay.wait_for_log("node agent connected", 2).await?;

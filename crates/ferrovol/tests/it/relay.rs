@@ -21,11 +21,13 @@ use tonic::Code;
 
 const KEY: &str = "local.csi.ferrovol.io/node";
 
-/// Makes a link CA and its certificates under `dir` (`relay/`, `agent/`).
-fn certs(dir: &Path) {
+/// Makes a link CA and the relay's certificate under `dir` (`ca/`,
+/// `relay/`), and the certificates of `nodes` (`nodes/<name>/`).
+fn certs(dir: &Path, nodes: &[&str]) {
     let out = std::process::Command::new(BIN)
         .args(["link", "certs", "--out"])
         .arg(dir)
+        .args(nodes.iter().flat_map(|n| ["--node", n]))
         .output()
         .expect("running ferrovol link certs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -91,7 +93,7 @@ impl Cluster {
     ) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let certs_dir = root.path().join("certs");
-        certs(&certs_dir);
+        certs(&certs_dir, &[]);
         let (relay, link) = start_relay(root.path(), &certs_dir, "127.0.0.1:0", relay_env);
         let mut cluster = Cluster { relay, agents: vec![], link, certs: certs_dir, root };
         for name in names {
@@ -116,8 +118,18 @@ impl Cluster {
             "--link-controller",
             &self.link,
             "--link-tls",
-            &self.certs.join("agent").display().to_string(),
+            &self.node_certs(name).display().to_string(),
         ])
+    }
+
+    /// The node's own link certificate, issued from the cluster's CA on
+    /// first use.
+    fn node_certs(&self, name: &str) -> PathBuf {
+        let dir = self.certs.join("nodes").join(name);
+        if !dir.exists() {
+            certs(&self.certs, &[name]);
+        }
+        dir
     }
 
     fn add_agent(&mut self, name: &str, pool: TestPool, env: &[(String, String)]) {
@@ -593,7 +605,7 @@ async fn a_node_that_is_gone_fails_fast_and_rejoins() {
 async fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     let mut cluster = Cluster::start(&["node-a"], PoolFs::Ext4).await;
     let other = cluster.root.path().join("other-ca");
-    certs(&other);
+    certs(&other, &["intruder"]);
     let pool = TestPool::new(PoolFs::Ext4).await;
     let kubelet = Kubelet::new(&pool);
     let root = cluster.root.path().join("intruder");
@@ -602,7 +614,7 @@ async fn an_agent_with_a_certificate_from_another_ca_is_refused() {
         .pool(&pool)
         .kubelet(&kubelet)
         .args(["--mode", "agent", "--link-controller", &cluster.link, "--link-tls"])
-        .args([other.join("agent").display().to_string()])
+        .args([other.join("nodes/intruder").display().to_string()])
         .start();
     // Refused by the relay (its client certificate is not from the link
     // CA), and the agent does not trust the relay either.
@@ -1078,7 +1090,7 @@ async fn a_restore_for_another_node_says_where_its_source_lives() {
 fn link_certs_never_replaces_a_ca_unasked() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("link");
-    certs(&dir);
+    certs(&dir, &[]);
     let ca = std::fs::read(dir.join("relay/ca.crt")).unwrap();
     let run = |extra: &[&str]| {
         std::process::Command::new(BIN)
@@ -1095,4 +1107,69 @@ fn link_certs_never_replaces_a_ca_unasked() {
     assert_eq!(std::fs::read(dir.join("relay/ca.crt")).unwrap(), ca, "untouched");
     assert!(run(&["--force"]).status.success());
     assert_ne!(std::fs::read(dir.join("relay/ca.crt")).unwrap(), ca, "replaced");
+}
+
+/// One identity per node. An agent claiming node-a's ID with node-b's
+/// certificate is refused; so is a second process with node-a's own
+/// certificate while node-a's link is live (it replaced the link before:
+/// the two flapped, node-a's volume was NOT_FOUND and its delete answered
+/// OK with the data still there). The real node-a is served throughout,
+/// and each refused agent backs off rather than redialling at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_impostor_node_is_refused_and_the_real_one_unaffected() {
+    let mut cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Ext4).await;
+    let mut c = cluster.controller().await;
+    let vol = create(&mut c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+    let connected = "node agent connected node=node-a ";
+    let before = cluster.relay.logs().matches(connected).count();
+
+    let mut impostors = Vec::new();
+    for (name, cert_of) in [("wrong-cert", "node-b"), ("second-link", "node-a")] {
+        let pool = TestPool::new(PoolFs::Ext4).await;
+        let kubelet = Kubelet::new(&pool);
+        let root = cluster.root.path().join(name);
+        let d = DriverBuilder::new(&root)
+            .node_id("node-a")
+            .pool(&pool)
+            .kubelet(&kubelet)
+            .args(["--mode", "agent", "--link-controller", &cluster.link, "--link-tls"])
+            .args([cluster.node_certs(cert_of).display().to_string()])
+            .start();
+        impostors.push((d, kubelet, pool));
+    }
+    let refused = "refused a link connection";
+    assert!(cluster.relay.wait_for_log_count(refused, 2), "{}", cluster.relay.logs());
+    let logs = cluster.relay.logs();
+    assert!(logs.contains("presented a certificate that is not node node-a's"), "{logs}");
+    assert!(logs.contains("node node-a already has a live link"), "{logs}");
+    // Each impostor backs off: by its third refusal it waits over a second.
+    for (d, _, _) in &mut impostors {
+        assert!(d.wait_for_log_count("link to the relay lost at once", 3));
+        let third = d
+            .logs()
+            .lines()
+            .filter(|l| l.contains("link to the relay lost at once"))
+            .nth(2)
+            .unwrap()
+            .to_string();
+        assert!(third.contains("retry_in=800ms") || third.contains("retry_in=1."), "{third}");
+    }
+    assert_eq!(cluster.relay.logs().matches(connected).count(), before, "node-a never replaced");
+
+    // node-a is served as before: its volume is there, placed there, and a
+    // new one for node-a lands in node-a's pool.
+    let got = c
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner().volume.unwrap().volume_id, vol.volume_id);
+    let next = create(&mut c, on_node("pvc-a2", "node-a", 16 * MIB)).await;
+    assert_eq!(cluster.agents[0].pool.files("volumes").len(), 2);
+    for (_, _, pool) in &impostors {
+        assert!(pool.files("volumes").is_empty(), "nothing placed on an impostor");
+    }
+    for v in [vol, next] {
+        c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    }
+    assert!(cluster.agents[0].pool.files("volumes").is_empty());
 }
