@@ -102,6 +102,14 @@ pub struct LinkArgs {
     #[arg(long, env = "FERROVOL_GROUP_FREEZE_LIMIT", default_value = "3s",
           value_parser = ferrovol_csi::units::parse_duration)]
     pub group_freeze_limit: std::time::Duration,
+
+    /// Relay: a node the operator declares gone for good, with its disk
+    /// (repeatable, or comma-separated). Its volumes and snapshots are
+    /// lost: deletes of them answer OK, lookups NOT_FOUND, listings leave
+    /// it out, and its link is refused should it come back. Never done on
+    /// a mere disconnect; logged at start and on every answer it changes.
+    #[arg(long = "retired-node", env = "FERROVOL_RETIRED_NODES", value_delimiter = ',')]
+    pub retired_nodes: Vec<String>,
 }
 
 /// `ferrovol serve`: the flags every engine shares, the engine, and its own.

@@ -274,7 +274,7 @@ async fn relay(link: &LinkArgs) -> Result<(Halves, Companion), String> {
         .map_err(|e| format!("binding the link listener {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(addr = %local, "link listening for node agents");
-    let registry = Arc::new(agents::Agents::default());
+    let registry = Arc::new(agents::Agents::retiring(&link.retired_nodes));
     let engine = Arc::new(RelayEngine::new(registry.clone(), link.group_freeze_limit));
     let companion: Companion =
         Box::new(move |_| tokio::spawn(agents::listen(listener, tls, registry)));

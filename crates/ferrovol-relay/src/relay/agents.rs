@@ -71,9 +71,31 @@ struct Inner {
 pub struct Agents {
     inner: RwLock<Inner>,
     generations: AtomicU64,
+    /// Nodes the operator declared gone (`--retired-node`), by tag.
+    retired: HashMap<String, String>,
 }
 
 impl Agents {
+    /// The registry of a relay whose operator declared `nodes` gone for
+    /// good (their disks with them).
+    pub fn retiring(nodes: &[String]) -> Agents {
+        let retired: HashMap<String, String> = nodes
+            .iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| (ferrovol_local::ids::node_tag(n), n.clone()))
+            .collect();
+        for node in retired.values() {
+            warn!(node = %node, "node retired by the operator (--retired-node): its volumes and \
+                   snapshots are gone with its disk; deletes of them answer OK, lookups NOT_FOUND");
+        }
+        Agents { retired, ..Agents::default() }
+    }
+
+    /// The node of `tag` if the operator retired it.
+    pub fn retired(&self, tag: &str) -> Option<&str> {
+        self.retired.get(tag).map(String::as_str)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -139,6 +161,13 @@ impl Agents {
     /// restarted before the keepalive noticed) is replaced; a live one
     /// stays and the newcomer is refused.
     async fn insert(&self, link: Arc<AgentLink>) -> Result<(), String> {
+        if self.retired(&link.tag).is_some() {
+            return Err(format!(
+                "node {} is retired (--retired-node): its link is refused; to serve it again, \
+                 take it off the list and restart the relay",
+                link.node_id
+            ));
+        }
         let existing = self.read().by_tag.get(&link.tag).cloned();
         if let Some(old) = existing {
             let alive =

@@ -64,6 +64,11 @@ impl RelayEngine {
             return Ok(None);
         }
         if let Some(tag) = ids::tag_of(id) {
+            if let Some(node) = self.agents.retired(tag) {
+                // The operator's word: the object went with its node.
+                tracing::warn!(node, id, "the object of a retired node is gone");
+                return Ok(None);
+            }
             return self.agents.by_tag(tag).map(Some);
         }
         if let Some(tag) = lock(&self.legacy).get(id).cloned() {

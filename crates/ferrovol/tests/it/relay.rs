@@ -1173,3 +1173,56 @@ async fn an_impostor_node_is_refused_and_the_real_one_unaffected() {
     }
     assert!(cluster.agents[0].pool.files("volumes").is_empty());
 }
+
+/// A node that never comes back: while it is merely gone, its objects
+/// are UNAVAILABLE (never an OK for a delete that did not happen); once the
+/// operator retires it (`--retired-node`, on a relay restart), deletes of
+/// its volumes and snapshots answer OK, lookups and snapshots of them
+/// NOT_FOUND, listings go on without it, and its link is refused should it
+/// return. Every such answer is logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retired_node_s_objects_are_gone_as_the_spec_says() {
+    let mut cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Ext4).await;
+    let mut c = cluster.controller().await;
+    let on_a = create(&mut c, on_node("pvc-a", "node-a", 16 * MIB)).await;
+    let on_b = create(&mut c, on_node("pvc-b", "node-b", 16 * MIB)).await;
+    let snap_b = snapshot(&mut c, "snap-b", &on_b.volume_id).await;
+    cluster.agents[1].driver.kill();
+    cluster.relay.wait_for_log("node agent disconnected node=node-b").unwrap();
+    let e = c.delete_volume(req::delete(&on_b.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "merely gone is not retired: {e:?}");
+
+    cluster.relay.kill();
+    let root = cluster.root.path().to_path_buf();
+    let (relay, _) =
+        start_relay(&root, &cluster.certs, &cluster.link, &[("FERROVOL_RETIRED_NODES", "node-b")]);
+    cluster.relay = relay;
+    cluster.wait_connected("node-a");
+    assert!(cluster.relay.logs().contains("node retired by the operator"));
+    let mut c = cluster.controller().await;
+
+    let get = |id: &str| csi::ControllerGetVolumeRequest { volume_id: id.to_string() };
+    let e = c.controller_get_volume(get(&on_b.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c.create_snapshot(req::snapshot("again", &on_b.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let validate = csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: on_b.volume_id.clone(),
+        volume_capabilities: vec![req::mount_cap("ext4")],
+        ..Default::default()
+    };
+    let e = c.validate_volume_capabilities(validate).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    c.delete_snapshot(req::delete_snapshot(&snap_b.snapshot_id)).await.unwrap();
+    c.delete_volume(req::delete(&on_b.volume_id)).await.unwrap();
+    let listed = list_all_volumes(&mut c, 0).await;
+    assert_eq!(listed, [on_a.volume_id.clone()], "the listing goes on without node-b");
+    assert!(cluster.relay.logs().contains("the object of a retired node is gone"));
+
+    // node-b comes back after all: refused.
+    let agent = &cluster.agents[1];
+    let b = cluster.agent_builder(&agent.name, &agent.root, &agent.pool, &agent.kubelet);
+    cluster.agents[1].driver = b.start();
+    assert!(cluster.relay.wait_for_log("is retired (--retired-node)").is_some());
+    c.delete_volume(req::delete(&on_a.volume_id)).await.unwrap();
+}
