@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the CSI gRPC services on a socket.
-    Serve(ServeCommand),
+    Serve(Box<ServeCommand>),
     /// The walkthrough, end to end, narrated (needs root).
     Demo(ferrovol_tools::demo::DemoArgs),
     /// A CSI client for any CSI driver.

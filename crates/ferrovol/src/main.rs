@@ -76,7 +76,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Bench(args) => ferrovol_tools::bench::run(args).await,
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,
