@@ -474,6 +474,12 @@ pub trait NodeAttacher: Send + Sync + 'static {
     /// The volume's health as this node sees it.
     async fn condition(&self, volume_id: &str) -> Result<Condition>;
 
+    /// A graceful stop, after the last call: lets go of what the node half
+    /// holds (connections to a cluster) while the process is still whole.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the attached volume (`device`) was ever written, asked when
     /// it shows no filesystem signature, before formatting it. An engine
     /// that cannot tell answers `Maybe`, and such a volume is never

@@ -170,6 +170,11 @@ pub async fn run(
                 warn!(error = e.message(), "closing the engine");
             }
         }
+        if let Some(n) = &driver.node {
+            if let Err(e) = n.close().await {
+                warn!(error = e.message(), "closing the engine's node half");
+            }
+        }
     }
     if let Some(path) = socket_path {
         if let Err(e) = std::fs::remove_file(&path) {
@@ -186,7 +191,9 @@ pub async fn run(
             "exiting with calls still running after the shutdown timeout; the next start \
              settles them"
         );
-        std::process::exit(1);
+        // At once: an exit that ran the libraries' own teardown (Ceph's)
+        // under the calls still running would crash instead.
+        ferrovol_host::process::exit_now(1);
     }
     info!("stopped");
     Ok(())

@@ -19,6 +19,7 @@ pub mod extents;
 pub mod fsutil;
 pub mod loopdev;
 pub mod node;
+pub mod process;
 
 #[cfg(test)]
 mod tests {

@@ -122,6 +122,22 @@ impl Connections {
         &self.config
     }
 
+    /// The graceful end: every pool (I/O context) closed, then every
+    /// cluster connection shut down, in that order, while the process is
+    /// still whole. Answers how many connections something else still
+    /// holds (shut down when it lets go).
+    pub fn shutdown(&self) -> usize {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let clusters: Vec<Cluster> = self
+            .clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        clusters.into_iter().filter(|c| !c.is_last()).count()
+    }
+
     async fn cluster(&self, creds: &Credentials) -> Result<Cluster> {
         if let Some(c) = self.clusters.lock().expect("connections lock").get(creds) {
             return Ok(c.clone());

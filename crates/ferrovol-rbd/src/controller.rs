@@ -162,6 +162,13 @@ impl ControllerEngine for RbdEngine {
         false
     }
 
+    async fn close(&self) -> Result<()> {
+        self.purger.stop();
+        let limit = std::time::Duration::from_secs(self.conn.config().op_timeout);
+        crate::close_connections(&self.conn, limit).await;
+        Ok(())
+    }
+
     async fn health(&self) -> Result<()> {
         let cluster = self.conn.default_cluster().await?;
         blocking(move || cluster.stat().map(drop).map_err(ceph_error)).await

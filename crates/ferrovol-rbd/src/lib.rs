@@ -78,11 +78,69 @@ pub(crate) fn claim(
     }
 }
 
+/// Ceph calls running on the blocking pool right now: a stop waits for
+/// them before it shuts the clients down (librados torn down under a
+/// running call aborts the process).
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SETTLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// One counted call; uncounted when it ends, however it ends.
+struct Counted;
+
+impl Counted {
+    fn new() -> Counted {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            SETTLED.notify_waiters();
+        }
+    }
+}
+
 /// Runs a blocking librbd sequence off the async executor.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| error::internal(format!("a blocking Ceph call failed: {e}")))?
+    let counted = Counted::new();
+    tokio::task::spawn_blocking(move || {
+        let _counted = counted;
+        f()
+    })
+    .await
+    .map_err(|e| error::internal(format!("a blocking Ceph call failed: {e}")))?
+}
+
+/// The end of an engine half: waits for the Ceph calls still running (at
+/// most `limit`), then closes every pool and shuts every connection down,
+/// in order, before the process goes (librados torn down by the exit
+/// itself, with its threads still busy, aborted the driver on SIGTERM).
+pub async fn close_connections(conn: &connect::Connections, limit: std::time::Duration) {
+    let running = settle_calls(limit).await;
+    if running > 0 {
+        tracing::warn!(running, "Ceph calls still running at the stop");
+    }
+    let held = conn.shutdown();
+    if held > 0 {
+        tracing::warn!(held, "Ceph connections still held elsewhere at the stop");
+    }
+}
+
+/// Waits (at most `limit`) until no Ceph call runs; answers how many still do.
+pub async fn settle_calls(limit: std::time::Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let settled = SETTLED.notified();
+        let running = IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst);
+        if running == 0 {
+            return 0;
+        }
+        if tokio::time::timeout_at(deadline, settled).await.is_err() {
+            return IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }

@@ -82,6 +82,12 @@ impl NodeAttacher for RbdNode {
         BTreeMap::new()
     }
 
+    async fn close(&self) -> Result<()> {
+        let limit = std::time::Duration::from_secs(self.conn.config().op_timeout);
+        crate::close_connections(&self.conn, limit).await;
+        Ok(())
+    }
+
     async fn health(&self) -> Result<()> {
         self.default_mapper.available().map_err(error::unavailable)
     }

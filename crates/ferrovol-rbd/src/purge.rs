@@ -34,14 +34,28 @@ struct State {
 pub struct Purger {
     state: Arc<Mutex<State>>,
     wake: Arc<Notify>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Purger {
     /// Starts the purger's task (on the current runtime).
     pub fn start() -> Purger {
         let p = Purger::default();
-        tokio::spawn(p.clone().run());
+        let task = tokio::spawn(p.clone().run());
+        *p.task.lock().expect("purger task") = Some(task);
         p
+    }
+
+    /// Stops the purger (a stop of the driver) and lets go of its pools;
+    /// a removal it started finishes on the blocking pool, and the next
+    /// start's sweep purges what is left.
+    pub fn stop(&self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.pools.clear();
+        s.pending.clear();
     }
 
     /// Something in this pool's trash may be purged now.

@@ -188,6 +188,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Whether this is the connection's last holder: dropping it shuts the
+    /// connection down (`rados_shutdown`), after its pools and images.
+    pub fn is_last(&self) -> bool {
+        Arc::strong_count(&self.handle) == 1
+    }
+
     pub fn connect(how: &Connect<'_>) -> Result<Cluster> {
         libraries().map_err(|e| CephError { op: e, errno: libc::ENOENT })?;
         let api = api();
