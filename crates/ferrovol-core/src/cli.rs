@@ -68,8 +68,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FERROVOL_MODE", value_enum, default_value_t = Mode::All)]
     pub mode: Mode,
 
-    /// Directory for the driver's state (created if missing).
-    #[arg(long, env = "FERROVOL_STATE_DIR", default_value = "./ferrovol-data")]
+    /// Directory for the driver's state (created if missing). Default:
+    /// /var/lib/ferrovol as root, else $XDG_STATE_HOME/ferrovol.
+    #[arg(long, env = "FERROVOL_STATE_DIR",
+          default_value_os_t = ferrovol_csi::endpoint::default_state_dir())]
     pub state_dir: PathBuf,
 
     /// Staging and target paths must lie under this directory.

@@ -474,6 +474,14 @@ pub trait NodeAttacher: Send + Sync + 'static {
     /// The volume's health as this node sees it.
     async fn condition(&self, volume_id: &str) -> Result<Condition>;
 
+    /// At start-up, before serving: detaches what a stage killed between
+    /// attaching and mounting left attached (a device of ours that nothing
+    /// mounts, which only an unstage at some path would release); answers
+    /// the volumes released.
+    async fn release_unused(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// A graceful stop, after the last call: lets go of what the node half
     /// holds (connections to a cluster) while the process is still whole.
     async fn close(&self) -> Result<()> {

@@ -226,7 +226,8 @@ where
         "rpc",
         method,
         request_id,
-        name = field::Empty,
+        // Not `name`: JSON logs name the span itself under that key.
+        object_name = field::Empty,
         volume_id = field::Empty,
         snapshot_id = field::Empty,
         group_snapshot_id = field::Empty,
@@ -234,7 +235,7 @@ where
     {
         let ids = req.ids();
         for (key, value) in [
-            ("name", ids.name),
+            ("object_name", ids.name),
             ("volume_id", ids.volume_id),
             ("snapshot_id", ids.snapshot_id),
             ("group_snapshot_id", ids.group_snapshot_id),

@@ -91,6 +91,15 @@ pub async fn run(
 
     if driver.mode.node() {
         thaw_left_frozen(&driver).await;
+        match driver.node().release_unused().await {
+            Ok(released) => {
+                for volume_id in released {
+                    warn!(%volume_id, "released an attachment a stage left without a mount \
+                                       (the previous run stopped inside it)");
+                }
+            }
+            Err(e) => warn!(error = e.message(), "cannot look for unused attachments"),
+        }
     }
 
     if let Some(addr) = &args.metrics_addr {

@@ -70,6 +70,25 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// The driver's state directory when given none: the same from any
+/// working directory (a relative default made a new, empty pool wherever
+/// the driver happened to start). As root `/var/lib/ferrovol`, as the
+/// manifests use; otherwise `$XDG_STATE_HOME/ferrovol`, else
+/// `~/.local/state/ferrovol`.
+pub fn default_state_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/ferrovol");
+    }
+    let nonempty = |v: &str| std::env::var_os(v).filter(|d| !d.is_empty()).map(PathBuf::from);
+    match (nonempty("XDG_STATE_HOME"), nonempty("HOME")) {
+        (Some(state), _) => state.join("ferrovol"),
+        (None, Some(home)) => home.join(".local/state/ferrovol"),
+        (None, None) => {
+            PathBuf::from(format!("/tmp/ferrovol-{}/state", rustix::process::geteuid().as_raw()))
+        }
+    }
+}
+
 /// The endpoint a command was told: its `--endpoint` (or `FERROVOL_ENDPOINT`,
 /// which clap reads), else `CSI_ENDPOINT` as the sidecars name it, else
 /// [`default_socket`].

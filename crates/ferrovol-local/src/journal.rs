@@ -282,11 +282,36 @@ impl Db {
     }
 }
 
+thread_local! {
+    /// Depth of [`guarded`] calls on this thread: a panic inside one is
+    /// answered as an error, so it is not printed as a crash.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics [`guarded`]
+/// catches (a garbled journal printed a Rust panic and a backtrace before
+/// its clean refusal) and reports every other panic as before.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) == 0 {
+                before(info);
+            }
+        }));
+    });
+}
+
 /// Runs a store operation, turning a panic inside the store (redb panics on
 /// some corruptions instead of answering an error) into an error that says
 /// what to do.
 fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    quiet_panics();
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    outcome.unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())

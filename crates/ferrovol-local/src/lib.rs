@@ -243,6 +243,19 @@ impl LocalEngine {
         // made; without --repair the journal is opened only to read.
         let journal_path = pool_dir.join(pool::JOURNAL);
         if !std::fs::metadata(&journal_path).is_ok_and(|m| m.len() > 0) {
+            let count = |d: &str| {
+                std::fs::read_dir(pool_dir.join(d)).map(|entries| entries.count()).unwrap_or(0)
+            };
+            let (volumes, snapshots) = (count("volumes"), count("snapshots"));
+            if volumes + snapshots > 0 {
+                return Err(error::failed_precondition(format!(
+                    "the pool at {} holds {volumes} volume and {snapshots} snapshot files, but \
+                     its journal ({}) is missing or empty: restore the journal from a backup \
+                     (a driver refuses to serve this pool until then); nothing was created",
+                    pool_dir.display(),
+                    journal_path.display()
+                )));
+            }
             return Err(error::not_found(format!(
                 "no ferrovol pool at {}: it has no journal ({}); nothing was created",
                 pool_dir.display(),
@@ -1028,6 +1041,10 @@ impl NodeAttacher for LocalEngine {
 
     async fn written(&self, request: &Attach, device: &Path) -> Result<Written> {
         self.node.written(request, device).await
+    }
+
+    async fn release_unused(&self) -> Result<Vec<String>> {
+        self.node.release_unused().await
     }
 
     async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {

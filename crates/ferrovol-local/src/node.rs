@@ -164,6 +164,30 @@ impl NodeAttacher for LocalNode {
         Ok(self.attached(volume_id).await?.into_iter().next().map(|a| a.device))
     }
 
+    async fn release_unused(&self) -> Result<Vec<String>> {
+        let volumes = self.pool.dir(Kind::Volume);
+        let unused: Vec<String> = blocking(move || {
+            let mounts = crate::host_node::mountinfo::read()
+                .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+            let all = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
+            let mut unused = Vec::new();
+            for a in all.into_iter().filter(|a| a.backing.starts_with(&volumes)) {
+                let used = crate::host_node::mountinfo::mounts_of_device(&mounts, &a.device)
+                    .map_err(|e| Error::io(format!("inspecting {}", a.device.display()), e))?;
+                let id = a.backing.file_stem().map(|s| s.to_string_lossy().into_owned());
+                if let (true, Some(id)) = (used.is_empty(), id) {
+                    unused.push(id);
+                }
+            }
+            Ok(unused)
+        })
+        .await?;
+        for id in &unused {
+            self.detach(id).await?;
+        }
+        Ok(unused)
+    }
+
     async fn all_attached(&self) -> Result<Vec<PathBuf>> {
         let root = self.pool.root().to_path_buf();
         blocking(move || {

@@ -312,6 +312,10 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
                     .rev()
                     .collect::<Vec<_>>()
                     .join(" | ");
+                let tail = match tail.trim() {
+                    "" => format!("it wrote nothing to {}", log.display()),
+                    _ => tail,
+                };
                 return Err(error::unavailable(format!(
                     "rbd-fuse did not show {}/{}: {tail}",
                     v.pool, v.image

@@ -246,7 +246,7 @@ pub enum PoolCommand {
     /// start-up.
     Check {
         /// The driver's state dir (the pool is <state-dir>/pool).
-        #[arg(long, default_value = "./ferrovol-data")]
+        #[arg(long, default_value_os_t = ferrovol_csi::endpoint::default_state_dir())]
         state_dir: PathBuf,
         /// The pool, when not under the state dir.
         #[arg(long)]

@@ -161,7 +161,29 @@ async fn run(command: Command) -> Result<(), String> {
 /// Opens the engine `--engine` names, as the halves `--mode` asks for (a
 /// node-only process never opens what only the controller half needs, the
 /// local engine's journal; a relay opens no pool at all), and serves it.
+/// A configured path made absolute against the working directory at start:
+/// helpers that change directory (rbd-fuse) and messages then agree on it.
+fn absolute(path: &mut std::path::PathBuf) -> Result<(), String> {
+    *path = std::path::absolute(&*path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
 async fn serve(args: ServeCommand) -> Result<(), String> {
+    let mut args = args;
+    absolute(&mut args.common.state_dir)?;
+    absolute(&mut args.common.kubelet_dir)?;
+    for p in [
+        args.pool_dir.as_mut(),
+        args.link.link_tls.as_mut(),
+        args.rbd.ceph_conf.as_mut(),
+        args.rbd.ceph_keyring.as_mut(),
+        args.rbd.ceph_secret_dir.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        absolute(p)?;
+    }
     let mut common = args.common;
     if args.engine == EngineKind::Rbd
         && common.driver_name == ferrovol_core::cli::DEFAULT_DRIVER_NAME

@@ -129,3 +129,28 @@ async fn json_logs_are_one_object_per_line() {
     }
     assert!(lines.iter().any(|l| l.contains("\"method\":\"Probe\"")), "{logs}");
 }
+
+/// The request's name has a key of its own in JSON logs: `name` is the
+/// span's (two `name` keys in one object, and log stores kept the last, so
+/// the volume's name was lost).
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_keep_the_request_name() {
+    use ferrovol_csi::controller_client::ControllerClient;
+    let pool = common::TestPool::new(common::PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let mut driver =
+        DriverBuilder::new(root.path()).pool(&pool).args(["--log-format", "json"]).start();
+    let mut c = ControllerClient::new(driver.channel().await);
+    let v = c.create_volume(common::req::create("pvc-json", 1 << 20)).await.unwrap();
+    c.delete_volume(common::req::delete(&v.into_inner().volume.unwrap().volume_id)).await.unwrap();
+    driver.terminate();
+    let logs = driver.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("\"method\":\"CreateVolume\"") && l.contains("rpc done"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(parsed["span"]["object_name"], "pvc-json", "{line}");
+    assert_eq!(parsed["span"]["name"], "rpc", "{line}");
+    assert_eq!(line.matches("\"name\":\"pvc-json\"").count(), 0, "{line}");
+}

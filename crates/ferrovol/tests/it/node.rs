@@ -727,3 +727,29 @@ async fn node_calls_at_the_wrong_place_get_the_spec_s_codes() {
     n.node_unstage_volume(unstage_req(&b, &sb)).await.unwrap();
     e.kubelet.assert_clean();
 }
+
+/// A stage killed between attaching and mounting leaves the volume's loop
+/// device attached and nothing mounted: the next start releases it (only
+/// an unstage at some path could before), and leaves staged volumes alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attachment_a_killed_stage_left_is_released_at_start() {
+    let mut e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let staged = new_volume(&mut c, "kept", 64 * MIB, cap.clone()).await;
+    let left = new_volume(&mut c, "left", 64 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv-kept");
+    n.node_stage_volume(stage_req(&staged, &staging, cap.clone())).await.unwrap();
+    // What the killed stage left: the device, no mount.
+    let device = ferrovol_host::loopdev::attach(&e.pool.volume_file(&left), false, 4096).unwrap();
+    e.restart();
+    let released = e.driver.wait_for_log("released an attachment a stage left").unwrap();
+    assert!(released.contains(&left), "{released}");
+    let attached: Vec<_> = e.kubelet.loops().into_iter().map(|a| a.device).collect();
+    assert!(!attached.contains(&device), "{attached:?}");
+    assert_eq!(attached.len(), 1, "the staged volume keeps its device");
+    assert!(is_mounted(&staging));
+    let (_, mut n) = e.clients().await;
+    n.node_unstage_volume(unstage_req(&staged, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}

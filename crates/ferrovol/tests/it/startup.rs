@@ -84,6 +84,9 @@ async fn a_lost_or_emptied_journal_is_refused() {
         let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
         assert_ne!(code, Some(0), "journal {what}: {logs}");
         assert!(logs.contains("is missing or empty") && logs.contains("restore"), "{what}: {logs}");
+        // pool check says the same (it said "no ferrovol pool").
+        let (clean, said) = common::pool_check(&pool, false);
+        assert!(!clean && said.contains("holds 1 volume"), "{what}: {said}");
         std::fs::write(&journal, &saved).unwrap();
     }
     // Another pool's journal with no records beside files: refused too
@@ -123,6 +126,8 @@ async fn a_garbled_journal_is_a_clear_error_not_a_panic() {
     let (code, logs) = refused(DriverBuilder::new(root.path()).pool(&pool));
     assert!(code != Some(0) && code != Some(101), "exit {code:?}: {logs}");
     assert!(logs.contains("is corrupt") && logs.contains("backup"), "{logs}");
+    // The clean refusal only: no Rust panic or backtrace printed first.
+    assert!(!logs.contains("panicked at") && !logs.contains("backtrace"), "{logs}");
     let check = Command::new(common::BIN)
         .args(["pool", "check", "--pool-dir"])
         .arg(&pool.dir)
@@ -131,6 +136,7 @@ async fn a_garbled_journal_is_a_clear_error_not_a_panic() {
     let said = String::from_utf8_lossy(&check.stderr);
     assert!(check.status.code() == Some(1), "pool check exit {:?}: {said}", check.status.code());
     assert!(said.contains("is corrupt"), "{said}");
+    assert!(!said.contains("panicked at"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
