@@ -331,7 +331,7 @@ fn corrupt(path: &Path, why: &str) -> Error {
 }
 
 /// Space held back for the journal's own commits when the pool fills up.
-const RESERVE_BYTES: u64 = 16 << 20;
+pub(crate) const RESERVE_BYTES: u64 = 16 << 20;
 
 impl Store {
     fn db(&self) -> Result<Arc<Db>> {

@@ -708,7 +708,11 @@ impl ControllerEngine for LocalEngine {
         // data, outside the window), then frozen for the instant of the
         // copy-on-write clone only; the guard thaws it on every path. Raw
         // block or idle: crash-consistent, as a power cut would leave it.
-        let quiesce = self.node.prepare_quiesce(&[source_volume.to_string()], false).await?;
+        let quiesce = self
+            .node
+            .prepare_quiesce(&[source_volume.to_string()], false)
+            .await
+            .map_err(|e| self.explained_by_full_pool(e))?;
         let mut record = SnapshotRecord {
             id: ids::mint(Kind::Snapshot, &self.tag),
             name: name.to_string(),
@@ -743,7 +747,7 @@ impl ControllerEngine for LocalEngine {
         .await;
         if let Err(e) = made {
             self.discard(Kind::Snapshot, &record).await?;
-            return Err(e);
+            return Err(self.explained_by_full_pool(e));
         }
         self.commit_created(Kind::Snapshot, &mut record).await?;
         Ok(to_snapshot(&record))
@@ -1071,6 +1075,23 @@ fn describe_topology(segments: &[Topology]) -> String {
 }
 
 impl LocalEngine {
+    /// A failure a full pool explains (a freeze or flush that fails with
+    /// an I/O error because the volume's writes cannot reach the pool) is
+    /// RESOURCE_EXHAUSTED, as the spec's tables say for no space: the
+    /// caller may retry once space is freed.
+    fn explained_by_full_pool(&self, e: Error) -> Error {
+        // The journal lets go of its space reserve when the pool fills (so
+        // deletes still work): a pool that full is full.
+        let nearly = journal::RESERVE_BYTES + FULL_POOL_BYTES;
+        let full = self.pool.space().is_ok_and(|(available, _)| available <= nearly);
+        match e {
+            Error::FailedPrecondition(m) | Error::Internal(m) if full => {
+                error::exhausted(format!("pool {} is full: {m}", self.pool.root().display()))
+            }
+            e => e,
+        }
+    }
+
     /// Why a volume cannot be made here for a request whose requisite
     /// topology leaves this node out. RESOURCE_EXHAUSTED, as the spec's
     /// table says (the provisioner then lets the scheduler pick again, and

@@ -182,6 +182,16 @@ async fn writes_into_a_full_pool_fail_in_the_pod_and_the_node_keeps_working() {
         assert_eq!(volume_size(&e.pool, id), before, "the file did not change");
     }
 
+    // A snapshot of the mounted thin volume (its pod's failed writes still
+    // dirty) cannot be flushed into a full pool: RESOURCE_EXHAUSTED, not
+    // FAILED_PRECONDITION "cannot freeze … Input/output error".
+    let snap = c.create_snapshot(req::snapshot("snap-full", &thin)).await;
+    if let Err(s) = snap {
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("is full"), "{s:?}");
+    }
+    assert!(e.pool.files("snapshots").len() <= 1, "no half-made snapshot");
+
     assert!(probe(e.driver.channel().await).await.unwrap());
     // Taking the volumes down still works, and nothing is left behind.
     for (id, staging, target) in &mounted {
