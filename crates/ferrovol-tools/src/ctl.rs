@@ -412,6 +412,10 @@ impl From<tonic::Status> for CtlError {
             NotFound => exit::NOT_FOUND,
             AlreadyExists | FailedPrecondition => exit::CONFLICT,
             Aborted | Unavailable | DeadlineExceeded => exit::RETRY,
+            // No CSI driver answers these: the call was cut off (the driver
+            // stopped or crashed mid-call, the connection broke). Nothing
+            // says it failed; it may have been done, and a retry finds out.
+            Unknown | Cancelled => exit::RETRY,
             ResourceExhausted => exit::NO_SPACE,
             Unimplemented => exit::UNSUPPORTED,
             _ => exit::FAILED,

@@ -354,3 +354,28 @@ async fn the_default_endpoint_is_absolute_and_shared() {
     assert!(driver.terminate().success());
     assert!(!default.exists(), "the socket is removed at exit");
 }
+
+/// A call cut off by a driver crash exits with the retry code (it may
+/// have happened; the retry finds out), not the generic failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_cut_off_by_a_crash_is_retryable() {
+    let pool = TestPool::new(PoolFs::Ext4).await;
+    let root = tempfile::tempdir().unwrap();
+    let (mut driver, _fifo) =
+        common::driver_paused_at(root.path(), &pool, "create-volume-after-reserve");
+    let socket = root.path().join("csi.sock");
+    let call = ctl_command(&socket, &["volume", "create", "cut-off", "--size", "16M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    driver.wait_for_log("failpoint reached").unwrap();
+    driver.kill();
+    let out = call.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    // The next start rolls the half-made volume back; the retry works.
+    let driver = DriverBuilder::new(root.path()).pool(&pool).start();
+    let again = ctl(&socket, &["volume", "create", "cut-off", "--size", "16M"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    drop(driver);
+}
