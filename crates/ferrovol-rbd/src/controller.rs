@@ -30,7 +30,6 @@ use crate::connect::Connections;
 use crate::error::{self, Result};
 use crate::groups::{create_group, group_of, read_group};
 use crate::ids::{self, GroupId, SnapshotId, VolumeId};
-use crate::params;
 use crate::purge::Purger;
 use crate::snapshots::{find_snap, image_snapshots, merge, open_at, snapshot_of};
 use crate::volumes::{
@@ -38,6 +37,7 @@ use crate::volumes::{
     Origin, GRANULARITY, MAXIMUM_VOLUME,
 };
 use crate::{blocking, ceph_error, claim};
+use crate::{names, params};
 
 /// Settings of the controller half.
 #[derive(Clone, Debug)]
@@ -72,6 +72,80 @@ impl RbdEngine {
 
     async fn pool(&self, name: &str, secrets: &Secrets) -> Result<Pool> {
         self.conn.pool(name, secrets).await
+    }
+
+    /// The pool where request names are claimed: the first listed, opened
+    /// with the driver's own client (None when it does not exist).
+    async fn home(&self) -> Result<Option<Pool>> {
+        match self.settings.pools.first() {
+            Some(name) => self.pool_of(name, &Secrets::default()).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Claims a request name for the one volume it may name ([`names`]).
+    async fn claim_name(&self, name: &str, volume_id: &str) -> Result<()> {
+        let Some(home) = self.home().await? else { return Ok(()) };
+        let (h, n) = (home.clone(), name.to_string());
+        let current = blocking(move || names::claimed(&h, &n)).await?;
+        match current {
+            Some(c) if c == volume_id => return Ok(()),
+            Some(other) if self.image_exists(&other).await? => {
+                return Err(error::already_exists(format!(
+                    "volume {:?} exists as {other}, made with other parameters (another pool or \
+                     volumeNamePrefix)",
+                    ferrovol_csi::error::bounded(name)
+                )));
+            }
+            // Unclaimed, or claimed for a volume that is gone.
+            _ => {}
+        }
+        let (n, id) = (name.to_string(), volume_id.to_string());
+        blocking(move || names::claim(&home, &n, &id)).await
+    }
+
+    /// Whether the image a volume ID names still exists (a deleted one is
+    /// in the trash, under no name).
+    async fn image_exists(&self, volume_id: &str) -> Result<bool> {
+        let Some(v) = VolumeId::parse(volume_id) else { return Ok(false) };
+        let Some(pool) = self.pool_of(&v.pool, &Secrets::default()).await? else {
+            return Ok(false);
+        };
+        blocking(move || match pool.open_read_only(&v.image) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(libc::ENOENT) => Ok(false),
+            Err(e) => Err(ceph_error(e)),
+        })
+        .await
+    }
+
+    /// CreateVolume once its name is claimed.
+    async fn create_claimed(
+        &self,
+        req: NewVolume,
+        p: params::Parameters,
+        image: String,
+    ) -> Result<Volume> {
+        let pool = self.pool(&p.pool, &req.secrets).await.map_err(|e| match e {
+            error::Error::NotFound(m) => error::invalid(format!("{m} (the StorageClass names it)")),
+            e => e,
+        })?;
+        let origin = self.origin(req.source.as_ref(), &req.secrets).await?;
+        let size = engine::choose_size(
+            req.required_bytes,
+            req.limit_bytes,
+            origin.size(),
+            GRANULARITY,
+            MAXIMUM_VOLUME,
+        )?;
+        let max_depth = self.settings.max_clone_depth;
+        let (pool2, image2) = (pool.clone(), image.clone());
+        let (volume, depth) =
+            blocking(move || volumes::create(&pool2, &image2, &req, &p, origin, size)).await?;
+        if depth > max_depth {
+            self.flatten_later(pool, image);
+        }
+        Ok(volume)
     }
 
     /// A pool named by an ID: a missing pool means a missing object.
@@ -198,34 +272,38 @@ impl ControllerEngine for RbdEngine {
     async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
         let p = params::parse(&req.parameters)?;
         let image = format!("{}{}", p.image_prefix, ids::hash(&req.name));
-        let pool = self.pool(&p.pool, &req.secrets).await.map_err(|e| match e {
-            error::Error::NotFound(m) => error::invalid(format!("{m} (the StorageClass names it)")),
-            e => e,
-        })?;
-        let origin = self.origin(req.source.as_ref(), &req.secrets).await?;
-        let size = engine::choose_size(
-            req.required_bytes,
-            req.limit_bytes,
-            origin.size(),
-            GRANULARITY,
-            MAXIMUM_VOLUME,
-        )?;
-        let max_depth = self.settings.max_clone_depth;
-        let (pool2, image2) = (pool.clone(), image.clone());
-        let (volume, depth) =
-            blocking(move || volumes::create(&pool2, &image2, &req, &p, origin, size)).await?;
-        if depth > max_depth {
-            self.flatten_later(pool, image);
+        let volume_id = VolumeId { pool: p.pool.clone(), image: image.clone() }.render();
+        self.claim_name(&req.name, &volume_id).await?;
+        let name = req.name.clone();
+        let made = self.create_claimed(req, p, image).await;
+        if made.is_err() && !self.image_exists(&volume_id).await.unwrap_or(true) {
+            // Nothing was made under the name: it is free again.
+            if let Some(home) = self.home().await? {
+                let _ = blocking(move || names::release(&home, &name, &volume_id)).await;
+            }
         }
-        Ok(volume)
+        made
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
         let Some(v) = VolumeId::parse(id) else { return Ok(()) };
         let Some(pool) = self.pool_of(&v.pool, secrets).await? else { return Ok(()) };
-        let p = pool.clone();
-        blocking(move || volumes::delete(&p, &v.image)).await?;
+        let (p, image) = (pool.clone(), v.image.clone());
+        let name = blocking(move || {
+            let name = match p.open_read_only(&image) {
+                Ok(img) => volumes::Attributes::read(&img)?.map(|a| a.name),
+                Err(e) if e.is(libc::ENOENT) => None,
+                Err(e) => return Err(ceph_error(e)),
+            };
+            volumes::delete(&p, &image)?;
+            Ok(name)
+        })
+        .await?;
         self.purger.wake(&pool);
+        if let (Some(name), Some(home)) = (name, self.home().await?) {
+            let id = id.to_string();
+            blocking(move || names::release(&home, &name, &id)).await?;
+        }
         Ok(())
     }
 

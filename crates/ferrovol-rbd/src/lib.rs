@@ -17,6 +17,7 @@ pub mod controller;
 mod groups;
 pub mod ids;
 pub mod mapper;
+mod names;
 pub mod node;
 pub mod params;
 mod purge;

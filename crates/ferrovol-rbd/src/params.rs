@@ -33,6 +33,22 @@ const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("unmapOptions", "map options are the node's (--rbd-mapper)"),
 ];
 
+impl Parameters {
+    /// Every parameter that makes the volume what it is, canonical (feature
+    /// names as bits): what a retry of the same request must match.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "pool={};dataPool={};features={:#x};clusterID={};prefix={};mounter={}",
+            self.pool,
+            self.data_pool.as_deref().unwrap_or(""),
+            self.features,
+            self.cluster_id.as_deref().unwrap_or(""),
+            self.image_prefix,
+            self.mounter.as_deref().unwrap_or("")
+        )
+    }
+}
+
 pub fn parse(params: &BTreeMap<String, String>) -> Result<Parameters> {
     let mut out = Parameters {
         pool: String::new(),

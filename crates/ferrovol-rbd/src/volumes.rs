@@ -45,6 +45,9 @@ pub struct Attributes {
     /// `block` or `mount:<fs>`.
     pub access: String,
     pub context: BTreeMap<String, String>,
+    /// The class's parameters ([`crate::params::Parameters::fingerprint`]);
+    /// empty on images made before it was kept.
+    pub params: String,
 }
 
 impl Attributes {
@@ -56,6 +59,7 @@ impl Attributes {
             "depth": self.depth,
             "access": self.access,
             "context": self.context,
+            "params": self.params,
         })
         .to_string()
     }
@@ -76,6 +80,7 @@ impl Attributes {
                         .collect()
                 })
                 .unwrap_or_default(),
+            params: v["params"].as_str().unwrap_or_default().to_string(),
         })
     }
 
@@ -326,6 +331,14 @@ pub fn create(
                     req.name
                 )));
             }
+            if !attrs.params.is_empty() && attrs.params != p.fingerprint() {
+                return Err(error::already_exists(format!(
+                    "volume {} exists with other parameters ({}; asked: {})",
+                    req.name,
+                    attrs.params,
+                    p.fingerprint()
+                )));
+            }
             let created = img.created().map_err(ceph_error)?;
             drop(img);
             let nodes = published(pool, image)?.into_keys().collect();
@@ -361,6 +374,7 @@ pub fn create(
             AccessType::Mount { fs_type } => format!("mount:{fs_type}"),
         },
         context,
+        params: p.fingerprint(),
     };
     img.set_metadata(META, &attrs.encode()).map_err(ceph_error)?;
     let created = img.created().map_err(ceph_error)?;

@@ -1279,3 +1279,52 @@ async fn rbd_stops_under_load_never_crash() {
     ceph.assert_clean();
     drop(d);
 }
+
+/// A request name is one volume, whatever the parameters: the same name
+/// with another imageFeatures, dataPool or mounter answered OK with the old
+/// volume, and with another pool or volumeNamePrefix made a second one.
+/// Each is ALREADY_EXISTS now, nothing second is made, and once the volume
+/// is deleted the name is free for any class.
+#[tokio::test]
+async fn rbd_one_name_is_one_volume_whatever_the_parameters() {
+    let Some(ceph) = ceph("names") else { return };
+    let other_pool = format!("{}-b", ceph.pool);
+    ceph.tool("ceph", &["osd", "pool", "create", &other_pool, "4", "4"]);
+    ceph.tool("ceph", &["osd", "pool", "set", &other_pool, "size", "1", "--yes-i-really-mean-it"]);
+    ceph.tool("rbd", &["pool", "init", &other_pool]);
+    let d = ceph.driver("d", "node-a", &["--mode", "controller"]).start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let first = c.create_volume(ceph.create("pvc-one", 16 * MIB)).await.unwrap();
+    let id = first.into_inner().volume.unwrap().volume_id;
+    // The same request again: the same volume.
+    let again = c.create_volume(ceph.create("pvc-one", 16 * MIB)).await.unwrap();
+    assert_eq!(again.into_inner().volume.unwrap().volume_id, id);
+    for (key, value) in [
+        ("imageFeatures", "layering"),
+        ("dataPool", ceph.pool.as_str()),
+        ("mounter", "fuse"),
+        ("volumeNamePrefix", "other-"),
+        ("pool", other_pool.as_str()),
+    ] {
+        let mut r = ceph.create("pvc-one", 16 * MIB);
+        r.parameters.insert(key.to_string(), value.to_string());
+        let e = c.create_volume(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{key}: {e:?}");
+    }
+    assert_eq!(ceph.images().len(), 1, "no second volume");
+    let in_other = ceph.tool("rbd", &["ls", "-p", &other_pool]);
+    assert!(in_other.trim().is_empty(), "{in_other}");
+    // Deleted, the name is anyone's: in the other pool now.
+    c.delete_volume(req::delete(&id)).await.unwrap();
+    let mut r = ceph.create("pvc-one", 16 * MIB);
+    r.parameters.insert("pool".into(), other_pool.clone());
+    let moved = c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+    assert!(moved.contains(&other_pool), "{moved}");
+    c.delete_volume(req::delete(&moved)).await.unwrap();
+    ceph.assert_clean();
+    drop(d);
+    ceph.tool(
+        "ceph",
+        &["osd", "pool", "delete", &other_pool, &other_pool, "--yes-i-really-really-mean-it"],
+    );
+}
