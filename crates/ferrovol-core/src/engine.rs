@@ -469,7 +469,9 @@ pub trait NodeAttacher: Send + Sync + 'static {
 
     /// Makes the attached device show the volume's current size after an
     /// expansion (some devices follow on their own; others must be told).
-    async fn refresh(&self, volume_id: &str) -> Result<()>;
+    /// `size` is the capacity the volume was grown to (0: unknown), for
+    /// devices that learn of it late.
+    async fn refresh(&self, volume_id: &str, size: u64) -> Result<()>;
 
     /// The volume's health as this node sees it.
     async fn condition(&self, volume_id: &str) -> Result<Condition>;

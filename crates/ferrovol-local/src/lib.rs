@@ -1029,8 +1029,8 @@ impl NodeAttacher for LocalEngine {
         self.node.all_attached().await
     }
 
-    async fn refresh(&self, volume_id: &str) -> Result<()> {
-        self.node.refresh(volume_id).await
+    async fn refresh(&self, volume_id: &str, size: u64) -> Result<()> {
+        self.node.refresh(volume_id, size).await
     }
 
     /// The journal's view (the record's size and provisioning), which

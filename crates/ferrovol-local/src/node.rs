@@ -197,7 +197,7 @@ impl NodeAttacher for LocalNode {
         .await
     }
 
-    async fn refresh(&self, volume_id: &str) -> Result<()> {
+    async fn refresh(&self, volume_id: &str, _size: u64) -> Result<()> {
         if !ids::is_valid(Kind::Volume, volume_id) {
             return Err(error::not_found(format!("volume {volume_id:?} does not exist")));
         }

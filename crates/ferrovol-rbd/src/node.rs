@@ -68,6 +68,10 @@ impl RbdNode {
     }
 }
 
+/// How long a grown image may take to show its size through rbd-fuse (the
+/// kernel re-reads a FUSE file's attributes about once a second).
+const FUSE_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tonic::async_trait]
 impl NodeAttacher for RbdNode {
     fn kind(&self) -> &'static str {
@@ -161,13 +165,29 @@ impl NodeAttacher for RbdNode {
         mapper::all(&self.state_dir)
     }
 
-    async fn refresh(&self, volume_id: &str) -> Result<()> {
+    async fn refresh(&self, volume_id: &str, size: u64) -> Result<()> {
         let v = Self::parse(volume_id)?;
         match mapper::find(&self.state_dir, &v)? {
             // The kernel's rbd and nbd follow the image's size themselves.
             Some((Kind::Krbd | Kind::Nbd, _)) => Ok(()),
             Some((Kind::Fuse, device)) => {
                 blocking(move || {
+                    // rbd-fuse learns of the new size from librbd, and the
+                    // kernel from rbd-fuse when its cached attributes expire:
+                    // the loop device is refreshed once the file shows it.
+                    let backing = ferrovol_host::loopdev::list()
+                        .map_err(|e| error::Error::io("reading loop devices", e))?
+                        .into_iter()
+                        .find(|a| a.device == device)
+                        .map(|a| a.backing);
+                    if let Some(file) = backing {
+                        let deadline = std::time::Instant::now() + FUSE_SIZE_WAIT;
+                        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size
+                            && std::time::Instant::now() < deadline
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                    }
                     ferrovol_host::loopdev::refresh_capacity(&device).map_err(|e| {
                         error::Error::io(format!("refreshing the size of {}", device.display()), e)
                     })

@@ -588,7 +588,7 @@ impl NodeAttacher for MemEngine {
         Ok(vec![])
     }
 
-    async fn refresh(&self, _volume_id: &str) -> Result<()> {
+    async fn refresh(&self, _volume_id: &str, _size: u64) -> Result<()> {
         Ok(())
     }
 

@@ -351,13 +351,13 @@ impl ControllerService {
         let capacity = engine
             .expand_volume(&req.volume_id, required, limit, &validate::secrets(&req.secrets))
             .await?;
-        let block = matches!(
-            req.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()),
-            Some(csi::volume_capability::AccessType::Block(_))
-        );
+        // Always the node's turn too, raw block included: a filesystem
+        // grows there, and so does a device that does not follow its
+        // volume's size by itself (a loop device over rbd-fuse, nbd); the
+        // node's step is a no-op where there is nothing to do.
         Ok(csi::ControllerExpandVolumeResponse {
             capacity_bytes: capacity as i64,
-            node_expansion_required: !block,
+            node_expansion_required: true,
         })
     }
 

@@ -605,7 +605,7 @@ impl NodeService {
         if attacher.features().expansion == ExpansionSite::Node {
             attacher.grow(&req.volume_id, required, limit).await?;
         }
-        attacher.refresh(&req.volume_id).await?;
+        attacher.refresh(&req.volume_id, required).await?;
         // What the device now is: the volume's capacity as this node sees it.
         let capacity = nodefs::block_device_size(&device)?;
 

@@ -1328,3 +1328,51 @@ async fn rbd_one_name_is_one_volume_whatever_the_parameters() {
         &["osd", "pool", "delete", &other_pool, &other_pool, "--yes-i-really-really-mean-it"],
     );
 }
+
+/// A raw block volume grown by the controller reaches the pod: the answer
+/// asks for the node's step (it said "node expansion not required", and a
+/// device mapped through rbd-fuse and a loop device kept its old size for
+/// ever), and the node's step makes the published device the new size.
+#[tokio::test]
+async fn rbd_raw_block_growth_reaches_the_device() {
+    let Some(ceph) = ceph("blockgrow") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let r = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::block_cap()],
+        ..ceph.create("pvc-bg", 32 * MIB)
+    };
+    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let (staging, target) = (ceph.staging("pv-bg"), ceph.target("app", "pv-bg"));
+    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
+    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
+        .await
+        .unwrap();
+    let device_size = |p: &Path| ferrovol_host::node::fs::block_device_size(p).unwrap();
+    assert_eq!(device_size(&target), 32 * MIB as u64);
+    let grown =
+        k.c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.clone(),
+            capacity_range: req::range(64 * MIB, 0),
+            volume_capability: Some(req::block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.node_expansion_required, "the node must refresh its device");
+    k.n.node_expand_volume(csi::NodeExpandVolumeRequest {
+        volume_id: v.clone(),
+        volume_path: target.display().to_string(),
+        capacity_range: req::range(64 * MIB, 0),
+        volume_capability: Some(req::block_cap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(device_size(&target), 64 * MIB as u64, "the pod's device is the new size");
+    unmount(&mut k, &v, &staging, &target).await;
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    ceph.assert_clean();
+    drop(d);
+}
