@@ -30,6 +30,10 @@ pub enum Error {
     Unimplemented(String),
     /// The backend cannot be reached or is not ready; retrying may help.
     Unavailable(String),
+    /// The credentials were refused (a wrong key, an unknown user).
+    Unauthenticated(String),
+    /// The credentials are accepted but may not do this (missing caps).
+    PermissionDenied(String),
     /// A bug or an unexpected system failure.
     Internal(String),
 }
@@ -48,6 +52,8 @@ impl Error {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Internal(_) => Code::Internal,
         }
     }
@@ -63,6 +69,8 @@ impl Error {
             | Error::ResourceExhausted(m)
             | Error::Unimplemented(m)
             | Error::Unavailable(m)
+            | Error::Unauthenticated(m)
+            | Error::PermissionDenied(m)
             | Error::Internal(m) => m,
         }
     }
@@ -129,11 +137,9 @@ impl Error {
             Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => {
                 Error::Unavailable(msg)
             }
-            Code::Ok
-            | Code::Internal
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::DataLoss => Error::Internal(msg),
+            Code::Unauthenticated => Error::Unauthenticated(msg),
+            Code::PermissionDenied => Error::PermissionDenied(msg),
+            Code::Ok | Code::Internal | Code::DataLoss => Error::Internal(msg),
         }
     }
 }
@@ -159,6 +165,8 @@ err_ctor! {
     exhausted => ResourceExhausted,
     unimplemented => Unimplemented,
     unavailable => Unavailable,
+    unauthenticated => Unauthenticated,
+    permission_denied => PermissionDenied,
     internal => Internal,
 }
 

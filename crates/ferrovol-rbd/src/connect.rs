@@ -158,7 +158,14 @@ impl Connections {
                 op_timeout: config.op_timeout,
             };
             Cluster::connect(&how).map_err(|e| match e.errno {
-                // A refused or unreachable cluster is retried by the CO.
+                // Refused credentials: a wrong or malformed key, an unknown
+                // user (the caller's to fix, not retried as they are).
+                libc::EACCES | libc::EPERM => {
+                    error::unauthenticated(format!("{e} (the cluster refused this user's key)"))
+                }
+                libc::EINVAL if key.is_some() => {
+                    error::unauthenticated(format!("{e} (the key is not a valid Ceph key)"))
+                }
                 libc::ENOENT | libc::EINVAL => error::failed_precondition(format!(
                     "{e} (check --ceph-conf and the credentials)"
                 )),

@@ -46,6 +46,9 @@ pub struct Settings {
     pub pools: Vec<String>,
     /// A clone chain longer than this is flattened in the background.
     pub max_clone_depth: u32,
+    /// The attach limit the nodes advertise (`--max-volumes-per-node`, the
+    /// same on the controller); 0: none.
+    pub max_volumes_per_node: i64,
 }
 
 pub struct RbdEngine {
@@ -72,6 +75,38 @@ impl RbdEngine {
 
     async fn pool(&self, name: &str, secrets: &Secrets) -> Result<Pool> {
         self.conn.pool(name, secrets).await
+    }
+
+    /// RESOURCE_EXHAUSTED when `node` holds as many volumes as it may
+    /// (the spec's code for a node at its attach limit); a volume already
+    /// published there does not count twice.
+    async fn check_attach_limit(&self, node: &str, volume: &VolumeId) -> Result<()> {
+        let limit = self.settings.max_volumes_per_node;
+        if limit <= 0 {
+            return Ok(());
+        }
+        let mut held = 0usize;
+        for name in &self.settings.pools {
+            let Some(pool) = self.pool_of(name, &Secrets::default()).await? else { continue };
+            let (node, volume) = (node.to_string(), volume.clone());
+            held += blocking(move || {
+                let mut n = 0;
+                for (_, image) in pool.list_images().map_err(ceph_error)? {
+                    let here = published(&pool, &image)?.contains_key(&node);
+                    if here && (pool.name() != volume.pool || image != volume.image) {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .await?;
+        }
+        if held as i64 >= limit {
+            return Err(error::exhausted(format!(
+                "node {node} holds {held} volumes, its limit (--max-volumes-per-node {limit})"
+            )));
+        }
+        Ok(())
     }
 
     /// The pool where request names are claimed: the first listed, opened
@@ -426,6 +461,7 @@ impl ControllerEngine for RbdEngine {
         let missing = || error::not_found(format!("volume {id} does not exist"));
         let v = VolumeId::parse(&id).ok_or_else(missing)?;
         let pool = self.pool_of(&v.pool, &request.secrets).await?.ok_or_else(missing)?;
+        self.check_attach_limit(&request.node_id, &v).await?;
         let (node, mode, ro) = (request.node_id.clone(), request.mode, request.read_only);
         blocking(move || {
             // The volume must exist (a cheap open: no watch, no lock).

@@ -39,9 +39,10 @@ pub fn ceph_error(e: CephError) -> Error {
         libc::ENOENT => Error::NotFound(msg),
         libc::EEXIST => Error::AlreadyExists(msg),
         libc::EBUSY | libc::ENOTEMPTY | libc::EXDEV => Error::FailedPrecondition(msg),
-        libc::EACCES | libc::EPERM => Error::FailedPrecondition(format!(
-            "{msg} (the cluster refused these credentials or their caps)"
-        )),
+        // Accepted credentials whose caps do not allow this.
+        libc::EACCES | libc::EPERM => {
+            Error::PermissionDenied(format!("{msg} (the Ceph user's caps do not allow it)"))
+        }
         libc::ENOSPC | libc::EDQUOT => Error::ResourceExhausted(msg),
         libc::EINVAL => Error::InvalidArgument(msg),
         libc::ERANGE | libc::EFBIG => Error::OutOfRange(msg),

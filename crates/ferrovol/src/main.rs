@@ -263,6 +263,7 @@ async fn rbd(
                 let settings = controller::Settings {
                     pools: args.rbd_pools.clone(),
                     max_clone_depth: args.rbd_max_clone_depth,
+                    max_volumes_per_node: common.max_volumes_per_node,
                 };
                 Some(Arc::new(controller::RbdEngine::open(conn.clone(), settings).await))
             }

@@ -1039,12 +1039,35 @@ async fn rbd_secrets_carry_the_credentials_and_are_never_logged() {
             .volume
             .unwrap()
             .volume_id;
-    // A key the cluster refuses, or half a pair, is the caller's to fix.
+    // A key the cluster refuses (malformed, or another's) is
+    // UNAUTHENTICATED; a user whose caps do not reach the pool is
+    // PERMISSION_DENIED; half a pair is the caller's to fix.
     let e =
         k.c.create_volume(with("admin", "AQBnotakeynotakeynotakeynotakeynotake=="))
             .await
             .unwrap_err();
-    assert!(matches!(e.code(), Code::FailedPrecondition | Code::InvalidArgument), "{e:?}");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let stranger = std::process::Command::new("ceph-authtool").arg("--gen-print-key").output();
+    let stranger = String::from_utf8_lossy(&stranger.unwrap().stdout).trim().to_string();
+    let e = k.c.create_volume(with("admin", &stranger)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let capless = format!("client.t-capless-{}", std::process::id());
+    let capless_key = ceph.tool(
+        "ceph",
+        &[
+            "auth",
+            "get-or-create-key",
+            &capless,
+            "mon",
+            "profile rbd",
+            "osd",
+            "profile rbd pool=elsewhere",
+        ],
+    );
+    let user = capless.trim_start_matches("client.").to_string();
+    let e = k.c.create_volume(with(&user, capless_key.trim())).await.unwrap_err();
+    ceph.tool("ceph", &["auth", "del", &capless]);
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let mut half = ceph.create("pvc-s", 16 * MIB);
     half.secrets = [("adminID".to_string(), "admin".to_string())].into();
     assert_eq!(k.c.create_volume(half).await.unwrap_err().code(), Code::InvalidArgument);
@@ -1373,6 +1396,47 @@ async fn rbd_raw_block_growth_reaches_the_device() {
     assert_eq!(device_size(&target), 64 * MIB as u64, "the pod's device is the new size");
     unmount(&mut k, &v, &staging, &target).await;
     k.c.delete_volume(req::delete(&v)).await.unwrap();
+    ceph.assert_clean();
+    drop(d);
+}
+
+/// A node at its attach limit (`--max-volumes-per-node`, advertised in
+/// NodeGetInfo and known to the controller too): one more ControllerPublish
+/// there is RESOURCE_EXHAUSTED, as the spec says; a repeated publish and
+/// other nodes are not held back.
+#[tokio::test]
+async fn rbd_publish_beyond_the_attach_limit_is_exhausted() {
+    let Some(ceph) = ceph("attachlimit") else { return };
+    let d = ceph.driver("d", "node-a", &["--mode", "controller", "--max-volumes-per-node", "2"]);
+    let d = d.start();
+    let mut c = ControllerClient::new(d.channel().await);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let v = c.create_volume(ceph.create(&format!("pvc-l{i}"), 16 * MIB)).await.unwrap();
+        ids.push(v.into_inner().volume.unwrap().volume_id);
+    }
+    for id in &ids[..2] {
+        c.controller_publish_volume(publish(id, "node-a", Mode::SingleNodeWriter, false))
+            .await
+            .unwrap();
+    }
+    let e = c
+        .controller_publish_volume(publish(&ids[2], "node-a", Mode::SingleNodeWriter, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    c.controller_publish_volume(publish(&ids[0], "node-a", Mode::SingleNodeWriter, false))
+        .await
+        .expect("a repeated publish is not one more");
+    c.controller_publish_volume(publish(&ids[2], "node-b", Mode::SingleNodeWriter, false))
+        .await
+        .expect("another node has room");
+    for (id, node) in [(&ids[0], "node-a"), (&ids[1], "node-a"), (&ids[2], "node-b")] {
+        c.controller_unpublish_volume(unpublish(id, node)).await.unwrap();
+    }
+    for id in &ids {
+        c.delete_volume(req::delete(id)).await.unwrap();
+    }
     ceph.assert_clean();
     drop(d);
 }
