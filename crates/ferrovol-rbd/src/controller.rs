@@ -63,8 +63,12 @@ impl RbdEngine {
     /// The engine, and its purger's task (so: within a Tokio runtime). The
     /// purger sweeps every listed pool's trash once at start.
     pub async fn open(conn: Connections, settings: Settings) -> RbdEngine {
-        let engine =
-            RbdEngine { conn, settings, flattening: Arc::default(), purger: Purger::start() };
+        let engine = RbdEngine {
+            purger: Purger::start(conn.clone()),
+            conn,
+            settings,
+            flattening: Arc::default(),
+        };
         for name in &engine.settings.pools {
             if let Ok(Some(pool)) = engine.pool_of(name, &Secrets::default()).await {
                 engine.purger.wake(&pool);
@@ -620,10 +624,19 @@ impl ControllerEngine for RbdEngine {
                 Some(v) => match self.pool_of(&v.pool, &Secrets::default()).await? {
                     None => vec![],
                     Some(pool) => {
+                        let source_id = source.clone();
                         blocking(move || {
                             let id = match pool.open_read_only(&v.image) {
                                 Ok(img) => img.id().map_err(ceph_error)?,
-                                Err(e) if e.is(libc::ENOENT) => return Ok(vec![]),
+                                // A deleted volume whose snapshots outlive
+                                // it: its image waits in the trash, or is
+                                // back under a hidden name; the unfiltered
+                                // listing shows those, and so must this.
+                                Err(e) if e.is(libc::ENOENT) => {
+                                    let mut snaps = deleted_volumes_snapshots(&pool)?;
+                                    snaps.retain(|s| s.source_volume == source_id);
+                                    return Ok(snaps);
+                                }
                                 Err(e) => return Err(ceph_error(e)),
                             };
                             image_snapshots(&pool, &id)
@@ -640,14 +653,14 @@ impl ControllerEngine for RbdEngine {
                     blocking(move || {
                         // Deleted volumes' images (in the trash, or back
                         // under a hidden name) keep their snapshots too.
-                        let images = pool.list_images().map_err(ceph_error)?.into_iter();
-                        let trashed = pool.trash_list().map_err(ceph_error)?.into_iter();
+                        let images = pool.list_images().map_err(ceph_error)?;
                         let mut snaps = vec![];
-                        for (id, n) in images.chain(trashed.map(|t| (t.id, t.name))) {
-                            if is_volume_name(&n) || n.starts_with(ids::DELETED_PREFIX) {
+                        for (id, n) in images {
+                            if is_volume_name(&n) {
                                 snaps.extend(image_snapshots(&pool, &id)?);
                             }
                         }
+                        snaps.extend(deleted_volumes_snapshots(&pool)?);
                         Ok(snaps)
                     })
                     .await?,
@@ -864,4 +877,18 @@ impl RbdEngine {
         })
         .await
     }
+}
+
+/// The snapshots of deleted volumes whose images wait in the trash, or are
+/// back under a hidden name (they outlive their volume).
+fn deleted_volumes_snapshots(pool: &Pool) -> Result<Vec<Snapshot>> {
+    let hidden = pool.list_images().map_err(ceph_error)?.into_iter();
+    let trashed = pool.trash_list().map_err(ceph_error)?.into_iter().map(|t| (t.id, t.name));
+    let mut snaps = vec![];
+    for (id, n) in hidden.filter(|(_, n)| n.starts_with(ids::DELETED_PREFIX)).chain(trashed) {
+        if is_volume_name(&n) || n.starts_with(ids::DELETED_PREFIX) {
+            snaps.extend(image_snapshots(pool, &id)?);
+        }
+    }
+    Ok(snaps)
 }

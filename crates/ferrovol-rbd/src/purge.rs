@@ -30,17 +30,21 @@ struct State {
     waiting: HashSet<String>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Purger {
     state: Arc<Mutex<State>>,
     wake: Arc<Notify>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The purger works as the driver's own client (never with the
+    /// credentials of whichever request woke it, which may be revoked, and
+    /// whose watch a user's delete would take for another user).
+    conn: crate::connect::Connections,
 }
 
 impl Purger {
     /// Starts the purger's task (on the current runtime).
-    pub fn start() -> Purger {
-        let p = Purger::default();
+    pub fn start(conn: crate::connect::Connections) -> Purger {
+        let p = Purger { state: Arc::default(), wake: Arc::default(), task: Arc::default(), conn };
         let task = tokio::spawn(p.clone().run());
         *p.task.lock().expect("purger task") = Some(task);
         p
@@ -72,13 +76,16 @@ impl Purger {
             let next = {
                 let mut s = self.state.lock().expect("purger state");
                 let name = s.pending.pop_first();
-                let pool = name.and_then(|n| s.pools.get(&n).cloned());
-                pool
+                name.and_then(|n| s.pools.get(&n).cloned())
             };
-            let Some(pool) = next else {
+            let Some(waker) = next else {
                 self.wake.notified().await;
                 continue;
             };
+            // The driver's own client where it reaches the pool; else the
+            // client of the request that woke us.
+            let own = self.conn.pool(waker.name(), &Default::default()).await;
+            let pool = own.unwrap_or(waker);
             if let Err(e) = self.sweep(&pool).await {
                 tracing::warn!(pool = pool.name(), error = %e, "purging deleted images failed; the next delete retries");
             }

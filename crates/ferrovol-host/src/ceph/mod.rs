@@ -181,6 +181,24 @@ impl Drop for ClusterHandle {
     }
 }
 
+/// The nonces of every client this process connected (a client's watch is
+/// never a user of the image).
+fn own_clients() -> std::sync::MutexGuard<'static, std::collections::HashSet<String>> {
+    static OWN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::LazyLock::new(Default::default);
+    OWN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The nonces of an address list (`[v2:1.2.3.4:0/123,v1:…/123]`).
+fn nonces(address: &str) -> Vec<String> {
+    address
+        .split(',')
+        .filter_map(|a| a.rsplit('/').next())
+        .map(|n| n.trim_end_matches([']', ',']).to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 /// One connected client.
 #[derive(Clone)]
 pub struct Cluster {
@@ -242,7 +260,11 @@ impl Cluster {
         check(|| format!("connecting to the cluster as {name}"), unsafe {
             (api.rados_connect)(handle.0)
         })?;
-        Ok(Cluster { handle: Arc::new(handle) })
+        let cluster = Cluster { handle: Arc::new(handle) };
+        if let Ok(address) = cluster.address() {
+            own_clients().extend(nonces(&address));
+        }
+        Ok(cluster)
     }
 
     /// An I/O context on a pool: ENOENT when the pool does not exist.
@@ -332,7 +354,9 @@ impl Cluster {
     }
 }
 
-struct IoHandle(ffi::IoCtx, Arc<ClusterHandle>);
+/// An I/O context, and its cluster, held so the cluster is shut down only
+/// after the context is destroyed.
+struct IoHandle(ffi::IoCtx, #[allow(dead_code)] Arc<ClusterHandle>);
 
 // SAFETY: librados I/O contexts may be used from any thread at once.
 unsafe impl Send for IoHandle {}
@@ -559,13 +583,13 @@ impl Pool {
     }
 
     /// Whether a watcher's address (as [`Image::watchers`] lists them) is
-    /// this client's own: addresses end in `/<nonce>`, unique per client.
+    /// one of this process's own clients (whichever credentials it
+    /// connected with: the purger's, a request's): addresses end in
+    /// `/<nonce>`, unique per client.
     pub fn is_own_watcher(&self, watcher: &str) -> bool {
-        let Ok(own) = (Cluster { handle: self.io.1.clone() }).address() else { return false };
-        let nonce =
-            |a: &str| a.rsplit('/').next().map(|n| n.trim_end_matches([']', ',']).to_string());
-        let ours: Vec<String> = own.split(',').filter_map(nonce).collect();
-        nonce(watcher).is_some_and(|n| ours.contains(&n))
+        let theirs = nonces(watcher);
+        let own = own_clients();
+        !theirs.is_empty() && theirs.iter().all(|n| own.contains(n))
     }
 
     /// Brings a trashed image back into the pool's directory as `name`.

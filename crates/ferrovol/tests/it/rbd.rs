@@ -1440,3 +1440,30 @@ async fn rbd_publish_beyond_the_attach_limit_is_exhausted() {
     ceph.assert_clean();
     drop(d);
 }
+
+/// A snapshot that outlives its volume is listed alike with and without a
+/// source filter (filtered by its deleted source it was missing while the
+/// unfiltered list showed it with that source).
+#[tokio::test]
+async fn rbd_snapshots_of_a_deleted_volume_list_alike_filtered_or_not() {
+    let Some(ceph) = ceph("orphansnaps") else { return };
+    let d = ceph.driver("d", "node-a", &["--mode", "controller"]).start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &ceph, "pvc-gone", 16 * MIB).await;
+    let s = snapshot(&mut k, "snap-kept", &v).await;
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    let list = |source: &str| csi::ListSnapshotsRequest {
+        source_volume_id: source.to_string(),
+        ..Default::default()
+    };
+    let all = k.c.list_snapshots(list("")).await.unwrap().into_inner().entries;
+    let by_source = k.c.list_snapshots(list(&v)).await.unwrap().into_inner().entries;
+    let ids = |e: &[csi::list_snapshots_response::Entry]| -> Vec<String> {
+        e.iter().map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()).collect()
+    };
+    assert_eq!(ids(&all), [s.clone()]);
+    assert_eq!(ids(&by_source), [s.clone()], "filtered by its deleted source");
+    k.c.delete_snapshot(req::delete_snapshot(&s)).await.unwrap();
+    ceph.assert_clean();
+    drop(d);
+}
