@@ -1461,8 +1461,8 @@ async fn rbd_snapshots_of_a_deleted_volume_list_alike_filtered_or_not() {
     let ids = |e: &[csi::list_snapshots_response::Entry]| -> Vec<String> {
         e.iter().map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()).collect()
     };
-    assert_eq!(ids(&all), [s.clone()]);
-    assert_eq!(ids(&by_source), [s.clone()], "filtered by its deleted source");
+    assert_eq!(ids(&all), std::slice::from_ref(&s));
+    assert_eq!(ids(&by_source), std::slice::from_ref(&s), "filtered by its deleted source");
     k.c.delete_snapshot(req::delete_snapshot(&s)).await.unwrap();
     ceph.assert_clean();
     drop(d);
