@@ -165,6 +165,18 @@ impl RbdEngine {
         p: params::Parameters,
         image: String,
     ) -> Result<Volume> {
+        // A source whose background flatten runs is changing its parent
+        // links under us (its clone answered NOT_FOUND): the spec's
+        // "operation pending", retried by the provisioner.
+        if let Some(ContentSource::Volume(id)) = &req.source {
+            let flattening = VolumeId::parse(id)
+                .is_some_and(|v| self.flattening.lock().expect("flatten set").contains(&v.image));
+            if flattening {
+                return Err(error::aborted(format!(
+                    "source volume {id} is being flattened (its clone chain grew too long); retry"
+                )));
+            }
+        }
         let pool = self.pool(&p.pool, &req.secrets).await.map_err(|e| match e {
             error::Error::NotFound(m) => error::invalid(format!("{m} (the StorageClass names it)")),
             e => e,
@@ -576,7 +588,8 @@ impl ControllerEngine for RbdEngine {
             )));
         }
         let Some(pool) = self.pool_of(&s.pool, secrets).await? else { return Ok(()) };
-        blocking(move || {
+        let purger = (self.purger.clone(), pool.clone());
+        let done = blocking(move || {
             match pool.open_by_id(&s.image_id) {
                 Ok(img) => {
                     match img.snap_remove(&s.snap_name()) {
@@ -591,7 +604,10 @@ impl ControllerEngine for RbdEngine {
             }
             pool.remove_object(&ids::snapshot_record(&s.hash)).map_err(ceph_error)
         })
-        .await
+        .await;
+        // Trashed images that waited for this snapshot go now.
+        purger.0.retry(&purger.1);
+        done
     }
 
     async fn snapshot(&self, id: &str) -> Result<Snapshot> {
@@ -712,7 +728,8 @@ impl ControllerEngine for RbdEngine {
     async fn delete_group_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
         let Some(gid) = GroupId::parse(id) else { return Ok(()) };
         let Some(pool) = self.pool_of(&gid.pool, secrets).await? else { return Ok(()) };
-        blocking(move || {
+        let purger = (self.purger.clone(), pool.clone());
+        let done = blocking(move || {
             let record = read_group(&pool, &gid)?;
             let group = gid.group_name();
             for step in [pool.group_snap_remove(&group, gid.snap_name()), pool.group_remove(&group)]
@@ -728,7 +745,10 @@ impl ControllerEngine for RbdEngine {
             }
             Ok(())
         })
-        .await
+        .await;
+        // Trashed members that waited for this group go now.
+        purger.0.retry(&purger.1);
+        done
     }
 
     async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot> {

@@ -62,6 +62,14 @@ impl Purger {
         s.pending.clear();
     }
 
+    /// A snapshot went: trashed images that waited for their snapshots
+    /// (or were busy when the snapshot's own call tried them) are tried
+    /// again, all of them, at once.
+    pub fn retry(&self, pool: &Pool) {
+        self.state.lock().expect("purger state").waiting.clear();
+        self.wake(pool);
+    }
+
     /// Something in this pool's trash may be purged now.
     pub fn wake(&self, pool: &Pool) {
         let mut s = self.state.lock().expect("purger state");
@@ -129,7 +137,9 @@ impl Purger {
 fn purge_one(pool: &Pool, id: &str) -> crate::error::Result<bool> {
     let parent = match pool.open_by_id_read_only(id) {
         Ok(img) => img.parent().map_err(ceph_error)?,
-        Err(e) if e.is(libc::ENOENT) => return Ok(true),
+        // A removal cut short leaves a trash entry whose image no longer
+        // opens: the entry itself is removed below, never left.
+        Err(e) if e.is(libc::ENOENT) => None,
         Err(e) => return Err(ceph_error(e)),
     };
     match pool.trash_remove(id) {
