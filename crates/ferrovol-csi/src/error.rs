@@ -245,8 +245,11 @@ mod tests {
         assert_eq!((e.code(), e.message()), (Code::NotFound, "node n1: no volume"));
         let e = Error::from_status(&Status::unknown("h2 protocol error"), "node n1");
         assert_eq!(e.code(), Code::Unavailable);
+        // Refused credentials keep their codes (a Ceph key or caps).
         let e = Error::from_status(&Status::permission_denied(""), "node n1");
-        assert_eq!((e.code(), e.message()), (Code::Internal, "node n1: PERMISSION_DENIED"));
+        assert_eq!((e.code(), e.message()), (Code::PermissionDenied, "node n1: PERMISSION_DENIED"));
+        let e = Error::from_status(&Status::data_loss("gone"), "node n1");
+        assert_eq!(e.code(), Code::Internal);
     }
 
     #[test]
