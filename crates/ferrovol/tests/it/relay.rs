@@ -411,6 +411,17 @@ async fn paused_on_node_b(failpoint: &str) -> (Cluster, tempfile::TempDir, PathB
     (cluster, gate_dir, fifo)
 }
 
+/// A group snapshot of `ids` through the relay.
+async fn take_group(cluster: &Cluster, name: &str, ids: &[String]) -> csi::VolumeGroupSnapshot {
+    let request = csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.to_vec(),
+        ..Default::default()
+    };
+    let made = cluster.groups().await.create_volume_group_snapshot(request).await.unwrap();
+    made.into_inner().group_snapshot.unwrap()
+}
+
 /// One mounted volume on each agent, in the agents' order.
 async fn mounted_on_each(cluster: &Cluster) -> Vec<(String, PathBuf, PathBuf)> {
     let mut c = cluster.controller().await;
@@ -502,19 +513,7 @@ async fn group_across_two_nodes(unsafe_mode: bool) -> (u64, u64) {
     }
     let writer = Lockstep::start(&vols);
     let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
-    let group = cluster
-        .groups()
-        .await
-        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-            name: "across".into(),
-            source_volume_ids: ids.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let group = take_group(&cluster, "across", &ids).await;
     let written = writer.stop();
     let line = cluster.relay.wait_for_log("group snapshot across nodes taken").unwrap();
     eprintln!("{line}");
@@ -969,19 +968,8 @@ async fn a_part_whose_freeze_ended_is_never_used() {
 async fn a_group_delete_cut_short_on_one_node_finishes_on_retry() {
     let mut cluster = Cluster::start(&["node-a", "node-b"], PoolFs::Xfs).await;
     let vols = mounted_on_each(&cluster).await;
-    let group = cluster
-        .groups()
-        .await
-        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-            name: "cut-short".into(),
-            source_volume_ids: vols.iter().map(|v| v.0.clone()).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
+    let group = take_group(&cluster, "cut-short", &ids).await;
     let on_b = group.snapshots.iter().find(|s| s.snapshot_id.ends_with("@node-b")).unwrap();
     let delete = csi::DeleteVolumeGroupSnapshotRequest {
         group_snapshot_id: group.group_snapshot_id.clone(),

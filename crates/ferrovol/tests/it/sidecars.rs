@@ -213,15 +213,7 @@ async fn every_mode_of_the_local_engine_starts_its_sidecars() {
     let pool = TestPool::new(PoolFs::Ext4).await;
     let kubelet = Kubelet::new(&pool);
     let root = tempfile::tempdir().unwrap();
-    let controller = DriverBuilder::new(&root.path().join("controller"))
-        .pool(&pool)
-        .args(["--mode", "controller"])
-        .start();
-    let node = DriverBuilder::new(&root.path().join("node"))
-        .pool(&pool)
-        .kubelet(&kubelet)
-        .args(["--mode", "node"])
-        .start();
+    let (controller, node) = common::controller_and_node(root.path(), &pool, &kubelet);
     let c = controller.channel().await;
     assert_start(&c, CONTROLLER, "--mode controller").await;
     assert_unserved_says_so(&c, true).await;

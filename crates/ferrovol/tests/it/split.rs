@@ -7,7 +7,7 @@
 use crate::common;
 
 use common::req::{self, new_volume, publish_req, stage_req, unpublish_req, unstage_req, MIB};
-use common::{DriverBuilder, Kubelet, PoolFs, TestPool};
+use common::{Kubelet, PoolFs, TestPool};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
@@ -18,17 +18,9 @@ async fn node_mode_serves_volumes_a_controller_mode_process_made() {
     let pool = TestPool::new(PoolFs::Ext4).await;
     let kubelet = Kubelet::new(&pool);
     let root = tempfile::tempdir().unwrap();
-    let controller = DriverBuilder::new(&root.path().join("controller"))
-        .pool(&pool)
-        .args(["--mode", "controller"])
-        .start();
-    // Started while the controller holds the journal (redb locks it): a node
-    // half that opened it would fail here.
-    let node = DriverBuilder::new(&root.path().join("node"))
-        .pool(&pool)
-        .kubelet(&kubelet)
-        .args(["--mode", "node"])
-        .start();
+    // The node process starts while the controller holds the journal (redb
+    // locks it): a node half that opened it would fail here.
+    let (controller, node) = common::controller_and_node(root.path(), &pool, &kubelet);
     let mut c = ControllerClient::new(controller.channel().await);
     let mut n = NodeClient::new(node.channel().await);
 

@@ -749,6 +749,22 @@ pub fn pool_check(pool: &TestPool, repair: bool) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The local engine split as a node runs it: a `--mode controller`
+/// process on `pool`, and a `--mode node` one on the same pool serving
+/// `kubelet`, each under its own directory of `root`.
+pub fn controller_and_node(root: &Path, pool: &TestPool, kubelet: &Kubelet) -> (Driver, Driver) {
+    let controller = DriverBuilder::new(&root.join("controller"))
+        .pool(pool)
+        .args(["--mode", "controller"])
+        .start();
+    let node = DriverBuilder::new(&root.join("node"))
+        .pool(pool)
+        .kubelet(kubelet)
+        .args(["--mode", "node"])
+        .start();
+    (controller, node)
+}
+
 /// A driver that stops at `failpoint` until something is written to the
 /// returned FIFO: a deterministic way to hold an operation in flight.
 pub fn driver_paused_at(root: &Path, pool: &TestPool, failpoint: &str) -> (Driver, PathBuf) {
