@@ -467,8 +467,8 @@ impl NodeService {
         // Staged somewhere else, not here: the spec's answer is OK, and
         // nothing of the volume is touched (it stays staged where it is);
         // a path that holds another volume's mount is NOT_FOUND.
-        let here = |m: &&MountEntry| m.mount_point == staging || m.mount_point == marker;
-        if !mounts.is_empty() && !mounts.iter().any(|m| here(&m)) {
+        let here = |m: &MountEntry| m.mount_point == staging || m.mount_point == marker;
+        if !mounts.is_empty() && !mounts.iter().any(here) {
             let (id, own, s, mk) =
                 (req.volume_id.clone(), mounts.clone(), staging.clone(), marker.clone());
             off_executor("reading the mount table", move || {
@@ -485,8 +485,7 @@ impl NodeService {
             );
             return Ok(csi::NodeUnstageVolumeResponse {});
         }
-        if let Some(p) = mounts.iter().find(|m| m.mount_point != staging && m.mount_point != marker)
-        {
+        if let Some(p) = mounts.iter().find(|m| !here(m)) {
             return Err(error::failed_precondition(format!(
                 "volume {} is still published at {}",
                 req.volume_id,
