@@ -588,7 +588,7 @@ impl ControllerEngine for RbdEngine {
             )));
         }
         let Some(pool) = self.pool_of(&s.pool, secrets).await? else { return Ok(()) };
-        let purger = (self.purger.clone(), pool.clone());
+        let swept = pool.clone();
         let done = blocking(move || {
             match pool.open_by_id(&s.image_id) {
                 Ok(img) => {
@@ -606,7 +606,7 @@ impl ControllerEngine for RbdEngine {
         })
         .await;
         // Trashed images that waited for this snapshot go now.
-        purger.0.retry(&purger.1);
+        self.purger.retry(&swept);
         done
     }
 
@@ -649,7 +649,8 @@ impl ControllerEngine for RbdEngine {
                                 // back under a hidden name; the unfiltered
                                 // listing shows those, and so must this.
                                 Err(e) if e.is(libc::ENOENT) => {
-                                    let mut snaps = deleted_volumes_snapshots(&pool)?;
+                                    let images = pool.list_images().map_err(ceph_error)?;
+                                    let mut snaps = deleted_volumes_snapshots(&pool, &images)?;
                                     snaps.retain(|s| s.source_volume == source_id);
                                     return Ok(snaps);
                                 }
@@ -671,12 +672,12 @@ impl ControllerEngine for RbdEngine {
                         // under a hidden name) keep their snapshots too.
                         let images = pool.list_images().map_err(ceph_error)?;
                         let mut snaps = vec![];
-                        for (id, n) in images {
-                            if is_volume_name(&n) {
-                                snaps.extend(image_snapshots(&pool, &id)?);
+                        for (id, n) in &images {
+                            if is_volume_name(n) {
+                                snaps.extend(image_snapshots(&pool, id)?);
                             }
                         }
-                        snaps.extend(deleted_volumes_snapshots(&pool)?);
+                        snaps.extend(deleted_volumes_snapshots(&pool, &images)?);
                         Ok(snaps)
                     })
                     .await?,
@@ -728,7 +729,7 @@ impl ControllerEngine for RbdEngine {
     async fn delete_group_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()> {
         let Some(gid) = GroupId::parse(id) else { return Ok(()) };
         let Some(pool) = self.pool_of(&gid.pool, secrets).await? else { return Ok(()) };
-        let purger = (self.purger.clone(), pool.clone());
+        let swept = pool.clone();
         let done = blocking(move || {
             let record = read_group(&pool, &gid)?;
             let group = gid.group_name();
@@ -747,7 +748,7 @@ impl ControllerEngine for RbdEngine {
         })
         .await;
         // Trashed members that waited for this group go now.
-        purger.0.retry(&purger.1);
+        self.purger.retry(&swept);
         done
     }
 
@@ -900,12 +901,13 @@ impl RbdEngine {
 }
 
 /// The snapshots of deleted volumes whose images wait in the trash, or are
-/// back under a hidden name (they outlive their volume).
-fn deleted_volumes_snapshots(pool: &Pool) -> Result<Vec<Snapshot>> {
-    let hidden = pool.list_images().map_err(ceph_error)?.into_iter();
+/// back under a hidden name among `images` (the pool's listing, which the
+/// caller already holds): they outlive their volume.
+fn deleted_volumes_snapshots(pool: &Pool, images: &[(String, String)]) -> Result<Vec<Snapshot>> {
+    let hidden = images.iter().filter(|(_, n)| n.starts_with(ids::DELETED_PREFIX)).cloned();
     let trashed = pool.trash_list().map_err(ceph_error)?.into_iter().map(|t| (t.id, t.name));
     let mut snaps = vec![];
-    for (id, n) in hidden.filter(|(_, n)| n.starts_with(ids::DELETED_PREFIX)).chain(trashed) {
+    for (id, n) in hidden.chain(trashed) {
         if is_volume_name(&n) || n.starts_with(ids::DELETED_PREFIX) {
             snaps.extend(image_snapshots(pool, &id)?);
         }
