@@ -16,14 +16,10 @@ pub const MARKER: &str = ".ferrovol-pool";
 pub const RECORD: &str = "pool-id";
 const MAGIC: &str = "ferrovol pool";
 
-/// The UUID in a pool's marker, if it has one.
-fn marker_of(pool_dir: &Path) -> Result<Option<String>> {
-    read_id(&pool_dir.join(MARKER))
-}
-
-/// The identity a pool directory carries, if any.
+/// The identity a pool directory carries: the UUID in its marker, if it
+/// has one.
 pub fn pool_id(pool_dir: &Path) -> Result<Option<String>> {
-    marker_of(pool_dir)
+    read_id(&pool_dir.join(MARKER))
 }
 
 /// The UUID a state directory serves, if it records one.
@@ -100,7 +96,7 @@ pub enum Settled {
 /// is created in it; records or stamps the identity where none exists yet.
 pub fn settle(pool_dir: &Path, state_dir: &Path) -> Result<Settled> {
     let recorded = recorded_in(state_dir)?;
-    let marker = if pool_dir.exists() { marker_of(pool_dir)? } else { None };
+    let marker = if pool_dir.exists() { pool_id(pool_dir)? } else { None };
     let record_path = state_dir.join(RECORD);
     match (recorded, marker) {
         (Some(r), Some(m)) if r == m => Ok(Settled::Known(r)),
@@ -170,7 +166,7 @@ mod tests {
         // A state directory new to a stamped pool records it.
         let state2 = root.path().join("state2");
         std::fs::create_dir_all(&state2).unwrap();
-        let marker = marker_of(&pool).unwrap().unwrap();
+        let marker = pool_id(&pool).unwrap().unwrap();
         assert_eq!(settle(&pool, &state2).unwrap(), Settled::Adopted { id: marker, fresh: false });
     }
 }

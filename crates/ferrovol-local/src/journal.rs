@@ -722,7 +722,6 @@ impl Journal {
         Ok(out)
     }
 
-    /// Whether the journal holds no record at all.
     /// The pool this journal belongs to, if it names one.
     pub fn pool(&self) -> Result<Option<String>> {
         guarded(self.path(), "get", || {
@@ -738,6 +737,7 @@ impl Journal {
         })
     }
 
+    /// Whether the journal holds no record at all.
     pub fn is_empty(&self) -> Result<bool> {
         Ok(self.scan::<VolumeRecord>(None, 1, |_| true)?.is_empty()
             && self.scan::<SnapshotRecord>(None, 1, |_| true)?.is_empty()
