@@ -30,7 +30,7 @@ pub struct Resolved {
 impl Resolved {
     /// The descriptor as a path the kernel follows to its object.
     pub fn proc_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+        proc_path(&self.fd)
     }
 }
 
@@ -43,28 +43,33 @@ pub struct Beneath {
 const RESOLVE: ResolveFlags =
     ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
+/// A descriptor as a path the kernel follows to its object (its magic
+/// link in /proc).
+fn proc_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// A client's path as a message repeats it (bounded).
+fn shown(path: &Path) -> String {
+    error::bounded(&path.to_string_lossy()).into_owned()
+}
+
 fn escape(path: &Path, e: Errno) -> Error {
+    let shown = shown(path);
     match e {
         // A symlink in the way: never followed (the node service uses no
         // path through one), whatever it points at.
         Errno::LOOP => error::failed_precondition(format!(
-            "{} has a symlink in its way; symlinks under the kubelet directory are never \
-             followed",
-            error::bounded(&path.to_string_lossy())
+            "{shown} has a symlink in its way; symlinks under the kubelet directory are never \
+             followed"
         )),
         // A path that would leave the kubelet directory.
-        Errno::XDEV => error::invalid(format!(
-            "{} leads outside the kubelet directory",
-            error::bounded(&path.to_string_lossy())
-        )),
-        Errno::NOENT => {
-            error::not_found(format!("{} does not exist", error::bounded(&path.to_string_lossy())))
+        Errno::XDEV => error::invalid(format!("{shown} leads outside the kubelet directory")),
+        Errno::NOENT => error::not_found(format!("{shown} does not exist")),
+        Errno::NOTDIR => {
+            error::failed_precondition(format!("a component of {shown} is not a directory"))
         }
-        Errno::NOTDIR => error::failed_precondition(format!(
-            "a component of {} is not a directory",
-            error::bounded(&path.to_string_lossy())
-        )),
-        e => Error::io(format!("resolving {}", error::bounded(&path.to_string_lossy())), e.into()),
+        e => Error::io(format!("resolving {shown}"), e.into()),
     }
 }
 
@@ -83,7 +88,7 @@ impl Beneath {
             || {
                 error::invalid(format!(
                     "{} is not inside the kubelet directory {}",
-                    error::bounded(&path.to_string_lossy()),
+                    shown(path),
                     self.root_path.display()
                 ))
             },
@@ -118,10 +123,7 @@ impl Beneath {
             .map_err(|e| escape(path, e))?;
         for c in rel.components() {
             let Component::Normal(name) = c else {
-                return Err(error::invalid(format!(
-                    "{} is not normalized",
-                    error::bounded(&path.to_string_lossy())
-                )));
+                return Err(error::invalid(format!("{} is not normalized", shown(path))));
             };
             match rustix::fs::mkdirat(&at, name, Mode::from_raw_mode(0o750)) {
                 Ok(()) | Err(Errno::EXIST) => {}
@@ -147,7 +149,7 @@ impl Beneath {
             Err(Errno::ISDIR) => {
                 return Err(error::failed_precondition(format!(
                     "{} is a directory where a device's file must be",
-                    error::bounded(&path.to_string_lossy())
+                    shown(path)
                 )))
             }
             Err(e) => return Err(escape(path, e)),
@@ -196,7 +198,7 @@ impl Beneath {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
             Err(Errno::NOTEMPTY) => Err(error::failed_precondition(format!(
                 "{} is a directory with files in it and no volume mounted; not removing it",
-                error::bounded(&path.to_string_lossy())
+                shown(path)
             ))),
             Err(e) => Err(escape(path, e)),
         }
@@ -295,15 +297,12 @@ impl Beneath {
     /// Nothing mounted there (or nothing there) is `Ok(false)`.
     pub fn unmount(&self, path: &Path) -> Result<bool> {
         let Some((dir, name)) = self.parent_of(path)? else { return Ok(false) };
-        let mut at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let mut at = proc_path(&dir);
         at.push(name);
         match rustix::mount::unmount(&at, rustix::mount::UnmountFlags::NOFOLLOW) {
             Ok(()) => Ok(true),
             Err(Errno::INVAL | Errno::NOENT) => Ok(false),
-            Err(e) => Err(error::internal(format!(
-                "unmounting {}: {e}",
-                error::bounded(&path.to_string_lossy())
-            ))),
+            Err(e) => Err(error::internal(format!("unmounting {}: {e}", shown(path)))),
         }
     }
 }

@@ -314,7 +314,6 @@ pub fn block_device_size(device: &Path) -> Result<u64> {
     Ok(size)
 }
 
-/// Unmounts `target`; not mounted is fine.
 /// Unmounts a mount of the driver's own (its state directory: never a path
 /// a client named); not mounted is fine.
 pub fn unmount_own(target: &Path) -> Result<()> {
