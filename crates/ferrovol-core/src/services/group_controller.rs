@@ -14,7 +14,7 @@ use ferrovol_csi::group_controller_service_capability::rpc::Type as Cap;
 use tracing::info;
 
 use crate::engine::GroupSnapshot;
-use crate::error::{self, Result};
+use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::rpc;
 use crate::services::{convert, validate, Driver};
@@ -42,12 +42,14 @@ fn check_members(g: &GroupSnapshot, snapshot_ids: &[String]) -> Result<()> {
     let given: HashSet<&str> = snapshot_ids.iter().map(String::as_str).collect();
     let actual: HashSet<&str> = g.snapshots.iter().map(|s| s.id.as_str()).collect();
     if given != actual {
-        return Err(error::invalid(format!(
-            "snapshot_ids do not match the members of group snapshot {}",
-            g.id
-        )));
+        return Err(members_mismatch(g));
     }
     Ok(())
+}
+
+/// The answer for `snapshot_ids` that are not the group's members.
+fn members_mismatch(g: &GroupSnapshot) -> Error {
+    error::invalid(format!("snapshot_ids do not match the members of group snapshot {}", g.id))
 }
 
 impl GroupControllerService {
@@ -133,19 +135,13 @@ impl GroupControllerService {
         }
         let given: HashSet<&str> = snapshot_ids.iter().map(String::as_str).collect();
         let left: HashSet<&str> = g.snapshots.iter().map(|s| s.id.as_str()).collect();
-        let mismatch = || {
-            error::invalid(format!(
-                "snapshot_ids do not match the members of group snapshot {}",
-                g.id
-            ))
-        };
         if !left.is_subset(&given) {
-            return Err(mismatch());
+            return Err(members_mismatch(g));
         }
         for gone in given.difference(&left) {
             match self.driver.controller().snapshot(gone).await {
                 Err(e) if e.code() == tonic::Code::NotFound => {}
-                Ok(_) => return Err(mismatch()),
+                Ok(_) => return Err(members_mismatch(g)),
                 Err(e) => return Err(e),
             }
         }
