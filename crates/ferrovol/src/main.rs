@@ -158,9 +158,6 @@ async fn run(command: Command) -> Result<(), String> {
     }
 }
 
-/// Opens the engine `--engine` names, as the halves `--mode` asks for (a
-/// node-only process never opens what only the controller half needs, the
-/// local engine's journal; a relay opens no pool at all), and serves it.
 /// A configured path made absolute against the working directory at start:
 /// helpers that change directory (rbd-fuse) and messages then agree on it.
 fn absolute(path: &mut std::path::PathBuf) -> Result<(), String> {
@@ -168,11 +165,13 @@ fn absolute(path: &mut std::path::PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: ServeCommand) -> Result<(), String> {
-    let mut args = args;
-    absolute(&mut args.common.state_dir)?;
-    absolute(&mut args.common.kubelet_dir)?;
+/// Opens the engine `--engine` names, as the halves `--mode` asks for (a
+/// node-only process never opens what only the controller half needs, the
+/// local engine's journal; a relay opens no pool at all), and serves it.
+async fn serve(mut args: ServeCommand) -> Result<(), String> {
     for p in [
+        Some(&mut args.common.state_dir),
+        Some(&mut args.common.kubelet_dir),
         args.pool_dir.as_mut(),
         args.link.link_tls.as_mut(),
         args.rbd.ceph_conf.as_mut(),
