@@ -511,11 +511,7 @@ async fn rbd_publish_enforces_single_node_modes_across_replicas() {
     k1.c.controller_unpublish_volume(unpub("node-b")).await.unwrap();
 
     // Raw block volumes may be shared by several nodes; filesystems not.
-    let blk = csi::CreateVolumeRequest {
-        volume_capabilities: vec![req::block_cap()],
-        ..ceph.create("pvc-rwx", 16 * MIB)
-    };
-    let b = k1.c.create_volume(blk).await.unwrap().into_inner().volume.unwrap().volume_id;
+    let b = block_volume(&mut k1, &ceph, "pvc-rwx", 16 * MIB).await;
     for node in ["node-a", "node-b"] {
         let ctx =
             k1.c.controller_publish_volume(publish(&b, node, Mode::MultiNodeMultiWriter, true))
@@ -547,14 +543,33 @@ async fn rbd_publish_enforces_single_node_modes_across_replicas() {
     drop((d1, d2));
 }
 
-/// Stages and publishes a filesystem volume on a node; answers the target.
-async fn mount(k: &mut Clients, ceph: &Ceph, id: &str, pv: &str, fs: &str) -> (PathBuf, PathBuf) {
+/// Stages and publishes a volume on a node as `cap` says; answers the
+/// staging path and the target.
+async fn stage_publish(
+    k: &mut Clients,
+    ceph: &Ceph,
+    id: &str,
+    pv: &str,
+    cap: csi::VolumeCapability,
+) -> (PathBuf, PathBuf) {
     let (staging, target) = (ceph.staging(pv), ceph.target("app", pv));
-    k.n.node_stage_volume(stage_req(id, &staging, req::mount_cap(fs))).await.unwrap();
-    k.n.node_publish_volume(publish_req(id, &staging, &target, req::mount_cap(fs), false))
-        .await
-        .unwrap();
+    k.n.node_stage_volume(stage_req(id, &staging, cap.clone())).await.unwrap();
+    k.n.node_publish_volume(publish_req(id, &staging, &target, cap, false)).await.unwrap();
     (staging, target)
+}
+
+/// Stages and publishes a filesystem volume on a node.
+async fn mount(k: &mut Clients, ceph: &Ceph, id: &str, pv: &str, fs: &str) -> (PathBuf, PathBuf) {
+    stage_publish(k, ceph, id, pv, req::mount_cap(fs)).await
+}
+
+/// A new raw block volume.
+async fn block_volume(k: &mut Clients, ceph: &Ceph, name: &str, size: i64) -> String {
+    let r = csi::CreateVolumeRequest {
+        volume_capabilities: vec![req::block_cap()],
+        ..ceph.create(name, size)
+    };
+    k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id
 }
 
 async fn unmount(k: &mut Clients, id: &str, staging: &Path, target: &Path) {
@@ -827,17 +842,8 @@ async fn rbd_changed_blocks_come_from_rbd_diffs() {
     let Some(ceph) = ceph("cbt") else { return };
     let d = ceph.driver("d", "node-a", &[]).start();
     let mut k = clients(&d).await;
-    let r = csi::CreateVolumeRequest {
-        volume_capabilities: vec![req::block_cap()],
-        ..ceph.create("pvc-b", 32 * MIB)
-    };
-    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
-    let staging = ceph.staging("pv-b");
-    let target = ceph.target("app", "pv-b");
-    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
-    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
-        .await
-        .unwrap();
+    let v = block_volume(&mut k, &ceph, "pvc-b", 32 * MIB).await;
+    let (staging, target) = stage_publish(&mut k, &ceph, &v, "pv-b", req::block_cap()).await;
     let write = |off: u64| {
         let f = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
         f.write_all_at(&[0xab; 4096], off).unwrap();
@@ -1225,16 +1231,8 @@ async fn rbd_data_without_a_signature_is_never_formatted() {
     let Some(ceph) = ceph("noformat") else { return };
     let d = ceph.driver("d", "node-a", &[]).start();
     let mut k = clients(&d).await;
-    let r = csi::CreateVolumeRequest {
-        volume_capabilities: vec![req::block_cap()],
-        ..ceph.create("pvc-raw", 32 * MIB)
-    };
-    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
-    let (staging, target) = (ceph.staging("pv-raw"), ceph.target("app", "pv-raw"));
-    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
-    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
-        .await
-        .unwrap();
+    let v = block_volume(&mut k, &ceph, "pvc-raw", 32 * MIB).await;
+    let (staging, target) = stage_publish(&mut k, &ceph, &v, "pv-raw", req::block_cap()).await;
     let mut rng = common::Rng(7);
     let data: Vec<u8> = (0..MIB).map(|_| rng.next() as u8).collect();
     {
@@ -1249,10 +1247,7 @@ async fn rbd_data_without_a_signature_is_never_formatted() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("no filesystem signature"), "{e:?}");
     // Still the same bytes, read back through a fresh raw stage.
-    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
-    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
-        .await
-        .unwrap();
+    stage_publish(&mut k, &ceph, &v, "pv-raw", req::block_cap()).await;
     let mut back = vec![0u8; MIB as usize];
     std::fs::File::open(&target).unwrap().read_exact_at(&mut back, 2 * MIB as u64).unwrap();
     assert!(back == data, "the data is untouched");
@@ -1370,16 +1365,8 @@ async fn rbd_raw_block_growth_reaches_the_device() {
     let Some(ceph) = ceph("blockgrow") else { return };
     let d = ceph.driver("d", "node-a", &[]).start();
     let mut k = clients(&d).await;
-    let r = csi::CreateVolumeRequest {
-        volume_capabilities: vec![req::block_cap()],
-        ..ceph.create("pvc-bg", 32 * MIB)
-    };
-    let v = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap().volume_id;
-    let (staging, target) = (ceph.staging("pv-bg"), ceph.target("app", "pv-bg"));
-    k.n.node_stage_volume(stage_req(&v, &staging, req::block_cap())).await.unwrap();
-    k.n.node_publish_volume(publish_req(&v, &staging, &target, req::block_cap(), false))
-        .await
-        .unwrap();
+    let v = block_volume(&mut k, &ceph, "pvc-bg", 32 * MIB).await;
+    let (staging, target) = stage_publish(&mut k, &ceph, &v, "pv-bg", req::block_cap()).await;
     let device_size = |p: &Path| ferrovol_host::node::fs::block_device_size(p).unwrap();
     assert_eq!(device_size(&target), 32 * MIB as u64);
     let grown =
