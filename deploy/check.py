@@ -167,10 +167,8 @@ def check_components(docs):
     check(sidecar is not None, "the snapshot metadata sidecar runs beside the controller")
     check(arg(sidecar, "--csi-address") == arg(cs["ferrovol"], "--endpoint").removeprefix("unix://"),
           "the snapshot metadata sidecar talks to the driver's socket")
-    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     cert_dir = arg(sidecar, "--tls-cert").rsplit("/", 1)[0]
-    mounted = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
-    check("secret" in vols.get(mounted.get(cert_dir, ""), {}), "the sidecar's certificate comes from a Secret")
+    check("secret" in volume_at(dep, sidecar, cert_dir), "the sidecar's certificate comes from a Secret")
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
     bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
     sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
@@ -241,14 +239,10 @@ def check_link(docs):
           "agents dial the link Service")
     check(any(e["name"] == "NAMESPACE" for e in agent.get("env", [])) or "$(NAMESPACE)" not in arg(agent, "--link-controller"),
           "the agent's $(NAMESPACE) is defined")
-    def link_volume(w, c):
-        vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
-        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        return vols.get(mounts.get(arg(c, "--link-tls"), ""), {})
     want = secret_of.get("RELAY")
-    check(link_volume(dep, relay).get("secret", {}).get("secretName") == want,
+    check(volume_at(dep, relay, arg(relay, "--link-tls")).get("secret", {}).get("secretName") == want,
           f"the relay mounts Secret {want} at --link-tls")
-    own = link_volume(ds, agent)
+    own = volume_at(ds, agent, arg(agent, "--link-tls"))
     check("hostPath" in own and "secret" not in own,
           "each agent's link certificate is its node's own (a hostPath), not a Secret all nodes share")
     check(dep["spec"]["template"]["metadata"]["labels"] != ds["spec"]["template"]["metadata"]["labels"],
@@ -257,6 +251,13 @@ def check_link(docs):
 
 def containers(ds):
     return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
+
+
+def volume_at(workload, container, path):
+    """The volume `container` of `workload` mounts at `path` ({} when none)."""
+    vols = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    return vols.get(mounts.get(path or "", ""), {})
 
 
 def arg(container, flag):
@@ -470,10 +471,8 @@ def check_rbd(docs, binary):
     (cm,) = of_kind(docs, "ConfigMap")
     check("mon_host" in cm["data"].get("ceph.conf", ""), "the Ceph ConfigMap names monitors")
     for w, c in ((dep, ctl), (ds, node)):
-        vols = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
         conf_dir, conf_file = arg(c, "--ceph-conf").rsplit("/", 1)
-        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        vol = vols.get(mounts.get(conf_dir, ""), {})
+        vol = volume_at(w, c, conf_dir)
         check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
               f"RBD {w['kind']} mounts the Ceph config at --ceph-conf")
     check(node.get("securityContext", {}).get("privileged") is True, "RBD node container is privileged")
@@ -509,9 +508,7 @@ def check_rbd(docs, binary):
           f"docs/kubernetes.md creates Secret {secret_ns}/{secret_name} with ceph-csi's keys: {made}")
     # The controller's own calls use that Secret, mounted where
     # --ceph-secret-dir points.
-    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in ctl["volumeMounts"]}
-    secret_vol = vols.get(mounts.get(arg(ctl, "--ceph-secret-dir") or "", ""), {})
+    secret_vol = volume_at(dep, ctl, arg(ctl, "--ceph-secret-dir"))
     check(secret_vol.get("secret", {}).get("secretName") == secret_name,
           "RBD controller: --ceph-secret-dir is the classes' Secret, mounted (Probe has a credential)")
     # Host paths a plain Linux node may lack must not keep the pod from
