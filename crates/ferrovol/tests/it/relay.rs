@@ -112,13 +112,26 @@ impl Cluster {
         pool: &TestPool,
         kubelet: &Kubelet,
     ) -> DriverBuilder {
+        self.agent_with_certs(name, root, pool, kubelet, &self.node_certs(name))
+    }
+
+    /// An agent claiming node `name` with the link certificate in `certs`
+    /// (its own, another node's, another CA's).
+    fn agent_with_certs(
+        &self,
+        name: &str,
+        root: &Path,
+        pool: &TestPool,
+        kubelet: &Kubelet,
+        certs: &Path,
+    ) -> DriverBuilder {
         DriverBuilder::new(root).node_id(name).pool(pool).kubelet(kubelet).args([
             "--mode",
             "agent",
             "--link-controller",
             &self.link,
             "--link-tls",
-            &self.node_certs(name).display().to_string(),
+            &certs.display().to_string(),
         ])
     }
 
@@ -608,13 +621,8 @@ async fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     let pool = TestPool::new(PoolFs::Ext4).await;
     let kubelet = Kubelet::new(&pool);
     let root = cluster.root.path().join("intruder");
-    let mut intruder = DriverBuilder::new(&root)
-        .node_id("intruder")
-        .pool(&pool)
-        .kubelet(&kubelet)
-        .args(["--mode", "agent", "--link-controller", &cluster.link, "--link-tls"])
-        .args([other.join("nodes/intruder").display().to_string()])
-        .start();
+    let certs = other.join("nodes/intruder");
+    let mut intruder = cluster.agent_with_certs("intruder", &root, &pool, &kubelet, &certs).start();
     // Refused by the relay (its client certificate is not from the link
     // CA), and the agent does not trust the relay either.
     cluster.relay.wait_for_log("refused a link connection").unwrap();
@@ -1116,13 +1124,8 @@ async fn an_impostor_node_is_refused_and_the_real_one_unaffected() {
         let pool = TestPool::new(PoolFs::Ext4).await;
         let kubelet = Kubelet::new(&pool);
         let root = cluster.root.path().join(name);
-        let d = DriverBuilder::new(&root)
-            .node_id("node-a")
-            .pool(&pool)
-            .kubelet(&kubelet)
-            .args(["--mode", "agent", "--link-controller", &cluster.link, "--link-tls"])
-            .args([cluster.node_certs(cert_of).display().to_string()])
-            .start();
+        let certs = cluster.node_certs(cert_of);
+        let d = cluster.agent_with_certs("node-a", &root, &pool, &kubelet, &certs).start();
         impostors.push((d, kubelet, pool));
     }
     let refused = "refused a link connection";
