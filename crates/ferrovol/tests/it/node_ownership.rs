@@ -190,6 +190,12 @@ async fn a_kubelet_dir_that_is_a_symlink_works() {
     kubelet.assert_clean();
 }
 
+/// Swaps what `a` and `b` name, in one step (RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).unwrap();
+}
+
 /// Exchanges `a` and `b` (a directory and a symlink to a directory outside
 /// the kubelet dir) as fast as it can until told to stop; answers how many
 /// times.
@@ -197,8 +203,7 @@ fn swapper(a: PathBuf, b: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHa
     std::thread::spawn(move || {
         let mut swaps = 0;
         while !stop.load(Ordering::Relaxed) {
-            use rustix::fs::{renameat_with, RenameFlags, CWD};
-            renameat_with(CWD, &a, CWD, &b, RenameFlags::EXCHANGE).unwrap();
+            exchange(&a, &b);
             swaps += 1;
         }
         swaps
@@ -208,8 +213,7 @@ fn swapper(a: PathBuf, b: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHa
 /// Puts the real directory back at `real` (the symlink at `other`).
 fn settle(real: &Path, other: &Path) {
     if std::fs::symlink_metadata(real).unwrap().file_type().is_symlink() {
-        use rustix::fs::{renameat_with, RenameFlags, CWD};
-        renameat_with(CWD, real, CWD, other, RenameFlags::EXCHANGE).unwrap();
+        exchange(real, other);
     }
 }
 
