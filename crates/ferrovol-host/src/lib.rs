@@ -35,5 +35,6 @@ mod tests {
         assert_eq!(write::<u32>(b'f', 43) as u64, 0x4004_662B, "EXT4_IOC_CHECKPOINT");
         assert_eq!(read::<libc::size_t>(0x12, 114) as u64, 0x8008_1272, "BLKGETSIZE64");
         assert_eq!(read_write::<[u8; 32]>(b'f', 11) as u64, 0xC020_660B, "FS_IOC_FIEMAP");
+        assert_eq!(none(0x12, 104) as u64, 0x1268, "BLKSSZGET");
     }
 }

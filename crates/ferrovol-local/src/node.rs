@@ -176,6 +176,12 @@ impl NodeAttacher for LocalNode {
                     .map_err(|e| Error::io(format!("inspecting {}", a.device.display()), e))?;
                 let id = a.backing.file_stem().map(|s| s.to_string_lossy().into_owned());
                 if let (true, Some(id)) = (used.is_empty(), id) {
+                    // A read-only publish device a crash left over it
+                    // (unmounted, or `used` would hold its mount) holds
+                    // the device open: it goes first.
+                    for ro in crate::host_node::read_only::over(&a.device)? {
+                        crate::host_node::read_only::detach(&ro)?;
+                    }
                     unused.push(id);
                 }
             }

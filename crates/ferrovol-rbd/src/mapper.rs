@@ -171,26 +171,29 @@ fn nbd_find(state: &Path, v: &VolumeId) -> Option<PathBuf> {
     Path::new("/sys/block").join(name).join("pid").exists().then_some(device)
 }
 
-/// Every device this node has mapped for the engine.
+/// Where the kernel's RBD driver lists its mapped images.
+const KRBD_DEVICES: &str = "/sys/bus/rbd/devices";
+
+/// Every device this node has mapped for the engine: those of the volumes
+/// with a directory under `<state>/rbd` (made by every map, whatever the
+/// mapper), never another driver's mappings the kernel lists beside ours.
 pub fn all(state: &Path) -> Result<Vec<PathBuf>> {
+    all_in(state, Path::new(KRBD_DEVICES))
+}
+
+fn all_in(state: &Path, krbd_devices: &Path) -> Result<Vec<PathBuf>> {
     let root = state.join("rbd");
+    let loops = loopdev::list().map_err(io("reading loop devices"))?;
     let mut out = vec![];
-    for a in loopdev::list().map_err(io("reading loop devices"))? {
-        if a.backing.starts_with(&root) {
-            out.push(a.device);
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir("/sys/bus/rbd/devices") {
-        for e in entries.flatten() {
-            out.push(PathBuf::from(format!("/dev/rbd{}", e.file_name().to_string_lossy())));
-        }
-    }
     for pool in std::fs::read_dir(&root).into_iter().flatten().flatten() {
         for image in std::fs::read_dir(pool.path()).into_iter().flatten().flatten() {
             let v = VolumeId {
                 pool: pool.file_name().to_string_lossy().into_owned(),
                 image: image.file_name().to_string_lossy().into_owned(),
             };
+            let file = fuse_file(state, &v);
+            out.extend(loops.iter().filter(|a| a.backing == file).map(|a| a.device.clone()));
+            out.extend(krbd_find_in(krbd_devices, &v)?);
             out.extend(nbd_find(state, &v));
         }
     }
@@ -198,7 +201,11 @@ pub fn all(state: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn krbd_find(v: &VolumeId) -> Result<Option<PathBuf>> {
-    let Ok(entries) = std::fs::read_dir("/sys/bus/rbd/devices") else { return Ok(None) };
+    krbd_find_in(Path::new(KRBD_DEVICES), v)
+}
+
+fn krbd_find_in(krbd_devices: &Path, v: &VolumeId) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(krbd_devices) else { return Ok(None) };
     for e in entries.flatten() {
         let read = |f: &str| {
             std::fs::read_to_string(e.path().join(f)).unwrap_or_default().trim().to_string()
@@ -216,6 +223,9 @@ pub async fn map(kind: Kind, state: &Path, v: &VolumeId, auth: &Auth) -> Result<
         Kind::Fuse => map_fuse(state, v, auth).await,
         Kind::Krbd | Kind::Nbd => {
             let dir = fuse_dir(state, v);
+            // The volume's directory is the record that this driver mapped
+            // it ([`all`] lists no mapping without one).
+            std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
             let keyfile = write_keyfile(&dir, auth)?;
             let mut args: Vec<OsString> =
                 vec!["map".into(), format!("{}/{}", v.pool, v.image).into()];
@@ -432,4 +442,38 @@ pub fn fuse_helper_alive(state: &Path, v: &VolumeId) -> Option<bool> {
     }
     let pid = std::fs::read_to_string(dir.join("rbd-fuse.pid")).ok()?.trim().parse().ok()?;
     Some(is_helper(pid, &dir.join("mnt")) && alive(pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel lists every RBD mapping on the node, another driver's
+    /// (ceph-csi's, an admin's `rbd map`) beside ours: start-up thaws and
+    /// metrics must see only the volumes this driver mapped.
+    #[test]
+    fn all_lists_only_the_mappings_this_driver_made() {
+        let state = tempfile::tempdir().unwrap();
+        let sysfs = tempfile::tempdir().unwrap();
+        let mapping = |n: &str, pool: &str, image: &str| {
+            let d = sysfs.path().join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            for (f, v) in [("pool", pool), ("name", image), ("current_snap", "-")] {
+                std::fs::write(d.join(f), format!("{v}\n")).unwrap();
+            }
+        };
+        mapping("0", "rbd", "csi-vol-ours");
+        mapping("1", "rbd", "csi-vol-ceph-csi-s");
+        mapping("2", "other", "an-admin-s");
+        let ours = VolumeId { pool: "rbd".into(), image: "csi-vol-ours".into() };
+        std::fs::create_dir_all(fuse_dir(state.path(), &ours)).unwrap();
+
+        let all = all_in(state.path(), sysfs.path()).unwrap();
+        assert_eq!(all, vec![PathBuf::from("/dev/rbd0")]);
+        assert_eq!(
+            krbd_find_in(sysfs.path(), &ours).unwrap(),
+            Some(PathBuf::from("/dev/rbd0")),
+            "a volume's own mapping is still found"
+        );
+    }
 }

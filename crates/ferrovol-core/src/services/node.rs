@@ -20,6 +20,7 @@ use crate::locks;
 use crate::node::beneath::{self, Beneath};
 use crate::node::fs::{self as nodefs, Content};
 use crate::node::mountinfo::{self, MountEntry};
+use crate::node::read_only as read_only_device;
 use crate::rpc;
 use crate::services::{convert, validate, Driver};
 
@@ -410,6 +411,18 @@ impl NodeService {
         off_executor("publishing", move || {
             let paths = Beneath::open(&kubelet)?;
             match access {
+                AccessType::Block if read_only => {
+                    // `ro` on a device node's bind stops no write: the pod
+                    // gets a device that refuses them itself.
+                    let onto = paths.file(&target)?;
+                    let ro_device = read_only_device::attach(&device)?;
+                    let bound = beneath::open_source(&ro_device)
+                        .and_then(|source| nodefs::bind(&source, &ro_device, &onto, &[], true));
+                    if bound.is_err() {
+                        let _ = read_only_device::detach(&ro_device);
+                    }
+                    bound
+                }
                 AccessType::Block => {
                     let onto = paths.file(&target)?;
                     let source = beneath::open_source(&device)?;
@@ -442,11 +455,21 @@ impl NodeService {
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         let attacher = self.driver.node();
         attacher.check_known(&req.volume_id).await?;
-        let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let (device, mounts) =
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
         off_executor("unpublishing", move || {
-            refuse_foreign_mount(&id, &mounts, &read_mounts()?, &target)?;
-            unmount_all_and_remove(&Beneath::open(&kubelet)?, &target)
+            let all = read_mounts()?;
+            refuse_foreign_mount(&id, &mounts, &all, &target)?;
+            // A read-only publish's own device goes with its mount.
+            let ro_device = match &device {
+                Some(d) => read_only_device::over(d)?
+                    .into_iter()
+                    .find(|ro| mounted_from(&all, ro, &target).unwrap_or(false)),
+                None => None,
+            };
+            unmount_all_and_remove(&Beneath::open(&kubelet)?, &target)?;
+            ro_device.map_or(Ok(()), |ro| read_only_device::detach(&ro))
         })
         .await?;
         Ok(csi::NodeUnpublishVolumeResponse {})
@@ -462,7 +485,8 @@ impl NodeService {
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         let attacher = self.driver.node();
         attacher.check_known(&req.volume_id).await?;
-        let (_, mounts) = crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let (device, mounts) =
+            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         let marker = staging.join(BLOCK_MARKER);
         // Staged somewhere else, not here: the spec's answer is OK, and
         // nothing of the volume is touched (it stays staged where it is);
@@ -501,7 +525,14 @@ impl NodeService {
             if paths.existing(&marker)?.is_some() {
                 unmount_all_and_remove(&paths, &marker)?;
             }
-            unmount_all(&paths, &staging)
+            unmount_all(&paths, &staging)?;
+            // Nothing is published any more: a read-only publish device
+            // still here is one a crash left between making and mounting it.
+            for ro in device.as_deref().map(read_only_device::over).transpose()?.unwrap_or_default()
+            {
+                read_only_device::detach(&ro)?;
+            }
+            Ok(())
         })
         .await?;
         attacher.detach(&req.volume_id).await?;

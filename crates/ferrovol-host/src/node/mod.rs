@@ -7,3 +7,4 @@ pub mod freeze;
 pub mod fs;
 pub mod mountinfo;
 pub mod quiesce;
+pub mod read_only;

@@ -20,9 +20,15 @@ pub type Quiesce = Box<dyn FnOnce() -> Result<Box<dyn Send>> + Send>;
 /// node), from the kernel's mount table.
 pub fn mounts_of(device: &Path) -> Result<Vec<MountEntry>> {
     let all = mountinfo::read().map_err(|e| Error::io("reading mountinfo", e))?;
-    let of = mountinfo::mounts_of_device(&all, device)
-        .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
-    Ok(of.into_iter().cloned().collect())
+    let mut of: Vec<MountEntry> = Vec::new();
+    // The device's own mounts, then those of its read-only publish devices
+    // (each a publish of the same volume).
+    for dev in std::iter::once(device.to_path_buf()).chain(crate::node::read_only::over(device)?) {
+        let found = mountinfo::mounts_of_device(&all, &dev)
+            .map_err(|e| Error::io(format!("inspecting {}", dev.display()), e))?;
+        of.extend(found.into_iter().cloned());
+    }
+    Ok(of)
 }
 
 /// The first mount among `mounts` that is a filesystem (not a bind of the

@@ -142,6 +142,57 @@ async fn raw_block_volume_is_a_device_in_the_pod() {
     e.kubelet.assert_clean();
 }
 
+/// A raw block volume published read-only is a device the pod cannot
+/// write: a read-only bind mount of a device node stops nothing (the node's
+/// `ro` flag does not reach the device), so the write must be refused by
+/// the device itself, while a read-write publish of the same volume beside
+/// it still writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_raw_block_publish_refuses_writes() {
+    use std::os::unix::fs::FileExt;
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::block_cap();
+    let id = new_volume(&mut c, "raw-ro", 64 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv-raw-ro");
+    let (ro, rw) = (e.kubelet.target("pod-ro", "pv"), e.kubelet.target("pod-rw", "pv"));
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &ro, cap.clone(), true)).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &ro, cap.clone(), true))
+        .await
+        .expect("publishing again: OK");
+    n.node_publish_volume(publish_req(&id, &staging, &rw, cap.clone(), false)).await.unwrap();
+
+    common::assert_refuses_writes(&ro);
+    {
+        let dev = std::fs::OpenOptions::new().write(true).open(&rw).unwrap();
+        dev.write_at(&[0xAB; 4096], 0).unwrap();
+        dev.sync_all().unwrap();
+    }
+    assert_eq!(common::read_at(&e.pool.volume_file(&id), 0, 4096), vec![0xAB; 4096]);
+    assert_eq!(common::read_at(&ro, 0, 4096), vec![0xAB; 4096], "the reader sees the writer");
+    let stats = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: ro.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("the read-only publish is the volume's own")
+        .into_inner();
+    assert_eq!(stats.usage[0].total, 64 * MIB);
+    let busy = n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "still published read-only: {busy:?}");
+
+    for t in [&ro, &rw] {
+        n.node_unpublish_volume(unpublish_req(&id, t)).await.unwrap();
+        n.node_unpublish_volume(unpublish_req(&id, t)).await.expect("again: OK");
+        assert!(!t.exists());
+    }
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn read_write_once_pod_allows_one_target() {
     let e = env(PoolFs::Ext4).await;

@@ -145,11 +145,7 @@ impl Ceph {
     }
 
     fn loops(&self) -> Vec<ferrovol_host::loopdev::Attached> {
-        ferrovol_host::loopdev::list()
-            .unwrap()
-            .into_iter()
-            .filter(|a| a.backing.starts_with(self.root.path()))
-            .collect()
+        common::loops_under(self.root.path())
     }
 
     /// rbd-fuse helpers serving this test's state dirs.
@@ -1391,6 +1387,27 @@ async fn rbd_raw_block_growth_reaches_the_device() {
     .unwrap();
     assert_eq!(device_size(&target), 64 * MIB as u64, "the pod's device is the new size");
     unmount(&mut k, &v, &staging, &target).await;
+    k.c.delete_volume(req::delete(&v)).await.unwrap();
+    ceph.assert_clean();
+    drop(d);
+}
+
+/// A raw block RBD volume published read-only refuses writes through the
+/// pod's device, while a read-write publish beside it writes.
+#[tokio::test]
+async fn rbd_a_read_only_raw_block_publish_refuses_writes() {
+    let Some(ceph) = ceph("blockro") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let v = block_volume(&mut k, &ceph, "pvc-bro", 16 * MIB).await;
+    let (staging, rw) = stage_publish(&mut k, &ceph, &v, "pv-bro", req::block_cap()).await;
+    let ro = ceph.target("reader", "pv-bro");
+    k.n.node_publish_volume(publish_req(&v, &staging, &ro, req::block_cap(), true)).await.unwrap();
+    common::assert_refuses_writes(&ro);
+    common::write_pattern(&rw, 0, 4096, 7);
+    assert_eq!(common::read_at(&ro, 0, 4096), common::read_at(&rw, 0, 4096));
+    k.n.node_unpublish_volume(unpublish_req(&v, &ro)).await.unwrap();
+    unmount(&mut k, &v, &staging, &rw).await;
     k.c.delete_volume(req::delete(&v)).await.unwrap();
     ceph.assert_clean();
     drop(d);

@@ -514,6 +514,35 @@ pub fn write_pattern(path: &Path, offset: u64, len: usize, seed: u8) {
 }
 
 /// Reads `len` bytes at `offset`.
+/// A device a write through `path` cannot reach: opening it for writing,
+/// or else writing and syncing, fails with a read-only or permission error.
+pub fn assert_refuses_writes(path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let refused = |e: &std::io::Error| {
+        matches!(e.raw_os_error(), Some(libc::EROFS | libc::EPERM | libc::EACCES))
+    };
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Err(err) => assert!(refused(&err), "opening {} for writing: {err}", path.display()),
+        Ok(dev) => {
+            let wrote = dev.write_at(&[0xCD; 4096], 0).and_then(|_| dev.sync_all());
+            let err = wrote.expect_err("a write through a read-only publish must fail");
+            assert!(refused(&err), "writing {}: {err}", path.display());
+        }
+    }
+}
+
+/// Loop devices backed by a file under `dir`, and those backed by one of
+/// them (a read-only publish's device), the latter first (so detaching in
+/// order frees them all).
+pub fn loops_under(dir: &Path) -> Vec<ferrovol_host::loopdev::Attached> {
+    let all = ferrovol_host::loopdev::list().unwrap();
+    let ours: Vec<_> = all.iter().filter(|a| a.backing.starts_with(dir)).cloned().collect();
+    let mut out: Vec<_> =
+        all.iter().filter(|a| ours.iter().any(|o| o.device == a.backing)).cloned().collect();
+    out.extend(ours);
+    out
+}
+
 pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).unwrap();
@@ -567,13 +596,10 @@ impl Kubelet {
         v
     }
 
-    /// Loop devices whose backing file is in this test's pool.
+    /// Loop devices whose backing file is in this test's pool, and those
+    /// backed by one of them (a read-only publish's device).
     pub fn loops(&self) -> Vec<ferrovol_host::loopdev::Attached> {
-        ferrovol_host::loopdev::list()
-            .unwrap()
-            .into_iter()
-            .filter(|a| a.backing.starts_with(&self.pool_dir))
-            .collect()
+        loops_under(&self.pool_dir)
     }
 
     pub fn assert_clean(&self) {
