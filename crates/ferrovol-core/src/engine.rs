@@ -217,9 +217,6 @@ pub enum ExpansionSite {
 /// the rest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Features {
-    /// Volumes must be published to a node by the controller before the
-    /// node can attach them (CSIDriver `attachRequired: true`).
-    pub publish: bool,
     pub expansion: ExpansionSite,
     /// Access modes of filesystem volumes.
     pub mount_modes: Vec<AccessMode>,
@@ -356,24 +353,51 @@ pub trait ControllerEngine: Send + Sync + 'static {
     ) -> Result<Capacity>;
 
     /// Grows a volume to at least `required` bytes (never shrinks); answers
-    /// the new capacity.
+    /// the new capacity and whether the node has a step to take.
     async fn expand_volume(
         &self,
         id: &str,
         required: u64,
         limit: u64,
         secrets: &Secrets,
-    ) -> Result<u64>;
+    ) -> Result<Expanded>;
 
-    /// Makes the volume reachable from a node; answers the publish context
-    /// the node half gets. Only for engines with [`Features::publish`].
-    async fn publish(&self, request: &Publish) -> Result<Context> {
-        let _ = request;
-        Err(crate::error::unimplemented(format!(
-            "the {} engine needs no controller attach step",
-            self.kind()
-        )))
+    /// The optional parts: each present exactly when the engine offers it,
+    /// and the services advertise (capabilities, services) exactly the
+    /// parts present; an absent part's calls are UNIMPLEMENTED.
+    fn publishing(&self) -> Option<&dyn Publishing> {
+        None
     }
+
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        None
+    }
+
+    fn groups(&self) -> Option<&dyn GroupSnapshots> {
+        None
+    }
+
+    fn changed_blocks(&self) -> Option<&dyn ChangedBlocks> {
+        None
+    }
+}
+
+/// What a ControllerExpandVolume did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expanded {
+    pub capacity: u64,
+    /// The node must take a step too (grow a filesystem, refresh a device
+    /// that does not follow its volume's size by itself).
+    pub node_expansion_required: bool,
+}
+
+/// Controller attach: volumes published to a node before the node can use
+/// them (CSIDriver `attachRequired: true`).
+#[tonic::async_trait]
+pub trait Publishing: Send + Sync {
+    /// Makes the volume reachable from a node; answers the publish context
+    /// the node half gets.
+    async fn publish(&self, request: &Publish) -> Result<Context>;
 
     /// Undoes `publish` for one node (None: every node); unpublished is
     /// fine.
@@ -382,14 +406,12 @@ pub trait ControllerEngine: Send + Sync + 'static {
         volume_id: &str,
         node_id: Option<&str>,
         secrets: &Secrets,
-    ) -> Result<()> {
-        let _ = (volume_id, node_id, secrets);
-        Err(crate::error::unimplemented(format!(
-            "the {} engine needs no controller attach step",
-            self.kind()
-        )))
-    }
+    ) -> Result<()>;
+}
 
+/// Snapshots of single volumes, and volumes restored from them.
+#[tonic::async_trait]
+pub trait Snapshots: Send + Sync {
     /// Takes a snapshot, or answers the one with this name when it has the
     /// same source (ALREADY_EXISTS when not). The engine quiesces the
     /// source (through its node half) for the instant of the copy only.
@@ -410,7 +432,11 @@ pub trait ControllerEngine: Send + Sync + 'static {
         token: Option<&str>,
         max: usize,
     ) -> Result<Page<Snapshot>>;
+}
 
+/// Snapshots of several volumes at one instant (the GroupController).
+#[tonic::async_trait]
+pub trait GroupSnapshots: Send + Sync {
     /// Snapshots every volume at one instant. Idempotent by name (same
     /// members: the same group; other members: ALREADY_EXISTS). A failure
     /// leaves no member behind. Answers the group and how long the members
@@ -426,7 +452,12 @@ pub trait ControllerEngine: Send + Sync + 'static {
     async fn delete_group_snapshot(&self, id: &str, secrets: &Secrets) -> Result<()>;
 
     async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot>;
+}
 
+/// Allocated and changed blocks of snapshots (the SnapshotMetadata
+/// service).
+#[tonic::async_trait]
+pub trait ChangedBlocks: Send + Sync {
     /// The snapshot's size and its allocated ranges, in order.
     async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)>;
 

@@ -239,16 +239,22 @@ pub fn controller_routes(
     server: Server,
     driver: Arc<Driver>,
 ) -> Router<Stack<MethodLayer, Identity>> {
-    identity_routes(server, driver.clone())
-        .add_service(csi::controller_server::ControllerServer::new(ControllerService::new(
-            driver.clone(),
-        )))
-        .add_service(csi::group_controller_server::GroupControllerServer::new(
+    let engine = driver.controller().clone();
+    let mut router = identity_routes(server, driver.clone()).add_service(
+        csi::controller_server::ControllerServer::new(ControllerService::new(driver.clone())),
+    );
+    // The optional services exactly where the engine has their part.
+    if engine.groups().is_some() {
+        router = router.add_service(csi::group_controller_server::GroupControllerServer::new(
             GroupControllerService::new(driver.clone()),
-        ))
-        .add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
+        ));
+    }
+    if engine.changed_blocks().is_some() {
+        router = router.add_service(csi::snapshot_metadata_server::SnapshotMetadataServer::new(
             SnapshotMetadataService::new(driver),
-        ))
+        ));
+    }
+    router
 }
 
 /// /metrics from fresh engine figures; /healthz is what Probe checks.

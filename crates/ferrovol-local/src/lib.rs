@@ -36,9 +36,9 @@ use crate::journal::{
     GroupRecord, Journal, Record, Reservation, SnapshotRecord, State, VolumeRecord,
 };
 use ferrovol_core::engine::{
-    choose_size, AccessType, Attach, Capacity, Condition, ContentSource, ControllerEngine,
-    Features, GroupSnapshot, NewVolume, NodeAttacher, Page, Quiesce, Range, Secrets, Snapshot,
-    SnapshotFilter, Topology, Volume, Written,
+    choose_size, AccessType, Attach, Capacity, ChangedBlocks, Condition, ContentSource,
+    ControllerEngine, Expanded, Features, GroupSnapshot, GroupSnapshots, NewVolume, NodeAttacher,
+    Page, Quiesce, Range, Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume, Written,
 };
 use pool::{CowMethod, Pool, GRANULARITY};
 
@@ -638,12 +638,13 @@ impl ControllerEngine for LocalEngine {
         required: u64,
         limit: u64,
         _secrets: &Secrets,
-    ) -> Result<u64> {
+    ) -> Result<Expanded> {
+        let grown = |capacity| Expanded { capacity, node_expansion_required: true };
         let mut record = self.ready_volume(id)?;
         let wanted = pool::round_up(required)
             .ok_or_else(|| error::out_of_range(format!("{required} bytes is too large")))?;
         if wanted <= record.capacity {
-            return Ok(record.capacity); // never shrink; already big enough
+            return Ok(grown(record.capacity)); // never shrink; already big enough
         }
         if limit > 0 && wanted > limit {
             return Err(error::out_of_range(format!(
@@ -681,9 +682,24 @@ impl ControllerEngine for LocalEngine {
         blocking(move || pool::grow(&path, wanted, thick)).await?;
         record.capacity = wanted;
         self.journal.put_lazily(&record).await?;
-        Ok(wanted)
+        Ok(grown(wanted))
     }
 
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+
+    fn groups(&self) -> Option<&dyn GroupSnapshots> {
+        Some(self)
+    }
+
+    fn changed_blocks(&self) -> Option<&dyn ChangedBlocks> {
+        Some(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Snapshots for LocalEngine {
     async fn create_snapshot(
         &self,
         name: &str,
@@ -799,7 +815,10 @@ impl ControllerEngine for LocalEngine {
         let next = ferrovol_core::engine::next_token(&mut records, max, |r| r.id.clone());
         Ok(Page { items: records.iter().map(to_snapshot).collect(), next })
     }
+}
 
+#[tonic::async_trait]
+impl GroupSnapshots for LocalEngine {
     async fn create_group_snapshot(
         &self,
         name: &str,
@@ -951,7 +970,10 @@ impl ControllerEngine for LocalEngine {
         let group = self.ready_group(id)?;
         self.group_view(&group)
     }
+}
 
+#[tonic::async_trait]
+impl ChangedBlocks for LocalEngine {
     async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
         let snap = self.ready_snapshot(snapshot_id)?;
         let path = self.pool.path(Kind::Snapshot, snapshot_id)?;
@@ -1040,7 +1062,8 @@ impl NodeAttacher for LocalEngine {
     }
 
     async fn grow(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
-        self.expand_volume(volume_id, required, limit, &Secrets::default()).await
+        let grown = self.expand_volume(volume_id, required, limit, &Secrets::default()).await?;
+        Ok(grown.capacity)
     }
 
     async fn written(&self, request: &Attach, device: &Path) -> Result<Written> {

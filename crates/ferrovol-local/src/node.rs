@@ -62,7 +62,6 @@ impl LocalNode {
 /// The features both halves of the local engine answer.
 pub fn features() -> Features {
     Features {
-        publish: false,
         // The file lives on this node, next to the filesystem that must grow
         // with it; see docs/architecture.md.
         expansion: ferrovol_core::engine::ExpansionSite::Node,

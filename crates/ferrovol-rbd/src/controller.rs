@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrovol_core::engine::{
-    self, AccessMode, Capacity, Condition, ContentSource, ControllerEngine, EngineStats,
-    ExpansionSite, Features, GroupSnapshot, NewVolume, Page, Publish, Range, Secrets, Snapshot,
-    SnapshotFilter, Topology, Volume,
+    self, AccessMode, Capacity, ChangedBlocks, Condition, ContentSource, ControllerEngine,
+    EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot, GroupSnapshots, NewVolume, Page,
+    Publish, Publishing, Range, Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
 };
 use ferrovol_host::ceph::{self, Pool};
 
@@ -246,7 +246,7 @@ pub fn features() -> Features {
     mount_modes.push(AccessMode::MultiNodeReaderOnly);
     let mut block_modes = mount_modes.clone();
     block_modes.extend([AccessMode::MultiNodeSingleWriter, AccessMode::MultiNodeMultiWriter]);
-    Features { publish: true, expansion: ExpansionSite::Controller, mount_modes, block_modes }
+    Features { expansion: ExpansionSite::Controller, mount_modes, block_modes }
 }
 
 fn is_single_node(mode: AccessMode) -> bool {
@@ -452,7 +452,7 @@ impl ControllerEngine for RbdEngine {
         required: u64,
         limit: u64,
         secrets: &Secrets,
-    ) -> Result<u64> {
+    ) -> Result<Expanded> {
         let missing = || error::not_found(format!("volume {id} does not exist"));
         let v = VolumeId::parse(id).ok_or_else(missing)?;
         let pool = self.pool_of(&v.pool, secrets).await?.ok_or_else(missing)?;
@@ -470,8 +470,32 @@ impl ControllerEngine for RbdEngine {
             Ok(size)
         })
         .await
+        // Always the node's turn too, raw block included: a filesystem
+        // grows there, and so does a device that does not follow its
+        // image's size by itself (a loop device over rbd-fuse, nbd); the
+        // node's step is a no-op where there is nothing to do.
+        .map(|capacity| Expanded { capacity, node_expansion_required: true })
     }
 
+    fn publishing(&self) -> Option<&dyn Publishing> {
+        Some(self)
+    }
+
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+
+    fn groups(&self) -> Option<&dyn GroupSnapshots> {
+        Some(self)
+    }
+
+    fn changed_blocks(&self) -> Option<&dyn ChangedBlocks> {
+        Some(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Publishing for RbdEngine {
     async fn publish(&self, request: &Publish) -> Result<engine::Context> {
         let id = request.volume_id.clone();
         let missing = || error::not_found(format!("volume {id} does not exist"));
@@ -543,7 +567,10 @@ impl ControllerEngine for RbdEngine {
         })
         .await
     }
+}
 
+#[tonic::async_trait]
+impl Snapshots for RbdEngine {
     async fn create_snapshot(
         &self,
         name: &str,
@@ -696,7 +723,10 @@ impl ControllerEngine for RbdEngine {
         let next = engine::next_token(&mut all, max, |s| s.id.clone());
         Ok(Page { items: all, next })
     }
+}
 
+#[tonic::async_trait]
+impl GroupSnapshots for RbdEngine {
     async fn create_group_snapshot(
         &self,
         name: &str,
@@ -764,7 +794,10 @@ impl ControllerEngine for RbdEngine {
         })
         .await
     }
+}
 
+#[tonic::async_trait]
+impl ChangedBlocks for RbdEngine {
     async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
         let missing = || error::not_found(format!("snapshot {snapshot_id} does not exist"));
         let s = SnapshotId::parse(snapshot_id).ok_or_else(missing)?;

@@ -18,9 +18,10 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use ferrovol_core::engine::{
-    choose_size, AccessMode, Attach, Capacity, Condition, ContentSource, ControllerEngine,
-    EngineStats, ExpansionSite, Features, GroupSnapshot, NewVolume, NodeAttacher, Page, Publish,
-    Quiesce, Range, Secrets, Snapshot, SnapshotFilter, Topology, Volume,
+    choose_size, AccessMode, Attach, Capacity, ChangedBlocks, Condition, ContentSource,
+    ControllerEngine, EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot,
+    GroupSnapshots, NewVolume, NodeAttacher, Page, Publish, Publishing, Quiesce, Range, Secrets,
+    Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
 };
 use ferrovol_core::error::{self, Result};
 use tokio::sync::Notify;
@@ -303,7 +304,7 @@ impl ControllerEngine for MemEngine {
         required: u64,
         limit: u64,
         secrets: &Secrets,
-    ) -> Result<u64> {
+    ) -> Result<Expanded> {
         self.called("expand_volume");
         tracing::debug!(id, ?secrets, "mem: expand_volume");
         let mut s = self.state.lock().unwrap();
@@ -313,9 +314,28 @@ impl ControllerEngine for MemEngine {
             return Err(error::out_of_range("above the limit"));
         }
         v.capacity = v.capacity.max(wanted);
-        Ok(v.capacity)
+        Ok(Expanded { capacity: v.capacity, node_expansion_required: true })
     }
 
+    fn publishing(&self) -> Option<&dyn Publishing> {
+        (self.shape == Shape::Attached).then_some(self as _)
+    }
+
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+
+    fn groups(&self) -> Option<&dyn GroupSnapshots> {
+        Some(self)
+    }
+
+    fn changed_blocks(&self) -> Option<&dyn ChangedBlocks> {
+        Some(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Publishing for MemEngine {
     async fn publish(&self, request: &Publish) -> Result<ferrovol_core::engine::Context> {
         self.called("publish");
         tracing::debug!(?request, "mem: publish");
@@ -370,7 +390,10 @@ impl ControllerEngine for MemEngine {
         }
         Ok(())
     }
+}
 
+#[tonic::async_trait]
+impl Snapshots for MemEngine {
     async fn create_snapshot(
         &self,
         name: &str,
@@ -435,7 +458,10 @@ impl ControllerEngine for MemEngine {
             .collect();
         page(items, token, max)
     }
+}
 
+#[tonic::async_trait]
+impl GroupSnapshots for MemEngine {
     async fn create_group_snapshot(
         &self,
         name: &str,
@@ -498,7 +524,10 @@ impl ControllerEngine for MemEngine {
         let s = self.state.lock().unwrap();
         s.groups.get(id).cloned().ok_or_else(|| Self::missing("group snapshot", id))
     }
+}
 
+#[tonic::async_trait]
+impl ChangedBlocks for MemEngine {
     async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
         self.called("allocated_ranges");
         let size = self.snapshot(snapshot_id).await?.size;
@@ -517,7 +546,6 @@ impl ControllerEngine for MemEngine {
 pub fn features(shape: Shape) -> Features {
     match shape {
         Shape::NodeLocal => Features {
-            publish: false,
             expansion: ExpansionSite::Node,
             mount_modes: Features::single_node_modes(),
             block_modes: Features::single_node_modes(),
@@ -530,7 +558,6 @@ pub fn features(shape: Shape) -> Features {
                 AccessMode::MultiNodeMultiWriter,
             ]);
             Features {
-                publish: true,
                 expansion: ExpansionSite::Controller,
                 mount_modes: Features::single_node_modes(),
                 block_modes,

@@ -9,8 +9,8 @@ use ferrovol_csi as csi;
 use ferrovol_csi::controller_service_capability::rpc::Type as Cap;
 
 use crate::engine::{
-    AccessMode, AccessType, ContentSource, ControllerEngine, ExpansionSite, Features, NewVolume,
-    Publish, SnapshotFilter, TopologyRequirement,
+    AccessMode, AccessType, ContentSource, ControllerEngine, ExpansionSite, NewVolume, Publish,
+    Publishing, SnapshotFilter, Snapshots, TopologyRequirement,
 };
 use crate::error::{self, Result};
 use crate::locks;
@@ -31,23 +31,42 @@ impl ControllerService {
         self.driver.controller()
     }
 
+    /// The engine's snapshots, or UNIMPLEMENTED naming the engine.
+    fn snapshots(&self) -> Result<&dyn Snapshots> {
+        let engine = self.engine();
+        engine.snapshots().ok_or_else(|| {
+            error::unimplemented(format!("the {} engine has no snapshots", engine.kind()))
+        })
+    }
+
+    fn publishing(&self) -> Result<&dyn Publishing> {
+        let engine = self.engine();
+        engine.publishing().ok_or_else(|| {
+            error::unimplemented(format!(
+                "the {} engine needs no controller attach step (attachRequired: false)",
+                engine.kind()
+            ))
+        })
+    }
+
     /// Exactly what works, no more: the CO plans around this list.
-    pub fn capabilities(features: &Features) -> Vec<Cap> {
+    pub fn capabilities(engine: &dyn ControllerEngine) -> Vec<Cap> {
+        let features = engine.features();
         let mut caps = vec![
             Cap::CreateDeleteVolume,
             Cap::ListVolumes,
             Cap::GetCapacity,
-            Cap::CreateDeleteSnapshot,
-            Cap::ListSnapshots,
-            Cap::GetSnapshot,
             Cap::CloneVolume,
             Cap::GetVolume,
             Cap::VolumeCondition,
         ];
+        if engine.snapshots().is_some() {
+            caps.extend([Cap::CreateDeleteSnapshot, Cap::ListSnapshots, Cap::GetSnapshot]);
+        }
         if features.mount_modes.contains(&AccessMode::SingleNodeSingleWriter) {
             caps.push(Cap::SingleNodeMultiWriter);
         }
-        if features.publish {
+        if engine.publishing().is_some() {
             caps.push(Cap::PublishUnpublishVolume);
             caps.push(Cap::ListVolumesPublishedNodes);
             caps.push(Cap::PublishReadonly);
@@ -87,6 +106,12 @@ impl ControllerService {
             return Err(error::invalid("mutable_parameters are not supported (no MODIFY_VOLUME)"));
         }
         let source = convert::content_source_from_wire(req.volume_content_source.as_ref())?;
+        if let (Some(ContentSource::Snapshot(_)), None) = (&source, engine.snapshots()) {
+            return Err(error::invalid(format!(
+                "the {} engine has no snapshots to restore from",
+                engine.kind()
+            )));
+        }
         let accessibility = req.accessibility_requirements.as_ref().map(|r| TopologyRequirement {
             requisite: r.requisite.iter().map(validate::topology).collect(),
             preferred: r.preferred.iter().map(validate::topology).collect(),
@@ -130,14 +155,8 @@ impl ControllerService {
         &self,
         req: csi::ControllerPublishVolumeRequest,
     ) -> Result<csi::ControllerPublishVolumeResponse> {
-        let engine = self.engine();
-        let features = engine.features();
-        if !features.publish {
-            return Err(error::unimplemented(format!(
-                "the {} engine needs no controller attach step (attachRequired: false)",
-                engine.kind()
-            )));
-        }
+        let publishing = self.publishing()?;
+        let features = self.engine().features();
         validate::id(&req.volume_id, "volume_id")?;
         validate::id(&req.node_id, "node_id")?;
         let cap = req
@@ -151,7 +170,7 @@ impl ControllerService {
             .and_then(|m| AccessMode::try_from(m.mode).ok())
             .unwrap_or(AccessMode::Unknown);
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let publish_context = engine
+        let publish_context = publishing
             .publish(&Publish {
                 volume_id: req.volume_id,
                 node_id: req.node_id,
@@ -171,17 +190,11 @@ impl ControllerService {
         &self,
         req: csi::ControllerUnpublishVolumeRequest,
     ) -> Result<csi::ControllerUnpublishVolumeResponse> {
-        let engine = self.engine();
-        if !engine.features().publish {
-            return Err(error::unimplemented(format!(
-                "the {} engine needs no controller attach step (attachRequired: false)",
-                engine.kind()
-            )));
-        }
+        let publishing = self.publishing()?;
         validate::id(&req.volume_id, "volume_id")?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         let node = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
-        engine.unpublish(&req.volume_id, node, &validate::secrets(&req.secrets)).await?;
+        publishing.unpublish(&req.volume_id, node, &validate::secrets(&req.secrets)).await?;
         Ok(csi::ControllerUnpublishVolumeResponse {})
     }
 
@@ -279,6 +292,7 @@ impl ControllerService {
         &self,
         req: csi::CreateSnapshotRequest,
     ) -> Result<csi::CreateSnapshotResponse> {
+        let snapshots = self.snapshots()?;
         validate::name(&req.name, "name")?;
         validate::id(&req.source_volume_id, "source_volume_id")?;
         if let Some(k) = validate::engine_parameters(&req.parameters).keys().next() {
@@ -288,8 +302,7 @@ impl ControllerService {
             .driver
             .locks
             .acquire(&[locks::snapshot_name(&req.name)], &[locks::volume(&req.source_volume_id)])?;
-        let snapshot = self
-            .engine()
+        let snapshot = snapshots
             .create_snapshot(&req.name, &req.source_volume_id, &validate::secrets(&req.secrets))
             .await?;
         Ok(csi::CreateSnapshotResponse { snapshot: Some(convert::snapshot(&snapshot)) })
@@ -299,9 +312,10 @@ impl ControllerService {
         &self,
         req: csi::DeleteSnapshotRequest,
     ) -> Result<csi::DeleteSnapshotResponse> {
+        let snapshots = self.snapshots()?;
         validate::id(&req.snapshot_id, "snapshot_id")?;
         let _guard = self.driver.locks.exclusive(locks::snapshot(&req.snapshot_id))?;
-        self.engine().delete_snapshot(&req.snapshot_id, &validate::secrets(&req.secrets)).await?;
+        snapshots.delete_snapshot(&req.snapshot_id, &validate::secrets(&req.secrets)).await?;
         Ok(csi::DeleteSnapshotResponse {})
     }
 
@@ -309,13 +323,14 @@ impl ControllerService {
         &self,
         req: csi::ListSnapshotsRequest,
     ) -> Result<csi::ListSnapshotsResponse> {
+        let snapshots = self.snapshots()?;
         let max = validate::max_entries(req.max_entries)?;
         let filter = SnapshotFilter {
             snapshot_id: (!req.snapshot_id.is_empty()).then(|| req.snapshot_id.clone()),
             source_volume: (!req.source_volume_id.is_empty()).then(|| req.source_volume_id.clone()),
         };
         let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
-        let page = self.engine().list_snapshots(&filter, token, max).await?;
+        let page = snapshots.list_snapshots(&filter, token, max).await?;
         Ok(csi::ListSnapshotsResponse {
             entries: page
                 .items
@@ -329,8 +344,9 @@ impl ControllerService {
     }
 
     async fn get_snapshot(&self, req: csi::GetSnapshotRequest) -> Result<csi::GetSnapshotResponse> {
+        let snapshots = self.snapshots()?;
         validate::id(&req.snapshot_id, "snapshot_id")?;
-        let s = self.engine().snapshot(&req.snapshot_id).await?;
+        let s = snapshots.snapshot(&req.snapshot_id).await?;
         Ok(csi::GetSnapshotResponse { snapshot: Some(convert::snapshot(&s)) })
     }
 
@@ -348,16 +364,12 @@ impl ControllerService {
         validate::id(&req.volume_id, "volume_id")?;
         let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let capacity = engine
+        let expanded = engine
             .expand_volume(&req.volume_id, required, limit, &validate::secrets(&req.secrets))
             .await?;
-        // Always the node's turn too, raw block included: a filesystem
-        // grows there, and so does a device that does not follow its
-        // volume's size by itself (a loop device over rbd-fuse, nbd); the
-        // node's step is a no-op where there is nothing to do.
         Ok(csi::ControllerExpandVolumeResponse {
-            capacity_bytes: capacity as i64,
-            node_expansion_required: true,
+            capacity_bytes: expanded.capacity as i64,
+            node_expansion_required: expanded.node_expansion_required,
         })
     }
 
@@ -383,7 +395,7 @@ impl ControllerService {
         &self,
         _: csi::ControllerGetCapabilitiesRequest,
     ) -> Result<csi::ControllerGetCapabilitiesResponse> {
-        let capabilities = Self::capabilities(&self.engine().features())
+        let capabilities = Self::capabilities(self.engine().as_ref())
             .into_iter()
             .map(|c| csi::ControllerServiceCapability {
                 r#type: Some(csi::controller_service_capability::Type::Rpc(

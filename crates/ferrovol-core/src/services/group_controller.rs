@@ -13,7 +13,7 @@ use ferrovol_csi as csi;
 use ferrovol_csi::group_controller_service_capability::rpc::Type as Cap;
 use tracing::info;
 
-use crate::engine::GroupSnapshot;
+use crate::engine::{GroupSnapshot, GroupSnapshots};
 use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::rpc;
@@ -57,10 +57,20 @@ impl GroupControllerService {
         GroupControllerService { driver }
     }
 
+    /// The engine's group snapshots: a process serves this service only
+    /// when its engine has them, so this answers for a miswired one.
+    fn groups(&self) -> Result<&dyn GroupSnapshots> {
+        let engine = self.driver.controller();
+        engine.groups().ok_or_else(|| {
+            error::unimplemented(format!("the {} engine has no group snapshots", engine.kind()))
+        })
+    }
+
     async fn create(
         &self,
         req: csi::CreateVolumeGroupSnapshotRequest,
     ) -> Result<csi::CreateVolumeGroupSnapshotResponse> {
+        let groups = self.groups()?;
         validate::name(&req.name, "name")?;
         if req.source_volume_ids.is_empty() {
             return Err(error::invalid("source_volume_ids must name at least one volume"));
@@ -78,9 +88,7 @@ impl GroupControllerService {
         let shared: Vec<String> = req.source_volume_ids.iter().map(|v| locks::volume(v)).collect();
         let _guard = self.driver.locks.acquire(&[locks::group_name(&req.name)], &shared)?;
 
-        let (group, window) = self
-            .driver
-            .controller()
+        let (group, window) = groups
             .create_group_snapshot(
                 &req.name,
                 &req.source_volume_ids,
@@ -101,9 +109,9 @@ impl GroupControllerService {
         &self,
         req: csi::DeleteVolumeGroupSnapshotRequest,
     ) -> Result<csi::DeleteVolumeGroupSnapshotResponse> {
+        let engine = self.groups()?;
         validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
         let _guard = self.driver.locks.exclusive(locks::group(&req.group_snapshot_id))?;
-        let engine = self.driver.controller();
         // Each member is locked as a DeleteSnapshot would lock it: a restore
         // or clone from a member that is running finishes first (the delete
         // is ABORTED and retried), and never reads a file being trashed.
@@ -139,7 +147,8 @@ impl GroupControllerService {
             return Err(members_mismatch(g));
         }
         for gone in given.difference(&left) {
-            match self.driver.controller().snapshot(gone).await {
+            let Some(snapshots) = self.driver.controller().snapshots() else { break };
+            match snapshots.snapshot(gone).await {
                 Err(e) if e.code() == tonic::Code::NotFound => {}
                 Ok(_) => return Err(members_mismatch(g)),
                 Err(e) => return Err(e),
@@ -152,8 +161,9 @@ impl GroupControllerService {
         &self,
         req: csi::GetVolumeGroupSnapshotRequest,
     ) -> Result<csi::GetVolumeGroupSnapshotResponse> {
+        let groups = self.groups()?;
         validate::id(&req.group_snapshot_id, "group_snapshot_id")?;
-        let g = self.driver.controller().group_snapshot(&req.group_snapshot_id).await?;
+        let g = groups.group_snapshot(&req.group_snapshot_id).await?;
         check_members(&g, &req.snapshot_ids)?;
         Ok(csi::GetVolumeGroupSnapshotResponse { group_snapshot: Some(to_wire(&g)) })
     }

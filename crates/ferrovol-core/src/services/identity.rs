@@ -39,10 +39,16 @@ impl IdentityService {
     fn capabilities(&self) -> Vec<csi::PluginCapability> {
         use csi::plugin_capability::service::Type as Service;
         let mut services = Vec::new();
-        if self.driver.mode.controller() {
+        if let Some(engine) =
+            self.driver.controller.as_ref().filter(|_| self.driver.mode.controller())
+        {
             services.push(Service::ControllerService);
-            services.push(Service::GroupControllerService);
-            services.push(Service::SnapshotMetadataService);
+            if engine.groups().is_some() {
+                services.push(Service::GroupControllerService);
+            }
+            if engine.changed_blocks().is_some() {
+                services.push(Service::SnapshotMetadataService);
+            }
         }
         let constrained = match (&self.driver.controller, &self.driver.node) {
             (Some(c), _) => c.has_topology(),

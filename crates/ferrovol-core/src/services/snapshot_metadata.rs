@@ -10,7 +10,7 @@ use ferrovol_csi as csi;
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::engine::Range;
+use crate::engine::{ChangedBlocks, Range};
 use crate::error::{self, Result};
 use crate::rpc;
 use crate::services::{validate, Driver};
@@ -76,14 +76,23 @@ impl SnapshotMetadataService {
         SnapshotMetadataService { driver }
     }
 
+    /// The engine's changed blocks: a process serves this service only
+    /// when its engine has them, so this answers for a miswired one.
+    fn blocks(&self) -> Result<&dyn ChangedBlocks> {
+        let engine = self.driver.controller();
+        engine.changed_blocks().ok_or_else(|| {
+            error::unimplemented(format!("the {} engine has no changed blocks", engine.kind()))
+        })
+    }
+
     async fn allocated(
         &self,
         req: csi::GetMetadataAllocatedRequest,
     ) -> Result<Pages<csi::GetMetadataAllocatedResponse>> {
+        let blocks = self.blocks()?;
         validate::id(&req.snapshot_id, "snapshot_id")?;
         let start = start_offset(req.starting_offset)?;
-        let (capacity, ranges) =
-            self.driver.controller().allocated_ranges(&req.snapshot_id).await?;
+        let (capacity, ranges) = blocks.allocated_ranges(&req.snapshot_id).await?;
         stream(
             ranges,
             start,
@@ -103,14 +112,12 @@ impl SnapshotMetadataService {
         &self,
         req: csi::GetMetadataDeltaRequest,
     ) -> Result<Pages<csi::GetMetadataDeltaResponse>> {
+        let blocks = self.blocks()?;
         validate::id(&req.base_snapshot_id, "base_snapshot_id")?;
         validate::id(&req.target_snapshot_id, "target_snapshot_id")?;
         let start = start_offset(req.starting_offset)?;
-        let (capacity, ranges) = self
-            .driver
-            .controller()
-            .changed_ranges(&req.base_snapshot_id, &req.target_snapshot_id)
-            .await?;
+        let (capacity, ranges) =
+            blocks.changed_ranges(&req.base_snapshot_id, &req.target_snapshot_id).await?;
         stream(
             ranges,
             start,

@@ -260,7 +260,6 @@ mod tests {
 
     fn single_node() -> Features {
         Features {
-            publish: false,
             expansion: crate::engine::ExpansionSite::Node,
             mount_modes: Features::single_node_modes(),
             block_modes: Features::single_node_modes(),

@@ -407,12 +407,27 @@ impl ControllerEngine for RelayEngine {
         }
     }
 
-    async fn expand_volume(&self, id: &str, _: u64, _: u64, _: &Secrets) -> Result<u64> {
+    async fn expand_volume(&self, id: &str, _: u64, _: u64, _: &Secrets) -> Result<Expanded> {
         Err(error::unimplemented(format!(
             "local volumes grow on their node (NodeExpandVolume), not through the controller ({id})"
         )))
     }
 
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
+    }
+
+    fn groups(&self) -> Option<&dyn GroupSnapshots> {
+        Some(self)
+    }
+
+    fn changed_blocks(&self) -> Option<&dyn ChangedBlocks> {
+        Some(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Snapshots for RelayEngine {
     async fn create_snapshot(
         &self,
         name: &str,
@@ -484,7 +499,10 @@ impl ControllerEngine for RelayEngine {
             }
         }
     }
+}
 
+#[tonic::async_trait]
+impl GroupSnapshots for RelayEngine {
     async fn create_group_snapshot(
         &self,
         name: &str,
@@ -501,7 +519,10 @@ impl ControllerEngine for RelayEngine {
     async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot> {
         super::group::get(self, id).await
     }
+}
 
+#[tonic::async_trait]
+impl ChangedBlocks for RelayEngine {
     async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
         let link = self.require(Kind::Snapshot, snapshot_id).await?;
         let stream = link
