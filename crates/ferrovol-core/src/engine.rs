@@ -3,21 +3,22 @@
 //! The CSI services validate requests, take operation locks and translate to
 //! and from the wire; an engine stores bytes. An engine has two halves,
 //! because Kubernetes runs them in two places:
-//! - a [`ControllerEngine`] (the Controller, GroupController and
-//!   SnapshotMetadata services: volumes, snapshots, groups, capacity,
-//!   expansion, publish to a node, listings, changed blocks), which may run
-//!   in a Deployment far from any volume;
-//! - a [`NodeAttacher`] (the Node service): makes a volume a block device on
-//!   this node from what the CO hands the node (volume ID, volume context,
-//!   publish context, secrets) and nothing else, and quiesces staged
-//!   filesystems when its controller half asks.
+//! - a [`ControllerEngine`] (the Controller service: volumes, capacity,
+//!   expansion, listings), which may run in a Deployment far from any
+//!   volume, and hands out the optional parts it has: [`Publishing`]
+//!   (controller attach), [`Snapshots`], [`GroupSnapshots`] (the
+//!   GroupController service), [`ChangedBlocks`] (the SnapshotMetadata
+//!   service). The services advertise exactly the parts present;
+//! - a [`NodeEngine`] (the Node service): stages a volume on this node from
+//!   what the CO hands the node (volume ID, volume context, publish
+//!   context, secrets) and nothing else. Block engines get it from the
+//!   block staging library by writing an attacher (volume → device).
 //!
-//! Nothing here may assume files, paths or one node: IDs are opaque strings
-//! the engine mints and validates, topology is whatever segments the engine
-//! says its volumes live in, and an engine says in [`Features`] what it can
-//! do (access modes, whether it needs ControllerPublish, where growing
-//! happens). The local engine implements both halves; see
-//! docs/architecture.md for adding another.
+//! Nothing here may assume files, paths, devices or one node: IDs are
+//! opaque strings the engine mints and validates, topology is whatever
+//! segments the engine says its volumes live in, and an engine says in
+//! [`Features`] what it can do (access modes, where growing happens). See
+//! docs/architecture.md for adding an engine.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -145,16 +146,6 @@ pub struct GroupSnapshot {
     pub ready: bool,
 }
 
-/// What [`NodeAttacher::prepare_quiesce`] answers: the freeze itself, whose
-/// guard thaws on drop.
-pub use ferrovol_host::node::quiesce::Quiesce;
-
-/// A quiesce that holds nothing: for volumes nobody writes to through a
-/// node, or storage that orders writes itself.
-pub fn no_quiesce() -> Quiesce {
-    Box::new(|| Ok(Box::new(()) as Box<dyn Send>))
-}
-
 /// Figures for metrics, read fresh from the controller half's records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -172,18 +163,6 @@ pub struct EngineStats {
 
 /// A byte range of a volume or snapshot: (offset, length).
 pub type Range = (u64, u64);
-
-/// Whether a volume that shows no filesystem signature was ever written:
-/// only one provably never written may be formatted (data without a
-/// signature — a database's raw device, headerless encrypted data — looks
-/// blank to `blkid`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Written {
-    /// Nothing was ever written: formatting loses nothing.
-    Never,
-    /// Data is there, or may be: why, for the refusal.
-    Maybe(String),
-}
 
 /// Health of one volume as the engine sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,7 +188,7 @@ pub enum ExpansionSite {
     /// then grows the filesystem.
     Controller,
     /// Everything happens on the node (NodeExpandVolume, through
-    /// [`NodeAttacher::grow`]): the storage lives there.
+    /// [`NodeEngine::expand`]): the storage lives there.
     Node,
 }
 
@@ -218,13 +197,37 @@ pub enum ExpansionSite {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Features {
     pub expansion: ExpansionSite,
+    /// The node takes a step in every expansion (NodeExpandVolume: a
+    /// filesystem or device to grow there); false for volumes whose new
+    /// size the pod sees at once (a quota).
+    pub node_expansion: bool,
+    /// The filesystems a filesystem volume can hold, the default (an empty
+    /// `fs_type`) first.
+    pub filesystems: Vec<Filesystem>,
     /// Access modes of filesystem volumes.
     pub mount_modes: Vec<AccessMode>,
     /// Access modes of raw block volumes.
     pub block_modes: Vec<AccessMode>,
 }
 
+/// A filesystem an engine's volumes can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filesystem {
+    /// Its `fs_type` name.
+    pub name: &'static str,
+    /// The smallest volume it can be made on (0: any).
+    pub minimum_size: u64,
+}
+
 impl Features {
+    /// The filesystem an `fs_type` names (empty: the default), if offered.
+    pub fn filesystem(&self, fs_type: &str) -> Option<Filesystem> {
+        match fs_type {
+            "" => self.filesystems.first().copied(),
+            name => self.filesystems.iter().find(|f| f.name == name).copied(),
+        }
+    }
+
     pub fn modes(&self, access: &AccessType) -> &[AccessMode] {
         match access {
             AccessType::Mount { .. } => &self.mount_modes,
@@ -467,10 +470,49 @@ pub trait ChangedBlocks: Send + Sync {
     async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)>;
 }
 
-/// The node half of an engine: everything it does, it does from what the
-/// node call carries ([`Attach`]) and what the kernel shows.
+/// The file a raw block volume's device is bind-mounted onto inside its
+/// staging directory: the kernel-visible record that it is staged, the
+/// same for every engine (publish, unpublish and unstage look there).
+pub const BLOCK_STAGE_FILE: &str = "device";
+
+/// A NodeStageVolume, validated: all a node engine stages from.
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub volume: Attach,
+    pub access: AccessType,
+    /// The capability's mount flags, already checked against the allow-list.
+    pub mount_flags: Vec<String>,
+    /// Every path is resolved beneath this directory, once, as a descriptor
+    /// (see `ferrovol_host::node::beneath`).
+    pub kubelet_dir: PathBuf,
+    /// The staging directory: a filesystem is mounted on it; a raw block
+    /// volume's device is bound onto [`BLOCK_STAGE_FILE`] inside it.
+    pub staging: PathBuf,
+}
+
+impl Stage {
+    /// Where the stage's own mount is.
+    pub fn target(&self) -> PathBuf {
+        match self.access {
+            AccessType::Block => self.staging.join(BLOCK_STAGE_FILE),
+            AccessType::Mount { .. } => self.staging.clone(),
+        }
+    }
+}
+
+/// One mount in the kernel's table (a stage, a publish).
+pub use ferrovol_host::node::mountinfo::MountEntry;
+
+/// The node half of an engine: it stages volumes (makes them usable at a
+/// staging path on this node) from what the node call carries ([`Stage`],
+/// [`Attach`]) and what the kernel shows. The core node service keeps what
+/// every engine shares: path and ID checks, ownership, operation locks,
+/// publish and unpublish (bind mounts of the stage, read-only enforced),
+/// unmounting, stats. A block engine is most easily written as an attacher
+/// under the block staging library (`ferrovol-block`), which stages any
+/// block device; a filesystem engine implements this trait itself.
 #[tonic::async_trait]
-pub trait NodeAttacher: Send + Sync + 'static {
+pub trait NodeEngine: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     fn features(&self) -> Features;
@@ -478,40 +520,62 @@ pub trait NodeAttacher: Send + Sync + 'static {
     /// This node's topology segments (NodeGetInfo).
     fn topology(&self) -> Topology;
 
-    /// Checks that volumes can be attached here now (Probe).
+    /// Checks that volumes can be staged here now (Probe).
     async fn health(&self) -> Result<()>;
 
     /// NOT_FOUND unless the volume is one this node can reach (the ID is
     /// well formed and, where the engine can tell, the volume exists).
     async fn check_known(&self, volume_id: &str) -> Result<()>;
 
-    /// Makes the volume a block device on this node; answers its path.
-    /// Attaching an attached volume answers the same device.
-    async fn attach(&self, request: &Attach) -> Result<PathBuf>;
+    /// Makes the volume usable at [`Stage::target`]. Staging a volume
+    /// staged there already succeeds; another mount there is
+    /// ALREADY_EXISTS. A failed first stage leaves nothing behind.
+    async fn stage(&self, request: &Stage) -> Result<()>;
 
-    /// Undoes `attach`; detaching a detached volume succeeds.
-    async fn detach(&self, volume_id: &str) -> Result<()>;
+    /// Lets go of what stood behind a stage (a device, a helper), once the
+    /// core has unmounted it; released already is fine.
+    async fn release(&self, volume_id: &str) -> Result<()>;
 
-    /// The device the volume is attached as on this node, if it is.
+    /// Every mount of the volume on this node, its stage and its publishes,
+    /// from the kernel's mount table (empty: not staged here).
+    async fn mounts(&self, volume_id: &str) -> Result<Vec<MountEntry>>;
+
+    /// The block device of a staged volume, which a raw block publish
+    /// binds (None: not staged, or an engine without devices).
     async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>>;
 
-    /// Every device of this engine's volumes attached on this node.
-    async fn all_attached(&self) -> Result<Vec<PathBuf>>;
+    /// The volume's health as this node sees it; `staged` is its stage
+    /// mount.
+    async fn condition(&self, volume_id: &str, staged: &MountEntry) -> Result<Condition>;
 
-    /// Makes the attached device show the volume's current size after an
-    /// expansion (some devices follow on their own; others must be told).
-    /// `size` is the capacity the volume was grown to (0: unknown), for
-    /// devices that learn of it late.
-    async fn refresh(&self, volume_id: &str, size: u64) -> Result<()>;
+    /// NodeExpandVolume, for engines whose features say the node takes a
+    /// step ([`Features::node_expansion`]): grows what this node holds of
+    /// the volume (storage, device, filesystem) to at least `required`.
+    /// `mounts` are the volume's, `path` the one asked about. Answers the
+    /// capacity the node now sees.
+    async fn expand(
+        &self,
+        volume_id: &str,
+        path: &std::path::Path,
+        mounts: &[MountEntry],
+        required: u64,
+        limit: u64,
+    ) -> Result<u64> {
+        let _ = (volume_id, path, mounts, required, limit);
+        Err(crate::error::unimplemented(format!(
+            "the {} engine grows volumes in the controller; the node has nothing to do",
+            self.kind()
+        )))
+    }
 
-    /// The volume's health as this node sees it.
-    async fn condition(&self, volume_id: &str) -> Result<Condition>;
+    /// The mounts of every volume staged here, one list per volume, each
+    /// with its stage first (metrics).
+    async fn staged(&self) -> Result<Vec<Vec<MountEntry>>>;
 
-    /// At start-up, before serving: detaches what a stage killed between
-    /// attaching and mounting left attached (a device of ours that nothing
-    /// mounts, which only an unstage at some path would release); answers
-    /// the volumes released.
-    async fn release_unused(&self) -> Result<Vec<String>> {
+    /// At start-up, before serving: settles what a previous run left (a
+    /// filesystem left frozen, an attachment without its mount); answers
+    /// what it did, one line each, for the log.
+    async fn recover(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
 
@@ -520,31 +584,6 @@ pub trait NodeAttacher: Send + Sync + 'static {
     async fn close(&self) -> Result<()> {
         Ok(())
     }
-
-    /// Whether the attached volume (`device`) was ever written, asked when
-    /// it shows no filesystem signature, before formatting it. An engine
-    /// that cannot tell answers `Maybe`, and such a volume is never
-    /// formatted.
-    async fn written(&self, request: &Attach, device: &std::path::Path) -> Result<Written> {
-        let _ = (request, device);
-        Ok(Written::Maybe(format!("the {} engine cannot tell whether it was written", self.kind())))
-    }
-
-    /// Grows the volume's storage, for engines whose expansion happens on
-    /// the node ([`ExpansionSite::Node`]); answers the new capacity.
-    async fn grow(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64> {
-        let _ = (volume_id, required, limit);
-        Err(crate::error::unimplemented(format!(
-            "the {} engine grows volumes in the controller (ControllerExpandVolume)",
-            self.kind()
-        )))
-    }
-
-    /// Finds what must be frozen for the volumes' snapshot on this node and
-    /// flushes it (outside the window); answers the freeze itself. `strict`
-    /// (group snapshots): a member that cannot be quiesced (raw block in
-    /// use) is FAILED_PRECONDITION rather than taken crash-consistent.
-    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce>;
 }
 
 /// Size of a volume created without a capacity range.

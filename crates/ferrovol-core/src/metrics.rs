@@ -171,31 +171,25 @@ impl Metrics {
 
     /// Sets the gauges from fresh engine figures and the kernel's mount
     /// table, and renders everything.
-    /// `attached`: the node half's devices (empty in a controller-only
-    /// process).
-    pub fn render(&self, stats: &EngineStats, attached: &[std::path::PathBuf]) -> String {
+    /// `staged`: the mounts of each volume the node half holds here, its
+    /// stage first (empty in a controller-only process).
+    pub fn render(&self, stats: &EngineStats, staged: &[Vec<crate::engine::MountEntry>]) -> String {
         let set = |g: &Gauge, v: u64| {
             g.set(i64::try_from(v).unwrap_or(i64::MAX));
         };
 
-        // Each attached volume is staged once; every further mount of its
-        // device is a publication into a pod.
-        let mounts = crate::node::mountinfo::read().unwrap_or_default();
-        let per_device: Vec<usize> = attached
-            .iter()
-            .filter_map(|d| crate::node::mountinfo::mounts_of_device(&mounts, d).ok())
-            .map(|m| m.len())
-            .collect();
-        let published: usize = per_device.iter().map(|n| n.saturating_sub(1)).sum();
-        let node = (attached.len() as u64, published as u64);
-        set(&self.mounts, per_device.iter().sum::<usize>() as u64);
+        // Each volume is staged once; every further mount of it is a
+        // publication into a pod.
+        let published: usize = staged.iter().map(|m| m.len().saturating_sub(1)).sum();
+        let node = (staged.len() as u64, published as u64);
+        set(&self.mounts, staged.iter().map(Vec::len).sum::<usize>() as u64);
         set(&self.volumes, stats.volumes);
         set(&self.snapshots, stats.snapshots);
         set(&self.groups, stats.groups);
         set(&self.pool_capacity, stats.storage_capacity_bytes);
         set(&self.pool_used, stats.storage_used_bytes);
         set(&self.provisioned, stats.provisioned_bytes);
-        set(&self.attached, attached.len() as u64);
+        set(&self.attached, staged.len() as u64);
         set(&self.staged, node.0);
         set(&self.published, node.1);
         if let Some(method) = stats.facts.get("cow_method") {

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::authority::AuthorityFix;
 use crate::cli::ServeArgs;
 use crate::endpoint::{self, Endpoint, SocketState};
-use crate::engine::{ControllerEngine, NodeAttacher};
+use crate::engine::{ControllerEngine, NodeEngine};
 use crate::locks::OpLocks;
 use crate::services::controller::ControllerService;
 use crate::services::controller_side_node::ControllerSideNode;
@@ -32,7 +32,7 @@ use crate::services::Driver;
 pub const READY_MESSAGE: &str = "ferrovol is serving";
 
 /// The engine halves this process serves, as `--mode` asks for them.
-pub type Halves = (Option<Arc<dyn ControllerEngine>>, Option<Arc<dyn NodeAttacher>>);
+pub type Halves = (Option<Arc<dyn ControllerEngine>>, Option<Arc<dyn NodeEngine>>);
 
 /// The node ID to serve as: `--node-id`, else the hostname.
 pub fn node_id(args: &ServeArgs) -> Result<String, String> {
@@ -90,15 +90,13 @@ pub async fn run(
     let router = routes(driver.clone(), config);
 
     if driver.mode.node() {
-        thaw_left_frozen(&driver).await;
-        match driver.node().release_unused().await {
-            Ok(released) => {
-                for volume_id in released {
-                    warn!(%volume_id, "released an attachment a stage left without a mount \
-                                       (the previous run stopped inside it)");
+        match driver.node().recover().await {
+            Ok(done) => {
+                for what in done {
+                    warn!(recovered = %what, "settled what the previous run left");
                 }
             }
-            Err(e) => warn!(error = e.message(), "cannot look for unused attachments"),
+            Err(e) => warn!(error = e.message(), "cannot settle what the previous run left"),
         }
     }
 
@@ -268,12 +266,12 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
                     Some(c) => c.stats().await.unwrap_or_default(),
                     None => Default::default(),
                 };
-                let attached = match &driver.node {
-                    Some(n) => n.all_attached().await.unwrap_or_default(),
+                let staged = match &driver.node {
+                    Some(n) => n.staged().await.unwrap_or_default(),
                     None => Vec::new(),
                 };
                 tokio::task::spawn_blocking(move || {
-                    crate::metrics::global().render(&stats, &attached)
+                    crate::metrics::global().render(&stats, &staged)
                 })
                 .await
                 .unwrap_or_default()
@@ -285,27 +283,6 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
                 async move { identity.check_ready().await.map_err(|e| e.message().to_string()) },
             )
         }),
-    }
-}
-
-/// A driver that died inside a snapshot's freeze window left that
-/// filesystem frozen, and every writer in the pod hanging: thaw every
-/// filesystem of ours mounted here before serving.
-async fn thaw_left_frozen(driver: &Driver) {
-    // Only the attached devices: no journal scan at start-up.
-    let devices = match driver.node().all_attached().await {
-        Ok(devices) => devices,
-        Err(e) => {
-            warn!(error = e.message(), "cannot list attached volumes to thaw");
-            return;
-        }
-    };
-    let thawed =
-        tokio::task::spawn_blocking(move || crate::node::quiesce::thaw_left_frozen(&devices))
-            .await
-            .unwrap_or_default();
-    for m in thawed {
-        warn!(mount = %m.display(), "thawed a filesystem a previous run left frozen");
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`extents`]: allocated and shared ranges of files (FIEMAP);
 //! - [`exec`]: external tools with timeouts, dying with the driver;
 //! - [`fsutil`]: durable writes and write probes.
+//! - [`offload`]: blocking work off the async executor, with a deadline.
 //!
 //! This is the only crate with `unsafe` code (ioctls and `pre_exec`); each
 //! block says why it is sound, and every ioctl opcode is built from its
@@ -19,6 +20,7 @@ pub mod extents;
 pub mod fsutil;
 pub mod loopdev;
 pub mod node;
+pub mod offload;
 pub mod process;
 
 #[cfg(test)]

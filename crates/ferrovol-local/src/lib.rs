@@ -35,10 +35,11 @@ use crate::ids::Kind;
 use crate::journal::{
     GroupRecord, Journal, Record, Reservation, SnapshotRecord, State, VolumeRecord,
 };
+use ferrovol_block::{Attacher, Written};
 use ferrovol_core::engine::{
     choose_size, AccessType, Attach, Capacity, ChangedBlocks, Condition, ContentSource,
-    ControllerEngine, Expanded, Features, GroupSnapshot, GroupSnapshots, NewVolume, NodeAttacher,
-    Page, Quiesce, Range, Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume, Written,
+    ControllerEngine, Expanded, Features, GroupSnapshot, GroupSnapshots, NewVolume, Page, Range,
+    Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
 };
 use pool::{CowMethod, Pool, GRANULARITY};
 
@@ -1013,7 +1014,7 @@ impl ChangedBlocks for LocalEngine {
 /// In one process (`--mode all`) the engine is its own node half too: the
 /// same attachments, and node-side growth, which needs the journal.
 #[tonic::async_trait]
-impl NodeAttacher for LocalEngine {
+impl Attacher for LocalEngine {
     fn kind(&self) -> &'static str {
         "local"
     }
@@ -1072,10 +1073,6 @@ impl NodeAttacher for LocalEngine {
 
     async fn release_unused(&self) -> Result<Vec<String>> {
         self.node.release_unused().await
-    }
-
-    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
-        self.node.prepare_quiesce(volume_ids, strict).await
     }
 }
 

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{self, Error, Result};
 use crate::ids::{self, Kind};
-use ferrovol_core::engine::{
-    Attach, Condition, Features, NodeAttacher, Quiesce, Topology, Written,
-};
+use ferrovol_block::{Attacher, Written};
+use ferrovol_core::engine::{Attach, Condition, Features, Topology};
+use ferrovol_host::node::quiesce::Quiesce;
 
 use super::pool::Pool;
 use crate::loopdev;
@@ -65,13 +65,15 @@ pub fn features() -> Features {
         // The file lives on this node, next to the filesystem that must grow
         // with it; see docs/architecture.md.
         expansion: ferrovol_core::engine::ExpansionSite::Node,
+        node_expansion: true,
+        filesystems: ferrovol_block::filesystems(),
         mount_modes: Features::single_node_modes(),
         block_modes: Features::single_node_modes(),
     }
 }
 
 #[tonic::async_trait]
-impl NodeAttacher for LocalNode {
+impl Attacher for LocalNode {
     fn kind(&self) -> &'static str {
         "local"
     }
@@ -108,15 +110,16 @@ impl NodeAttacher for LocalNode {
             return Ok(a.device);
         }
         let path = self.file(id)?;
-        if let Err(e) = std::fs::symlink_metadata(&path) {
-            return Err(error::failed_precondition(format!(
-                "volume {id}: backing file {} is missing or unreadable: {e}",
-                path.display()
-            )));
-        }
-        // Read-only is the mount's business: the same device serves a
+        let id = id.clone();
+        // Read-only is the publish's business: the same device serves a
         // read-only and a read-write publish of one staging.
         blocking(move || {
+            if let Err(e) = std::fs::symlink_metadata(&path) {
+                return Err(error::failed_precondition(format!(
+                    "volume {id}: backing file {} is missing or unreadable: {e}",
+                    path.display()
+                )));
+            }
             loopdev::attach(&path, false, loopdev::VOLUME_BLOCK_SIZE)
                 .map_err(|e| e.into_error(format!("attaching {}", path.display())))
         })
@@ -267,13 +270,17 @@ impl NodeAttacher for LocalNode {
              this node with --mode all (a node-mode process does not open the journal)"
         )))
     }
-
-    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
-        crate::host_node::quiesce::prepare(self.devices(volume_ids).await?, strict).await
-    }
 }
 
 impl LocalNode {
+    /// Finds what must be frozen for the volumes' snapshot on this node and
+    /// flushes it (outside the window); answers the freeze itself. `strict`
+    /// (group snapshots): a member that cannot be quiesced (raw block in
+    /// use) is FAILED_PRECONDITION rather than taken crash-consistent.
+    pub async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
+        crate::host_node::quiesce::prepare(self.devices(volume_ids).await?, strict).await
+    }
+
     async fn devices(&self, volume_ids: &[String]) -> Result<Vec<(String, Option<PathBuf>)>> {
         let mut devices = Vec::with_capacity(volume_ids.len());
         for id in volume_ids {

@@ -246,7 +246,15 @@ pub fn features() -> Features {
     mount_modes.push(AccessMode::MultiNodeReaderOnly);
     let mut block_modes = mount_modes.clone();
     block_modes.extend([AccessMode::MultiNodeSingleWriter, AccessMode::MultiNodeMultiWriter]);
-    Features { expansion: ExpansionSite::Controller, mount_modes, block_modes }
+    Features {
+        expansion: ExpansionSite::Controller,
+        // A filesystem grows on the node, and so does a device that does
+        // not follow its image's size by itself (rbd-fuse's loop device).
+        node_expansion: true,
+        filesystems: ferrovol_block::filesystems(),
+        mount_modes,
+        block_modes,
+    }
 }
 
 fn is_single_node(mode: AccessMode) -> bool {

@@ -11,9 +11,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferrovol_core::engine::{
-    Attach, Condition, Features, NodeAttacher, Quiesce, Topology, Written,
-};
+use ferrovol_block::{Attacher, Written};
+use ferrovol_core::engine::{Attach, Condition, Features, Topology};
 
 use crate::connect::Connections;
 use crate::error::{self, Result};
@@ -73,7 +72,7 @@ impl RbdNode {
 const FUSE_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[tonic::async_trait]
-impl NodeAttacher for RbdNode {
+impl Attacher for RbdNode {
     fn kind(&self) -> &'static str {
         "rbd"
     }
@@ -202,28 +201,23 @@ impl NodeAttacher for RbdNode {
 
     async fn condition(&self, volume_id: &str) -> Result<Condition> {
         let v = Self::parse(volume_id)?;
-        Ok(match mapper::find(&self.state_dir, &v)? {
-            Some((Kind::Fuse, _))
-                if mapper::fuse_helper_alive(&self.state_dir, &v) == Some(false) =>
-            {
-                Condition::Abnormal(format!(
-                    "the rbd-fuse helper of {volume_id} has stopped: I/O to it fails until the \
-                     volume is unstaged and staged again"
-                ))
-            }
-            Some(_) => Condition::Healthy,
-            None if mapper::fuse_dir(&self.state_dir, &v).exists() => Condition::Abnormal(format!(
-                "the rbd-fuse helper of {volume_id} is gone: unstage and stage the volume again"
-            )),
-            None => Condition::Healthy,
+        let (state, id) = (self.state_dir.clone(), volume_id.to_string());
+        // sysfs, /proc and the state dir: read off the executor.
+        blocking(move || {
+            Ok(match mapper::find(&state, &v)? {
+                Some((Kind::Fuse, _)) if mapper::fuse_helper_alive(&state, &v) == Some(false) => {
+                    Condition::Abnormal(format!(
+                        "the rbd-fuse helper of {id} has stopped: I/O to it fails until the \
+                         volume is unstaged and staged again"
+                    ))
+                }
+                Some(_) => Condition::Healthy,
+                None if mapper::fuse_dir(&state, &v).exists() => Condition::Abnormal(format!(
+                    "the mapping of {id} is gone: unstage and stage the volume again"
+                )),
+                None => Condition::Healthy,
+            })
         })
-    }
-
-    async fn prepare_quiesce(&self, volume_ids: &[String], strict: bool) -> Result<Quiesce> {
-        let mut devices = Vec::with_capacity(volume_ids.len());
-        for id in volume_ids {
-            devices.push((id.clone(), self.device(id).await?));
-        }
-        ferrovol_host::node::quiesce::prepare(devices, strict).await
+        .await
     }
 }

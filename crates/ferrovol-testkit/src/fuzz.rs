@@ -93,7 +93,7 @@ impl Harness {
             state_dir: root.join("state"),
             state_writes: Some(ferrovol_core::fsutil::WriteMonitor::spawn(&root.join("state"))),
             controller: Some(engine.clone()),
-            node: Some(engine),
+            node: Some(Arc::new(ferrovol_block::BlockStaging::new(engine, &root.join("state")))),
             locks: OpLocks::new(),
         });
         let config = NodeConfig { kubelet_dir: kubelet_dir.clone(), max_volumes_per_node: 0 };

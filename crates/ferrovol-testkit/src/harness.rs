@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
+use ferrovol_block::BlockStaging;
 use ferrovol_core::cli::Mode;
-use ferrovol_core::engine::{ControllerEngine, NodeAttacher};
+use ferrovol_core::engine::{ControllerEngine, NodeEngine};
 use ferrovol_core::locks::OpLocks;
 use ferrovol_core::services::node::NodeConfig;
 use ferrovol_core::services::Driver;
@@ -33,9 +34,10 @@ pub async fn serve(shape: Shape, mode: Mode) -> Harness {
     let engine = Arc::new(MemEngine::new(shape, "mem-node"));
     let controller: Option<Arc<dyn ControllerEngine>> =
         mode.controller().then(|| engine.clone() as Arc<dyn ControllerEngine>);
-    let node: Option<Arc<dyn NodeAttacher>> =
-        mode.node().then(|| engine.clone() as Arc<dyn NodeAttacher>);
     let dir = tempfile::tempdir().expect("a temporary directory");
+    let node: Option<Arc<dyn NodeEngine>> = mode
+        .node()
+        .then(|| Arc::new(BlockStaging::new(engine.clone(), dir.path())) as Arc<dyn NodeEngine>);
     let kubelet_dir = dir.path().join("kubelet");
     std::fs::create_dir_all(&kubelet_dir).expect("the kubelet directory");
     let driver = Arc::new(Driver {

@@ -17,11 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use ferrovol_block::Attacher;
 use ferrovol_core::engine::{
     choose_size, AccessMode, Attach, Capacity, ChangedBlocks, Condition, ContentSource,
     ControllerEngine, EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot,
-    GroupSnapshots, NewVolume, NodeAttacher, Page, Publish, Publishing, Quiesce, Range, Secrets,
-    Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
+    GroupSnapshots, NewVolume, Page, Publish, Publishing, Range, Secrets, Snapshot, SnapshotFilter,
+    Snapshots, Topology, Volume,
 };
 use ferrovol_core::error::{self, Result};
 use tokio::sync::Notify;
@@ -547,6 +548,8 @@ pub fn features(shape: Shape) -> Features {
     match shape {
         Shape::NodeLocal => Features {
             expansion: ExpansionSite::Node,
+            node_expansion: true,
+            filesystems: ferrovol_block::filesystems(),
             mount_modes: Features::single_node_modes(),
             block_modes: Features::single_node_modes(),
         },
@@ -559,6 +562,8 @@ pub fn features(shape: Shape) -> Features {
             ]);
             Features {
                 expansion: ExpansionSite::Controller,
+                node_expansion: true,
+                filesystems: ferrovol_block::filesystems(),
                 mount_modes: Features::single_node_modes(),
                 block_modes,
             }
@@ -567,7 +572,7 @@ pub fn features(shape: Shape) -> Features {
 }
 
 #[tonic::async_trait]
-impl NodeAttacher for MemEngine {
+impl Attacher for MemEngine {
     fn kind(&self) -> &'static str {
         "mem"
     }
@@ -621,10 +626,6 @@ impl NodeAttacher for MemEngine {
 
     async fn condition(&self, _volume_id: &str) -> Result<Condition> {
         Ok(Condition::Healthy)
-    }
-
-    async fn prepare_quiesce(&self, _volume_ids: &[String], _strict: bool) -> Result<Quiesce> {
-        Ok(ferrovol_core::engine::no_quiesce())
     }
 }
 

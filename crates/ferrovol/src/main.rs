@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use cli::{Cli, Command, EngineKind, LinkArgs, LinkCommand, PoolCommand, ServeCommand};
+use ferrovol_block::BlockStaging;
 use ferrovol_core::cli::Mode;
-use ferrovol_core::engine::NodeAttacher;
+use ferrovol_core::engine::NodeEngine;
 use ferrovol_core::server::Companion;
 use ferrovol_core::server::Halves;
 use ferrovol_local::node::LocalNode;
@@ -206,14 +207,14 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
             if !common.mode.controller() {
                 let node =
                     LocalNode::open(&pool_dir, &common.state_dir, &node_id).map_err(failed)?;
-                (None, Some(Arc::new(node)))
+                (None, Some(Arc::new(BlockStaging::new(Arc::new(node), &common.state_dir))))
             } else {
                 let engine = LocalEngine::open(&pool_dir, &common.state_dir, &node_id)
                     .await
                     .map_err(failed)?;
                 let engine = Arc::new(engine);
-                let node: Option<Arc<dyn NodeAttacher>> = match common.mode.node() {
-                    true => Some(engine.clone()),
+                let node: Option<Arc<dyn NodeEngine>> = match common.mode.node() {
+                    true => Some(Arc::new(BlockStaging::new(engine.clone(), &common.state_dir))),
                     false => None,
                 };
                 (Some(engine), node)
@@ -268,12 +269,12 @@ async fn rbd(
             }
             false => None,
         };
-    let node: Option<Arc<dyn NodeAttacher>> = match common.mode.node() {
+    let node: Option<Arc<dyn NodeEngine>> = match common.mode.node() {
         true => {
             ferrovol_core::server::prepare_state_dir(common)?;
             let node = node::RbdNode::new(conn, common.state_dir.clone(), args.rbd_mapper)
                 .map_err(|e| e.message().to_string())?;
-            Some(Arc::new(node))
+            Some(Arc::new(BlockStaging::new(Arc::new(node), &common.state_dir)))
         }
         false => None,
     };

@@ -83,12 +83,13 @@ impl ControllerService {
     ) -> Result<csi::CreateVolumeResponse> {
         let engine = self.engine();
         validate::name(&req.name, "name")?;
-        let access = validate::capabilities(&req.volume_capabilities, &engine.features())?;
+        let features = engine.features();
+        let access = validate::capabilities(&req.volume_capabilities, &features)?;
         let (mut required_bytes, limit_bytes) =
             validate::capacity_range(req.capacity_range.as_ref())?;
         // A filesystem volume must be big enough for its mkfs to accept.
         if let AccessType::Mount { fs_type } = &access {
-            let minimum = validate::minimum_size(fs_type);
+            let minimum = features.filesystem(fs_type).map_or(0, |f| f.minimum_size);
             if limit_bytes > 0 && limit_bytes < minimum {
                 return Err(error::out_of_range(format!(
                     "{fs_type} needs at least {minimum} bytes; the limit is {limit_bytes}"
@@ -275,7 +276,7 @@ impl ControllerService {
             .iter()
             .filter_map(|c| match &c.access_type {
                 Some(csi::volume_capability::AccessType::Mount(m)) => {
-                    Some(validate::minimum_size(&m.fs_type))
+                    features.filesystem(&m.fs_type).map(|f| f.minimum_size)
                 }
                 _ => None,
             })

@@ -28,9 +28,9 @@ impl ControllerSideNode {
     /// driver's, not the process's.
     async fn get_capabilities(
         &self,
-        req: csi::NodeGetCapabilitiesRequest,
+        _: csi::NodeGetCapabilitiesRequest,
     ) -> Result<csi::NodeGetCapabilitiesResponse> {
-        NodeService::get_capabilities_static(req)
+        NodeService::capabilities_answer(&self.driver.features())
     }
 
     async fn elsewhere<Req, Resp>(&self, _: Req) -> Result<Resp> {

@@ -16,23 +16,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::cli::Mode;
-use crate::engine::{ControllerEngine, NodeAttacher};
+use crate::engine::{ControllerEngine, NodeEngine};
 use crate::locks::OpLocks;
-
-/// The device a volume is attached as on this node, if any, and every mount
-/// of it (filesystem mounts and bind mounts of the device node), from the
-/// kernel's mount table.
-pub async fn volume_mounts(
-    attacher: &dyn NodeAttacher,
-    volume_id: &str,
-) -> crate::error::Result<(Option<PathBuf>, Vec<crate::node::mountinfo::MountEntry>)> {
-    let Some(device) = attacher.device(volume_id).await? else { return Ok((None, vec![])) };
-    let dev = device.clone();
-    let mounts = tokio::task::spawn_blocking(move || crate::node::quiesce::mounts_of(&dev))
-        .await
-        .map_err(|e| crate::error::internal(e.to_string()))??;
-    Ok((Some(device), mounts))
-}
 
 /// What every service needs to know about this driver instance.
 pub struct Driver {
@@ -50,7 +35,7 @@ pub struct Driver {
     /// services.
     pub controller: Option<Arc<dyn ControllerEngine>>,
     /// The node half: Some when this process serves the Node service.
-    pub node: Option<Arc<dyn NodeAttacher>>,
+    pub node: Option<Arc<dyn NodeEngine>>,
     /// Shared by all services: a node operation and a controller operation
     /// on the same volume exclude each other too.
     pub locks: OpLocks,
@@ -64,7 +49,7 @@ impl Driver {
     }
 
     /// The node half, likewise for the Node service.
-    pub fn node(&self) -> &Arc<dyn NodeAttacher> {
+    pub fn node(&self) -> &Arc<dyn NodeEngine> {
         self.node.as_ref().expect("a node service without a node attacher")
     }
 

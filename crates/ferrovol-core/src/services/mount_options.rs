@@ -175,9 +175,8 @@ fn is_number(v: &str) -> bool {
 }
 
 /// Checks every option of `flags` (each may hold several, comma-separated)
-/// for a `fs` volume (empty: the default filesystem).
+/// for a `fs` volume.
 pub fn check(fs: &str, flags: &[String]) -> Result<()> {
-    let fs = if fs.is_empty() { super::validate::DEFAULT_FS_TYPE } else { fs };
     let (plain, valued) = fs_options(fs);
     for opt in flags.iter().flat_map(|f| f.split(',')).map(str::trim).filter(|o| !o.is_empty()) {
         let shown = crate::error::bounded(opt);
@@ -230,7 +229,11 @@ mod tests {
         for bad in ["dev", "suid", "exec", "nosuid,dev", "remount", "errors=panic", "bogus"] {
             assert!(!ok("ext4", &[bad]), "{bad}");
         }
-        assert!(ok("", &["noatime,errors=remount-ro", "data=ordered", "commit=30"]));
+        assert!(ok("ext4", &["noatime,errors=remount-ro", "data=ordered", "commit=30"]));
+        // A filesystem without a table of its own (an engine's own, such as
+        // a network filesystem) takes the generic options alone.
+        assert!(ok("memfs", &["noatime,ro"]));
+        assert!(!ok("memfs", &["data=ordered"]));
         assert!(ok("xfs", &["nouuid", "logbsize=256k"]));
         assert!(ok("btrfs", &["compress=zstd:3", "space_cache=v2"]));
         assert!(!ok("xfs", &["data=ordered"]), "ext4's option on xfs");

@@ -1,11 +1,13 @@
 //! Node service: makes a volume usable in a pod and takes it away again.
 //!
-//! Stage attaches the volume (engine → block device), formats it only if it
-//! is blank, and mounts it at the staging path; a raw block volume's device
-//! is bind-mounted onto a marker file there instead. Publish bind-mounts the
-//! staging mount (or the device) onto the pod's target. Every decision reads
-//! the kernel's own state (mountinfo, the engine's attachments), so a
-//! restarted driver converges on repeated calls and never attaches twice.
+//! Stage is the engine's (a block engine's device formatted and mounted by
+//! the block staging library, a filesystem engine's own mount); what every
+//! engine shares is here: path and ID checks, one staging path per volume,
+//! operation locks, publish (a bind mount of the stage, or of a raw block
+//! volume's device; read-only enforced by a read-only device of its own),
+//! unpublish, unmounting at unstage, and stats. Every decision reads the
+//! kernel's own state (mountinfo, the engine's view of its volume's
+//! mounts), so a restarted driver converges on repeated calls.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,19 +16,16 @@ use ferrovol_csi as csi;
 use ferrovol_csi::node_service_capability::rpc::Type as Cap;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 
-use crate::engine::{AccessType, Attach, ExpansionSite, Features, Written};
+use crate::engine::{AccessType, Attach, Features, Stage, BLOCK_STAGE_FILE};
 use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::node::beneath::{self, Beneath};
-use crate::node::fs::{self as nodefs, Content};
+use crate::node::fs as nodefs;
 use crate::node::mountinfo::{self, MountEntry};
 use crate::node::read_only as read_only_device;
 use crate::rpc;
 use crate::services::{convert, validate, Driver};
-
-/// Name of the file a raw block volume's device is bind-mounted onto inside
-/// its staging directory: the kernel-visible record that it is staged.
-const BLOCK_MARKER: &str = "device";
+use ferrovol_host::offload::{self, NODE_WORK, QUICK};
 
 pub struct NodeConfig {
     /// Staging and target paths must lie under this directory.
@@ -70,14 +69,18 @@ impl NodeService {
         }
     }
 
-    pub fn capabilities() -> Vec<Cap> {
-        vec![
+    /// What the engine's node half offers.
+    pub fn capabilities(features: &Features) -> Vec<Cap> {
+        let mut caps = vec![
             Cap::StageUnstageVolume,
             Cap::GetVolumeStats,
-            Cap::ExpandVolume,
             Cap::VolumeCondition,
             Cap::SingleNodeMultiWriter,
-        ]
+        ];
+        if features.node_expansion {
+            caps.push(Cap::ExpandVolume);
+        }
+        caps
     }
 
     fn require_privilege(&self) -> Result<()> {
@@ -109,7 +112,7 @@ impl NodeService {
     }
 
     /// The path where the volume is mounted on this node, among `mounts`
-    /// (the volume's own, from [`crate::services::volume_mounts`]); NOT_FOUND
+    /// (the volume's own, from [`crate::engine::NodeEngine::mounts`]); NOT_FOUND
     /// when `path` is not one of them, whatever else may be mounted there.
     fn own_mount<'a>(
         volume_id: &str,
@@ -143,27 +146,25 @@ impl NodeService {
     ) -> Result<csi::NodeStageVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
-        let attacher = self.driver.node();
+        let engine = self.driver.node();
         let (access, mode, flags) =
-            Self::access(req.volume_capability.as_ref(), &attacher.features())?;
+            Self::access(req.volume_capability.as_ref(), &engine.features())?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        attacher.check_known(&req.volume_id).await?;
-        let read_only = mode == Mode::SingleNodeReaderOnly;
+        engine.check_known(&req.volume_id).await?;
 
-        let (attached, mounts) =
-            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let mounts = engine.mounts(&req.volume_id).await?;
         let target = match access {
-            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Block => staging.join(BLOCK_STAGE_FILE),
             AccessType::Mount { .. } => staging.clone(),
         };
-        // A volume is staged at one path: the first mount of its device.
+        // A volume is staged at one path: the first mount of it.
         if let Some(first) =
             mounts.first().filter(|_| !mounts.iter().any(|m| m.mount_point == target))
         {
             let other_form = match access {
                 AccessType::Block => first.mount_point == staging,
-                AccessType::Mount { .. } => first.mount_point == staging.join(BLOCK_MARKER),
+                AccessType::Mount { .. } => first.mount_point == staging.join(BLOCK_STAGE_FILE),
             };
             if other_form {
                 return Err(error::already_exists(format!(
@@ -179,141 +180,21 @@ impl NodeService {
                 first.mount_point.display()
             )));
         }
-        let was_attached = attached.is_some();
-        let request = Attach {
-            volume_id: req.volume_id.clone(),
-            volume_context: req.volume_context.into_iter().collect(),
-            publish_context: req.publish_context.into_iter().collect(),
-            secrets: validate::secrets(&req.secrets),
-            read_only,
+        let request = Stage {
+            volume: Attach {
+                volume_id: req.volume_id.clone(),
+                volume_context: req.volume_context.into_iter().collect(),
+                publish_context: req.publish_context.into_iter().collect(),
+                secrets: validate::secrets(&req.secrets),
+                read_only: mode == Mode::SingleNodeReaderOnly,
+            },
+            access,
+            mount_flags: flags,
+            kubelet_dir: self.kubelet_dir.clone(),
+            staging,
         };
-        let device = attacher.attach(&request).await?;
-        let staged = self.stage_on(&device, &staging, &access, &flags, &request).await;
-        if staged.is_err() && !was_attached {
-            // Nothing of a failed first stage may stay attached.
-            let _ = attacher.detach(&req.volume_id).await;
-        }
-        staged.map(|()| csi::NodeStageVolumeResponse {})
-    }
-
-    async fn stage_on(
-        &self,
-        device: &Path,
-        staging: &Path,
-        access: &AccessType,
-        flags: &[String],
-        request: &Attach,
-    ) -> Result<()> {
-        let (volume_id, read_only) = (request.volume_id.as_str(), request.read_only);
-        let mounts = off_executor("reading the mount table", read_mounts).await?;
-        let target = match access {
-            AccessType::Block => staging.join(BLOCK_MARKER),
-            AccessType::Mount { .. } => staging.to_path_buf(),
-        };
-        if let Some(m) = mountinfo::at(&mounts, &target) {
-            if mounted_from(&mounts, device, &target)? {
-                return Ok(()); // already staged here: idempotent
-            }
-            return Err(error::already_exists(format!(
-                "staging path {} already holds another mount ({})",
-                target.display(),
-                m.source
-            )));
-        }
-        let (kubelet, dir) = (self.kubelet_dir.clone(), staging.to_path_buf());
-        off_executor("creating the staging directory", move || {
-            Beneath::open(&kubelet)?.dir(&dir).map(drop)
-        })
-        .await?;
-
-        match access {
-            AccessType::Block => {
-                let (kubelet, device) = (self.kubelet_dir.clone(), device.to_path_buf());
-                off_executor("binding the device", move || {
-                    let onto = Beneath::open(&kubelet)?.file(&target)?;
-                    let source = beneath::open_source(&device)?;
-                    nodefs::bind(&source, &device, &onto, &[], false)
-                })
-                .await
-            }
-            AccessType::Mount { fs_type } => {
-                // A format of ours that a crash interrupted leaves a device
-                // that looks formatted but is not; it held no data, so it is
-                // formatted again.
-                let marker = FormatMarker::new(&self.driver.state_dir, volume_id);
-                let content = match marker.exists() {
-                    true => Content::Blank,
-                    false => nodefs::probe(device).await?,
-                };
-                // No signature is not no data: only a volume the engine
-                // knows was never written is formatted.
-                if content == Content::Blank && !marker.exists() {
-                    if let Written::Maybe(why) = self.driver.node().written(request, device).await?
-                    {
-                        return Err(error::failed_precondition(format!(
-                            "volume {volume_id} shows no filesystem signature, but {why}: it \
-                             will not be formatted (stage it as a raw block volume to reach \
-                             its data, or erase it yourself if the data is not wanted)"
-                        )));
-                    }
-                }
-                let fs_type = match content {
-                    Content::Blank => {
-                        let fs = if fs_type.is_empty() { validate::DEFAULT_FS_TYPE } else { fs_type };
-                        let size = nodefs::block_device_size(device)?;
-                        if size < validate::minimum_size(fs) {
-                            return Err(error::failed_precondition(format!(
-                                "volume {volume_id} ({size} bytes) is too small for {fs} (needs {})",
-                                validate::minimum_size(fs)
-                            )));
-                        }
-                        if read_only {
-                            return Err(error::failed_precondition(format!(
-                                "volume {volume_id} is blank and cannot be formatted read-only"
-                            )));
-                        }
-                        let m = marker.clone();
-                        off_executor("recording the format", move || m.set()).await?;
-                        nodefs::mkfs(device, fs).await?;
-                        // Durably gone before anything can be written to the
-                        // filesystem, or a later stage would format it again.
-                        off_executor("clearing the format record", move || marker.clear()).await?;
-                        fs.to_string()
-                    }
-                    Content::Filesystem(found) if fs_type.is_empty() || *fs_type == found => found,
-                    Content::Filesystem(found) => {
-                        return Err(error::failed_precondition(format!(
-                            "volume {volume_id} holds a {found} filesystem, not the requested {fs_type}; \
-                             it will not be reformatted"
-                        )))
-                    }
-                    Content::Unknown(what) => {
-                        return Err(error::failed_precondition(format!(
-                            "volume {volume_id} holds data that is not a filesystem ({what}); \
-                             it will not be formatted"
-                        )))
-                    }
-                };
-                // A volume that grew while its ext4 could not (no
-                // CAP_SYS_RESOURCE) grows here, before the mount.
-                if fs_type == "ext4" && !read_only && nodefs::grow_unmounted_ext4(device).await? {
-                    tracing::info!(volume_id, "grew the ext4 filesystem to its volume at stage");
-                }
-                let (device, staging, flags) =
-                    (device.to_path_buf(), staging.to_path_buf(), flags.to_vec());
-                let kubelet = self.kubelet_dir.clone();
-                off_executor("mounting", move || {
-                    // Resolved once, mounted onto what was resolved.
-                    let onto = Beneath::open(&kubelet)?.dir(&staging)?;
-                    let mounted = nodefs::mount(&device, &onto, &fs_type, &flags, read_only);
-                    if mounted.is_err() && mounted_from(&read_mounts()?, &device, &staging)? {
-                        return Ok(()); // a mount from before a restart finished meanwhile
-                    }
-                    mounted
-                })
-                .await
-            }
-        }
+        engine.stage(&request).await?;
+        Ok(csi::NodeStageVolumeResponse {})
     }
 
     async fn publish(
@@ -337,12 +218,12 @@ impl NodeService {
         }
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
         let target = self.checked_path(&req.target_path, "target_path")?;
-        let attacher = self.driver.node();
+        let engine = self.driver.node();
         let (access, mode, flags) =
-            Self::access(req.volume_capability.as_ref(), &attacher.features())?;
+            Self::access(req.volume_capability.as_ref(), &engine.features())?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        attacher.check_known(&req.volume_id).await?;
+        engine.check_known(&req.volume_id).await?;
         let read_only = req.readonly || mode == Mode::SingleNodeReaderOnly;
         if target.starts_with(&staging) || staging.starts_with(&target) {
             return Err(error::invalid(format!(
@@ -352,21 +233,26 @@ impl NodeService {
             )));
         }
 
-        let (device, mounts) =
-            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let mounts = engine.mounts(&req.volume_id).await?;
         let staged_at = match access {
-            AccessType::Block => staging.join(BLOCK_MARKER),
+            AccessType::Block => staging.join(BLOCK_STAGE_FILE),
             AccessType::Mount { .. } => staging.clone(),
         };
-        let device = match device {
-            Some(d) if mounts.iter().any(|m| m.mount_point == staged_at) => d,
-            _ => {
-                return Err(error::failed_precondition(format!(
-                    "volume {} is not staged at {}",
-                    req.volume_id,
-                    staging.display()
-                )))
-            }
+        let not_staged = || {
+            error::failed_precondition(format!(
+                "volume {} is not staged at {}",
+                req.volume_id,
+                staging.display()
+            ))
+        };
+        if !mounts.iter().any(|m| m.mount_point == staged_at) {
+            return Err(not_staged());
+        }
+        // The device a raw block publish binds (a filesystem publish binds
+        // the stage itself).
+        let device = match access {
+            AccessType::Block => Some(engine.device(&req.volume_id).await?.ok_or_else(not_staged)?),
+            AccessType::Mount { .. } => None,
         };
         if let AccessType::Mount { fs_type } = &access {
             let staged = mounts.iter().find(|m| m.mount_point == staged_at);
@@ -396,7 +282,7 @@ impl NodeService {
                 )));
             }
         }
-        let all = off_executor("reading the mount table", read_mounts).await?;
+        let all = offload::run("reading the mount table", QUICK, read_mounts).await?;
         if let Some(m) = mountinfo::at(&all, &target) {
             return Err(error::failed_precondition(format!(
                 "target {} is already a mount of something else ({})",
@@ -408,10 +294,10 @@ impl NodeService {
             return Err(error::invalid(format!("target {} is a symlink", target.display())));
         }
         let kubelet = self.kubelet_dir.clone();
-        off_executor("publishing", move || {
+        offload::run("publishing", NODE_WORK, move || {
             let paths = Beneath::open(&kubelet)?;
-            match access {
-                AccessType::Block if read_only => {
+            match (access, device) {
+                (AccessType::Block, Some(device)) if read_only => {
                     // `ro` on a device node's bind stops no write: the pod
                     // gets a device that refuses them itself.
                     let onto = paths.file(&target)?;
@@ -423,12 +309,15 @@ impl NodeService {
                     }
                     bound
                 }
-                AccessType::Block => {
+                (AccessType::Block, Some(device)) => {
                     let onto = paths.file(&target)?;
                     let source = beneath::open_source(&device)?;
                     nodefs::bind(&source, &device, &onto, &[], read_only)
                 }
-                AccessType::Mount { .. } => {
+                (AccessType::Block, None) => {
+                    Err(error::internal("a raw block publish without its device"))
+                }
+                (AccessType::Mount { .. }, _) => {
                     let onto = paths.dir(&target)?;
                     // The staging mount itself, resolved as the target is.
                     let source = paths.existing(&staging)?.ok_or_else(|| {
@@ -453,12 +342,12 @@ impl NodeService {
         let target = self.checked_path(&req.target_path, "target_path")?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let attacher = self.driver.node();
-        attacher.check_known(&req.volume_id).await?;
-        let (device, mounts) =
-            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
+        let engine = self.driver.node();
+        engine.check_known(&req.volume_id).await?;
+        let mounts = engine.mounts(&req.volume_id).await?;
+        let device = engine.device(&req.volume_id).await?;
         let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
-        off_executor("unpublishing", move || {
+        offload::run("unpublishing", NODE_WORK, move || {
             let all = read_mounts()?;
             refuse_foreign_mount(&id, &mounts, &all, &target)?;
             // A read-only publish's own device goes with its mount.
@@ -483,11 +372,11 @@ impl NodeService {
         let staging = self.checked_path(&req.staging_target_path, "staging_target_path")?;
         self.require_privilege()?;
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        let attacher = self.driver.node();
-        attacher.check_known(&req.volume_id).await?;
-        let (device, mounts) =
-            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
-        let marker = staging.join(BLOCK_MARKER);
+        let engine = self.driver.node();
+        engine.check_known(&req.volume_id).await?;
+        let mounts = engine.mounts(&req.volume_id).await?;
+        let device = engine.device(&req.volume_id).await?;
+        let marker = staging.join(BLOCK_STAGE_FILE);
         // Staged somewhere else, not here: the spec's answer is OK, and
         // nothing of the volume is touched (it stays staged where it is);
         // a path that holds another volume's mount is NOT_FOUND.
@@ -495,7 +384,7 @@ impl NodeService {
         if !mounts.is_empty() && !mounts.iter().any(here) {
             let (id, own, s, mk) =
                 (req.volume_id.clone(), mounts.clone(), staging.clone(), marker.clone());
-            off_executor("reading the mount table", move || {
+            offload::run("reading the mount table", QUICK, move || {
                 let all = read_mounts()?;
                 refuse_foreign_mount(&id, &own, &all, &s)?;
                 refuse_foreign_mount(&id, &own, &all, &mk)
@@ -517,7 +406,7 @@ impl NodeService {
             )));
         }
         let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
-        off_executor("unstaging", move || {
+        offload::run("unstaging", NODE_WORK, move || {
             let all = read_mounts()?;
             refuse_foreign_mount(&id, &mounts, &all, &staging)?;
             refuse_foreign_mount(&id, &mounts, &all, &marker)?;
@@ -535,7 +424,7 @@ impl NodeService {
             Ok(())
         })
         .await?;
-        attacher.detach(&req.volume_id).await?;
+        engine.release(&req.volume_id).await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
 
@@ -543,70 +432,33 @@ impl NodeService {
         &self,
         req: csi::NodeGetVolumeStatsRequest,
     ) -> Result<csi::NodeGetVolumeStatsResponse> {
-        use csi::volume_usage::Unit;
+        use crate::engine::Condition::{Abnormal, Healthy};
         // The spec's order: a missing argument, then an unknown volume
         // (whatever the path), then a path where the volume is not.
         validate::id(&req.volume_id, "volume_id")?;
         if req.volume_path.is_empty() {
             return Err(error::invalid("volume_path is required"));
         }
-        let attacher = self.driver.node();
-        attacher.check_known(&req.volume_id).await?;
+        let engine = self.driver.node();
+        engine.check_known(&req.volume_id).await?;
         let path = self.volume_path(&req.volume_id, &req.volume_path)?;
-        let (device, mounts) =
-            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
         // Only the volume's own mount is measured: never whatever filesystem
         // (the host's) lies under a path it has left.
-        let device = device.ok_or_else(|| not_here(&req.volume_id, &path))?;
-        let mount = Self::own_mount(&req.volume_id, &mounts, &path)?;
-        let meta = std::fs::metadata(&path).map_err(|_| {
-            error::not_found(format!("volume path {} does not exist", path.display()))
-        })?;
-
-        let mut usage = Vec::new();
-        if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            let total = nodefs::block_device_size(&path)?;
-            usage.push(csi::VolumeUsage {
-                total: total as i64,
-                unit: Unit::Bytes as i32,
-                ..Default::default()
-            });
-        } else {
-            let st = rustix::fs::statvfs(&path)
-                .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
-            let f = st.f_frsize as i64;
-            usage.push(csi::VolumeUsage {
-                available: st.f_bavail as i64 * f,
-                total: st.f_blocks as i64 * f,
-                used: (st.f_blocks - st.f_bfree) as i64 * f,
-                unit: Unit::Bytes as i32,
-            });
-            usage.push(csi::VolumeUsage {
-                available: st.f_favail as i64,
-                total: st.f_files as i64,
-                used: (st.f_files - st.f_ffree) as i64,
-                unit: Unit::Inodes as i32,
-            });
-        }
-
-        use crate::engine::Condition::{Abnormal, Healthy};
-        let problem = match attacher.condition(&req.volume_id).await? {
+        let mounts = engine.mounts(&req.volume_id).await?;
+        let mount = Self::own_mount(&req.volume_id, &mounts, &path)?.clone();
+        // A statfs of a network filesystem blocks while its server is away:
+        // measured off the executor, and given up on after a deadline.
+        let at = path.clone();
+        let usage = offload::run("measuring the volume", QUICK, move || usage(&at)).await?;
+        let problem = match engine.condition(&req.volume_id, &mount).await? {
             Abnormal(m) => Some(m),
             Healthy if mount.super_read_only() && !mount.has_option("ro") => Some(
                 "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)"
                     .into(),
             ),
-            Healthy if mount.fs_type == "ext4" && nodefs::ext4_smaller_than_device(&device) => Some(
-                "the ext4 filesystem is smaller than its grown volume: it grows when the volume is \
-                 next staged (or online, given CAP_SYS_RESOURCE)"
-                    .into(),
-            ),
             Healthy => None,
         };
-        let condition = match problem {
-            Some(m) => crate::engine::Condition::Abnormal(m),
-            None => crate::engine::Condition::Healthy,
-        };
+        let condition = problem.map_or(Healthy, Abnormal);
         Ok(csi::NodeGetVolumeStatsResponse {
             usage,
             volume_condition: Some(convert::condition(&condition)),
@@ -617,53 +469,61 @@ impl NodeService {
         &self,
         req: csi::NodeExpandVolumeRequest,
     ) -> Result<csi::NodeExpandVolumeResponse> {
+        let engine = self.driver.node();
+        if !engine.features().node_expansion {
+            return Err(error::unimplemented(format!(
+                "the {} engine grows volumes in the controller; the node has nothing to do",
+                engine.kind()
+            )));
+        }
         validate::id(&req.volume_id, "volume_id")?;
         if req.volume_path.is_empty() {
             return Err(error::invalid("volume_path is required"));
         }
         let (required, limit) = validate::capacity_range(req.capacity_range.as_ref())?;
         self.require_privilege()?;
-        let attacher = self.driver.node();
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
-        attacher.check_known(&req.volume_id).await?;
+        engine.check_known(&req.volume_id).await?;
         let path = self.volume_path(&req.volume_id, &req.volume_path)?;
         // Staged, and at this path, before anything grows.
-        let (device, mounts) =
-            crate::services::volume_mounts(attacher.as_ref(), &req.volume_id).await?;
-        let device = device.ok_or_else(|| not_here(&req.volume_id, &path))?;
+        let mounts = engine.mounts(&req.volume_id).await?;
         Self::own_mount(&req.volume_id, &mounts, &path)?;
-        if attacher.features().expansion == ExpansionSite::Node {
-            attacher.grow(&req.volume_id, required, limit).await?;
-        }
-        attacher.refresh(&req.volume_id, required).await?;
-        // What the device now is: the volume's capacity as this node sees it.
-        let capacity = nodefs::block_device_size(&device)?;
-
-        let is_block = std::fs::metadata(&path)
-            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-            .unwrap_or(false);
-        if !is_block {
-            let mount = mounts
-                .iter()
-                .find(|m| m.mount_point == path)
-                .or_else(|| mounts.iter().find(|m| m.fs_type != "devtmpfs"))
-                .ok_or_else(|| {
-                    error::failed_precondition(format!(
-                        "volume {} has no mounted filesystem",
-                        req.volume_id
-                    ))
-                })?;
-            // A request no larger than the volume (the spec's idempotent
-            // "already big enough") has nothing to grow: an ext4 that fills
-            // its device is left alone, rather than asking for a capability
-            // to do nothing.
-            let lags = mount.fs_type != "ext4" || nodefs::ext4_smaller_than_device(&device);
-            if lags {
-                nodefs::grow(&mount.fs_type, &device, &mount.mount_point).await?;
-            }
-        }
+        let capacity = engine.expand(&req.volume_id, &path, &mounts, required, limit).await?;
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })
     }
+}
+
+/// NodeGetVolumeStats' usage of what is at `path`: a device's size, or a
+/// filesystem's bytes and inodes.
+fn usage(path: &Path) -> Result<Vec<csi::VolumeUsage>> {
+    use csi::volume_usage::Unit;
+    let meta = std::fs::metadata(path)
+        .map_err(|_| error::not_found(format!("volume path {} does not exist", path.display())))?;
+    if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        let total = nodefs::block_device_size(path)?;
+        return Ok(vec![csi::VolumeUsage {
+            total: total as i64,
+            unit: Unit::Bytes as i32,
+            ..Default::default()
+        }]);
+    }
+    let st = rustix::fs::statvfs(path)
+        .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+    let f = st.f_frsize as i64;
+    Ok(vec![
+        csi::VolumeUsage {
+            available: st.f_bavail as i64 * f,
+            total: st.f_blocks as i64 * f,
+            used: (st.f_blocks - st.f_bfree) as i64 * f,
+            unit: Unit::Bytes as i32,
+        },
+        csi::VolumeUsage {
+            available: st.f_favail as i64,
+            total: st.f_files as i64,
+            used: (st.f_files - st.f_ffree) as i64,
+            unit: Unit::Inodes as i32,
+        },
+    ])
 }
 
 /// The one answer for a volume path where the volume is not.
@@ -673,62 +533,6 @@ fn not_here(volume_id: &str, path: &Path) -> Error {
         error::bounded(volume_id),
         error::bounded(&path.to_string_lossy())
     ))
-}
-
-/// How long one piece of blocking node work (a mount, an unmount, reading
-/// the mount table, an fsync) may take before the call gives up on it.
-const NODE_WORK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Runs blocking node work on the blocking pool, never on the async workers
-/// (a slow mount must not stall Probe and every other call), bounded by
-/// [`NODE_WORK_TIMEOUT`]. Past it the call answers UNAVAILABLE; the kernel
-/// may still finish the work, which a retry then finds done.
-async fn off_executor<T: Send + 'static>(
-    what: &'static str,
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    match tokio::time::timeout(NODE_WORK_TIMEOUT, tokio::task::spawn_blocking(work)).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => Err(error::internal(format!("{what} stopped: {e}"))),
-        Err(_) => Err(error::unavailable(format!(
-            "{what} did not finish within {}s (the kernel may still be at it); retry later",
-            NODE_WORK_TIMEOUT.as_secs()
-        ))),
-    }
-}
-
-/// `<state dir>/formatting/<volume>`: present, durably, exactly while a
-/// format of the volume is under way on this node.
-#[derive(Clone)]
-struct FormatMarker {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl FormatMarker {
-    fn new(state_dir: &Path, volume_id: &str) -> FormatMarker {
-        let dir = state_dir.join("formatting");
-        // Hex: an engine's IDs need not be safe file names.
-        let name: String = volume_id.bytes().map(|b| format!("{b:02x}")).collect();
-        FormatMarker { path: dir.join(name), dir }
-    }
-
-    fn exists(&self) -> bool {
-        self.path.exists()
-    }
-
-    fn set(&self) -> Result<()> {
-        let made = std::fs::create_dir_all(&self.dir)
-            .and_then(|()| std::fs::File::create(&self.path)?.sync_all())
-            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
-        made.map_err(|e| Error::io(format!("recording a format in {}", self.path.display()), e))
-    }
-
-    fn clear(&self) -> Result<()> {
-        let cleared = std::fs::remove_file(&self.path)
-            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
-        cleared.map_err(|e| Error::io(format!("clearing {}", self.path.display()), e))
-    }
 }
 
 /// Is `device` what is mounted at `path`, by the mount table `mounts`?
@@ -785,16 +589,16 @@ fn unmount_all_and_remove(paths: &Beneath, path: &Path) -> Result<()> {
 impl NodeService {
     async fn get_capabilities(
         &self,
-        req: csi::NodeGetCapabilitiesRequest,
-    ) -> Result<csi::NodeGetCapabilitiesResponse> {
-        Self::get_capabilities_static(req)
-    }
-
-    /// NodeGetCapabilities' answer, which depends on no state.
-    pub(crate) fn get_capabilities_static(
         _: csi::NodeGetCapabilitiesRequest,
     ) -> Result<csi::NodeGetCapabilitiesResponse> {
-        let capabilities = Self::capabilities()
+        Self::capabilities_answer(&self.driver.node().features())
+    }
+
+    /// NodeGetCapabilities' answer for an engine with these features.
+    pub(crate) fn capabilities_answer(
+        features: &Features,
+    ) -> Result<csi::NodeGetCapabilitiesResponse> {
+        let capabilities = Self::capabilities(features)
             .into_iter()
             .map(|c| csi::NodeServiceCapability {
                 r#type: Some(csi::node_service_capability::Type::Rpc(

@@ -18,24 +18,6 @@ pub const MAX_STRING: usize = 128;
 /// use (pvc/pv names, secret references, fstype); never engine parameters.
 pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
 
-/// Filesystems the node service can format and grow.
-pub const FS_TYPES: [&str; 3] = ["ext4", "xfs", "btrfs"];
-pub const DEFAULT_FS_TYPE: &str = "ext4";
-
-/// The smallest device each filesystem we format can be made on (xfsprogs
-/// refuses under 300 MiB, btrfs-progs under about 114 MiB): known to the
-/// controller (sizes it creates) and the node (what it formats) alike.
-pub fn minimum_size(fs_type: &str) -> u64 {
-    match fs_type {
-        "xfs" => 300 << 20,
-        "btrfs" => 120 << 20,
-        // mkfs.ext4 with 4 KiB blocks needs somewhat over 128 KiB; 1 MiB
-        // leaves room for a usable filesystem. "" is the default, ext4.
-        "ext4" | "" => 1 << 20,
-        _ => 0,
-    }
-}
-
 /// A required name (of a volume, snapshot or group): non-empty, at most 128
 /// bytes, and free of the control characters the spec bans.
 pub fn name(value: &str, what: &str) -> Result<()> {
@@ -160,13 +142,21 @@ pub fn capability(cap: &csi::VolumeCapability, features: &Features) -> Result<Ac
         }
         Some(csi::volume_capability::AccessType::Block(_)) => AccessType::Block,
         Some(csi::volume_capability::AccessType::Mount(m)) => {
-            if !m.fs_type.is_empty() && !FS_TYPES.contains(&m.fs_type.as_str()) {
-                return Err(error::invalid(format!(
-                    "fs_type {:?} is not supported (one of {FS_TYPES:?})",
-                    m.fs_type
-                )));
-            }
-            super::mount_options::check(&m.fs_type, &m.mount_flags)?;
+            let Some(fs) = features.filesystem(&m.fs_type) else {
+                let names: Vec<&str> = features.filesystems.iter().map(|f| f.name).collect();
+                return Err(error::invalid(match names.is_empty() {
+                    true => format!(
+                        "fs_type {:?} is not supported: this engine's volumes come with their \
+                         own filesystem (leave fs_type empty)",
+                        error::bounded(&m.fs_type)
+                    ),
+                    false => format!(
+                        "fs_type {:?} is not supported (one of {names:?})",
+                        error::bounded(&m.fs_type)
+                    ),
+                }));
+            };
+            super::mount_options::check(fs.name, &m.mount_flags)?;
             AccessType::Mount { fs_type: m.fs_type.clone() }
         }
     };
@@ -259,8 +249,13 @@ mod tests {
     }
 
     fn single_node() -> Features {
+        use crate::engine::Filesystem;
         Features {
             expansion: crate::engine::ExpansionSite::Node,
+            node_expansion: true,
+            filesystems: ["ext4", "xfs", "btrfs"]
+                .map(|name| Filesystem { name, minimum_size: 1 << 20 })
+                .to_vec(),
             mount_modes: Features::single_node_modes(),
             block_modes: Features::single_node_modes(),
         }
