@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::mem::{MemEngine, Shape};
+use crate::memfs::MemFsNode;
 
 /// A served driver; dropping it stops the server.
 pub struct Harness {
@@ -35,9 +36,10 @@ pub async fn serve(shape: Shape, mode: Mode) -> Harness {
     let controller: Option<Arc<dyn ControllerEngine>> =
         mode.controller().then(|| engine.clone() as Arc<dyn ControllerEngine>);
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let node: Option<Arc<dyn NodeEngine>> = mode
-        .node()
-        .then(|| Arc::new(BlockStaging::new(engine.clone(), dir.path())) as Arc<dyn NodeEngine>);
+    let node: Option<Arc<dyn NodeEngine>> = mode.node().then(|| match shape {
+        Shape::SharedFs => Arc::new(MemFsNode::new(engine.clone())) as Arc<dyn NodeEngine>,
+        _ => Arc::new(BlockStaging::new(engine.clone(), dir.path())),
+    });
     let kubelet_dir = dir.path().join("kubelet");
     std::fs::create_dir_all(&kubelet_dir).expect("the kubelet directory");
     let driver = Arc::new(Driver {

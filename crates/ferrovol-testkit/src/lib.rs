@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conformance;
 pub mod fuzz;
 pub mod harness;
 pub mod mem;
+pub mod memfs;

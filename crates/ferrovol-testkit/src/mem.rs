@@ -3,7 +3,12 @@
 //!   ControllerPublish, growth on the node, single-node access modes;
 //! - [`Shape::Attached`]: storage in a cluster (as Ceph RBD): volumes are
 //!   published to a node by the controller, grow in the controller, and
-//!   raw block volumes may be shared by several nodes.
+//!   raw block volumes may be shared by several nodes;
+//! - [`Shape::SharedFs`]: a shared filesystem (as CephFS): no block device
+//!   at all, every access mode of filesystem volumes, growth in the
+//!   controller alone (a quota the pod sees at once), and the core
+//!   controller trait with none of the optional parts. Its node half
+//!   ([`crate::memfs::MemFsNode`]) stages a tmpfs of the volume's size.
 //!
 //! For the fast service tier and for faults that cannot be produced for
 //! real. It records every controller-half call, so a test can prove a
@@ -38,6 +43,7 @@ pub const PANIC: &str = "panic";
 pub enum Shape {
     NodeLocal,
     Attached,
+    SharedFs,
 }
 
 #[derive(Default)]
@@ -51,7 +57,7 @@ struct State {
 }
 
 pub struct MemEngine {
-    shape: Shape,
+    pub(crate) shape: Shape,
     node_id: String,
     state: Mutex<State>,
     next_id: AtomicU64,
@@ -102,22 +108,34 @@ impl MemEngine {
         BTreeMap::from([(TOPOLOGY_KEY.to_string(), self.node_id.clone())])
     }
 
+    /// A volume's capacity (NOT_FOUND for an unknown one): what its node
+    /// half needs of the shared state.
+    pub fn volume_size(&self, id: &str) -> Result<u64> {
+        let s = self.state.lock().unwrap();
+        s.volumes.get(id).map(|v| v.capacity).ok_or_else(|| Self::missing("volume", id))
+    }
+
     fn missing(what: &str, id: &str) -> error::Error {
         error::not_found(format!("{what} {id:?} does not exist"))
     }
 }
 
+/// Tokens this engine issues: the last ID of a page, marked as ours.
+const TOKEN_PREFIX: &str = "mem-after:";
+
 fn page<T: Clone>(items: Vec<(String, T)>, token: Option<&str>, max: usize) -> Result<Page<T>> {
-    if let Some(t) = token {
-        if !items.iter().any(|(id, _)| id.as_str() > t) && !items.iter().any(|(id, _)| id == t) {
-            return Err(error::aborted("starting_token is not one this driver issued"));
-        }
-    }
+    let token = match token {
+        None => None,
+        Some(t) => Some(
+            t.strip_prefix(TOKEN_PREFIX)
+                .ok_or_else(|| error::aborted("starting_token is not one this driver issued"))?,
+        ),
+    };
     let mut rest: Vec<(String, T)> =
         items.into_iter().filter(|(id, _)| token.is_none_or(|t| id.as_str() > t)).collect();
     let next = if rest.len() > max {
         rest.truncate(max);
-        rest.last().map(|(id, _)| id.clone())
+        rest.last().map(|(id, _)| format!("{TOKEN_PREFIX}{id}"))
     } else {
         None
     };
@@ -226,7 +244,7 @@ impl ControllerEngine for MemEngine {
             context: BTreeMap::from([("mem.csi.ferrovol.io/pool".into(), "rbd-like".into())]),
             accessible: match self.shape {
                 Shape::NodeLocal => vec![self.topology_of()],
-                Shape::Attached => vec![],
+                Shape::Attached | Shape::SharedFs => vec![],
             },
             published_nodes: vec![],
             created: SystemTime::now(),
@@ -315,7 +333,14 @@ impl ControllerEngine for MemEngine {
             return Err(error::out_of_range("above the limit"));
         }
         v.capacity = v.capacity.max(wanted);
-        Ok(Expanded { capacity: v.capacity, node_expansion_required: true })
+        let capacity = v.capacity;
+        drop(s);
+        if self.shape == Shape::SharedFs {
+            // A quota: where the volume is staged, its new size shows at
+            // once, with no step on the node.
+            crate::memfs::resize(id, capacity)?;
+        }
+        Ok(Expanded { capacity, node_expansion_required: self.shape != Shape::SharedFs })
     }
 
     fn publishing(&self) -> Option<&dyn Publishing> {
@@ -323,15 +348,15 @@ impl ControllerEngine for MemEngine {
     }
 
     fn snapshots(&self) -> Option<&dyn Snapshots> {
-        Some(self)
+        (self.shape != Shape::SharedFs).then_some(self as _)
     }
 
     fn groups(&self) -> Option<&dyn GroupSnapshots> {
-        Some(self)
+        (self.shape != Shape::SharedFs).then_some(self as _)
     }
 
     fn changed_blocks(&self) -> Option<&dyn ChangedBlocks> {
-        Some(self)
+        (self.shape != Shape::SharedFs).then_some(self as _)
     }
 }
 
@@ -568,6 +593,24 @@ pub fn features(shape: Shape) -> Features {
                 block_modes,
             }
         }
+        Shape::SharedFs => {
+            let mut mount_modes = Features::single_node_modes();
+            mount_modes.extend([
+                AccessMode::MultiNodeReaderOnly,
+                AccessMode::MultiNodeSingleWriter,
+                AccessMode::MultiNodeMultiWriter,
+            ]);
+            Features {
+                expansion: ExpansionSite::Controller,
+                node_expansion: false,
+                filesystems: vec![ferrovol_core::engine::Filesystem {
+                    name: crate::memfs::FS_TYPE,
+                    minimum_size: 0,
+                }],
+                mount_modes,
+                block_modes: vec![],
+            }
+        }
     }
 }
 
@@ -584,7 +627,7 @@ impl Attacher for MemEngine {
     fn topology(&self) -> Topology {
         match self.shape {
             Shape::NodeLocal => self.topology_of(),
-            Shape::Attached => Topology::new(),
+            Shape::Attached | Shape::SharedFs => Topology::new(),
         }
     }
 

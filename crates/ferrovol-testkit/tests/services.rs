@@ -472,3 +472,39 @@ async fn a_panicking_handler_answers_internal_and_the_server_goes_on() {
     assert!(e.message().contains("panic"), "{e:?}");
     new_volume(&mut c, "pv-after", false).await;
 }
+
+/// The conformance suite on the in-memory engine's three shapes: the
+/// controller checks everywhere; the node checks on the shared-filesystem
+/// shape where mounts can be made (root: a tmpfs per volume, no block
+/// device anywhere).
+#[tokio::test]
+async fn conformance_of_the_in_memory_shapes() {
+    struct Mem(Harness, bool);
+    #[tonic::async_trait]
+    impl ferrovol_testkit::conformance::Subject for Mem {
+        fn name(&self) -> String {
+            format!("mem {:?}", self.0.engine)
+        }
+        async fn controller(&self) -> Channel {
+            self.0.channel.clone()
+        }
+        async fn node(&self) -> Option<(Channel, std::path::PathBuf)> {
+            self.1.then(|| (self.0.channel.clone(), self.0.kubelet_dir.clone()))
+        }
+        fn create(
+            &self,
+            name: &str,
+            bytes: i64,
+            cap: csi::VolumeCapability,
+        ) -> csi::CreateVolumeRequest {
+            create(name, bytes, cap)
+        }
+    }
+    let root = rustix::process::geteuid().is_root();
+    for (shape, node) in
+        [(Shape::NodeLocal, false), (Shape::Attached, false), (Shape::SharedFs, root)]
+    {
+        let subject = Mem(serve(shape, Mode::All).await, node);
+        ferrovol_testkit::conformance::run(&subject).await;
+    }
+}

@@ -161,6 +161,12 @@ pub fn capability(cap: &csi::VolumeCapability, features: &Features) -> Result<Ac
         }
     };
     let supported = features.modes(&access);
+    if supported.is_empty() && access == AccessType::Block {
+        return Err(error::invalid(
+            "this engine has no raw block volumes (its volumes are filesystems: ask for a mount \
+             access type)",
+        ));
+    }
     if !supported.contains(&mode) {
         let names: Vec<&str> = supported.iter().map(|m| m.as_str_name()).collect();
         return Err(error::invalid(format!(

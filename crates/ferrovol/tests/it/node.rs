@@ -804,3 +804,23 @@ async fn an_attachment_a_killed_stage_left_is_released_at_start() {
     n.node_unstage_volume(unstage_req(&staged, &staging)).await.unwrap();
     e.kubelet.assert_clean();
 }
+
+/// The engines' one conformance suite, on the local engine in one process.
+#[tokio::test(flavor = "multi_thread")]
+async fn conformance_of_the_local_engine() {
+    let e = env(PoolFs::Xfs).await;
+    let subject = common::Conforming {
+        name: "local".into(),
+        controller: e.driver.channel().await,
+        node: Some((e.driver.channel().await, e.kubelet.dir.clone())),
+        create: Box::new(|name, bytes, cap| csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            ..req::create(name, bytes)
+        }),
+        // XFS: it grows mounted without CAP_SYS_RESOURCE (ext4 does not).
+        volume_size: 320 * MIB,
+        fs_type: "xfs".into(),
+    };
+    ferrovol_testkit::conformance::run(&subject).await;
+    e.kubelet.assert_clean();
+}

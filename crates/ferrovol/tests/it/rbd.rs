@@ -1497,3 +1497,27 @@ async fn rbd_a_half_purged_trash_entry_goes_at_the_next_start() {
     ceph.assert_clean();
     drop(d);
 }
+
+/// The engines' one conformance suite, on RBD (rbd-fuse and a loop device
+/// on the node).
+#[tokio::test]
+async fn rbd_conformance() {
+    let Some(ceph) = ceph("conformance") else { return };
+    let d = ceph.driver("d", "node-a", &[]).start();
+    let features = ceph.params("layering,exclusive-lock");
+    let subject = common::Conforming {
+        name: "rbd".into(),
+        controller: d.channel().await,
+        node: Some((d.channel().await, ceph.kubelet.clone())),
+        create: Box::new(move |name, bytes, cap| csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            parameters: features.clone(),
+            ..req::create(name, bytes)
+        }),
+        volume_size: 320 * MIB,
+        fs_type: "xfs".into(),
+    };
+    ferrovol_testkit::conformance::run(&subject).await;
+    ceph.assert_clean();
+    drop(d);
+}

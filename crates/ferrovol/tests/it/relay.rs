@@ -1217,3 +1217,25 @@ async fn a_retired_node_s_objects_are_gone_as_the_spec_says() {
     assert!(cluster.relay.wait_for_log("is retired (--retired-node)").is_some());
     c.delete_volume(req::delete(&on_a.volume_id)).await.unwrap();
 }
+
+/// The engines' one conformance suite, on the local engine through the
+/// relay: the controller calls go to the relay, the node calls to the
+/// agent that holds the volumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn conformance_through_the_relay() {
+    let cluster = Cluster::start(&["node-a"], PoolFs::Xfs).await;
+    let agent = &cluster.agents[0];
+    let subject = common::Conforming {
+        name: "local through the relay".into(),
+        controller: cluster.relay.channel().await,
+        node: Some((agent.driver.channel().await, agent.kubelet.dir.clone())),
+        create: Box::new(|name, bytes, cap| csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            ..req::create(name, bytes)
+        }),
+        volume_size: 320 * MIB,
+        fs_type: "xfs".into(),
+    };
+    ferrovol_testkit::conformance::run(&subject).await;
+    agent.kubelet.assert_clean();
+}

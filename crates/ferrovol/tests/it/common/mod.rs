@@ -873,3 +873,51 @@ pub fn last_seq(log: &Path) -> u64 {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines().rev().find_map(|l| l.parse().ok()).unwrap_or(0)
 }
+
+/// An engine as the conformance suite sees it: its sockets (the processes
+/// stay with the test) and how to ask it for a volume.
+pub struct Conforming {
+    pub name: String,
+    pub controller: tonic::transport::Channel,
+    pub node: Option<(tonic::transport::Channel, PathBuf)>,
+    #[allow(clippy::type_complexity)]
+    pub create: Box<
+        dyn Fn(&str, i64, ferrovol_csi::VolumeCapability) -> ferrovol_csi::CreateVolumeRequest
+            + Send
+            + Sync,
+    >,
+    pub volume_size: i64,
+    pub fs_type: String,
+}
+
+#[tonic::async_trait]
+impl ferrovol_testkit::conformance::Subject for Conforming {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn controller(&self) -> tonic::transport::Channel {
+        self.controller.clone()
+    }
+
+    async fn node(&self) -> Option<(tonic::transport::Channel, PathBuf)> {
+        self.node.clone()
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        bytes: i64,
+        cap: ferrovol_csi::VolumeCapability,
+    ) -> ferrovol_csi::CreateVolumeRequest {
+        (self.create)(name, bytes, cap)
+    }
+
+    fn volume_size(&self) -> i64 {
+        self.volume_size
+    }
+
+    fn fs_type(&self) -> String {
+        self.fs_type.clone()
+    }
+}
