@@ -139,7 +139,9 @@ impl Connections {
     }
 
     async fn cluster(&self, creds: &Credentials) -> Result<Cluster> {
-        if let Some(c) = self.clusters.lock().expect("connections lock").get(creds) {
+        if let Some(c) =
+            self.clusters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(creds)
+        {
             return Ok(c.clone());
         }
         let (config, c) = (self.config.clone(), creds.clone());
@@ -173,7 +175,7 @@ impl Connections {
             })
         })
         .await?;
-        let mut all = self.clusters.lock().expect("connections lock");
+        let mut all = self.clusters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(all.entry(creds.clone()).or_insert(cluster).clone())
     }
 
@@ -198,7 +200,9 @@ impl Connections {
 
     async fn pool_as(&self, name: &str, creds: Credentials) -> Result<Pool> {
         let key = (creds, name.to_string());
-        if let Some(p) = self.pools.lock().expect("pools lock").get(&key) {
+        if let Some(p) =
+            self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key)
+        {
             return Ok(p.clone());
         }
         let cluster = self.cluster(&key.0).await?;
@@ -210,7 +214,7 @@ impl Connections {
             })
         })
         .await?;
-        let mut all = self.pools.lock().expect("pools lock");
+        let mut all = self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(all.entry(key).or_insert(pool).clone())
     }
 

@@ -46,7 +46,7 @@ impl Purger {
     pub fn start(conn: crate::connect::Connections) -> Purger {
         let p = Purger { state: Arc::default(), wake: Arc::default(), task: Arc::default(), conn };
         let task = tokio::spawn(p.clone().run());
-        *p.task.lock().expect("purger task") = Some(task);
+        *p.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
         p
     }
 
@@ -66,13 +66,13 @@ impl Purger {
     /// (or were busy when the snapshot's own call tried them) are tried
     /// again, all of them, at once.
     pub fn retry(&self, pool: &Pool) {
-        self.state.lock().expect("purger state").waiting.clear();
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.clear();
         self.wake(pool);
     }
 
     /// Something in this pool's trash may be purged now.
     pub fn wake(&self, pool: &Pool) {
-        let mut s = self.state.lock().expect("purger state");
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         s.pools.entry(pool.name().to_string()).or_insert_with(|| pool.clone());
         s.pending.insert(pool.name().to_string());
         drop(s);
@@ -82,7 +82,7 @@ impl Purger {
     async fn run(self) {
         loop {
             let next = {
-                let mut s = self.state.lock().expect("purger state");
+                let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let name = s.pending.pop_first();
                 name.and_then(|n| s.pools.get(&n).cloned())
             };
@@ -103,7 +103,8 @@ impl Purger {
     async fn sweep(&self, pool: &Pool) -> crate::error::Result<()> {
         let p = pool.clone();
         let entries = blocking(move || p.trash_list().map_err(ceph_error)).await?;
-        let waiting = self.state.lock().expect("purger state").waiting.clone();
+        let waiting =
+            self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).waiting.clone();
         let ours: Vec<String> = entries
             .into_iter()
             .filter(|e| is_volume_name(&e.name) || e.name.starts_with(ids::DELETED_PREFIX))
@@ -120,7 +121,11 @@ impl Purger {
                 match t.await {
                     Ok((_, true)) => {}
                     Ok((id, false)) => {
-                        self.state.lock().expect("purger state").waiting.insert(id);
+                        self.state
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .waiting
+                            .insert(id);
                     }
                     Err(e) => {
                         tracing::warn!(pool = pool.name(), error = %e, "purging a deleted image failed")

@@ -7,9 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use ferrovol_core::locks::{self, OpGuard};
 use ferrovol_core::rpc::MethodLayer;
 use ferrovol_core::services::Driver;
 use ferrovol_host::node::quiesce::Held;
+use ferrovol_host::offload;
 use tokio::net::TcpStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -34,10 +36,31 @@ const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A link that lasted less than this was refused rather than lost.
 const SHORT_LINK: Duration = Duration::from_secs(5);
 
+/// One freeze a relay holds here: the frozen filesystems, and the members'
+/// operation locks, taken shared as a local snapshot takes them, so no
+/// node call (an unpublish, an unstage, an expansion) changes a member
+/// while it is frozen for the group's instant.
+struct Hold {
+    held: Held,
+    _locks: OpGuard,
+}
+
+/// Thaws off the async workers (a thaw is an ioctl that waits for the
+/// filesystem), never under the holds' lock.
+fn thaw(holds: Vec<Hold>) {
+    if holds.is_empty() {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(holds))),
+        Err(_) => drop(holds),
+    }
+}
+
 /// The freezes one relay connection made; dropped (thawed) with it.
 #[derive(Default)]
 struct Holds {
-    live: HashMap<String, Held>,
+    live: HashMap<String, Hold>,
     /// Holds that ran out of time, so Thaw can say so.
     expired: HashSet<String>,
 }
@@ -61,10 +84,11 @@ impl AgentService {
 impl Drop for AgentService {
     fn drop(&mut self) {
         // The relay is gone: thaw whatever it froze, at once.
-        let left = std::mem::take(&mut self.holds().live);
+        let left: Vec<Hold> = std::mem::take(&mut self.holds().live).into_values().collect();
         if !left.is_empty() {
             warn!(holds = left.len(), "link closed with filesystems frozen: thawed");
         }
+        thaw(left);
     }
 }
 
@@ -84,6 +108,8 @@ impl Agent for AgentService {
             return Err(Status::invalid_argument("hold_id is required"));
         }
         let limit = Duration::from_millis(u64::from(req.hold_ms)).min(MAX_HOLD);
+        let keys: Vec<String> = req.volume_ids.iter().map(|id| locks::volume(id)).collect();
+        let op_locks = self.driver.locks.acquire(&[], &keys).map_err(Status::from)?;
         let node = self.driver.node();
         let mut devices = Vec::with_capacity(req.volume_ids.len());
         for id in &req.volume_ids {
@@ -98,7 +124,7 @@ impl Agent for AgentService {
             if holds.live.contains_key(&req.hold_id) {
                 return Err(Status::already_exists(format!("hold {} exists", req.hold_id)));
             }
-            holds.live.insert(req.hold_id.clone(), held);
+            holds.live.insert(req.hold_id.clone(), Hold { held, _locks: op_locks });
         }
         // The bound: thawed on our own if the relay never comes back for it.
         let weak: Weak<Mutex<Holds>> = Arc::downgrade(&self.holds);
@@ -106,10 +132,17 @@ impl Agent for AgentService {
         tokio::spawn(async move {
             tokio::time::sleep(limit).await;
             let Some(holds) = weak.upgrade() else { return };
-            let mut holds = holds.lock().unwrap_or_else(|p| p.into_inner());
-            if holds.live.remove(&id).is_some() {
+            let ran_out = {
+                let mut holds = holds.lock().unwrap_or_else(|p| p.into_inner());
+                let ran_out = holds.live.remove(&id);
+                if ran_out.is_some() {
+                    holds.expired.insert(id.clone());
+                }
+                ran_out
+            };
+            if let Some(hold) = ran_out {
+                let _ = offload::run("thawing", offload::NODE_WORK, move || Ok(drop(hold))).await;
                 warn!(hold = %id, ?limit, "a group snapshot's freeze ran out of time: thawed");
-                holds.expired.insert(id);
             }
         });
         Ok(Response::new(FreezeReply { frozen }))
@@ -117,12 +150,17 @@ impl Agent for AgentService {
 
     async fn thaw(&self, req: Request<ThawRequest>) -> Result<Response<ThawReply>, Status> {
         let id = req.into_inner().hold_id;
-        let mut holds = self.holds();
-        holds.expired.remove(&id);
-        Ok(Response::new(match holds.live.remove(&id) {
-            Some(held) => {
-                let frozen_us = held.frozen_at.elapsed().as_micros() as u64;
-                drop(held);
+        let hold = {
+            let mut holds = self.holds();
+            holds.expired.remove(&id);
+            holds.live.remove(&id)
+        };
+        Ok(Response::new(match hold {
+            Some(hold) => {
+                let frozen_us = hold.held.frozen_at.elapsed().as_micros() as u64;
+                offload::run("thawing", offload::NODE_WORK, move || Ok(drop(hold)))
+                    .await
+                    .map_err(Status::from)?;
                 info!(hold = %id, frozen_ms = frozen_us as f64 / 1000.0, "thawed");
                 ThawReply { held: true, frozen_us }
             }

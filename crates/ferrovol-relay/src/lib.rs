@@ -4,6 +4,8 @@
 //! the agent of the node the volume lives on, over a mutual-TLS link the
 //! agent dials (docs/kubernetes.md, docs/architecture.md).
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod certs;
 pub mod link;

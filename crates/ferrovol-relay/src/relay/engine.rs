@@ -36,9 +36,10 @@ pub struct RelayEngine {
     /// The longest every node's members stay frozen for a group snapshot
     /// spread over nodes.
     pub(super) hold_limit: Duration,
-    /// Test hook (`FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE`): no cross-node
-    /// freeze, each node's part taken in turn as a relay without one would,
-    /// so the consistency test can show that it fails then.
+    /// Test hook (`FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE`, read only in a
+    /// build with the `test-hooks` feature): no cross-node freeze, each
+    /// node's part taken in turn as a relay without one would, so the
+    /// consistency test can show that it fails then.
     pub(super) skip_freeze: bool,
 }
 
@@ -53,7 +54,8 @@ impl RelayEngine {
             legacy: Mutex::default(),
             conditions: Mutex::default(),
             hold_limit,
-            skip_freeze: std::env::var_os("FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE").is_some(),
+            skip_freeze: cfg!(feature = "test-hooks")
+                && std::env::var_os("FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE").is_some(),
         }
     }
 

@@ -143,6 +143,14 @@ async fn under_one_freeze(
         return Err(e);
     }
 
+    // A test's pause point: every node frozen, no part begun (off the
+    // async workers: a paused failpoint blocks its thread).
+    let _ = ferrovol_host::offload::to_completion("a failpoint", || {
+        ferrovol_local::failpoint::hit("relay-group-frozen");
+        Ok(())
+    })
+    .await;
+
     // Phase 2: every part, under the one freeze (each node checks that its
     // members are still held when it clones, and keeps them so until done).
     let parts = on_each(links, |link| {

@@ -966,6 +966,46 @@ async fn a_part_whose_freeze_ended_is_never_used() {
     delete_group_and_volumes(&cluster, &group, &vols).await;
 }
 
+/// While a relay holds a node's members frozen for a group's instant, the
+/// freeze holds their operation locks as a local snapshot does: a node call
+/// that would change a member (here an unpublish, which would take the
+/// pod's mount away mid-snapshot) is ABORTED until the thaw.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cross_node_freeze_holds_its_members_operation_locks() {
+    let gate_dir = tempfile::tempdir().unwrap();
+    let fifo = gate_dir.path().join("gate");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
+    let spec = format!("relay-group-frozen=pause:{}", fifo.display());
+    let mut cluster = Cluster::start_with(
+        &["node-a", "node-b"],
+        PoolFs::Xfs,
+        &[("FERROVOL_FAILPOINTS", spec.as_str())],
+        |_| vec![],
+    )
+    .await;
+    let vols = mounted_on_each(&cluster).await;
+    let call = {
+        let mut g = cluster.groups().await;
+        let request = csi::CreateVolumeGroupSnapshotRequest {
+            name: "locked".into(),
+            source_volume_ids: vols.iter().map(|v| v.0.clone()).collect(),
+            ..Default::default()
+        };
+        tokio::spawn(async move { g.create_volume_group_snapshot(request).await })
+    };
+    // Both nodes frozen by the relay's hold, no part begun.
+    cluster.relay.wait_for_log("failpoint reached").unwrap();
+    for (agent, (id, _, target)) in cluster.agents.iter().zip(&vols) {
+        let mut n = agent.node().await;
+        let busy = n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap_err();
+        assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+        assert!(common::is_mounted(target), "the pod keeps its mount through the freeze");
+    }
+    std::fs::write(&fifo, b"go").unwrap();
+    let group = call.await.unwrap().unwrap().into_inner().group_snapshot.unwrap();
+    delete_group_and_volumes(&cluster, &group, &vols).await;
+}
+
 /// A group across two nodes whose delete reaches one node's part but not
 /// the other's (node-b's member is busy: a restore from it, started by
 /// another controller replica, still runs there). The delete is ABORTED;
