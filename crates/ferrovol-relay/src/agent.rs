@@ -141,7 +141,11 @@ impl Agent for AgentService {
                 ran_out
             };
             if let Some(hold) = ran_out {
-                let _ = offload::run("thawing", offload::NODE_WORK, move || Ok(drop(hold))).await;
+                let _ = offload::run("thawing", offload::NODE_WORK, move || {
+                    drop(hold);
+                    Ok(())
+                })
+                .await;
                 warn!(hold = %id, ?limit, "a group snapshot's freeze ran out of time: thawed");
             }
         });
@@ -158,9 +162,12 @@ impl Agent for AgentService {
         Ok(Response::new(match hold {
             Some(hold) => {
                 let frozen_us = hold.held.frozen_at.elapsed().as_micros() as u64;
-                offload::run("thawing", offload::NODE_WORK, move || Ok(drop(hold)))
-                    .await
-                    .map_err(Status::from)?;
+                offload::run("thawing", offload::NODE_WORK, move || {
+                    drop(hold);
+                    Ok(())
+                })
+                .await
+                .map_err(Status::from)?;
                 info!(hold = %id, frozen_ms = frozen_us as f64 / 1000.0, "thawed");
                 ThawReply { held: true, frozen_us }
             }
