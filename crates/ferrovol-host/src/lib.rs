@@ -4,17 +4,16 @@
 //! - [`loopdev`]: loop devices (attach, detach, find by backing file);
 //! - [`extents`]: allocated and shared ranges of files (FIEMAP);
 //! - [`exec`]: external tools with timeouts, dying with the driver;
-//! - [`fsutil`]: durable writes and write probes.
+//! - [`fsutil`]: durable writes and write probes;
 //! - [`offload`]: blocking work off the async executor, with a deadline.
 //!
-//! This is the only crate with `unsafe` code (ioctls and `pre_exec`); each
-//! block says why it is sound, and every ioctl opcode is built from its
-//! definition (group, number, argument type) rather than written as a
-//! number.
+//! With `ferrovol-ceph` (Ceph's C libraries), this is the only crate with
+//! `unsafe` code (ioctls and `pre_exec`); each block says why it is sound,
+//! and every ioctl opcode is built from its definition (group, number,
+//! argument type) rather than written as a number.
 
 pub use ferrovol_csi::error;
 
-pub mod ceph;
 pub mod exec;
 pub mod extents;
 pub mod fsutil;

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use ferrovol_ceph::{self as ceph, Cluster, Pool};
 use ferrovol_core::engine::Secrets;
-use ferrovol_host::ceph::{self, Cluster, Pool};
 
 use crate::error::{self, Result};
 use crate::{blocking, ceph_error};

@@ -19,12 +19,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferrovol_ceph::{self as ceph, Pool};
 use ferrovol_core::engine::{
     self, AccessMode, Capacity, ChangedBlocks, Condition, ContentSource, ControllerEngine,
     EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot, GroupSnapshots, NewVolume, Page,
     Publish, Publishing, Range, Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
 };
-use ferrovol_host::ceph::{self, Pool};
 
 use crate::connect::Connections;
 use crate::error::{self, Result};

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use ferrovol_ceph::{self as ceph, Pool};
 use ferrovol_core::engine::GroupSnapshot;
-use ferrovol_host::ceph::{self, Pool};
 
 use crate::error::{self, Result};
 use crate::ids::{GroupId, SnapshotId, VolumeId};

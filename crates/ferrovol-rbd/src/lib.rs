@@ -27,7 +27,7 @@ mod volumes;
 pub use ferrovol_csi::error;
 
 use error::{Error, Result};
-use ferrovol_host::ceph::CephError;
+use ferrovol_ceph::CephError;
 
 /// The CSI driver name the RBD engine serves by default.
 pub const DRIVER_NAME: &str = "rbd.csi.ferrovol.io";
@@ -61,7 +61,7 @@ pub fn ceph_error(e: CephError) -> Error {
 /// exclusively), or checks that it already is: ALREADY_EXISTS when another
 /// value took it.
 pub(crate) fn claim(
-    pool: &ferrovol_host::ceph::Pool,
+    pool: &ferrovol_ceph::Pool,
     oid: &str,
     value: &[u8],
     taken: impl Fn() -> String,

@@ -6,7 +6,7 @@
 //! names: a claim for another volume that still exists is ALREADY_EXISTS,
 //! one whose volume is gone (a delete cut short) is taken over.
 
-use ferrovol_host::ceph::Pool;
+use ferrovol_ceph::Pool;
 
 use crate::error::Result;
 use crate::{ceph_error, ids};

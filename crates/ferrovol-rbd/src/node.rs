@@ -51,7 +51,7 @@ impl RbdNode {
             // watches the image but takes no lock).
             let img = pool.open(&image).map_err(ceph_error)?;
             // Without the exclusive-lock feature there is no lock to hold.
-            if img.features().map_err(ceph_error)? & ferrovol_host::ceph::FEATURE_EXCLUSIVE_LOCK == 0 {
+            if img.features().map_err(ceph_error)? & ferrovol_ceph::FEATURE_EXCLUSIVE_LOCK == 0 {
                 return Ok(());
             }
             for owner in img.lock_owners().map_err(ceph_error)? {

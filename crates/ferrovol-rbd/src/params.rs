@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ferrovol_host::ceph;
+use ferrovol_ceph as ceph;
 
 use crate::error::{self, Result};
 use crate::ids;

@@ -11,7 +11,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
-use ferrovol_host::ceph::Pool;
+use ferrovol_ceph::Pool;
 use tokio::sync::Notify;
 
 use crate::volumes::{is_volume_name, settle};

@@ -1,7 +1,7 @@
 //! Snapshots of one image: finding them, describing them, reading them.
 
+use ferrovol_ceph::{self as ceph, Image, Pool, SnapNamespace};
 use ferrovol_core::engine::{Range, Snapshot};
-use ferrovol_host::ceph::{self, Image, Pool, SnapNamespace};
 
 use crate::ceph_error;
 use crate::error::{self, Result};

@@ -15,8 +15,8 @@
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime};
 
+use ferrovol_ceph::{self as ceph, CephError, Image, ImageOptions, Pool, SnapNamespace};
 use ferrovol_core::engine::{AccessType, ContentSource, NewVolume, Volume};
-use ferrovol_host::ceph::{self, CephError, Image, ImageOptions, Pool, SnapNamespace};
 
 use crate::ceph_error;
 use crate::error::{self, Result};

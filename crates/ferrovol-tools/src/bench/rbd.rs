@@ -9,10 +9,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ferrovol_ceph::{self as ceph, Cluster, ImageOptions, Pool};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
-use ferrovol_host::ceph::{self, Cluster, ImageOptions, Pool};
 use tonic::transport::Channel;
 
 use super::limits::{cpu_seconds, report};
