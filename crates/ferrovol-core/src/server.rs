@@ -27,6 +27,7 @@ use crate::services::identity::IdentityService;
 use crate::services::node::{NodeConfig, NodeService};
 use crate::services::snapshot_metadata::SnapshotMetadataService;
 use crate::services::Driver;
+use ferrovol_host::offload::QUICK;
 
 /// Logged once the socket accepts connections; tests and scripts wait for it.
 pub const READY_MESSAGE: &str = "ferrovol is serving";
@@ -270,11 +271,10 @@ fn driver_endpoints(driver: Arc<Driver>) -> crate::metrics::Endpoints {
                     Some(n) => n.staged().await.unwrap_or_default(),
                     None => Vec::new(),
                 };
-                tokio::task::spawn_blocking(move || {
-                    crate::metrics::global().render(&stats, &staged)
-                })
-                .await
-                .unwrap_or_default()
+                let rendered = ferrovol_host::offload::run("rendering metrics", QUICK, move || {
+                    Ok(crate::metrics::global().render(&stats, &staged))
+                });
+                rendered.await.unwrap_or_default()
             })
         }),
         health: Arc::new(move || {

@@ -85,11 +85,11 @@ pub fn check_parameters(parameters: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-/// Runs blocking file work off the async executor.
+/// Runs blocking file work off the async executor, to its end: a copy or
+/// a journal write is never abandoned while the operation lock it runs
+/// under could be let go (see `ferrovol_host::offload`).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| error::internal(format!("worker failed: {e}")))?
+    ferrovol_host::offload::to_completion("pool work", f).await
 }
 
 fn now_nanos() -> i64 {

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod connect;
 pub mod controller;
 mod groups;
@@ -109,12 +110,13 @@ pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let counted = Counted::new();
-    tokio::task::spawn_blocking(move || {
+    // To its end: a librbd call is bounded by the cluster's own op timeout
+    // (`--ceph-timeout`), and the stop waits for the calls counted here.
+    ferrovol_host::offload::to_completion("a Ceph call", move || {
         let _counted = counted;
         f()
     })
     .await
-    .map_err(|e| error::internal(format!("a blocking Ceph call failed: {e}")))?
 }
 
 /// The end of an engine half: waits for the Ceph calls still running (at

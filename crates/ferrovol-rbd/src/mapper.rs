@@ -14,6 +14,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ferrovol_host::offload::{self, QUICK};
 use ferrovol_host::{exec, loopdev, node::mountinfo};
 
 use crate::error::{self, Error, Result};
@@ -225,23 +226,33 @@ pub async fn map(kind: Kind, state: &Path, v: &VolumeId, auth: &Auth) -> Result<
             let dir = fuse_dir(state, v);
             // The volume's directory is the record that this driver mapped
             // it ([`all`] lists no mapping without one).
-            std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-            let keyfile = write_keyfile(&dir, auth)?;
+            let (d, a) = (dir.clone(), auth.clone());
+            let keyfile = offload::run("preparing the mapping", QUICK, move || {
+                std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+                write_keyfile(&d, &a)
+            })
+            .await?;
             let mut args: Vec<OsString> =
                 vec!["map".into(), format!("{}/{}", v.pool, v.image).into()];
             args.extend(auth.args(keyfile.as_deref()));
             let tool = if kind == Kind::Krbd { "rbd" } else { "rbd-nbd" };
             let out = exec::run(tool, &args, TOOL_TIMEOUT).await;
-            if let Some(k) = keyfile {
-                let _ = std::fs::remove_file(k);
-            }
-            let device = PathBuf::from(out?.stdout.trim());
-            if kind == Kind::Nbd {
-                std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-                std::fs::write(dir.join("nbd-device"), device.as_os_str().as_encoded_bytes())
-                    .map_err(io("recording the nbd device"))?;
-            }
-            Ok(device)
+            let device = out.map(|o| PathBuf::from(o.stdout.trim()));
+            let (d, dev) = (dir.clone(), device.as_ref().ok().cloned());
+            offload::run("recording the mapping", QUICK, move || {
+                if let Some(k) = keyfile {
+                    let _ = std::fs::remove_file(k);
+                }
+                match dev {
+                    Some(dev) if kind == Kind::Nbd => {
+                        std::fs::write(d.join("nbd-device"), dev.as_os_str().as_encoded_bytes())
+                            .map_err(io("recording the nbd device"))
+                    }
+                    _ => Ok(()),
+                }
+            })
+            .await?;
+            device
         }
     }
 }
@@ -287,9 +298,24 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
     let dir = fuse_dir(state, v);
     let mnt = dir.join("mnt");
     let file = fuse_file(state, v);
-    if !fuse_mounted(&mnt)? {
-        std::fs::create_dir_all(&mnt).map_err(io(format!("creating {}", mnt.display())))?;
-        let keyfile = write_keyfile(&dir, auth)?;
+    // Whether the helper shows the image yet: a stat inside its mount,
+    // which blocks while the helper does, so off the executor and bounded.
+    let shown = |mnt: &Path, file: &Path| {
+        let (m, f) = (mnt.to_path_buf(), file.to_path_buf());
+        offload::run("looking for the rbd-fuse image", QUICK, move || {
+            Ok(fuse_mounted(&m)? && f.exists())
+        })
+    };
+    let (m, d, a) = (mnt.clone(), dir.clone(), auth.clone());
+    let prepared = offload::run("preparing the rbd-fuse mount", QUICK, move || {
+        if fuse_mounted(&m)? {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&m).map_err(io(format!("creating {}", m.display())))?;
+        write_keyfile(&d, &a).map(Some)
+    })
+    .await?;
+    if let Some(keyfile) = prepared {
         let mut args = auth.args(keyfile.as_deref());
         args.extend([
             "-f".into(),
@@ -301,12 +327,15 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
         ]);
         let log = dir.join("rbd-fuse.log");
         let pid = exec::spawn_detached("rbd-fuse", &args, &log)?;
-        std::fs::write(dir.join("rbd-fuse.pid"), pid.to_string())
-            .map_err(io("writing the helper's pid"))?;
+        let pid_file = dir.join("rbd-fuse.pid");
+        offload::run("recording the helper", QUICK, move || {
+            std::fs::write(pid_file, pid.to_string()).map_err(io("writing the helper's pid"))
+        })
+        .await?;
         // Wait for the helper to show the image, or to give up.
         let deadline = Instant::now() + HELPER_DEADLINE;
         loop {
-            if fuse_mounted(&mnt)? && file.exists() {
+            if shown(&mnt, &file).await.unwrap_or(false) {
                 break;
             }
             if !alive(pid) || Instant::now() > deadline {
@@ -348,18 +377,25 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
 /// Unmaps; an unmapped volume is fine. A device still held open is
 /// FAILED_PRECONDITION and nothing is undone halfway.
 pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
-    if let Some(d) = krbd_find(v)? {
+    let (st, vol) = (state.to_path_buf(), v.clone());
+    let (krbd, nbd, mapped, loops) = offload::run("finding the mapping", QUICK, move || {
+        let dir = fuse_dir(&st, &vol);
+        let loops = loopdev::find(&fuse_file(&st, &vol)).map_err(io("reading loop devices"))?;
+        Ok((krbd_find(&vol)?, nbd_find(&st, &vol), dir.exists(), loops))
+    })
+    .await?;
+    if let Some(d) = krbd {
         unmap_device("rbd", d).await?;
     }
-    if let Some(d) = nbd_find(state, v) {
+    if let Some(d) = nbd {
         unmap_device("rbd-nbd", d).await?;
     }
-    let dir = fuse_dir(state, v);
-    if !dir.exists() {
+    if !mapped {
         return Ok(());
     }
+    let dir = fuse_dir(state, v);
     let file = fuse_file(state, v);
-    for a in loopdev::find(&file).map_err(io("reading loop devices"))? {
+    for a in loops {
         let device = a.device.clone();
         let backing = file.clone();
         crate::blocking(move || {
@@ -384,16 +420,21 @@ pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
         .await?;
     }
     let mnt = dir.join("mnt");
-    // Which process is the helper is read before it is told to go: an
-    // exiting process soon has no command line to recognise it by, and
-    // it still has the image open (a watch the OSDs would keep for 30 s
-    // if it were not closed) until it has exited.
-    let pid = std::fs::read_to_string(dir.join("rbd-fuse.pid"))
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .filter(|p| is_helper(*p, &mnt));
-    // Unmounting the fuse file system ends the helper.
-    ferrovol_host::node::fs::unmount_own(&mnt)?;
+    let (d, m) = (dir.clone(), mnt.clone());
+    let pid = offload::run("unmounting rbd-fuse", offload::NODE_WORK, move || {
+        // Which process is the helper is read before it is told to go: an
+        // exiting process soon has no command line to recognise it by, and
+        // it still has the image open (a watch the OSDs would keep for 30 s
+        // if it were not closed) until it has exited.
+        let pid = std::fs::read_to_string(d.join("rbd-fuse.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|p| is_helper(*p, &m));
+        // Unmounting the fuse file system ends the helper.
+        ferrovol_host::node::fs::unmount_own(&m)?;
+        Ok(pid)
+    })
+    .await?;
     if let Some(pid) = pid {
         let deadline = Instant::now() + HELPER_DEADLINE;
         while alive(pid) && Instant::now() < deadline {
@@ -403,8 +444,10 @@ pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
             stop_helper(pid);
         }
     }
-    std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
-    Ok(())
+    offload::run("removing the mapping's directory", QUICK, move || {
+        std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))
+    })
+    .await
 }
 
 /// Whether the pid is still the rbd-fuse serving this mount point (a pid

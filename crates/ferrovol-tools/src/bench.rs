@@ -15,8 +15,7 @@ use tonic::transport::Channel;
 use crate::endpoint::{self, Endpoint};
 use crate::scratch::{Options, Scratch};
 
-mod limits;
-mod rbd;
+pub mod limits;
 mod relay;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -97,7 +96,7 @@ fn mount_cap() -> csi::VolumeCapability {
     }
 }
 
-fn create_request(
+pub fn create_request(
     name: String,
     bytes: i64,
     source: Option<csi::VolumeContentSource>,
@@ -112,7 +111,7 @@ fn create_request(
 }
 
 /// CreateVolume, answering the volume or the error as text.
-async fn create(
+pub async fn create(
     c: &mut ControllerClient<Channel>,
     r: csi::CreateVolumeRequest,
 ) -> Result<csi::Volume, String> {
@@ -126,7 +125,7 @@ async fn create(
 
 /// CreateSnapshot named `name` of `source`, answering the snapshot or the
 /// error as text.
-async fn snapshot(
+pub async fn snapshot(
     c: &mut ControllerClient<Channel>,
     name: String,
     source: &str,
@@ -156,7 +155,7 @@ async fn fs_volume(
     Ok(create(c, request).await?.volume_id)
 }
 
-async fn delete(c: &mut ControllerClient<Channel>, volume_id: String) -> Result<(), String> {
+pub async fn delete(c: &mut ControllerClient<Channel>, volume_id: String) -> Result<(), String> {
     c.delete_volume(csi::DeleteVolumeRequest { volume_id, ..Default::default() })
         .await
         .map(drop)
@@ -173,7 +172,11 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     if args.engine == BenchEngine::Rbd {
-        return rbd::run(&args).await;
+        // Beside the bare librbd calls it is made of: the RBD engine's own
+        // crate runs it (this crate links no engine and no Ceph).
+        return Err(
+            "the RBD bench runs from the ferrovol binary (ferrovol bench --engine rbd)".into()
+        );
     }
     let others = args.only.is_empty() || args.only.iter().any(|s| *s != Section::Relay);
     if others {
@@ -301,7 +304,7 @@ fn mount_cap_fs(fs: &str) -> csi::VolumeCapability {
 }
 
 /// Paths of one volume's staging and target dirs under the bench's kubelet.
-fn node_paths(work: &Path, tag: &str) -> Result<(PathBuf, PathBuf), String> {
+pub fn node_paths(work: &Path, tag: &str) -> Result<(PathBuf, PathBuf), String> {
     let staging = work.join("kubelet/plugins/staging").join(tag);
     let target = work.join("kubelet/pods").join(tag).join("mount");
     std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
@@ -309,7 +312,7 @@ fn node_paths(work: &Path, tag: &str) -> Result<(PathBuf, PathBuf), String> {
     Ok((staging, target))
 }
 
-async fn stage_publish(
+pub async fn stage_publish(
     n: &mut NodeClient<Channel>,
     id: &str,
     staging: &Path,
@@ -335,7 +338,7 @@ async fn stage_publish(
     Ok(())
 }
 
-async fn unpublish_unstage(
+pub async fn unpublish_unstage(
     n: &mut NodeClient<Channel>,
     id: &str,
     staging: &Path,
@@ -456,7 +459,7 @@ async fn timed_group_snapshots(
 }
 
 /// CreateVolumeGroupSnapshot named `name` of `ids`.
-async fn group_snapshot(
+pub async fn group_snapshot(
     g: &mut GroupControllerClient<Channel>,
     name: String,
     ids: &[String],
@@ -474,7 +477,7 @@ async fn group_snapshot(
 }
 
 /// DeleteVolumeGroupSnapshot of a group and exactly its members.
-async fn delete_group_snapshot(
+pub async fn delete_group_snapshot(
     g: &mut GroupControllerClient<Channel>,
     group: csi::VolumeGroupSnapshot,
 ) -> Result<(), String> {
@@ -557,7 +560,7 @@ async fn changed_blocks(channel: &Channel, pool_dir: &Path) -> Result<(), String
 }
 
 /// One fio job; answers (KiB/s, IOPS).
-fn fio(file: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), String> {
+pub fn fio(file: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), String> {
     let out = Command::new("fio")
         .args(["--name=bench", "--size=512M", "--direct=1", "--ioengine=libaio", "--iodepth=16"])
         .arg(format!("--filename={}", file.display()))

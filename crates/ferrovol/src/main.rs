@@ -78,6 +78,9 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Serve(args) => serve(*args).await,
+        Command::Bench(args) if args.engine == ferrovol_tools::bench::BenchEngine::Rbd => {
+            ferrovol_rbd::bench::run(&args).await
+        }
         Command::Bench(args) => ferrovol_tools::bench::run(args).await,
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,

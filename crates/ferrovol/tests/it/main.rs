@@ -13,6 +13,7 @@ mod group;
 mod grpc_clients;
 mod hostile_input;
 mod identity;
+mod layout;
 mod metadata;
 mod metrics;
 mod node;

@@ -15,10 +15,12 @@ use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
-use super::limits::{cpu_seconds, report};
-use super::{create, create_request, delete, node_paths, percentiles, snapshot, BenchArgs};
-use crate::endpoint::{self, Endpoint};
-use crate::scratch::{Options, Scratch};
+use ferrovol_csi::endpoint::{self, Endpoint};
+use ferrovol_tools::bench::limits::{cpu_seconds, report};
+use ferrovol_tools::bench::{
+    create, create_request, delete, node_paths, percentiles, snapshot, BenchArgs,
+};
+use ferrovol_tools::scratch::{Options, Scratch};
 
 /// The image features every request of the run uses.
 static FEATURES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -52,10 +54,7 @@ async fn drain(pool: &Pool) -> Result<Duration, String> {
     let started = Instant::now();
     loop {
         let p = pool.clone();
-        let left = tokio::task::spawn_blocking(move || p.trash_list())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let left = off(move || p.trash_list()).await?.map_err(|e| e.to_string())?;
         if left.is_empty() {
             return Ok(started.elapsed());
         }
@@ -91,12 +90,19 @@ fn p50(samples: &mut [Duration]) -> f64 {
 async fn bare<T: Send + 'static>(
     f: impl FnOnce() -> ceph::Result<T> + Send + 'static,
 ) -> Result<(T, Duration), String> {
-    tokio::task::spawn_blocking(move || {
+    off(move || {
         let t = Instant::now();
         f().map(|v| (v, t.elapsed())).map_err(|e| e.to_string())
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
+}
+
+/// Bare work on the blocking pool, through the one off-executor helper,
+/// to its end.
+async fn off<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    ferrovol_host::offload::to_completion("bench work", move || Ok(f()))
+        .await
+        .map_err(|e| e.message().to_string())
 }
 
 fn image_count(pool: &Pool) -> usize {
@@ -145,15 +151,14 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
     let idle = rss_kib(pid, "VmRSS:");
     let cluster = {
         let conf = conf.clone();
-        tokio::task::spawn_blocking(move || {
+        off(move || {
             Cluster::connect(&ceph::Connect {
                 conf: Some(&conf),
                 op_timeout: 30,
                 ..Default::default()
             })
         })
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .map_err(|e| e.to_string())?
     };
     let pool = cluster.pool(&pool_name).map_err(|e| e.to_string())?;
@@ -267,7 +272,7 @@ async fn bare_pairs(pool: &Pool, concurrency: usize, pairs: usize) -> Result<f64
     let mut workers = Vec::new();
     for w in 0..concurrency {
         let pool = pool.clone();
-        workers.push(tokio::task::spawn_blocking(move || {
+        workers.push(off(move || {
             let opts = ImageOptions { features: feature_bits(), data_pool: None };
             for i in 0..per_worker {
                 let name = format!("bench-bare-{concurrency}-{w}-{i}");
@@ -277,8 +282,9 @@ async fn bare_pairs(pool: &Pool, concurrency: usize, pairs: usize) -> Result<f64
             Ok::<_, String>(())
         }));
     }
-    for w in workers {
-        w.await.map_err(|e| e.to_string())??;
+    // The workers run side by side on the blocking pool.
+    for outcome in futures_join(workers).await {
+        outcome??;
     }
     Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
 }
@@ -311,9 +317,7 @@ async fn cow(
     let image = image_of(&src.volume_id);
     let (p, i) = (pool_name.to_string(), image.clone());
     let conf = conf.to_path_buf();
-    tokio::task::spawn_blocking(move || fill(&conf, &p, &i, data_mib))
-        .await
-        .map_err(|e| e.to_string())??;
+    off(move || fill(&conf, &p, &i, data_mib)).await??;
 
     let (mut snap_t, mut restore_t, mut clone_t, mut delsnap_t) = (vec![], vec![], vec![], vec![]);
     let (mut b_snap, mut b_clone, mut b_vclone, mut b_delsnap) = (vec![], vec![], vec![], vec![]);
@@ -432,11 +436,9 @@ async fn member_restore(channel: &Channel, pool_name: &str, conf: &Path) -> Resu
         create(&mut c, rbd_request(pool_name, "bench-member-src".into(), 1 << 30, None)).await?;
     let (p, i) = (pool_name.to_string(), image_of(&src.volume_id));
     let conf = conf.to_path_buf();
-    tokio::task::spawn_blocking(move || fill(&conf, &p, &i, 256))
-        .await
-        .map_err(|e| e.to_string())??;
+    off(move || fill(&conf, &p, &i, 256)).await??;
     let t = Instant::now();
-    let group = super::group_snapshot(
+    let group = ferrovol_tools::bench::group_snapshot(
         &mut g,
         "bench-member-group".into(),
         std::slice::from_ref(&src.volume_id),
@@ -459,7 +461,7 @@ async fn member_restore(channel: &Channel, pool_name: &str, conf: &Path) -> Resu
     };
     println!("group snapshot of 1 volume: {group_ms:.1} ms; restore of its member (256 MiB of data): {restore_ms:.1} ms, by {how}");
     delete(&mut c, restored.volume_id).await?;
-    super::delete_group_snapshot(&mut g, group).await?;
+    ferrovol_tools::bench::delete_group_snapshot(&mut g, group).await?;
     delete(&mut c, src.volume_id).await
 }
 
@@ -487,8 +489,8 @@ async fn node_cycle(
     let mut times = vec![];
     for _ in 0..samples + 1 {
         let t = Instant::now();
-        super::stage_publish(&mut n, &id, &staging, &target).await?;
-        super::unpublish_unstage(&mut n, &id, &staging, &target).await?;
+        ferrovol_tools::bench::stage_publish(&mut n, &id, &staging, &target).await?;
+        ferrovol_tools::bench::unpublish_unstage(&mut n, &id, &staging, &target).await?;
         times.push(t.elapsed());
     }
     let first = times.remove(0);
@@ -583,10 +585,10 @@ async fn data_path(
     ];
     let mut ours = vec![];
     for (rw, bs, _) in jobs {
-        let (kib, iops) = super::fio(&target, rw, bs, seconds)?;
+        let (kib, iops) = ferrovol_tools::bench::fio(&target, rw, bs, seconds)?;
         ours.push((kib / 1024.0, iops));
     }
-    super::unpublish_unstage(&mut n, &id, &staging, &target).await?;
+    ferrovol_tools::bench::unpublish_unstage(&mut n, &id, &staging, &target).await?;
     let image = image_of(&id);
     let bare_jobs = [
         ("write", "seq", "4M"),
@@ -605,4 +607,17 @@ async fn data_path(
         );
     }
     delete(&mut c, id).await
+}
+
+/// Awaits every future, started together (each is spawned, so they run at
+/// once rather than one after another).
+async fn futures_join<T: Send + 'static>(
+    all: Vec<impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let handles: Vec<_> = all.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a bench worker"));
+    }
+    out
 }
