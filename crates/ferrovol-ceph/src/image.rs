@@ -525,14 +525,17 @@ impl Image {
         })
     }
 
-    /// Calls `each(offset, length, exists)` for every extent that differs
-    /// from `from` (a user snapshot; None: from nothing, so every allocated
-    /// extent), reading at the image's current snapshot, parents included.
+    /// Calls `each(offset, length, exists)` for every extent in
+    /// [offset, offset + len) that differs from `from` (a user snapshot;
+    /// None: from nothing, so every allocated extent), reading at the
+    /// image's current snapshot, parents included. `each` answers whether to
+    /// go on; once it answers false the walk ends with ECANCELED.
     pub fn diff(
         &self,
         from: Option<&str>,
+        offset: u64,
         len: u64,
-        each: &mut dyn FnMut(u64, u64, bool),
+        each: &mut dyn FnMut(u64, u64, bool) -> bool,
     ) -> Result<()> {
         unsafe extern "C" fn trampoline(
             off: u64,
@@ -543,9 +546,13 @@ impl Image {
             // SAFETY: `arg` is the `&mut &mut dyn FnMut` passed below, alive
             // for the call; librbd calls back on the calling thread's behalf
             // and never concurrently.
-            let f = unsafe { &mut *(arg as *mut &mut dyn FnMut(u64, u64, bool)) };
-            f(off, len as u64, exists != 0);
-            0
+            let f = unsafe { &mut *(arg as *mut &mut dyn FnMut(u64, u64, bool) -> bool) };
+            // A callback that wants no more ends the walk (librbd returns
+            // the callback's error).
+            match f(off, len as u64, exists != 0) {
+                true => 0,
+                false => -libc::ECANCELED,
+            }
         }
         let from = from.map(|s| cstring("snapshot", s)).transpose()?;
         let mut each = each;
@@ -554,12 +561,12 @@ impl Image {
             (api().rbd_diff_iterate2)(
                 self.h,
                 from.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
-                0,
+                offset,
                 len,
                 1,
                 0,
                 trampoline,
-                (&mut each) as *mut &mut dyn FnMut(u64, u64, bool) as *mut c_void,
+                (&mut each) as *mut &mut dyn FnMut(u64, u64, bool) -> bool as *mut c_void,
             )
         })
         .map(drop)

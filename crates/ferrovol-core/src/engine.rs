@@ -457,17 +457,51 @@ pub trait GroupSnapshots: Send + Sync {
     async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot>;
 }
 
+/// Ranges as an engine finds them: batches in order, never the whole list
+/// at once (a multi-TiB volume has millions), ended by the first error.
+pub type Ranges = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Vec<Range>>> + Send>>;
+
 /// Allocated and changed blocks of snapshots (the SnapshotMetadata
 /// service).
 #[tonic::async_trait]
 pub trait ChangedBlocks: Send + Sync {
-    /// The snapshot's size and its allocated ranges, in order.
-    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)>;
+    /// The snapshot's size and its allocated ranges that end after `from`,
+    /// in order. Errors about the request (an unknown snapshot) come
+    /// before the stream; the stream's own end the data's.
+    async fn allocated(
+        &self,
+        snapshot_id: &str,
+        from: u64,
+        secrets: &Secrets,
+    ) -> Result<(u64, Ranges)>;
 
     /// The target snapshot's size and the ranges that differ from `base`
-    /// (both snapshots of one volume), in order. May over-report (a range
-    /// written with the same bytes), never under-report.
-    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)>;
+    /// (both snapshots of one volume) and end after `from`, in order. May
+    /// over-report (a range written with the same bytes), never
+    /// under-report.
+    async fn changed(
+        &self,
+        base: &str,
+        target: &str,
+        from: u64,
+        secrets: &Secrets,
+    ) -> Result<(u64, Ranges)>;
+}
+
+/// The ranges a blocking producer sends (`ferrovol_host::offload::produce`),
+/// as a stream.
+pub fn ranges_from(rx: tokio::sync::mpsc::Receiver<Result<Vec<Range>>>) -> Ranges {
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Batches of ranges a producer keeps in flight before it waits for the
+/// reader.
+pub const RANGE_BATCHES_IN_FLIGHT: usize = 2;
+
+/// The ranges of a list already in memory, as a stream (for engines whose
+/// ranges are few, and for tests).
+pub fn ranges_of(ranges: Vec<Range>) -> Ranges {
+    Box::pin(tokio_stream::iter(std::iter::once(Ok(ranges))))
 }
 
 /// The file a raw block volume's device is bind-mounted onto inside its

@@ -76,14 +76,22 @@ const _: () = assert!(std::mem::offset_of!(Fiemap, fm_extents) == FIEMAP_HEADER)
 
 /// Every extent of a file, in logical order.
 pub fn fiemap(file: &File) -> io::Result<Vec<Extent>> {
+    fiemap_window(file, 0, u64::MAX, true)
+}
+
+/// The extents of a file that overlap [from, to), in logical order;
+/// `sync` flushes the file first (once is enough: snapshots never change).
+fn fiemap_window(file: &File, from: u64, to: u64, sync: bool) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
-    let mut start = 0u64;
-    // Flushing once, on the first call, is enough: snapshots never change.
-    let mut flags = FIEMAP_FLAG_SYNC;
+    let mut start = from;
+    let mut flags = if sync { FIEMAP_FLAG_SYNC } else { 0 };
     loop {
+        if start >= to {
+            return Ok(out);
+        }
         let mut map = Box::new(Fiemap {
             fm_start: start,
-            fm_length: u64::MAX - start,
+            fm_length: to - start,
             fm_flags: std::mem::take(&mut flags),
             fm_mapped_extents: 0,
             fm_extent_count: BATCH as u32,
@@ -120,20 +128,48 @@ pub fn fiemap(file: &File) -> io::Result<Vec<Extent>> {
     }
 }
 
+/// How much of a file one window of [`allocated_windows`] and
+/// [`changed_windows`] maps: the ranges of one window are all that is held.
+pub const WINDOW: u64 = 1 << 30;
+
 /// The data ranges of a file (holes skipped), up to `size`.
 pub fn allocated(file: &File, size: u64) -> io::Result<Vec<Range>> {
+    allocated_window(file, 0, size, size)
+}
+
+/// [`allocated`], one [`WINDOW`] at a time from the window holding `from`:
+/// `each` gets each window's ranges in order, and stops the walk by
+/// answering false.
+pub fn allocated_windows(
+    file: &File,
+    from: u64,
+    size: u64,
+    each: &mut dyn FnMut(Vec<Range>) -> bool,
+) -> io::Result<()> {
+    let mut at = from / WINDOW * WINDOW;
+    while at < size {
+        let end = at.saturating_add(WINDOW).min(size);
+        if !each(allocated_window(file, at, end, size)?) {
+            break;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+fn allocated_window(file: &File, from: u64, to: u64, size: u64) -> io::Result<Vec<Range>> {
     let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
+    let mut pos = from;
+    while pos < to {
         let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
             Ok(d) => d,
             Err(rustix::io::Errno::NXIO) => break,
             Err(e) => return Err(e.into()),
         };
-        if data >= size {
+        if data >= to {
             break;
         }
-        let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?.min(size);
+        let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?.min(to);
         out.push((data, hole - data));
         pos = hole;
     }
@@ -160,11 +196,48 @@ pub fn changed(
     size: u64,
     shares_blocks: bool,
 ) -> io::Result<Vec<Range>> {
+    changed_window(base, target, 0, size, size, shares_blocks, true)
+}
+
+/// [`changed`], one [`WINDOW`] at a time from the window holding `from`:
+/// `each` gets each window's ranges in order, and stops the walk by
+/// answering false.
+pub fn changed_windows(
+    base: &File,
+    target: &File,
+    from: u64,
+    size: u64,
+    shares_blocks: bool,
+    each: &mut dyn FnMut(Vec<Range>) -> bool,
+) -> io::Result<()> {
+    let mut at = from / WINDOW * WINDOW;
+    let mut sync = true;
+    while at < size {
+        let end = at.saturating_add(WINDOW).min(size);
+        let ranges = changed_window(base, target, at, end, size, shares_blocks, sync)?;
+        sync = false;
+        if !each(ranges) {
+            break;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+fn changed_window(
+    base: &File,
+    target: &File,
+    from: u64,
+    to: u64,
+    size: u64,
+    shares_blocks: bool,
+    sync: bool,
+) -> io::Result<Vec<Range>> {
     // Sequential on purpose: mapping both files at once was measured ten
     // times slower on XFS (both walks contend on the shared refcount btree).
-    let (b, t) = (fiemap(base)?, fiemap(target)?);
+    let (b, t) = (fiemap_window(base, from, to, sync)?, fiemap_window(target, from, to, sync)?);
     let mut suspects = Vec::new();
-    for (start, end, span) in classify(&b, &t, size) {
+    for (start, end, span) in classify(&b, &t, from, to) {
         if span == Span::Suspect {
             suspects.push((start, end - start));
         }
@@ -177,13 +250,13 @@ pub fn changed(
     }
 }
 
-/// Splits [0, size) at every extent boundary of both maps and classifies
+/// Splits [from, to) at every extent boundary of both maps and classifies
 /// each piece.
-fn classify(base: &[Extent], target: &[Extent], size: u64) -> Vec<(u64, u64, Span)> {
-    let mut cuts = vec![0, size];
+fn classify(base: &[Extent], target: &[Extent], from: u64, to: u64) -> Vec<(u64, u64, Span)> {
+    let mut cuts = vec![from, to];
     for e in base.iter().chain(target) {
-        cuts.push(e.logical.min(size));
-        cuts.push(e.logical.saturating_add(e.len).min(size));
+        cuts.push(e.logical.clamp(from, to));
+        cuts.push(e.logical.saturating_add(e.len).clamp(from, to));
     }
     cuts.sort_unstable();
     cuts.dedup();
@@ -292,7 +365,7 @@ mod tests {
         // elsewhere, shares [60,100).
         let base = [ext(0, 100, 1000)];
         let target = [ext(0, 40, 1000), ext(40, 20, 5000), ext(60, 40, 1060)];
-        let spans = classify(&base, &target, 200);
+        let spans = classify(&base, &target, 0, 200);
         assert_eq!(
             spans,
             vec![
@@ -308,7 +381,7 @@ mod tests {
     fn holes_and_unwritten_extents_read_as_zeros() {
         let base = [Extent { logical: 0, len: 50, physical: Some(7), unwritten: true }];
         let target = [ext(50, 50, 9)];
-        let spans = classify(&base, &target, 100);
+        let spans = classify(&base, &target, 0, 100);
         assert_eq!(spans, vec![(0, 50, Span::BothHoles), (50, 100, Span::Suspect)]);
     }
 
@@ -316,7 +389,7 @@ mod tests {
     fn untrusted_physical_is_suspect() {
         let base = [Extent { logical: 0, len: 10, physical: None, unwritten: false }];
         let target = [ext(0, 10, 0)];
-        assert_eq!(classify(&base, &target, 10), vec![(0, 10, Span::Suspect)]);
+        assert_eq!(classify(&base, &target, 0, 10), vec![(0, 10, Span::Suspect)]);
     }
 
     #[test]
@@ -345,5 +418,51 @@ mod tests {
         let alloc = allocated(&File::open(&b).unwrap(), size).unwrap();
         assert!(alloc.contains(&(0, 2 * GRANULARITY)), "{alloc:?}");
         assert!(alloc.iter().all(|(o, _)| *o % GRANULARITY == 0));
+    }
+
+    /// Window by window, a file's ranges are the whole walk's (a range
+    /// across a window's edge comes in two pieces), and a walk from an
+    /// offset starts at that offset's window.
+    #[test]
+    fn windows_cover_what_the_whole_walk_finds() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("sparse"))
+            .unwrap();
+        let size = 3 * WINDOW;
+        f.set_len(size).unwrap();
+        for at in [0, WINDOW - 4096, 2 * WINDOW + (WINDOW / 2)] {
+            f.write_at(&[7u8; 8192], at).unwrap();
+        }
+        f.sync_all().unwrap();
+        let whole = allocated(&f, size).unwrap();
+        let mut windows = Vec::new();
+        allocated_windows(&f, 0, size, &mut |r| {
+            windows.push(r);
+            true
+        })
+        .unwrap();
+        assert_eq!(windows.len(), 3, "one batch per window");
+        let merged = align_and_merge(windows.concat(), size);
+        assert_eq!(merged, whole);
+        let mut later = Vec::new();
+        allocated_windows(&f, 2 * WINDOW + 1, size, &mut |r| {
+            later.extend(r);
+            true
+        })
+        .unwrap();
+        assert_eq!(later, vec![(2 * WINDOW + WINDOW / 2, 8192)]);
+        let mut first_only = 0;
+        allocated_windows(&f, 0, size, &mut |_| {
+            first_only += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(first_only, 1, "a reader that stops stops the walk");
     }
 }

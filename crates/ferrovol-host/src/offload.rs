@@ -9,7 +9,8 @@
 //! kernel may still finish the work, which the retry then finds done.
 //! Work that must never be abandoned halfway from the caller's point of
 //! view (a copy whose operation lock would be released while it still
-//! writes) runs [`to_completion`].
+//! writes) runs [`to_completion`]; work that yields items as it goes (the
+//! ranges of a snapshot) runs as a bounded [`produce`]r.
 
 use std::time::Duration;
 
@@ -48,6 +49,19 @@ pub async fn to_completion<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| error::internal(format!("{what} stopped: {e}")))?
+}
+
+/// Runs a blocking producer on the blocking pool, feeding a channel of
+/// `capacity` items: the reader gets items as they come, and the producer
+/// waits while the reader is `capacity` behind. `send` answers false once
+/// the reader is gone; the producer should stop then.
+pub fn produce<T: Send + 'static>(
+    capacity: usize,
+    work: impl FnOnce(&dyn Fn(T) -> bool) + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<T> {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    tokio::task::spawn_blocking(move || work(&|item| tx.blocking_send(item).is_ok()));
+    rx
 }
 
 #[cfg(test)]

@@ -38,9 +38,11 @@ use crate::journal::{
 use ferrovol_block::{Attacher, Written};
 use ferrovol_core::engine::{
     choose_size, AccessType, Attach, Capacity, ChangedBlocks, Condition, ContentSource,
-    ControllerEngine, Expanded, Features, GroupSnapshot, GroupSnapshots, NewVolume, Page, Range,
-    Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
+    ControllerEngine, Expanded, Features, GroupSnapshot, GroupSnapshots, NewVolume, Page, Secrets,
+    Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
 };
+use ferrovol_core::engine::{ranges_from, Ranges, RANGE_BATCHES_IN_FLIGHT};
+use ferrovol_host::offload;
 use pool::{CowMethod, Pool, GRANULARITY};
 
 /// The topology key under which local volumes report the node they live on.
@@ -975,20 +977,40 @@ impl GroupSnapshots for LocalEngine {
 
 #[tonic::async_trait]
 impl ChangedBlocks for LocalEngine {
-    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
+    /// Window by window (`extents::WINDOW`), so a large sparse snapshot's
+    /// ranges are never all held at once.
+    async fn allocated(
+        &self,
+        snapshot_id: &str,
+        from: u64,
+        _secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         let snap = self.ready_snapshot(snapshot_id)?;
         let path = self.pool.path(Kind::Snapshot, snapshot_id)?;
-        blocking(move || {
-            let f = std::fs::File::open(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            let ranges = extents::allocated(&f, snap.size)
-                .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
-            Ok((snap.size, ranges))
+        // Opened now: a snapshot deleted while its ranges are read stays
+        // readable through the descriptor.
+        let f = blocking(move || {
+            std::fs::File::open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))
         })
-        .await
+        .await?;
+        let size = snap.size;
+        let rx = offload::produce(RANGE_BATCHES_IN_FLIGHT, move |send| {
+            let walked = extents::allocated_windows(&f, from, size, &mut |r| send(Ok(r)));
+            if let Err(e) = walked {
+                send(Err(Error::io("mapping a snapshot", e)));
+            }
+        });
+        Ok((size, ranges_from(rx)))
     }
 
-    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)> {
+    async fn changed(
+        &self,
+        base: &str,
+        target: &str,
+        from: u64,
+        _secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         let (b, t) = (self.ready_snapshot(base)?, self.ready_snapshot(target)?);
         if b.source_volume != t.source_volume {
             return Err(error::invalid(format!(
@@ -997,17 +1019,23 @@ impl ChangedBlocks for LocalEngine {
         }
         let (bp, tp) =
             (self.pool.path(Kind::Snapshot, base)?, self.pool.path(Kind::Snapshot, target)?);
-        let method = self.method;
-        blocking(move || {
+        let shares = self.method == CowMethod::Reflink;
+        let (bf, tf) = blocking(move || {
             let open = |p: &Path| {
                 std::fs::File::open(p).map_err(|e| Error::io(format!("opening {}", p.display()), e))
             };
-            let ranges =
-                extents::changed(&open(&bp)?, &open(&tp)?, t.size, method == CowMethod::Reflink)
-                    .map_err(|e| Error::io("comparing snapshots", e))?;
-            Ok((t.size, ranges))
+            Ok((open(&bp)?, open(&tp)?))
         })
-        .await
+        .await?;
+        let size = t.size;
+        let rx = offload::produce(RANGE_BATCHES_IN_FLIGHT, move |send| {
+            let walked =
+                extents::changed_windows(&bf, &tf, from, size, shares, &mut |r| send(Ok(r)));
+            if let Err(e) = walked {
+                send(Err(Error::io("comparing snapshots", e)));
+            }
+        });
+        Ok((size, ranges_from(rx)))
     }
 }
 

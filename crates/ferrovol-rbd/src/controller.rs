@@ -21,10 +21,12 @@ use std::time::Duration;
 
 use ferrovol_ceph::{self as ceph, Pool};
 use ferrovol_core::engine::{
-    self, AccessMode, Capacity, ChangedBlocks, Condition, ContentSource, ControllerEngine,
-    EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot, GroupSnapshots, NewVolume, Page,
-    Publish, Publishing, Range, Secrets, Snapshot, SnapshotFilter, Snapshots, Topology, Volume,
+    self, ranges_from, AccessMode, Capacity, ChangedBlocks, Condition, ContentSource,
+    ControllerEngine, EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot,
+    GroupSnapshots, NewVolume, Page, Publish, Publishing, Range, Ranges, Secrets, Snapshot,
+    SnapshotFilter, Snapshots, Topology, Volume, RANGE_BATCHES_IN_FLIGHT,
 };
+use ferrovol_host::offload;
 
 use crate::connect::Connections;
 use crate::error::{self, Result};
@@ -806,25 +808,30 @@ impl GroupSnapshots for RbdEngine {
 
 #[tonic::async_trait]
 impl ChangedBlocks for RbdEngine {
-    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
+    async fn allocated(
+        &self,
+        snapshot_id: &str,
+        from: u64,
+        secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         let missing = || error::not_found(format!("snapshot {snapshot_id} does not exist"));
         let s = SnapshotId::parse(snapshot_id).ok_or_else(missing)?;
-        let pool = self.pool_of(&s.pool, &Secrets::default()).await?.ok_or_else(missing)?;
-        blocking(move || {
+        let pool = self.pool_of(&s.pool, secrets).await?.ok_or_else(missing)?;
+        let (img, size) = blocking(move || {
             let (img, snap) = open_at(&pool, &s)?;
-            let mut ranges = vec![];
-            img.diff(None, snap.size, &mut |off, len, exists| {
-                if exists {
-                    merge(&mut ranges, off, len)
-                }
-            })
-            .map_err(ceph_error)?;
-            Ok((snap.size, ranges))
+            Ok((img, snap.size))
         })
-        .await
+        .await?;
+        Ok((size, diff_stream(img, None, from, size, true)))
     }
 
-    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)> {
+    async fn changed(
+        &self,
+        base: &str,
+        target: &str,
+        from: u64,
+        secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         let b = SnapshotId::parse(base)
             .ok_or_else(|| error::not_found(format!("snapshot {base} does not exist")))?;
         let t = SnapshotId::parse(target)
@@ -842,10 +849,11 @@ impl ChangedBlocks for RbdEngine {
             )));
         }
         let pool = self
-            .pool_of(&t.pool, &Secrets::default())
+            .pool_of(&t.pool, secrets)
             .await?
             .ok_or_else(|| error::not_found(format!("snapshot {target} does not exist")))?;
-        blocking(move || {
+        let base_snap = b.snap_name();
+        let (img, size) = blocking(move || {
             let img = pool.open_by_id_read_only(&b.image_id).map_err(|e| {
                 not_found_or(e, || format!("snapshot {} does not exist", b.render()))
             })?;
@@ -854,15 +862,57 @@ impl ChangedBlocks for RbdEngine {
             }
             drop(img);
             let (img, snap) = open_at(&pool, &t)?;
-            let mut ranges = vec![];
-            img.diff(Some(&b.snap_name()), snap.size, &mut |off, len, _| {
-                merge(&mut ranges, off, len)
-            })
-            .map_err(ceph_error)?;
-            Ok((snap.size, ranges))
+            Ok((img, snap.size))
         })
-        .await
+        .await?;
+        Ok((size, diff_stream(img, Some(base_snap), from, size, false)))
     }
+}
+
+/// Ranges per batch of a diff stream.
+const DIFF_BATCH: usize = 4096;
+
+/// `rbd_diff_iterate2` of an open image (at its snapshot) from `from`, as a
+/// stream of batches: the callback hands each full batch to the reader and
+/// waits while the reader is behind, so a multi-TiB image's extents are
+/// never all held; a reader that goes away ends the walk. `existing_only`:
+/// only extents that hold data (allocated), rather than every extent that
+/// differs (changed, discards included). The walk is a counted Ceph call,
+/// so a stop waits for it before closing the connection.
+fn diff_stream(
+    img: ceph::Image,
+    base: Option<String>,
+    from: u64,
+    size: u64,
+    existing_only: bool,
+) -> Ranges {
+    let counted = crate::Counted::new();
+    let rx = offload::produce(RANGE_BATCHES_IN_FLIGHT, move |send| {
+        let _counted = counted;
+        let mut batch: Vec<Range> = Vec::new();
+        let mut reading = true;
+        let walked =
+            img.diff(base.as_deref(), from, size.saturating_sub(from), &mut |off, len, exists| {
+                if exists || !existing_only {
+                    merge(&mut batch, off, len);
+                    if batch.len() >= DIFF_BATCH {
+                        reading = send(Ok(std::mem::take(&mut batch)));
+                    }
+                }
+                reading
+            });
+        match walked {
+            Err(_) if !reading => {} // the reader went away
+            Err(e) => {
+                send(Err(ceph_error(e)));
+            }
+            Ok(()) if !batch.is_empty() => {
+                send(Ok(batch));
+            }
+            Ok(()) => {}
+        }
+    });
+    ranges_from(rx)
 }
 
 impl RbdEngine {

@@ -87,11 +87,12 @@ pub(crate) fn claim(
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static SETTLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
-/// One counted call; uncounted when it ends, however it ends.
-struct Counted;
+/// One counted call; uncounted when it ends, however it ends. A stream of
+/// librbd results holds one for as long as its producer runs.
+pub(crate) struct Counted;
 
 impl Counted {
-    fn new() -> Counted {
+    pub(crate) fn new() -> Counted {
         IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Counted
     }

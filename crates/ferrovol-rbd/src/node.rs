@@ -135,11 +135,12 @@ impl Attacher for RbdNode {
             let img = pool.open_read_only(&v.image).map_err(ceph_error)?;
             let size = img.size().map_err(ceph_error)?;
             let (mut bytes, mut first) = (0u64, None);
-            img.diff(None, size, &mut |off, len, exists| {
+            img.diff(None, 0, size, &mut |off, len, exists| {
                 if exists {
                     bytes += len;
                     first.get_or_insert(off);
                 }
+                true
             })
             .map_err(ceph_error)?;
             Ok(match first {

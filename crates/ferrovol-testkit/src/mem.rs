@@ -23,11 +23,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use ferrovol_block::Attacher;
+use ferrovol_core::engine::ranges_of;
 use ferrovol_core::engine::{
     choose_size, AccessMode, Attach, Capacity, ChangedBlocks, Condition, ContentSource,
     ControllerEngine, EngineStats, Expanded, ExpansionSite, Features, GroupSnapshot,
-    GroupSnapshots, NewVolume, Page, Publish, Publishing, Range, Secrets, Snapshot, SnapshotFilter,
-    Snapshots, Topology, Volume,
+    GroupSnapshots, NewVolume, Page, Publish, Publishing, Ranges, Secrets, Snapshot,
+    SnapshotFilter, Snapshots, Topology, Volume,
 };
 use ferrovol_core::error::{self, Result};
 use tokio::sync::Notify;
@@ -554,17 +555,28 @@ impl GroupSnapshots for MemEngine {
 
 #[tonic::async_trait]
 impl ChangedBlocks for MemEngine {
-    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
+    async fn allocated(
+        &self,
+        snapshot_id: &str,
+        _from: u64,
+        _secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         self.called("allocated_ranges");
         let size = self.snapshot(snapshot_id).await?.size;
-        Ok((size, vec![(0, GRANULARITY)]))
+        Ok((size, ranges_of(vec![(0, GRANULARITY)])))
     }
 
-    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)> {
+    async fn changed(
+        &self,
+        base: &str,
+        target: &str,
+        _from: u64,
+        _secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         self.called("changed_ranges");
         self.snapshot(base).await?;
         let size = self.snapshot(target).await?.size;
-        Ok((size, vec![]))
+        Ok((size, ranges_of(vec![])))
     }
 }
 

@@ -525,25 +525,38 @@ impl GroupSnapshots for RelayEngine {
 
 #[tonic::async_trait]
 impl ChangedBlocks for RelayEngine {
-    async fn allocated_ranges(&self, snapshot_id: &str) -> Result<(u64, Vec<Range>)> {
+    /// The node's own stream, relayed message by message (never gathered).
+    async fn allocated(
+        &self,
+        snapshot_id: &str,
+        from: u64,
+        secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         let link = self.require(Kind::Snapshot, snapshot_id).await?;
         let stream = link
             .metadata
             .clone()
             .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
                 snapshot_id: snapshot_id.to_string(),
-                ..Default::default()
+                starting_offset: from as i64,
+                max_results: 0,
+                secrets: wire::secrets(secrets),
             })
             .await
             .map_err(|s| link.failed(s))?
             .into_inner();
-        collect(&link, stream, |m: csi::GetMetadataAllocatedResponse| {
-            (m.volume_capacity_bytes, m.block_metadata)
-        })
-        .await
+        let parts =
+            |m: csi::GetMetadataAllocatedResponse| (m.volume_capacity_bytes, m.block_metadata);
+        relayed(self, link, stream, parts, snapshot_id).await
     }
 
-    async fn changed_ranges(&self, base: &str, target: &str) -> Result<(u64, Vec<Range>)> {
+    async fn changed(
+        &self,
+        base: &str,
+        target: &str,
+        from: u64,
+        secrets: &Secrets,
+    ) -> Result<(u64, Ranges)> {
         let link = self.require(Kind::Snapshot, target).await?;
         let stream = link
             .metadata
@@ -551,31 +564,45 @@ impl ChangedBlocks for RelayEngine {
             .get_metadata_delta(csi::GetMetadataDeltaRequest {
                 base_snapshot_id: base.to_string(),
                 target_snapshot_id: target.to_string(),
-                ..Default::default()
+                starting_offset: from as i64,
+                max_results: 0,
+                secrets: wire::secrets(secrets),
             })
             .await
             .map_err(|s| link.failed(s))?
             .into_inner();
-        collect(&link, stream, |m: csi::GetMetadataDeltaResponse| {
-            (m.volume_capacity_bytes, m.block_metadata)
-        })
-        .await
+        let parts = |m: csi::GetMetadataDeltaResponse| (m.volume_capacity_bytes, m.block_metadata);
+        relayed(self, link, stream, parts, target).await
     }
 }
 
-/// Every page of a changed-blocks stream, as ranges.
-async fn collect<M>(
-    link: &AgentLink,
+/// A node's changed-blocks stream as ranges, relayed as it comes: the
+/// first message (read now, so a refusal is the call's answer) gives the
+/// size; a node with no ranges to send sends no message, and then the
+/// snapshot's own size is asked.
+async fn relayed<M: Send + 'static>(
+    relay: &RelayEngine,
+    link: Arc<AgentLink>,
     mut stream: tonic::Streaming<M>,
     parts: fn(M) -> (i64, Vec<csi::BlockMetadata>),
-) -> Result<(u64, Vec<Range>)> {
-    let (mut size, mut ranges) = (0u64, Vec::new());
-    while let Some(message) = stream.message().await.map_err(|s| link.failed(s))? {
-        let (capacity, blocks) = parts(message);
-        size = capacity.max(0) as u64;
-        ranges.extend(
-            blocks.into_iter().map(|b| (b.byte_offset.max(0) as u64, b.size_bytes.max(0) as u64)),
-        );
-    }
-    Ok((size, ranges))
+    snapshot_id: &str,
+) -> Result<(u64, Ranges)> {
+    use tokio_stream::StreamExt;
+    let ranges = |blocks: Vec<csi::BlockMetadata>| -> Vec<Range> {
+        blocks
+            .into_iter()
+            .map(|b| (b.byte_offset.max(0) as u64, b.size_bytes.max(0) as u64))
+            .collect()
+    };
+    let Some(first) = stream.message().await.map_err(|s| link.failed(s))? else {
+        let size = relay.snapshot(snapshot_id).await?.size;
+        return Ok((size, ranges_of(vec![])));
+    };
+    let (capacity, blocks) = parts(first);
+    let rest = stream.map(move |m| match m {
+        Ok(m) => Ok(ranges(parts(m).1)),
+        Err(s) => Err(link.failed(s)),
+    });
+    let all = tokio_stream::once(Ok(ranges(blocks))).chain(rest);
+    Ok((capacity.max(0) as u64, Box::pin(all)))
 }
