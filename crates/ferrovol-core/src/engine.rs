@@ -346,6 +346,27 @@ pub trait ControllerEngine: Send + Sync + 'static {
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>>;
 
+    /// A volume and its condition (ControllerGetVolume). Engines that learn
+    /// both in one question (the relay) answer them together.
+    async fn volume_with_condition(&self, id: &str) -> Result<(Volume, Condition)> {
+        let volume = self.volume(id).await?;
+        Ok((volume, self.volume_condition(id).await?))
+    }
+
+    /// A ListVolumes page and each volume's condition, in order. Engines
+    /// that learn the conditions with the listing (the relay) answer them
+    /// together, rather than keep them for a second question.
+    async fn list_volumes_with_conditions(
+        &self,
+        token: Option<&str>,
+        max: usize,
+    ) -> Result<(Page<Volume>, Vec<Result<Condition>>)> {
+        let page = self.list_volumes(token, max).await?;
+        let ids: Vec<String> = page.items.iter().map(|v| v.id.clone()).collect();
+        let conditions = self.volume_conditions(&ids).await?;
+        Ok((page, conditions))
+    }
+
     /// What can be created now with these (engine) parameters, in this
     /// topology segment (None: anywhere); a segment the engine does not
     /// serve has no capacity.

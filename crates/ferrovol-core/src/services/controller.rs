@@ -239,9 +239,7 @@ impl ControllerService {
     async fn list_volumes(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
         let max = validate::max_entries(req.max_entries)?;
         let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
-        let page = self.engine().list_volumes(token, max).await?;
-        let ids: Vec<String> = page.items.iter().map(|v| v.id.clone()).collect();
-        let conditions = self.engine().volume_conditions(&ids).await?;
+        let (page, conditions) = self.engine().list_volumes_with_conditions(token, max).await?;
         let entries = page
             .items
             .iter()
@@ -379,8 +377,7 @@ impl ControllerService {
         req: csi::ControllerGetVolumeRequest,
     ) -> Result<csi::ControllerGetVolumeResponse> {
         validate::id(&req.volume_id, "volume_id")?;
-        let volume = self.engine().volume(&req.volume_id).await?;
-        let condition = self.engine().volume_condition(&req.volume_id).await?;
+        let (volume, condition) = self.engine().volume_with_condition(&req.volume_id).await?;
         Ok(csi::ControllerGetVolumeResponse {
             status: Some(csi::controller_get_volume_response::VolumeStatus {
                 published_node_ids: volume.published_nodes.clone(),

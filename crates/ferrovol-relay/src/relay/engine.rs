@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferrovol_core::engine::*;
 use ferrovol_core::services::convert;
@@ -23,16 +23,10 @@ use ferrovol_local::TOPOLOGY_KEY;
 use super::agents::{bounded, AgentLink, Agents};
 use super::wire;
 
-/// How long a condition an agent reported with a volume answers the
-/// services' next question about it (their ListVolumes and
-/// ControllerGetVolume ask for the volume, then for its condition).
-const CONDITION_FRESH: Duration = Duration::from_secs(2);
-
 pub struct RelayEngine {
     pub(super) agents: Arc<Agents>,
     /// IDs minted before tags, and where they were found.
     legacy: Mutex<HashMap<String, String>>,
-    conditions: Mutex<HashMap<String, (Instant, Condition)>>,
     /// The longest every node's members stay frozen for a group snapshot
     /// spread over nodes.
     pub(super) hold_limit: Duration,
@@ -52,7 +46,6 @@ impl RelayEngine {
         RelayEngine {
             agents,
             legacy: Mutex::default(),
-            conditions: Mutex::default(),
             hold_limit,
             skip_freeze: cfg!(feature = "test-hooks")
                 && std::env::var_os("FERROVOL_RELAY_UNSAFE_NO_GROUP_FREEZE").is_some(),
@@ -126,22 +119,6 @@ impl RelayEngine {
             .into_iter()
             .max_by_key(|l| hash(&l.tag))
             .ok_or_else(|| error::unavailable("no node agent is connected to this controller"))
-    }
-
-    fn remember(&self, id: &str, condition: Condition) {
-        let mut conditions = lock(&self.conditions);
-        if conditions.len() > 100_000 {
-            conditions.retain(|_, (at, _)| at.elapsed() < CONDITION_FRESH);
-        }
-        conditions.insert(id.to_string(), (Instant::now(), condition));
-    }
-
-    fn remembered(&self, id: &str) -> Option<Condition> {
-        let mut conditions = lock(&self.conditions);
-        match conditions.remove(id) {
-            Some((at, c)) if at.elapsed() < CONDITION_FRESH => Some(c),
-            _ => None,
-        }
     }
 
     async fn get_volume(&self, link: &AgentLink, id: &str) -> Result<(Volume, Condition)> {
@@ -320,46 +297,56 @@ impl ControllerEngine for RelayEngine {
     }
 
     async fn volume(&self, id: &str) -> Result<Volume> {
+        Ok(self.volume_with_condition(id).await?.0)
+    }
+
+    /// ControllerGetVolume on the volume's node answers both.
+    async fn volume_with_condition(&self, id: &str) -> Result<(Volume, Condition)> {
         let link = self.require(Kind::Volume, id).await?;
-        let (volume, condition) = self.get_volume(&link, id).await?;
-        self.remember(id, condition);
-        Ok(volume)
+        self.get_volume(&link, id).await
     }
 
     async fn volume_conditions(&self, ids: &[String]) -> Result<Vec<Result<Condition>>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            out.push(match self.remembered(id) {
-                Some(c) => Ok(c),
-                None => match self.require(Kind::Volume, id).await {
-                    Ok(link) => self.get_volume(&link, id).await.map(|(_, c)| c),
-                    Err(e) => Err(e),
-                },
-            });
+            out.push(self.volume_with_condition(id).await.map(|(_, c)| c));
         }
         Ok(out)
     }
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
-        self.merged(token, max, |link, token, want| async move {
-            let got = bounded(link.controller.clone().list_volumes(csi::ListVolumesRequest {
-                max_entries: wire::max_entries(want),
-                starting_token: token,
-            }))
-            .await
-            .map_err(|s| link.failed(s))?
-            .into_inner();
-            let mut items = Vec::with_capacity(got.entries.len());
-            for e in got.entries {
-                let Some(v) = e.volume else { continue };
-                let condition =
-                    wire::condition(e.status.as_ref().and_then(|s| s.volume_condition.as_ref()));
-                self.remember(&v.volume_id, condition);
-                items.push(wire::volume(v)?);
-            }
-            Ok((items, got.next_token))
-        })
-        .await
+        Ok(self.list_volumes_with_conditions(token, max).await?.0)
+    }
+
+    /// The nodes' own listings carry each volume's condition: answered
+    /// with the page, never kept for a later question.
+    async fn list_volumes_with_conditions(
+        &self,
+        token: Option<&str>,
+        max: usize,
+    ) -> Result<(Page<Volume>, Vec<Result<Condition>>)> {
+        let page = self
+            .merged(token, max, |link, token, want| async move {
+                let got = bounded(link.controller.clone().list_volumes(csi::ListVolumesRequest {
+                    max_entries: wire::max_entries(want),
+                    starting_token: token,
+                }))
+                .await
+                .map_err(|s| link.failed(s))?
+                .into_inner();
+                let mut items = Vec::with_capacity(got.entries.len());
+                for e in got.entries {
+                    let Some(v) = e.volume else { continue };
+                    let condition = wire::condition(
+                        e.status.as_ref().and_then(|s| s.volume_condition.as_ref()),
+                    );
+                    items.push((wire::volume(v)?, Ok(condition)));
+                }
+                Ok((items, got.next_token))
+            })
+            .await?;
+        let (items, conditions) = page.items.into_iter().unzip();
+        Ok((Page { items, next: page.next }, conditions))
     }
 
     async fn capacity(
