@@ -98,6 +98,9 @@ pub struct NewVolume {
     /// Largest acceptable size in bytes (0: no limit).
     pub limit_bytes: u64,
     pub access: AccessType,
+    /// The access modes the CO asked for (one per capability), already
+    /// checked against the engine's.
+    pub modes: Vec<AccessMode>,
     /// Engine parameters (the CO's own `csi.storage.k8s.io/` keys removed).
     pub parameters: BTreeMap<String, String>,
     pub source: Option<ContentSource>,

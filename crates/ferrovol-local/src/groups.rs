@@ -11,6 +11,59 @@ impl GroupSnapshots for LocalEngine {
         volumes: &[String],
         _secrets: &Secrets,
     ) -> Result<(GroupSnapshot, Duration)> {
+        self.create_group(name, volumes, None).await
+    }
+
+    async fn delete_group_snapshot(&self, id: &str, _secrets: &Secrets) -> Result<()> {
+        if !ids::is_valid(Kind::Group, id) {
+            return Ok(());
+        }
+        let Some(mut group) = self.journal.get::<GroupRecord>(id)? else { return Ok(()) };
+        group.set_state(State::Deleting);
+        self.journal.put(&group).await?;
+        for sid in &group.snapshot_ids {
+            if let Some(member) = self.journal.get::<SnapshotRecord>(sid)? {
+                self.delete_file_and_record(Kind::Snapshot, &member).await?;
+            }
+        }
+        self.journal.remove(&group).await
+    }
+
+    async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot> {
+        let group = self.ready_group(id)?;
+        self.group_view(&group)
+    }
+}
+
+impl LocalEngine {
+    /// This node's part of a relay's group snapshot spread over nodes,
+    /// asked for over the link (a field of the request says it is a part,
+    /// never the group's name): the group's one ID here, taken under the
+    /// relay's freeze.
+    pub async fn create_group_part(
+        &self,
+        group_id: &str,
+        volumes: &[String],
+    ) -> Result<(GroupSnapshot, Duration)> {
+        if !ids::is_shared_group(group_id) {
+            return Err(error::invalid(format!(
+                "{} is not the ID of a group spread over nodes",
+                error::bounded(group_id)
+            )));
+        }
+        self.create_group(group_id, volumes, Some(group_id)).await
+    }
+
+    /// A group snapshot of `volumes` here; `part_of` (a relay's group
+    /// spread over nodes) names the group's one ID on every node, and this
+    /// node's part is taken under the relay's freeze, never at an instant
+    /// of its own.
+    async fn create_group(
+        &self,
+        name: &str,
+        volumes: &[String],
+        part_of: Option<&str>,
+    ) -> Result<(GroupSnapshot, Duration)> {
         if let Some(existing) = self.journal.by_name::<GroupRecord>(name)? {
             if existing.state() == State::Ready {
                 let mut want: Vec<&String> = volumes.iter().collect();
@@ -27,12 +80,9 @@ impl GroupSnapshots for LocalEngine {
             self.discard_group(&existing).await?;
         }
         let sources = volumes.iter().map(|v| self.ready_volume(v)).collect::<Result<Vec<_>>>()?;
-        // A group the relay spreads over several nodes has one ID on all of
-        // them, which it passes as the name of each node's part.
-        let shared = ids::is_shared_group(name);
-        let group_id = match shared {
-            true => name.to_string(),
-            false => ids::mint(Kind::Group, &self.tag),
+        let group_id = match part_of {
+            Some(id) => id.to_string(),
+            None => ids::mint(Kind::Group, &self.tag),
         };
         let created = now_nanos();
         let mut members: Vec<SnapshotRecord> = sources
@@ -67,9 +117,9 @@ impl GroupSnapshots for LocalEngine {
         // quiesced, and a torn group is refused rather than answered.
         // A part of a group spread over nodes is taken under the relay's
         // freeze, never at an instant of its own.
-        let quiesce = match shared {
-            true => self.node.prepare_quiesce_within_hold(volumes).await,
-            false => self.node.prepare_quiesce(volumes, true).await,
+        let quiesce = match part_of {
+            Some(_) => self.node.prepare_quiesce_within_hold(volumes).await,
+            None => self.node.prepare_quiesce(volumes, true).await,
         };
         let quiesce = match quiesce {
             Ok(q) => q,
@@ -135,25 +185,5 @@ impl GroupSnapshots for LocalEngine {
             return Err(e);
         }
         Ok((self.group_view(&group)?, window))
-    }
-
-    async fn delete_group_snapshot(&self, id: &str, _secrets: &Secrets) -> Result<()> {
-        if !ids::is_valid(Kind::Group, id) {
-            return Ok(());
-        }
-        let Some(mut group) = self.journal.get::<GroupRecord>(id)? else { return Ok(()) };
-        group.set_state(State::Deleting);
-        self.journal.put(&group).await?;
-        for sid in &group.snapshot_ids {
-            if let Some(member) = self.journal.get::<SnapshotRecord>(sid)? {
-                self.delete_file_and_record(Kind::Snapshot, &member).await?;
-            }
-        }
-        self.journal.remove(&group).await
-    }
-
-    async fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot> {
-        let group = self.ready_group(id)?;
-        self.group_view(&group)
     }
 }

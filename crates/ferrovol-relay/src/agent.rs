@@ -12,6 +12,7 @@ use ferrovol_core::rpc::MethodLayer;
 use ferrovol_core::services::Driver;
 use ferrovol_host::node::quiesce::Held;
 use ferrovol_host::offload;
+use ferrovol_local::LocalEngine;
 use tokio::net::TcpStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -68,12 +69,15 @@ struct Holds {
 /// The Agent service for one link connection.
 pub struct AgentService {
     driver: Arc<Driver>,
+    /// The controller half the link's calls act on (the same engine the
+    /// driver's services hold).
+    engine: Arc<LocalEngine>,
     holds: Arc<Mutex<Holds>>,
 }
 
 impl AgentService {
-    pub fn new(driver: Arc<Driver>) -> AgentService {
-        AgentService { driver, holds: Arc::default() }
+    pub fn new(driver: Arc<Driver>, engine: Arc<LocalEngine>) -> AgentService {
+        AgentService { driver, engine, holds: Arc::default() }
     }
 
     fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
@@ -152,6 +156,21 @@ impl Agent for AgentService {
         Ok(Response::new(FreezeReply { frozen }))
     }
 
+    /// Run detached from the link, as the services' calls are: a link
+    /// that drops mid-part leaves the part to finish (or to refuse itself,
+    /// its freeze gone with the link) rather than cut it off halfway.
+    async fn create_group_part(
+        &self,
+        req: Request<GroupPartRequest>,
+    ) -> Result<Response<GroupPartReply>, Status> {
+        let (driver, engine, holds) =
+            (self.driver.clone(), self.engine.clone(), self.holds.clone());
+        ferrovol_core::rpc::handle_detached("CreateGroupPart", req, move |req| async move {
+            group_part(&driver, &engine, &holds, req).await
+        })
+        .await
+    }
+
     async fn thaw(&self, req: Request<ThawRequest>) -> Result<Response<ThawReply>, Status> {
         let id = req.into_inner().hold_id;
         let hold = {
@@ -176,6 +195,64 @@ impl Agent for AgentService {
     }
 }
 
+impl ferrovol_core::rpc::RequestIds for GroupPartRequest {
+    fn ids(&self) -> ferrovol_core::rpc::Ids<'_> {
+        ferrovol_core::rpc::Ids { group_snapshot_id: Some(&self.group_id), ..Default::default() }
+    }
+
+    fn maps(&self) -> Vec<(&'static str, &HashMap<String, String>)> {
+        vec![("secrets", &self.secrets)]
+    }
+}
+
+/// This node's part of a group spread over nodes: under its freeze, with
+/// the locks a GroupController call takes.
+async fn group_part(
+    driver: &Driver,
+    engine: &LocalEngine,
+    holds: &Mutex<Holds>,
+    req: GroupPartRequest,
+) -> ferrovol_core::error::Result<GroupPartReply> {
+    use ferrovol_core::error;
+    if req.group_id.is_empty() || req.volume_ids.is_empty() || req.hold_id.is_empty() {
+        return Err(error::invalid("group_id, volume_ids and hold_id are required"));
+    }
+    // Taken under its freeze or not at all: a hold that ended (its limit,
+    // its link) would make a part at an instant of its own.
+    if !holds.lock().unwrap_or_else(|p| p.into_inner()).live.contains_key(&req.hold_id) {
+        return Err(error::aborted(format!(
+            "the freeze {} this part belongs to is over here; the group is taken anew",
+            error::bounded(&req.hold_id)
+        )));
+    }
+    // The group exclusively, its members shared (the hold holds them
+    // shared too).
+    let members: Vec<String> = req.volume_ids.iter().map(|id| locks::volume(id)).collect();
+    let _guard = driver.locks.acquire(&[locks::group_name(&req.group_id)], &members)?;
+    let (group, window) = engine.create_group_part(&req.group_id, &req.volume_ids).await?;
+    info!(group_snapshot_id = %group.id, members = group.snapshots.len(),
+          window_ms = window.as_secs_f64() * 1000.0, "group part taken under the relay's freeze");
+    let nanos = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+    };
+    Ok(GroupPartReply {
+        group_id: group.id,
+        members: group
+            .snapshots
+            .iter()
+            .map(|m| GroupMember {
+                snapshot_id: m.id.clone(),
+                source_volume_id: m.source_volume.clone(),
+                size_bytes: m.size as i64,
+                created_unix_nanos: nanos(m.created),
+                ready: m.ready,
+            })
+            .collect(),
+        created_unix_nanos: nanos(group.created),
+        ready: group.ready,
+    })
+}
+
 /// Dials the relay at `address` (host:port, or several comma-separated;
 /// every address they resolve to is one replica) and serves each
 /// connection; redials a lost one with backoff. Runs until aborted (the
@@ -184,6 +261,7 @@ pub async fn run(
     address: String,
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
     driver: Arc<Driver>,
+    engine: Arc<LocalEngine>,
 ) {
     let mut dialers: HashMap<std::net::SocketAddr, Dialer> = HashMap::new();
     loop {
@@ -198,7 +276,12 @@ pub async fn run(
                 });
                 for addr in found {
                     dialers.entry(addr).or_insert_with(|| {
-                        Dialer(tokio::spawn(dial(addr, tls.clone(), driver.clone())))
+                        Dialer(tokio::spawn(dial(
+                            addr,
+                            tls.clone(),
+                            driver.clone(),
+                            engine.clone(),
+                        )))
                     });
                 }
             }
@@ -234,6 +317,7 @@ async fn dial(
     addr: std::net::SocketAddr,
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
     driver: Arc<Driver>,
+    engine: Arc<LocalEngine>,
 ) {
     let connector = tokio_rustls::TlsConnector::from(tls);
     let first = Duration::from_millis(100);
@@ -244,7 +328,7 @@ async fn dial(
                 info!(relay = %addr, "link to the relay up");
                 let up = std::time::Instant::now();
                 let (io, closed) = LinkIo::new(stream);
-                let routes = link_routes(driver.clone());
+                let routes = link_routes(driver.clone(), engine.clone());
                 tokio::spawn(
                     routes.serve_with_incoming(tokio_stream::once(Ok::<_, std::io::Error>(io))),
                 );
@@ -285,6 +369,7 @@ async fn connect(
 /// What an agent serves a relay: its controller services, and [`Agent`].
 fn link_routes(
     driver: Arc<Driver>,
+    engine: Arc<LocalEngine>,
 ) -> tonic::transport::server::Router<
     tower::layer::util::Stack<MethodLayer, tower::layer::util::Identity>,
 > {
@@ -292,5 +377,5 @@ fn link_routes(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     ferrovol_core::server::controller_routes(server, driver.clone())
-        .add_service(AgentServer::new(AgentService::new(driver)))
+        .add_service(AgentServer::new(AgentService::new(driver, engine)))
 }

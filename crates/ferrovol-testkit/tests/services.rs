@@ -414,6 +414,7 @@ async fn a_node_mode_process_never_calls_the_controller_half() {
             required_bytes: 64 << 20,
             limit_bytes: 0,
             access: ferrovol_core::engine::AccessType::Block,
+            modes: vec![ferrovol_core::engine::AccessMode::SingleNodeWriter],
             parameters: Default::default(),
             source: None,
             accessibility: None,

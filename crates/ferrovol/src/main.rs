@@ -199,6 +199,9 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
         let (halves, companion) = relay(&link).await?;
         return ferrovol_core::server::run(common, node_id, halves, Some(companion)).await;
     }
+    // The agent's link acts on its local engine directly (a group part
+    // under the relay's freeze).
+    let mut local_engine = None;
     let halves: Halves = match args.engine {
         EngineKind::Local => {
             // The pool's identity record lives in the state dir.
@@ -216,6 +219,7 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
                     .await
                     .map_err(failed)?;
                 let engine = Arc::new(engine);
+                local_engine = Some(engine.clone());
                 let node: Option<Arc<dyn NodeEngine>> = match common.mode.node() {
                     true => Some(Arc::new(BlockStaging::new(engine.clone(), &common.state_dir))),
                     false => None,
@@ -225,8 +229,9 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
         }
         EngineKind::Rbd => rbd(&common, &args.rbd).await?,
     };
-    let companion = match common.mode {
-        Mode::Agent => Some(agent(&link)?),
+    let companion = match (common.mode, local_engine) {
+        (Mode::Agent, Some(engine)) => Some(agent(&link, engine)?),
+        (Mode::Agent, None) => return Err("--mode agent serves the local engine".into()),
         _ => None,
     };
     ferrovol_core::server::run(common, node_id, halves, companion).await
@@ -309,8 +314,8 @@ async fn relay(link: &LinkArgs) -> Result<(Halves, Companion), String> {
 
 /// `--mode agent`: dial the relay and serve it this node's controller
 /// services.
-fn agent(link: &LinkArgs) -> Result<Companion, String> {
+fn agent(link: &LinkArgs, engine: Arc<LocalEngine>) -> Result<Companion, String> {
     let addr = link.link_controller.clone().ok_or("--mode agent needs --link-controller")?;
     let tls = link_tls(link)?.client()?;
-    Ok(Box::new(move |driver| tokio::spawn(ferrovol_relay::agent::run(addr, tls, driver))))
+    Ok(Box::new(move |driver| tokio::spawn(ferrovol_relay::agent::run(addr, tls, driver, engine))))
 }

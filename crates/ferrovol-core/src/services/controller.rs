@@ -101,6 +101,12 @@ impl ControllerService {
                 required_bytes = required_bytes.max(minimum);
             }
         }
+        let modes: Vec<AccessMode> = req
+            .volume_capabilities
+            .iter()
+            .filter_map(|c| c.access_mode.as_ref())
+            .filter_map(|m| AccessMode::try_from(m.mode).ok())
+            .collect();
         let parameters = validate::engine_parameters(&req.parameters);
         engine.validate_parameters(&parameters)?;
         if !req.mutable_parameters.is_empty() {
@@ -130,6 +136,7 @@ impl ControllerService {
                 required_bytes,
                 limit_bytes,
                 access,
+                modes,
                 parameters,
                 source,
                 accessibility,

@@ -269,7 +269,7 @@ impl ControllerEngine for RelayEngine {
                 required_bytes: req.required_bytes as i64,
                 limit_bytes: req.limit_bytes as i64,
             }),
-            volume_capabilities: vec![wire::capability(&req.access)],
+            volume_capabilities: wire::capabilities(&req.access, &req.modes),
             parameters: wire::parameters(&req.parameters),
             secrets: wire::secrets(&req.secrets),
             volume_content_source: req.source.as_ref().map(convert::content_source_to_wire),

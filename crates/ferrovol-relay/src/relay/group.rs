@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use super::agents::{bounded, AgentLink};
 use super::engine::RelayEngine;
 use super::wire;
-use crate::proto::{FreezeRequest, ThawRequest};
+use crate::proto::{FreezeRequest, GroupPartRequest, ThawRequest};
 
 /// Runs `call` on every link at once; answers in the links' order.
 async fn on_each<T, F, Fut>(links: &[Arc<AgentLink>], call: F) -> Vec<Result<T>>
@@ -82,6 +82,16 @@ async fn create_part(
         error::internal(format!("{} took a group snapshot but answered none", link.context()))
     })?;
     Ok(wire::group(group, &name))
+}
+
+/// One node's part of a group spread over nodes, over the link: the
+/// request says it is a part and under which freeze.
+async fn part_under_hold(link: Arc<AgentLink>, part: GroupPartRequest) -> Result<GroupSnapshot> {
+    let made = bounded(link.agent.clone().create_group_part(part))
+        .await
+        .map_err(|s| link.failed(s))?
+        .into_inner();
+    Ok(wire::group_part(made))
 }
 
 async fn delete_part(
@@ -154,7 +164,13 @@ async fn under_one_freeze(
     // Phase 2: every part, under the one freeze (each node checks that its
     // members are still held when it clones, and keeps them so until done).
     let parts = on_each(links, |link| {
-        create_part(link.clone(), id.to_string(), members[&link.tag].clone(), secrets.clone())
+        let part = GroupPartRequest {
+            group_id: id.to_string(),
+            volume_ids: members[&link.tag].clone(),
+            hold_id: hold_id.clone(),
+            secrets: secrets.clone(),
+        };
+        part_under_hold(link.clone(), part)
     })
     .await;
 

@@ -20,24 +20,27 @@ pub fn parameters(p: &BTreeMap<String, String>) -> HashMap<String, String> {
     p.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// The capability a relayed CreateVolume carries. The relay checked the
-/// CO's capabilities against the same features the agent has; the agent
-/// only records whether the volume is a filesystem or raw block.
-pub fn capability(access: &AccessType) -> csi::VolumeCapability {
+/// The capabilities a relayed CreateVolume carries: the CO's own access
+/// modes, each with the volume's access type, so the node decides on what
+/// the CO asked rather than on a stand-in.
+pub fn capabilities(access: &AccessType, modes: &[AccessMode]) -> Vec<csi::VolumeCapability> {
     use csi::volume_capability::{
         AccessMode as Mode, AccessType as Wire, BlockVolume, MountVolume,
     };
-    csi::VolumeCapability {
-        access_type: Some(match access {
-            AccessType::Block => Wire::Block(BlockVolume {}),
-            AccessType::Mount { fs_type } => Wire::Mount(MountVolume {
-                fs_type: fs_type.clone(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
+    modes
+        .iter()
+        .map(|mode| csi::VolumeCapability {
+            access_type: Some(match access {
+                AccessType::Block => Wire::Block(BlockVolume {}),
+                AccessType::Mount { fs_type } => Wire::Mount(MountVolume {
+                    fs_type: fs_type.clone(),
+                    mount_flags: vec![],
+                    volume_mount_group: String::new(),
+                }),
             }),
-        }),
-        access_mode: Some(Mode { mode: AccessMode::SingleNodeWriter as i32 }),
-    }
+            access_mode: Some(Mode { mode: *mode as i32 }),
+        })
+        .collect()
 }
 
 pub fn requirement(r: &TopologyRequirement) -> csi::TopologyRequirement {
@@ -107,6 +110,30 @@ pub fn group(g: csi::VolumeGroupSnapshot, name: &str) -> GroupSnapshot {
         name: name.to_string(),
         snapshots: g.snapshots.into_iter().map(snapshot).collect(),
         ready: g.ready_to_use,
+    }
+}
+
+/// A node's part of a group spread over nodes, as the link answers it.
+pub fn group_part(p: crate::proto::GroupPartReply) -> GroupSnapshot {
+    let at = |nanos: i64| UNIX_EPOCH + Duration::from_nanos(nanos.max(0) as u64);
+    GroupSnapshot {
+        created: at(p.created_unix_nanos),
+        snapshots: p
+            .members
+            .into_iter()
+            .map(|m| Snapshot {
+                id: m.snapshot_id,
+                name: String::new(),
+                source_volume: m.source_volume_id,
+                size: m.size_bytes.max(0) as u64,
+                created: at(m.created_unix_nanos),
+                ready: m.ready,
+                group_id: Some(p.group_id.clone()),
+            })
+            .collect(),
+        id: p.group_id,
+        name: String::new(),
+        ready: p.ready,
     }
 }
 

@@ -317,3 +317,27 @@ async fn group_delete_waits_for_a_restore_from_a_member() {
     g.delete_volume_group_snapshot(delete).await.expect("then the delete goes through");
     assert!(!pool.snapshot_file(&member).exists());
 }
+
+/// What makes a group a relay's part spread over nodes is a field of the
+/// link's request, never its name: a CO's group whose name looks like a
+/// relay's group ID is an ordinary group, frozen and taken here (it was
+/// refused for want of a relay's freeze).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_named_like_a_relay_s_is_an_ordinary_group() {
+    let e = env(PoolFs::Xfs).await;
+    let vols = mounted_volumes(&e, 2).await;
+    let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
+    let mut g = GroupControllerClient::new(e.driver.channel().await);
+    let name = ferrovol_local::ids::shared_group("looks-like-a-relay-s");
+    let made = g.create_volume_group_snapshot(group_req(&name, &ids)).await;
+    let group = made.expect("an ordinary group").into_inner().group_snapshot.unwrap();
+    assert_ne!(group.group_snapshot_id, name, "its ID is minted here, not taken from the name");
+    assert_eq!(group.snapshots.len(), 2);
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    unmount_all(&e, &vols).await;
+}

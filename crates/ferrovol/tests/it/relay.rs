@@ -932,7 +932,7 @@ async fn a_part_whose_freeze_ended_is_never_used() {
         .driver
         .wait_for_log(r#"finished after the caller stopped waiting code="ABORTED""#)
         .expect("node-b refused a part outside the freeze");
-    assert!(refused.contains("CreateVolumeGroupSnapshot"), "{refused}");
+    assert!(refused.contains("CreateGroupPart"), "{refused}");
 
     assert!(cluster.agents[1]
         .driver
