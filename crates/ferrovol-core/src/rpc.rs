@@ -210,6 +210,38 @@ async fn catching_panics<T>(work: impl Future<Output = Result<T>>) -> Result<T> 
 }
 
 /// Runs one RPC inside its span and maps the outcome to a gRPC response.
+/// A reply and response headers of ferrovol's own (facts the CSI message
+/// has no field for, `ferrovol_csi::facts`).
+pub struct Annotated<T> {
+    pub message: T,
+    pub headers: tonic::metadata::MetadataMap,
+}
+
+impl<T> Annotated<T> {
+    fn into_response(self) -> Response<T> {
+        let mut response = Response::new(self.message);
+        *response.metadata_mut() = self.headers;
+        response
+    }
+}
+
+/// Like [`handle`], for a handler that answers headers with its message.
+pub async fn handle_annotated<Req, Resp, F, Fut>(
+    method: &'static str,
+    request: Request<Req>,
+    body: F,
+) -> Result<Response<Resp>, Status>
+where
+    Req: RequestIds,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Annotated<Resp>>>,
+{
+    run(method, request, body, Annotated::into_response).await
+}
+
+/// Runs one call: its span, its request maps held to the spec's limits,
+/// panics caught, the outcome logged and measured; `respond` makes the
+/// gRPC response of a success.
 pub async fn handle<Req, Resp, F, Fut>(
     method: &'static str,
     request: Request<Req>,
@@ -219,6 +251,20 @@ where
     Req: RequestIds,
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp>>,
+{
+    run(method, request, body, Response::new).await
+}
+
+async fn run<Req, R, Resp, F, Fut>(
+    method: &'static str,
+    request: Request<Req>,
+    body: F,
+    respond: fn(R) -> Response<Resp>,
+) -> Result<Response<Resp>, Status>
+where
+    Req: RequestIds,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<R>>,
 {
     let req = request.into_inner();
     let request_id = NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed);
@@ -266,7 +312,7 @@ where
         }
         Err(e) => warn!(code, latency_ms, error = e.message(), "rpc failed"),
     }
-    outcome.map(Response::new).map_err(Status::from)
+    outcome.map(respond).map_err(Status::from)
 }
 
 /// Like [`handle`], for calls that change state. The work runs in a task of
@@ -285,27 +331,44 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp>> + Send + 'static,
 {
-    handle(method, request, |req| {
-        let work = body(req);
+    run(method, request, |req| detached(method, body(req)), Response::new).await
+}
+
+/// [`handle_detached`] for a handler that answers headers with its message.
+pub async fn handle_detached_annotated<Req, Resp, F, Fut>(
+    method: &'static str,
+    request: Request<Req>,
+    body: F,
+) -> Result<Response<Resp>, Status>
+where
+    Req: RequestIds,
+    Resp: Send + 'static,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Annotated<Resp>>> + Send + 'static,
+{
+    run(method, request, |req| detached(method, body(req)), Annotated::into_response).await
+}
+
+/// The work in a task of its own, its outcome sent back to the caller's
+/// wait (which may be dropped without dropping the work).
+async fn detached<R: Send + 'static>(
+    method: &'static str,
+    work: impl Future<Output = Result<R>> + Send + 'static,
+) -> Result<R> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tracked = in_flight::track(method);
+    tokio::spawn(
         async move {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let tracked = in_flight::track(method);
-            tokio::spawn(
-                async move {
-                    let _tracked = tracked;
-                    let outcome = catching_panics(work).await;
-                    let code = crate::error::code_name(code_of(&outcome));
-                    if tx.send(outcome).is_err() {
-                        info!(code, "finished after the caller stopped waiting");
-                    }
-                }
-                .in_current_span(),
-            );
-            rx.await
-                .map_err(|_| crate::error::internal(format!("{method} stopped unexpectedly")))?
+            let _tracked = tracked;
+            let outcome = catching_panics(work).await;
+            let code = crate::error::code_name(code_of(&outcome));
+            if tx.send(outcome).is_err() {
+                info!(code, "finished after the caller stopped waiting");
+            }
         }
-    })
-    .await
+        .in_current_span(),
+    );
+    rx.await.map_err(|_| crate::error::internal(format!("{method} stopped unexpectedly")))?
 }
 
 /// Declares a service's tonic trait impl from one table: each method,
@@ -343,6 +406,18 @@ macro_rules! service {
     (@call inline $self:ident $name:ident $request:ident $body:ident) => {
         $crate::rpc::handle($name, $request, |r| $self.$body(r)).await
     };
+    (@call annotated $self:ident $name:ident $request:ident $body:ident) => {
+        $crate::rpc::handle_annotated($name, $request, |r| $self.$body(r)).await
+    };
+    (@call detached_annotated $self:ident $name:ident $request:ident $body:ident) => {{
+        let this = $self.clone();
+        $crate::rpc::handle_detached_annotated(
+            $name,
+            $request,
+            move |r| async move { this.$body(r).await },
+        )
+        .await
+    }};
 }
 pub(crate) use service;
 

@@ -29,11 +29,59 @@ pub mod v1 {
 
 pub use v1::*;
 
-/// Keys of the volume context under which ferrovol reports a volume's name
-/// and creation time (RFC 3339), for people and tools that list volumes.
-/// Shared here so the driver and the tools agree without depending on each
-/// other.
-pub mod context {
-    pub const NAME: &str = "csi.ferrovol.io/name";
-    pub const CREATED: &str = "csi.ferrovol.io/created";
+/// What a volume is beyond the CSI message (its name, creation time,
+/// access type and parameters), in a binary response header of ferrovol's
+/// own on CreateVolume, ControllerGetVolume and ListVolumes: for people and
+/// tools that list volumes (`ferrovol ctl`) and for the relay, which answers
+/// what its nodes said without loss. Never in the volume context, which
+/// Kubernetes copies into every PV's volumeAttributes. Other drivers send no
+/// such header, and a client that does not know it ignores it.
+pub mod facts {
+    use std::collections::HashMap;
+
+    /// The header (binary: its name ends in `-bin`).
+    pub const HEADER: &str = "ferrovol-volume-facts-bin";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct VolumeFact {
+        #[prost(string, tag = "1")]
+        pub volume_id: String,
+        /// The CO's name for it (CreateVolume's `name`).
+        #[prost(string, tag = "2")]
+        pub name: String,
+        #[prost(int64, tag = "3")]
+        pub created_unix_nanos: i64,
+        /// Raw block rather than a filesystem.
+        #[prost(bool, tag = "4")]
+        pub block: bool,
+        #[prost(string, tag = "5")]
+        pub fs_type: String,
+        #[prost(map = "string, string", tag = "6")]
+        pub parameters: HashMap<String, String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct VolumeFacts {
+        #[prost(message, repeated, tag = "1")]
+        pub volumes: Vec<VolumeFact>,
+    }
+
+    /// The header carrying `facts`.
+    pub fn to_metadata(facts: Vec<VolumeFact>) -> tonic::metadata::MetadataMap {
+        let mut map = tonic::metadata::MetadataMap::new();
+        let bytes = prost::Message::encode_to_vec(&VolumeFacts { volumes: facts });
+        map.insert_bin(HEADER, tonic::metadata::MetadataValue::from_bytes(&bytes));
+        map
+    }
+
+    /// The facts a response carried, by volume ID (none from a driver that
+    /// sends no header, or a garbled one).
+    pub fn from_metadata(map: &tonic::metadata::MetadataMap) -> HashMap<String, VolumeFact> {
+        let Some(value) = map.get_bin(HEADER) else { return HashMap::new() };
+        let Ok(bytes) = value.to_bytes() else { return HashMap::new() };
+        let Ok(facts) = <VolumeFacts as prost::Message>::decode(bytes.as_ref()) else {
+            return HashMap::new();
+        };
+        facts.volumes.into_iter().map(|f| (f.volume_id.clone(), f)).collect()
+    }
 }

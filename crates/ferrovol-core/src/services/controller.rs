@@ -14,7 +14,7 @@ use crate::engine::{
 };
 use crate::error::{self, Result};
 use crate::locks;
-use crate::rpc;
+use crate::rpc::{self, Annotated};
 use crate::services::{convert, validate, Driver};
 
 #[derive(Clone)]
@@ -80,7 +80,7 @@ impl ControllerService {
     async fn create_volume(
         &self,
         req: csi::CreateVolumeRequest,
-    ) -> Result<csi::CreateVolumeResponse> {
+    ) -> Result<Annotated<csi::CreateVolumeResponse>> {
         let engine = self.engine();
         validate::name(&req.name, "name")?;
         let features = engine.features();
@@ -143,7 +143,10 @@ impl ControllerService {
                 secrets: validate::secrets(&req.secrets),
             })
             .await?;
-        Ok(csi::CreateVolumeResponse { volume: Some(convert::volume(&volume)) })
+        Ok(Annotated {
+            message: csi::CreateVolumeResponse { volume: Some(convert::volume(&volume)) },
+            headers: convert::facts([&volume]),
+        })
     }
 
     async fn delete_volume(
@@ -243,7 +246,10 @@ impl ControllerService {
         })
     }
 
-    async fn list_volumes(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
+    async fn list_volumes(
+        &self,
+        req: csi::ListVolumesRequest,
+    ) -> Result<Annotated<csi::ListVolumesResponse>> {
         let max = validate::max_entries(req.max_entries)?;
         let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
         let (page, conditions) = self.engine().list_volumes_with_conditions(token, max).await?;
@@ -259,7 +265,13 @@ impl ControllerService {
                 }),
             })
             .collect();
-        Ok(csi::ListVolumesResponse { entries, next_token: page.next.unwrap_or_default() })
+        Ok(Annotated {
+            message: csi::ListVolumesResponse {
+                entries,
+                next_token: page.next.unwrap_or_default(),
+            },
+            headers: convert::facts(&page.items),
+        })
     }
 
     async fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
@@ -382,15 +394,18 @@ impl ControllerService {
     async fn get_volume(
         &self,
         req: csi::ControllerGetVolumeRequest,
-    ) -> Result<csi::ControllerGetVolumeResponse> {
+    ) -> Result<Annotated<csi::ControllerGetVolumeResponse>> {
         validate::id(&req.volume_id, "volume_id")?;
         let (volume, condition) = self.engine().volume_with_condition(&req.volume_id).await?;
-        Ok(csi::ControllerGetVolumeResponse {
-            status: Some(csi::controller_get_volume_response::VolumeStatus {
-                published_node_ids: volume.published_nodes.clone(),
-                volume_condition: Some(convert::condition(&condition)),
-            }),
-            volume: Some(convert::volume(&volume)),
+        Ok(Annotated {
+            message: csi::ControllerGetVolumeResponse {
+                status: Some(csi::controller_get_volume_response::VolumeStatus {
+                    published_node_ids: volume.published_nodes.clone(),
+                    volume_condition: Some(convert::condition(&condition)),
+                }),
+                volume: Some(convert::volume(&volume)),
+            },
+            headers: convert::facts([&volume]),
         })
     }
 }
@@ -422,7 +437,7 @@ impl ControllerService {
 rpc::service! {
     ControllerService: csi::controller_server::Controller {
         fn create_volume(csi::CreateVolumeRequest) -> csi::CreateVolumeResponse
-            => detached create_volume;
+            => detached_annotated create_volume;
         fn delete_volume(csi::DeleteVolumeRequest) -> csi::DeleteVolumeResponse
             => detached delete_volume;
         fn controller_publish_volume(csi::ControllerPublishVolumeRequest)
@@ -431,7 +446,8 @@ rpc::service! {
             -> csi::ControllerUnpublishVolumeResponse => detached unpublish;
         fn validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest)
             -> csi::ValidateVolumeCapabilitiesResponse => inline validate_volume_capabilities;
-        fn list_volumes(csi::ListVolumesRequest) -> csi::ListVolumesResponse => inline list_volumes;
+        fn list_volumes(csi::ListVolumesRequest) -> csi::ListVolumesResponse
+            => annotated list_volumes;
         fn get_capacity(csi::GetCapacityRequest) -> csi::GetCapacityResponse => inline get_capacity;
         fn controller_get_capabilities(csi::ControllerGetCapabilitiesRequest)
             -> csi::ControllerGetCapabilitiesResponse => inline get_capabilities;
@@ -445,7 +461,7 @@ rpc::service! {
         fn controller_expand_volume(csi::ControllerExpandVolumeRequest)
             -> csi::ControllerExpandVolumeResponse => detached expand_volume;
         fn controller_get_volume(csi::ControllerGetVolumeRequest)
-            -> csi::ControllerGetVolumeResponse => inline get_volume;
+            -> csi::ControllerGetVolumeResponse => annotated get_volume;
         fn controller_modify_volume(csi::ControllerModifyVolumeRequest)
             -> csi::ControllerModifyVolumeResponse => inline modify_volume;
     }

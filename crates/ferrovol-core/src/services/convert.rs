@@ -48,14 +48,12 @@ pub fn content_source_from_wire(
     }
 }
 
+/// The volume as CSI has it: the engine's context is what its node half
+/// needs and nothing else (Kubernetes copies it into the PV); what else a
+/// volume is travels as [`fact`]s.
 pub fn volume(v: &Volume) -> csi::Volume {
-    // The engine's context (what its node half needs), then the name and
-    // creation time, for people and tools listing volumes (`ferrovol ctl
-    // volume list`); the node side does not need those.
-    let mut volume_context: HashMap<String, String> =
+    let volume_context: HashMap<String, String> =
         v.context.iter().map(|(k, val)| (k.clone(), val.clone())).collect();
-    volume_context.insert(csi::context::NAME.to_string(), v.name.clone());
-    volume_context.insert(csi::context::CREATED.to_string(), crate::units::rfc3339(v.created));
     csi::Volume {
         capacity_bytes: v.capacity as i64,
         volume_id: v.id.clone(),
@@ -81,4 +79,28 @@ pub fn condition(c: &Condition) -> csi::VolumeCondition {
         Condition::Healthy => csi::VolumeCondition { abnormal: false, message: "healthy".into() },
         Condition::Abnormal(m) => csi::VolumeCondition { abnormal: true, message: m.clone() },
     }
+}
+
+/// What a volume is beyond the CSI message, for the facts header.
+pub fn fact(v: &Volume) -> csi::facts::VolumeFact {
+    let (block, fs_type) = match &v.access {
+        crate::engine::AccessType::Block => (true, String::new()),
+        crate::engine::AccessType::Mount { fs_type } => (false, fs_type.clone()),
+    };
+    csi::facts::VolumeFact {
+        volume_id: v.id.clone(),
+        name: v.name.clone(),
+        created_unix_nanos: v
+            .created
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64),
+        block,
+        fs_type,
+        parameters: v.parameters.iter().map(|(k, val)| (k.clone(), val.clone())).collect(),
+    }
+}
+
+/// The facts header of these volumes.
+pub fn facts<'a>(volumes: impl IntoIterator<Item = &'a Volume>) -> tonic::metadata::MetadataMap {
+    csi::facts::to_metadata(volumes.into_iter().map(fact).collect())
 }

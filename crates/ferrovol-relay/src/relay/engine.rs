@@ -127,14 +127,16 @@ impl RelayEngine {
                 csi::ControllerGetVolumeRequest { volume_id: id.to_string() },
             ))
             .await
-            .map_err(|s| link.failed(s))?
-            .into_inner();
+            .map_err(|s| link.failed(s))?;
+        let facts = csi::facts::from_metadata(got.metadata());
+        let got = got.into_inner();
         let condition =
             wire::condition(got.status.as_ref().and_then(|s| s.volume_condition.as_ref()));
         let volume = got
             .volume
             .ok_or_else(|| error::internal(format!("{} answered no volume", link.context())))?;
-        Ok((wire::volume(volume)?, condition))
+        let fact = facts.get(id);
+        Ok((wire::volume(volume, fact)?, condition))
     }
 
     /// One page of a listing over every node, in tag order. The token is
@@ -277,10 +279,12 @@ impl ControllerEngine for RelayEngine {
             mutable_parameters: HashMap::new(),
         };
         let made = link.controller.clone().create_volume(wire).await.map_err(|s| link.failed(s))?;
+        let facts = csi::facts::from_metadata(made.metadata());
         let volume = made.into_inner().volume.ok_or_else(|| {
             error::internal(format!("{} created a volume but answered none", link.context()))
         })?;
-        wire::volume(volume)
+        let fact = facts.get(&volume.volume_id);
+        wire::volume(volume, fact)
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
@@ -332,15 +336,17 @@ impl ControllerEngine for RelayEngine {
                     starting_token: token,
                 }))
                 .await
-                .map_err(|s| link.failed(s))?
-                .into_inner();
+                .map_err(|s| link.failed(s))?;
+                let facts = csi::facts::from_metadata(got.metadata());
+                let got = got.into_inner();
                 let mut items = Vec::with_capacity(got.entries.len());
                 for e in got.entries {
                     let Some(v) = e.volume else { continue };
                     let condition = wire::condition(
                         e.status.as_ref().and_then(|s| s.volume_condition.as_ref()),
                     );
-                    items.push((wire::volume(v)?, Ok(condition)));
+                    let fact = facts.get(&v.volume_id);
+                    items.push((wire::volume(v, fact)?, Ok(condition)));
                 }
                 Ok((items, got.next_token))
             })

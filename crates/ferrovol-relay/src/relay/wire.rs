@@ -60,24 +60,36 @@ fn topology(t: &csi::Topology) -> Topology {
     t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// A volume as an agent answered it. The name and creation time come back
-/// out of the context they were put in; the access type and parameters are
-/// the agent's business (the services do not read them here).
-pub fn volume(v: csi::Volume) -> Result<Volume> {
-    let mut context: BTreeMap<String, String> = v.volume_context.into_iter().collect();
-    let name = context.remove(csi::context::NAME).unwrap_or_default();
-    let created = context
-        .remove(csi::context::CREATED)
-        .and_then(|c| humantime::parse_rfc3339(&c).ok())
-        .unwrap_or(UNIX_EPOCH);
+/// A volume as an agent answered it: the CSI message, and what else the
+/// volume is from the facts header the agent sent with it (its name,
+/// creation time, access type and parameters), so the relay answers what
+/// the node said without loss.
+pub fn volume(v: csi::Volume, fact: Option<&csi::facts::VolumeFact>) -> Result<Volume> {
+    let (name, created, access, parameters) = match fact {
+        Some(f) => (
+            f.name.clone(),
+            UNIX_EPOCH + Duration::from_nanos(f.created_unix_nanos.max(0) as u64),
+            match f.block {
+                true => AccessType::Block,
+                false => AccessType::Mount { fs_type: f.fs_type.clone() },
+            },
+            f.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ),
+        None => (
+            String::new(),
+            UNIX_EPOCH,
+            AccessType::Mount { fs_type: String::new() },
+            BTreeMap::new(),
+        ),
+    };
     Ok(Volume {
         id: v.volume_id,
         name,
         capacity: v.capacity_bytes.max(0) as u64,
         source: convert::content_source_from_wire(v.content_source.as_ref())?,
-        access: AccessType::Mount { fs_type: String::new() },
-        parameters: BTreeMap::new(),
-        context,
+        access,
+        parameters,
+        context: v.volume_context.into_iter().collect(),
         accessible: v.accessible_topology.iter().map(topology).collect(),
         published_nodes: vec![],
         created,
@@ -172,8 +184,8 @@ mod tests {
             name: "pvc-1".into(),
             capacity: 1 << 30,
             source: Some(ContentSource::Snapshot("snap-x@node-a".into())),
-            access: AccessType::Mount { fs_type: String::new() },
-            parameters: BTreeMap::new(),
+            access: AccessType::Mount { fs_type: "xfs".into() },
+            parameters: BTreeMap::from([("provisioning".to_string(), "thick".to_string())]),
             context: BTreeMap::from([("k".to_string(), "v".to_string())]),
             accessible: vec![BTreeMap::from([(
                 "local.csi.ferrovol.io/node".into(),
@@ -182,9 +194,11 @@ mod tests {
             published_nodes: vec![],
             created,
         };
-        let relayed = volume(convert::volume(&v)).unwrap();
+        let relayed = volume(convert::volume(&v), Some(&convert::fact(&v))).unwrap();
         assert_eq!(relayed, v);
         assert_eq!(convert::volume(&relayed), convert::volume(&v));
+        // Nothing of ferrovol's own in what Kubernetes copies into the PV.
+        assert_eq!(convert::volume(&v).volume_context, HashMap::from([("k".into(), "v".into())]));
     }
 
     #[test]

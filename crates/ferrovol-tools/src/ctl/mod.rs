@@ -278,7 +278,9 @@ async fn volume(
                 ..Default::default()
             };
             let r = progress("creating volume", c.create_volume(request(req, d.long))).await?;
-            let mut v = volume_json(&r.into_inner().volume.unwrap_or_default());
+            let facts = csi::facts::from_metadata(r.metadata());
+            let volume = r.into_inner().volume.unwrap_or_default();
+            let mut v = volume_json(&volume, facts.get(&volume.volume_id));
             if size.is_none() {
                 let chosen = v["capacity_bytes"].as_u64().unwrap_or(0);
                 if output == Output::Table {
@@ -307,8 +309,10 @@ async fn volume(
             let r = c
                 .controller_get_volume(request(csi::ControllerGetVolumeRequest { volume_id }, t))
                 .await?;
+            let facts = csi::facts::from_metadata(r.metadata());
             let r = r.into_inner();
-            let mut v = volume_json(&r.volume.unwrap_or_default());
+            let volume = r.volume.unwrap_or_default();
+            let mut v = volume_json(&volume, facts.get(&volume.volume_id));
             if let Some(cond) = r.status.and_then(|s| s.volume_condition) {
                 v["condition"] = json!({ "abnormal": cond.abnormal, "message": cond.message });
             }
@@ -319,10 +323,12 @@ async fn volume(
             let mut token = String::new();
             loop {
                 let req = csi::ListVolumesRequest { max_entries: 0, starting_token: token };
-                let page = c.list_volumes(request(req, t)).await?.into_inner();
+                let page = c.list_volumes(request(req, t)).await?;
+                let facts = csi::facts::from_metadata(page.metadata());
+                let page = page.into_inner();
                 for entry in &page.entries {
                     let Some(volume) = &entry.volume else { continue };
-                    let mut v = volume_json(volume);
+                    let mut v = volume_json(volume, facts.get(&volume.volume_id));
                     let status = entry.status.as_ref();
                     if let Some(cond) = status.and_then(|s| s.volume_condition.as_ref()) {
                         v["condition"] =

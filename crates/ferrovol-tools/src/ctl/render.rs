@@ -7,18 +7,24 @@ use serde_json::{json, Value};
 
 use super::*;
 
-pub(crate) fn volume_json(v: &csi::Volume) -> Value {
+/// A volume, with what ferrovol says of it beyond CSI (its name and
+/// creation time, from the facts header); other drivers' show `-`.
+pub(crate) fn volume_json(v: &csi::Volume, fact: Option<&csi::facts::VolumeFact>) -> Value {
     use csi::volume_content_source::Type;
     let source = v.content_source.as_ref().and_then(|s| s.r#type.as_ref()).map(|t| match t {
         Type::Snapshot(s) => json!({ "snapshot_id": s.snapshot_id }),
         Type::Volume(s) => json!({ "volume_id": s.volume_id }),
     });
+    let created = fact.filter(|f| f.created_unix_nanos > 0).map(|f| {
+        crate::units::rfc3339(
+            std::time::UNIX_EPOCH + Duration::from_nanos(f.created_unix_nanos as u64),
+        )
+    });
     json!({
         "volume_id": v.volume_id,
-        // ferrovol says these in the context; other drivers' show `-`.
-        "name": v.volume_context.get(csi::context::NAME),
+        "name": fact.map(|f| &f.name),
         "capacity_bytes": v.capacity_bytes,
-        "created": v.volume_context.get(csi::context::CREATED),
+        "created": created,
         "content_source": source,
         "accessible_topology": v.accessible_topology.iter().map(|t| &t.segments).collect::<Vec<_>>(),
         "volume_context": v.volume_context,

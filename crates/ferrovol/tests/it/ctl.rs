@@ -196,7 +196,12 @@ async fn ctl_behaves_like_a_unix_tool() {
     // Decimal sizes in binary units; without --size the default is said.
     let made = json(&ctl(&sock, &["-o", "json", "volume", "create", "half", "--size", "1.5G"]));
     assert_eq!(made["capacity_bytes"], 3u64 << 29);
-    assert_eq!(made["name"], "half");
+    assert_eq!(made["name"], "half", "the name, from ferrovol's facts header");
+    let context = made["volume_context"].as_object().unwrap();
+    assert!(
+        !context.keys().any(|k| k.starts_with("csi.ferrovol.io/")),
+        "nothing of ferrovol's own in the context Kubernetes copies into the PV: {context:?}"
+    );
     let default = ctl(&sock, &["volume", "create", "defaulted"]);
     assert!(default.status.success(), "{}", stderr(&default));
     assert!(
