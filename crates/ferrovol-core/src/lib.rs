@@ -15,7 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub use ferrovol_csi::{endpoint, error, units};
-pub use ferrovol_host::{exec, fsutil, node};
+pub use ferrovol_host::{exec, fsutil};
 
 pub mod authority;
 pub mod cli;

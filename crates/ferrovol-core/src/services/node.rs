@@ -19,12 +19,12 @@ use ferrovol_csi::volume_capability::access_mode::Mode;
 use crate::engine::{AccessType, Attach, Features, Stage, BLOCK_STAGE_FILE};
 use crate::error::{self, Error, Result};
 use crate::locks;
-use crate::node::beneath::{self, Beneath};
-use crate::node::fs as nodefs;
-use crate::node::mountinfo::{self, MountEntry};
-use crate::node::read_only as read_only_device;
 use crate::rpc;
 use crate::services::{convert, validate, Driver};
+use ferrovol_host::node::beneath::{self, Beneath};
+use ferrovol_host::node::fs as nodefs;
+use ferrovol_host::node::mountinfo::{self, MountEntry};
+use ferrovol_host::node::read_only as read_only_device;
 use ferrovol_host::offload::{self, NODE_WORK, QUICK};
 
 pub struct NodeConfig {
