@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use ferrovol_core::engine::{AccessType, Stage};
-use ferrovol_core::error::{self, Error, Result};
+use ferrovol_core::error::{self, Result};
 use ferrovol_host::node::beneath::{self, Beneath};
 use ferrovol_host::node::fs::{self as nodefs, Content};
-use ferrovol_host::node::mountinfo::{self, MountEntry};
+use ferrovol_host::node::mountinfo;
 use ferrovol_host::offload::{self, NODE_WORK, QUICK};
 
 use crate::format::FormatMarker;
@@ -24,9 +24,9 @@ pub(crate) async fn on(
     let volume_id = request.volume.volume_id.as_str();
     let read_only = request.volume.read_only;
     let target = request.target();
-    let mounts = offload::run("reading the mount table", QUICK, read_mounts).await?;
+    let mounts = offload::run("reading the mount table", QUICK, mountinfo::table).await?;
     if let Some(m) = mountinfo::at(&mounts, &target) {
-        if mounted_from(&mounts, device, &target)? {
+        if mountinfo::device_at(&mounts, device, &target)? {
             return Ok(()); // already staged here: idempotent
         }
         return Err(error::already_exists(format!(
@@ -124,21 +124,10 @@ pub(crate) async fn on(
         // Resolved once, mounted onto what was resolved.
         let onto = Beneath::open(&kubelet)?.dir(&staging)?;
         let mounted = nodefs::mount(&device, &onto, &fs_type, &flags, read_only);
-        if mounted.is_err() && mounted_from(&read_mounts()?, &device, &staging)? {
+        if mounted.is_err() && mountinfo::device_at(&mountinfo::table()?, &device, &staging)? {
             return Ok(()); // a mount from before a restart finished meanwhile
         }
         mounted
     })
     .await
-}
-
-/// Is `device` what is mounted at `path`, by the mount table `mounts`?
-fn mounted_from(mounts: &[MountEntry], device: &Path, path: &Path) -> Result<bool> {
-    let ours = mountinfo::mounts_of_device(mounts, device)
-        .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
-    Ok(ours.iter().any(|m| m.mount_point == path))
-}
-
-fn read_mounts() -> Result<Vec<MountEntry>> {
-    mountinfo::read().map_err(|e| Error::io("reading /proc/self/mountinfo", e))
 }

@@ -42,6 +42,16 @@ pub mod facts {
     /// The header (binary: its name ends in `-bin`).
     pub const HEADER: &str = "ferrovol-volume-facts-bin";
 
+    /// The most bytes of facts one response carries (as sent, base64):
+    /// well under the header block HTTP/2 peers accept (16 KiB by
+    /// default). A listing page whose facts do not fit carries its first
+    /// volumes' only; ask for pages of [`PAGE`] to have them all.
+    pub const BUDGET: usize = 8 << 10;
+
+    /// A ListVolumes page size whose facts fit the budget for volumes with
+    /// names and parameters of ordinary length.
+    pub const PAGE: i32 = 32;
+
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct VolumeFact {
         #[prost(string, tag = "1")]

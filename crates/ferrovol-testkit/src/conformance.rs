@@ -226,16 +226,11 @@ impl<'a> Kit<'a> {
             ..Default::default()
         };
         let answer = self.c.create_snapshot(snapshot).await;
-        match (self.has(Cap::CreateDeleteSnapshot), answer) {
-            (true, Err(e)) if e.code() == Code::Unimplemented => {
-                self.fail(check, format!("snapshots advertised, {e:?}"))
-            }
-            (false, Err(e)) if e.code() != Code::Unimplemented => {
-                self.fail(check, format!("no snapshots advertised, yet CreateSnapshot {e:?}"))
-            }
-            (false, Ok(_)) => self.fail(check, "no snapshots advertised, yet one was made"),
-            _ => {}
-        }
+        self.part_answers(
+            "snapshots (CreateSnapshot)",
+            self.has(Cap::CreateDeleteSnapshot),
+            answer,
+        );
         let publish = csi::ControllerPublishVolumeRequest {
             volume_id: "conf-no-such-volume".into(),
             node_id: "conf-node".into(),
@@ -243,16 +238,11 @@ impl<'a> Kit<'a> {
             ..Default::default()
         };
         let answer = self.c.controller_publish_volume(publish).await;
-        match (self.has(Cap::PublishUnpublishVolume), answer) {
-            (true, Err(e)) if e.code() == Code::Unimplemented => {
-                self.fail(check, format!("attach advertised, {e:?}"))
-            }
-            (false, Err(e)) if e.code() != Code::Unimplemented => {
-                self.fail(check, format!("no attach advertised, yet ControllerPublish {e:?}"))
-            }
-            (false, Ok(_)) => self.fail(check, "no attach advertised, yet a publish succeeded"),
-            _ => {}
-        }
+        self.part_answers(
+            "attach (ControllerPublish)",
+            self.has(Cap::PublishUnpublishVolume),
+            answer,
+        );
         let group = csi::GetVolumeGroupSnapshotRequest {
             group_snapshot_id: "conf-no-such-group".into(),
             ..Default::default()
@@ -287,6 +277,27 @@ impl<'a> Kit<'a> {
                 (_, Ok(_)) => self.fail(check, "an unknown volume was expanded"),
                 _ => {}
             }
+        }
+    }
+
+    /// A call on an unknown object of an optional part: UNIMPLEMENTED
+    /// exactly when the part is not advertised, and never a success.
+    fn part_answers<T: std::fmt::Debug>(
+        &self,
+        part: &str,
+        advertised: bool,
+        answer: Result<T, tonic::Status>,
+    ) {
+        let check = "advertised parts answer";
+        match (advertised, answer) {
+            (_, Ok(made)) => self.fail(check, format!("{part}: an unknown object gave {made:?}")),
+            (true, Err(e)) if e.code() == Code::Unimplemented => {
+                self.fail(check, format!("{part} advertised, yet {e:?}"))
+            }
+            (false, Err(e)) if e.code() != Code::Unimplemented => {
+                self.fail(check, format!("{part} not advertised, yet {e:?}"))
+            }
+            _ => {}
         }
     }
 

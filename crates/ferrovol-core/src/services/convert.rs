@@ -100,7 +100,55 @@ pub fn fact(v: &Volume) -> csi::facts::VolumeFact {
     }
 }
 
-/// The facts header of these volumes.
+/// The facts header of these volumes, as many as fit in
+/// [`csi::facts::BUDGET`] (HTTP/2 peers refuse large header blocks: a
+/// listing page of thousands has the facts of its first volumes only, and
+/// a client that wants them all asks for smaller pages).
 pub fn facts<'a>(volumes: impl IntoIterator<Item = &'a Volume>) -> tonic::metadata::MetadataMap {
-    csi::facts::to_metadata(volumes.into_iter().map(fact).collect())
+    let mut kept = Vec::new();
+    let mut size = 0;
+    for v in volumes {
+        let f = fact(v);
+        // A repeated field's tag and length, and base64 expansion.
+        size += (prost::Message::encoded_len(&f) + 4) * 4 / 3;
+        if size > csi::facts::BUDGET {
+            break;
+        }
+        kept.push(f);
+    }
+    csi::facts::to_metadata(kept)
+}
+
+#[cfg(test)]
+mod facts_tests {
+    use super::*;
+
+    /// A listing page of thousands carries the facts that fit one header
+    /// (a header block past the peer's limit reset the whole stream), and
+    /// what it carries decodes.
+    #[test]
+    fn a_large_page_carries_the_facts_that_fit() {
+        let volumes: Vec<Volume> = (0..4096)
+            .map(|i| Volume {
+                id: format!("vol-{i:032x}@node-with-a-longish-name"),
+                name: format!("pvc-{i:08}-0000-4000-8000-000000000000"),
+                capacity: 1 << 30,
+                source: None,
+                access: crate::engine::AccessType::Mount { fs_type: "xfs".into() },
+                parameters: [("provisioning".to_string(), "thin".to_string())].into(),
+                context: Default::default(),
+                accessible: vec![],
+                published_nodes: vec![],
+                created: std::time::SystemTime::now(),
+            })
+            .collect();
+        let map = facts(&volumes);
+        let sent = map.get_bin(csi::facts::HEADER).unwrap().as_encoded_bytes().len();
+        assert!(sent <= csi::facts::BUDGET, "{sent} bytes");
+        let back = csi::facts::from_metadata(&map);
+        assert!(back.len() >= csi::facts::PAGE as usize, "{} facts", back.len());
+        assert_eq!(back[&volumes[0].id].name, volumes[0].name);
+        assert_eq!(facts(&volumes[..3]).len(), 1);
+        assert_eq!(csi::facts::from_metadata(&facts(&volumes[..3])).len(), 3);
+    }
 }

@@ -282,7 +282,7 @@ impl NodeService {
                 )));
             }
         }
-        let all = offload::run("reading the mount table", QUICK, read_mounts).await?;
+        let all = offload::run("reading the mount table", QUICK, mountinfo::table).await?;
         if let Some(m) = mountinfo::at(&all, &target) {
             return Err(error::failed_precondition(format!(
                 "target {} is already a mount of something else ({})",
@@ -348,13 +348,13 @@ impl NodeService {
         let device = engine.device(&req.volume_id).await?;
         let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
         offload::run("unpublishing", NODE_WORK, move || {
-            let all = read_mounts()?;
+            let all = mountinfo::table()?;
             refuse_foreign_mount(&id, &mounts, &all, &target)?;
             // A read-only publish's own device goes with its mount.
             let ro_device = match &device {
                 Some(d) => read_only_device::over(d)?
                     .into_iter()
-                    .find(|ro| mounted_from(&all, ro, &target).unwrap_or(false)),
+                    .find(|ro| mountinfo::device_at(&all, ro, &target).unwrap_or(false)),
                 None => None,
             };
             unmount_all_and_remove(&Beneath::open(&kubelet)?, &target)?;
@@ -385,7 +385,7 @@ impl NodeService {
             let (id, own, s, mk) =
                 (req.volume_id.clone(), mounts.clone(), staging.clone(), marker.clone());
             offload::run("reading the mount table", QUICK, move || {
-                let all = read_mounts()?;
+                let all = mountinfo::table()?;
                 refuse_foreign_mount(&id, &own, &all, &s)?;
                 refuse_foreign_mount(&id, &own, &all, &mk)
             })
@@ -407,7 +407,7 @@ impl NodeService {
         }
         let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
         offload::run("unstaging", NODE_WORK, move || {
-            let all = read_mounts()?;
+            let all = mountinfo::table()?;
             refuse_foreign_mount(&id, &mounts, &all, &staging)?;
             refuse_foreign_mount(&id, &mounts, &all, &marker)?;
             let paths = Beneath::open(&kubelet)?;
@@ -535,17 +535,6 @@ fn not_here(volume_id: &str, path: &Path) -> Error {
     ))
 }
 
-/// Is `device` what is mounted at `path`, by the mount table `mounts`?
-fn mounted_from(mounts: &[MountEntry], device: &Path, path: &Path) -> Result<bool> {
-    let ours = mountinfo::mounts_of_device(mounts, device)
-        .map_err(|e| Error::io(format!("inspecting {}", device.display()), e))?;
-    Ok(ours.iter().any(|m| m.mount_point == path))
-}
-
-fn read_mounts() -> Result<Vec<MountEntry>> {
-    mountinfo::read().map_err(|e| Error::io("reading /proc/self/mountinfo", e))
-}
-
 /// A mount at `path` that is not the volume's own is someone else's: NOT_FOUND,
 /// and it is left alone.
 fn refuse_foreign_mount(
@@ -570,7 +559,7 @@ fn unmount_all(paths: &Beneath, path: &Path) -> Result<()> {
     // Bounded: a path can only hold so many stacked mounts, and a loop that
     // never empties the stack must not spin forever.
     for _ in 0..16 {
-        if mountinfo::at(&read_mounts()?, path).is_none() {
+        if mountinfo::at(&mountinfo::table()?, path).is_none() {
             return Ok(());
         }
         if !paths.unmount(path)? {

@@ -109,6 +109,19 @@ pub fn mounts_of_device<'a>(
         .collect())
 }
 
+/// The mount table, failing as the services answer (for callers whose
+/// errors are RPC answers).
+pub fn table() -> crate::error::Result<Vec<MountEntry>> {
+    read().map_err(|e| crate::error::Error::io("reading /proc/self/mountinfo", e))
+}
+
+/// Whether `device` is what is mounted at `path`, by the table `mounts`.
+pub fn device_at(mounts: &[MountEntry], device: &Path, path: &Path) -> crate::error::Result<bool> {
+    let ours = mounts_of_device(mounts, device)
+        .map_err(|e| crate::error::Error::io(format!("inspecting {}", device.display()), e))?;
+    Ok(ours.iter().any(|m| m.mount_point == path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -322,7 +322,11 @@ async fn volume(
             let mut all = Vec::new();
             let mut token = String::new();
             loop {
-                let req = csi::ListVolumesRequest { max_entries: 0, starting_token: token };
+                // Pages whose facts (names, ages) fit one header.
+                let req = csi::ListVolumesRequest {
+                    max_entries: csi::facts::PAGE,
+                    starting_token: token,
+                };
                 let page = c.list_volumes(request(req, t)).await?;
                 let facts = csi::facts::from_metadata(page.metadata());
                 let page = page.into_inner();
