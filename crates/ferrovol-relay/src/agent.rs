@@ -46,18 +46,6 @@ struct Hold {
     _locks: OpGuard,
 }
 
-/// Thaws off the async workers (a thaw is an ioctl that waits for the
-/// filesystem), never under the holds' lock.
-fn thaw(holds: Vec<Hold>) {
-    if holds.is_empty() {
-        return;
-    }
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => drop(rt.spawn_blocking(move || drop(holds))),
-        Err(_) => drop(holds),
-    }
-}
-
 /// The freezes one relay connection made; dropped (thawed) with it.
 #[derive(Default)]
 struct Holds {
@@ -87,12 +75,15 @@ impl AgentService {
 
 impl Drop for AgentService {
     fn drop(&mut self) {
-        // The relay is gone: thaw whatever it froze, at once.
+        // The relay is gone: thaw whatever it froze, at once, here (not
+        // under the holds' lock, and not later on another thread: a part
+        // still running must find its freeze over the moment the link is,
+        // and refuse itself rather than finish at an instant of its own).
         let left: Vec<Hold> = std::mem::take(&mut self.holds().live).into_values().collect();
         if !left.is_empty() {
             warn!(holds = left.len(), "link closed with filesystems frozen: thawed");
         }
-        thaw(left);
+        drop(left);
     }
 }
 
