@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrovol_core::engine::{
-    Attach, Condition, Features, Filesystem, MountEntry, NodeEngine, Stage, Topology,
+    Attach, Condition, Features, Filesystem, MountEntry, NodeEngine, Stage, Topology, VolumeView,
 };
 use ferrovol_core::error::{self, Result};
 use ferrovol_host::node::fs as nodefs;
@@ -186,12 +186,9 @@ impl<A: Attacher> NodeEngine for BlockStaging<A> {
         self.attacher.detach(volume_id).await
     }
 
-    async fn mounts(&self, volume_id: &str) -> Result<Vec<MountEntry>> {
-        Ok(self.device_mounts(volume_id).await?.1)
-    }
-
-    async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>> {
-        self.attacher.device(volume_id).await
+    async fn view(&self, volume_id: &str) -> Result<VolumeView> {
+        let (device, mounts) = self.device_mounts(volume_id).await?;
+        Ok(VolumeView { device, mounts })
     }
 
     async fn condition(&self, volume_id: &str, staged: &MountEntry) -> Result<Condition> {

@@ -561,6 +561,16 @@ impl Stage {
 /// One mount in the kernel's table (a stage, a publish).
 pub use ferrovol_host::node::mountinfo::MountEntry;
 
+/// A volume as a node holds it ([`NodeEngine::view`]).
+#[derive(Clone, Debug, Default)]
+pub struct VolumeView {
+    /// The block device a raw block publish binds (None: not attached, or
+    /// an engine without devices).
+    pub device: Option<PathBuf>,
+    /// Its stage first, then its publishes.
+    pub mounts: Vec<MountEntry>,
+}
+
 /// The node half of an engine: it stages volumes (makes them usable at a
 /// staging path on this node) from what the node call carries ([`Stage`],
 /// [`Attach`]) and what the kernel shows. The core node service keeps what
@@ -594,13 +604,10 @@ pub trait NodeEngine: Send + Sync + 'static {
     /// core has unmounted it; released already is fine.
     async fn release(&self, volume_id: &str) -> Result<()>;
 
-    /// Every mount of the volume on this node, its stage and its publishes,
-    /// from the kernel's mount table (empty: not staged here).
-    async fn mounts(&self, volume_id: &str) -> Result<Vec<MountEntry>>;
-
-    /// The block device of a staged volume, which a raw block publish
-    /// binds (None: not staged, or an engine without devices).
-    async fn device(&self, volume_id: &str) -> Result<Option<PathBuf>>;
+    /// The volume as this node holds it now, found in one look: its block
+    /// device, if any, and every mount of it (stage and publishes) from the
+    /// kernel's mount table (empty: not staged here).
+    async fn view(&self, volume_id: &str) -> Result<VolumeView>;
 
     /// The volume's health as this node sees it; `staged` is its stage
     /// mount.

@@ -108,7 +108,7 @@ impl Agent for AgentService {
         let node = self.driver.node();
         let mut devices = Vec::with_capacity(req.volume_ids.len());
         for id in &req.volume_ids {
-            devices.push((id.clone(), node.device(id).await.map_err(Status::from)?));
+            devices.push((id.clone(), node.view(id).await.map_err(Status::from)?.device));
         }
         let held = Held::freeze(devices, true).await.map_err(Status::from)?;
         let frozen = held.mounts().len() as u32;

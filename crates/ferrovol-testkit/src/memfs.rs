@@ -5,10 +5,12 @@
 //! core serves a filesystem engine: publish, stats, read-only and
 //! controller-only expansion with nothing but a [`NodeEngine`].
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use ferrovol_core::engine::{Condition, Features, MountEntry, NodeEngine, Stage, Topology};
+use ferrovol_core::engine::{
+    Condition, Features, MountEntry, NodeEngine, Stage, Topology, VolumeView,
+};
 use ferrovol_core::error::{self, Error, Result};
 use ferrovol_host::node::beneath::Beneath;
 use ferrovol_host::node::{fs as nodefs, mountinfo};
@@ -106,13 +108,10 @@ impl NodeEngine for MemFsNode {
         Ok(())
     }
 
-    async fn mounts(&self, volume_id: &str) -> Result<Vec<MountEntry>> {
+    async fn view(&self, volume_id: &str) -> Result<VolumeView> {
         let id = volume_id.to_string();
-        offload::run("reading the mount table", QUICK, move || mounts_of(&id)).await
-    }
-
-    async fn device(&self, _volume_id: &str) -> Result<Option<PathBuf>> {
-        Ok(None)
+        let mounts = offload::run("reading the mount table", QUICK, move || mounts_of(&id)).await?;
+        Ok(VolumeView { device: None, mounts })
     }
 
     async fn condition(&self, _volume_id: &str, _staged: &MountEntry) -> Result<Condition> {

@@ -16,7 +16,7 @@ use ferrovol_csi as csi;
 use ferrovol_csi::node_service_capability::rpc::Type as Cap;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 
-use crate::engine::{AccessType, Attach, Features, Stage, BLOCK_STAGE_FILE};
+use crate::engine::{AccessType, Attach, Features, Stage, VolumeView, BLOCK_STAGE_FILE};
 use crate::error::{self, Error, Result};
 use crate::locks;
 use crate::rpc;
@@ -153,7 +153,7 @@ impl NodeService {
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         engine.check_known(&req.volume_id).await?;
 
-        let mounts = engine.mounts(&req.volume_id).await?;
+        let mounts = engine.view(&req.volume_id).await?.mounts;
         let target = match access {
             AccessType::Block => staging.join(BLOCK_STAGE_FILE),
             AccessType::Mount { .. } => staging.clone(),
@@ -233,7 +233,7 @@ impl NodeService {
             )));
         }
 
-        let mounts = engine.mounts(&req.volume_id).await?;
+        let VolumeView { device, mounts } = engine.view(&req.volume_id).await?;
         let staged_at = match access {
             AccessType::Block => staging.join(BLOCK_STAGE_FILE),
             AccessType::Mount { .. } => staging.clone(),
@@ -251,7 +251,7 @@ impl NodeService {
         // The device a raw block publish binds (a filesystem publish binds
         // the stage itself).
         let device = match access {
-            AccessType::Block => Some(engine.device(&req.volume_id).await?.ok_or_else(not_staged)?),
+            AccessType::Block => Some(device.ok_or_else(not_staged)?),
             AccessType::Mount { .. } => None,
         };
         if let AccessType::Mount { fs_type } = &access {
@@ -344,19 +344,17 @@ impl NodeService {
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         let engine = self.driver.node();
         engine.check_known(&req.volume_id).await?;
-        let mounts = engine.mounts(&req.volume_id).await?;
-        let device = engine.device(&req.volume_id).await?;
+        let VolumeView { device, mounts } = engine.view(&req.volume_id).await?;
         let (id, kubelet) = (req.volume_id.clone(), self.kubelet_dir.clone());
         offload::run("unpublishing", NODE_WORK, move || {
             let all = mountinfo::table()?;
             refuse_foreign_mount(&id, &mounts, &all, &target)?;
             // A read-only publish's own device goes with its mount.
-            let ro_device = match &device {
-                Some(d) => read_only_device::over(d)?
-                    .into_iter()
-                    .find(|ro| mountinfo::device_at(&all, ro, &target).unwrap_or(false)),
-                None => None,
-            };
+            let at_target: Vec<MountEntry> =
+                mounts.iter().filter(|m| m.mount_point == target).cloned().collect();
+            let ro_device = device
+                .as_deref()
+                .and_then(|d| read_only_device::among(&at_target, d).into_iter().next());
             unmount_all_and_remove(&Beneath::open(&kubelet)?, &target)?;
             ro_device.map_or(Ok(()), |ro| read_only_device::detach(&ro))
         })
@@ -374,8 +372,7 @@ impl NodeService {
         let _guard = self.driver.locks.exclusive(locks::volume(&req.volume_id))?;
         let engine = self.driver.node();
         engine.check_known(&req.volume_id).await?;
-        let mounts = engine.mounts(&req.volume_id).await?;
-        let device = engine.device(&req.volume_id).await?;
+        let VolumeView { device, mounts } = engine.view(&req.volume_id).await?;
         let marker = staging.join(BLOCK_STAGE_FILE);
         // Staged somewhere else, not here: the spec's answer is OK, and
         // nothing of the volume is touched (it stays staged where it is);
@@ -414,17 +411,32 @@ impl NodeService {
             if paths.existing(&marker)?.is_some() {
                 unmount_all_and_remove(&paths, &marker)?;
             }
-            unmount_all(&paths, &staging)?;
-            // Nothing is published any more: a read-only publish device
-            // still here is one a crash left between making and mounting it.
-            for ro in device.as_deref().map(read_only_device::over).transpose()?.unwrap_or_default()
-            {
-                read_only_device::detach(&ro)?;
-            }
-            Ok(())
+            unmount_all(&paths, &staging)
         })
         .await?;
-        engine.release(&req.volume_id).await?;
+        if let Err(e) = engine.release(&req.volume_id).await {
+            // Nothing is published any more: a read-only publish device
+            // still over the volume's is one a crash left between making
+            // and mounting it, and it holds the device. Looked for only
+            // now (a walk of every loop device), then the release again.
+            let Some(d) = device.filter(|_| e.code() == tonic::Code::FailedPrecondition) else {
+                return Err(e);
+            };
+            let strays = offload::run("finding read-only publish devices", QUICK, move || {
+                let strays = read_only_device::over(&d)?;
+                for ro in &strays {
+                    read_only_device::detach(ro)?;
+                }
+                Ok(strays)
+            })
+            .await?;
+            if strays.is_empty() {
+                return Err(e);
+            }
+            tracing::warn!(volume_id = %req.volume_id, ?strays,
+                "detached read-only publish devices a crash left behind");
+            engine.release(&req.volume_id).await?;
+        }
         Ok(csi::NodeUnstageVolumeResponse {})
     }
 
@@ -444,7 +456,7 @@ impl NodeService {
         let path = self.volume_path(&req.volume_id, &req.volume_path)?;
         // Only the volume's own mount is measured: never whatever filesystem
         // (the host's) lies under a path it has left.
-        let mounts = engine.mounts(&req.volume_id).await?;
+        let mounts = engine.view(&req.volume_id).await?.mounts;
         let mount = Self::own_mount(&req.volume_id, &mounts, &path)?.clone();
         // A statfs of a network filesystem blocks while its server is away:
         // measured off the executor, and given up on after a deadline.
@@ -486,7 +498,7 @@ impl NodeService {
         engine.check_known(&req.volume_id).await?;
         let path = self.volume_path(&req.volume_id, &req.volume_path)?;
         // Staged, and at this path, before anything grows.
-        let mounts = engine.mounts(&req.volume_id).await?;
+        let mounts = engine.view(&req.volume_id).await?.mounts;
         Self::own_mount(&req.volume_id, &mounts, &path)?;
         let capacity = engine.expand(&req.volume_id, &path, &mounts, required, limit).await?;
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })

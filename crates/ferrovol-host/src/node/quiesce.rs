@@ -23,7 +23,9 @@ pub fn mounts_of(device: &Path) -> Result<Vec<MountEntry>> {
     let mut of: Vec<MountEntry> = Vec::new();
     // The device's own mounts, then those of its read-only publish devices
     // (each a publish of the same volume).
-    for dev in std::iter::once(device.to_path_buf()).chain(crate::node::read_only::over(device)?) {
+    for dev in
+        std::iter::once(device.to_path_buf()).chain(crate::node::read_only::among(&all, device))
+    {
         let found = mountinfo::mounts_of_device(&all, &dev)
             .map_err(|e| Error::io(format!("inspecting {}", dev.display()), e))?;
         of.extend(found.into_iter().cloned());

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::loopdev;
+use crate::node::mountinfo::MountEntry;
 
 /// A new read-only device showing `device`'s bytes, with its logical block
 /// size (a filesystem or database on it sees the geometry it was made on).
@@ -20,7 +21,26 @@ pub fn attach(device: &Path) -> Result<PathBuf> {
     loopdev::attach(device, true, block).map_err(|e| e.into_error("a read-only publish device"))
 }
 
-/// The read-only publish devices made over `device` (mounted or not).
+/// The read-only publish devices over `device` that `mounts` (binds of
+/// device nodes) show: a look at each bound loop device's backing, never a
+/// walk of every loop device.
+pub fn among(mounts: &[MountEntry], device: &Path) -> Vec<PathBuf> {
+    mounts
+        .iter()
+        .filter(|m| matches!(m.fs_type.as_str(), "devtmpfs" | "tmpfs"))
+        .filter_map(|m| {
+            m.root.strip_prefix('/').filter(|n| n.starts_with("loop") && !n.contains('/'))
+        })
+        .filter(|name| {
+            std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim_end_matches('\n')) == device)
+        })
+        .map(|name| PathBuf::from(format!("/dev/{name}")))
+        .collect()
+}
+
+/// The read-only publish devices made over `device`, mounted or not (a
+/// walk of every loop device: for what a crash left unmounted).
 pub fn over(device: &Path) -> Result<Vec<PathBuf>> {
     let all = loopdev::list().map_err(|e| Error::io("listing loop devices", e))?;
     Ok(all.into_iter().filter(|a| a.backing == device).map(|a| a.device).collect())
