@@ -805,6 +805,24 @@ async fn an_attachment_a_killed_stage_left_is_released_at_start() {
     e.kubelet.assert_clean();
 }
 
+/// A read-only publish device a crash left between making it and binding
+/// it (over the volume's device, mounted nowhere) holds the volume's
+/// device: unstage finds it, lets it go, and releases the volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn unstage_lets_go_of_a_read_only_device_a_crash_left() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::block_cap();
+    let id = new_volume(&mut c, "raw-stray", 64 * MIB, cap.clone()).await;
+    let staging = e.kubelet.staging("pv-raw-stray");
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    let device = e.kubelet.loops().into_iter().next().expect("the volume's device").device;
+    let stray = ferrovol_host::node::read_only::attach(&device).unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.expect("unstaged, the stray gone");
+    assert!(!ferrovol_host::loopdev::list().unwrap().iter().any(|a| a.device == stray));
+    e.kubelet.assert_clean();
+}
+
 /// The engines' one conformance suite, on the local engine in one process.
 #[tokio::test(flavor = "multi_thread")]
 async fn conformance_of_the_local_engine() {
