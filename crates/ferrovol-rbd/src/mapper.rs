@@ -24,6 +24,69 @@ use crate::ids::VolumeId;
 const HELPER_DEADLINE: Duration = Duration::from_secs(30);
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One way of making an image a block device on this node. Each finds
+/// its own mappings again from the kernel and the volume's directory under
+/// `<state>/rbd` (made by every map: the record that this driver mapped
+/// it), so a restarted driver knows them without a database.
+#[tonic::async_trait]
+pub trait Mapper: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Whether this node can map with it now (what `auto` tries).
+    fn available(&self) -> std::result::Result<(), String>;
+
+    /// The device it mapped the volume as here, if it did. Quick: sysfs
+    /// and the state dir (never a stat inside a helper's mount).
+    fn find(&self, state: &Path, v: &VolumeId) -> Result<Option<PathBuf>>;
+
+    /// Maps the image; answers its device.
+    async fn map(&self, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf>;
+
+    /// Undoes its own mapping of the volume; not mapped by it is fine. A
+    /// device still open is FAILED_PRECONDITION and nothing is undone
+    /// halfway.
+    async fn unmap(&self, state: &Path, v: &VolumeId) -> Result<()>;
+
+    /// Makes `device` show the image's new size (`size` bytes); the
+    /// kernel's own drivers follow by themselves.
+    async fn refresh(&self, device: &Path, size: u64) -> Result<()> {
+        let _ = (device, size);
+        Ok(())
+    }
+
+    /// What is wrong with its mapping of the volume, if anything (a helper
+    /// that stopped). Quick, as `find`.
+    fn trouble(&self, state: &Path, v: &VolumeId) -> Option<String> {
+        let _ = (state, v);
+        None
+    }
+}
+
+/// `rbd map`: the kernel's RBD driver; the production default.
+pub struct Krbd;
+/// `rbd-nbd`: a user-space librbd behind the kernel's NBD driver.
+pub struct Nbd;
+/// `rbd-fuse` and a loop device over its file: for kernels with neither.
+pub struct Fuse;
+
+/// Every mapper, in the order `auto` tries them.
+pub static MAPPERS: [&dyn Mapper; 3] = [&Krbd, &Nbd, &Fuse];
+
+/// A mapper by the name a StorageClass's `mounter` or `--rbd-mapper` gives.
+pub fn by_name(name: &str) -> Option<&'static dyn Mapper> {
+    MAPPERS.iter().copied().find(|m| m.name() == name)
+}
+
+fn have(p: &str) -> bool {
+    Path::new(p).exists()
+}
+
+fn tool(t: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(t).is_file()))
+        .unwrap_or(false)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
     /// The first of krbd, nbd, fuse that works here.
@@ -33,66 +96,19 @@ pub enum Choice {
     Fuse,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Krbd,
-    Nbd,
-    Fuse,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Krbd => "krbd",
-            Kind::Nbd => "nbd",
-            Kind::Fuse => "fuse",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "krbd" => Some(Kind::Krbd),
-            "nbd" => Some(Kind::Nbd),
-            "fuse" => Some(Kind::Fuse),
-            _ => None,
-        }
-    }
-
-    /// Whether this node can map with it now (what `auto` tries).
-    pub fn available(self) -> std::result::Result<(), String> {
-        let have = |p: &str| Path::new(p).exists();
-        let tool = |t: &str| {
-            std::env::var_os("PATH")
-                .map(|paths| std::env::split_paths(&paths).any(|d| d.join(t).is_file()))
-                .unwrap_or(false)
-        };
-        match self {
-            Kind::Krbd if !have("/sys/bus/rbd") => {
-                Err("the kernel has no rbd driver (/sys/bus/rbd)".into())
-            }
-            Kind::Krbd if !tool("rbd") => Err("rbd is not installed (ceph-common)".into()),
-            Kind::Nbd if !have("/sys/module/nbd") => Err("the kernel has no nbd driver".into()),
-            Kind::Nbd if !tool("rbd-nbd") => Err("rbd-nbd is not installed".into()),
-            Kind::Fuse if !have("/dev/fuse") => Err("the kernel has no fuse (/dev/fuse)".into()),
-            Kind::Fuse if !tool("rbd-fuse") => Err("rbd-fuse is not installed".into()),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// Picks the mapper `--rbd-mapper` names (auto: the first available).
-pub fn choose(choice: Choice) -> Result<Kind> {
-    let order: &[Kind] = match choice {
-        Choice::Auto => &[Kind::Krbd, Kind::Nbd, Kind::Fuse],
-        Choice::Krbd => &[Kind::Krbd],
-        Choice::Nbd => &[Kind::Nbd],
-        Choice::Fuse => &[Kind::Fuse],
+pub fn choose(choice: Choice) -> Result<&'static dyn Mapper> {
+    let order: Vec<&'static dyn Mapper> = match choice {
+        Choice::Auto => MAPPERS.to_vec(),
+        Choice::Krbd => vec![&Krbd],
+        Choice::Nbd => vec![&Nbd],
+        Choice::Fuse => vec![&Fuse],
     };
     let mut why = vec![];
-    for k in order {
-        match k.available() {
-            Ok(()) => return Ok(*k),
-            Err(e) => why.push(format!("{}: {e}", k.name())),
+    for m in order {
+        match m.available() {
+            Ok(()) => return Ok(m),
+            Err(e) => why.push(format!("{}: {e}", m.name())),
         }
     }
     Err(error::failed_precondition(format!(
@@ -143,21 +159,12 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(what, e)
 }
 
-/// The device a volume is mapped as on this node, by any mapper.
-pub fn find(state: &Path, v: &VolumeId) -> Result<Option<(Kind, PathBuf)>> {
-    let file = fuse_file(state, v);
-    if fuse_dir(state, v).exists() {
-        if let Some(a) =
-            loopdev::find(&file).map_err(io("reading loop devices"))?.into_iter().next()
-        {
-            return Ok(Some((Kind::Fuse, a.device)));
+/// The device a volume is mapped as on this node, by any mapper, and which.
+pub fn find(state: &Path, v: &VolumeId) -> Result<Option<(&'static dyn Mapper, PathBuf)>> {
+    for m in [&Fuse as &'static dyn Mapper, &Krbd, &Nbd] {
+        if let Some(device) = m.find(state, v)? {
+            return Ok(Some((m, device)));
         }
-    }
-    if let Some(d) = krbd_find(v)? {
-        return Ok(Some((Kind::Krbd, d)));
-    }
-    if let Some(d) = nbd_find(state, v) {
-        return Ok(Some((Kind::Nbd, d)));
     }
     Ok(None)
 }
@@ -218,41 +225,95 @@ fn krbd_find_in(krbd_devices: &Path, v: &VolumeId) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// Maps the image; answers its device.
-pub async fn map(kind: Kind, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
-    match kind {
-        Kind::Fuse => map_fuse(state, v, auth).await,
-        Kind::Krbd | Kind::Nbd => {
-            let dir = fuse_dir(state, v);
-            // The volume's directory is the record that this driver mapped
-            // it ([`all`] lists no mapping without one).
-            let (d, a) = (dir.clone(), auth.clone());
-            let keyfile = offload::run("preparing the mapping", QUICK, move || {
-                std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
-                write_keyfile(&d, &a)
-            })
-            .await?;
-            let mut args: Vec<OsString> =
-                vec!["map".into(), format!("{}/{}", v.pool, v.image).into()];
-            args.extend(auth.args(keyfile.as_deref()));
-            let tool = if kind == Kind::Krbd { "rbd" } else { "rbd-nbd" };
-            let out = exec::run(tool, &args, TOOL_TIMEOUT).await;
-            let device = out.map(|o| PathBuf::from(o.stdout.trim()));
-            let (d, dev) = (dir.clone(), device.as_ref().ok().cloned());
-            offload::run("recording the mapping", QUICK, move || {
-                if let Some(k) = keyfile {
-                    let _ = std::fs::remove_file(k);
-                }
-                match dev {
-                    Some(dev) if kind == Kind::Nbd => {
-                        std::fs::write(d.join("nbd-device"), dev.as_os_str().as_encoded_bytes())
-                            .map_err(io("recording the nbd device"))
-                    }
-                    _ => Ok(()),
-                }
-            })
-            .await?;
-            device
+/// `rbd map` or `rbd-nbd map`, with the volume's directory made first (the
+/// record that this driver mapped it) and the key written for the tool.
+async fn map_with_tool(tool: &str, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
+    let dir = fuse_dir(state, v);
+    let (d, a) = (dir.clone(), auth.clone());
+    let keyfile = offload::run("preparing the mapping", QUICK, move || {
+        std::fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+        write_keyfile(&d, &a)
+    })
+    .await?;
+    let mut args: Vec<OsString> = vec!["map".into(), format!("{}/{}", v.pool, v.image).into()];
+    args.extend(auth.args(keyfile.as_deref()));
+    let out = exec::run(tool, &args, TOOL_TIMEOUT).await;
+    if let Some(k) = keyfile {
+        let _ = offload::run("removing the key", QUICK, move || Ok(std::fs::remove_file(k))).await;
+    }
+    Ok(PathBuf::from(out?.stdout.trim()))
+}
+
+#[tonic::async_trait]
+impl Mapper for Krbd {
+    fn name(&self) -> &'static str {
+        "krbd"
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        match () {
+            _ if !have("/sys/bus/rbd") => Err("the kernel has no rbd driver (/sys/bus/rbd)".into()),
+            _ if !tool("rbd") => Err("rbd is not installed (ceph-common)".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn find(&self, state: &Path, v: &VolumeId) -> Result<Option<PathBuf>> {
+        let _ = state;
+        krbd_find(v)
+    }
+
+    async fn map(&self, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
+        map_with_tool("rbd", state, v, auth).await
+    }
+
+    async fn unmap(&self, _state: &Path, v: &VolumeId) -> Result<()> {
+        let vol = v.clone();
+        let found = offload::run("finding the mapping", QUICK, move || krbd_find(&vol)).await?;
+        match found {
+            Some(d) => unmap_device("rbd", d).await,
+            None => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Mapper for Nbd {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        match () {
+            _ if !have("/sys/module/nbd") => Err("the kernel has no nbd driver".into()),
+            _ if !tool("rbd-nbd") => Err("rbd-nbd is not installed".into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn find(&self, state: &Path, v: &VolumeId) -> Result<Option<PathBuf>> {
+        Ok(nbd_find(state, v))
+    }
+
+    /// The kernel's nbd knows no image names: the device is recorded.
+    async fn map(&self, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
+        let device = map_with_tool("rbd-nbd", state, v, auth).await?;
+        let (dir, dev) = (fuse_dir(state, v), device.clone());
+        offload::run("recording the nbd device", QUICK, move || {
+            std::fs::write(dir.join("nbd-device"), dev.as_os_str().as_encoded_bytes())
+                .map_err(io("recording the nbd device"))
+        })
+        .await?;
+        Ok(device)
+    }
+
+    async fn unmap(&self, state: &Path, v: &VolumeId) -> Result<()> {
+        let (st, vol) = (state.to_path_buf(), v.clone());
+        let found =
+            offload::run("finding the mapping", QUICK, move || Ok(nbd_find(&st, &vol))).await?;
+        match found {
+            Some(d) => unmap_device("rbd-nbd", d).await,
+            None => Ok(()),
         }
     }
 }
@@ -374,81 +435,159 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
     .await
 }
 
-/// Unmaps; an unmapped volume is fine. A device still held open is
-/// FAILED_PRECONDITION and nothing is undone halfway.
+/// Unmaps, whatever mapped it, and removes the volume's directory; an
+/// unmapped volume is fine. A device still open is FAILED_PRECONDITION and
+/// nothing is undone halfway.
 pub async fn unmap(state: &Path, v: &VolumeId) -> Result<()> {
-    let (st, vol) = (state.to_path_buf(), v.clone());
-    let (krbd, nbd, mapped, loops) = offload::run("finding the mapping", QUICK, move || {
-        let dir = fuse_dir(&st, &vol);
-        let loops = loopdev::find(&fuse_file(&st, &vol)).map_err(io("reading loop devices"))?;
-        Ok((krbd_find(&vol)?, nbd_find(&st, &vol), dir.exists(), loops))
-    })
-    .await?;
-    if let Some(d) = krbd {
-        unmap_device("rbd", d).await?;
-    }
-    if let Some(d) = nbd {
-        unmap_device("rbd-nbd", d).await?;
-    }
-    if !mapped {
-        return Ok(());
+    for m in MAPPERS {
+        m.unmap(state, v).await?;
     }
     let dir = fuse_dir(state, v);
-    let file = fuse_file(state, v);
-    for a in loops {
-        let device = a.device.clone();
-        let backing = file.clone();
-        crate::blocking(move || {
-            loopdev::detach(&device).map_err(io(format!("detaching {}", device.display())))?;
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while loopdev::find(&backing)
-                .map_err(io("reading loop devices"))?
-                .iter()
-                .any(|b| b.device == device)
-            {
-                if Instant::now() > deadline {
-                    return Err(error::failed_precondition(format!(
-                        "{} stays bound to the image: another process holds it open; retry \
-                         once it is closed",
-                        device.display()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Ok(())
-        })
-        .await?;
-    }
-    let mnt = dir.join("mnt");
-    let (d, m) = (dir.clone(), mnt.clone());
-    let pid = offload::run("unmounting rbd-fuse", offload::NODE_WORK, move || {
-        // Which process is the helper is read before it is told to go: an
-        // exiting process soon has no command line to recognise it by, and
-        // it still has the image open (a watch the OSDs would keep for 30 s
-        // if it were not closed) until it has exited.
-        let pid = std::fs::read_to_string(d.join("rbd-fuse.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .filter(|p| is_helper(*p, &m));
-        // Unmounting the fuse file system ends the helper.
-        ferrovol_host::node::fs::unmount_own(&m)?;
-        Ok(pid)
-    })
-    .await?;
-    if let Some(pid) = pid {
-        let deadline = Instant::now() + HELPER_DEADLINE;
-        while alive(pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if alive(pid) {
-            stop_helper(pid);
-        }
-    }
     offload::run("removing the mapping's directory", QUICK, move || {
-        std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing {}", dir.display()), e))
+            }
+            _ => Ok(()),
+        }
     })
     .await
 }
+
+#[tonic::async_trait]
+impl Mapper for Fuse {
+    fn name(&self) -> &'static str {
+        "fuse"
+    }
+
+    fn available(&self) -> std::result::Result<(), String> {
+        match () {
+            _ if !have("/dev/fuse") => Err("the kernel has no fuse (/dev/fuse)".into()),
+            _ if !tool("rbd-fuse") => Err("rbd-fuse is not installed".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The loop device bound to the helper's file (sysfs names it; no stat
+    /// inside the helper's mount).
+    fn find(&self, state: &Path, v: &VolumeId) -> Result<Option<PathBuf>> {
+        if !fuse_dir(state, v).exists() {
+            return Ok(None);
+        }
+        let file = fuse_file(state, v);
+        Ok(loopdev::find(&file)
+            .map_err(io("reading loop devices"))?
+            .into_iter()
+            .next()
+            .map(|a| a.device))
+    }
+
+    async fn map(&self, state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
+        map_fuse(state, v, auth).await
+    }
+
+    /// The loop device first (waiting until the kernel has let the file
+    /// go), then the helper, by unmounting its file system.
+    async fn unmap(&self, state: &Path, v: &VolumeId) -> Result<()> {
+        let dir = fuse_dir(state, v);
+        let file = fuse_file(state, v);
+        let (d, f) = (dir.clone(), file.clone());
+        let (mapped, loops) = offload::run("finding the mapping", QUICK, move || {
+            Ok((d.exists(), loopdev::find(&f).map_err(io("reading loop devices"))?))
+        })
+        .await?;
+        if !mapped {
+            return Ok(());
+        }
+        for a in loops {
+            let device = a.device.clone();
+            let backing = file.clone();
+            crate::blocking(move || {
+                loopdev::detach(&device).map_err(io(format!("detaching {}", device.display())))?;
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while loopdev::find(&backing)
+                    .map_err(io("reading loop devices"))?
+                    .iter()
+                    .any(|b| b.device == device)
+                {
+                    if Instant::now() > deadline {
+                        return Err(error::failed_precondition(format!(
+                            "{} stays bound to the image: another process holds it open; retry \
+                             once it is closed",
+                            device.display()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let mnt = dir.join("mnt");
+        let (d, m) = (dir.clone(), mnt.clone());
+        let pid = offload::run("unmounting rbd-fuse", offload::NODE_WORK, move || {
+            // Which process is the helper is read before it is told to go:
+            // an exiting process soon has no command line to recognise it
+            // by, and it still has the image open (a watch the OSDs would
+            // keep for 30 s if it were not closed) until it has exited.
+            let pid = std::fs::read_to_string(d.join("rbd-fuse.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .filter(|p| is_helper(*p, &m));
+            // Unmounting the fuse file system ends the helper.
+            ferrovol_host::node::fs::unmount_own(&m)?;
+            Ok(pid)
+        })
+        .await?;
+        if let Some(pid) = pid {
+            let deadline = Instant::now() + HELPER_DEADLINE;
+            while alive(pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if alive(pid) {
+                stop_helper(pid);
+            }
+        }
+        Ok(())
+    }
+
+    /// rbd-fuse learns of the new size from librbd, and the kernel from
+    /// rbd-fuse when its cached attributes expire: the loop device is
+    /// refreshed once the file shows it.
+    async fn refresh(&self, device: &Path, size: u64) -> Result<()> {
+        let device = device.to_path_buf();
+        crate::blocking(move || {
+            let backing = loopdev::list()
+                .map_err(io("reading loop devices"))?
+                .into_iter()
+                .find(|a| a.device == device)
+                .map(|a| a.backing);
+            if let Some(file) = backing {
+                let deadline = Instant::now() + FUSE_SIZE_WAIT;
+                while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            loopdev::refresh_capacity(&device)
+                .map_err(io(format!("refreshing the size of {}", device.display())))
+        })
+        .await
+    }
+
+    fn trouble(&self, state: &Path, v: &VolumeId) -> Option<String> {
+        (fuse_helper_alive(state, v) == Some(false)).then(|| {
+            "its rbd-fuse helper has stopped: I/O to it fails until the volume is unstaged and \
+             staged again"
+                .to_string()
+        })
+    }
+}
+
+/// How long a grown image may take to show its size through rbd-fuse (the
+/// kernel re-reads a FUSE file's attributes about once a second).
+const FUSE_SIZE_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether the pid is still the rbd-fuse serving this mount point (a pid
 /// file outlives reboots; its number may be someone else's by now).

@@ -11,19 +11,19 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ferrovol_block::{Attacher, Written};
+use ferrovol_block::{Attacher, Attachment, Written};
 use ferrovol_core::engine::{Attach, Condition, Features, Topology};
 
 use crate::connect::Connections;
 use crate::error::{self, Result};
 use crate::ids::VolumeId;
-use crate::mapper::{self, Auth, Kind};
+use crate::mapper::{self, Auth, Mapper};
 use crate::{blocking, ceph_error};
 
 pub struct RbdNode {
     conn: Connections,
     state_dir: PathBuf,
-    default_mapper: Kind,
+    default_mapper: &'static dyn Mapper,
 }
 
 impl RbdNode {
@@ -67,10 +67,6 @@ impl RbdNode {
     }
 }
 
-/// How long a grown image may take to show its size through rbd-fuse (the
-/// kernel re-reads a FUSE file's attributes about once a second).
-const FUSE_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 #[tonic::async_trait]
 impl Attacher for RbdNode {
     fn kind(&self) -> &'static str {
@@ -99,18 +95,19 @@ impl Attacher for RbdNode {
         Self::parse(volume_id).map(drop)
     }
 
-    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+    async fn attach(&self, request: &Attach) -> Result<Attachment> {
         let v = Self::parse(&request.volume_id)?;
         if let Some((_, device)) = mapper::find(&self.state_dir, &v)? {
-            return Ok(device);
+            return Ok(Attachment { device, fresh: false });
         }
-        let kind = match request.volume_context.get("mounter") {
+        let mapper = match request.volume_context.get("mounter") {
             Some(m) => {
-                let k = Kind::parse(m)
+                let chosen = mapper::by_name(m)
                     .ok_or_else(|| error::invalid(format!("mounter {m:?} is unknown")))?;
-                k.available()
+                chosen
+                    .available()
                     .map_err(|e| error::failed_precondition(format!("mounter {m}: {e}")))?;
-                k
+                chosen
             }
             None => self.default_mapper,
         };
@@ -123,7 +120,8 @@ impl Attacher for RbdNode {
             keyring: config.keyring.clone(),
             key: creds.map(|(_, k)| k).or(config.key.clone()),
         };
-        mapper::map(kind, &self.state_dir, &v, &auth).await
+        let device = mapper.map(&self.state_dir, &v, &auth).await?;
+        Ok(Attachment { device, fresh: true })
     }
 
     /// From the image itself: any extent `rbd_diff_iterate2` reports from
@@ -166,34 +164,8 @@ impl Attacher for RbdNode {
     }
 
     async fn refresh(&self, volume_id: &str, size: u64) -> Result<()> {
-        let v = Self::parse(volume_id)?;
-        match mapper::find(&self.state_dir, &v)? {
-            // The kernel's rbd and nbd follow the image's size themselves.
-            Some((Kind::Krbd | Kind::Nbd, _)) => Ok(()),
-            Some((Kind::Fuse, device)) => {
-                blocking(move || {
-                    // rbd-fuse learns of the new size from librbd, and the
-                    // kernel from rbd-fuse when its cached attributes expire:
-                    // the loop device is refreshed once the file shows it.
-                    let backing = ferrovol_host::loopdev::list()
-                        .map_err(|e| error::Error::io("reading loop devices", e))?
-                        .into_iter()
-                        .find(|a| a.device == device)
-                        .map(|a| a.backing);
-                    if let Some(file) = backing {
-                        let deadline = std::time::Instant::now() + FUSE_SIZE_WAIT;
-                        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size
-                            && std::time::Instant::now() < deadline
-                        {
-                            std::thread::sleep(std::time::Duration::from_millis(50));
-                        }
-                    }
-                    ferrovol_host::loopdev::refresh_capacity(&device).map_err(|e| {
-                        error::Error::io(format!("refreshing the size of {}", device.display()), e)
-                    })
-                })
-                .await
-            }
+        match mapper::find(&self.state_dir, &Self::parse(volume_id)?)? {
+            Some((mapper, device)) => mapper.refresh(&device, size).await,
             None => Err(error::failed_precondition(format!(
                 "volume {volume_id} is not mapped on this node"
             ))),
@@ -206,13 +178,10 @@ impl Attacher for RbdNode {
         // sysfs, /proc and the state dir: read off the executor.
         blocking(move || {
             Ok(match mapper::find(&state, &v)? {
-                Some((Kind::Fuse, _)) if mapper::fuse_helper_alive(&state, &v) == Some(false) => {
-                    Condition::Abnormal(format!(
-                        "the rbd-fuse helper of {id} has stopped: I/O to it fails until the \
-                         volume is unstaged and staged again"
-                    ))
-                }
-                Some(_) => Condition::Healthy,
+                Some((mapper, _)) => match mapper.trouble(&state, &v) {
+                    Some(why) => Condition::Abnormal(format!("volume {id}: {why}")),
+                    None => Condition::Healthy,
+                },
                 None if mapper::fuse_dir(&state, &v).exists() => Condition::Abnormal(format!(
                     "the mapping of {id} is gone: unstage and stage the volume again"
                 )),
