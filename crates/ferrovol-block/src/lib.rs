@@ -50,6 +50,15 @@ pub enum Written {
     Maybe(String),
 }
 
+/// What [`Attacher::attach`] answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub device: PathBuf,
+    /// Attached by this call (not already): a failed first stage detaches
+    /// it again.
+    pub fresh: bool,
+}
+
 /// How an engine makes its volumes block devices on this node: the one
 /// part of the node half that differs between block engines (a loop
 /// device over a pool file; an RBD image mapped by krbd, nbd or rbd-fuse).
@@ -68,9 +77,10 @@ pub trait Attacher: Send + Sync + 'static {
     /// NOT_FOUND unless the volume is one this node can reach.
     async fn check_known(&self, volume_id: &str) -> Result<()>;
 
-    /// Makes the volume a block device on this node; answers its path.
-    /// Attaching an attached volume answers the same device.
-    async fn attach(&self, request: &Attach) -> Result<PathBuf>;
+    /// Makes the volume a block device on this node; answers its device,
+    /// and whether this call attached it. Attaching an attached volume
+    /// answers the same device.
+    async fn attach(&self, request: &Attach) -> Result<Attachment>;
 
     /// Undoes `attach`; detaching a detached volume succeeds.
     async fn detach(&self, volume_id: &str) -> Result<()>;
@@ -172,10 +182,9 @@ impl<A: Attacher> NodeEngine for BlockStaging<A> {
     }
 
     async fn stage(&self, request: &Stage) -> Result<()> {
-        let was_attached = self.attacher.device(&request.volume.volume_id).await?.is_some();
-        let device = self.attacher.attach(&request.volume).await?;
+        let Attachment { device, fresh } = self.attacher.attach(&request.volume).await?;
         let staged = stage::on(self.attacher.as_ref(), &self.state_dir, &device, request).await;
-        if staged.is_err() && !was_attached {
+        if staged.is_err() && fresh {
             // Nothing of a failed first stage may stay attached.
             let _ = self.attacher.detach(&request.volume.volume_id).await;
         }
@@ -218,11 +227,12 @@ impl<A: Attacher> NodeEngine for BlockStaging<A> {
         &self,
         volume_id: &str,
         path: &Path,
-        mounts: &[MountEntry],
+        view: &VolumeView,
         required: u64,
         limit: u64,
     ) -> Result<u64> {
-        let device = self.attacher.device(volume_id).await?.ok_or_else(|| {
+        let mounts = &view.mounts;
+        let device = view.device.clone().ok_or_else(|| {
             error::not_found(format!(
                 "volume {} is not staged on this node",
                 error::bounded(volume_id)

@@ -616,17 +616,18 @@ pub trait NodeEngine: Send + Sync + 'static {
     /// NodeExpandVolume, for engines whose features say the node takes a
     /// step ([`Features::node_expansion`]): grows what this node holds of
     /// the volume (storage, device, filesystem) to at least `required`.
-    /// `mounts` are the volume's, `path` the one asked about. Answers the
+    /// `view` is the volume as [`NodeEngine::view`] found it, `path` the
+    /// one asked about. Answers the
     /// capacity the node now sees.
     async fn expand(
         &self,
         volume_id: &str,
         path: &std::path::Path,
-        mounts: &[MountEntry],
+        view: &VolumeView,
         required: u64,
         limit: u64,
     ) -> Result<u64> {
-        let _ = (volume_id, path, mounts, required, limit);
+        let _ = (volume_id, path, view, required, limit);
         Err(crate::error::unimplemented(format!(
             "the {} engine grows volumes in the controller; the node has nothing to do",
             self.kind()

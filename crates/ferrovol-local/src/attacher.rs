@@ -27,7 +27,7 @@ impl Attacher for LocalEngine {
         self.ready_volume(volume_id).map(drop)
     }
 
-    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+    async fn attach(&self, request: &Attach) -> Result<ferrovol_block::Attachment> {
         self.ready_volume(&request.volume_id)?;
         self.node.attach(request).await
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{self, Error, Result};
 use crate::ids::{self, Kind};
-use ferrovol_block::{Attacher, Written};
+use ferrovol_block::{Attacher, Attachment, Written};
 use ferrovol_core::engine::{Attach, Condition, Features, Topology};
 use ferrovol_host::node::quiesce::Quiesce;
 
@@ -104,10 +104,10 @@ impl Attacher for LocalNode {
         Err(missing())
     }
 
-    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+    async fn attach(&self, request: &Attach) -> Result<Attachment> {
         let id = &request.volume_id;
         if let Some(a) = self.attached(id).await?.into_iter().next() {
-            return Ok(a.device);
+            return Ok(Attachment { device: a.device, fresh: false });
         }
         let path = self.file(id)?;
         let id = id.clone();
@@ -124,6 +124,7 @@ impl Attacher for LocalNode {
                 .map_err(|e| e.into_error(format!("attaching {}", path.display())))
         })
         .await
+        .map(|device| Attachment { device, fresh: true })
     }
 
     /// Detaches, and answers only once the kernel has let the file go: the

@@ -655,10 +655,10 @@ impl Attacher for MemEngine {
         }
     }
 
-    async fn attach(&self, request: &Attach) -> Result<PathBuf> {
+    async fn attach(&self, request: &Attach) -> Result<ferrovol_block::Attachment> {
         tracing::debug!(?request, "mem: attach");
-        self.state.lock().unwrap().attached.insert(request.volume_id.clone());
-        Ok(PathBuf::from("/dev/null"))
+        let fresh = self.state.lock().unwrap().attached.insert(request.volume_id.clone());
+        Ok(ferrovol_block::Attachment { device: PathBuf::from("/dev/null"), fresh })
     }
 
     async fn detach(&self, volume_id: &str) -> Result<()> {

@@ -498,9 +498,9 @@ impl NodeService {
         engine.check_known(&req.volume_id).await?;
         let path = self.volume_path(&req.volume_id, &req.volume_path)?;
         // Staged, and at this path, before anything grows.
-        let mounts = engine.view(&req.volume_id).await?.mounts;
-        Self::own_mount(&req.volume_id, &mounts, &path)?;
-        let capacity = engine.expand(&req.volume_id, &path, &mounts, required, limit).await?;
+        let view = engine.view(&req.volume_id).await?;
+        Self::own_mount(&req.volume_id, &view.mounts, &path)?;
+        let capacity = engine.expand(&req.volume_id, &path, &view, required, limit).await?;
         Ok(csi::NodeExpandVolumeResponse { capacity_bytes: capacity as i64 })
     }
 }
