@@ -255,9 +255,7 @@ impl<A: Attacher> NodeEngine for BlockStaging<A> {
                 .find(|m| m.mount_point == path)
                 .or_else(|| mounts.iter().find(|m| m.fs_type != "devtmpfs"))
                 .ok_or_else(|| {
-                    error::failed_precondition(format!(
-                        "volume {volume_id} has no mounted filesystem"
-                    ))
+                    error::precondition(format!("volume {volume_id} has no mounted filesystem"))
                 })?;
             // A request no larger than the volume (the spec's idempotent
             // "already big enough") has nothing to grow: an ext4 that fills

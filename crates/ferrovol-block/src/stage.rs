@@ -29,7 +29,7 @@ pub(crate) async fn on(
         if mountinfo::device_at(&mounts, device, &target)? {
             return Ok(()); // already staged here: idempotent
         }
-        return Err(error::already_exists(format!(
+        return Err(error::exists(format!(
             "staging path {} already holds another mount ({})",
             target.display(),
             m.source
@@ -62,7 +62,7 @@ pub(crate) async fn on(
     // never written is formatted.
     if content == Content::Blank && !marker.exists() {
         if let Written::Maybe(why) = attacher.written(&request.volume, device).await? {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {volume_id} shows no filesystem signature, but {why}: it will not be \
                  formatted (stage it as a raw block volume to reach its data, or erase it \
                  yourself if the data is not wanted)"
@@ -80,13 +80,13 @@ pub(crate) async fn on(
                 offload::run("sizing the device", QUICK, move || nodefs::block_device_size(&dev))
                     .await?;
             if size < fs.minimum_size {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "volume {volume_id} ({size} bytes) is too small for {} (needs {})",
                     fs.name, fs.minimum_size
                 )));
             }
             if read_only {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "volume {volume_id} is blank and cannot be formatted read-only"
                 )));
             }
@@ -100,13 +100,13 @@ pub(crate) async fn on(
         }
         Content::Filesystem(found) if fs_type.is_empty() || *fs_type == found => found,
         Content::Filesystem(found) => {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {volume_id} holds a {found} filesystem, not the requested {fs_type}; \
                  it will not be reformatted"
             )))
         }
         Content::Unknown(what) => {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {volume_id} holds data that is not a filesystem ({what}); it will not \
                  be formatted"
             )))

@@ -628,7 +628,7 @@ pub trait NodeEngine: Send + Sync + 'static {
         limit: u64,
     ) -> Result<u64> {
         let _ = (volume_id, path, view, required, limit);
-        Err(crate::error::unimplemented(format!(
+        Err(crate::error::unsupported(format!(
             "the {} engine grows volumes in the controller; the node has nothing to do",
             self.kind()
         )))

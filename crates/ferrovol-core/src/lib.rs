@@ -14,7 +14,8 @@
 
 #![forbid(unsafe_code)]
 
-pub use ferrovol_csi::{endpoint, error, units};
+pub use ferrovol_csi::{endpoint, units};
+pub use ferrovol_error as error;
 pub use ferrovol_host::{exec, fsutil};
 
 pub mod authority;

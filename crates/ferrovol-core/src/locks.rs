@@ -97,7 +97,7 @@ impl OpLocks {
 }
 
 fn busy(key: &str) -> crate::error::Error {
-    error::aborted(format!("an operation on {key} is already in progress"))
+    error::busy(format!("an operation on {key} is already in progress"))
 }
 
 impl Drop for OpGuard {

@@ -22,7 +22,7 @@ use ferrovol_csi as csi;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, field, info, info_span, warn, Instrument};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -307,7 +307,7 @@ where
     match &outcome {
         Ok(_) if is_chatty(method) => debug!(code, latency_ms, "rpc done"),
         Ok(_) => info!(code, latency_ms, "rpc done"),
-        Err(e @ (Error::Internal(_) | Error::Unavailable(_))) => {
+        Err(e) if matches!(e.kind(), Kind::Internal | Kind::Unavailable) => {
             error!(code, latency_ms, error = e.message(), "rpc failed")
         }
         Err(e) => warn!(code, latency_ms, error = e.message(), "rpc failed"),

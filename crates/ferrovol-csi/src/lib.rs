@@ -4,7 +4,6 @@
 //! The types are generated at build time from `proto/csi.proto`; the crate
 //! exists so that the (slow to compile) generated code is built once and
 //! shared by the driver, its tools and the tests. Beside them:
-//! - [`error`]: our errors and their one mapping to gRPC codes;
 //! - [`endpoint`]: CSI endpoint addresses, the default socket, connecting;
 //! - [`units`]: sizes, durations and times as people write them;
 //! - [`build`]: the version the binary was stamped with.
@@ -14,7 +13,6 @@
 pub mod build;
 pub mod codec;
 pub mod endpoint;
-pub mod error;
 pub mod units;
 
 /// The generated code, which clippy's lints are not for.

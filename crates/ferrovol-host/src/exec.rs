@@ -27,7 +27,7 @@ pub fn package_for(program: &str) -> &'static str {
 /// Why a tool did not start: a missing one names its package.
 fn spawn_error(program: &str, e: std::io::Error) -> error::Error {
     match e.kind() {
-        std::io::ErrorKind::NotFound => error::failed_precondition(format!(
+        std::io::ErrorKind::NotFound => error::precondition(format!(
             "{program} is not installed on this node (install the {} package)",
             package_for(program)
         )),

@@ -43,17 +43,16 @@ pub fn check_writable(dir: &Path) -> Result<()> {
         tracing::warn!(dir = %dir.display(), "no space left; still serving");
         return Ok(());
     }
-    attempt
-        .map_err(|e| error::failed_precondition(format!("{} is not writable: {e}", dir.display())))
+    attempt.map_err(|e| error::precondition(format!("{} is not writable: {e}", dir.display())))
 }
 
 /// Fails if `dir` is on a filesystem mounted (or remounted, or bind-mounted)
 /// read-only. No I/O: the flag is the kernel's.
 pub fn check_not_read_only(dir: &Path) -> Result<()> {
     let st = rustix::fs::statvfs(dir)
-        .map_err(|e| error::failed_precondition(format!("{} is not usable: {e}", dir.display())))?;
+        .map_err(|e| error::precondition(format!("{} is not usable: {e}", dir.display())))?;
     if st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "{} is not writable: its filesystem is read-only",
             dir.display()
         )));
@@ -124,7 +123,7 @@ impl WriteMonitor {
         let state = self.lock();
         if let Some(since) = state.running_since {
             if since.elapsed() > self.stuck_after {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "a write to {} has not completed in {:?}",
                     self.dir.display(),
                     since.elapsed()

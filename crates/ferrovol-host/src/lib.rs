@@ -12,7 +12,7 @@
 //! and every ioctl opcode is built from its definition (group, number,
 //! argument type) rather than written as a number.
 
-pub use ferrovol_csi::error;
+pub(crate) use ferrovol_error as error;
 
 pub mod exec;
 pub mod extents;

@@ -122,7 +122,7 @@ impl ControllerEngine for LocalEngine {
             return self.create_empty_thin(record).await;
         }
         if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
-            return Err(error::aborted(format!("volume {:?} is being created", req.name)));
+            return Err(error::busy(format!("volume {:?} is being created", req.name)));
         }
 
         let path = self.pool.staging_path(Kind::Volume, &record.id)?;
@@ -158,7 +158,7 @@ impl ControllerEngine for LocalEngine {
             return Ok(());
         };
         if let Some(device) = self.node.device(id).await? {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {id} is attached as {} on this node (still staged or published)",
                 device.display()
             )));
@@ -199,7 +199,7 @@ impl ControllerEngine for LocalEngine {
 
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
         if token.is_some_and(|t| !ids::is_valid(Kind::Volume, t)) {
-            return Err(error::aborted("starting_token is not one this driver issued"));
+            return Err(error::busy("starting_token is not one this driver issued"));
         }
         let mut records = self
             .journal

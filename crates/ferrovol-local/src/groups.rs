@@ -71,7 +71,7 @@ impl LocalEngine {
                 want.sort();
                 have.sort();
                 if want != have {
-                    return Err(error::already_exists(format!(
+                    return Err(error::exists(format!(
                         "group snapshot {name:?} exists with other volumes"
                     )));
                 }
@@ -107,7 +107,7 @@ impl LocalEngine {
             created_unix_nanos: created,
         };
         if let Reservation::Existing(_) = self.journal.reserve(&group).await? {
-            return Err(error::aborted(format!("group snapshot {name:?} is being created")));
+            return Err(error::busy(format!("group snapshot {name:?} is being created")));
         }
         for m in &members {
             self.journal.reserve(m).await?;

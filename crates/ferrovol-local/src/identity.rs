@@ -40,10 +40,7 @@ fn read_id(path: &Path) -> Result<Option<String>> {
         .map(str::trim)
         .and_then(|id| uuid::Uuid::parse_str(id).ok())
         .ok_or_else(|| {
-            error::failed_precondition(format!(
-                "{} is not a ferrovol pool identity",
-                path.display()
-            ))
+            error::precondition(format!("{} is not a ferrovol pool identity", path.display()))
         })?;
     Ok(Some(id.to_string()))
 }
@@ -100,13 +97,13 @@ pub fn settle(pool_dir: &Path, state_dir: &Path) -> Result<Settled> {
     let record_path = state_dir.join(RECORD);
     match (recorded, marker) {
         (Some(r), Some(m)) if r == m => Ok(Settled::Known(r)),
-        (Some(r), Some(m)) => Err(error::failed_precondition(format!(
+        (Some(r), Some(m)) => Err(error::precondition(format!(
             "{} holds pool {m}, but this driver's state ({}) serves pool {r}: is another \
              pool mounted there?",
             pool_dir.display(),
             record_path.display()
         ))),
-        (Some(r), None) => Err(error::failed_precondition(format!(
+        (Some(r), None) => Err(error::precondition(format!(
             "{} is not pool {r} (it has no {MARKER}): is the pool's filesystem not mounted? \
              Mount it (for an image made by `ferrovol pool init`, run the same pool init \
              again), then start again. Only to start over with a new, empty pool here, remove \

@@ -485,7 +485,7 @@ fn bind_to_pool(db: &Database, path: &Path, pool_id: &str) -> Result<()> {
 
 /// The refusal of a journal from another pool.
 pub fn foreign(path: &Path, theirs: &str, ours: &str) -> Error {
-    error::failed_precondition(format!(
+    error::precondition(format!(
         "journal {} belongs to pool {theirs}, but the pool it sits in is pool {ours} (its \
          .ferrovol-pool): a journal from another pool would serve that pool's volumes here and \
          leave this pool's files unaccounted for. Put this pool's own journal back (a backup of \

@@ -25,7 +25,8 @@ pub mod recovery;
 pub mod seed;
 mod snapshots;
 
-pub use ferrovol_csi::{error, units};
+pub use ferrovol_csi::units;
+pub use ferrovol_error as error;
 use ferrovol_host::node as host_node;
 pub use ferrovol_host::{exec, extents, fsutil, loopdev};
 
@@ -224,7 +225,7 @@ impl LocalEngine {
         }
         let report = recovery::recover(&pool, &journal).await?;
         if !report.orphans.is_empty() && journal.is_empty()? {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "the journal {} holds no records, but the pool holds {} files no record owns \
                  (e.g. {}): was the journal replaced? Restore it from a backup; ferrovol will \
                  not serve a pool whose volumes it cannot account for",
@@ -256,7 +257,7 @@ impl LocalEngine {
             };
             let (volumes, snapshots) = (count("volumes"), count("snapshots"));
             if volumes + snapshots > 0 {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "the pool at {} holds {volumes} volume and {snapshots} snapshot files, but \
                      its journal ({}) is missing or empty: restore the journal from a backup \
                      (a driver refuses to serve this pool until then); nothing was created",
@@ -403,7 +404,7 @@ impl LocalEngine {
         let path = self.pool.path(kind, id)?;
         match std::fs::symlink_metadata(&path) {
             Ok(_) => Ok(path),
-            Err(e) => Err(error::failed_precondition(format!(
+            Err(e) => Err(error::precondition(format!(
                 "{} {id}: backing file {} is missing or unreadable: {e}",
                 kind.noun(),
                 path.display()
@@ -441,7 +442,8 @@ impl LocalEngine {
         let nearly = journal::RESERVE_BYTES + FULL_POOL_BYTES;
         let full = self.pool.space().is_ok_and(|(available, _)| available <= nearly);
         match e {
-            Error::FailedPrecondition(m) | Error::Internal(m) if full => {
+            e if full && matches!(e.kind(), error::Kind::Precondition | error::Kind::Internal) => {
+                let m = e.message();
                 error::exhausted(format!("pool {} is full: {m}", self.pool.root().display()))
             }
             e => e,
@@ -502,9 +504,7 @@ impl LocalEngine {
                 match outcome {
                     // The services' name lock makes this a stale record of
                     // our own; never two volumes for one name.
-                    Ok(_) => {
-                        Err(error::aborted(format!("volume {:?} is being created", record.name)))
-                    }
+                    Ok(_) => Err(error::busy(format!("volume {:?} is being created", record.name))),
                     Err(e) => Err(e),
                 }
             }
@@ -563,7 +563,7 @@ fn compatible_volume(existing: VolumeRecord, req: &NewVolume) -> Result<Volume> 
     };
     match mismatch {
         None => Ok(volume),
-        Some(what) => Err(error::already_exists(format!(
+        Some(what) => Err(error::exists(format!(
             "volume {:?} already exists as {} with {what}",
             req.name, existing.id
         ))),
@@ -580,7 +580,7 @@ fn refuse_files_without_journal(pool: &Pool) -> Result<()> {
         .concat();
     match files.first() {
         None => Ok(()),
-        Some(first) => Err(error::failed_precondition(format!(
+        Some(first) => Err(error::precondition(format!(
             "the journal {} is missing or empty, but the pool holds {} volume and snapshot \
              files (e.g. {}): restore the journal from a backup; ferrovol will not serve a pool \
              whose volumes it cannot account for (`ferrovol pool check` lists them)",

@@ -115,7 +115,7 @@ impl Attacher for LocalNode {
         // read-only and a read-write publish of one staging.
         blocking(move || {
             if let Err(e) = std::fs::symlink_metadata(&path) {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "volume {id}: backing file {} is missing or unreadable: {e}",
                     path.display()
                 )));
@@ -148,7 +148,7 @@ impl Attacher for LocalNode {
                         return Ok(());
                     }
                     if std::time::Instant::now() > deadline {
-                        return Err(error::failed_precondition(format!(
+                        return Err(error::precondition(format!(
                             "{} stays bound to {}: another process holds the device open; \
                              it detaches when that process closes it",
                             device.display(),
@@ -215,7 +215,7 @@ impl Attacher for LocalNode {
         blocking(move || {
             let found = loopdev::find(&path).map_err(|e| Error::io("reading loop devices", e))?;
             let Some(device) = found.into_iter().next().map(|a| a.device) else {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "volume {id} is not attached on this node"
                 )));
             };
@@ -266,7 +266,7 @@ impl Attacher for LocalNode {
     }
 
     async fn grow(&self, volume_id: &str, _required: u64, _limit: u64) -> Result<u64> {
-        Err(error::failed_precondition(format!(
+        Err(error::precondition(format!(
             "volume {volume_id}: a local volume grows where its pool's journal is open; serve \
              this node with --mode all (a node-mode process does not open the journal)"
         )))

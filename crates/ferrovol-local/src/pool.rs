@@ -67,7 +67,7 @@ impl Pool {
     pub fn open_existing(root: &Path) -> Result<Pool> {
         for d in ["volumes", "snapshots", "staging", "trash"] {
             if !root.join(d).is_dir() {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "{} has a journal but no {d} directory: not a whole ferrovol pool",
                     root.display()
                 )));

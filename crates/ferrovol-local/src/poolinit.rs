@@ -98,7 +98,7 @@ async fn existing(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<(Po
         .map_err(|e| Error::io(format!("examining {}", image.display()), e))?
         .len();
     if actual != size {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "{} exists with {} bytes, not the {size} asked for: a different pool (pool init \
              never resizes or replaces an image)",
             image.display(),
@@ -111,7 +111,7 @@ async fn existing(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<(Po
         crate::host_node::fs::Content::Unknown(what) => what,
     };
     if found != fs.name() {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "{} holds {found}, not {}: a different pool",
             image.display(),
             fs.name()
@@ -128,7 +128,7 @@ async fn existing(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<(Po
                 PoolImage { image, device: b.device.clone(), mountpoint: dir_real, fs },
                 Outcome::AlreadyMounted,
             )),
-            _ => Err(error::failed_precondition(format!(
+            _ => Err(error::precondition(format!(
                 "{} is a mount of {}, not of {}",
                 dir_real.display(),
                 m.source,
@@ -137,7 +137,7 @@ async fn existing(dir: &Path, image: &Path, size: u64, fs: PoolFs) -> Result<(Po
         };
     }
     if let Some(b) = backing {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "{} is attached as {} but not mounted at {}: mounted elsewhere?",
             image.display(),
             b.device.display(),
@@ -157,7 +157,7 @@ fn require_empty(dir: &Path) -> Result<()> {
         .next()
         .is_some()
     {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "{} is not empty; a pool is mounted on an empty directory",
             dir.display()
         )));
@@ -199,7 +199,7 @@ pub fn teardown(dir: &Path) -> Result<PathBuf> {
     };
     let loops = loopdev::list().map_err(|e| Error::io("reading loop devices", e))?;
     let Some(pool) = loops.iter().find(|l| Path::new(&mount.source) == l.device) else {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "{} is a mount of {}, not a pool image made by pool init",
             dir.display(),
             mount.source
@@ -211,7 +211,7 @@ pub fn teardown(dir: &Path) -> Result<PathBuf> {
         .map(|l| format!("{} ({})", l.device.display(), l.backing.display()))
         .collect();
     if !attached.is_empty() {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "volumes of {} are attached: {}; unstage them first",
             dir.display(),
             attached.join(", ")
@@ -223,7 +223,7 @@ pub fn teardown(dir: &Path) -> Result<PathBuf> {
         .map(|m| m.mount_point.display().to_string())
         .collect();
     if !inside.is_empty() {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "something is mounted inside {}: {}",
             dir.display(),
             inside.join(", ")
@@ -231,7 +231,7 @@ pub fn teardown(dir: &Path) -> Result<PathBuf> {
     }
     rustix::mount::unmount(&dir, rustix::mount::UnmountFlags::empty()).map_err(|e| {
         if e == rustix::io::Errno::BUSY {
-            error::failed_precondition(format!(
+            error::precondition(format!(
                 "{} is in use: is a driver still running on it? Stop it first",
                 dir.display()
             ))
@@ -264,7 +264,7 @@ async fn init_with(
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     require_empty(dir)?;
     if image.exists() {
-        return Err(error::already_exists(format!("{} already exists", image.display())));
+        return Err(error::exists(format!("{} already exists", image.display())));
     }
     // The image holds every volume's data: root's alone.
     let file = crate::private::options()

@@ -14,7 +14,7 @@ impl Snapshots for LocalEngine {
         if let Some(existing) = self.journal.by_name::<SnapshotRecord>(name)? {
             if existing.state() == State::Ready {
                 if existing.source_volume != source_volume {
-                    return Err(error::already_exists(format!(
+                    return Err(error::exists(format!(
                         "snapshot {name:?} exists for volume {}, not {source_volume}",
                         existing.source_volume
                     )));
@@ -44,7 +44,7 @@ impl Snapshots for LocalEngine {
             group_id: String::new(),
         };
         if let Reservation::Existing(_) = self.journal.reserve(&record).await? {
-            return Err(error::aborted(format!("snapshot {name:?} is being created")));
+            return Err(error::busy(format!("snapshot {name:?} is being created")));
         }
         let dst = self.pool.staging_path(Kind::Snapshot, &record.id)?;
         let (method, size) = (self.method, volume.capacity);
@@ -111,7 +111,7 @@ impl Snapshots for LocalEngine {
             return Ok(Page { items: found.iter().map(to_snapshot).collect(), next: None });
         }
         if token.is_some_and(|t| !ids::is_valid(Kind::Snapshot, t)) {
-            return Err(error::aborted("starting_token is not one this driver issued"));
+            return Err(error::busy("starting_token is not one this driver issued"));
         }
         let mut records =
             self.journal.scan::<SnapshotRecord>(token, max.saturating_add(1), |r| {

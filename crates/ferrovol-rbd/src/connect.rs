@@ -42,10 +42,9 @@ impl ClusterConfig {
             match std::fs::read_to_string(dir.join(name)) {
                 Ok(v) => Ok(Some(v.trim().to_string()).filter(|v| !v.is_empty())),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(error::failed_precondition(format!(
-                    "reading {}: {e}",
-                    dir.join(name).display()
-                ))),
+                Err(e) => {
+                    Err(error::precondition(format!("reading {}: {e}", dir.join(name).display())))
+                }
             }
         };
         let pairs: &[(&str, &str)] = if admin {
@@ -61,7 +60,7 @@ impl ClusterConfig {
             }
         }
         let wanted: Vec<String> = pairs.iter().map(|(i, k)| format!("{i} and {k}")).collect();
-        Err(error::failed_precondition(format!(
+        Err(error::precondition(format!(
             "{} holds no Ceph credentials: it needs the files {}",
             dir.display(),
             wanted.join(", or ")
@@ -110,7 +109,7 @@ pub struct Connections {
 
 impl Connections {
     pub fn new(config: ClusterConfig) -> Result<Connections> {
-        ceph::libraries().map_err(error::failed_precondition)?;
+        ceph::libraries().map_err(error::precondition)?;
         Ok(Connections {
             config: Arc::new(config),
             clusters: Arc::default(),
@@ -168,9 +167,9 @@ impl Connections {
                 libc::EINVAL if key.is_some() => {
                     error::unauthenticated(format!("{e} (the key is not a valid Ceph key)"))
                 }
-                libc::ENOENT | libc::EINVAL => error::failed_precondition(format!(
-                    "{e} (check --ceph-conf and the credentials)"
-                )),
+                libc::ENOENT | libc::EINVAL => {
+                    error::precondition(format!("{e} (check --ceph-conf and the credentials)"))
+                }
                 _ => ceph_error(e),
             })
         })

@@ -29,7 +29,7 @@ use ferrovol_core::engine::{
 use ferrovol_host::offload;
 
 use crate::connect::Connections;
-use crate::error::{self, Result};
+use crate::error::{self, Kind, Result};
 use crate::groups::{create_group, group_of, read_group};
 use crate::ids::{self, GroupId, SnapshotId, VolumeId};
 use crate::purge::Purger;
@@ -132,10 +132,10 @@ impl RbdEngine {
         match current {
             Some(c) if c == volume_id => return Ok(()),
             Some(other) if self.image_exists(&other).await? => {
-                return Err(error::already_exists(format!(
+                return Err(error::exists(format!(
                     "volume {:?} exists as {other}, made with other parameters (another pool or \
                      volumeNamePrefix)",
-                    ferrovol_csi::error::bounded(name)
+                    ferrovol_error::bounded(name)
                 )));
             }
             // Unclaimed, or claimed for a volume that is gone.
@@ -174,13 +174,15 @@ impl RbdEngine {
             let flattening = VolumeId::parse(id)
                 .is_some_and(|v| self.flattening.lock().expect("flatten set").contains(&v.image));
             if flattening {
-                return Err(error::aborted(format!(
+                return Err(error::busy(format!(
                     "source volume {id} is being flattened (its clone chain grew too long); retry"
                 )));
             }
         }
         let pool = self.pool(&p.pool, &req.secrets).await.map_err(|e| match e {
-            error::Error::NotFound(m) => error::invalid(format!("{m} (the StorageClass names it)")),
+            e if e.is(Kind::NotFound) => {
+                error::invalid(format!("{} (the StorageClass names it)", e.message()))
+            }
             e => e,
         })?;
         let origin = self.origin(req.source.as_ref(), &req.secrets).await?;
@@ -205,7 +207,7 @@ impl RbdEngine {
     async fn pool_of(&self, name: &str, secrets: &Secrets) -> Result<Option<Pool>> {
         match self.pool(name, secrets).await {
             Ok(p) => Ok(Some(p)),
-            Err(error::Error::NotFound(_)) => Ok(None),
+            Err(e) if e.is(Kind::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -380,7 +382,7 @@ impl ControllerEngine for RbdEngine {
         for id in ids {
             out.push(match self.volume(id).await {
                 Ok(_) => Ok(Condition::Healthy),
-                Err(error::Error::NotFound(m)) => Ok(Condition::Abnormal(m)),
+                Err(e) if e.is(Kind::NotFound) => Ok(Condition::Abnormal(e.into_message())),
                 Err(e) => Err(e),
             });
         }
@@ -391,9 +393,9 @@ impl ControllerEngine for RbdEngine {
         let start = match token {
             None => None,
             Some(t) => Some(
-                VolumeId::parse(t).filter(|v| self.settings.pools.contains(&v.pool)).ok_or_else(
-                    || error::aborted("starting_token is not one this driver issued"),
-                )?,
+                VolumeId::parse(t)
+                    .filter(|v| self.settings.pools.contains(&v.pool))
+                    .ok_or_else(|| error::busy("starting_token is not one this driver issued"))?,
             ),
         };
         let mut items = vec![];
@@ -423,7 +425,8 @@ impl ControllerEngine for RbdEngine {
                     match describe(&pool, &n) {
                         Ok(Some(v)) => out.push(v),
                         // Half made, or deleted meanwhile: not a volume.
-                        Ok(None) | Err(error::Error::NotFound(_)) => {}
+                        Ok(None) => {}
+                        Err(e) if e.is(Kind::NotFound) => {}
                         Err(e) => return Err(e),
                     }
                 }
@@ -523,7 +526,7 @@ impl Publishing for RbdEngine {
             let wanted = mode_name(mode, ro);
             if let Some(have) = records.get(&node) {
                 if *have != wanted {
-                    return Err(error::already_exists(format!(
+                    return Err(error::exists(format!(
                         "volume {id} is published to {node} as {have}, not {wanted}"
                     )));
                 }
@@ -533,7 +536,7 @@ impl Publishing for RbdEngine {
                     AccessMode::from_str_name(m.trim_end_matches(",ro")).is_some_and(is_single_node)
                 });
                 if !others.is_empty() && (is_single_node(mode) || exclusive_there) {
-                    return Err(error::failed_precondition(format!(
+                    return Err(error::precondition(format!(
                         "volume {id} is published to {} with a single-node access mode; \
                          unpublish it there first",
                         others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
@@ -668,7 +671,7 @@ impl Snapshots for RbdEngine {
         let mut all = if let Some(id) = &filter.snapshot_id {
             match self.snapshot(id).await {
                 Ok(s) => vec![s],
-                Err(error::Error::NotFound(_)) => vec![],
+                Err(e) if e.is(Kind::NotFound) => vec![],
                 Err(e) => return Err(e),
             }
         } else if let Some(source) = &filter.source_volume {
@@ -726,7 +729,7 @@ impl Snapshots for RbdEngine {
         if let Some(t) = token {
             let pos = all.iter().position(|s| s.id.as_str() > t);
             if SnapshotId::parse(t).is_none() {
-                return Err(error::aborted("starting_token is not one this driver issued"));
+                return Err(error::busy("starting_token is not one this driver issued"));
             }
             all.drain(..pos.unwrap_or(all.len()));
         }
@@ -842,7 +845,7 @@ impl ChangedBlocks for RbdEngine {
             )));
         }
         if b.member {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "snapshot {base} is a group snapshot member: librbd diffs only from user \
                  snapshots, so changed blocks cannot be listed from it (use a volume snapshot \
                  as the base, or list the target's allocated blocks)"

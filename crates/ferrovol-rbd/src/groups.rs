@@ -92,7 +92,7 @@ pub fn create_group(
             .map_err(|e| not_found_or(e, || format!("volume {} does not exist", v.render())))?;
         let mapped = img.watchers().map_err(ceph_error)?.iter().any(|w| !pool.is_own_watcher(w));
         if mapped && img.features().map_err(ceph_error)? & ceph::FEATURE_EXCLUSIVE_LOCK == 0 {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {} is in use and lacks the exclusive-lock feature, so its writers \
                  cannot be paused for the group's instant (imageFeatures: layering,exclusive-lock)",
                 v.render()
@@ -106,9 +106,7 @@ pub fn create_group(
     record.members.sort();
     match read_group(pool, gid)? {
         Some(existing) if existing.volumes() != record.volumes() => {
-            return Err(error::already_exists(format!(
-                "group snapshot {name:?} exists with other volumes"
-            )))
+            return Err(error::exists(format!("group snapshot {name:?} exists with other volumes")))
         }
         Some(_) => {}
         None => claim(pool, &gid.record(), &record.encode(), || {

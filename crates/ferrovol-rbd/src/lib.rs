@@ -25,37 +25,42 @@ mod purge;
 mod snapshots;
 mod volumes;
 
-pub use ferrovol_csi::error;
+pub use ferrovol_error as error;
 
-use error::{Error, Result};
+use error::{Error, Kind, Result};
 use ferrovol_ceph::CephError;
 
 /// The CSI driver name the RBD engine serves by default.
 pub const DRIVER_NAME: &str = "rbd.csi.ferrovol.io";
 
-/// What a librados/librbd failure means to the caller, in one place.
+/// What a librados/librbd failure means, in one place. The kind is what
+/// the errno says about the object the call named; a caller for whom that
+/// object is the request's argument rather than its subject says so with
+/// its own context (a missing pool in CreateVolume is the StorageClass's
+/// mistake, INVALID_ARGUMENT, not a missing volume).
 pub fn ceph_error(e: CephError) -> Error {
     let msg = e.to_string();
-    match e.errno {
-        libc::ENOENT => Error::NotFound(msg),
-        libc::EEXIST => Error::AlreadyExists(msg),
-        libc::EBUSY | libc::ENOTEMPTY | libc::EXDEV => Error::FailedPrecondition(msg),
+    let kind = match e.errno {
+        libc::ENOENT => Kind::NotFound,
+        libc::EEXIST => Kind::Exists,
+        libc::EBUSY | libc::ENOTEMPTY | libc::EXDEV => Kind::Precondition,
         // Accepted credentials whose caps do not allow this.
         libc::EACCES | libc::EPERM => {
-            Error::PermissionDenied(format!("{msg} (the Ceph user's caps do not allow it)"))
+            return error::denied(format!("{msg} (the Ceph user's caps do not allow it)"))
         }
-        libc::ENOSPC | libc::EDQUOT => Error::ResourceExhausted(msg),
-        libc::EINVAL => Error::InvalidArgument(msg),
-        libc::ERANGE | libc::EFBIG => Error::OutOfRange(msg),
+        libc::ENOSPC | libc::EDQUOT => Kind::Exhausted,
+        libc::EINVAL => Kind::Invalid,
+        libc::ERANGE | libc::EFBIG => Kind::OutOfRange,
         libc::ETIMEDOUT
         | libc::ECONNREFUSED
         | libc::ENOTCONN
         | libc::ESHUTDOWN
         | libc::EHOSTUNREACH
         | libc::EROFS
-        | libc::EAGAIN => Error::Unavailable(msg),
-        _ => Error::Internal(msg),
-    }
+        | libc::EAGAIN => Kind::Unavailable,
+        _ => Kind::Internal,
+    };
+    Error::new(kind, msg)
 }
 
 /// Records a name as taken by `value` (a small object created
@@ -70,7 +75,7 @@ pub(crate) fn claim(
     loop {
         match pool.read_object(oid).map_err(ceph_error)? {
             Some(v) if v == value => return Ok(()),
-            Some(_) => return Err(error::already_exists(taken())),
+            Some(_) => return Err(error::exists(taken())),
             None => match pool.create_object(oid, value) {
                 Ok(()) => return Ok(()),
                 // Someone claimed it between the read and the create.

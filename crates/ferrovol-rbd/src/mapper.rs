@@ -111,10 +111,7 @@ pub fn choose(choice: Choice) -> Result<&'static dyn Mapper> {
             Err(e) => why.push(format!("{}: {e}", m.name())),
         }
     }
-    Err(error::failed_precondition(format!(
-        "no RBD mapper works on this node ({})",
-        why.join("; ")
-    )))
+    Err(error::precondition(format!("no RBD mapper works on this node ({})", why.join("; "))))
 }
 
 /// Credentials and config a helper or `rbd map` needs.
@@ -324,7 +321,7 @@ async fn unmap_device(tool: &str, device: PathBuf) -> Result<()> {
     let shown = device.display().to_string();
     exec::run(tool, ["unmap".into(), device.into_os_string()], TOOL_TIMEOUT).await.map_err(
         |e| {
-            error::failed_precondition(format!(
+            error::precondition(format!(
                 "unmapping {shown} failed (still open? retry once it is closed): {}",
                 e.message()
             ))
@@ -511,7 +508,7 @@ impl Mapper for Fuse {
                     .any(|b| b.device == device)
                 {
                     if Instant::now() > deadline {
-                        return Err(error::failed_precondition(format!(
+                        return Err(error::precondition(format!(
                             "{} stays bound to the image: another process holds it open; retry \
                              once it is closed",
                             device.display()

@@ -104,9 +104,7 @@ impl Attacher for RbdNode {
             Some(m) => {
                 let chosen = mapper::by_name(m)
                     .ok_or_else(|| error::invalid(format!("mounter {m:?} is unknown")))?;
-                chosen
-                    .available()
-                    .map_err(|e| error::failed_precondition(format!("mounter {m}: {e}")))?;
+                chosen.available().map_err(|e| error::precondition(format!("mounter {m}: {e}")))?;
                 chosen
             }
             None => self.default_mapper,
@@ -166,9 +164,9 @@ impl Attacher for RbdNode {
     async fn refresh(&self, volume_id: &str, size: u64) -> Result<()> {
         match mapper::find(&self.state_dir, &Self::parse(volume_id)?)? {
             Some((mapper, device)) => mapper.refresh(&device, size).await,
-            None => Err(error::failed_precondition(format!(
-                "volume {volume_id} is not mapped on this node"
-            ))),
+            None => {
+                Err(error::precondition(format!("volume {volume_id} is not mapped on this node")))
+            }
         }
     }
 

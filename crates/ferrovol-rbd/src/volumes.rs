@@ -326,13 +326,13 @@ pub fn create(
             let fits = capacity >= req.required_bytes
                 && (req.limit_bytes == 0 || capacity <= req.limit_bytes);
             if attrs.name != req.name || attrs.source != source || !fits {
-                return Err(error::already_exists(format!(
+                return Err(error::exists(format!(
                     "volume {} exists with a different size or source",
                     req.name
                 )));
             }
             if !attrs.params.is_empty() && attrs.params != p.fingerprint() {
-                return Err(error::already_exists(format!(
+                return Err(error::exists(format!(
                     "volume {} exists with other parameters ({}; asked: {})",
                     req.name,
                     attrs.params,
@@ -393,7 +393,7 @@ pub fn set_depth(img: &Image, depth: u32) -> Result<()> {
 /// The blocking body of DeleteVolume: to the trash, for the purger.
 pub fn delete(pool: &Pool, image: &str) -> Result<()> {
     let in_use = || {
-        error::failed_precondition(format!(
+        error::precondition(format!(
             "volume {}:{image} is still open on a node (it has watchers): unstage it first",
             pool.name()
         ))

@@ -211,7 +211,7 @@ async fn group_part(
     // Taken under its freeze or not at all: a hold that ended (its limit,
     // its link) would make a part at an instant of its own.
     if !holds.lock().unwrap_or_else(|p| p.into_inner()).live.contains_key(&req.hold_id) {
-        return Err(error::aborted(format!(
+        return Err(error::busy(format!(
             "the freeze {} this part belongs to is over here; the group is taken anew",
             error::bounded(&req.hold_id)
         )));

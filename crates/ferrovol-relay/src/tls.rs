@@ -105,7 +105,7 @@ pub fn node_identity(node_id: &str) -> Result<String, String> {
         return Err(format!(
             "node ID {:?} is not a DNS name (lowercase letters, digits, '-' and '.'), which a \
              node's link certificate must carry",
-            ferrovol_csi::error::bounded(node_id)
+            ferrovol_error::bounded(node_id)
         ));
     }
     Ok(name)

@@ -129,7 +129,7 @@ fn page<T: Clone>(items: Vec<(String, T)>, token: Option<&str>, max: usize) -> R
         None => None,
         Some(t) => Some(
             t.strip_prefix(TOKEN_PREFIX)
-                .ok_or_else(|| error::aborted("starting_token is not one this driver issued"))?,
+                .ok_or_else(|| error::busy("starting_token is not one this driver issued"))?,
         ),
     };
     let mut rest: Vec<(String, T)> =
@@ -230,7 +230,7 @@ impl ControllerEngine for MemEngine {
             {
                 return Ok(existing.clone());
             }
-            return Err(error::already_exists(format!(
+            return Err(error::exists(format!(
                 "volume {:?} exists with other attributes",
                 request.name
             )));
@@ -259,7 +259,7 @@ impl ControllerEngine for MemEngine {
         tracing::debug!(id, ?secrets, "mem: delete_volume");
         let mut s = self.state.lock().unwrap();
         if s.published.get(id).is_some_and(|p| !p.is_empty()) || s.attached.contains(id) {
-            return Err(error::failed_precondition(format!("volume {id} is in use")));
+            return Err(error::precondition(format!("volume {id} is in use")));
         }
         s.volumes.remove(id);
         Ok(())
@@ -367,7 +367,7 @@ impl Publishing for MemEngine {
         self.called("publish");
         tracing::debug!(?request, "mem: publish");
         if self.shape != Shape::Attached {
-            return Err(error::unimplemented("mem (node-local) has no publish step"));
+            return Err(error::unsupported("mem (node-local) has no publish step"));
         }
         if request.node_id.starts_with("unknown") {
             return Err(Self::missing("node", &request.node_id));
@@ -379,7 +379,7 @@ impl Publishing for MemEngine {
         let nodes = s.published.entry(request.volume_id.clone()).or_default();
         if let Some((mode, ro)) = nodes.get(&request.node_id) {
             if (*mode, *ro) != (request.mode, request.read_only) {
-                return Err(error::already_exists("published to this node with another mode"));
+                return Err(error::exists("published to this node with another mode"));
             }
         }
         let shared = matches!(
@@ -389,7 +389,7 @@ impl Publishing for MemEngine {
                 | AccessMode::MultiNodeSingleWriter
         );
         if !shared && nodes.keys().any(|n| n != &request.node_id) {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {} is published to another node",
                 request.volume_id
             )));
@@ -434,7 +434,7 @@ impl Snapshots for MemEngine {
             if existing.source_volume == source_volume {
                 return Ok(existing.clone());
             }
-            return Err(error::already_exists(format!("snapshot {name:?} has another source")));
+            return Err(error::exists(format!("snapshot {name:?} has another source")));
         }
         let size = s
             .volumes
@@ -505,7 +505,7 @@ impl GroupSnapshots for MemEngine {
             if have == want {
                 return Ok((g.clone(), Duration::ZERO));
             }
-            return Err(error::already_exists("group exists with other members"));
+            return Err(error::exists("group exists with other members"));
         }
         let group_id = self.mint("group");
         let mut members = Vec::new();

@@ -91,7 +91,7 @@ impl NodeEngine for MemFsNode {
             }
             let all = mountinfo::read().map_err(|e| Error::io("reading the mount table", e))?;
             if let Some(m) = mountinfo::at(&all, &staging) {
-                return Err(error::already_exists(format!(
+                return Err(error::exists(format!(
                     "staging path {} already holds another mount ({})",
                     staging.display(),
                     m.source

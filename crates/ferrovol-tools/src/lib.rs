@@ -8,7 +8,8 @@
 
 #![forbid(unsafe_code)]
 
-pub use ferrovol_csi::{endpoint, error, units};
+pub use ferrovol_csi::{endpoint, units};
+pub use ferrovol_error as error;
 use ferrovol_http as metrics;
 
 pub mod bench;

@@ -207,7 +207,7 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
             // The pool's identity record lives in the state dir.
             ferrovol_core::server::prepare_state_dir(&common)?;
             let pool_dir = args.pool_dir.unwrap_or_else(|| common.state_dir.join("pool"));
-            let failed = |e: ferrovol_csi::error::Error| {
+            let failed = |e: ferrovol_error::Error| {
                 format!("opening pool {}: {}", pool_dir.display(), e.message())
             };
             if !common.mode.controller() {

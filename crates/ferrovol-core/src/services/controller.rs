@@ -35,14 +35,14 @@ impl ControllerService {
     fn snapshots(&self) -> Result<&dyn Snapshots> {
         let engine = self.engine();
         engine.snapshots().ok_or_else(|| {
-            error::unimplemented(format!("the {} engine has no snapshots", engine.kind()))
+            error::unsupported(format!("the {} engine has no snapshots", engine.kind()))
         })
     }
 
     fn publishing(&self) -> Result<&dyn Publishing> {
         let engine = self.engine();
         engine.publishing().ok_or_else(|| {
-            error::unimplemented(format!(
+            error::unsupported(format!(
                 "the {} engine needs no controller attach step (attachRequired: false)",
                 engine.kind()
             ))
@@ -374,7 +374,7 @@ impl ControllerService {
     ) -> Result<csi::ControllerExpandVolumeResponse> {
         let engine = self.engine();
         if engine.features().expansion != ExpansionSite::Controller {
-            return Err(error::unimplemented(format!(
+            return Err(error::unsupported(format!(
                 "the {} engine grows volumes on the node (NodeExpandVolume)",
                 engine.kind()
             )));
@@ -430,7 +430,7 @@ impl ControllerService {
         &self,
         _: csi::ControllerModifyVolumeRequest,
     ) -> Result<csi::ControllerModifyVolumeResponse> {
-        Err(error::unimplemented("ControllerModifyVolume is not supported"))
+        Err(error::unsupported("ControllerModifyVolume is not supported"))
     }
 }
 

@@ -34,7 +34,7 @@ impl ControllerSideNode {
     }
 
     async fn elsewhere<Req, Resp>(&self, _: Req) -> Result<Resp> {
-        Err(error::unimplemented(format!(
+        Err(error::unsupported(format!(
             "this ferrovol process serves the controller (--mode {}); node calls go to the \
              node plugin on the node",
             self.driver.mode.name()

@@ -62,7 +62,7 @@ impl GroupControllerService {
     fn groups(&self) -> Result<&dyn GroupSnapshots> {
         let engine = self.driver.controller();
         engine.groups().ok_or_else(|| {
-            error::unimplemented(format!("the {} engine has no group snapshots", engine.kind()))
+            error::unsupported(format!("the {} engine has no group snapshots", engine.kind()))
         })
     }
 

@@ -110,11 +110,11 @@ impl IdentityService {
             Ok::<_, error::Error>(())
         };
         match tokio::time::timeout(PROBE_CHECK_TIMEOUT, health).await {
-            Err(_) => Err(error::failed_precondition(format!(
+            Err(_) => Err(error::precondition(format!(
                 "the {} engine did not answer within {PROBE_CHECK_TIMEOUT:?}",
                 self.driver.engine_kind()
             ))),
-            Ok(Err(e)) => Err(error::failed_precondition(format!(
+            Ok(Err(e)) => Err(error::precondition(format!(
                 "the {} engine is not healthy: {}",
                 self.driver.engine_kind(),
                 e.message()

@@ -85,7 +85,7 @@ impl NodeService {
 
     fn require_privilege(&self) -> Result<()> {
         match &self.unprivileged {
-            Some(why) => Err(error::failed_precondition(why.clone())),
+            Some(why) => Err(error::precondition(why.clone())),
             None => Ok(()),
         }
     }
@@ -167,14 +167,14 @@ impl NodeService {
                 AccessType::Mount { .. } => first.mount_point == staging.join(BLOCK_STAGE_FILE),
             };
             if other_form {
-                return Err(error::already_exists(format!(
+                return Err(error::exists(format!(
                     "volume {} is staged at {} with the other access type (block vs \
                      filesystem)",
                     req.volume_id,
                     staging.display()
                 )));
             }
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {} is already staged at {}; one staging path per volume",
                 req.volume_id,
                 first.mount_point.display()
@@ -211,7 +211,7 @@ impl NodeService {
         // The spec's code: this plugin stages (STAGE_UNSTAGE_VOLUME), so a
         // publish must name where the volume was staged.
         if req.staging_target_path.is_empty() {
-            return Err(error::failed_precondition(
+            return Err(error::precondition(
                 "staging_target_path is required: this plugin stages volumes \
                  (STAGE_UNSTAGE_VOLUME); call NodeStageVolume first and publish from there",
             ));
@@ -239,7 +239,7 @@ impl NodeService {
             AccessType::Mount { .. } => staging.clone(),
         };
         let not_staged = || {
-            error::failed_precondition(format!(
+            error::precondition(format!(
                 "volume {} is not staged at {}",
                 req.volume_id,
                 staging.display()
@@ -257,7 +257,7 @@ impl NodeService {
         if let AccessType::Mount { fs_type } = &access {
             let staged = mounts.iter().find(|m| m.mount_point == staged_at);
             if let Some(m) = staged.filter(|m| !fs_type.is_empty() && m.fs_type != *fs_type) {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "volume {} holds a {} filesystem, not the requested {fs_type}",
                     req.volume_id, m.fs_type
                 )));
@@ -267,7 +267,7 @@ impl NodeService {
             if m.has_option("ro") == read_only {
                 return Ok(csi::NodePublishVolumeResponse {});
             }
-            return Err(error::already_exists(format!(
+            return Err(error::exists(format!(
                 "volume {} is already published at {} with a different read-only setting",
                 req.volume_id,
                 target.display()
@@ -275,7 +275,7 @@ impl NodeService {
         }
         if mode == Mode::SingleNodeSingleWriter {
             if let Some(other) = mounts.iter().find(|m| m.mount_point != staged_at) {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "volume {} is single-writer (ReadWriteOncePod) and already published at {}",
                     req.volume_id,
                     other.mount_point.display()
@@ -284,7 +284,7 @@ impl NodeService {
         }
         let all = offload::run("reading the mount table", QUICK, mountinfo::table).await?;
         if let Some(m) = mountinfo::at(&all, &target) {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "target {} is already a mount of something else ({})",
                 target.display(),
                 m.source
@@ -321,7 +321,7 @@ impl NodeService {
                     let onto = paths.dir(&target)?;
                     // The staging mount itself, resolved as the target is.
                     let source = paths.existing(&staging)?.ok_or_else(|| {
-                        error::failed_precondition(format!("{} is gone", staging.display()))
+                        error::precondition(format!("{} is gone", staging.display()))
                     })?;
                     // nodev,nosuid again: a bind's own flags are its own.
                     let mut flags = flags;
@@ -396,7 +396,7 @@ impl NodeService {
             return Ok(csi::NodeUnstageVolumeResponse {});
         }
         if let Some(p) = mounts.iter().find(|m| !here(m)) {
-            return Err(error::failed_precondition(format!(
+            return Err(error::precondition(format!(
                 "volume {} is still published at {}",
                 req.volume_id,
                 p.mount_point.display()
@@ -483,7 +483,7 @@ impl NodeService {
     ) -> Result<csi::NodeExpandVolumeResponse> {
         let engine = self.driver.node();
         if !engine.features().node_expansion {
-            return Err(error::unimplemented(format!(
+            return Err(error::unsupported(format!(
                 "the {} engine grows volumes in the controller; the node has nothing to do",
                 engine.kind()
             )));

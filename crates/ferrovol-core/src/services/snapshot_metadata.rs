@@ -97,7 +97,7 @@ impl SnapshotMetadataService {
     fn blocks(&self) -> Result<&dyn ChangedBlocks> {
         let engine = self.driver.controller();
         engine.changed_blocks().ok_or_else(|| {
-            error::unimplemented(format!("the {} engine has no changed blocks", engine.kind()))
+            error::unsupported(format!("the {} engine has no changed blocks", engine.kind()))
         })
     }
 

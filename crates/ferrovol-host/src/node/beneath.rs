@@ -59,16 +59,14 @@ fn escape(path: &Path, e: Errno) -> Error {
     match e {
         // A symlink in the way: never followed (the node service uses no
         // path through one), whatever it points at.
-        Errno::LOOP => error::failed_precondition(format!(
+        Errno::LOOP => error::precondition(format!(
             "{shown} has a symlink in its way; symlinks under the kubelet directory are never \
              followed"
         )),
         // A path that would leave the kubelet directory.
         Errno::XDEV => error::invalid(format!("{shown} leads outside the kubelet directory")),
         Errno::NOENT => error::not_found(format!("{shown} does not exist")),
-        Errno::NOTDIR => {
-            error::failed_precondition(format!("a component of {shown} is not a directory"))
-        }
+        Errno::NOTDIR => error::precondition(format!("a component of {shown} is not a directory")),
         e => Error::io(format!("resolving {shown}"), e.into()),
     }
 }
@@ -147,7 +145,7 @@ impl Beneath {
         match rustix::fs::openat2(&dir.fd, name, flags, Mode::from_raw_mode(0o640), RESOLVE) {
             Ok(_) => {}
             Err(Errno::ISDIR) => {
-                return Err(error::failed_precondition(format!(
+                return Err(error::precondition(format!(
                     "{} is a directory where a device's file must be",
                     shown(path)
                 )))
@@ -196,7 +194,7 @@ impl Beneath {
             if is_dir { rustix::fs::AtFlags::REMOVEDIR } else { rustix::fs::AtFlags::empty() };
         match rustix::fs::unlinkat(&dir, name, flags) {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(Errno::NOTEMPTY) => Err(error::failed_precondition(format!(
+            Err(Errno::NOTEMPTY) => Err(error::precondition(format!(
                 "{} is a directory with files in it and no volume mounted; not removing it",
                 shown(path)
             ))),

@@ -122,7 +122,7 @@ pub async fn grow(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()
             // The kernel's online ext4 resize demands CAP_SYS_RESOURCE; say
             // so instead of relaying resize2fs's bare "Permission denied".
             if !has_capability(CAP_SYS_RESOURCE) {
-                return Err(error::failed_precondition(
+                return Err(error::precondition(
                     "growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which this process \
                      lacks (grant it to the ferrovol container); the volume itself has grown",
                 ));
@@ -184,7 +184,7 @@ pub async fn grow_unmounted_ext4(device: &Path) -> Result<bool> {
     .await?;
     // 0: clean; 1: errors corrected. Anything else needs a person.
     if code > 1 {
-        return Err(error::failed_precondition(format!(
+        return Err(error::precondition(format!(
             "e2fsck found problems it cannot fix unattended on {} (exit {code}): {}",
             device.display(),
             out.stdout.trim()
@@ -246,9 +246,7 @@ pub fn mount(
         match e {
             // Something holds the device right now (a mount still finishing
             // from before a restart): worth a retry, not a failure.
-            rustix::io::Errno::BUSY => {
-                error::aborted(format!("{what}; the device is in use, retry"))
-            }
+            rustix::io::Errno::BUSY => error::busy(format!("{what}; the device is in use, retry")),
             _ => error::internal(what),
         }
     })

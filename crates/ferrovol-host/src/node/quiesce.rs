@@ -65,7 +65,7 @@ pub async fn prepare_within_hold(devices: Vec<(String, Option<PathBuf>)>) -> Res
 }
 
 fn not_held(mount: &Path) -> Error {
-    error::aborted(format!(
+    error::busy(format!(
         "{} is not frozen by the group snapshot's freeze across nodes (it ended): retry",
         mount.display()
     ))
@@ -86,7 +86,7 @@ async fn flushed_mounts(
             match filesystem_mount(&of) {
                 Some(fs) => mounts.push(fs.mount_point.clone()),
                 None if strict && !of.is_empty() => {
-                    return Err(error::failed_precondition(format!(
+                    return Err(error::precondition(format!(
                         "volume {id} is attached as a raw block device and cannot be quiesced; \
                          a group snapshot would not be consistent"
                     )))
@@ -191,7 +191,7 @@ impl Held {
         tokio::task::spawn_blocking(move || {
             let mut held = held();
             if let Some(m) = already.iter().chain(&mounts).find(|m| held.contains_key(*m)) {
-                return Err(error::aborted(format!(
+                return Err(error::busy(format!(
                     "{} is frozen for another group snapshot",
                     m.display()
                 )));
@@ -257,9 +257,7 @@ pub fn freeze_all(mounts: &[PathBuf]) -> Result<Vec<Frozen>> {
         .zip(mounts)
         .map(|(r, m)| match r {
             Ok(Ok(frozen)) => Ok(frozen),
-            Ok(Err(e)) => {
-                Err(error::failed_precondition(format!("cannot freeze {}: {e}", m.display())))
-            }
+            Ok(Err(e)) => Err(error::precondition(format!("cannot freeze {}: {e}", m.display()))),
             Err(_) => Err(error::internal(format!("freezing {} panicked", m.display()))),
         })
         .collect()

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ferrovol_csi as csi;
-use ferrovol_csi::error::{self, Error, Result};
+use ferrovol_error::{self as error, Error, Result};
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
@@ -267,7 +267,7 @@ async fn admit(
         .map_err(|_| "no Hello in time".to_string())?
         .map_err(|e| format!("Hello: {}", e.message()))?
         .into_inner();
-    let claimed = ferrovol_csi::error::bounded(&hello.node_id).into_owned();
+    let claimed = ferrovol_error::bounded(&hello.node_id).into_owned();
     if hello.tag != ferrovol_local::ids::node_tag(&hello.node_id) {
         return Err(format!("node {claimed} says its tag is {:?}", hello.tag));
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use ferrovol_core::engine::*;
 use ferrovol_core::services::convert;
 use ferrovol_csi as csi;
-use ferrovol_csi::error::{self, Result};
+use ferrovol_error::{self as error, Result};
 use ferrovol_local::ids::{self, Kind};
 use ferrovol_local::TOPOLOGY_KEY;
 
@@ -151,11 +151,11 @@ impl RelayEngine {
         let (mut at, mut inner) = match token {
             None => (0, String::new()),
             Some(t) => {
-                let (tag, inner) = t.split_once('/').ok_or_else(|| {
-                    error::aborted("starting_token is not one this driver issued")
-                })?;
+                let (tag, inner) = t
+                    .split_once('/')
+                    .ok_or_else(|| error::busy("starting_token is not one this driver issued"))?;
                 let at = links.iter().position(|l| l.tag == tag).ok_or_else(|| {
-                    error::aborted(format!(
+                    error::busy(format!(
                         "starting_token names a node ({tag}) this controller does not know"
                     ))
                 })?;
@@ -403,7 +403,7 @@ impl ControllerEngine for RelayEngine {
     }
 
     async fn expand_volume(&self, id: &str, _: u64, _: u64, _: &Secrets) -> Result<Expanded> {
-        Err(error::unimplemented(format!(
+        Err(error::unsupported(format!(
             "local volumes grow on their node (NodeExpandVolume), not through the controller ({id})"
         )))
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use ferrovol_core::engine::{GroupSnapshot, Secrets};
 use ferrovol_csi as csi;
-use ferrovol_csi::error::{self, Error, Result};
+use ferrovol_error::{self as error, Error, Result};
 use ferrovol_local::ids::{self, Kind};
 use tokio::task::JoinSet;
 use tracing::{info, warn};

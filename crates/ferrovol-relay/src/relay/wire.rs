@@ -10,7 +10,7 @@ use ferrovol_core::engine::{
 };
 use ferrovol_core::services::convert;
 use ferrovol_csi as csi;
-use ferrovol_csi::error::Result;
+use ferrovol_error::Result;
 
 pub fn secrets(s: &Secrets) -> HashMap<String, String> {
     s.keys().filter_map(|k| s.get(k).map(|v| (k.to_string(), v.to_string()))).collect()

@@ -91,3 +91,19 @@ fn blocking_work_leaves_the_executor_through_one_helper() {
     }
     assert!(found.is_empty(), "spawn_blocking outside ferrovol_host::offload: {found:?}");
 }
+
+#[test]
+fn the_wire_crate_holds_wire_types_and_errors_are_kinds_of_their_own_crate() {
+    let csi = workspace().join("crates/ferrovol-csi/src");
+    for source in sources(&csi) {
+        let text = std::fs::read_to_string(&source).unwrap();
+        assert!(!text.contains("pub mod error"), "{} declares errors", source.display());
+        assert!(!text.contains("enum Error"), "{} declares errors", source.display());
+    }
+    // The host layer reports kinds too, and speaks no wire.
+    let host = dependencies("ferrovol-host");
+    assert!(host.iter().any(|d| d == "ferrovol-error"), "{host:?}");
+    assert!(!host.iter().any(|d| d == "ferrovol-csi"), "{host:?}");
+    // The kinds' crate is a leaf.
+    assert_eq!(dependencies("ferrovol-error"), Vec::<String>::new());
+}
