@@ -9,3 +9,4 @@ pub mod fuzz;
 pub mod harness;
 pub mod mem;
 pub mod memfs;
+pub mod userns;

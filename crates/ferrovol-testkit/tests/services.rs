@@ -474,38 +474,57 @@ async fn a_panicking_handler_answers_internal_and_the_server_goes_on() {
     new_volume(&mut c, "pv-after", false).await;
 }
 
-/// The conformance suite on the in-memory engine's three shapes: the
-/// controller checks everywhere; the node checks on the shared-filesystem
-/// shape where mounts can be made (root: a tmpfs per volume, no block
-/// device anywhere).
+/// The in-memory engine as a conformance subject; `node` where the node
+/// checks run too.
+struct Mem(Harness, bool);
+
+#[tonic::async_trait]
+impl ferrovol_testkit::conformance::Subject for Mem {
+    fn name(&self) -> String {
+        format!("mem {:?}", self.0.engine)
+    }
+    async fn controller(&self) -> Channel {
+        self.0.channel.clone()
+    }
+    async fn node(&self) -> Option<(Channel, std::path::PathBuf)> {
+        self.1.then(|| (self.0.channel.clone(), self.0.kubelet_dir.clone()))
+    }
+    fn create(
+        &self,
+        name: &str,
+        bytes: i64,
+        cap: csi::VolumeCapability,
+    ) -> csi::CreateVolumeRequest {
+        create(name, bytes, cap)
+    }
+}
+
+/// The conformance suite's controller checks on the in-memory engine's
+/// three shapes.
 #[tokio::test]
 async fn conformance_of_the_in_memory_shapes() {
-    struct Mem(Harness, bool);
-    #[tonic::async_trait]
-    impl ferrovol_testkit::conformance::Subject for Mem {
-        fn name(&self) -> String {
-            format!("mem {:?}", self.0.engine)
-        }
-        async fn controller(&self) -> Channel {
-            self.0.channel.clone()
-        }
-        async fn node(&self) -> Option<(Channel, std::path::PathBuf)> {
-            self.1.then(|| (self.0.channel.clone(), self.0.kubelet_dir.clone()))
-        }
-        fn create(
-            &self,
-            name: &str,
-            bytes: i64,
-            cap: csi::VolumeCapability,
-        ) -> csi::CreateVolumeRequest {
-            create(name, bytes, cap)
-        }
-    }
-    let root = rustix::process::geteuid().is_root();
-    for (shape, node) in
-        [(Shape::NodeLocal, false), (Shape::Attached, false), (Shape::SharedFs, root)]
-    {
-        let subject = Mem(serve(shape, Mode::All).await, node);
+    for shape in [Shape::NodeLocal, Shape::Attached, Shape::SharedFs] {
+        let subject = Mem(serve(shape, Mode::All).await, false);
         ferrovol_testkit::conformance::run(&subject).await;
     }
+}
+
+/// The whole suite, node checks included, on the shared-filesystem shape:
+/// a tmpfs per volume, no block device anywhere; the core's node service
+/// unchanged serves a filesystem engine. Without root, the test runs
+/// itself again as root of a user and mount namespace of its own (real
+/// mounts, read-only enforced by the kernel, none of the host's touched).
+#[test]
+fn the_shared_filesystem_shape_conforms_on_the_node() {
+    if !rustix::process::geteuid().is_root() {
+        ferrovol_testkit::userns::run_as_namespace_root(
+            "the_shared_filesystem_shape_conforms_on_the_node",
+        );
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let subject = Mem(serve(Shape::SharedFs, Mode::All).await, true);
+        ferrovol_testkit::conformance::run(&subject).await;
+    });
 }
