@@ -16,7 +16,6 @@
 
 pub use ferrovol_csi::{endpoint, units};
 pub use ferrovol_error as error;
-pub use ferrovol_host::{exec, fsutil};
 
 pub mod authority;
 pub mod cli;

@@ -107,6 +107,12 @@ fn cap_of(mode: Mode, block: bool, fs_type: String) -> csi::VolumeCapability {
     }
 }
 
+fn from_snapshot(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+        snapshot_id: id.into(),
+    })
+}
+
 impl<'a> Kit<'a> {
     async fn new(subject: &'a dyn Subject) -> Kit<'a> {
         let channel = subject.controller().await;
@@ -183,6 +189,19 @@ impl<'a> Kit<'a> {
             "controller {:?}; node {:?}; services {:?}",
             self.caps, self.node_caps, self.services
         )
+    }
+
+    /// A CreateVolume of a single-writer filesystem volume with content.
+    fn from_source(
+        &mut self,
+        what: &str,
+        source: csi::volume_content_source::Type,
+    ) -> csi::CreateVolumeRequest {
+        let name = self.fresh(what);
+        let cap = self.cap(Mode::SingleNodeWriter, false);
+        let mut request = self.subject.create(&name, self.subject.volume_size(), cap);
+        request.volume_content_source = Some(csi::VolumeContentSource { r#type: Some(source) });
+        request
     }
 
     fn has(&self, c: Cap) -> bool {
@@ -427,18 +446,7 @@ impl<'a> Kit<'a> {
             if listed.len() != 1 {
                 self.fail(check, format!("listing by id found {listed:?}"));
             }
-            let mut restore = self.subject.create(
-                &self.fresh("restore"),
-                self.subject.volume_size(),
-                self.cap(Mode::SingleNodeWriter, false),
-            );
-            restore.volume_content_source = Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(
-                    csi::volume_content_source::SnapshotSource {
-                        snapshot_id: snap.snapshot_id.clone(),
-                    },
-                )),
-            });
+            let restore = self.from_source("restore", from_snapshot(&snap.snapshot_id));
             let restored = self.c.create_volume(restore).await;
             let restored = restored.unwrap_or_else(|e| self.fail(check, format!("restore: {e:?}")));
             let restored = restored.into_inner().volume.unwrap();
@@ -460,34 +468,21 @@ impl<'a> Kit<'a> {
             self.delete(&other.volume_id).await;
         } else {
             // Without snapshots, nothing restores from one.
-            let mut restore = self.subject.create(
-                &self.fresh("restore"),
-                self.subject.volume_size(),
-                self.cap(Mode::SingleNodeWriter, false),
-            );
-            restore.volume_content_source = Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(
-                    csi::volume_content_source::SnapshotSource { snapshot_id: "conf-snap".into() },
-                )),
-            });
+            let restore = self.from_source("restore", from_snapshot("conf-snap"));
             match self.c.create_volume(restore).await {
                 Err(e) if matches!(e.code(), Code::InvalidArgument | Code::NotFound) => {}
                 other => self.fail(check, format!("a restore without snapshots: {other:?}")),
             }
         }
         if self.has(Cap::CloneVolume) {
-            let mut clone = self.subject.create(
-                &self.fresh("clone"),
-                self.subject.volume_size(),
-                self.cap(Mode::SingleNodeWriter, false),
-            );
-            clone.volume_content_source = Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Volume(
+            let clone = self.from_source(
+                "clone",
+                csi::volume_content_source::Type::Volume(
                     csi::volume_content_source::VolumeSource {
                         volume_id: source.volume_id.clone(),
                     },
-                )),
-            });
+                ),
+            );
             let cloned = self.c.create_volume(clone).await;
             let cloned = cloned.unwrap_or_else(|e| self.fail(check, format!("clone: {e:?}")));
             self.delete(&cloned.into_inner().volume.unwrap().volume_id).await;

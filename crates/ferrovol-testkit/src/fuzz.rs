@@ -91,7 +91,7 @@ impl Harness {
             node_id: "fuzz-node".into(),
             mode: ferrovol_core::cli::Mode::All,
             state_dir: root.join("state"),
-            state_writes: Some(ferrovol_core::fsutil::WriteMonitor::spawn(&root.join("state"))),
+            state_writes: Some(ferrovol_host::fsutil::WriteMonitor::spawn(&root.join("state"))),
             controller: Some(engine.clone()),
             node: Some(Arc::new(ferrovol_block::BlockStaging::new(engine, &root.join("state")))),
             locks: OpLocks::new(),

@@ -47,7 +47,7 @@ pub async fn serve(shape: Shape, mode: Mode) -> Harness {
         node_id: "mem-node".into(),
         mode,
         state_dir: dir.path().to_path_buf(),
-        state_writes: mode.node().then(|| ferrovol_core::fsutil::WriteMonitor::spawn(dir.path())),
+        state_writes: mode.node().then(|| ferrovol_host::fsutil::WriteMonitor::spawn(dir.path())),
         controller,
         node,
         locks: OpLocks::new(),

@@ -96,7 +96,7 @@ impl IdentityService {
     /// busy. The engine gets a deadline: a remote engine's check may hang.
     pub async fn check_ready(&self) -> Result<()> {
         if let Some(writes) = &self.driver.state_writes {
-            crate::fsutil::check_not_read_only(&self.driver.state_dir)?;
+            ferrovol_host::fsutil::check_not_read_only(&self.driver.state_dir)?;
             writes.status()?;
         }
         let (controller, node) = (self.driver.controller.clone(), self.driver.node.clone());

@@ -30,7 +30,7 @@ pub struct Driver {
     /// Keeps writing to the state dir in the background, for Probe; only
     /// where the node service keeps state there (a controller-only process
     /// writes nothing to disk of its own).
-    pub state_writes: Option<Arc<crate::fsutil::WriteMonitor>>,
+    pub state_writes: Option<Arc<ferrovol_host::fsutil::WriteMonitor>>,
     /// The controller half: Some when this process serves the Controller
     /// services.
     pub controller: Option<Arc<dyn ControllerEngine>>,
