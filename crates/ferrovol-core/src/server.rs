@@ -78,7 +78,10 @@ pub async fn run(
         node_id,
         mode: args.mode,
         state_dir: args.state_dir.clone(),
-        state_writes: args.mode.node().then(|| ferrovol_host::fsutil::WriteMonitor::spawn(&args.state_dir)),
+        state_writes: args
+            .mode
+            .node()
+            .then(|| ferrovol_host::fsutil::WriteMonitor::spawn(&args.state_dir)),
         controller,
         node,
         locks: OpLocks::new(),
