@@ -192,7 +192,7 @@ impl<'a> Kit<'a> {
     }
 
     /// A CreateVolume of a single-writer filesystem volume with content.
-    fn from_source(
+    fn create_from(
         &mut self,
         what: &str,
         source: csi::volume_content_source::Type,
@@ -446,7 +446,7 @@ impl<'a> Kit<'a> {
             if listed.len() != 1 {
                 self.fail(check, format!("listing by id found {listed:?}"));
             }
-            let restore = self.from_source("restore", from_snapshot(&snap.snapshot_id));
+            let restore = self.create_from("restore", from_snapshot(&snap.snapshot_id));
             let restored = self.c.create_volume(restore).await;
             let restored = restored.unwrap_or_else(|e| self.fail(check, format!("restore: {e:?}")));
             let restored = restored.into_inner().volume.unwrap();
@@ -468,14 +468,14 @@ impl<'a> Kit<'a> {
             self.delete(&other.volume_id).await;
         } else {
             // Without snapshots, nothing restores from one.
-            let restore = self.from_source("restore", from_snapshot("conf-snap"));
+            let restore = self.create_from("restore", from_snapshot("conf-snap"));
             match self.c.create_volume(restore).await {
                 Err(e) if matches!(e.code(), Code::InvalidArgument | Code::NotFound) => {}
                 other => self.fail(check, format!("a restore without snapshots: {other:?}")),
             }
         }
         if self.has(Cap::CloneVolume) {
-            let clone = self.from_source(
+            let clone = self.create_from(
                 "clone",
                 csi::volume_content_source::Type::Volume(
                     csi::volume_content_source::VolumeSource {
