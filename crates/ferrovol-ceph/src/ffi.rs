@@ -101,6 +101,20 @@ pub struct Watcher {
 
 pub type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
+/// `rados_mon_command` and `rados_mgr_command`: one command (JSON strings),
+/// an input buffer, and the output and status buffers librados allocates.
+pub type CommandFn = unsafe extern "C" fn(
+    Rados,
+    *mut *const c_char,
+    usize,
+    *const c_char,
+    usize,
+    *mut *mut c_char,
+    *mut usize,
+    *mut *mut c_char,
+    *mut usize,
+) -> c_int;
+
 /// Declares the function table: each field is a C function pointer looked
 /// up by its own name; `opt` fields may be missing from older libraries.
 macro_rules! api {
@@ -147,6 +161,8 @@ api! {
         fn rados_getaddrs(Rados, *mut *mut c_char) -> c_int;
         fn rados_blocklist_add(Rados, *mut c_char, u32) -> c_int;
         fn rados_mon_command(Rados, *mut *const c_char, usize, *const c_char, usize,
+            *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
+        fn rados_mgr_command(Rados, *mut *const c_char, usize, *const c_char, usize,
             *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
         fn rados_buffer_free(*mut c_char);
         fn rados_ioctx_create(Rados, *const c_char, *mut IoCtx) -> c_int;

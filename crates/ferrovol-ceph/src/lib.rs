@@ -14,19 +14,22 @@
 //! are spawned through `ferrovol_host::exec`, which execs at once.
 //!
 //! Layout: [`ffi`] (the C declarations, checked against Ceph's headers by
-//! `tests/abi.rs`), `rados` (connections, pools, objects), `image`, `trash`,
-//! `group`. With the host crate, the only place with `unsafe` code: every
-//! block says why it is sound.
+//! `tests/abi.rs`), `rados` (connections, pools, objects, monitor and
+//! manager commands), `image`, `trash`, `group`, `subvolume` (CephFS
+//! subvolumes through the manager's volumes module). With the host crate,
+//! the only place with `unsafe` code: every block says why it is sound.
 
 pub mod ffi;
 mod group;
 mod image;
 mod rados;
+mod subvolume;
 mod trash;
 
 pub use group::GroupSnap;
 pub use image::{Image, ImageOptions, Parent, Snap, SnapNamespace};
 pub use rados::{Cluster, Connect, Pool};
+pub use subvolume::{NewSubvolume, SubvolumeInfo, Subvolumes};
 pub use trash::TrashEntry;
 
 use std::ffi::{c_char, c_int, CStr, CString};

@@ -162,6 +162,17 @@ impl Cluster {
 
     /// A monitor command (JSON); answers its output.
     pub fn mon_command(&self, json: &str) -> Result<String> {
+        self.command("monitor", api().rados_mon_command, json)
+    }
+
+    /// A manager command (JSON), as `ceph fs subvolume …` sends them;
+    /// answers its output. The manager's modules answer errors with an
+    /// errno and a message, which the error carries.
+    pub fn mgr_command(&self, json: &str) -> Result<String> {
+        self.command("manager", api().rados_mgr_command, json)
+    }
+
+    fn command(&self, whose: &str, call: ffi::CommandFn, json: &str) -> Result<String> {
         let api = api();
         let c = cstring("command", json)?;
         let mut cmd = [c.as_ptr()];
@@ -169,7 +180,7 @@ impl Cluster {
             (ptr::null_mut(), 0, ptr::null_mut(), 0);
         // SAFETY: one command string; librados allocates the outputs, freed below.
         let ret = unsafe {
-            (api.rados_mon_command)(
+            call(
                 self.handle.0,
                 cmd.as_mut_ptr(),
                 1,
@@ -192,7 +203,7 @@ impl Cluster {
             s
         };
         let (out, status) = (take(out, out_len), take(status, status_len));
-        check(|| format!("monitor command {json}: {status}"), ret)?;
+        check(|| format!("{whose} command {json}: {status}"), ret)?;
         Ok(out)
     }
 
