@@ -279,19 +279,56 @@ def grants(roles, bindings, sa, ns, resource, verb):
     return False
 
 
+def driver_info(binary):
+    """What the real driver (local engine, all services) says of itself:
+    `ferrovol ctl -o json info` against `ferrovol serve` in a scratch
+    directory. Asked, not parsed out of the source: the capabilities are
+    the engine's and the services', assembled at run time."""
+    import json
+    import os
+    import tempfile
+    import time
+    with tempfile.TemporaryDirectory(prefix="ferrovol-check-") as d:
+        sock = os.path.join(d, "csi.sock")
+        os.mkdir(os.path.join(d, "kubelet"))
+        server = subprocess.Popen(
+            [binary, "serve", "--endpoint", sock, "--state-dir", os.path.join(d, "state"),
+             "--kubelet-dir", os.path.join(d, "kubelet"), "--node-id", "check-node"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                ask = subprocess.run([binary, "ctl", "--endpoint", sock, "--timeout", "5s", "-o", "json", "info"],
+                                     capture_output=True, text=True)
+                if ask.returncode == 0:
+                    return json.loads(ask.stdout)
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    sys.exit(f"the driver did not answer `ctl info`: {ask.stderr.strip()}\n"
+                             f"{server.communicate()[1][-2000:]}")
+                # Exit code 3: not listening yet. Wait on the process, not a clock.
+                try:
+                    server.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if server.poll() is None:
+                server.terminate()
+                server.wait(timeout=30)
+
+
 def cross_checks(docs, binary):
-    src = open("crates/ferrovol-core/src/cli.rs").read()
-    driver_default = re.search(r'DEFAULT_DRIVER_NAME: &str = "([^"]+)"', src).group(1)
-    topology_key = re.search(r'TOPOLOGY_KEY: &str = "([^"]+)"',
-                             open("crates/ferrovol-local/src/lib.rs").read()).group(1)
-    node_caps = open("crates/ferrovol-core/src/services/node.rs").read()
-    node_fn = re.search(r"pub fn capabilities\(\).*?\n    }\n", node_caps, re.S).group(0)
-    # What the deployed engine (local) says it can do: the controller
-    # service advertises exactly that (see ControllerService::capabilities).
-    features_fn = re.search(r"pub fn features\(\) -> Features \{.*?\n}\n",
-                            open("crates/ferrovol-local/src/node.rs").read(), re.S).group(0)
-    engine_publishes = re.search(r"publish: (true|false)", features_fn).group(1) == "true"
-    engine_expansion = re.search(r"expansion: [\w:]*ExpansionSite::(\w+)", features_fn).group(1)
+    info = driver_info(binary)
+    driver_default = info["name"]
+    (topology_key,) = info["node"]["topology"].keys()
+    controller_caps = set(info["controller_capabilities"])
+    node_caps = set(info["node_capabilities"])
+    plugin_caps = set(info["plugin_capabilities"])
+    engine_publishes = "PUBLISH_UNPUBLISH_VOLUME" in controller_caps
+    # Expansion on the node alone: the node grows the volume, the controller
+    # has no part in it (the resizer runs in node-only mode).
+    node_only_expansion = ("EXPAND_VOLUME" in node_caps and "EXPAND_VOLUME" not in controller_caps
+                           and "VOLUME_EXPANSION_ONLINE" in plugin_caps)
 
     (csidriver,) = of_kind(docs, "CSIDriver")
     (ds,) = of_kind(docs, "DaemonSet")
@@ -363,11 +400,11 @@ def cross_checks(docs, binary):
     # The CSIDriver object says what the driver does.
     check(csidriver["spec"]["attachRequired"] == engine_publishes,
           "attachRequired matches the engine's publish step (PUBLISH_UNPUBLISH_VOLUME)")
-    check((csidriver["spec"].get("fsGroupPolicy") == "File") == ("VolumeMountGroup" not in node_fn),
+    check((csidriver["spec"].get("fsGroupPolicy") == "File") == ("VOLUME_MOUNT_GROUP" not in node_caps),
           "fsGroupPolicy File exactly when VOLUME_MOUNT_GROUP is not advertised")
     check(csidriver["spec"].get("storageCapacity") == (arg(ccs["csi-provisioner"], "--enable-capacity") == "true"),
           "storageCapacity matches the provisioner's --enable-capacity")
-    check(engine_expansion == "Node" and "csi-resizer" in ccs,
+    check(node_only_expansion and "csi-resizer" in ccs,
           "expansion: node-side driver with a resizer that can run in node-only mode")
     check(arg(drv, "--engine") == "local", "the DaemonSet serves the local engine (--engine=local)")
     check(arg(ccs["ferrovol"], "--engine") == "local", "the controller relays for the local engine")
@@ -415,9 +452,9 @@ def cross_checks(docs, binary):
                                                                  "crates/ferrovol-rbd/src/mapper.rs"]:
         text = open(f).read()
         used |= set(re.findall(r'exec::(?:run(?:_status)?|spawn_detached)\(\s*"([\w.-]+)"', text))
-        # A tool picked by mapper kind: `let tool = if … { "a" } else { "b" };`.
-        for pair in re.findall(r'let tool = if [^{]*\{ "([\w.-]+)" \} else \{ "([\w.-]+)" \}', text):
-            used |= set(pair)
+        # A mapper's tool, passed to the shared map/unmap helpers, or looked
+        # for before use (`tool("rbd-nbd")`).
+        used |= set(re.findall(r'\b(?:map_with_tool|unmap_device|tool)\(\s*"([\w.-]+)"', text))
     dockerfile = open("Dockerfile").read()
     runtime = dockerfile.split("FROM ")[-1]
     check({"rbd", "rbd-nbd", "rbd-fuse"} <= used, f"the RBD mappers' tools are found in the source: {sorted(used)}")
@@ -435,9 +472,12 @@ def check_rbd(docs, binary):
     and the Ceph config and secret wired to where the driver reads them."""
     lib = open("crates/ferrovol-rbd/src/lib.rs").read()
     name = re.search(r'DRIVER_NAME: &str = "([^"]+)"', lib).group(1)
-    features = re.search(r"pub fn features\(\) -> Features \{.*?\n}\n",
-                         open("crates/ferrovol-rbd/src/controller.rs").read(), re.S).group(0)
-    publishes = re.search(r"publish: (true|false)", features).group(1) == "true"
+    # The RBD driver needs a cluster to answer `ctl info` (this check is
+    # offline): whether it publishes is read from the part its controller
+    # hands out (`publishing()` answering Some).
+    controller_rs = open("crates/ferrovol-rbd/src/controller.rs").read()
+    publishes = re.search(r"fn publishing\(&self\) -> Option<&dyn Publishing> \{\s*Some\(self\)",
+                          controller_rs) is not None
     params_rs = open("crates/ferrovol-rbd/src/params.rs").read()
     known = set(re.findall(r'^\s+"(\w+)"(?: if [^=]*)? =>', params_rs, re.M))
     (csidriver,) = of_kind(docs, "CSIDriver")
