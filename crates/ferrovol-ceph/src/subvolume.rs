@@ -103,6 +103,10 @@ impl Subvolumes {
         &self.fs
     }
 
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     fn run(&self, command: Command) -> Result<String> {
         self.cluster.mgr_command(&command.json())
     }
@@ -197,6 +201,44 @@ impl Subvolumes {
         match self.run(c) {
             Err(e) if e.is(libc::ENOENT) => Ok(()),
             r => r.map(drop),
+        }
+    }
+
+    /// The file system's subvolume groups.
+    pub fn groups(&self) -> Result<Vec<String>> {
+        let out = self.run(Command::new("fs subvolumegroup ls", &self.fs))?;
+        names("subvolume groups", &out)
+    }
+
+    /// Sets a key of the subvolume's own metadata (kept by Ceph with the
+    /// subvolume, shown by `fs subvolume metadata ls`).
+    pub fn set_metadata(&self, group: &str, name: &str, key: &str, value: &str) -> Result<()> {
+        self.run(
+            Command::new("fs subvolume metadata set", &self.fs)
+                .arg("sub_name", name)
+                .arg("group_name", group)
+                .arg("key_name", key)
+                .arg("value", value),
+        )
+        .map(drop)
+    }
+
+    /// A key of the subvolume's metadata; None when the subvolume has no
+    /// such key (a missing subvolume is ENOENT).
+    pub fn metadata(&self, group: &str, name: &str, key: &str) -> Result<Option<String>> {
+        let c = Command::new("fs subvolume metadata get", &self.fs)
+            .arg("sub_name", name)
+            .arg("group_name", group)
+            .arg("key_name", key);
+        match self.run(c) {
+            Ok(v) => Ok(Some(v.trim_end_matches('\n').to_string())),
+            // The manager answers a missing key and a missing subvolume
+            // alike (ENOENT); the subvolume is asked after separately.
+            Err(e) if e.is(libc::ENOENT) => match self.path(group, name) {
+                Ok(_) => Ok(None),
+                Err(gone) => Err(gone),
+            },
+            Err(e) => Err(e),
         }
     }
 

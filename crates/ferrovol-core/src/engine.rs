@@ -204,6 +204,9 @@ pub struct Features {
     /// filesystem or device to grow there); false for volumes whose new
     /// size the pod sees at once (a quota).
     pub node_expansion: bool,
+    /// A new volume can be a copy of another (CLONE_VOLUME); restores from
+    /// snapshots come with the [`Snapshots`] part.
+    pub clones: bool,
     /// The filesystems a filesystem volume can hold, the default (an empty
     /// `fs_type`) first.
     pub filesystems: Vec<Filesystem>,

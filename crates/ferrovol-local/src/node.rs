@@ -66,6 +66,7 @@ pub fn features() -> Features {
         // with it; see docs/architecture.md.
         expansion: ferrovol_core::engine::ExpansionSite::Node,
         node_expansion: true,
+        clones: true,
         filesystems: ferrovol_block::filesystems(),
         mount_modes: Features::single_node_modes(),
         block_modes: Features::single_node_modes(),

@@ -255,6 +255,7 @@ pub fn features() -> Features {
         // A filesystem grows on the node, and so does a device that does
         // not follow its image's size by itself (rbd-fuse's loop device).
         node_expansion: true,
+        clones: true,
         filesystems: ferrovol_block::filesystems(),
         mount_modes,
         block_modes,

@@ -13,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
-pub mod connect;
 pub mod controller;
 mod groups;
 pub mod ids;
@@ -27,130 +26,10 @@ mod volumes;
 
 pub use ferrovol_error as error;
 
-use error::{Error, Kind, Result};
-use ferrovol_ceph::CephError;
+// Connections, errno meanings and counted calls are shared with the
+// CephFS engine.
+pub use ferrovol_cephclient::{blocking, ceph_error, close_connections, connect, settle_calls};
+pub(crate) use ferrovol_cephclient::{claim, Counted};
 
 /// The CSI driver name the RBD engine serves by default.
 pub const DRIVER_NAME: &str = "rbd.csi.ferrovol.io";
-
-/// What a librados/librbd failure means, in one place. The kind is what
-/// the errno says about the object the call named; a caller for whom that
-/// object is the request's argument rather than its subject says so with
-/// its own context (a missing pool in CreateVolume is the StorageClass's
-/// mistake, INVALID_ARGUMENT, not a missing volume).
-pub fn ceph_error(e: CephError) -> Error {
-    let msg = e.to_string();
-    let kind = match e.errno {
-        libc::ENOENT => Kind::NotFound,
-        libc::EEXIST => Kind::Exists,
-        libc::EBUSY | libc::ENOTEMPTY | libc::EXDEV => Kind::Precondition,
-        // Accepted credentials whose caps do not allow this.
-        libc::EACCES | libc::EPERM => {
-            return error::denied(format!("{msg} (the Ceph user's caps do not allow it)"))
-        }
-        libc::ENOSPC | libc::EDQUOT => Kind::Exhausted,
-        libc::EINVAL => Kind::Invalid,
-        libc::ERANGE | libc::EFBIG => Kind::OutOfRange,
-        libc::ETIMEDOUT
-        | libc::ECONNREFUSED
-        | libc::ENOTCONN
-        | libc::ESHUTDOWN
-        | libc::EHOSTUNREACH
-        | libc::EROFS
-        | libc::EAGAIN => Kind::Unavailable,
-        _ => Kind::Internal,
-    };
-    Error::new(kind, msg)
-}
-
-/// Records a name as taken by `value` (a small object created
-/// exclusively), or checks that it already is: ALREADY_EXISTS when another
-/// value took it.
-pub(crate) fn claim(
-    pool: &ferrovol_ceph::Pool,
-    oid: &str,
-    value: &[u8],
-    taken: impl Fn() -> String,
-) -> Result<()> {
-    loop {
-        match pool.read_object(oid).map_err(ceph_error)? {
-            Some(v) if v == value => return Ok(()),
-            Some(_) => return Err(error::exists(taken())),
-            None => match pool.create_object(oid, value) {
-                Ok(()) => return Ok(()),
-                // Someone claimed it between the read and the create.
-                Err(e) if e.is(libc::EEXIST) => continue,
-                Err(e) => return Err(ceph_error(e)),
-            },
-        }
-    }
-}
-
-/// Ceph calls running on the blocking pool right now: a stop waits for
-/// them before it shuts the clients down (librados torn down under a
-/// running call aborts the process).
-static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static SETTLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
-
-/// One counted call; uncounted when it ends, however it ends. A stream of
-/// librbd results holds one for as long as its producer runs.
-pub(crate) struct Counted;
-
-impl Counted {
-    pub(crate) fn new() -> Counted {
-        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Counted
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        if IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
-            SETTLED.notify_waiters();
-        }
-    }
-}
-
-/// Runs a blocking librbd sequence off the async executor.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let counted = Counted::new();
-    // To its end: a librbd call is bounded by the cluster's own op timeout
-    // (`--ceph-timeout`), and the stop waits for the calls counted here.
-    ferrovol_host::offload::to_completion("a Ceph call", move || {
-        let _counted = counted;
-        f()
-    })
-    .await
-}
-
-/// The end of an engine half: waits for the Ceph calls still running (at
-/// most `limit`), then closes every pool and shuts every connection down,
-/// in order, before the process goes (librados torn down by the exit
-/// itself, with its threads still busy, aborted the driver on SIGTERM).
-pub async fn close_connections(conn: &connect::Connections, limit: std::time::Duration) {
-    let running = settle_calls(limit).await;
-    if running > 0 {
-        tracing::warn!(running, "Ceph calls still running at the stop");
-    }
-    let held = conn.shutdown();
-    if held > 0 {
-        tracing::warn!(held, "Ceph connections still held elsewhere at the stop");
-    }
-}
-
-/// Waits (at most `limit`) until no Ceph call runs; answers how many still do.
-pub async fn settle_calls(limit: std::time::Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let settled = SETTLED.notified();
-        let running = IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst);
-        if running == 0 {
-            return 0;
-        }
-        if tokio::time::timeout_at(deadline, settled).await.is_err() {
-            return IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-}

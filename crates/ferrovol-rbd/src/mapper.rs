@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferrovol_host::offload::{self, QUICK};
-use ferrovol_host::{exec, loopdev, node::mountinfo};
+use ferrovol_host::{exec, loopdev};
 
 use crate::error::{self, Error, Result};
 use crate::ids::VolumeId;
+pub use ferrovol_cephclient::helper::{self, fuse_mounted, io, write_keyfile, Auth};
 
 /// How long a helper may take to show its image, or to exit once unmapped.
-const HELPER_DEADLINE: Duration = Duration::from_secs(30);
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One way of making an image a block device on this node. Each finds
@@ -82,9 +82,7 @@ fn have(p: &str) -> bool {
 }
 
 fn tool(t: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(t).is_file()))
-        .unwrap_or(false)
+    helper::installed(t)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -114,35 +112,6 @@ pub fn choose(choice: Choice) -> Result<&'static dyn Mapper> {
     Err(error::precondition(format!("no RBD mapper works on this node ({})", why.join("; "))))
 }
 
-/// Credentials and config a helper or `rbd map` needs.
-#[derive(Clone)]
-pub struct Auth {
-    pub conf: Option<PathBuf>,
-    pub user: Option<String>,
-    pub keyring: Option<PathBuf>,
-    /// A key from the request's secret (written to a 0600 file for the
-    /// helper, never put on a command line).
-    pub key: Option<String>,
-}
-
-impl Auth {
-    fn args(&self, keyfile: Option<&Path>) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec![];
-        if let Some(c) = &self.conf {
-            a.extend(["-c".into(), c.clone().into()]);
-        }
-        if let Some(u) = &self.user {
-            a.extend(["--id".into(), u.into()]);
-        }
-        match (keyfile, &self.keyring) {
-            (Some(k), _) => a.extend(["--keyfile".into(), k.into()]),
-            (None, Some(k)) => a.extend(["--keyring".into(), k.clone().into()]),
-            (None, None) => {}
-        }
-        a
-    }
-}
-
 /// Where a volume's fuse mapping lives.
 pub fn fuse_dir(state: &Path, v: &VolumeId) -> PathBuf {
     state.join("rbd").join(&v.pool).join(&v.image)
@@ -150,10 +119,6 @@ pub fn fuse_dir(state: &Path, v: &VolumeId) -> PathBuf {
 
 fn fuse_file(state: &Path, v: &VolumeId) -> PathBuf {
     fuse_dir(state, v).join("mnt").join(&v.image)
-}
-
-fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::io(what, e)
 }
 
 /// The device a volume is mapped as on this node, by any mapper, and which.
@@ -330,40 +295,10 @@ async fn unmap_device(tool: &str, device: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn write_keyfile(dir: &Path, auth: &Auth) -> Result<Option<PathBuf>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(key) = &auth.key else { return Ok(None) };
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let path = dir.join("keyfile");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(format!("writing {}", path.display())))?;
-    f.write_all(key.as_bytes()).map_err(io(format!("writing {}", path.display())))?;
-    Ok(Some(path))
-}
-
-fn fuse_mounted(mnt: &Path) -> Result<bool> {
-    let mounts = mountinfo::read().map_err(io("reading the mount table"))?;
-    Ok(mountinfo::at(&mounts, mnt).is_some_and(|m| m.fs_type.starts_with("fuse")))
-}
-
 async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
     let dir = fuse_dir(state, v);
     let mnt = dir.join("mnt");
     let file = fuse_file(state, v);
-    // Whether the helper shows the image yet: a stat inside its mount,
-    // which blocks while the helper does, so off the executor and bounded.
-    let shown = |mnt: &Path, file: &Path| {
-        let (m, f) = (mnt.to_path_buf(), file.to_path_buf());
-        offload::run("looking for the rbd-fuse image", QUICK, move || {
-            Ok(fuse_mounted(&m)? && f.exists())
-        })
-    };
     let (m, d, a) = (mnt.clone(), dir.clone(), auth.clone());
     let prepared = offload::run("preparing the rbd-fuse mount", QUICK, move || {
         if fuse_mounted(&m)? {
@@ -383,43 +318,16 @@ async fn map_fuse(state: &Path, v: &VolumeId, auth: &Auth) -> Result<PathBuf> {
             v.image.clone().into(),
             mnt.clone().into(),
         ]);
-        let log = dir.join("rbd-fuse.log");
-        let pid = exec::spawn_detached("rbd-fuse", &args, &log)?;
-        let pid_file = dir.join("rbd-fuse.pid");
-        offload::run("recording the helper", QUICK, move || {
-            std::fs::write(pid_file, pid.to_string()).map_err(io("writing the helper's pid"))
-        })
-        .await?;
-        // Wait for the helper to show the image, or to give up.
-        let deadline = Instant::now() + HELPER_DEADLINE;
-        loop {
-            if shown(&mnt, &file).await.unwrap_or(false) {
-                break;
-            }
-            if !alive(pid) || Instant::now() > deadline {
-                stop_helper(pid);
-                let _ = ferrovol_host::node::fs::unmount_own(&mnt);
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let tail: String = tail
-                    .lines()
-                    .rev()
-                    .take(5)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join(" | ");
-                let tail = match tail.trim() {
-                    "" => format!("it wrote nothing to {}", log.display()),
-                    _ => tail,
-                };
-                return Err(error::unavailable(format!(
-                    "rbd-fuse did not show {}/{}: {tail}",
-                    v.pool, v.image
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let start = helper::Start {
+            program: "rbd-fuse",
+            args,
+            dir: &dir,
+            what: format!("{}/{}", v.pool, v.image),
+        };
+        let (m, f) = (mnt.clone(), file.clone());
+        // Whether the helper shows the image yet: a stat inside its mount,
+        // which blocks while the helper does (run off the executor, bounded).
+        helper::start(start, &mnt, move || Ok(fuse_mounted(&m)? && f.exists())).await?;
     }
     if let Some(a) = loopdev::find(&file).map_err(io("reading loop devices"))?.into_iter().next() {
         return Ok(a.device);
@@ -520,31 +428,7 @@ impl Mapper for Fuse {
             })
             .await?;
         }
-        let mnt = dir.join("mnt");
-        let (d, m) = (dir.clone(), mnt.clone());
-        let pid = offload::run("unmounting rbd-fuse", offload::NODE_WORK, move || {
-            // Which process is the helper is read before it is told to go:
-            // an exiting process soon has no command line to recognise it
-            // by, and it still has the image open (a watch the OSDs would
-            // keep for 30 s if it were not closed) until it has exited.
-            let pid = std::fs::read_to_string(d.join("rbd-fuse.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-                .filter(|p| is_helper(*p, &m));
-            // Unmounting the fuse file system ends the helper.
-            ferrovol_host::node::fs::unmount_own(&m)?;
-            Ok(pid)
-        })
-        .await?;
-        if let Some(pid) = pid {
-            let deadline = Instant::now() + HELPER_DEADLINE;
-            while alive(pid) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if alive(pid) {
-                stop_helper(pid);
-            }
-        }
+        helper::stop_serving(&dir, "rbd-fuse", &dir.join("mnt")).await?;
         Ok(())
     }
 
@@ -586,41 +470,11 @@ impl Mapper for Fuse {
 /// kernel re-reads a FUSE file's attributes about once a second).
 const FUSE_SIZE_WAIT: Duration = Duration::from_secs(10);
 
-/// Whether the pid is still the rbd-fuse serving this mount point (a pid
-/// file outlives reboots; its number may be someone else's by now).
-fn is_helper(pid: u32, mnt: &Path) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let text = String::from_utf8_lossy(&cmdline);
-    text.contains("rbd-fuse") && text.contains(&*mnt.to_string_lossy())
-}
-
-/// Running and not a zombie; reaps it if it is our exited child.
-fn alive(pid: u32) -> bool {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn stop_helper(pid: u32) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-        let _ = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
-    }
-}
-
 /// Whether a fuse mapping's helper still serves it (None: not a fuse
 /// mapping).
 pub fn fuse_helper_alive(state: &Path, v: &VolumeId) -> Option<bool> {
     let dir = fuse_dir(state, v);
-    if !dir.exists() {
-        return None;
-    }
-    let pid = std::fs::read_to_string(dir.join("rbd-fuse.pid")).ok()?.trim().parse().ok()?;
-    Some(is_helper(pid, &dir.join("mnt")) && alive(pid))
+    helper::helper_alive(&dir, "rbd-fuse", &dir.join("mnt"))
 }
 
 #[cfg(test)]

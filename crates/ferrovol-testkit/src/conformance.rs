@@ -486,6 +486,20 @@ impl<'a> Kit<'a> {
             let cloned = self.c.create_volume(clone).await;
             let cloned = cloned.unwrap_or_else(|e| self.fail(check, format!("clone: {e:?}")));
             self.delete(&cloned.into_inner().volume.unwrap().volume_id).await;
+        } else {
+            // Without CLONE_VOLUME, nothing is made from a volume.
+            let clone = self.create_from(
+                "clone",
+                csi::volume_content_source::Type::Volume(
+                    csi::volume_content_source::VolumeSource {
+                        volume_id: source.volume_id.clone(),
+                    },
+                ),
+            );
+            match self.c.create_volume(clone).await {
+                Err(e) if e.code() == Code::InvalidArgument => {}
+                other => self.fail(check, format!("a clone without CLONE_VOLUME: {other:?}")),
+            }
         }
         self.delete(&source.volume_id).await;
     }

@@ -586,6 +586,7 @@ pub fn features(shape: Shape) -> Features {
         Shape::NodeLocal => Features {
             expansion: ExpansionSite::Node,
             node_expansion: true,
+            clones: true,
             filesystems: ferrovol_block::filesystems(),
             mount_modes: Features::single_node_modes(),
             block_modes: Features::single_node_modes(),
@@ -600,6 +601,7 @@ pub fn features(shape: Shape) -> Features {
             Features {
                 expansion: ExpansionSite::Controller,
                 node_expansion: true,
+                clones: true,
                 filesystems: ferrovol_block::filesystems(),
                 mount_modes: Features::single_node_modes(),
                 block_modes,
@@ -615,6 +617,7 @@ pub fn features(shape: Shape) -> Features {
             Features {
                 expansion: ExpansionSite::Controller,
                 node_expansion: false,
+                clones: true,
                 filesystems: vec![ferrovol_core::engine::Filesystem {
                     name: crate::memfs::FS_TYPE,
                     minimum_size: 0,

@@ -119,7 +119,8 @@ pub struct ServeCommand {
     pub common: CommonServeArgs,
 
     /// The storage engine: `local` (volumes are files in a pool on this
-    /// node) or `rbd` (volumes are Ceph RBD images).
+    /// node), `rbd` (volumes are Ceph RBD images) or `cephfs` (volumes are
+    /// CephFS subvolumes).
     #[arg(long, env = "FERROVOL_ENGINE", value_enum, default_value_t = EngineKind::Local)]
     pub engine: EngineKind,
 
@@ -176,6 +177,17 @@ pub struct RbdArgs {
     /// Seconds a Ceph monitor or OSD call may take before it fails.
     #[arg(long, env = "FERROVOL_CEPH_TIMEOUT", default_value_t = 30)]
     pub ceph_timeout: u64,
+
+    /// CephFS: the file systems ListVolumes, metrics and capacity cover
+    /// (comma-separated); request names are claimed in the first one's
+    /// metadata pool. Volumes on others work all the same.
+    #[arg(
+        long,
+        env = "FERROVOL_CEPHFS_FILESYSTEMS",
+        value_delimiter = ',',
+        default_value = "cephfs"
+    )]
+    pub cephfs_filesystems: Vec<String>,
 }
 
 /// The storage engines ferrovol can serve.
@@ -187,6 +199,10 @@ pub enum EngineKind {
     /// Volumes are RBD images on a Ceph cluster; snapshots and clones are
     /// RBD's own; nodes map images (driver name rbd.csi.ferrovol.io).
     Rbd,
+    /// Volumes are CephFS subvolumes, shared file systems every node can
+    /// mount read-write; the size is a quota; nodes mount with ceph-fuse
+    /// (driver name cephfs.csi.ferrovol.io).
+    Cephfs,
 }
 
 #[derive(Debug, Subcommand)]

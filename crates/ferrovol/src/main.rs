@@ -188,10 +188,12 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
         absolute(p)?;
     }
     let mut common = args.common;
-    if args.engine == EngineKind::Rbd
-        && common.driver_name == ferrovol_core::cli::DEFAULT_DRIVER_NAME
-    {
-        common.driver_name = ferrovol_rbd::DRIVER_NAME.to_string();
+    if common.driver_name == ferrovol_core::cli::DEFAULT_DRIVER_NAME {
+        match args.engine {
+            EngineKind::Local => {}
+            EngineKind::Rbd => common.driver_name = ferrovol_rbd::DRIVER_NAME.to_string(),
+            EngineKind::Cephfs => common.driver_name = ferrovol_cephfs::DRIVER_NAME.to_string(),
+        }
     }
     let node_id = ferrovol_core::server::node_id(&common)?;
     let link = args.link;
@@ -228,6 +230,7 @@ async fn serve(mut args: ServeCommand) -> Result<(), String> {
             }
         }
         EngineKind::Rbd => rbd(&common, &args.rbd).await?,
+        EngineKind::Cephfs => cephfs(&common, &args.rbd).await?,
     };
     let companion = match (common.mode, local_engine) {
         (Mode::Agent, Some(engine)) => Some(agent(&link, engine)?),
@@ -243,25 +246,13 @@ async fn rbd(
     common: &ferrovol_core::cli::ServeArgs,
     args: &cli::RbdArgs,
 ) -> Result<Halves, String> {
-    use ferrovol_rbd::{connect, controller, node};
+    use ferrovol_rbd::{controller, node};
     if matches!(common.mode, Mode::Relay | Mode::Agent) {
         return Err("the relay and its agents are the local engine's; the RBD engine's \
                     controller reaches the cluster itself (--mode controller)"
             .into());
     }
-    let mut config = connect::ClusterConfig {
-        conf: args.ceph_conf.clone(),
-        user: args.ceph_user.clone(),
-        keyring: args.ceph_keyring.clone(),
-        key: None,
-        op_timeout: args.ceph_timeout,
-    };
-    if let Some(dir) = &args.ceph_secret_dir {
-        config
-            .use_secret_dir(dir, common.mode.controller())
-            .map_err(|e| format!("--ceph-secret-dir: {}", e.message()))?;
-    }
-    let conn = connect::Connections::new(config).map_err(|e| e.message().to_string())?;
+    let conn = ceph_connections(common, args)?;
     for pool in &args.rbd_pools {
         ferrovol_rbd::ids::check_pool(pool).map_err(|e| format!("--rbd-pools: {}", e.message()))?;
     }
@@ -283,6 +274,76 @@ async fn rbd(
             let node = node::RbdNode::new(conn, common.state_dir.clone(), args.rbd_mapper)
                 .map_err(|e| e.message().to_string())?;
             Some(Arc::new(BlockStaging::new(Arc::new(node), &common.state_dir)))
+        }
+        false => None,
+    };
+    Ok((controller, node))
+}
+
+/// The Ceph engines' connections: the driver's own client from the flags
+/// (or the mounted secret), others per request.
+fn ceph_connections(
+    common: &ferrovol_core::cli::ServeArgs,
+    args: &cli::RbdArgs,
+) -> Result<ferrovol_cephclient::connect::Connections, String> {
+    use ferrovol_cephclient::connect;
+    let mut config = connect::ClusterConfig {
+        conf: args.ceph_conf.clone(),
+        user: args.ceph_user.clone(),
+        keyring: args.ceph_keyring.clone(),
+        key: None,
+        op_timeout: args.ceph_timeout,
+    };
+    if let Some(dir) = &args.ceph_secret_dir {
+        config
+            .use_secret_dir(dir, common.mode.controller())
+            .map_err(|e| format!("--ceph-secret-dir: {}", e.message()))?;
+    }
+    let conn = connect::Connections::new(config).map_err(|e| e.message().to_string())?;
+    Ok(conn)
+}
+
+/// `--engine cephfs`: the controller half makes subvolumes through the
+/// cluster's manager; the node half mounts them with ceph-fuse.
+async fn cephfs(
+    common: &ferrovol_core::cli::ServeArgs,
+    args: &cli::RbdArgs,
+) -> Result<Halves, String> {
+    use ferrovol_cephfs::{controller, node};
+    if matches!(common.mode, Mode::Relay | Mode::Agent) {
+        return Err("the relay and its agents are the local engine's; the CephFS engine's \
+                    controller reaches the cluster itself (--mode controller)"
+            .into());
+    }
+    let conn = ceph_connections(common, args)?;
+    for fs in &args.cephfs_filesystems {
+        ferrovol_cephfs::ids::check_name("--cephfs-filesystems", fs)
+            .map_err(|e| e.message().to_string())?;
+    }
+    let controller: Option<Arc<dyn ferrovol_core::engine::ControllerEngine>> =
+        match common.mode.controller() {
+            true => {
+                let settings =
+                    controller::Settings { filesystems: args.cephfs_filesystems.clone() };
+                let engine = controller::CephFsEngine::open(conn.clone(), settings)
+                    .map_err(|e| e.message().to_string())?;
+                Some(Arc::new(engine))
+            }
+            false => None,
+        };
+    let node: Option<Arc<dyn NodeEngine>> = match common.mode.node() {
+        true => {
+            ferrovol_core::server::prepare_state_dir(common)?;
+            let config = conn.config();
+            let auth = ferrovol_cephclient::helper::Auth {
+                conf: config.conf.clone(),
+                user: config.user.clone(),
+                keyring: config.keyring.clone(),
+                key: config.key.clone(),
+            };
+            let node = node::CephFsNode::new(&common.state_dir, auth)
+                .map_err(|e| e.message().to_string())?;
+            Some(Arc::new(node))
         }
         false => None,
     };

@@ -56,10 +56,12 @@ impl ControllerService {
             Cap::CreateDeleteVolume,
             Cap::ListVolumes,
             Cap::GetCapacity,
-            Cap::CloneVolume,
             Cap::GetVolume,
             Cap::VolumeCondition,
         ];
+        if features.clones {
+            caps.push(Cap::CloneVolume);
+        }
         if engine.snapshots().is_some() {
             caps.extend([Cap::CreateDeleteSnapshot, Cap::ListSnapshots, Cap::GetSnapshot]);
         }
@@ -116,6 +118,12 @@ impl ControllerService {
         if let (Some(ContentSource::Snapshot(_)), None) = (&source, engine.snapshots()) {
             return Err(error::invalid(format!(
                 "the {} engine has no snapshots to restore from",
+                engine.kind()
+            )));
+        }
+        if let (Some(ContentSource::Volume(_)), false) = (&source, features.clones) {
+            return Err(error::invalid(format!(
+                "the {} engine does not clone volumes (no CLONE_VOLUME)",
                 engine.kind()
             )));
         }

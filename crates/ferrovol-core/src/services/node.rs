@@ -521,21 +521,50 @@ fn usage(path: &Path) -> Result<Vec<csi::VolumeUsage>> {
     }
     let st = rustix::fs::statvfs(path)
         .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
-    let f = st.f_frsize as i64;
-    Ok(vec![
-        csi::VolumeUsage {
-            available: st.f_bavail as i64 * f,
-            total: st.f_blocks as i64 * f,
-            used: (st.f_blocks - st.f_bfree) as i64 * f,
-            unit: Unit::Bytes as i32,
-        },
-        csi::VolumeUsage {
-            available: st.f_favail as i64,
-            total: st.f_files as i64,
-            used: (st.f_files - st.f_ffree) as i64,
+    Ok(filesystem_usage(&Counts {
+        block: st.f_frsize,
+        blocks: st.f_blocks,
+        free: st.f_bfree,
+        available: st.f_bavail,
+        files: st.f_files,
+        files_free: st.f_ffree,
+        files_available: st.f_favail,
+    }))
+}
+
+/// A filesystem's counts, as statvfs gives them.
+struct Counts {
+    block: u64,
+    blocks: u64,
+    free: u64,
+    available: u64,
+    files: u64,
+    files_free: u64,
+    files_available: u64,
+}
+
+/// Bytes, and inodes where the filesystem counts them. A network
+/// filesystem may report counts that do not add up (CephFS says -1 free
+/// inodes: it has no limit to count down from): such a figure is left out,
+/// never wrapped around into a nonsense number.
+fn filesystem_usage(c: &Counts) -> Vec<csi::VolumeUsage> {
+    use csi::volume_usage::Unit;
+    let bytes = |n: u64| i64::try_from(n.saturating_mul(c.block)).unwrap_or(i64::MAX);
+    let mut usage = vec![csi::VolumeUsage {
+        available: bytes(c.available),
+        total: bytes(c.blocks),
+        used: bytes(c.blocks.saturating_sub(c.free)),
+        unit: Unit::Bytes as i32,
+    }];
+    if c.files_free <= c.files && c.files_available <= c.files {
+        usage.push(csi::VolumeUsage {
+            available: c.files_available as i64,
+            total: c.files as i64,
+            used: (c.files - c.files_free) as i64,
             unit: Unit::Inodes as i32,
-        },
-    ])
+        });
+    }
+    usage
 }
 
 /// The one answer for a volume path where the volume is not.
@@ -637,5 +666,44 @@ rpc::service! {
         fn node_get_capabilities(csi::NodeGetCapabilitiesRequest)
             -> csi::NodeGetCapabilitiesResponse => inline get_capabilities;
         fn node_get_info(csi::NodeGetInfoRequest) -> csi::NodeGetInfoResponse => inline get_info;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_leaves_out_counts_that_do_not_add_up() {
+        use csi::volume_usage::Unit;
+        let ext4 = Counts {
+            block: 4096,
+            blocks: 100,
+            free: 40,
+            available: 30,
+            files: 64,
+            files_free: 60,
+            files_available: 60,
+        };
+        let u = filesystem_usage(&ext4);
+        assert_eq!((u[0].total, u[0].used, u[0].available), (409_600, 245_760, 122_880));
+        assert_eq!((u[1].unit, u[1].total, u[1].used), (Unit::Inodes as i32, 64, 4));
+        // CephFS through ceph-fuse: 4 MiB blocks, the quota as the total,
+        // two files and -1 free inodes.
+        let cephfs = Counts {
+            block: 4 << 20,
+            blocks: 25,
+            free: 25,
+            available: 25,
+            files: 2,
+            files_free: u64::MAX,
+            files_available: u64::MAX,
+        };
+        let u = filesystem_usage(&cephfs);
+        assert_eq!(u.len(), 1, "no inode figures: {u:?}");
+        assert_eq!((u[0].total, u[0].used), (100 << 20, 0));
+        // Free above total (a counter racing a delete): used is zero.
+        let racing = Counts { free: 101, ..ext4 };
+        assert_eq!(filesystem_usage(&racing)[0].used, 0);
     }
 }

@@ -259,6 +259,7 @@ mod tests {
         Features {
             expansion: crate::engine::ExpansionSite::Node,
             node_expansion: true,
+            clones: true,
             filesystems: ["ext4", "xfs", "btrfs"]
                 .map(|name| Filesystem { name, minimum_size: 1 << 20 })
                 .to_vec(),

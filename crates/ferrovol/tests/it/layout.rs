@@ -38,8 +38,15 @@ fn sources(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn the_core_and_the_tools_import_no_engine_and_no_ceph() {
-    let engines =
-        ["ferrovol-local", "ferrovol-relay", "ferrovol-rbd", "ferrovol-block", "ferrovol-ceph"];
+    let engines = [
+        "ferrovol-local",
+        "ferrovol-relay",
+        "ferrovol-rbd",
+        "ferrovol-cephfs",
+        "ferrovol-cephclient",
+        "ferrovol-block",
+        "ferrovol-ceph",
+    ];
     for (krate, also) in [("ferrovol-core", vec![]), ("ferrovol-tools", vec!["ferrovol-core"])] {
         let deps = dependencies(krate);
         assert!(!deps.is_empty(), "{krate} has workspace dependencies");
@@ -60,6 +67,20 @@ fn unsafe_lives_in_the_host_and_ceph_crates_alone() {
         match name.as_str() {
             "ferrovol-host" | "ferrovol-ceph" => {}
             _ => assert!(forbids, "{} does not forbid unsafe code", root.display()),
+        }
+    }
+}
+
+/// Engines stand side by side: none imports another (what two Ceph
+/// engines share is a crate of its own, `ferrovol-cephclient`).
+#[test]
+fn no_engine_imports_another() {
+    let engines = ["ferrovol-local", "ferrovol-rbd", "ferrovol-cephfs"];
+    for krate in engines {
+        let deps = dependencies(krate);
+        assert!(!deps.is_empty(), "{krate} has workspace dependencies");
+        for other in engines.iter().filter(|e| **e != krate) {
+            assert!(!deps.iter().any(|d| d == other), "{krate} depends on {other}: {deps:?}");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! binary over a real socket. Each module is one area; see README.md.
 
 mod capacity;
+mod cephfs;
 mod chaos;
 mod common;
 mod controller;

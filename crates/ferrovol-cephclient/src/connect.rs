@@ -137,7 +137,7 @@ impl Connections {
         clusters.into_iter().filter(|c| !c.is_last()).count()
     }
 
-    async fn cluster(&self, creds: &Credentials) -> Result<Cluster> {
+    async fn cluster_as(&self, creds: &Credentials) -> Result<Cluster> {
         if let Some(c) =
             self.clusters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(creds)
         {
@@ -180,7 +180,7 @@ impl Connections {
 
     /// The default credentials' connection.
     pub async fn default_cluster(&self) -> Result<Cluster> {
-        self.cluster(&Credentials { user: None, key: None }).await
+        self.cluster_as(&Credentials { user: None, key: None }).await
     }
 
     /// A pool, with the credentials the request carried (controller side).
@@ -193,8 +193,14 @@ impl Connections {
         self.pool_as(name, Credentials::from_secrets(secrets, false)?).await
     }
 
+    /// The cluster with the credentials the request carried (controller
+    /// side: the admin pair first).
+    pub async fn cluster(&self, secrets: &Secrets) -> Result<Cluster> {
+        self.cluster_as(&Credentials::from_secrets(secrets, true)?).await
+    }
+
     pub async fn node_cluster(&self, secrets: &Secrets) -> Result<Cluster> {
-        self.cluster(&Credentials::from_secrets(secrets, false)?).await
+        self.cluster_as(&Credentials::from_secrets(secrets, false)?).await
     }
 
     async fn pool_as(&self, name: &str, creds: Credentials) -> Result<Pool> {
@@ -204,7 +210,7 @@ impl Connections {
         {
             return Ok(p.clone());
         }
-        let cluster = self.cluster(&key.0).await?;
+        let cluster = self.cluster_as(&key.0).await?;
         let pool_name = name.to_string();
         let pool = blocking(move || {
             cluster.pool(&pool_name).map_err(|e| match e.errno {

@@ -1,0 +1,597 @@
+//! The controller half: volumes as subvolumes, their size as a quota.
+//!
+//! Each Ceph call is a manager command (the volumes module) or a monitor
+//! command, run off the executor through the shared counted call. A create
+//! claims the request name first (a small object in the home file system's
+//! metadata pool), then makes the group and the subvolume, then writes our
+//! record into the subvolume's metadata, last: a retry after any step
+//! finds what was made and finishes it.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrovol_ceph::{CephError, Cluster, NewSubvolume, Pool, Subvolumes};
+use ferrovol_core::engine::{
+    self, AccessType, Capacity, Condition, ControllerEngine, EngineStats, Expanded, Features,
+    NewVolume, Page, Secrets, Topology, Volume,
+};
+
+use crate::connect::Connections;
+use crate::error::{self, Error, Kind, Result};
+use crate::ids::{self, VolumeId};
+use crate::params::{self, Parameters};
+use crate::{blocking, ceph_error};
+
+/// Quotas are whole MiB.
+pub const GRANULARITY: u64 = 1 << 20;
+pub const MAXIMUM_VOLUME: u64 = 1 << 50;
+
+/// The subvolume metadata key our record lives in.
+const META: &str = "ferrovol";
+
+pub struct Settings {
+    /// The file systems listings, capacity and metrics cover, the home
+    /// (where request names are claimed) first. Volumes on others work all
+    /// the same.
+    pub filesystems: Vec<String>,
+}
+
+pub struct CephFsEngine {
+    conn: Connections,
+    settings: Settings,
+    /// The home file system's metadata pool, found on first use.
+    home: tokio::sync::OnceCell<String>,
+}
+
+/// What we know of a volume beyond its subvolume: written once, last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Record {
+    name: String,
+    volume: String,
+    params: String,
+    parameters: BTreeMap<String, String>,
+    context: BTreeMap<String, String>,
+    created: u64,
+}
+
+impl Record {
+    fn encode(&self) -> String {
+        serde_json::json!({
+            "name": self.name,
+            "volume": self.volume,
+            "params": self.params,
+            "parameters": self.parameters,
+            "context": self.context,
+            "created": self.created,
+        })
+        .to_string()
+    }
+
+    fn decode(text: &str) -> Option<Record> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let map = |k: &str| -> BTreeMap<String, String> {
+            v[k].as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Some(Record {
+            name: v["name"].as_str()?.to_string(),
+            volume: v["volume"].as_str()?.to_string(),
+            params: v["params"].as_str().unwrap_or_default().to_string(),
+            parameters: map("parameters"),
+            context: map("context"),
+            created: v["created"].as_u64().unwrap_or(0),
+        })
+    }
+}
+
+/// A file system as the monitors describe it.
+struct FileSystem {
+    metadata_pool: String,
+    data_pools: Vec<String>,
+}
+
+fn file_system(cluster: &Cluster, fs: &str) -> Result<Option<FileSystem>> {
+    let out = cluster.mon_command(r#"{"prefix":"fs ls","format":"json"}"#).map_err(ceph_error)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| error::internal(format!("`fs ls` answered {e}")))?;
+    let found = v.as_array().into_iter().flatten().find(|f| f["name"] == fs);
+    Ok(found.map(|f| FileSystem {
+        metadata_pool: f["metadata_pool"].as_str().unwrap_or_default().to_string(),
+        data_pools: f["data_pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(str::to_string))
+            .collect(),
+    }))
+}
+
+/// A manager failure about the subvolume `what` names.
+fn missing_or(e: CephError, what: impl FnOnce() -> String) -> Error {
+    match e.errno {
+        libc::ENOENT => error::not_found(what()),
+        _ => ceph_error(e),
+    }
+}
+
+/// A failure about an object a request's *parameters* named (a file
+/// system, a pool): the class's mistake.
+fn named_by_class(e: CephError, what: impl FnOnce() -> String) -> Error {
+    match e.errno {
+        libc::ENOENT | libc::EINVAL => error::invalid(format!("{}: {e}", what())),
+        _ => ceph_error(e),
+    }
+}
+
+fn claim_oid(name: &str) -> String {
+    format!("ferrovol.cephfs.name.{}", ids::hash(name))
+}
+
+fn seconds(t: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(t)
+}
+
+/// Our record of a subvolume: None when it has none (not ours, or half
+/// made); NOT_FOUND when the subvolume does not exist.
+fn record(sv: &Subvolumes, v: &VolumeId) -> Result<Option<Record>> {
+    let text = sv
+        .metadata(&v.group, &v.subvolume, META)
+        .map_err(|e| missing_or(e, || format!("volume {} does not exist", v.id())))?;
+    Ok(text.as_deref().and_then(Record::decode).filter(|r| r.volume == v.id()))
+}
+
+/// The volume a subvolume holds, as the CO sees it.
+fn describe(sv: &Subvolumes, v: &VolumeId) -> Result<Volume> {
+    let id = v.id();
+    let gone = || format!("volume {id} does not exist");
+    let Some(r) = record(sv, v)? else { return Err(error::not_found(gone())) };
+    let info = sv.info(&v.group, &v.subvolume).map_err(|e| missing_or(e, gone))?;
+    if info.state == "snapshot-retained" {
+        return Err(error::not_found(gone()));
+    }
+    Ok(Volume {
+        id: id.clone(),
+        name: r.name,
+        capacity: info.bytes_quota.unwrap_or(0),
+        source: None,
+        access: AccessType::Mount { fs_type: crate::FS_TYPE.into() },
+        parameters: r.parameters,
+        context: r.context,
+        accessible: vec![],
+        published_nodes: vec![],
+        created: seconds(r.created),
+    })
+}
+
+impl CephFsEngine {
+    pub fn open(conn: Connections, settings: Settings) -> Result<CephFsEngine> {
+        let Some(home) = settings.filesystems.first() else {
+            return Err(error::invalid("the CephFS engine needs at least one file system"));
+        };
+        ids::check_name("file system", home)?;
+        Ok(CephFsEngine { conn, settings, home: tokio::sync::OnceCell::new() })
+    }
+
+    fn home_fs(&self) -> &str {
+        &self.settings.filesystems[0]
+    }
+
+    /// The pool request names are claimed in (the driver's own client).
+    async fn home_pool(&self, secrets: &Secrets) -> Result<Pool> {
+        let name = self
+            .home
+            .get_or_try_init(|| async {
+                let cluster = self.conn.default_cluster().await?;
+                let fs = self.home_fs().to_string();
+                blocking(move || match file_system(&cluster, &fs)? {
+                    Some(f) => Ok(f.metadata_pool),
+                    None => Err(error::precondition(format!(
+                        "the home file system {fs} (--cephfs-filesystems) does not exist"
+                    ))),
+                })
+                .await
+            })
+            .await?
+            .clone();
+        self.conn.pool(&name, secrets).await
+    }
+
+    async fn subvolumes(&self, fs: &str, secrets: &Secrets) -> Result<Subvolumes> {
+        let cluster = self.conn.cluster(secrets).await?;
+        Ok(Subvolumes::new(cluster, fs))
+    }
+
+    /// Answers the volume `name` already is, or makes it.
+    async fn create(&self, req: &NewVolume, p: &Parameters) -> Result<Volume> {
+        let size = engine::choose_size(
+            req.required_bytes,
+            req.limit_bytes,
+            0,
+            GRANULARITY,
+            MAXIMUM_VOLUME,
+        )?;
+        let v = VolumeId::new(&p.fs, &p.group, &p.prefix, &req.name);
+        let id = v.id();
+        let home = self.home_pool(&req.secrets).await?;
+        let sv = self.subvolumes(&p.fs, &req.secrets).await?;
+        let (name, fingerprint) = (req.name.clone(), p.fingerprint());
+        let (required, limit) = (req.required_bytes, req.limit_bytes);
+        let (pool, parameters) = (p.pool.clone(), req.parameters.clone());
+        let mounter = p.mounter.map(|m| m.name().to_string());
+        let extra = [
+            ("clusterID", p.cluster_id.clone()),
+            ("fuseMountOptions", p.fuse_options.clone()),
+            ("kernelMountOptions", p.kernel_options.clone()),
+            ("mounter", mounter.unwrap_or_default()),
+        ];
+        blocking(move || {
+            let oid = claim_oid(&name);
+            // One name, one volume: a claim for another volume that still
+            // exists is ALREADY_EXISTS; one whose volume is gone is taken.
+            if let Some(other) = home.read_object(&oid).map_err(ceph_error)? {
+                let other = String::from_utf8_lossy(&other).into_owned();
+                if other != id && claimed_volume_exists(&sv, &other)? {
+                    return Err(error::exists(format!(
+                        "volume name {name:?} is taken by {other}, made with other parameters"
+                    )));
+                }
+            }
+            let exists = match record(&sv, &v) {
+                Ok(r) => Some(r),
+                Err(e) if e.kind() == Kind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(Some(r)) = &exists {
+                if r.params != fingerprint || r.name != name {
+                    return Err(error::exists(format!(
+                        "volume {name:?} exists with other parameters"
+                    )));
+                }
+                let had = describe(&sv, &v)?;
+                if had.capacity < required || (limit > 0 && had.capacity > limit) {
+                    return Err(error::exists(format!(
+                        "volume {name:?} exists with {} bytes, outside the range asked",
+                        had.capacity
+                    )));
+                }
+                home.write_object(&oid, id.as_bytes()).map_err(ceph_error)?;
+                return Ok(had);
+            }
+            home.write_object(&oid, id.as_bytes()).map_err(ceph_error)?;
+            let fs = sv.fs().to_string();
+            sv.create_group(&v.group).map_err(|e| {
+                named_by_class(e, || format!("file system {fs:?} (fsName) cannot hold groups"))
+            })?;
+            let new = NewSubvolume { size, pool_layout: pool.as_deref(), mode: None };
+            sv.create(&v.group, &v.subvolume, &new).map_err(|e| {
+                named_by_class(e, || {
+                    format!("making a subvolume in {fs}/{} (pool {pool:?})", v.group)
+                })
+            })?;
+            let root = sv.path(&v.group, &v.subvolume).map_err(ceph_error)?;
+            let mut context: BTreeMap<String, String> = [
+                ("fsName", fs.clone()),
+                ("subvolumeGroup", v.group.clone()),
+                ("subvolumeName", v.subvolume.clone()),
+                ("rootPath", root),
+            ]
+            .into_iter()
+            .chain(extra)
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            context.retain(|_, v| !v.is_empty());
+            let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            let r = Record {
+                name: name.clone(),
+                volume: id.clone(),
+                params: fingerprint,
+                parameters,
+                context,
+                created: created.as_secs(),
+            };
+            sv.set_metadata(&v.group, &v.subvolume, META, &r.encode()).map_err(ceph_error)?;
+            describe(&sv, &v)
+        })
+        .await
+    }
+}
+
+/// Whether the volume a claim names still exists (a claim left by a
+/// delete cut short names nothing).
+fn claimed_volume_exists(sv: &Subvolumes, id: &str) -> Result<bool> {
+    let Some(v) = VolumeId::parse(id) else { return Ok(false) };
+    let other = Subvolumes::new(sv.cluster().clone(), &v.fs);
+    match record(&other, &v) {
+        Ok(r) => Ok(r.is_some()),
+        Err(e) if e.kind() == Kind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerEngine for CephFsEngine {
+    fn kind(&self) -> &'static str {
+        "cephfs"
+    }
+
+    fn features(&self) -> Features {
+        crate::features()
+    }
+
+    fn manifest(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("engine".to_string(), "cephfs".to_string()),
+            ("filesystems".to_string(), self.settings.filesystems.join(",")),
+        ])
+    }
+
+    fn has_topology(&self) -> bool {
+        false
+    }
+
+    async fn close(&self) -> Result<()> {
+        let limit = Duration::from_secs(self.conn.config().op_timeout);
+        crate::close_connections(&self.conn, limit).await;
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<()> {
+        let cluster = self.conn.default_cluster().await?;
+        blocking(move || cluster.stat().map(drop).map_err(ceph_error)).await
+    }
+
+    async fn stats(&self) -> Result<EngineStats> {
+        let mut stats = EngineStats::default();
+        let mut token = None;
+        loop {
+            let page = self.list_volumes(token.as_deref(), 1000).await?;
+            stats.volumes += page.items.len() as u64;
+            stats.provisioned_bytes += page.items.iter().map(|v| v.capacity).sum::<u64>();
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        if let Ok((total, avail)) = self.space(self.home_fs(), None).await {
+            stats.storage_capacity_bytes = total;
+            stats.storage_used_bytes = total.saturating_sub(avail);
+        }
+        Ok(stats)
+    }
+
+    fn validate_parameters(&self, parameters: &BTreeMap<String, String>) -> Result<()> {
+        params::parse(parameters).map(drop)
+    }
+
+    async fn create_volume(&self, req: NewVolume) -> Result<Volume> {
+        let p = params::parse(&req.parameters)?;
+        if req.access == AccessType::Block {
+            return Err(error::invalid(
+                "CephFS volumes are file systems: raw block access is not offered",
+            ));
+        }
+        if p.backing_snapshot || req.source.is_some() {
+            return Err(error::invalid(
+                "the CephFS engine makes empty volumes only so far: restores and clones (and \
+                 backingSnapshot) are not offered yet",
+            ));
+        }
+        self.create(&req, &p).await
+    }
+
+    async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        // An ID we never minted names nothing: deleted already.
+        let Some(v) = VolumeId::parse(id) else { return Ok(()) };
+        let sv = self.subvolumes(&v.fs, secrets).await?;
+        let home = self.home_pool(secrets).await?;
+        let id = id.to_string();
+        blocking(move || {
+            let r = match record(&sv, &v) {
+                Ok(r) => r,
+                Err(e) if e.kind() == Kind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+            sv.remove(&v.group, &v.subvolume, false).map_err(|e| match e.errno {
+                libc::ENOTEMPTY | libc::EAGAIN => error::precondition(format!(
+                    "volume {id} has snapshots: delete them first ({e})"
+                )),
+                _ => ceph_error(e),
+            })?;
+            if let Some(r) = r {
+                let oid = claim_oid(&r.name);
+                let mine =
+                    home.read_object(&oid).map_err(ceph_error)?.as_deref() == Some(id.as_bytes());
+                if mine {
+                    match home.remove_object(&oid) {
+                        Err(e) if e.is(libc::ENOENT) => {}
+                        other => other.map_err(ceph_error)?,
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn volume(&self, id: &str) -> Result<Volume> {
+        let gone = || error::not_found(format!("volume {} does not exist", error::bounded(id)));
+        let v = VolumeId::parse(id).ok_or_else(gone)?;
+        let sv = self.subvolumes(&v.fs, &Secrets::default()).await?;
+        blocking(move || describe(&sv, &v)).await
+    }
+
+    async fn volume_conditions(&self, ids: &[String]) -> Result<Vec<Result<Condition>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(v) = VolumeId::parse(id) else {
+                out.push(Err(error::not_found(format!(
+                    "volume {} does not exist",
+                    error::bounded(id)
+                ))));
+                continue;
+            };
+            let sv = self.subvolumes(&v.fs, &Secrets::default()).await?;
+            let id = id.clone();
+            out.push(
+                blocking(move || {
+                    let info = sv
+                        .info(&v.group, &v.subvolume)
+                        .map_err(|e| missing_or(e, || format!("volume {id} does not exist")))?;
+                    Ok(match info.state.as_str() {
+                        "complete" => Condition::Healthy,
+                        other => Condition::Abnormal(format!("the subvolume is {other}")),
+                    })
+                })
+                .await,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every subvolume with our record in the covered file systems, by ID.
+    async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
+        let mut all = vec![];
+        for fs in &self.settings.filesystems {
+            let sv = self.subvolumes(fs, &Secrets::default()).await?;
+            let found = blocking(move || {
+                let mut found = vec![];
+                let groups = match sv.groups() {
+                    Err(e) if e.is(libc::ENOENT) => return Ok(found),
+                    other => other.map_err(ceph_error)?,
+                };
+                for g in groups {
+                    let subvolumes = match sv.list(&g) {
+                        Err(e) if e.is(libc::ENOENT) => continue,
+                        other => other.map_err(ceph_error)?,
+                    };
+                    for s in subvolumes {
+                        let v =
+                            VolumeId { fs: sv.fs().to_string(), group: g.clone(), subvolume: s };
+                        match describe(&sv, &v) {
+                            Ok(vol) => found.push(vol),
+                            // Not ours, half made, or gone meanwhile.
+                            Err(e) if e.kind() == Kind::NotFound => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Ok(found)
+            })
+            .await?;
+            all.extend(found);
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(t) = token {
+            // Tokens are volume IDs: the listing resumes after it.
+            if VolumeId::parse(t).is_none() {
+                return Err(error::busy("starting_token is not one this driver issued"));
+            }
+            all.retain(|v| v.id.as_str() > t);
+        }
+        let next = engine::next_token(&mut all, max.max(1), |v| v.id.clone());
+        Ok(Page { items: all, next })
+    }
+
+    async fn capacity(
+        &self,
+        parameters: &BTreeMap<String, String>,
+        _topology: Option<&Topology>,
+    ) -> Result<Capacity> {
+        let (fs, pool) = match parameters.is_empty() {
+            true => (self.home_fs().to_string(), None),
+            false => {
+                let p = params::parse(parameters)?;
+                (p.fs, p.pool)
+            }
+        };
+        let (_, available) = self.space(&fs, pool.as_deref()).await?;
+        Ok(Capacity {
+            available,
+            maximum_volume_size: MAXIMUM_VOLUME,
+            minimum_volume_size: GRANULARITY,
+        })
+    }
+
+    async fn expand_volume(
+        &self,
+        id: &str,
+        required: u64,
+        limit: u64,
+        secrets: &Secrets,
+    ) -> Result<Expanded> {
+        let gone = || error::not_found(format!("volume {} does not exist", error::bounded(id)));
+        let v = VolumeId::parse(id).ok_or_else(gone)?;
+        let sv = self.subvolumes(&v.fs, secrets).await?;
+        blocking(move || {
+            let now = describe(&sv, &v)?.capacity;
+            if now >= required && now > 0 {
+                return Ok(Expanded { capacity: now, node_expansion_required: false });
+            }
+            let size = engine::choose_size(required, limit, now, GRANULARITY, MAXIMUM_VOLUME)?;
+            sv.resize(&v.group, &v.subvolume, size, true).map_err(ceph_error)?;
+            Ok(Expanded { capacity: size, node_expansion_required: false })
+        })
+        .await
+    }
+}
+
+impl CephFsEngine {
+    /// Total bytes of the cluster and what the file system's data pool
+    /// (`pool`, else its first) can still take.
+    async fn space(&self, fs: &str, pool: Option<&str>) -> Result<(u64, u64)> {
+        let cluster = self.conn.default_cluster().await?;
+        let (fs, pool) = (fs.to_string(), pool.map(str::to_string));
+        blocking(move || {
+            let pool = match pool {
+                Some(p) => p,
+                None => file_system(&cluster, &fs)?
+                    .and_then(|f| f.data_pools.into_iter().next())
+                    .ok_or_else(|| {
+                    error::invalid(format!("file system {fs:?} does not exist"))
+                })?,
+            };
+            let out =
+                cluster.mon_command(r#"{"prefix":"df","format":"json"}"#).map_err(ceph_error)?;
+            let v: serde_json::Value = serde_json::from_str(&out)
+                .map_err(|e| error::internal(format!("ceph df answered {e}")))?;
+            let total = v["stats"]["total_bytes"].as_u64().unwrap_or(0);
+            if total == 0 {
+                return Err(error::unavailable(
+                    "the cluster's capacity is unknown: no ceph-mgr reports usage yet",
+                ));
+            }
+            let entry =
+                v["pools"].as_array().into_iter().flatten().find(|e| e["name"] == pool.as_str());
+            let avail = entry
+                .and_then(|e| e["stats"]["max_avail"].as_u64())
+                .ok_or_else(|| error::invalid(format!("data pool {pool:?} does not exist")))?;
+            Ok((total, avail))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let r = Record {
+            name: "pvc-1".into(),
+            volume: "cephfs:a:csi:csi-vol-x".into(),
+            params: "fsName=a".into(),
+            parameters: BTreeMap::from([("fsName".into(), "a".into())]),
+            context: BTreeMap::from([("rootPath".into(), "/volumes/csi/x/uuid".into())]),
+            created: 1_700_000_000,
+        };
+        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode("not json"), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! The engine's IDs say where their subvolume is, so any controller
+//! replica and any node finds it without a database: a volume is
+//! `cephfs:<fs>:<group>:<subvolume>`, its subvolume named by the class's
+//! prefix and the UUIDv5 of the CO's request name (32 hex digits). Names
+//! are limited to 48 characters of `[A-Za-z0-9._-]` and prefixes to 16, so
+//! `:` separates and every ID stays under CSI's 128 bytes.
+
+use crate::error::{self, Result};
+
+pub const VOLUME: &str = "cephfs";
+
+const NAME_MAX: usize = 48;
+const PREFIX_MAX: usize = 16;
+
+/// 32 hex digits naming a CO request name.
+pub fn hash(name: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).simple().to_string()
+}
+
+fn is_plain(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A file system, group or pool name from a parameter or flag.
+pub fn check_name<'a>(what: &str, s: &'a str) -> Result<&'a str> {
+    match is_plain(s, NAME_MAX) {
+        true => Ok(s),
+        false => Err(error::invalid(format!(
+            "{what} {:?} must be 1 to {NAME_MAX} characters of [A-Za-z0-9._-], not starting \
+             with a dot",
+            error::bounded(s)
+        ))),
+    }
+}
+
+pub fn check_prefix(s: &str) -> Result<&str> {
+    match is_plain(s, PREFIX_MAX) {
+        true => Ok(s),
+        false => Err(error::invalid(format!(
+            "volumeNamePrefix {:?} must be 1 to {PREFIX_MAX} characters of [A-Za-z0-9._-]",
+            error::bounded(s)
+        ))),
+    }
+}
+
+/// Where a volume lives.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VolumeId {
+    pub fs: String,
+    pub group: String,
+    pub subvolume: String,
+}
+
+impl VolumeId {
+    pub fn new(fs: &str, group: &str, prefix: &str, name: &str) -> VolumeId {
+        VolumeId {
+            fs: fs.into(),
+            group: group.into(),
+            subvolume: format!("{prefix}{}", hash(name)),
+        }
+    }
+
+    /// None for anything this engine did not mint.
+    pub fn parse(id: &str) -> Option<VolumeId> {
+        let mut parts = id.split(':');
+        let (kind, fs, group, subvolume) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let ok = kind == VOLUME
+            && parts.next().is_none()
+            && is_plain(fs, NAME_MAX)
+            && is_plain(group, NAME_MAX)
+            && is_plain(subvolume, PREFIX_MAX + 32);
+        ok.then(|| VolumeId { fs: fs.into(), group: group.into(), subvolume: subvolume.into() })
+    }
+
+    pub fn id(&self) -> String {
+        format!("{VOLUME}:{}:{}:{}", self.fs, self.group, self.subvolume)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_strangers_are_refused() {
+        let v = VolumeId::new("myfs", "csi", "csi-vol-", "pvc-1");
+        assert_eq!(VolumeId::parse(&v.id()), Some(v.clone()));
+        assert_eq!(v.subvolume.len(), "csi-vol-".len() + 32);
+        let longest = VolumeId::new(&"f".repeat(48), &"g".repeat(48), &"p".repeat(16), "x");
+        assert!(longest.id().len() <= 128, "{}", longest.id().len());
+        for bad in
+            ["", "cephfs:a:b", "rbd:a:b:c", "cephfs:a:b:c:d", "cephfs:..:b:c", "cephfs:a:b/c:d"]
+        {
+            assert_eq!(VolumeId::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The node half: a volume is staged by mounting its subvolume with
+//! ceph-fuse in a directory of the driver's own (`<state>/cephfs/<hash of
+//! the volume ID>/mnt`) and binding that onto the staging path through a
+//! descriptor resolved beneath the kubelet directory. The core's publishes
+//! are binds of the stage; every mount of the volume shares the fuse
+//! mount's device number, which is how they are found again.
+//!
+//! ceph-fuse runs in a session of its own, so it and the pods' mounts
+//! outlive a restart of the driver; the restarted driver finds them from
+//! its records and the kernel's mount table. The page cache is off
+//! (`--fuse_disable_pagecache=true`): with it on, a reader on another node
+//! stays stale for as long as its cache holds the pages.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferrovol_cephclient::connect::Connections;
+use ferrovol_cephclient::helper::{self, Auth};
+use ferrovol_core::engine::{
+    Condition, Features, MountEntry, NodeEngine, Stage, Topology, VolumeView,
+};
+use ferrovol_host::node::beneath::{self, Beneath};
+use ferrovol_host::node::{fs as nodefs, mountinfo};
+use ferrovol_host::offload::{self, NODE_WORK, QUICK};
+
+use crate::error::{self, Error, Result};
+use crate::ids::{self, VolumeId};
+use crate::params::Mounter;
+
+const HELPER: &str = "ceph-fuse";
+
+/// How long a look at a mounted volume may take before it counts as hung
+/// (an MDS that does not answer).
+const LOOK_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct CephFsNode {
+    state: PathBuf,
+    /// The node's own client (flags), used when a request carries no
+    /// secret.
+    auth: Auth,
+}
+
+/// Where a staged volume's helper, mount and record live.
+struct Place {
+    dir: PathBuf,
+    mnt: PathBuf,
+}
+
+/// What a stage left for the next look: the volume and where it is staged.
+const RECORD: &str = "volume";
+
+impl CephFsNode {
+    pub fn new(state: &Path, auth: Auth) -> Result<CephFsNode> {
+        Ok(CephFsNode { state: state.join("cephfs"), auth })
+    }
+
+    fn place(&self, volume_id: &str) -> Place {
+        let dir = self.state.join(ids::hash(volume_id));
+        Place { mnt: dir.join("mnt"), dir }
+    }
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+/// The recorded (volume ID, staging path) of a place.
+fn read_record(dir: &Path) -> Option<(String, PathBuf)> {
+    let text = std::fs::read_to_string(dir.join(RECORD)).ok()?;
+    let (id, staging) = text.split_once('\n')?;
+    Some((id.to_string(), PathBuf::from(staging.trim_end_matches('\n'))))
+}
+
+/// Every mount of the volume whose helper mount is `mnt`: its stage (at
+/// `staging`) first, then the rest (the publishes); empty when the helper
+/// does not serve it.
+fn mounts(mnt: &Path, staging: &Path) -> Result<Vec<MountEntry>> {
+    let all = mountinfo::read().map_err(io("reading the mount table"))?;
+    let Some(own) = mountinfo::at(&all, mnt).filter(|m| m.fs_type.starts_with("fuse")) else {
+        return Ok(vec![]);
+    };
+    let dev = (own.major, own.minor);
+    let mut of_volume: Vec<MountEntry> =
+        all.iter().filter(|m| (m.major, m.minor) == dev && m.mount_point != mnt).cloned().collect();
+    of_volume.sort_by_key(|m| m.mount_point != staging);
+    if of_volume.first().is_some_and(|m| m.mount_point != staging) {
+        // The helper serves it, but no stage stands: nothing to show.
+        return Ok(vec![]);
+    }
+    Ok(of_volume)
+}
+
+#[tonic::async_trait]
+impl NodeEngine for CephFsNode {
+    fn kind(&self) -> &'static str {
+        "cephfs"
+    }
+
+    fn features(&self) -> Features {
+        crate::features()
+    }
+
+    fn topology(&self) -> Topology {
+        Topology::new()
+    }
+
+    async fn health(&self) -> Result<()> {
+        match () {
+            _ if !Path::new("/dev/fuse").exists() => {
+                Err(error::precondition("the kernel has no fuse (/dev/fuse) for ceph-fuse"))
+            }
+            _ if !helper::installed(HELPER) => {
+                Err(error::precondition("ceph-fuse is not installed (package ceph-fuse)"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn check_known(&self, volume_id: &str) -> Result<()> {
+        match VolumeId::parse(volume_id) {
+            Some(_) => Ok(()),
+            None => Err(error::not_found(format!(
+                "volume {} does not exist",
+                error::bounded(volume_id)
+            ))),
+        }
+    }
+
+    async fn stage(&self, request: &Stage) -> Result<()> {
+        let id = request.volume.volume_id.clone();
+        let v = VolumeId::parse(&id).ok_or_else(|| {
+            error::not_found(format!("volume {} does not exist", error::bounded(&id)))
+        })?;
+        let ctx = &request.volume.volume_context;
+        let root = ctx.get("rootPath").filter(|r| r.starts_with('/')).ok_or_else(|| {
+            error::invalid("the volume context has no rootPath (the subvolume's path)")
+        })?;
+        if ctx.get("fsName").is_some_and(|fs| *fs != v.fs) {
+            return Err(error::invalid("the volume context's fsName is not the volume's"));
+        }
+        if let Some(m) = ctx.get("mounter").filter(|m| !m.is_empty()) {
+            match Mounter::parse(m) {
+                Some(Mounter::Fuse) => {}
+                Some(Mounter::Kernel) => {
+                    return Err(error::precondition(
+                        "this class asks for the kernel CephFS client (mounter: kernel), which \
+                         ferrovol does not drive yet: use mounter: fuse",
+                    ))
+                }
+                None => return Err(error::invalid("the volume context's mounter is unknown")),
+            }
+        }
+        let place = self.place(&id);
+        let staging = request.staging.clone();
+        let (dir, mnt, s) = (place.dir.clone(), place.mnt.clone(), staging.clone());
+        let staged = offload::run("looking at the stage", QUICK, move || {
+            let found = mounts(&mnt, &s)?;
+            if found.first().is_some_and(|m| m.mount_point == s) {
+                return Ok(true);
+            }
+            let all = mountinfo::read().map_err(io("reading the mount table"))?;
+            if let Some(m) = mountinfo::at(&all, &s) {
+                return Err(error::exists(format!(
+                    "staging path {} already holds another mount ({})",
+                    s.display(),
+                    m.source
+                )));
+            }
+            std::fs::create_dir_all(&mnt).map_err(io(format!("creating {}", mnt.display())))?;
+            std::fs::write(dir.join(RECORD), format!("{id}\n{}\n", s.display()))
+                .map_err(io("recording the stage"))?;
+            Ok(false)
+        })
+        .await?;
+        if staged {
+            return Ok(());
+        }
+        let result = self.mount_and_bind(request, &v, root, &place).await;
+        if result.is_err() {
+            // A failed first stage leaves nothing behind.
+            let _ = self.release(&request.volume.volume_id).await;
+        }
+        result
+    }
+
+    async fn release(&self, volume_id: &str) -> Result<()> {
+        let place = self.place(volume_id);
+        helper::stop_serving(&place.dir, HELPER, &place.mnt).await?;
+        let dir = place.dir;
+        offload::run(
+            "removing the stage's directory",
+            QUICK,
+            move || match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("removing {}", dir.display()), e))
+                }
+                _ => Ok(()),
+            },
+        )
+        .await
+    }
+
+    async fn view(&self, volume_id: &str) -> Result<VolumeView> {
+        let place = self.place(volume_id);
+        let mounts =
+            offload::run("reading the mount table", QUICK, move || match read_record(&place.dir) {
+                Some((_, staging)) => mounts(&place.mnt, &staging),
+                None => Ok(vec![]),
+            })
+            .await?;
+        Ok(VolumeView { device: None, mounts })
+    }
+
+    /// Healthy while ceph-fuse runs and the mount answers a statfs within
+    /// the deadline (a hung MDS, a helper gone: abnormal, never a stall).
+    async fn condition(&self, volume_id: &str, staged: &MountEntry) -> Result<Condition> {
+        let place = self.place(volume_id);
+        let at = staged.mount_point.clone();
+        let look = offload::run("looking at the mount", LOOK_DEADLINE, move || {
+            if helper::helper_alive(&place.dir, HELPER, &place.mnt) == Some(false) {
+                return Ok(Condition::Abnormal(
+                    "ceph-fuse, which served this volume, has exited: unstage and stage it \
+                     again"
+                        .into(),
+                ));
+            }
+            Ok(match rustix::fs::statvfs(&at) {
+                Ok(_) => Condition::Healthy,
+                Err(e) => Condition::Abnormal(format!("the mount does not answer: {e}")),
+            })
+        })
+        .await;
+        Ok(look.unwrap_or_else(|e| Condition::Abnormal(e.message().to_string())))
+    }
+
+    async fn staged(&self) -> Result<Vec<Vec<MountEntry>>> {
+        let state = self.state.clone();
+        offload::run("reading the mount table", QUICK, move || {
+            let entries = match std::fs::read_dir(&state) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+                other => other.map_err(io(format!("reading {}", state.display())))?,
+            };
+            let mut by_volume = BTreeMap::new();
+            for e in entries.flatten() {
+                let dir = e.path();
+                if let Some((id, staging)) = read_record(&dir) {
+                    let found = mounts(&dir.join("mnt"), &staging)?;
+                    if !found.is_empty() {
+                        by_volume.insert(id, found);
+                    }
+                }
+            }
+            Ok(by_volume.into_values().collect())
+        })
+        .await
+    }
+}
+
+impl CephFsNode {
+    /// Starts ceph-fuse on the subvolume in the volume's own directory,
+    /// then binds its mount onto the staging path.
+    async fn mount_and_bind(
+        &self,
+        request: &Stage,
+        v: &VolumeId,
+        root: &str,
+        place: &Place,
+    ) -> Result<()> {
+        let mut auth = self.auth.clone();
+        if let Some((user, key)) = Connections::helper_credentials(&request.volume.secrets)? {
+            auth.user = Some(user);
+            auth.key = Some(key);
+        }
+        let (dir, a) = (place.dir.clone(), auth.clone());
+        let keyfile =
+            offload::run("writing the key file", QUICK, move || helper::write_keyfile(&dir, &a))
+                .await?;
+        let mut args = auth.args(keyfile.as_deref());
+        args.extend(["-f".into(), "--client_fs".into(), v.fs.clone().into()]);
+        args.extend(["-r".into(), root.into(), "--fuse_disable_pagecache=true".into()]);
+        let options = request.volume.volume_context.get("fuseMountOptions");
+        if let Some(o) = options.filter(|o| !o.is_empty()) {
+            args.extend(["-o".into(), o.into()]);
+        }
+        args.push(OsString::from(&place.mnt));
+        let start = helper::Start {
+            program: HELPER,
+            args,
+            dir: &place.dir,
+            what: format!("{}{root}", v.fs),
+        };
+        let m = place.mnt.clone();
+        helper::start(start, &place.mnt, move || helper::fuse_mounted(&m)).await?;
+        let (kubelet, staging, mnt) =
+            (request.kubelet_dir.clone(), request.staging.clone(), place.mnt.clone());
+        let mut flags = request.mount_flags.clone();
+        flags.extend(["nodev".to_string(), "nosuid".to_string()]);
+        let read_only = request.volume.read_only;
+        offload::run("binding the stage", NODE_WORK, move || {
+            let onto = Beneath::open(&kubelet)?.dir(&staging)?;
+            let source = beneath::open_source(&mnt)?;
+            nodefs::bind(&source, &mnt, &onto, &flags, read_only)
+        })
+        .await
+    }
+}

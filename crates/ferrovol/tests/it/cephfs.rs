@@ -1,0 +1,493 @@
+//! The CephFS engine against a real CephFS: the file system `ferrovolfs`
+//! of the throw-away cluster `.ci/run` starts (`scripts/ceph-dev-cluster
+//! --cephfs`, its ceph.conf in `FERROVOL_TEST_CEPH_CONF`). Each test puts
+//! its volumes in a subvolume group of its own, which it checks is empty
+//! at the end (subvolumes, name claims) and then removes. The node side
+//! mounts with ceph-fuse, the only CephFS client this machine's kernel
+//! allows. Ceph's own tools check what the driver did.
+//!
+//! Without `FERROVOL_TEST_CEPH_CONF` the tests say so and pass, unless
+//! `FERROVOL_REQUIRE_CEPH` is set (as `.ci/run` sets it).
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
+use common::{Driver, DriverBuilder};
+use ferrovol_csi as csi;
+use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::node_client::NodeClient;
+use ferrovol_csi::volume_capability::access_mode::Mode;
+use ferrovol_csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const FS: &str = "ferrovolfs";
+const META_POOL: &str = "cephfs.ferrovolfs.meta";
+
+/// A subvolume group of this test's own, and everything the test made on
+/// this host; removed (and checked) on drop.
+struct CephFs {
+    conf: PathBuf,
+    group: String,
+    root: tempfile::TempDir,
+    kubelet: PathBuf,
+}
+
+fn cephfs(test: &str) -> Option<CephFs> {
+    let Some(conf) = std::env::var_os("FERROVOL_TEST_CEPH_CONF") else {
+        assert!(
+            std::env::var_os("FERROVOL_REQUIRE_CEPH").is_none(),
+            "FERROVOL_REQUIRE_CEPH is set but FERROVOL_TEST_CEPH_CONF is not"
+        );
+        eprintln!("{test}: skipped (no Ceph: set FERROVOL_TEST_CEPH_CONF, see .ci/run)");
+        return None;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let kubelet = root.path().join("kubelet");
+    std::fs::create_dir_all(&kubelet).unwrap();
+    let group = format!("t-{test}-{}", std::process::id());
+    Some(CephFs { conf: conf.into(), group, kubelet: kubelet.canonicalize().unwrap(), root })
+}
+
+impl CephFs {
+    fn tool(&self, tool: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(tool)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn driver(&self, name: &str, node: &str, extra: &[&str]) -> DriverBuilder {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        DriverBuilder::new(&dir)
+            .node_id(node)
+            .args(["--engine", "cephfs", "--cephfs-filesystems", FS])
+            .args(["--ceph-conf".to_string(), self.conf.display().to_string()])
+            .args(["--kubelet-dir".to_string(), self.kubelet.display().to_string()])
+            .args(extra.iter().copied())
+    }
+
+    fn params(&self) -> HashMap<String, String> {
+        [("fsName", FS), ("subvolumeGroup", self.group.as_str()), ("mounter", "fuse")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn create(&self, name: &str, size: i64, mode: Mode) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            parameters: self.params(),
+            volume_capabilities: vec![cap(mode)],
+            ..req::create(name, size)
+        }
+    }
+
+    /// The subvolumes in this test's group, as Ceph lists them.
+    fn subvolumes(&self) -> Vec<String> {
+        let out = std::process::Command::new("ceph")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["fs", "subvolume", "ls", FS, "--group_name", &self.group, "--format", "json"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return vec![]; // no group: nothing in it
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// The quota Ceph holds for a volume's subvolume.
+    fn quota(&self, volume_id: &str) -> u64 {
+        let sub = volume_id.rsplit(':').next().unwrap();
+        let info = self.tool(
+            "ceph",
+            &["fs", "subvolume", "info", FS, sub, "--group_name", &self.group, "--format", "json"],
+        );
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        v["bytes_quota"].as_u64().unwrap()
+    }
+
+    /// Name claims that name a volume in this test's group.
+    fn claims(&self) -> Vec<String> {
+        let objects = self.tool("rados", &["-p", META_POOL, "ls"]);
+        let mut ours = vec![];
+        for o in objects.lines().filter(|o| o.starts_with("ferrovol.cephfs.name.")) {
+            let out = std::process::Command::new("rados")
+                .arg("-c")
+                .arg(&self.conf)
+                .args(["-p", META_POOL, "get", o, "-"])
+                .output()
+                .unwrap();
+            let value = String::from_utf8_lossy(&out.stdout).into_owned();
+            if value.contains(&format!(":{}:", self.group)) {
+                ours.push(value);
+            }
+        }
+        ours
+    }
+
+    fn staging(&self, pv: &str) -> PathBuf {
+        let p = self.kubelet.join("plugins/kubernetes.io/csi/pv").join(pv).join("globalmount");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn target(&self, pod: &str, pv: &str) -> PathBuf {
+        let p = self.kubelet.join("pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
+        std::fs::create_dir_all(&p).unwrap();
+        p.join("mount")
+    }
+
+    fn host_mounts(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = ferrovol_host::node::mountinfo::read()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(self.root.path()))
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        v
+    }
+
+    /// ceph-fuse helpers serving this test's state dirs.
+    fn helpers(&self) -> Vec<i32> {
+        let root = self.root.path().display().to_string();
+        let mut out = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+            if cmd.starts_with("ceph-fuse") && cmd.contains(&root) && !zombie {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Nothing left: no subvolume or claim of this test's in Ceph, and no
+    /// mount or helper on this host.
+    fn assert_clean(&self) {
+        assert_eq!(self.subvolumes(), Vec::<String>::new(), "subvolumes left behind");
+        assert_eq!(self.claims(), Vec::<String>::new(), "name claims left behind");
+        assert!(self.host_mounts().is_empty(), "mounts left: {:?}", self.host_mounts());
+        assert!(self.helpers().is_empty(), "ceph-fuse helpers left: {:?}", self.helpers());
+    }
+}
+
+impl Drop for CephFs {
+    /// Undoes by force what the test left: pods' and staging mounts, the
+    /// helpers' mounts (their helpers exit), any helper still running, the
+    /// group's subvolumes and the group.
+    fn drop(&mut self) {
+        for m in self.host_mounts() {
+            let _ = rustix::mount::unmount(&m, rustix::mount::UnmountFlags::DETACH);
+        }
+        for pid in self.helpers() {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let ceph = |args: &[&str]| {
+            let _ =
+                std::process::Command::new("ceph").arg("-c").arg(&self.conf).args(args).output();
+        };
+        for s in self.subvolumes() {
+            ceph(&["fs", "subvolume", "rm", FS, &s, "--group_name", &self.group, "--force"]);
+        }
+        ceph(&["fs", "subvolumegroup", "rm", FS, &self.group, "--force"]);
+    }
+}
+
+fn cap(mode: Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+struct Clients {
+    c: ControllerClient<Channel>,
+    n: NodeClient<Channel>,
+}
+
+async fn clients(d: &Driver) -> Clients {
+    let ch = d.channel().await;
+    Clients { c: ControllerClient::new(ch.clone()), n: NodeClient::new(ch) }
+}
+
+async fn new_volume(k: &mut Clients, fs: &CephFs, name: &str, mode: Mode) -> csi::Volume {
+    let r = fs.create(name, 64 * MIB, mode);
+    k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap()
+}
+
+/// Stages and publishes a volume as the kubelet does; answers (staging,
+/// target).
+async fn mount(
+    n: &mut NodeClient<Channel>,
+    fs: &CephFs,
+    v: &csi::Volume,
+    pod: &str,
+    mode: Mode,
+) -> (PathBuf, PathBuf) {
+    let pv = format!("pv-{}", &v.volume_id[v.volume_id.len() - 8..]);
+    let (staging, target) = (fs.staging(&pv), fs.target(pod, &pv));
+    let stage = csi::NodeStageVolumeRequest {
+        volume_context: v.volume_context.clone(),
+        ..stage_req(&v.volume_id, &staging, cap(mode))
+    };
+    n.node_stage_volume(stage).await.unwrap();
+    let publish = csi::NodePublishVolumeRequest {
+        volume_context: v.volume_context.clone(),
+        ..publish_req(&v.volume_id, &staging, &target, cap(mode), false)
+    };
+    n.node_publish_volume(publish).await.unwrap();
+    (staging, target)
+}
+
+async fn unmount(n: &mut NodeClient<Channel>, id: &str, staging: &Path, target: &Path) {
+    n.node_unpublish_volume(unpublish_req(id, target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+}
+
+/// Waits (bounded) until `path` holds `want`: another client's write
+/// reaches this one through the MDS, not at once.
+fn eventually_reads(path: &Path, want: &[u8], bound: Duration) {
+    let deadline = Instant::now() + bound;
+    loop {
+        if std::fs::read(path).ok().as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} does not show the other node's write within {bound:?}: {:?}",
+            path.display(),
+            std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The engines' one conformance suite, on CephFS (ceph-fuse on the node):
+/// the shared-filesystem shape for real.
+#[tokio::test]
+async fn cephfs_conformance() {
+    let Some(fs) = cephfs("conformance") else { return };
+    let d = fs.driver("d", "node-a", &[]).start();
+    let params = fs.params();
+    let subject = common::Conforming {
+        name: "cephfs".into(),
+        controller: d.channel().await,
+        node: Some((d.channel().await, fs.kubelet.clone())),
+        create: Box::new(move |name, bytes, cap| csi::CreateVolumeRequest {
+            volume_capabilities: vec![cap],
+            parameters: params.clone(),
+            ..req::create(name, bytes)
+        }),
+        volume_size: 64 * MIB,
+        fs_type: String::new(),
+    };
+    ferrovol_testkit::conformance::run(&subject).await;
+    fs.assert_clean();
+    drop(d);
+}
+
+/// One volume, two nodes (two node plugins, two ceph-fuse mounts), both
+/// writing: each sees the other's files.
+#[tokio::test]
+async fn cephfs_one_volume_is_written_and_read_on_two_nodes() {
+    let Some(fs) = cephfs("rwx") else { return };
+    let a = fs.driver("a", "node-a", &[]).start();
+    let b = fs.driver("b", "node-b", &["--mode", "node"]).start();
+    let mut ka = clients(&a).await;
+    let mut nb = NodeClient::new(b.channel().await);
+    let v = new_volume(&mut ka, &fs, "pvc-shared", Mode::MultiNodeMultiWriter).await;
+    let (sa, ta) = mount(&mut ka.n, &fs, &v, "pod-a", Mode::MultiNodeMultiWriter).await;
+    // Node b has its own kubelet paths (another pod, another staging dir).
+    let pv_b = "pv-shared-on-b";
+    let (sb, tb) = (fs.staging(pv_b), fs.target("pod-b", pv_b));
+    let stage = csi::NodeStageVolumeRequest {
+        volume_context: v.volume_context.clone(),
+        ..stage_req(&v.volume_id, &sb, cap(Mode::MultiNodeMultiWriter))
+    };
+    nb.node_stage_volume(stage).await.unwrap();
+    let publish = csi::NodePublishVolumeRequest {
+        volume_context: v.volume_context.clone(),
+        ..publish_req(&v.volume_id, &sb, &tb, cap(Mode::MultiNodeMultiWriter), false)
+    };
+    nb.node_publish_volume(publish).await.unwrap();
+    assert_eq!(fs.helpers().len(), 2, "one ceph-fuse per node");
+
+    std::fs::write(ta.join("from-a"), b"written on node a").unwrap();
+    std::fs::write(tb.join("from-b"), b"written on node b").unwrap();
+    let bound = Duration::from_secs(10);
+    eventually_reads(&tb.join("from-a"), b"written on node a", bound);
+    eventually_reads(&ta.join("from-b"), b"written on node b", bound);
+    // A rewrite is seen too (no stale page cache on the reader).
+    std::fs::write(ta.join("from-b"), b"rewritten on node a").unwrap();
+    eventually_reads(&tb.join("from-b"), b"rewritten on node a", bound);
+
+    unmount(&mut nb, &v.volume_id, &sb, &tb).await;
+    unmount(&mut ka.n, &v.volume_id, &sa, &ta).await;
+    ka.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    fs.assert_clean();
+    drop((a, b));
+}
+
+/// The driver dies with a volume mounted: ceph-fuse (its own session) and
+/// the pod's mount live on; the restarted driver finds the stage, answers
+/// stats, and takes it all down.
+#[tokio::test]
+async fn cephfs_mounts_survive_a_driver_restart() {
+    let Some(fs) = cephfs("restart") else { return };
+    let builder = || fs.driver("d", "node-a", &[]);
+    let mut d = builder().start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &fs, "pvc-r", Mode::SingleNodeWriter).await;
+    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-r", Mode::SingleNodeWriter).await;
+    std::fs::write(target.join("data"), b"written before the restart").unwrap();
+    let helpers = fs.helpers();
+    assert_eq!(helpers.len(), 1);
+
+    d.kill();
+    assert_eq!(fs.helpers(), helpers, "ceph-fuse outlived the driver");
+    std::fs::write(target.join("more"), b"written while the driver was down").unwrap();
+
+    d = builder().start();
+    let mut k = clients(&d).await;
+    // The kubelet retries the stage: the same mount, no second helper.
+    let stage = csi::NodeStageVolumeRequest {
+        volume_context: v.volume_context.clone(),
+        ..stage_req(&v.volume_id, &staging, cap(Mode::SingleNodeWriter))
+    };
+    k.n.node_stage_volume(stage).await.unwrap();
+    assert_eq!(fs.helpers(), helpers);
+    let stats =
+        k.n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = &stats.usage[0];
+    assert_eq!(bytes.total, 64 * MIB, "statfs shows the quota: {stats:?}");
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+    assert!(fs.helpers().is_empty(), "unstage stopped ceph-fuse");
+
+    // The data went to Ceph: a fresh mount shows it.
+    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-r2", Mode::SingleNodeWriter).await;
+    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"written before the restart");
+    assert_eq!(std::fs::read(target.join("more")).unwrap(), b"written while the driver was down");
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+    k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    fs.assert_clean();
+    drop(d);
+}
+
+/// One name is one volume whatever the parameters; ceph-csi's keys we do
+/// not support, unknown keys and raw block are refused by name; expansion
+/// raises the quota, which a mounted pod sees without a remount.
+#[tokio::test]
+async fn cephfs_parameters_names_and_quota_growth() {
+    let Some(fs) = cephfs("params") else { return };
+    let d = fs.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &fs, "pvc-p", Mode::MultiNodeMultiWriter).await;
+    assert_eq!(fs.quota(&v.volume_id), 64 * MIB as u64);
+    assert!(v.volume_context.get("rootPath").is_some_and(|p| p.starts_with("/volumes/")));
+    // The same request again: the same volume.
+    let again = k.c.create_volume(fs.create("pvc-p", 64 * MIB, Mode::MultiNodeMultiWriter)).await;
+    assert_eq!(again.unwrap().into_inner().volume.unwrap().volume_id, v.volume_id);
+    // The same name with another group, file system, prefix or pool.
+    for (key, value) in [
+        ("subvolumeGroup", "elsewhere"),
+        ("fsName", "otherfs"),
+        ("volumeNamePrefix", "other-"),
+        ("pool", "cephfs.ferrovolfs.data"),
+    ] {
+        let mut r = fs.create("pvc-p", 64 * MIB, Mode::MultiNodeMultiWriter);
+        r.parameters.insert(key.into(), value.into());
+        let e = k.c.create_volume(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{key}: {e:?}");
+    }
+    // A larger size than the volume has.
+    let e = k.c.create_volume(fs.create("pvc-p", 128 * MIB, Mode::MultiNodeMultiWriter)).await;
+    assert_eq!(e.unwrap_err().code(), Code::AlreadyExists);
+    for (key, value, needle) in [
+        ("encrypted", "true", "encrypted"),
+        ("imageFeatures", "layering", "imageFeatures"),
+        ("mounter", "nfs", "mounter"),
+    ] {
+        let mut r = fs.create("pvc-bad", 64 * MIB, Mode::SingleNodeWriter);
+        r.parameters.insert(key.into(), value.into());
+        let e = k.c.create_volume(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key}: {e:?}");
+        assert!(e.message().contains(needle), "{key}: {e:?}");
+    }
+    let mut r = fs.create("pvc-block", 64 * MIB, Mode::SingleNodeWriter);
+    r.volume_capabilities[0].access_type = Some(AccessType::Block(BlockVolume {}));
+    let e = k.c.create_volume(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut r = fs.create("pvc-nofs", 64 * MIB, Mode::SingleNodeWriter);
+    r.parameters.remove("fsName");
+    let e = k.c.create_volume(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(fs.subvolumes().iter().all(|s| v.volume_id.ends_with(s.as_str())), "nothing else made");
+
+    // Capacity is the data pool's.
+    let cap =
+        k.c.get_capacity(csi::GetCapacityRequest { parameters: fs.params(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(cap.available_capacity > 0, "{cap:?}");
+
+    // Growth: the controller raises the quota, and the node has no step.
+    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-p", Mode::MultiNodeMultiWriter).await;
+    let grown =
+        k.c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: req::range(256 * MIB, 0),
+            volume_capability: Some(cap_of_volume()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((grown.capacity_bytes, grown.node_expansion_required), (256 * MIB, false));
+    assert_eq!(fs.quota(&v.volume_id), 256 * MIB as u64);
+    // The pod sees the new size through its mount (ceph-fuse learns of
+    // the quota from the MDS: not instantly, within a bound).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = rustix::fs::statvfs(&target).unwrap();
+        if s.f_blocks * s.f_frsize == 256 * MIB as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pod sees {} bytes", s.f_blocks * s.f_frsize);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+    k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    k.c.delete_volume(req::delete(&v.volume_id)).await.expect("deleting again: OK");
+    fs.assert_clean();
+    drop(d);
+}
+
+fn cap_of_volume() -> csi::VolumeCapability {
+    cap(Mode::MultiNodeMultiWriter)
+}
