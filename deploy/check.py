@@ -22,7 +22,7 @@ import yaml
 
 MIN_K8S, MAX_K8S = "1.30.0", "1.37.0"
 TARGETS = ["deploy/kubernetes/base", "deploy/kubernetes/overlays/local", "deploy/kubernetes/overlays/full",
-           "deploy/kubernetes/overlays/kind", "deploy/kubernetes/rbd"]
+           "deploy/kubernetes/overlays/kind", "deploy/kubernetes/rbd", "deploy/kubernetes/cephfs"]
 CRD_GROUPS = ("snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com",
               "cbt.storage.k8s.io")
 RULES_FILE = "deploy/prometheus/ferrovol.rules.yaml"
@@ -449,15 +449,19 @@ def cross_checks(docs, binary):
             package_of[p] = pkg
     used = set()
     for f in glob.glob("crates/ferrovol-host/src/node/*.rs") + ["crates/ferrovol-local/src/poolinit.rs",
-                                                                 "crates/ferrovol-rbd/src/mapper.rs"]:
+                                                                 "crates/ferrovol-rbd/src/mapper.rs",
+                                                                 "crates/ferrovol-cephfs/src/node.rs"]:
         text = open(f).read()
         used |= set(re.findall(r'exec::(?:run(?:_status)?|spawn_detached)\(\s*"([\w.-]+)"', text))
         # A mapper's tool, passed to the shared map/unmap helpers, or looked
         # for before use (`tool("rbd-nbd")`).
         used |= set(re.findall(r'\b(?:map_with_tool|unmap_device|tool)\(\s*"([\w.-]+)"', text))
+        # A helper a node half names once (`const HELPER: &str = "ceph-fuse";`).
+        used |= set(re.findall(r'const HELPER: &str = "([\w.-]+)";', text))
     dockerfile = open("Dockerfile").read()
     runtime = dockerfile.split("FROM ")[-1]
     check({"rbd", "rbd-nbd", "rbd-fuse"} <= used, f"the RBD mappers' tools are found in the source: {sorted(used)}")
+    check("ceph-fuse" in used, f"the CephFS node's helper is found in the source: {sorted(used)}")
     for prog in sorted(used):
         pkg = package_of.get(prog)
         check(pkg is not None, f"{prog} has a package in exec::package_for")
@@ -571,6 +575,86 @@ def check_rbd(docs, binary):
     check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])), "RBD node account has no roles")
 
 
+def check_cephfs(docs, binary):
+    """The CephFS engine's base: deployed as ceph-csi's CephFS driver is (a
+    controller Deployment with the provisioner and resizer, a node
+    DaemonSet), with a CSIDriver that says what the engine does (no attach
+    step), classes with ceph-csi's CephFS parameters, and the Ceph config
+    and secret wired to where the driver reads them."""
+    name = re.search(r'DRIVER_NAME: &str = "([^"]+)"', open("crates/ferrovol-cephfs/src/lib.rs").read()).group(1)
+    controller_rs = open("crates/ferrovol-cephfs/src/controller.rs").read()
+    publishes = "fn publishing(" in controller_rs
+    snapshots = "fn snapshots(" in controller_rs
+    params_rs = open("crates/ferrovol-cephfs/src/params.rs").read()
+    known = set(re.findall(r'^\s+"(\w+)" =>', params_rs, re.M))
+    (csidriver,) = of_kind(docs, "CSIDriver")
+    (dep,) = of_kind(docs, "Deployment")
+    (ds,) = of_kind(docs, "DaemonSet")
+    ccs, ncs = containers(dep), containers(ds)
+    ctl, node = ccs["ferrovol"], ncs["ferrovol"]
+    check(csidriver["metadata"]["name"] == name, f"CephFS CSIDriver is {name}")
+    check(csidriver["spec"]["attachRequired"] is publishes is False and "csi-attacher" not in ccs,
+          "CephFS attachRequired: false, no attacher (the engine has no publish step)")
+    check(("csi-snapshotter" in ccs) == snapshots, "CephFS: a snapshotter exactly when the engine takes snapshots")
+    check(csidriver["spec"].get("storageCapacity") is False, "CephFS: no per-node capacity objects")
+    check((arg(ctl, "--mode"), arg(ctl, "--engine")) == ("controller", "cephfs"),
+          "CephFS controller: --mode=controller --engine=cephfs")
+    check((arg(node, "--mode"), arg(node, "--engine")) == ("node", "cephfs"), "CephFS node: --mode=node --engine=cephfs")
+    help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
+    for c in (ctl, node):
+        check(arg(c, "--driver-name") == name, f"CephFS --driver-name is {name}")
+        for a in c["args"][1:]:
+            check(a.split("=", 1)[0] in help_text, f"ferrovol serve accepts {a.split('=', 1)[0]} (CephFS)")
+    for sidecar in ("csi-provisioner", "csi-resizer"):
+        check(sidecar in ccs and sidecar not in ncs, f"CephFS {sidecar} runs in the controller only")
+        if sidecar in ccs:
+            check(arg(ccs[sidecar], "--leader-election") == "true", f"CephFS {sidecar} elects a leader")
+            check(arg(ccs[sidecar], "--csi-address") == arg(ctl, "--endpoint").removeprefix("unix://"),
+                  f"CephFS {sidecar} talks to the controller's socket")
+    (cm,) = of_kind(docs, "ConfigMap")
+    for w, c in ((dep, ctl), (ds, node)):
+        conf_dir, conf_file = arg(c, "--ceph-conf").rsplit("/", 1)
+        vol = volume_at(w, c, conf_dir)
+        check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
+              f"CephFS {w['kind']} mounts the Ceph config at --ceph-conf")
+    check(node.get("securityContext", {}).get("privileged") is True, "CephFS node container is privileged")
+    kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
+    check(kubelet.get("mountPropagation") == "Bidirectional" and arg(node, "--kubelet-dir") == kubelet["mountPath"],
+          "CephFS node: kubelet dir mounted Bidirectional at --kubelet-dir")
+    state = [m for m in node["volumeMounts"] if m["mountPath"] == arg(node, "--state-dir")]
+    check(state and state[0].get("mountPropagation") == "Bidirectional",
+          "CephFS node: the ceph-fuse mounts under --state-dir reach the host (Bidirectional)")
+    check(not of_kind(docs, "Secret"), "CephFS base holds no Secret")
+    filesystems = (arg(ctl, "--cephfs-filesystems") or "").split(",")
+    named = set()
+    for sc in of_kind(docs, "StorageClass"):
+        check(sc["provisioner"] == name, f"CephFS StorageClass {sc['metadata']['name']} provisioner")
+        engine_keys = {k for k in sc["parameters"] if not k.startswith("csi.storage.k8s.io/")}
+        check(engine_keys <= known and "fsName" in engine_keys,
+              f"CephFS StorageClass parameters {engine_keys} are known: {known}")
+        check(sc["parameters"].get("fsName") in filesystems,
+              "CephFS StorageClass's fsName is one the controller covers (--cephfs-filesystems)")
+        named |= {(v, sc["parameters"].get(k.replace("-name", "-namespace")))
+                  for k, v in sc["parameters"].items() if k.endswith("-secret-name")}
+    check(len(named) == 1, f"CephFS classes name one Secret: {named}")
+    (secret_name, secret_ns), = named or {(None, None)}
+    check(any(n == secret_name and ns == secret_ns and {"userID", "userKey", "adminID", "adminKey"} <= keys
+              for n, ns, keys in docs_secret_commands()),
+          f"docs/kubernetes.md creates Secret {secret_ns}/{secret_name} with ceph-csi's keys")
+    secret_vol = volume_at(dep, ctl, arg(ctl, "--ceph-secret-dir"))
+    check(secret_vol.get("secret", {}).get("secretName") == secret_name,
+          "CephFS controller: --ceph-secret-dir is the classes' Secret, mounted")
+    sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
+    for resource, verb in [("persistentvolumes", "create"), ("secrets", "get"),
+                           ("persistentvolumeclaims/status", "patch"), ("leases", "update")]:
+        check(grants(roles, bindings, sa, ns, resource, verb), f"CephFS controller may {verb} {resource}")
+    node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])),
+          "CephFS node account has no roles")
+
+
 def docs_secret_commands():
     """(name, namespace, keys) of each `kubectl create secret generic` in
     docs/kubernetes.md: what an operator following the docs makes."""
@@ -625,6 +709,7 @@ def main():
     check_link(rendered["deploy/kubernetes/overlays/local"])
     check_components(rendered["deploy/kubernetes/overlays/full"])
     check_rbd(rendered["deploy/kubernetes/rbd"], binary)
+    check_cephfs(rendered["deploy/kubernetes/cephfs"], binary)
     check_pool_image(rendered["deploy/kubernetes/overlays/kind"], binary)
     r = subprocess.run(["promtool", "check", "rules", RULES_FILE], capture_output=True, text=True)
     check(r.returncode == 0, f"promtool check rules {RULES_FILE}: {r.stdout}{r.stderr}")

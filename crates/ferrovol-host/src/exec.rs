@@ -18,6 +18,7 @@ pub fn package_for(program: &str) -> &'static str {
         "mkfs.btrfs" | "btrfs" => "btrfs-progs",
         "blkid" | "mount" | "umount" | "wipefs" => "util-linux",
         "rbd-fuse" => "rbd-fuse",
+        "ceph-fuse" => "ceph-fuse",
         "rbd-nbd" => "rbd-nbd",
         "rbd" => "ceph-common",
         _ => "the package providing it",
