@@ -44,6 +44,56 @@ pub fn ceph_error(e: CephError) -> Error {
     Error::new(kind, msg)
 }
 
+/// The cluster's space as `ceph df` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    pub total: u64,
+    pub total_available: u64,
+    /// Each pool's `max_avail`: what it can still take, its replication
+    /// counted.
+    pub pools: std::collections::BTreeMap<String, u64>,
+}
+
+impl Space {
+    /// What `pool` can take (None: the cluster's raw space).
+    pub fn available(&self, pool: Option<&str>) -> Option<u64> {
+        match pool {
+            Some(p) => self.pools.get(p).copied(),
+            None => Some(self.total_available),
+        }
+    }
+}
+
+/// Reads `ceph df` (a blocking call: run it through [`blocking`]).
+/// UNAVAILABLE while no ceph-mgr reports usage: the monitors then answer
+/// zeros, which mean unknown, not full.
+pub fn space(cluster: &ferrovol_ceph::Cluster) -> Result<Space> {
+    let out = cluster.mon_command(r#"{"prefix":"df","format":"json"}"#).map_err(ceph_error)?;
+    parse_space(&out)
+}
+
+fn parse_space(out: &str) -> Result<Space> {
+    let v: serde_json::Value =
+        serde_json::from_str(out).map_err(|e| error::internal(format!("ceph df answered {e}")))?;
+    let total = v["stats"]["total_bytes"].as_u64().unwrap_or(0);
+    if total == 0 {
+        return Err(error::unavailable(
+            "the cluster's capacity is unknown: no ceph-mgr reports usage yet",
+        ));
+    }
+    let pools = v["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["name"].as_str()?.to_string(), p["stats"]["max_avail"].as_u64()?)))
+        .collect();
+    Ok(Space {
+        total,
+        total_available: v["stats"]["total_avail_bytes"].as_u64().unwrap_or(0),
+        pools,
+    })
+}
+
 /// Records a name as taken by `value` (a small object created
 /// exclusively), or checks that it already is: ALREADY_EXISTS when another
 /// value took it.
@@ -135,5 +185,21 @@ pub async fn settle_calls(limit: std::time::Duration) -> usize {
         if tokio::time::timeout_at(deadline, settled).await.is_err() {
             return IN_FLIGHT.load(std::sync::atomic::Ordering::SeqCst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn df_answers_pools_and_refuses_unknown_capacity() {
+        let out = r#"{"stats":{"total_bytes":100,"total_avail_bytes":60},
+            "pools":[{"name":"rbd","stats":{"max_avail":20}}]}"#;
+        let s = parse_space(out).unwrap();
+        assert_eq!((s.available(Some("rbd")), s.available(None)), (Some(20), Some(60)));
+        assert_eq!(s.available(Some("gone")), None);
+        let none = r#"{"stats":{"total_bytes":0},"pools":[]}"#;
+        assert_eq!(parse_space(none).unwrap_err().code(), tonic::Code::Unavailable);
     }
 }

@@ -173,7 +173,7 @@ impl CephFsEngine {
         let Some(home) = settings.filesystems.first() else {
             return Err(error::invalid("the CephFS engine needs at least one file system"));
         };
-        ids::check_name("file system", home)?;
+        ids::check_id_part("file system", home)?;
         Ok(CephFsEngine { conn, settings, home: tokio::sync::OnceCell::new() })
     }
 
@@ -556,22 +556,11 @@ impl CephFsEngine {
                     error::invalid(format!("file system {fs:?} does not exist"))
                 })?,
             };
-            let out =
-                cluster.mon_command(r#"{"prefix":"df","format":"json"}"#).map_err(ceph_error)?;
-            let v: serde_json::Value = serde_json::from_str(&out)
-                .map_err(|e| error::internal(format!("ceph df answered {e}")))?;
-            let total = v["stats"]["total_bytes"].as_u64().unwrap_or(0);
-            if total == 0 {
-                return Err(error::unavailable(
-                    "the cluster's capacity is unknown: no ceph-mgr reports usage yet",
-                ));
-            }
-            let entry =
-                v["pools"].as_array().into_iter().flatten().find(|e| e["name"] == pool.as_str());
-            let avail = entry
-                .and_then(|e| e["stats"]["max_avail"].as_u64())
+            let space = ferrovol_cephclient::space(&cluster)?;
+            let avail = space
+                .available(Some(&pool))
                 .ok_or_else(|| error::invalid(format!("data pool {pool:?} does not exist")))?;
-            Ok((total, avail))
+            Ok((space.total, avail))
         })
         .await
     }

@@ -2,14 +2,17 @@
 //! replica and any node finds it without a database: a volume is
 //! `cephfs:<fs>:<group>:<subvolume>`, its subvolume named by the class's
 //! prefix and the UUIDv5 of the CO's request name (32 hex digits). Names
-//! are limited to 48 characters of `[A-Za-z0-9._-]` and prefixes to 16, so
-//! `:` separates and every ID stays under CSI's 128 bytes.
+//! are `[A-Za-z0-9._-]`: file systems and groups at most 32 characters
+//! (they are in the ID), pools and cluster IDs 48, prefixes 16, so `:`
+//! separates and every ID stays within CSI's 128 bytes.
 
 use crate::error::{self, Result};
 
 pub const VOLUME: &str = "cephfs";
 
 const NAME_MAX: usize = 48;
+/// File systems and groups: part of every volume ID.
+const ID_PART_MAX: usize = 32;
 const PREFIX_MAX: usize = 16;
 
 /// 32 hex digits naming a CO request name.
@@ -24,13 +27,22 @@ fn is_plain(s: &str, max: usize) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// A file system, group or pool name from a parameter or flag.
+/// A pool name or cluster ID from a parameter.
 pub fn check_name<'a>(what: &str, s: &'a str) -> Result<&'a str> {
-    match is_plain(s, NAME_MAX) {
+    check_plain(what, s, NAME_MAX)
+}
+
+/// A file system or group name from a parameter or flag (part of IDs).
+pub fn check_id_part<'a>(what: &str, s: &'a str) -> Result<&'a str> {
+    check_plain(what, s, ID_PART_MAX)
+}
+
+fn check_plain<'a>(what: &str, s: &'a str, max: usize) -> Result<&'a str> {
+    match is_plain(s, max) {
         true => Ok(s),
         false => Err(error::invalid(format!(
-            "{what} {:?} must be 1 to {NAME_MAX} characters of [A-Za-z0-9._-], not starting \
-             with a dot",
+            "{what} {:?} must be 1 to {max} characters of [A-Za-z0-9._-], not starting with a \
+             dot",
             error::bounded(s)
         ))),
     }
@@ -70,8 +82,8 @@ impl VolumeId {
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         let ok = kind == VOLUME
             && parts.next().is_none()
-            && is_plain(fs, NAME_MAX)
-            && is_plain(group, NAME_MAX)
+            && is_plain(fs, ID_PART_MAX)
+            && is_plain(group, ID_PART_MAX)
             && is_plain(subvolume, PREFIX_MAX + 32);
         ok.then(|| VolumeId { fs: fs.into(), group: group.into(), subvolume: subvolume.into() })
     }
@@ -90,7 +102,7 @@ mod tests {
         let v = VolumeId::new("myfs", "csi", "csi-vol-", "pvc-1");
         assert_eq!(VolumeId::parse(&v.id()), Some(v.clone()));
         assert_eq!(v.subvolume.len(), "csi-vol-".len() + 32);
-        let longest = VolumeId::new(&"f".repeat(48), &"g".repeat(48), &"p".repeat(16), "x");
+        let longest = VolumeId::new(&"f".repeat(32), &"g".repeat(32), &"p".repeat(16), "x");
         assert!(longest.id().len() <= 128, "{}", longest.id().len());
         for bad in
             ["", "cephfs:a:b", "rbd:a:b:c", "cephfs:a:b:c:d", "cephfs:..:b:c", "cephfs:a:b/c:d"]

@@ -112,8 +112,8 @@ pub fn parse(params: &BTreeMap<String, String>) -> Result<Parameters> {
     for (key, value) in params {
         let v = value.as_str();
         match key.as_str() {
-            "fsName" => out.fs = ids::check_name("fsName", v)?.into(),
-            "subvolumeGroup" => out.group = ids::check_name("subvolumeGroup", v)?.into(),
+            "fsName" => out.fs = ids::check_id_part("fsName", v)?.into(),
+            "subvolumeGroup" => out.group = ids::check_id_part("subvolumeGroup", v)?.into(),
             "pool" => out.pool = Some(ids::check_name("pool", v)?.into()),
             "volumeNamePrefix" => out.prefix = ids::check_prefix(v)?.into(),
             "mounter" => {

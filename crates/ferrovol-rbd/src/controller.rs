@@ -972,24 +972,9 @@ impl RbdEngine {
         let cluster = self.conn.default_cluster().await?;
         let pool = pool.map(str::to_string);
         blocking(move || {
-            let out =
-                cluster.mon_command(r#"{"prefix":"df","format":"json"}"#).map_err(ceph_error)?;
-            let v: serde_json::Value = serde_json::from_str(&out)
-                .map_err(|e| error::internal(format!("ceph df answered {e}")))?;
-            let total = v["stats"]["total_bytes"].as_u64().unwrap_or(0);
-            if total == 0 {
-                return Err(error::unavailable(
-                    "the cluster's capacity is unknown: no ceph-mgr reports usage yet",
-                ));
-            }
-            let avail = pool
-                .and_then(|p| {
-                    v["pools"].as_array()?.iter().find(|e| e["name"] == p.as_str())?["stats"]
-                        ["max_avail"]
-                        .as_u64()
-                })
-                .unwrap_or_else(|| v["stats"]["total_avail_bytes"].as_u64().unwrap_or(0));
-            Ok((total, avail))
+            let space = ferrovol_cephclient::space(&cluster)?;
+            let avail = space.available(pool.as_deref()).unwrap_or(space.total_available);
+            Ok((space.total, avail))
         })
         .await
     }

@@ -317,7 +317,7 @@ async fn cephfs(
     }
     let conn = ceph_connections(common, args)?;
     for fs in &args.cephfs_filesystems {
-        ferrovol_cephfs::ids::check_name("--cephfs-filesystems", fs)
+        ferrovol_cephfs::ids::check_id_part("--cephfs-filesystems", fs)
             .map_err(|e| e.message().to_string())?;
     }
     let controller: Option<Arc<dyn ferrovol_core::engine::ControllerEngine>> =

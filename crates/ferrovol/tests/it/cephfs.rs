@@ -38,31 +38,14 @@ struct CephFs {
 }
 
 fn cephfs(test: &str) -> Option<CephFs> {
-    let Some(conf) = std::env::var_os("FERROVOL_TEST_CEPH_CONF") else {
-        assert!(
-            std::env::var_os("FERROVOL_REQUIRE_CEPH").is_none(),
-            "FERROVOL_REQUIRE_CEPH is set but FERROVOL_TEST_CEPH_CONF is not"
-        );
-        eprintln!("{test}: skipped (no Ceph: set FERROVOL_TEST_CEPH_CONF, see .ci/run)");
-        return None;
-    };
-    let root = tempfile::tempdir().unwrap();
-    let kubelet = root.path().join("kubelet");
-    std::fs::create_dir_all(&kubelet).unwrap();
+    let (conf, root, kubelet) = common::ceph::scratch(test)?;
     let group = format!("t-{test}-{}", std::process::id());
-    Some(CephFs { conf: conf.into(), group, kubelet: kubelet.canonicalize().unwrap(), root })
+    Some(CephFs { conf, group, kubelet, root })
 }
 
 impl CephFs {
     fn tool(&self, tool: &str, args: &[&str]) -> String {
-        let out = std::process::Command::new(tool)
-            .arg("-c")
-            .arg(&self.conf)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::ceph::tool(&self.conf, tool, args)
     }
 
     fn driver(&self, name: &str, node: &str, extra: &[&str]) -> DriverBuilder {
@@ -137,43 +120,20 @@ impl CephFs {
     }
 
     fn staging(&self, pv: &str) -> PathBuf {
-        let p = self.kubelet.join("plugins/kubernetes.io/csi/pv").join(pv).join("globalmount");
-        std::fs::create_dir_all(&p).unwrap();
-        p
+        common::ceph::staging(&self.kubelet, pv)
     }
 
     fn target(&self, pod: &str, pv: &str) -> PathBuf {
-        let p = self.kubelet.join("pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
-        std::fs::create_dir_all(&p).unwrap();
-        p.join("mount")
+        common::ceph::target(&self.kubelet, pod, pv)
     }
 
     fn host_mounts(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = ferrovol_host::node::mountinfo::read()
-            .unwrap()
-            .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|p| p.starts_with(self.root.path()))
-            .collect();
-        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        v
+        common::ceph::mounts_under(self.root.path())
     }
 
     /// ceph-fuse helpers serving this test's state dirs.
     fn helpers(&self) -> Vec<i32> {
-        let root = self.root.path().display().to_string();
-        let mut out = vec![];
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
-            if cmd.starts_with("ceph-fuse") && cmd.contains(&root) && !zombie {
-                out.push(pid);
-            }
-        }
-        out
+        common::ceph::helpers("ceph-fuse", self.root.path())
     }
 
     /// Nothing left: no subvolume or claim of this test's in Ceph, and no

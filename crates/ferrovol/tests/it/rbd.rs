@@ -36,19 +36,9 @@ struct Ceph {
 }
 
 fn ceph(test: &str) -> Option<Ceph> {
-    let Some(conf) = std::env::var_os("FERROVOL_TEST_CEPH_CONF") else {
-        assert!(
-            std::env::var_os("FERROVOL_REQUIRE_CEPH").is_none(),
-            "FERROVOL_REQUIRE_CEPH is set but FERROVOL_TEST_CEPH_CONF is not"
-        );
-        eprintln!("{test}: skipped (no Ceph: set FERROVOL_TEST_CEPH_CONF, see .ci/run)");
-        return None;
-    };
-    let root = tempfile::tempdir().unwrap();
-    let kubelet = root.path().join("kubelet");
-    std::fs::create_dir_all(&kubelet).unwrap();
+    let (conf, root, kubelet) = common::ceph::scratch(test)?;
     let pool = format!("t-{test}-{}", std::process::id());
-    let c = Ceph { conf: conf.into(), pool, kubelet: kubelet.canonicalize().unwrap(), root };
+    let c = Ceph { conf, pool, kubelet, root };
     c.tool("ceph", &["osd", "pool", "create", &c.pool, "4", "4"]);
     c.tool("ceph", &["osd", "pool", "set", &c.pool, "size", "1", "--yes-i-really-mean-it"]);
     c.tool("rbd", &["pool", "init", &c.pool]);
@@ -58,14 +48,7 @@ fn ceph(test: &str) -> Option<Ceph> {
 impl Ceph {
     /// Runs a Ceph tool against the dev cluster; answers its stdout.
     fn tool(&self, tool: &str, args: &[&str]) -> String {
-        let out = std::process::Command::new(tool)
-            .arg("-c")
-            .arg(&self.conf)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::ceph::tool(&self.conf, tool, args)
     }
 
     fn json(&self, tool: &str, args: &[&str]) -> serde_json::Value {
@@ -122,26 +105,15 @@ impl Ceph {
     }
 
     fn staging(&self, pv: &str) -> PathBuf {
-        let p = self.kubelet.join("plugins/kubernetes.io/csi/pv").join(pv).join("globalmount");
-        std::fs::create_dir_all(&p).unwrap();
-        p
+        common::ceph::staging(&self.kubelet, pv)
     }
 
     fn target(&self, pod: &str, pv: &str) -> PathBuf {
-        let p = self.kubelet.join("pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
-        std::fs::create_dir_all(&p).unwrap();
-        p.join("mount")
+        common::ceph::target(&self.kubelet, pod, pv)
     }
 
     fn host_mounts(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = ferrovol_host::node::mountinfo::read()
-            .unwrap()
-            .into_iter()
-            .map(|m| m.mount_point)
-            .filter(|p| p.starts_with(self.root.path()))
-            .collect();
-        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        v
+        common::ceph::mounts_under(self.root.path())
     }
 
     fn loops(&self) -> Vec<ferrovol_host::loopdev::Attached> {
@@ -150,19 +122,7 @@ impl Ceph {
 
     /// rbd-fuse helpers serving this test's state dirs.
     fn helpers(&self) -> Vec<i32> {
-        let root = self.root.path().display().to_string();
-        let mut out = vec![];
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
-            if cmd.starts_with("rbd-fuse") && cmd.contains(&root) && !zombie {
-                out.push(pid);
-            }
-        }
-        out
+        common::ceph::helpers("rbd-fuse", self.root.path())
     }
 
     /// Undoes by force what the test's nodes hold on this host, in the

@@ -921,3 +921,84 @@ impl ferrovol_testkit::conformance::Subject for Conforming {
         self.fs_type.clone()
     }
 }
+
+/// What the Ceph engines' tests share: the dev cluster's tools, the
+/// kubelet's paths, and what a test left on this host.
+pub mod ceph {
+    use std::path::{Path, PathBuf};
+
+    /// The dev cluster's ceph.conf (`FERROVOL_TEST_CEPH_CONF`), a scratch
+    /// directory and the kubelet directory in it; None (the test says it
+    /// is skipped) without a cluster, unless `FERROVOL_REQUIRE_CEPH` is set.
+    pub fn scratch(test: &str) -> Option<(PathBuf, tempfile::TempDir, PathBuf)> {
+        let Some(conf) = std::env::var_os("FERROVOL_TEST_CEPH_CONF") else {
+            assert!(
+                std::env::var_os("FERROVOL_REQUIRE_CEPH").is_none(),
+                "FERROVOL_REQUIRE_CEPH is set but FERROVOL_TEST_CEPH_CONF is not"
+            );
+            eprintln!("{test}: skipped (no Ceph: set FERROVOL_TEST_CEPH_CONF, see .ci/run)");
+            return None;
+        };
+        let root = tempfile::tempdir().unwrap();
+        let kubelet = root.path().join("kubelet");
+        std::fs::create_dir_all(&kubelet).unwrap();
+        let kubelet = kubelet.canonicalize().unwrap();
+        Some((conf.into(), root, kubelet))
+    }
+
+    /// Runs a Ceph tool against the dev cluster; answers its stdout.
+    pub fn tool(conf: &Path, tool: &str, args: &[&str]) -> String {
+        let out = std::process::Command::new(tool)
+            .arg("-c")
+            .arg(conf)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+        assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A PV's staging directory under the kubelet directory, made.
+    pub fn staging(kubelet: &Path, pv: &str) -> PathBuf {
+        let p = kubelet.join("plugins/kubernetes.io/csi/pv").join(pv).join("globalmount");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A pod's target for a PV (its parent made, as the kubelet does).
+    pub fn target(kubelet: &Path, pod: &str, pv: &str) -> PathBuf {
+        let p = kubelet.join("pods").join(pod).join("volumes/kubernetes.io~csi").join(pv);
+        std::fs::create_dir_all(&p).unwrap();
+        p.join("mount")
+    }
+
+    /// Mounts below `root`, deepest first (the order to unmount them in).
+    pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = ferrovol_host::node::mountinfo::read()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(root))
+            .collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        v
+    }
+
+    /// Running (not zombie) `program` helpers whose command line names a
+    /// path below `root`.
+    pub fn helpers(program: &str, root: &Path) -> Vec<i32> {
+        let root = root.display().to_string();
+        let mut out = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+            if cmd.starts_with(program) && cmd.contains(&root) && !zombie {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
