@@ -605,7 +605,7 @@ def check_cephfs(docs, binary):
         check(arg(c, "--driver-name") == name, f"CephFS --driver-name is {name}")
         for a in c["args"][1:]:
             check(a.split("=", 1)[0] in help_text, f"ferrovol serve accepts {a.split('=', 1)[0]} (CephFS)")
-    for sidecar in ("csi-provisioner", "csi-resizer"):
+    for sidecar in ("csi-provisioner", "csi-resizer") + (("csi-snapshotter",) if snapshots else ()):
         check(sidecar in ccs and sidecar not in ncs, f"CephFS {sidecar} runs in the controller only")
         if sidecar in ccs:
             check(arg(ccs[sidecar], "--leader-election") == "true", f"CephFS {sidecar} elects a leader")
@@ -636,6 +636,13 @@ def check_cephfs(docs, binary):
               "CephFS StorageClass's fsName is one the controller covers (--cephfs-filesystems)")
         named |= {(v, sc["parameters"].get(k.replace("-name", "-namespace")))
                   for k, v in sc["parameters"].items() if k.endswith("-secret-name")}
+    for c in of_kind(docs, "VolumeSnapshotClass"):
+        check(c["driver"] == name, "CephFS VolumeSnapshotClass driver")
+        named |= {(v, c["parameters"].get(k.replace("-name", "-namespace")))
+                  for k, v in c.get("parameters", {}).items() if k.endswith("-secret-name")}
+    check(bool(of_kind(docs, "VolumeSnapshotClass")) == snapshots,
+          "CephFS: a VolumeSnapshotClass exactly when the engine takes snapshots")
+    check(not of_kind(docs, "VolumeGroupSnapshotClass"), "CephFS: no group snapshot class (no group snapshots)")
     check(len(named) == 1, f"CephFS classes name one Secret: {named}")
     (secret_name, secret_ns), = named or {(None, None)}
     check(any(n == secret_name and ns == secret_ns and {"userID", "userKey", "adminID", "adminKey"} <= keys
@@ -648,7 +655,8 @@ def check_cephfs(docs, binary):
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
     bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
     for resource, verb in [("persistentvolumes", "create"), ("secrets", "get"),
-                           ("persistentvolumeclaims/status", "patch"), ("leases", "update")]:
+                           ("persistentvolumeclaims/status", "patch"), ("leases", "update"),
+                           ("volumesnapshotcontents", "update")]:
         check(grants(roles, bindings, sa, ns, resource, verb), f"CephFS controller may {verb} {resource}")
     node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
     check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])),

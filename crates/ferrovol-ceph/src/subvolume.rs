@@ -278,6 +278,53 @@ impl Subvolumes {
         )?;
         names(&format!("snapshots of {group}/{name}"), &out)
     }
+
+    /// Starts the manager's copy of `snap` (of `group/name`) into a new
+    /// subvolume `target_group/target`; [`Subvolumes::clone_state`] says
+    /// when it is done.
+    pub fn clone_snapshot(
+        &self,
+        group: &str,
+        name: &str,
+        snap: &str,
+        target_group: &str,
+        target: &str,
+        pool_layout: Option<&str>,
+    ) -> Result<()> {
+        let mut c = Command::new("fs subvolume snapshot clone", &self.fs)
+            .arg("sub_name", name)
+            .arg("snap_name", snap)
+            .arg("target_sub_name", target)
+            .arg("group_name", group)
+            .arg("target_group_name", target_group);
+        if let Some(pool) = pool_layout {
+            c = c.arg("pool_layout", pool);
+        }
+        self.run(c).map(drop)
+    }
+
+    /// A clone's state: `pending`, `in-progress`, `complete`, `failed` or
+    /// `canceled`.
+    pub fn clone_state(&self, group: &str, target: &str) -> Result<String> {
+        let what = format!("clone {group}/{target}");
+        let out = self.run(
+            Command::new("fs clone status", &self.fs)
+                .arg("clone_name", target)
+                .arg("group_name", group),
+        )?;
+        let v = parse(&what, &out)?;
+        Ok(v["status"]["state"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Stops a pending or running clone (its target is then removable).
+    pub fn cancel_clone(&self, group: &str, target: &str) -> Result<()> {
+        self.run(
+            Command::new("fs clone cancel", &self.fs)
+                .arg("clone_name", target)
+                .arg("group_name", group),
+        )
+        .map(drop)
+    }
 }
 
 /// The names in a `[{"name": …}, …]` answer.

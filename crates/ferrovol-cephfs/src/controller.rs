@@ -12,14 +12,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrovol_ceph::{CephError, Cluster, NewSubvolume, Pool, Subvolumes};
 use ferrovol_core::engine::{
-    self, AccessType, Capacity, Condition, ControllerEngine, EngineStats, Expanded, Features,
-    NewVolume, Page, Secrets, Topology, Volume,
+    self, AccessType, Capacity, Condition, ContentSource, ControllerEngine, EngineStats, Expanded,
+    Features, NewVolume, Page, Secrets, Snapshots, Topology, Volume,
 };
 
 use crate::connect::Connections;
 use crate::error::{self, Error, Kind, Result};
-use crate::ids::{self, VolumeId};
+use crate::ids::{self, SnapshotId, VolumeId};
 use crate::params::{self, Parameters};
+use crate::snapshots;
 use crate::{blocking, ceph_error};
 
 /// Quotas are whole MiB.
@@ -37,7 +38,7 @@ pub struct Settings {
 }
 
 pub struct CephFsEngine {
-    conn: Connections,
+    pub(crate) conn: Connections,
     settings: Settings,
     /// The home file system's metadata pool, found on first use.
     home: tokio::sync::OnceCell<String>,
@@ -52,6 +53,8 @@ struct Record {
     parameters: BTreeMap<String, String>,
     context: BTreeMap<String, String>,
     created: u64,
+    /// The snapshot it was restored from (empty: none).
+    source: String,
 }
 
 impl Record {
@@ -63,6 +66,7 @@ impl Record {
             "parameters": self.parameters,
             "context": self.context,
             "created": self.created,
+            "source": self.source,
         })
         .to_string()
     }
@@ -85,6 +89,7 @@ impl Record {
             parameters: map("parameters"),
             context: map("context"),
             created: v["created"].as_u64().unwrap_or(0),
+            source: v["source"].as_str().unwrap_or_default().to_string(),
         })
     }
 }
@@ -146,7 +151,7 @@ fn record(sv: &Subvolumes, v: &VolumeId) -> Result<Option<Record>> {
 }
 
 /// The volume a subvolume holds, as the CO sees it.
-fn describe(sv: &Subvolumes, v: &VolumeId) -> Result<Volume> {
+pub(crate) fn describe(sv: &Subvolumes, v: &VolumeId) -> Result<Volume> {
     let id = v.id();
     let gone = || format!("volume {id} does not exist");
     let Some(r) = record(sv, v)? else { return Err(error::not_found(gone())) };
@@ -158,7 +163,7 @@ fn describe(sv: &Subvolumes, v: &VolumeId) -> Result<Volume> {
         id: id.clone(),
         name: r.name,
         capacity: info.bytes_quota.unwrap_or(0),
-        source: None,
+        source: (!r.source.is_empty()).then(|| ContentSource::Snapshot(r.source.clone())),
         access: AccessType::Mount { fs_type: crate::FS_TYPE.into() },
         parameters: r.parameters,
         context: r.context,
@@ -181,8 +186,12 @@ impl CephFsEngine {
         &self.settings.filesystems[0]
     }
 
+    pub(crate) fn filesystems(&self) -> &[String] {
+        &self.settings.filesystems
+    }
+
     /// The pool request names are claimed in (the driver's own client).
-    async fn home_pool(&self, secrets: &Secrets) -> Result<Pool> {
+    pub(crate) async fn home_pool(&self, secrets: &Secrets) -> Result<Pool> {
         let name = self
             .home
             .get_or_try_init(|| async {
@@ -201,24 +210,53 @@ impl CephFsEngine {
         self.conn.pool(&name, secrets).await
     }
 
-    async fn subvolumes(&self, fs: &str, secrets: &Secrets) -> Result<Subvolumes> {
+    pub(crate) async fn subvolumes(&self, fs: &str, secrets: &Secrets) -> Result<Subvolumes> {
         let cluster = self.conn.cluster(secrets).await?;
         Ok(Subvolumes::new(cluster, fs))
     }
 
     /// Answers the volume `name` already is, or makes it.
     async fn create(&self, req: &NewVolume, p: &Parameters) -> Result<Volume> {
-        let size = engine::choose_size(
-            req.required_bytes,
-            req.limit_bytes,
-            0,
-            GRANULARITY,
-            MAXIMUM_VOLUME,
-        )?;
         let v = VolumeId::new(&p.fs, &p.group, &p.prefix, &req.name);
         let id = v.id();
         let home = self.home_pool(&req.secrets).await?;
         let sv = self.subvolumes(&p.fs, &req.secrets).await?;
+        let restore = match &req.source {
+            None => None,
+            Some(ContentSource::Snapshot(snapshot)) => {
+                let gone = || {
+                    error::not_found(format!(
+                        "snapshot {} does not exist",
+                        error::bounded(snapshot)
+                    ))
+                };
+                let s = SnapshotId::parse(snapshot).ok_or_else(gone)?;
+                if s.fs != p.fs {
+                    return Err(error::invalid(format!(
+                        "snapshot {snapshot} is on file system {}: a restore stays on its \
+                         snapshot's file system, not {}",
+                        s.fs, p.fs
+                    )));
+                }
+                let (h, cluster, wanted) = (home.clone(), sv.cluster().clone(), s.clone());
+                let claim =
+                    blocking(move || snapshots::find(&h, &cluster, &wanted).map(|(_, c)| c))
+                        .await?;
+                Some((s, claim))
+            }
+            Some(ContentSource::Volume(_)) => {
+                return Err(error::invalid("the CephFS engine does not clone volumes yet"))
+            }
+        };
+        let source_size = restore.as_ref().map_or(0, |(_, c)| c.size);
+        let size = engine::choose_size(
+            req.required_bytes,
+            req.limit_bytes,
+            source_size,
+            GRANULARITY,
+            MAXIMUM_VOLUME,
+        )?;
+        let source = restore.as_ref().map(|(s, _)| s.id()).unwrap_or_default();
         let (name, fingerprint) = (req.name.clone(), p.fingerprint());
         let (required, limit) = (req.required_bytes, req.limit_bytes);
         let (pool, parameters) = (p.pool.clone(), req.parameters.clone());
@@ -244,10 +282,12 @@ impl CephFsEngine {
             let exists = match record(&sv, &v) {
                 Ok(r) => Some(r),
                 Err(e) if e.kind() == Kind::NotFound => None,
+                // A restore still copying: its record comes once it is done.
+                Err(e) if e.kind() == Kind::Unavailable && restore.is_some() => Some(None),
                 Err(e) => return Err(e),
             };
             if let Some(Some(r)) = &exists {
-                if r.params != fingerprint || r.name != name {
+                if r.params != fingerprint || r.name != name || r.source != source {
                     return Err(error::exists(format!(
                         "volume {name:?} exists with other parameters"
                     )));
@@ -267,12 +307,20 @@ impl CephFsEngine {
             sv.create_group(&v.group).map_err(|e| {
                 named_by_class(e, || format!("file system {fs:?} (fsName) cannot hold groups"))
             })?;
-            let new = NewSubvolume { size, pool_layout: pool.as_deref(), mode: None };
-            sv.create(&v.group, &v.subvolume, &new).map_err(|e| {
-                named_by_class(e, || {
-                    format!("making a subvolume in {fs}/{} (pool {pool:?})", v.group)
-                })
-            })?;
+            match &restore {
+                None => {
+                    let new = NewSubvolume { size, pool_layout: pool.as_deref(), mode: None };
+                    sv.create(&v.group, &v.subvolume, &new).map_err(|e| {
+                        named_by_class(e, || {
+                            format!("making a subvolume in {fs}/{} (pool {pool:?})", v.group)
+                        })
+                    })?;
+                }
+                Some((s, claim)) => {
+                    restore_into(&sv, s, claim, &v, pool.as_deref())?;
+                    sv.resize(&v.group, &v.subvolume, size, false).map_err(ceph_error)?;
+                }
+            }
             let root = sv.path(&v.group, &v.subvolume).map_err(ceph_error)?;
             let mut context: BTreeMap<String, String> = [
                 ("fsName", fs.clone()),
@@ -294,11 +342,69 @@ impl CephFsEngine {
                 parameters,
                 context,
                 created: created.as_secs(),
+                source: source.clone(),
             };
             sv.set_metadata(&v.group, &v.subvolume, META, &r.encode()).map_err(ceph_error)?;
             describe(&sv, &v)
         })
         .await
+    }
+}
+
+/// How long a restore's CreateVolume waits for the manager's copy before
+/// it answers ABORTED (the provisioner retries, and a retry waits again):
+/// a copy of a large snapshot must never hold a call for minutes.
+const RESTORE_WAIT: Duration = Duration::from_secs(20);
+
+/// Restores snapshot `s` into the new subvolume `v` with the manager's
+/// cloner (a full copy), or finds the copy a previous call started; waits
+/// for it at most [`RESTORE_WAIT`].
+fn restore_into(
+    sv: &Subvolumes,
+    s: &SnapshotId,
+    claim: &snapshots::Claim,
+    v: &VolumeId,
+    pool: Option<&str>,
+) -> Result<()> {
+    let src = VolumeId::parse(&claim.source)
+        .ok_or_else(|| error::internal(format!("a snapshot claim names {:?}", claim.source)))?;
+    let started = match sv.clone_state(&v.group, &v.subvolume) {
+        Ok(_) => true,
+        Err(e) if e.is(libc::ENOENT) => false,
+        Err(e) => return Err(ceph_error(e)),
+    };
+    if !started {
+        match sv.clone_snapshot(&src.group, &src.subvolume, &s.snap(), &v.group, &v.subvolume, pool)
+        {
+            Err(e) if e.is(libc::EEXIST) => {}
+            other => other.map_err(|e| {
+                named_by_class(e, || format!("restoring snapshot {} (pool {pool:?})", s.id()))
+            })?,
+        }
+    }
+    let deadline = std::time::Instant::now() + RESTORE_WAIT;
+    loop {
+        let state = sv.clone_state(&v.group, &v.subvolume).map_err(ceph_error)?;
+        match state.as_str() {
+            "complete" => return Ok(()),
+            "failed" | "canceled" => {
+                // Gone, so that a retry starts the copy again.
+                let _ = sv.remove(&v.group, &v.subvolume, false);
+                return Err(error::unavailable(format!(
+                    "the copy of snapshot {} {state}; a retry starts it again",
+                    s.id()
+                )));
+            }
+            _ if std::time::Instant::now() > deadline => {
+                return Err(error::busy(format!(
+                    "restoring snapshot {}: the copy is {state}; a retry answers once it is done",
+                    s.id()
+                )))
+            }
+            // The manager says nothing when a copy ends: its state is
+            // polled.
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
     }
 }
 
@@ -376,10 +482,9 @@ impl ControllerEngine for CephFsEngine {
                 "CephFS volumes are file systems: raw block access is not offered",
             ));
         }
-        if p.backing_snapshot || req.source.is_some() {
+        if p.backing_snapshot {
             return Err(error::invalid(
-                "the CephFS engine makes empty volumes only so far: restores and clones (and \
-                 backingSnapshot) are not offered yet",
+                "backingSnapshot is not offered yet: a restore is a copy of the snapshot",
             ));
         }
         self.create(&req, &p).await
@@ -395,14 +500,24 @@ impl ControllerEngine for CephFsEngine {
             let r = match record(&sv, &v) {
                 Ok(r) => r,
                 Err(e) if e.kind() == Kind::NotFound => None,
+                // A restore still copying: it is stopped, then removed.
+                Err(e) if e.kind() == Kind::Unavailable => {
+                    let _ = sv.cancel_clone(&v.group, &v.subvolume);
+                    None
+                }
                 Err(e) => return Err(e),
             };
-            sv.remove(&v.group, &v.subvolume, false).map_err(|e| match e.errno {
-                libc::ENOTEMPTY | libc::EAGAIN => error::precondition(format!(
-                    "volume {id} has snapshots: delete them first ({e})"
-                )),
-                _ => ceph_error(e),
-            })?;
+            // Snapshots outlive their volume: Ceph keeps a subvolume with
+            // snapshots as `snapshot-retained` (no data path, no record)
+            // and purges it with its last snapshot.
+            let remove = || sv.remove(&v.group, &v.subvolume, true);
+            match remove() {
+                Err(e) if e.is(libc::EAGAIN) => {
+                    let _ = sv.cancel_clone(&v.group, &v.subvolume);
+                    remove().map_err(ceph_error)?
+                }
+                other => other.map_err(ceph_error)?,
+            }
             if let Some(r) = r {
                 let oid = claim_oid(&r.name);
                 let mine =
@@ -475,8 +590,9 @@ impl ControllerEngine for CephFsEngine {
                             VolumeId { fs: sv.fs().to_string(), group: g.clone(), subvolume: s };
                         match describe(&sv, &v) {
                             Ok(vol) => found.push(vol),
-                            // Not ours, half made, or gone meanwhile.
-                            Err(e) if e.kind() == Kind::NotFound => {}
+                            // Not ours, half made, gone meanwhile, or a
+                            // restore still copying.
+                            Err(e) if matches!(e.kind(), Kind::NotFound | Kind::Unavailable) => {}
                             Err(e) => return Err(e),
                         }
                     }
@@ -516,6 +632,10 @@ impl ControllerEngine for CephFsEngine {
             maximum_volume_size: MAXIMUM_VOLUME,
             minimum_volume_size: GRANULARITY,
         })
+    }
+
+    fn snapshots(&self) -> Option<&dyn Snapshots> {
+        Some(self)
     }
 
     async fn expand_volume(
@@ -579,6 +699,7 @@ mod tests {
             parameters: BTreeMap::from([("fsName".into(), "a".into())]),
             context: BTreeMap::from([("rootPath".into(), "/volumes/csi/x/uuid".into())]),
             created: 1_700_000_000,
+            source: "cephfs-snap:a:0123456789abcdef0123456789abcdef".into(),
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
         assert_eq!(Record::decode("not json"), None);

@@ -9,6 +9,9 @@
 use crate::error::{self, Result};
 
 pub const VOLUME: &str = "cephfs";
+pub const SNAPSHOT: &str = "cephfs-snap";
+/// Subvolume snapshots we take (ceph-csi's prefix).
+pub const SNAP_PREFIX: &str = "csi-snap-";
 
 const NAME_MAX: usize = 48;
 /// File systems and groups: part of every volume ID.
@@ -93,6 +96,48 @@ impl VolumeId {
     }
 }
 
+/// Where a snapshot is: its file system and the hash of its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SnapshotId {
+    pub fs: String,
+    pub hash: String,
+}
+
+impl SnapshotId {
+    pub fn new(fs: &str, name: &str) -> SnapshotId {
+        SnapshotId { fs: fs.into(), hash: hash(name) }
+    }
+
+    /// The snapshot of a subvolume named `snap` (None: not one of ours).
+    pub fn of_snap(fs: &str, snap: &str) -> Option<SnapshotId> {
+        let hash = snap.strip_prefix(SNAP_PREFIX).filter(|h| is_hash(h))?;
+        Some(SnapshotId { fs: fs.into(), hash: hash.into() })
+    }
+
+    pub fn parse(id: &str) -> Option<SnapshotId> {
+        let mut parts = id.split(':');
+        let (kind, fs, hash) = (parts.next()?, parts.next()?, parts.next()?);
+        let ok = kind == SNAPSHOT
+            && parts.next().is_none()
+            && is_plain(fs, ID_PART_MAX)
+            && is_hash(hash);
+        ok.then(|| SnapshotId { fs: fs.into(), hash: hash.into() })
+    }
+
+    pub fn id(&self) -> String {
+        format!("{SNAPSHOT}:{}:{}", self.fs, self.hash)
+    }
+
+    /// The subvolume snapshot's name.
+    pub fn snap(&self) -> String {
+        format!("{SNAP_PREFIX}{}", self.hash)
+    }
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +154,12 @@ mod tests {
         {
             assert_eq!(VolumeId::parse(bad), None, "{bad}");
         }
+        let s = SnapshotId::new("myfs", "snap-1");
+        assert_eq!(SnapshotId::parse(&s.id()), Some(s.clone()));
+        assert_eq!(SnapshotId::of_snap("myfs", &s.snap()), Some(s));
+        for bad in ["cephfs-snap:a", "cephfs-snap:a:XYZ", "cephfs:a:b:c", "cephfs-snap:a:b:c"] {
+            assert_eq!(SnapshotId::parse(bad), None, "{bad}");
+        }
+        assert_eq!(SnapshotId::of_snap("a", "manual-snap"), None);
     }
 }

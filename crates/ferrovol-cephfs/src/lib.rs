@@ -19,6 +19,7 @@ pub mod controller;
 pub mod ids;
 pub mod node;
 pub mod params;
+mod snapshots;
 
 pub use ferrovol_cephclient::{blocking, ceph_error, close_connections, connect};
 pub use ferrovol_error as error;

@@ -100,11 +100,12 @@ impl CephFs {
         v["bytes_quota"].as_u64().unwrap()
     }
 
-    /// Name claims that name a volume in this test's group.
+    /// Name claims (volumes' and snapshots') that name a volume in this
+    /// test's group.
     fn claims(&self) -> Vec<String> {
         let objects = self.tool("rados", &["-p", META_POOL, "ls"]);
         let mut ours = vec![];
-        for o in objects.lines().filter(|o| o.starts_with("ferrovol.cephfs.name.")) {
+        for o in objects.lines().filter(|o| o.starts_with("ferrovol.cephfs.")) {
             let out = std::process::Command::new("rados")
                 .arg("-c")
                 .arg(&self.conf)
@@ -450,4 +451,79 @@ async fn cephfs_parameters_names_and_quota_growth() {
 
 fn cap_of_volume() -> csi::VolumeCapability {
     cap(Mode::MultiNodeMultiWriter)
+}
+
+/// Snapshots are the subvolume's own (O(1)); a restore holds the data of
+/// the instant it was taken; a snapshot outlives its volume (Ceph keeps the
+/// subvolume as `snapshot-retained`, no longer a volume) and still
+/// restores; deleting the last snapshot lets Ceph purge what was kept.
+#[tokio::test]
+async fn cephfs_snapshots_restore_and_outlive_their_volume() {
+    let Some(fs) = cephfs("snap") else { return };
+    let d = fs.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &fs, "pvc-src", Mode::SingleNodeWriter).await;
+    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-src", Mode::SingleNodeWriter).await;
+    std::fs::create_dir(target.join("dir")).unwrap();
+    std::fs::write(target.join("dir/data"), b"before the snapshot").unwrap();
+
+    let r = req::snapshot("snap-1", &v.volume_id);
+    let snap = k.c.create_snapshot(r.clone()).await.unwrap().into_inner().snapshot.unwrap();
+    let again = k.c.create_snapshot(r).await.unwrap().into_inner().snapshot.unwrap();
+    assert_eq!(
+        (again.snapshot_id.as_str(), again.source_volume_id.as_str()),
+        (snap.snapshot_id.as_str(), v.volume_id.as_str())
+    );
+    assert!(snap.ready_to_use && snap.size_bytes == 64 * MIB, "{snap:?}");
+    std::fs::write(target.join("dir/data"), b"after the snapshot").unwrap();
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+
+    // A restore: the data of the snapshot's instant, in a volume of its own.
+    let restore = |name: &str| csi::CreateVolumeRequest {
+        parameters: fs.params(),
+        volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+        ..req::from_snapshot(name, &snap.snapshot_id, 64 * MIB)
+    };
+    let r1 = k.c.create_volume(restore("pvc-r1")).await.unwrap().into_inner().volume.unwrap();
+    let again = k.c.create_volume(restore("pvc-r1")).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again.volume_id, r1.volume_id);
+    assert!(r1.content_source.is_some(), "{r1:?}");
+    let (st1, tg1) = mount(&mut k.n, &fs, &r1, "pod-r1", Mode::SingleNodeWriter).await;
+    assert_eq!(std::fs::read(tg1.join("dir/data")).unwrap(), b"before the snapshot");
+    unmount(&mut k.n, &r1.volume_id, &st1, &tg1).await;
+    // The same name from no snapshot is another volume: ALREADY_EXISTS.
+    let e = k.c.create_volume(fs.create("pvc-r1", 64 * MIB, Mode::SingleNodeWriter)).await;
+    assert_eq!(e.unwrap_err().code(), Code::AlreadyExists);
+    // A snapshot that does not exist, or on another file system.
+    let mut r = restore("pvc-bad");
+    r.volume_content_source =
+        req::from_snapshot("x", "cephfs-snap:ferrovolfs:0123456789abcdef0123456789abcdef", 0)
+            .volume_content_source;
+    assert_eq!(k.c.create_volume(r).await.unwrap_err().code(), Code::NotFound);
+
+    // The volume goes, its snapshot stays and still restores.
+    k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    let get = csi::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() };
+    assert_eq!(k.c.controller_get_volume(get).await.unwrap_err().code(), Code::NotFound);
+    let listed = k.c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.entries.iter().all(|e| e.volume.as_ref().unwrap().volume_id != v.volume_id));
+    let by_id =
+        csi::ListSnapshotsRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() };
+    assert_eq!(k.c.list_snapshots(by_id).await.unwrap().into_inner().entries.len(), 1);
+    let r2 = k.c.create_volume(restore("pvc-r2")).await.unwrap().into_inner().volume.unwrap();
+    let (st2, tg2) = mount(&mut k.n, &fs, &r2, "pod-r2", Mode::SingleNodeWriter).await;
+    assert_eq!(std::fs::read(tg2.join("dir/data")).unwrap(), b"before the snapshot");
+    unmount(&mut k.n, &r2.volume_id, &st2, &tg2).await;
+
+    // The last snapshot takes the kept subvolume with it.
+    let source_subvolume = v.volume_id.rsplit(':').next().unwrap().to_string();
+    assert!(fs.subvolumes().contains(&source_subvolume), "kept for its snapshot");
+    k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.expect("deleting again: OK");
+    assert!(!fs.subvolumes().contains(&source_subvolume), "purged with its last snapshot");
+    for r in [&r1, &r2] {
+        k.c.delete_volume(req::delete(&r.volume_id)).await.unwrap();
+    }
+    fs.assert_clean();
+    drop(d);
 }
