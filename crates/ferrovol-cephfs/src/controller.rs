@@ -35,6 +35,9 @@ pub struct Settings {
     /// (where request names are claimed) first. Volumes on others work all
     /// the same.
     pub filesystems: Vec<String>,
+    /// How long a restore's CreateVolume waits for the copy before it
+    /// answers ABORTED.
+    pub restore_wait: Duration,
 }
 
 pub struct CephFsEngine {
@@ -135,6 +138,14 @@ fn named_by_class(e: CephError, what: impl FnOnce() -> String) -> Error {
 
 fn claim_oid(name: &str) -> String {
     format!("ferrovol.cephfs.name.{}", ids::hash(name))
+}
+
+/// The claim of the name a volume was made for: its subvolume ends with
+/// the same hash, so it is found without the volume's record (a restore
+/// deleted mid-copy has none yet).
+fn claim_oid_of(v: &VolumeId) -> String {
+    let hash = &v.subvolume[v.subvolume.len().saturating_sub(32)..];
+    format!("ferrovol.cephfs.name.{hash}")
 }
 
 fn seconds(t: u64) -> SystemTime {
@@ -257,6 +268,7 @@ impl CephFsEngine {
             MAXIMUM_VOLUME,
         )?;
         let source = restore.as_ref().map(|(s, _)| s.id()).unwrap_or_default();
+        let restore_wait = self.settings.restore_wait;
         let (name, fingerprint) = (req.name.clone(), p.fingerprint());
         let (required, limit) = (req.required_bytes, req.limit_bytes);
         let (pool, parameters) = (p.pool.clone(), req.parameters.clone());
@@ -317,7 +329,7 @@ impl CephFsEngine {
                     })?;
                 }
                 Some((s, claim)) => {
-                    restore_into(&sv, s, claim, &v, pool.as_deref())?;
+                    restore_into(&sv, s, claim, &v, pool.as_deref(), restore_wait)?;
                     sv.resize(&v.group, &v.subvolume, size, false).map_err(ceph_error)?;
                 }
             }
@@ -354,17 +366,18 @@ impl CephFsEngine {
 /// How long a restore's CreateVolume waits for the manager's copy before
 /// it answers ABORTED (the provisioner retries, and a retry waits again):
 /// a copy of a large snapshot must never hold a call for minutes.
-const RESTORE_WAIT: Duration = Duration::from_secs(20);
+pub const RESTORE_WAIT: Duration = Duration::from_secs(20);
 
 /// Restores snapshot `s` into the new subvolume `v` with the manager's
 /// cloner (a full copy), or finds the copy a previous call started; waits
-/// for it at most [`RESTORE_WAIT`].
+/// for it at most `wait` ([`RESTORE_WAIT`] unless the flag says).
 fn restore_into(
     sv: &Subvolumes,
     s: &SnapshotId,
     claim: &snapshots::Claim,
     v: &VolumeId,
     pool: Option<&str>,
+    wait: Duration,
 ) -> Result<()> {
     let src = VolumeId::parse(&claim.source)
         .ok_or_else(|| error::internal(format!("a snapshot claim names {:?}", claim.source)))?;
@@ -382,7 +395,7 @@ fn restore_into(
             })?,
         }
     }
-    let deadline = std::time::Instant::now() + RESTORE_WAIT;
+    let deadline = std::time::Instant::now() + wait;
     loop {
         let state = sv.clone_state(&v.group, &v.subvolume).map_err(ceph_error)?;
         match state.as_str() {
@@ -497,16 +510,15 @@ impl ControllerEngine for CephFsEngine {
         let home = self.home_pool(secrets).await?;
         let id = id.to_string();
         blocking(move || {
-            let r = match record(&sv, &v) {
-                Ok(r) => r,
-                Err(e) if e.kind() == Kind::NotFound => None,
+            match record(&sv, &v) {
+                Ok(_) => {}
+                Err(e) if e.kind() == Kind::NotFound => {}
                 // A restore still copying: it is stopped, then removed.
                 Err(e) if e.kind() == Kind::Unavailable => {
                     let _ = sv.cancel_clone(&v.group, &v.subvolume);
-                    None
                 }
                 Err(e) => return Err(e),
-            };
+            }
             // Snapshots outlive their volume: Ceph keeps a subvolume with
             // snapshots as `snapshot-retained` (no data path, no record)
             // and purges it with its last snapshot.
@@ -518,15 +530,13 @@ impl ControllerEngine for CephFsEngine {
                 }
                 other => other.map_err(ceph_error)?,
             }
-            if let Some(r) = r {
-                let oid = claim_oid(&r.name);
-                let mine =
-                    home.read_object(&oid).map_err(ceph_error)?.as_deref() == Some(id.as_bytes());
-                if mine {
-                    match home.remove_object(&oid) {
-                        Err(e) if e.is(libc::ENOENT) => {}
-                        other => other.map_err(ceph_error)?,
-                    }
+            let oid = claim_oid_of(&v);
+            let mine =
+                home.read_object(&oid).map_err(ceph_error)?.as_deref() == Some(id.as_bytes());
+            if mine {
+                match home.remove_object(&oid) {
+                    Err(e) if e.is(libc::ENOENT) => {}
+                    other => other.map_err(ceph_error)?,
                 }
             }
             Ok(())

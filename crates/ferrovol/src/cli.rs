@@ -188,6 +188,13 @@ pub struct RbdArgs {
         default_value = "cephfs"
     )]
     pub cephfs_filesystems: Vec<String>,
+
+    /// CephFS: how long a CreateVolume from a snapshot waits for the copy
+    /// before it answers ABORTED (the provisioner retries; keep it well
+    /// under the provisioner's --timeout).
+    #[arg(long, env = "FERROVOL_CEPHFS_RESTORE_WAIT", default_value = "20s",
+          value_parser = ferrovol_csi::units::parse_duration)]
+    pub cephfs_restore_wait: std::time::Duration,
 }
 
 /// The storage engines ferrovol can serve.

@@ -323,8 +323,10 @@ async fn cephfs(
     let controller: Option<Arc<dyn ferrovol_core::engine::ControllerEngine>> =
         match common.mode.controller() {
             true => {
-                let settings =
-                    controller::Settings { filesystems: args.cephfs_filesystems.clone() };
+                let settings = controller::Settings {
+                    filesystems: args.cephfs_filesystems.clone(),
+                    restore_wait: args.cephfs_restore_wait,
+                };
                 let engine = controller::CephFsEngine::open(conn.clone(), settings)
                     .map_err(|e| e.message().to_string())?;
                 Some(Arc::new(engine))

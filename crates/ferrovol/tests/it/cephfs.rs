@@ -527,3 +527,68 @@ async fn cephfs_snapshots_restore_and_outlive_their_volume() {
     fs.assert_clean();
     drop(d);
 }
+
+/// A restore whose copy outlasts the wait answers ABORTED, as the
+/// provisioner expects of an operation in flight, and a retry finds the
+/// same copy and answers once it is complete; a restore deleted while it
+/// still copies is cancelled and leaves nothing.
+#[tokio::test]
+async fn cephfs_a_slow_restore_answers_aborted_and_a_deleted_one_is_cancelled() {
+    let Some(fs) = cephfs("slowrestore") else { return };
+    let d = fs.driver("d", "node-a", &["--cephfs-restore-wait", "1ms"]).start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &fs, "pvc-big", Mode::SingleNodeWriter).await;
+    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-big", Mode::SingleNodeWriter).await;
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    for f in 0..4 {
+        let data: Vec<u8> = chunk.iter().cycle().take(8 << 20).copied().collect();
+        std::fs::write(target.join(format!("f{f}")), data).unwrap();
+    }
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+    let snap = k.c.create_snapshot(req::snapshot("snap-big", &v.volume_id)).await.unwrap();
+    let snap = snap.into_inner().snapshot.unwrap();
+    let restore = |name: &str| csi::CreateVolumeRequest {
+        parameters: fs.params(),
+        volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+        ..req::from_snapshot(name, &snap.snapshot_id, 64 * MIB)
+    };
+
+    // In flight: ABORTED, then the sidecar's retries until it is done.
+    let first = k.c.create_volume(restore("pvc-slow")).await.unwrap_err();
+    assert_eq!(first.code(), Code::Aborted, "{first:?}");
+    assert!(first.message().contains("copy"), "{first:?}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let restored = loop {
+        match k.c.create_volume(restore("pvc-slow")).await {
+            Ok(r) => break r.into_inner().volume.unwrap(),
+            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                // The provisioner's retry, not a wait for an event.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("restore: {e:?}"),
+        }
+    };
+    let (st, tg) = mount(&mut k.n, &fs, &restored, "pod-slow", Mode::SingleNodeWriter).await;
+    for f in 0..4 {
+        let data = std::fs::read(tg.join(format!("f{f}"))).unwrap();
+        assert_eq!(data.len(), 8 << 20);
+        assert!(data.chunks(1 << 20).all(|c| c == chunk.as_slice()), "f{f} differs");
+    }
+    unmount(&mut k.n, &restored.volume_id, &st, &tg).await;
+
+    // Deleted mid-copy: cancelled, nothing left (the ID is the one the
+    // CreateVolume would have answered).
+    let e = k.c.create_volume(restore("pvc-abandoned")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    let abandoned =
+        ferrovol_cephfs::ids::VolumeId::new("ferrovolfs", &fs.group, "csi-vol-", "pvc-abandoned");
+    assert!(fs.subvolumes().contains(&abandoned.subvolume), "the copy is under way");
+    k.c.delete_volume(req::delete(&abandoned.id())).await.unwrap();
+    assert!(!fs.subvolumes().contains(&abandoned.subvolume), "the copy was cancelled and removed");
+
+    k.c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
+    k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    fs.assert_clean();
+    drop(d);
+}
