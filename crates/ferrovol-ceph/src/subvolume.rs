@@ -242,6 +242,20 @@ impl Subvolumes {
         }
     }
 
+    /// Removes what a cancelled clone left (`rm --force`: the manager
+    /// refuses a plain remove of a clone target until its cancellation has
+    /// settled). Only for a clone target that was never a volume.
+    pub fn remove_cancelled_clone(&self, group: &str, name: &str) -> Result<()> {
+        let c = Command::new("fs subvolume rm", &self.fs)
+            .arg("sub_name", name)
+            .arg("group_name", group)
+            .raw("force", "true");
+        match self.run(c) {
+            Err(e) if e.is(libc::ENOENT) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
     /// The names of the group's subvolumes.
     pub fn list(&self, group: &str) -> Result<Vec<String>> {
         let out = self.run(Command::new("fs subvolume ls", &self.fs).arg("group_name", group))?;

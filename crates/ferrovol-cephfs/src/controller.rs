@@ -522,11 +522,12 @@ impl ControllerEngine for CephFsEngine {
             // Snapshots outlive their volume: Ceph keeps a subvolume with
             // snapshots as `snapshot-retained` (no data path, no record)
             // and purges it with its last snapshot.
-            let remove = || sv.remove(&v.group, &v.subvolume, true);
-            match remove() {
+            match sv.remove(&v.group, &v.subvolume, true) {
+                // A restore still copying (never a volume yet): its copy
+                // is cancelled and what it made removed.
                 Err(e) if e.is(libc::EAGAIN) => {
                     let _ = sv.cancel_clone(&v.group, &v.subvolume);
-                    remove().map_err(ceph_error)?
+                    sv.remove_cancelled_clone(&v.group, &v.subvolume).map_err(ceph_error)?
                 }
                 other => other.map_err(ceph_error)?,
             }
