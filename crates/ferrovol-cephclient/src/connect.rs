@@ -13,6 +13,7 @@ use ferrovol_ceph::{self as ceph, Cluster, Pool};
 use ferrovol_core::engine::Secrets;
 
 use crate::error::{self, Result};
+use crate::helper::Auth;
 use crate::{blocking, ceph_error};
 
 /// How the driver reaches the cluster when a request carries no secrets.
@@ -223,10 +224,17 @@ impl Connections {
         Ok(all.entry(key).or_insert(pool).clone())
     }
 
-    /// Secrets for a helper process (rbd-fuse, rbd-nbd): the user id and
-    /// key the request carried, if any.
-    pub fn helper_credentials(secrets: &Secrets) -> Result<Option<(String, String)>> {
+    /// How a helper process (rbd-fuse, rbd-nbd, ceph-fuse) reaches the
+    /// cluster: the node's own config, with the user and key the request
+    /// carried, if any, in place of the driver's default client.
+    pub fn helper_auth(&self, secrets: &Secrets) -> Result<Auth> {
         let c = Credentials::from_secrets(secrets, false)?;
-        Ok(c.user.zip(c.key))
+        let config = &self.config;
+        Ok(Auth {
+            conf: config.conf.clone(),
+            user: c.user.or(config.user.clone()),
+            keyring: config.keyring.clone(),
+            key: c.key.or(config.key.clone()),
+        })
     }
 }

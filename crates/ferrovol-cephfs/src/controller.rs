@@ -334,7 +334,7 @@ impl CephFsEngine {
                 }
             }
             let root = sv.path(&v.group, &v.subvolume).map_err(ceph_error)?;
-            let mut context: BTreeMap<String, String> = [
+            let context: BTreeMap<String, String> = [
                 ("fsName", fs.clone()),
                 ("subvolumeGroup", v.group.clone()),
                 ("subvolumeName", v.subvolume.clone()),
@@ -345,7 +345,6 @@ impl CephFsEngine {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-            context.retain(|_, v| !v.is_empty());
             let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
             let r = Record {
                 name: name.clone(),
@@ -419,6 +418,29 @@ fn restore_into(
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Every subvolume of a file system, in every group (a group gone
+/// meanwhile is skipped). Ours or not: callers look at each.
+pub(crate) fn every_subvolume(sv: &Subvolumes) -> Result<Vec<VolumeId>> {
+    let groups = match sv.groups() {
+        Err(e) if e.is(libc::ENOENT) => return Ok(vec![]),
+        other => other.map_err(ceph_error)?,
+    };
+    let mut all = vec![];
+    for group in groups {
+        let names = match sv.list(&group) {
+            Err(e) if e.is(libc::ENOENT) => continue,
+            other => other.map_err(ceph_error)?,
+        };
+        let fs = sv.fs();
+        all.extend(names.into_iter().map(|subvolume| VolumeId {
+            fs: fs.to_string(),
+            group: group.clone(),
+            subvolume,
+        }));
+    }
+    Ok(all)
 }
 
 /// Whether the volume a claim names still exists (a claim left by a
@@ -587,25 +609,13 @@ impl ControllerEngine for CephFsEngine {
             let sv = self.subvolumes(fs, &Secrets::default()).await?;
             let found = blocking(move || {
                 let mut found = vec![];
-                let groups = match sv.groups() {
-                    Err(e) if e.is(libc::ENOENT) => return Ok(found),
-                    other => other.map_err(ceph_error)?,
-                };
-                for g in groups {
-                    let subvolumes = match sv.list(&g) {
-                        Err(e) if e.is(libc::ENOENT) => continue,
-                        other => other.map_err(ceph_error)?,
-                    };
-                    for s in subvolumes {
-                        let v =
-                            VolumeId { fs: sv.fs().to_string(), group: g.clone(), subvolume: s };
-                        match describe(&sv, &v) {
-                            Ok(vol) => found.push(vol),
-                            // Not ours, half made, gone meanwhile, or a
-                            // restore still copying.
-                            Err(e) if matches!(e.kind(), Kind::NotFound | Kind::Unavailable) => {}
-                            Err(e) => return Err(e),
-                        }
+                for v in every_subvolume(&sv)? {
+                    match describe(&sv, &v) {
+                        Ok(vol) => found.push(vol),
+                        // Not ours, half made, gone meanwhile, or a
+                        // restore still copying.
+                        Err(e) if matches!(e.kind(), Kind::NotFound | Kind::Unavailable) => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 Ok(found)

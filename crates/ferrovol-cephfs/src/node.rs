@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferrovol_cephclient::connect::Connections;
-use ferrovol_cephclient::helper::{self, Auth};
+use ferrovol_cephclient::helper;
 use ferrovol_core::engine::{
     Condition, Features, MountEntry, NodeEngine, Stage, Topology, VolumeView,
 };
@@ -38,8 +38,9 @@ const LOOK_DEADLINE: Duration = Duration::from_secs(10);
 pub struct CephFsNode {
     state: PathBuf,
     /// The node's own client (flags), used when a request carries no
-    /// secret.
-    auth: Auth,
+    /// secret; ceph-fuse gets it (or the request's) through
+    /// [`Connections::helper_auth`].
+    conn: Connections,
 }
 
 /// Where a staged volume's helper, mount and record live.
@@ -52,8 +53,8 @@ struct Place {
 const RECORD: &str = "volume";
 
 impl CephFsNode {
-    pub fn new(state: &Path, auth: Auth) -> Result<CephFsNode> {
-        Ok(CephFsNode { state: state.join("cephfs"), auth })
+    pub fn new(state: &Path, conn: Connections) -> CephFsNode {
+        CephFsNode { state: state.join("cephfs"), conn }
     }
 
     fn place(&self, volume_id: &str) -> Place {
@@ -78,8 +79,13 @@ fn read_record(dir: &Path) -> Option<(String, PathBuf)> {
 /// does not serve it.
 fn mounts(mnt: &Path, staging: &Path) -> Result<Vec<MountEntry>> {
     let all = mountinfo::read().map_err(io("reading the mount table"))?;
-    let Some(own) = mountinfo::at(&all, mnt).filter(|m| m.fs_type.starts_with("fuse")) else {
-        return Ok(vec![]);
+    Ok(mounts_in(&all, mnt, staging))
+}
+
+/// [`mounts`] in a table already read.
+fn mounts_in(all: &[MountEntry], mnt: &Path, staging: &Path) -> Vec<MountEntry> {
+    let Some(own) = mountinfo::at(all, mnt).filter(|m| m.fs_type.starts_with("fuse")) else {
+        return vec![];
     };
     let dev = (own.major, own.minor);
     let mut of_volume: Vec<MountEntry> =
@@ -87,9 +93,9 @@ fn mounts(mnt: &Path, staging: &Path) -> Result<Vec<MountEntry>> {
     of_volume.sort_by_key(|m| m.mount_point != staging);
     if of_volume.first().is_some_and(|m| m.mount_point != staging) {
         // The helper serves it, but no stage stands: nothing to show.
-        return Ok(vec![]);
+        return vec![];
     }
-    Ok(of_volume)
+    of_volume
 }
 
 #[tonic::async_trait]
@@ -156,11 +162,10 @@ impl NodeEngine for CephFsNode {
         let staging = request.staging.clone();
         let (dir, mnt, s) = (place.dir.clone(), place.mnt.clone(), staging.clone());
         let staged = offload::run("looking at the stage", QUICK, move || {
-            let found = mounts(&mnt, &s)?;
-            if found.first().is_some_and(|m| m.mount_point == s) {
+            let all = mountinfo::read().map_err(io("reading the mount table"))?;
+            if mounts_in(&all, &mnt, &s).first().is_some_and(|m| m.mount_point == s) {
                 return Ok(true);
             }
-            let all = mountinfo::read().map_err(io("reading the mount table"))?;
             if let Some(m) = mountinfo::at(&all, &s) {
                 return Err(error::exists(format!(
                     "staging path {} already holds another mount ({})",
@@ -242,11 +247,12 @@ impl NodeEngine for CephFsNode {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
                 other => other.map_err(io(format!("reading {}", state.display())))?,
             };
+            let all = mountinfo::read().map_err(io("reading the mount table"))?;
             let mut by_volume = BTreeMap::new();
             for e in entries.flatten() {
                 let dir = e.path();
                 if let Some((id, staging)) = read_record(&dir) {
-                    let found = mounts(&dir.join("mnt"), &staging)?;
+                    let found = mounts_in(&all, &dir.join("mnt"), &staging);
                     if !found.is_empty() {
                         by_volume.insert(id, found);
                     }
@@ -268,11 +274,7 @@ impl CephFsNode {
         root: &str,
         place: &Place,
     ) -> Result<()> {
-        let mut auth = self.auth.clone();
-        if let Some((user, key)) = Connections::helper_credentials(&request.volume.secrets)? {
-            auth.user = Some(user);
-            auth.key = Some(key);
-        }
+        let auth = self.conn.helper_auth(&request.volume.secrets)?;
         let (dir, a) = (place.dir.clone(), auth.clone());
         let keyfile =
             offload::run("writing the key file", QUICK, move || helper::write_keyfile(&dir, &a))

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferrovol_ceph::{Cluster, Pool, Subvolumes};
 use ferrovol_core::engine::{self, Page, Secrets, Snapshot, SnapshotFilter, Snapshots};
 
-use crate::controller::{describe, CephFsEngine};
+use crate::controller::{describe, every_subvolume, CephFsEngine};
 use crate::error::{self, Kind, Result};
 use crate::ids::{SnapshotId, VolumeId};
 use crate::{blocking, ceph_error};
@@ -236,19 +236,8 @@ impl Snapshots for CephFsEngine {
             let mut all = vec![];
             for fs in filesystems {
                 let sv = Subvolumes::new(cluster.clone(), &fs);
-                let groups = match sv.groups() {
-                    Err(e) if e.is(libc::ENOENT) => continue,
-                    other => other.map_err(ceph_error)?,
-                };
-                for group in groups {
-                    let subvolumes = match sv.list(&group) {
-                        Err(e) if e.is(libc::ENOENT) => continue,
-                        other => other.map_err(ceph_error)?,
-                    };
-                    for subvolume in subvolumes {
-                        let v = VolumeId { fs: fs.clone(), group: group.clone(), subvolume };
-                        all.extend(of_subvolume(&home, &sv, &v)?);
-                    }
+                for v in every_subvolume(&sv)? {
+                    all.extend(of_subvolume(&home, &sv, &v)?);
                 }
             }
             Ok(all)

@@ -17,7 +17,7 @@ use ferrovol_core::engine::{Attach, Condition, Features, Topology};
 use crate::connect::Connections;
 use crate::error::{self, Result};
 use crate::ids::VolumeId;
-use crate::mapper::{self, Auth, Mapper};
+use crate::mapper::{self, Mapper};
 use crate::{blocking, ceph_error};
 
 pub struct RbdNode {
@@ -110,14 +110,7 @@ impl Attacher for RbdNode {
             None => self.default_mapper,
         };
         self.fence_others(&v, request).await?;
-        let creds = Connections::helper_credentials(&request.secrets)?;
-        let config = self.conn.config();
-        let auth = Auth {
-            conf: config.conf.clone(),
-            user: creds.as_ref().map(|(u, _)| u.clone()).or(config.user.clone()),
-            keyring: config.keyring.clone(),
-            key: creds.map(|(_, k)| k).or(config.key.clone()),
-        };
+        let auth = self.conn.helper_auth(&request.secrets)?;
         let device = mapper.map(&self.state_dir, &v, &auth).await?;
         Ok(Attachment { device, fresh: true })
     }

@@ -247,12 +247,7 @@ async fn rbd(
     args: &cli::RbdArgs,
 ) -> Result<Halves, String> {
     use ferrovol_rbd::{controller, node};
-    if matches!(common.mode, Mode::Relay | Mode::Agent) {
-        return Err("the relay and its agents are the local engine's; the RBD engine's \
-                    controller reaches the cluster itself (--mode controller)"
-            .into());
-    }
-    let conn = ceph_connections(common, args)?;
+    let conn = ceph_connections(common, args, "RBD")?;
     for pool in &args.rbd_pools {
         ferrovol_rbd::ids::check_pool(pool).map_err(|e| format!("--rbd-pools: {}", e.message()))?;
     }
@@ -281,12 +276,21 @@ async fn rbd(
 }
 
 /// The Ceph engines' connections: the driver's own client from the flags
-/// (or the mounted secret), others per request.
+/// (or the mounted secret), others per request. The relay and its agents
+/// are the local engine's: a Ceph engine's controller reaches the cluster
+/// itself.
 fn ceph_connections(
     common: &ferrovol_core::cli::ServeArgs,
     args: &cli::RbdArgs,
+    engine: &str,
 ) -> Result<ferrovol_cephclient::connect::Connections, String> {
     use ferrovol_cephclient::connect;
+    if matches!(common.mode, Mode::Relay | Mode::Agent) {
+        return Err(format!(
+            "the relay and its agents are the local engine's; the {engine} engine's controller \
+             reaches the cluster itself (--mode controller)"
+        ));
+    }
     let mut config = connect::ClusterConfig {
         conf: args.ceph_conf.clone(),
         user: args.ceph_user.clone(),
@@ -310,12 +314,7 @@ async fn cephfs(
     args: &cli::RbdArgs,
 ) -> Result<Halves, String> {
     use ferrovol_cephfs::{controller, node};
-    if matches!(common.mode, Mode::Relay | Mode::Agent) {
-        return Err("the relay and its agents are the local engine's; the CephFS engine's \
-                    controller reaches the cluster itself (--mode controller)"
-            .into());
-    }
-    let conn = ceph_connections(common, args)?;
+    let conn = ceph_connections(common, args, "CephFS")?;
     for fs in &args.cephfs_filesystems {
         ferrovol_cephfs::ids::check_id_part("--cephfs-filesystems", fs)
             .map_err(|e| e.message().to_string())?;
@@ -336,16 +335,7 @@ async fn cephfs(
     let node: Option<Arc<dyn NodeEngine>> = match common.mode.node() {
         true => {
             ferrovol_core::server::prepare_state_dir(common)?;
-            let config = conn.config();
-            let auth = ferrovol_cephclient::helper::Auth {
-                conf: config.conf.clone(),
-                user: config.user.clone(),
-                keyring: config.keyring.clone(),
-                key: config.key.clone(),
-            };
-            let node = node::CephFsNode::new(&common.state_dir, auth)
-                .map_err(|e| e.message().to_string())?;
-            Some(Arc::new(node))
+            Some(Arc::new(node::CephFsNode::new(&common.state_dir, conn)))
         }
         false => None,
     };
