@@ -19,7 +19,7 @@ use std::time::Duration;
 use ferrovol_cephclient::connect::Connections;
 use ferrovol_cephclient::helper;
 use ferrovol_core::engine::{
-    Condition, Features, MountEntry, NodeEngine, Stage, Topology, VolumeView,
+    self, Condition, Features, MountEntry, NodeEngine, Stage, Topology, VolumeView,
 };
 use ferrovol_host::node::beneath::{self, Beneath};
 use ferrovol_host::node::{fs as nodefs, mountinfo};
@@ -47,6 +47,59 @@ pub struct CephFsNode {
 struct Place {
     dir: PathBuf,
     mnt: PathBuf,
+}
+
+/// What ceph-fuse is started with, from the volume context. The context
+/// reaches the node from the PV, which anyone who may edit PVs can change:
+/// everything in it is checked again here, not trusted because the
+/// controller wrote it.
+struct Mountable {
+    /// The subvolume's path inside the file system.
+    root: String,
+    fuse_options: Option<String>,
+}
+
+impl Mountable {
+    fn from_context(ctx: &engine::Context, v: &VolumeId) -> Result<Mountable> {
+        let root = ctx.get("rootPath").map(String::as_str).unwrap_or_default();
+        // An absolute path of plain names: no `.` or `..`, nothing a
+        // helper could read as an option.
+        let plain = |c: &str| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        let ok =
+            root.len() <= 1024 && root.strip_prefix('/').is_some_and(|r| r.split('/').all(plain));
+        if !ok {
+            return Err(error::invalid(format!(
+                "the volume context's rootPath {:?} is not the absolute path of a subvolume \
+                 (plain names of [A-Za-z0-9._-], no . or ..)",
+                error::bounded(root)
+            )));
+        }
+        if ctx.get("fsName").is_some_and(|fs| *fs != v.fs) {
+            return Err(error::invalid("the volume context's fsName is not the volume's"));
+        }
+        if let Some(m) = ctx.get("mounter").filter(|m| !m.is_empty()) {
+            match Mounter::parse(m) {
+                Some(Mounter::Fuse) => {}
+                Some(Mounter::Kernel) => {
+                    return Err(error::precondition(
+                        "this class asks for the kernel CephFS client (mounter: kernel), which \
+                         ferrovol does not drive yet: use mounter: fuse",
+                    ))
+                }
+                None => return Err(error::invalid("the volume context's mounter is unknown")),
+            }
+        }
+        let fuse_options = match ctx.get("fuseMountOptions").filter(|o| !o.is_empty()) {
+            Some(o) => Some(crate::params::mount_options("fuseMountOptions", o)?),
+            None => None,
+        };
+        Ok(Mountable { root: root.to_string(), fuse_options })
+    }
 }
 
 /// What a stage left for the next look: the volume and where it is staged.
@@ -139,25 +192,7 @@ impl NodeEngine for CephFsNode {
         let v = VolumeId::parse(&id).ok_or_else(|| {
             error::not_found(format!("volume {} does not exist", error::bounded(&id)))
         })?;
-        let ctx = &request.volume.volume_context;
-        let root = ctx.get("rootPath").filter(|r| r.starts_with('/')).ok_or_else(|| {
-            error::invalid("the volume context has no rootPath (the subvolume's path)")
-        })?;
-        if ctx.get("fsName").is_some_and(|fs| *fs != v.fs) {
-            return Err(error::invalid("the volume context's fsName is not the volume's"));
-        }
-        if let Some(m) = ctx.get("mounter").filter(|m| !m.is_empty()) {
-            match Mounter::parse(m) {
-                Some(Mounter::Fuse) => {}
-                Some(Mounter::Kernel) => {
-                    return Err(error::precondition(
-                        "this class asks for the kernel CephFS client (mounter: kernel), which \
-                         ferrovol does not drive yet: use mounter: fuse",
-                    ))
-                }
-                None => return Err(error::invalid("the volume context's mounter is unknown")),
-            }
-        }
+        let mountable = Mountable::from_context(&request.volume.volume_context, &v)?;
         let place = self.place(&id);
         let staging = request.staging.clone();
         let (dir, mnt, s) = (place.dir.clone(), place.mnt.clone(), staging.clone());
@@ -182,7 +217,7 @@ impl NodeEngine for CephFsNode {
         if staged {
             return Ok(());
         }
-        let result = self.mount_and_bind(request, &v, root, &place).await;
+        let result = self.mount_and_bind(request, &v, &mountable, &place).await;
         if result.is_err() {
             // A failed first stage leaves nothing behind.
             let _ = self.release(&request.volume.volume_id).await;
@@ -271,9 +306,10 @@ impl CephFsNode {
         &self,
         request: &Stage,
         v: &VolumeId,
-        root: &str,
+        mountable: &Mountable,
         place: &Place,
     ) -> Result<()> {
+        let root = mountable.root.as_str();
         let auth = self.conn.helper_auth(&request.volume.secrets)?;
         let (dir, a) = (place.dir.clone(), auth.clone());
         let keyfile =
@@ -282,8 +318,7 @@ impl CephFsNode {
         let mut args = auth.args(keyfile.as_deref());
         args.extend(["-f".into(), "--client_fs".into(), v.fs.clone().into()]);
         args.extend(["-r".into(), root.into(), "--fuse_disable_pagecache=true".into()]);
-        let options = request.volume.volume_context.get("fuseMountOptions");
-        if let Some(o) = options.filter(|o| !o.is_empty()) {
+        if let Some(o) = &mountable.fuse_options {
             args.extend(["-o".into(), o.into()]);
         }
         args.push(OsString::from(&place.mnt));
@@ -306,5 +341,49 @@ impl CephFsNode {
             nodefs::bind(&source, &mnt, &onto, &flags, read_only)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn context(pairs: &[(&str, &str)]) -> engine::Context {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_hostile_volume_context_never_reaches_ceph_fuse() {
+        let v = VolumeId::new("myfs", "csi", "csi-vol-", "pvc-1");
+        let root = "/volumes/csi/csi-vol-1/0a1b2c3d-0000-4000-8000-000000000000";
+        let good = Mountable::from_context(
+            &context(&[("rootPath", root), ("fsName", "myfs"), ("fuseMountOptions", "debug")]),
+            &v,
+        )
+        .unwrap();
+        assert_eq!((good.root.as_str(), good.fuse_options.as_deref()), (root, Some("debug")));
+        let long = format!("/{}", "a/".repeat(600));
+        for (pairs, code) in [
+            (vec![], Code::InvalidArgument),
+            (vec![("rootPath", "volumes/csi/x")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes/../../etc")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes/./x")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes//x")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes/x --id admin")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes/x\0y")], Code::InvalidArgument),
+            (vec![("rootPath", long.as_str())], Code::InvalidArgument),
+            (vec![("rootPath", root), ("fsName", "otherfs")], Code::InvalidArgument),
+            (vec![("rootPath", root), ("mounter", "nfs")], Code::InvalidArgument),
+            (vec![("rootPath", root), ("mounter", "kernel")], Code::FailedPrecondition),
+            (vec![("rootPath", root), ("fuseMountOptions", "a b")], Code::InvalidArgument),
+            (
+                vec![("rootPath", root), ("fuseMountOptions", "x,/etc/passwd")],
+                Code::InvalidArgument,
+            ),
+        ] {
+            let e = Mountable::from_context(&context(&pairs), &v).err();
+            assert_eq!(e.map(|e| e.code()), Some(code), "{pairs:?}");
+        }
     }
 }

@@ -85,7 +85,7 @@ impl Parameters {
 /// Mount options as a node passes them on (comma-separated words of a
 /// small alphabet: nothing that could be read as another option or a path
 /// outside the option).
-fn mount_options(key: &str, value: &str) -> Result<String> {
+pub(crate) fn mount_options(key: &str, value: &str) -> Result<String> {
     let ok = value.len() <= 256
         && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_=,.-".contains(&b));
     if !ok {
