@@ -469,6 +469,64 @@ def cross_checks(docs, binary):
     check(re.search(r'ENTRYPOINT \["/usr/local/bin/ferrovol"\]', runtime), "image entrypoint is ferrovol")
 
 
+def check_ceph_workloads(label, engine, docs, binary, name, dep, ds):
+    """What every Ceph engine's base shares: the controller Deployment and
+    the node DaemonSet serve the engine in their modes under the driver's
+    name with flags the binary accepts, both mount the Ceph config where
+    --ceph-conf points, the node is privileged with the kubelet dir
+    Bidirectional, the base holds no Secret, and the node's account is
+    bound to nothing."""
+    ctl, node = containers(dep)["ferrovol"], containers(ds)["ferrovol"]
+    check((arg(ctl, "--mode"), arg(ctl, "--engine")) == ("controller", engine),
+          f"{label} controller: --mode=controller --engine={engine}")
+    check((arg(node, "--mode"), arg(node, "--engine")) == ("node", engine), f"{label} node: --mode=node --engine={engine}")
+    help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
+    for c in (ctl, node):
+        check(arg(c, "--driver-name") == name, f"{label} --driver-name is {name}")
+        for a in c["args"][1:]:
+            check(a.split("=", 1)[0] in help_text, f"ferrovol serve accepts {a.split('=', 1)[0]} ({label})")
+    # Ceph's config reaches both where --ceph-conf points.
+    (cm,) = of_kind(docs, "ConfigMap")
+    check("mon_host" in cm["data"].get("ceph.conf", ""), f"the {label} Ceph ConfigMap names monitors")
+    for w, c in ((dep, ctl), (ds, node)):
+        conf_dir, conf_file = arg(c, "--ceph-conf").rsplit("/", 1)
+        vol = volume_at(w, c, conf_dir)
+        check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
+              f"{label} {w['kind']} mounts the Ceph config at --ceph-conf")
+    check(node.get("securityContext", {}).get("privileged") is True, f"{label} node container is privileged")
+    kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
+    check(kubelet.get("mountPropagation") == "Bidirectional" and arg(node, "--kubelet-dir") == kubelet["mountPath"],
+          f"{label} node: kubelet dir mounted Bidirectional at --kubelet-dir")
+    check(not of_kind(docs, "Secret"),
+          f"{label} base holds no Secret (applying it must never overwrite the operator's key)")
+    bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
+    node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])),
+          f"{label} node account has no roles")
+
+
+def check_ceph_secret(label, docs, dep):
+    """The classes (storage and snapshot) name one Secret, the one the
+    docs' install steps create with ceph-csi's keys, and the controller
+    mounts it where --ceph-secret-dir points for its own calls (Probe,
+    listings, capacity)."""
+    named = set()
+    for kind in ("StorageClass", "VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
+        for c in of_kind(docs, kind):
+            named |= {(v, c["parameters"].get(k.replace("-name", "-namespace")))
+                      for k, v in c.get("parameters", {}).items() if k.endswith("-secret-name")}
+    check(len(named) == 1, f"{label} classes name one Secret: {named}")
+    (secret_name, secret_ns), = named or {(None, None)}
+    made = docs_secret_commands()
+    check(any(n == secret_name and ns == secret_ns and {"userID", "userKey", "adminID", "adminKey"} <= keys
+              for n, ns, keys in made),
+          f"docs/kubernetes.md creates Secret {secret_ns}/{secret_name} with ceph-csi's keys: {made}")
+    ctl = containers(dep)["ferrovol"]
+    secret_vol = volume_at(dep, ctl, arg(ctl, "--ceph-secret-dir"))
+    check(secret_vol.get("secret", {}).get("secretName") == secret_name,
+          f"{label} controller: --ceph-secret-dir is the classes' Secret, mounted (Probe has a credential)")
+
+
 def check_rbd(docs, binary):
     """The RBD engine's base: deployed as ceph-csi is (a controller
     Deployment with the four controller sidecars, a node DaemonSet), with a
@@ -488,19 +546,13 @@ def check_rbd(docs, binary):
     (dep,) = of_kind(docs, "Deployment")
     (ds,) = of_kind(docs, "DaemonSet")
     ccs, ncs = containers(dep), containers(ds)
-    ctl, node = ccs["ferrovol"], ncs["ferrovol"]
+    ctl = ccs["ferrovol"]
     check(csidriver["metadata"]["name"] == name, f"RBD CSIDriver is {name}")
     check(csidriver["spec"]["attachRequired"] == publishes is True,
           "RBD attachRequired: the engine publishes (ControllerPublish records the node)")
     check(csidriver["spec"].get("storageCapacity") is False and arg(ccs["csi-provisioner"], "--enable-capacity") is None,
           "RBD: no per-node capacity objects")
-    check((arg(ctl, "--mode"), arg(ctl, "--engine")) == ("controller", "rbd"), "RBD controller: --mode=controller --engine=rbd")
-    check((arg(node, "--mode"), arg(node, "--engine")) == ("node", "rbd"), "RBD node: --mode=node --engine=rbd")
-    for c in (ctl, node):
-        check(arg(c, "--driver-name") == name, f"RBD --driver-name is {name}")
-    help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
-    for a in ctl["args"][1:] + node["args"][1:]:
-        check(a.split("=", 1)[0] in help_text, f"ferrovol serve accepts {a.split('=', 1)[0]} (RBD)")
+    check_ceph_workloads("RBD", "rbd", docs, binary, name, dep, ds)
     for sidecar in ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter"):
         check(sidecar in ccs and sidecar not in ncs, f"RBD {sidecar} runs in the controller only")
         if sidecar in ccs:
@@ -511,50 +563,20 @@ def check_rbd(docs, binary):
     for w in (ds, dep):
         for cname, c in containers(w).items():
             check(arg(c, "--node-deployment") in (None, "false"), f"RBD {w['kind']} {cname} is not a node deployment")
-    # Ceph's config reaches both where --ceph-conf points.
-    (cm,) = of_kind(docs, "ConfigMap")
-    check("mon_host" in cm["data"].get("ceph.conf", ""), "the Ceph ConfigMap names monitors")
-    for w, c in ((dep, ctl), (ds, node)):
-        conf_dir, conf_file = arg(c, "--ceph-conf").rsplit("/", 1)
-        vol = volume_at(w, c, conf_dir)
-        check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
-              f"RBD {w['kind']} mounts the Ceph config at --ceph-conf")
-    check(node.get("securityContext", {}).get("privileged") is True, "RBD node container is privileged")
-    kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
-    check(kubelet.get("mountPropagation") == "Bidirectional" and arg(node, "--kubelet-dir") == kubelet["mountPath"],
-          "RBD node: kubelet dir mounted Bidirectional at --kubelet-dir")
     vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
     host_dir = vols["socket-dir"]["hostPath"]["path"]
     check(host_dir == f"/var/lib/kubelet/plugins/{name}"
           and arg(ncs["node-driver-registrar"], "--kubelet-registration-path") == host_dir + "/csi.sock",
           "RBD registrar announces the plugin socket under the kubelet's plugins dir")
-    # Classes: the driver's name, parameters the engine accepts, and the
-    # secret they name is the one the docs' install steps create.
-    check(not of_kind(docs, "Secret"),
-          "RBD base holds no Secret (applying it must never overwrite the operator's key)")
-    named = set()
+    # Classes: the driver's name and parameters the engine accepts.
     for sc in of_kind(docs, "StorageClass"):
         check(sc["provisioner"] == name, f"RBD StorageClass {sc['metadata']['name']} provisioner")
         engine_keys = {k for k in sc["parameters"] if not k.startswith("csi.storage.k8s.io/")}
         check(engine_keys <= known and "pool" in engine_keys, f"RBD StorageClass parameters {engine_keys} are known: {known}")
-        named |= {(v, sc["parameters"].get(k.replace("-name", "-namespace")))
-                  for k, v in sc["parameters"].items() if k.endswith("-secret-name")}
     for kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass"):
         for c in of_kind(docs, kind):
             check(c["driver"] == name, f"RBD {kind} driver")
-            named |= {(v, c["parameters"].get(k.replace("-name", "-namespace")))
-                      for k, v in c.get("parameters", {}).items() if k.endswith("-secret-name")}
-    check(len(named) == 1, f"RBD classes name one Secret: {named}")
-    (secret_name, secret_ns), = named or {(None, None)}
-    made = docs_secret_commands()
-    check(any(n == secret_name and ns == secret_ns and {"userID", "userKey", "adminID", "adminKey"} <= keys
-              for n, ns, keys in made),
-          f"docs/kubernetes.md creates Secret {secret_ns}/{secret_name} with ceph-csi's keys: {made}")
-    # The controller's own calls use that Secret, mounted where
-    # --ceph-secret-dir points.
-    secret_vol = volume_at(dep, ctl, arg(ctl, "--ceph-secret-dir"))
-    check(secret_vol.get("secret", {}).get("secretName") == secret_name,
-          "RBD controller: --ceph-secret-dir is the classes' Secret, mounted (Probe has a credential)")
+    check_ceph_secret("RBD", docs, dep)
     # Host paths a plain Linux node may lack must not keep the pod from
     # starting.
     for v in ds["spec"]["template"]["spec"]["volumes"]:
@@ -571,8 +593,6 @@ def check_rbd(docs, binary):
                            ("volumesnapshotcontents", "create"), ("volumegroupsnapshotcontents", "update"),
                            ("persistentvolumeclaims/status", "patch"), ("leases", "update")]:
         check(grants(roles, bindings, sa, ns, resource, verb), f"RBD controller may {verb} {resource}")
-    node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
-    check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])), "RBD node account has no roles")
 
 
 def check_cephfs(docs, binary):
@@ -597,36 +617,17 @@ def check_cephfs(docs, binary):
           "CephFS attachRequired: false, no attacher (the engine has no publish step)")
     check(("csi-snapshotter" in ccs) == snapshots, "CephFS: a snapshotter exactly when the engine takes snapshots")
     check(csidriver["spec"].get("storageCapacity") is False, "CephFS: no per-node capacity objects")
-    check((arg(ctl, "--mode"), arg(ctl, "--engine")) == ("controller", "cephfs"),
-          "CephFS controller: --mode=controller --engine=cephfs")
-    check((arg(node, "--mode"), arg(node, "--engine")) == ("node", "cephfs"), "CephFS node: --mode=node --engine=cephfs")
-    help_text = subprocess.run([binary, "serve", "--help"], check=True, capture_output=True, text=True).stdout
-    for c in (ctl, node):
-        check(arg(c, "--driver-name") == name, f"CephFS --driver-name is {name}")
-        for a in c["args"][1:]:
-            check(a.split("=", 1)[0] in help_text, f"ferrovol serve accepts {a.split('=', 1)[0]} (CephFS)")
+    check_ceph_workloads("CephFS", "cephfs", docs, binary, name, dep, ds)
     for sidecar in ("csi-provisioner", "csi-resizer") + (("csi-snapshotter",) if snapshots else ()):
         check(sidecar in ccs and sidecar not in ncs, f"CephFS {sidecar} runs in the controller only")
         if sidecar in ccs:
             check(arg(ccs[sidecar], "--leader-election") == "true", f"CephFS {sidecar} elects a leader")
             check(arg(ccs[sidecar], "--csi-address") == arg(ctl, "--endpoint").removeprefix("unix://"),
                   f"CephFS {sidecar} talks to the controller's socket")
-    (cm,) = of_kind(docs, "ConfigMap")
-    for w, c in ((dep, ctl), (ds, node)):
-        conf_dir, conf_file = arg(c, "--ceph-conf").rsplit("/", 1)
-        vol = volume_at(w, c, conf_dir)
-        check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
-              f"CephFS {w['kind']} mounts the Ceph config at --ceph-conf")
-    check(node.get("securityContext", {}).get("privileged") is True, "CephFS node container is privileged")
-    kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
-    check(kubelet.get("mountPropagation") == "Bidirectional" and arg(node, "--kubelet-dir") == kubelet["mountPath"],
-          "CephFS node: kubelet dir mounted Bidirectional at --kubelet-dir")
     state = [m for m in node["volumeMounts"] if m["mountPath"] == arg(node, "--state-dir")]
     check(state and state[0].get("mountPropagation") == "Bidirectional",
           "CephFS node: the ceph-fuse mounts under --state-dir reach the host (Bidirectional)")
-    check(not of_kind(docs, "Secret"), "CephFS base holds no Secret")
     filesystems = (arg(ctl, "--cephfs-filesystems") or "").split(",")
-    named = set()
     for sc in of_kind(docs, "StorageClass"):
         check(sc["provisioner"] == name, f"CephFS StorageClass {sc['metadata']['name']} provisioner")
         engine_keys = {k for k in sc["parameters"] if not k.startswith("csi.storage.k8s.io/")}
@@ -634,23 +635,12 @@ def check_cephfs(docs, binary):
               f"CephFS StorageClass parameters {engine_keys} are known: {known}")
         check(sc["parameters"].get("fsName") in filesystems,
               "CephFS StorageClass's fsName is one the controller covers (--cephfs-filesystems)")
-        named |= {(v, sc["parameters"].get(k.replace("-name", "-namespace")))
-                  for k, v in sc["parameters"].items() if k.endswith("-secret-name")}
     for c in of_kind(docs, "VolumeSnapshotClass"):
         check(c["driver"] == name, "CephFS VolumeSnapshotClass driver")
-        named |= {(v, c["parameters"].get(k.replace("-name", "-namespace")))
-                  for k, v in c.get("parameters", {}).items() if k.endswith("-secret-name")}
     check(bool(of_kind(docs, "VolumeSnapshotClass")) == snapshots,
           "CephFS: a VolumeSnapshotClass exactly when the engine takes snapshots")
     check(not of_kind(docs, "VolumeGroupSnapshotClass"), "CephFS: no group snapshot class (no group snapshots)")
-    check(len(named) == 1, f"CephFS classes name one Secret: {named}")
-    (secret_name, secret_ns), = named or {(None, None)}
-    check(any(n == secret_name and ns == secret_ns and {"userID", "userKey", "adminID", "adminKey"} <= keys
-              for n, ns, keys in docs_secret_commands()),
-          f"docs/kubernetes.md creates Secret {secret_ns}/{secret_name} with ceph-csi's keys")
-    secret_vol = volume_at(dep, ctl, arg(ctl, "--ceph-secret-dir"))
-    check(secret_vol.get("secret", {}).get("secretName") == secret_name,
-          "CephFS controller: --ceph-secret-dir is the classes' Secret, mounted")
+    check_ceph_secret("CephFS", docs, dep)
     sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
     bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
@@ -658,9 +648,6 @@ def check_cephfs(docs, binary):
                            ("persistentvolumeclaims/status", "patch"), ("leases", "update"),
                            ("volumesnapshotcontents", "update")]:
         check(grants(roles, bindings, sa, ns, resource, verb), f"CephFS controller may {verb} {resource}")
-    node_sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
-    check(not any(s["name"] == node_sa for b in bindings for s in b.get("subjects", [])),
-          "CephFS node account has no roles")
 
 
 def docs_secret_commands():
