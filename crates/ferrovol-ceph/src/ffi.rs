@@ -14,6 +14,8 @@ pub type IoCtx = *mut c_void;
 pub type Image = *mut c_void;
 pub type Options = *mut c_void;
 pub type WriteOp = *mut c_void;
+pub type ReadOp = *mut c_void;
+pub type OmapIter = *mut c_void;
 
 #[repr(C)]
 pub struct ClusterStat {
@@ -174,6 +176,16 @@ api! {
         fn rados_write_op_create(WriteOp, c_int, *const c_char);
         fn rados_write_op_write_full(WriteOp, *const c_char, usize);
         fn rados_write_op_operate(WriteOp, IoCtx, *const c_char, *mut libc::time_t, c_int) -> c_int;
+        fn rados_write_op_omap_set(WriteOp, *const *const c_char, *const *const c_char,
+            *const usize, usize);
+        fn rados_write_op_omap_rm_keys(WriteOp, *const *const c_char, usize);
+        fn rados_create_read_op() -> ReadOp;
+        fn rados_release_read_op(ReadOp);
+        fn rados_read_op_omap_get_vals2(ReadOp, *const c_char, *const c_char, u64,
+            *mut OmapIter, *mut u8, *mut c_int);
+        fn rados_read_op_operate(ReadOp, IoCtx, *const c_char, c_int) -> c_int;
+        fn rados_omap_get_next(OmapIter, *mut *mut c_char, *mut *mut c_char, *mut usize) -> c_int;
+        fn rados_omap_get_end(OmapIter);
     }
     rbd: {
         fn rbd_version(*mut c_int, *mut c_int, *mut c_int);

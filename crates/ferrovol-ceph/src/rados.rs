@@ -253,6 +253,9 @@ impl Drop for IoHandle {
     }
 }
 
+/// One key of an object's omap and its value.
+pub type OmapEntry = (String, Vec<u8>);
+
 /// An I/O context on one pool.
 #[derive(Clone)]
 pub struct Pool {
@@ -320,5 +323,124 @@ impl Pool {
             return Ok(());
         }
         check(|| format!("removing object {oid} in {}", self.name), ret).map(drop)
+    }
+
+    /// Sets keys of an object's omap (creating the object), atomically.
+    pub fn omap_set(&self, oid: &str, entries: &[(&str, &[u8])]) -> Result<()> {
+        let c = cstring("object", oid)?;
+        let keys =
+            entries.iter().map(|(k, _)| cstring("omap key", k)).collect::<Result<Vec<_>>>()?;
+        let key_ptrs: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr()).collect();
+        let vals: Vec<*const c_char> = entries.iter().map(|(_, v)| v.as_ptr().cast()).collect();
+        let lens: Vec<usize> = entries.iter().map(|(_, v)| v.len()).collect();
+        let api = api();
+        // SAFETY: a new write op, released below; keys, values and lengths
+        // outlive it and have `entries.len()` elements each.
+        unsafe {
+            let op = (api.rados_create_write_op)();
+            (api.rados_write_op_omap_set)(
+                op,
+                key_ptrs.as_ptr(),
+                vals.as_ptr(),
+                lens.as_ptr(),
+                entries.len(),
+            );
+            let ret = (api.rados_write_op_operate)(op, self.io(), c.as_ptr(), ptr::null_mut(), 0);
+            (api.rados_release_write_op)(op);
+            check(|| format!("setting omap keys of {oid} in {}", self.name), ret).map(drop)
+        }
+    }
+
+    /// Removes keys of an object's omap; a missing object is fine.
+    pub fn omap_remove(&self, oid: &str, keys: &[&str]) -> Result<()> {
+        let c = cstring("object", oid)?;
+        let keys = keys.iter().map(|k| cstring("omap key", k)).collect::<Result<Vec<_>>>()?;
+        let key_ptrs: Vec<*const c_char> = keys.iter().map(|k| k.as_ptr()).collect();
+        let api = api();
+        // SAFETY: as in omap_set.
+        let ret = unsafe {
+            let op = (api.rados_create_write_op)();
+            (api.rados_write_op_omap_rm_keys)(op, key_ptrs.as_ptr(), key_ptrs.len());
+            let ret = (api.rados_write_op_operate)(op, self.io(), c.as_ptr(), ptr::null_mut(), 0);
+            (api.rados_release_write_op)(op);
+            ret
+        };
+        if ret == -libc::ENOENT {
+            return Ok(());
+        }
+        check(|| format!("removing omap keys of {oid} in {}", self.name), ret).map(drop)
+    }
+
+    /// Up to `max` omap entries of an object after key `after` (sorted),
+    /// only keys starting with `prefix`; and whether more follow. A
+    /// missing object has none.
+    pub fn omap_page(
+        &self,
+        oid: &str,
+        after: &str,
+        prefix: &str,
+        max: u64,
+    ) -> Result<(Vec<OmapEntry>, bool)> {
+        let c = cstring("object", oid)?;
+        let after = cstring("omap key", after)?;
+        let prefix = cstring("omap key", prefix)?;
+        let api = api();
+        let mut out = vec![];
+        let (mut more, mut prval) = (0u8, 0);
+        // SAFETY: a new read op, released below; the iterator is read
+        // only after the op ran and ended before the op is released; the
+        // key and value buffers it hands out are copied before the next
+        // step.
+        let ret = unsafe {
+            let op = (api.rados_create_read_op)();
+            let mut iter: ffi::OmapIter = ptr::null_mut();
+            (api.rados_read_op_omap_get_vals2)(
+                op,
+                after.as_ptr(),
+                prefix.as_ptr(),
+                max,
+                &mut iter,
+                &mut more,
+                &mut prval,
+            );
+            let ret = (api.rados_read_op_operate)(op, self.io(), c.as_ptr(), 0);
+            if ret == 0 && prval == 0 {
+                loop {
+                    let (mut k, mut v, mut len) = (ptr::null_mut(), ptr::null_mut(), 0usize);
+                    if (api.rados_omap_get_next)(iter, &mut k, &mut v, &mut len) < 0 || k.is_null()
+                    {
+                        break;
+                    }
+                    let key = owned(k);
+                    let val = match v.is_null() {
+                        true => vec![],
+                        false => std::slice::from_raw_parts(v.cast::<u8>(), len).to_vec(),
+                    };
+                    out.push((key, val));
+                }
+            }
+            if !iter.is_null() {
+                (api.rados_omap_get_end)(iter);
+            }
+            (api.rados_release_read_op)(op);
+            if ret == 0 {
+                prval
+            } else {
+                ret
+            }
+        };
+        if ret == -libc::ENOENT {
+            return Ok((vec![], false));
+        }
+        check(|| format!("reading omap of {oid} in {}", self.name), ret)?;
+        Ok((out, more != 0))
+    }
+
+    /// One omap value of an object (None: no such key or object).
+    pub fn omap_get(&self, oid: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        // Keys sort, so the first key with this prefix is the key itself
+        // when it exists.
+        let (found, _) = self.omap_page(oid, "", key, 1)?;
+        Ok(found.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
     }
 }

@@ -16,9 +16,10 @@ use ferrovol_core::engine::{
     Features, NewVolume, Page, Secrets, Snapshots, Topology, Volume,
 };
 
+use crate::backed;
 use crate::connect::Connections;
 use crate::error::{self, Error, Kind, Result};
-use crate::ids::{self, SnapshotId, VolumeId};
+use crate::ids::{self, BackedId, SnapshotId, VolumeId};
 use crate::params::{self, Parameters};
 use crate::snapshots;
 use crate::{blocking, ceph_error};
@@ -49,19 +50,25 @@ pub struct CephFsEngine {
 
 /// What we know of a volume beyond its subvolume: written once, last.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Record {
-    name: String,
-    volume: String,
-    params: String,
-    parameters: BTreeMap<String, String>,
-    context: BTreeMap<String, String>,
-    created: u64,
-    /// The snapshot it was restored from (empty: none).
-    source: String,
+pub(crate) struct Record {
+    pub(crate) name: String,
+    pub(crate) volume: String,
+    pub(crate) params: String,
+    pub(crate) parameters: BTreeMap<String, String>,
+    pub(crate) context: BTreeMap<String, String>,
+    pub(crate) created: u64,
+    /// The snapshot it was restored from or the volume it was cloned
+    /// from (empty: none).
+    pub(crate) source: String,
+    /// A volume backed by a snapshot: its size, and the volume the
+    /// snapshot was taken of (to remove the snapshot with its last user
+    /// once the CO deleted it). Both empty for a subvolume.
+    pub(crate) size: u64,
+    pub(crate) origin: String,
 }
 
 impl Record {
-    fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         serde_json::json!({
             "name": self.name,
             "volume": self.volume,
@@ -70,11 +77,13 @@ impl Record {
             "context": self.context,
             "created": self.created,
             "source": self.source,
+            "size": self.size,
+            "origin": self.origin,
         })
         .to_string()
     }
 
-    fn decode(text: &str) -> Option<Record> {
+    pub(crate) fn decode(text: &str) -> Option<Record> {
         let v: serde_json::Value = serde_json::from_str(text).ok()?;
         let map = |k: &str| -> BTreeMap<String, String> {
             v[k].as_object()
@@ -93,6 +102,8 @@ impl Record {
             context: map("context"),
             created: v["created"].as_u64().unwrap_or(0),
             source: v["source"].as_str().unwrap_or_default().to_string(),
+            size: v["size"].as_u64().unwrap_or(0),
+            origin: v["origin"].as_str().unwrap_or_default().to_string(),
         })
     }
 }
@@ -136,7 +147,7 @@ fn named_by_class(e: CephError, what: impl FnOnce() -> String) -> Error {
     }
 }
 
-fn claim_oid(name: &str) -> String {
+pub(crate) fn claim_oid(name: &str) -> String {
     format!("ferrovol.cephfs.name.{}", ids::hash(name))
 }
 
@@ -146,6 +157,18 @@ fn claim_oid(name: &str) -> String {
 fn claim_oid_of(v: &VolumeId) -> String {
     let hash = &v.subvolume[v.subvolume.len().saturating_sub(32)..];
     format!("ferrovol.cephfs.name.{hash}")
+}
+
+/// A volume context: the pairs with a value.
+pub(crate) fn context_of<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, String)>,
+) -> BTreeMap<String, String> {
+    pairs.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Now, in seconds since the epoch (records' creation times).
+pub(crate) fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 fn seconds(t: u64) -> SystemTime {
@@ -170,18 +193,27 @@ pub(crate) fn describe(sv: &Subvolumes, v: &VolumeId) -> Result<Volume> {
     if info.state == "snapshot-retained" {
         return Err(error::not_found(gone()));
     }
-    Ok(Volume {
-        id: id.clone(),
+    Ok(volume_of(r, info.bytes_quota.unwrap_or(0)))
+}
+
+/// The volume a record describes, as the CO sees it.
+pub(crate) fn volume_of(r: Record, capacity: u64) -> Volume {
+    Volume {
+        id: r.volume,
         name: r.name,
-        capacity: info.bytes_quota.unwrap_or(0),
-        source: (!r.source.is_empty()).then(|| ContentSource::Snapshot(r.source.clone())),
+        capacity,
+        source: match r.source {
+            s if s.is_empty() => None,
+            s if VolumeId::parse(&s).is_some() => Some(ContentSource::Volume(s)),
+            s => Some(ContentSource::Snapshot(s)),
+        },
         access: AccessType::Mount { fs_type: crate::FS_TYPE.into() },
         parameters: r.parameters,
         context: r.context,
         accessible: vec![],
         published_nodes: vec![],
         created: seconds(r.created),
-    })
+    }
 }
 
 impl CephFsEngine {
@@ -232,7 +264,7 @@ impl CephFsEngine {
         let id = v.id();
         let home = self.home_pool(&req.secrets).await?;
         let sv = self.subvolumes(&p.fs, &req.secrets).await?;
-        let restore = match &req.source {
+        let copy = match &req.source {
             None => None,
             Some(ContentSource::Snapshot(snapshot)) => {
                 let gone = || {
@@ -253,13 +285,36 @@ impl CephFsEngine {
                 let claim =
                     blocking(move || snapshots::find(&h, &cluster, &wanted).map(|(_, c)| c))
                         .await?;
-                Some((s, claim))
+                let from = VolumeId::parse(&claim.source).ok_or_else(|| {
+                    error::internal(format!("a snapshot claim names {:?}", claim.source))
+                })?;
+                Some(Copy { from, snap: s.snap(), source: s.id(), size: claim.size, clone: false })
             }
-            Some(ContentSource::Volume(_)) => {
-                return Err(error::invalid("the CephFS engine does not clone volumes yet"))
+            Some(ContentSource::Volume(volume)) => {
+                if BackedId::parse(volume).is_some() {
+                    return Err(error::invalid(format!(
+                        "volume {volume} is a read-only view of a snapshot (backingSnapshot): \
+                         restore that snapshot instead of cloning the view"
+                    )));
+                }
+                let gone = || {
+                    error::not_found(format!("volume {} does not exist", error::bounded(volume)))
+                };
+                let from = VolumeId::parse(volume).ok_or_else(gone)?;
+                if from.fs != p.fs {
+                    return Err(error::invalid(format!(
+                        "volume {volume} is on file system {}: a clone stays on its source's \
+                         file system, not {}",
+                        from.fs, p.fs
+                    )));
+                }
+                let (s2, f) = (sv.clone(), from.clone());
+                let size = blocking(move || describe(&s2, &f)).await?.capacity;
+                let snap = ids::clone_snap(&v);
+                Some(Copy { from, snap, source: volume.clone(), size, clone: true })
             }
         };
-        let source_size = restore.as_ref().map_or(0, |(_, c)| c.size);
+        let source_size = copy.as_ref().map_or(0, |c| c.size);
         let size = engine::choose_size(
             req.required_bytes,
             req.limit_bytes,
@@ -267,7 +322,7 @@ impl CephFsEngine {
             GRANULARITY,
             MAXIMUM_VOLUME,
         )?;
-        let source = restore.as_ref().map(|(s, _)| s.id()).unwrap_or_default();
+        let source = copy.as_ref().map(|c| c.source.clone()).unwrap_or_default();
         let restore_wait = self.settings.restore_wait;
         let (name, fingerprint) = (req.name.clone(), p.fingerprint());
         let (required, limit) = (req.required_bytes, req.limit_bytes);
@@ -281,21 +336,12 @@ impl CephFsEngine {
         ];
         blocking(move || {
             let oid = claim_oid(&name);
-            // One name, one volume: a claim for another volume that still
-            // exists is ALREADY_EXISTS; one whose volume is gone is taken.
-            if let Some(other) = home.read_object(&oid).map_err(ceph_error)? {
-                let other = String::from_utf8_lossy(&other).into_owned();
-                if other != id && claimed_volume_exists(&sv, &other)? {
-                    return Err(error::exists(format!(
-                        "volume name {name:?} is taken by {other}, made with other parameters"
-                    )));
-                }
-            }
+            check_claim(&home, &sv, &name, &id)?;
             let exists = match record(&sv, &v) {
                 Ok(r) => Some(r),
                 Err(e) if e.kind() == Kind::NotFound => None,
                 // A restore still copying: its record comes once it is done.
-                Err(e) if e.kind() == Kind::Unavailable && restore.is_some() => Some(None),
+                Err(e) if e.kind() == Kind::Unavailable && copy.is_some() => Some(None),
                 Err(e) => return Err(e),
             };
             if let Some(Some(r)) = &exists {
@@ -319,7 +365,7 @@ impl CephFsEngine {
             sv.create_group(&v.group).map_err(|e| {
                 named_by_class(e, || format!("file system {fs:?} (fsName) cannot hold groups"))
             })?;
-            match &restore {
+            match &copy {
                 None => {
                     let new = NewSubvolume { size, pool_layout: pool.as_deref(), mode: None };
                     sv.create(&v.group, &v.subvolume, &new).map_err(|e| {
@@ -328,32 +374,32 @@ impl CephFsEngine {
                         })
                     })?;
                 }
-                Some((s, claim)) => {
-                    restore_into(&sv, s, claim, &v, pool.as_deref(), restore_wait)?;
+                Some(c) => {
+                    copy_into(&sv, &home, c, &v, pool.as_deref(), restore_wait)?;
                     sv.resize(&v.group, &v.subvolume, size, false).map_err(ceph_error)?;
                 }
             }
             let root = sv.path(&v.group, &v.subvolume).map_err(ceph_error)?;
-            let context: BTreeMap<String, String> = [
-                ("fsName", fs.clone()),
-                ("subvolumeGroup", v.group.clone()),
-                ("subvolumeName", v.subvolume.clone()),
-                ("rootPath", root),
-            ]
-            .into_iter()
-            .chain(extra)
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            let context = context_of(
+                [
+                    ("fsName", fs.clone()),
+                    ("subvolumeGroup", v.group.clone()),
+                    ("subvolumeName", v.subvolume.clone()),
+                    ("rootPath", root),
+                ]
+                .into_iter()
+                .chain(extra),
+            );
             let r = Record {
                 name: name.clone(),
                 volume: id.clone(),
                 params: fingerprint,
                 parameters,
                 context,
-                created: created.as_secs(),
+                created: now(),
                 source: source.clone(),
+                size: 0,
+                origin: String::new(),
             };
             sv.set_metadata(&v.group, &v.subvolume, META, &r.encode()).map_err(ceph_error)?;
             describe(&sv, &v)
@@ -367,30 +413,63 @@ impl CephFsEngine {
 /// a copy of a large snapshot must never hold a call for minutes.
 pub const RESTORE_WAIT: Duration = Duration::from_secs(20);
 
-/// Restores snapshot `s` into the new subvolume `v` with the manager's
-/// cloner (a full copy), or finds the copy a previous call started; waits
-/// for it at most `wait` ([`RESTORE_WAIT`] unless the flag says).
-fn restore_into(
+/// What a new volume is copied from: a snapshot of subvolume `from`, ours
+/// (a restore) or taken for the copy (a clone: removed once it is done).
+struct Copy {
+    from: VolumeId,
+    snap: String,
+    /// The request's source ID (a snapshot's or a volume's).
+    source: String,
+    size: u64,
+    clone: bool,
+}
+
+/// The object that records the source of a clone's own snapshot while the
+/// clone is being made, so that whatever ends the clone (done, or the new
+/// volume deleted mid-copy) removes that snapshot.
+fn clone_oid_of(v: &VolumeId) -> String {
+    let hash = &v.subvolume[v.subvolume.len().saturating_sub(32)..];
+    format!("ferrovol.cephfs.clone.{hash}")
+}
+
+/// Copies `c` into the new subvolume `v` with the manager's cloner (a full
+/// copy), or finds the copy a previous call started; waits for it at most
+/// `wait` ([`RESTORE_WAIT`] unless the flag says).
+fn copy_into(
     sv: &Subvolumes,
-    s: &SnapshotId,
-    claim: &snapshots::Claim,
+    home: &Pool,
+    c: &Copy,
     v: &VolumeId,
     pool: Option<&str>,
     wait: Duration,
 ) -> Result<()> {
-    let src = VolumeId::parse(&claim.source)
-        .ok_or_else(|| error::internal(format!("a snapshot claim names {:?}", claim.source)))?;
     let started = match sv.clone_state(&v.group, &v.subvolume) {
         Ok(_) => true,
         Err(e) if e.is(libc::ENOENT) => false,
         Err(e) => return Err(ceph_error(e)),
     };
     if !started {
-        match sv.clone_snapshot(&src.group, &src.subvolume, &s.snap(), &v.group, &v.subvolume, pool)
-        {
+        if c.clone {
+            // Recorded first: a snapshot taken for the copy is never left
+            // behind unknown.
+            home.write_object(&clone_oid_of(v), c.from.id().as_bytes()).map_err(ceph_error)?;
+            match sv.snapshot(&c.from.group, &c.from.subvolume, &c.snap) {
+                Err(e) if e.is(libc::EEXIST) => {}
+                other => other
+                    .map_err(|e| missing_or(e, || format!("volume {} does not exist", c.source)))?,
+            }
+        }
+        match sv.clone_snapshot(
+            &c.from.group,
+            &c.from.subvolume,
+            &c.snap,
+            &v.group,
+            &v.subvolume,
+            pool,
+        ) {
             Err(e) if e.is(libc::EEXIST) => {}
             other => other.map_err(|e| {
-                named_by_class(e, || format!("restoring snapshot {} (pool {pool:?})", s.id()))
+                named_by_class(e, || format!("copying {} (pool {pool:?})", c.source))
             })?,
         }
     }
@@ -398,25 +477,49 @@ fn restore_into(
     loop {
         let state = sv.clone_state(&v.group, &v.subvolume).map_err(ceph_error)?;
         match state.as_str() {
-            "complete" => return Ok(()),
+            "complete" => return drop_clone_snapshot(sv, home, v),
             "failed" | "canceled" => {
                 // Gone, so that a retry starts the copy again.
                 let _ = sv.remove(&v.group, &v.subvolume, false);
                 return Err(error::unavailable(format!(
-                    "the copy of snapshot {} {state}; a retry starts it again",
-                    s.id()
+                    "the copy of {} {state}; a retry starts it again",
+                    c.source
                 )));
             }
             _ if std::time::Instant::now() > deadline => {
                 return Err(error::busy(format!(
-                    "restoring snapshot {}: the copy is {state}; a retry answers once it is done",
-                    s.id()
+                    "copying {}: the copy is {state}; a retry answers once it is done",
+                    c.source
                 )))
             }
             // The manager says nothing when a copy ends: its state is
             // polled.
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
+    }
+}
+
+/// Removes the snapshot a clone `v` was copied from, if it had one of its
+/// own (its source may be kept by Ceph for it: it is purged with it).
+fn drop_clone_snapshot(sv: &Subvolumes, home: &Pool, v: &VolumeId) -> Result<()> {
+    let oid = clone_oid_of(v);
+    let Some(from) = home.read_object(&oid).map_err(ceph_error)? else { return Ok(()) };
+    if let Some(from) = VolumeId::parse(&String::from_utf8_lossy(&from)) {
+        let other = Subvolumes::new(sv.cluster().clone(), &from.fs);
+        match other.remove_snapshot(&from.group, &from.subvolume, &ids::clone_snap(v)) {
+            Err(e) if e.is(libc::ENOENT) => {}
+            Err(e) if e.is(libc::EAGAIN) => {
+                return Err(error::busy(format!(
+                    "the snapshot {} was cloned from is still being copied; retry",
+                    v.id()
+                )))
+            }
+            other => other.map_err(ceph_error)?,
+        }
+    }
+    match home.remove_object(&oid) {
+        Err(e) if e.is(libc::ENOENT) => Ok(()),
+        other => other.map_err(ceph_error),
     }
 }
 
@@ -443,9 +546,38 @@ pub(crate) fn every_subvolume(sv: &Subvolumes) -> Result<Vec<VolumeId>> {
     Ok(all)
 }
 
+/// One name, one volume: a claim of `name` for another volume that still
+/// exists is ALREADY_EXISTS; one whose volume is gone is taken over.
+pub(crate) fn check_claim(home: &Pool, sv: &Subvolumes, name: &str, id: &str) -> Result<()> {
+    if let Some(other) = home.read_object(&claim_oid(name)).map_err(ceph_error)? {
+        let other = String::from_utf8_lossy(&other).into_owned();
+        if other != id && claimed_volume_exists(home, sv, &other)? {
+            return Err(error::exists(format!(
+                "volume name {name:?} is taken by {other}, made with other parameters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Releases the claim of a volume's name if it still names this volume.
+pub(crate) fn release_claim(home: &Pool, oid: &str, id: &str) -> Result<()> {
+    let mine = home.read_object(oid).map_err(ceph_error)?.as_deref() == Some(id.as_bytes());
+    if mine {
+        match home.remove_object(oid) {
+            Err(e) if e.is(libc::ENOENT) => {}
+            other => other.map_err(ceph_error)?,
+        }
+    }
+    Ok(())
+}
+
 /// Whether the volume a claim names still exists (a claim left by a
 /// delete cut short names nothing).
-fn claimed_volume_exists(sv: &Subvolumes, id: &str) -> Result<bool> {
+fn claimed_volume_exists(home: &Pool, sv: &Subvolumes, id: &str) -> Result<bool> {
+    if let Some(b) = BackedId::parse(id) {
+        return Ok(backed::record(home, &b)?.is_some());
+    }
     let Some(v) = VolumeId::parse(id) else { return Ok(false) };
     let other = Subvolumes::new(sv.cluster().clone(), &v.fs);
     match record(&other, &v) {
@@ -518,14 +650,15 @@ impl ControllerEngine for CephFsEngine {
             ));
         }
         if p.backing_snapshot {
-            return Err(error::invalid(
-                "backingSnapshot is not offered yet: a restore is a copy of the snapshot",
-            ));
+            return self.create_backed(&req, &p).await;
         }
         self.create(&req, &p).await
     }
 
     async fn delete_volume(&self, id: &str, secrets: &Secrets) -> Result<()> {
+        if let Some(b) = BackedId::parse(id) {
+            return self.delete_backed(&b, secrets).await;
+        }
         // An ID we never minted names nothing: deleted already.
         let Some(v) = VolumeId::parse(id) else { return Ok(()) };
         let sv = self.subvolumes(&v.fs, secrets).await?;
@@ -553,22 +686,18 @@ impl ControllerEngine for CephFsEngine {
                 }
                 other => other.map_err(ceph_error)?,
             }
-            let oid = claim_oid_of(&v);
-            let mine =
-                home.read_object(&oid).map_err(ceph_error)?.as_deref() == Some(id.as_bytes());
-            if mine {
-                match home.remove_object(&oid) {
-                    Err(e) if e.is(libc::ENOENT) => {}
-                    other => other.map_err(ceph_error)?,
-                }
-            }
-            Ok(())
+            drop_clone_snapshot(&sv, &home, &v)?;
+            release_claim(&home, &claim_oid_of(&v), &id)
         })
         .await
     }
 
     async fn volume(&self, id: &str) -> Result<Volume> {
         let gone = || error::not_found(format!("volume {} does not exist", error::bounded(id)));
+        if let Some(b) = BackedId::parse(id) {
+            let home = self.home_pool(&Secrets::default()).await?;
+            return blocking(move || backed::describe(&home, &b)).await;
+        }
         let v = VolumeId::parse(id).ok_or_else(gone)?;
         let sv = self.subvolumes(&v.fs, &Secrets::default()).await?;
         blocking(move || describe(&sv, &v)).await
@@ -577,6 +706,12 @@ impl ControllerEngine for CephFsEngine {
     async fn volume_conditions(&self, ids: &[String]) -> Result<Vec<Result<Condition>>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
+            if let Some(b) = BackedId::parse(id) {
+                let home = self.home_pool(&Secrets::default()).await?;
+                let cluster = self.conn.default_cluster().await?;
+                out.push(blocking(move || backed::condition(&home, &cluster, &b)).await);
+                continue;
+            }
             let Some(v) = VolumeId::parse(id) else {
                 out.push(Err(error::not_found(format!(
                     "volume {} does not exist",
@@ -623,10 +758,12 @@ impl ControllerEngine for CephFsEngine {
             .await?;
             all.extend(found);
         }
+        let home = self.home_pool(&Secrets::default()).await?;
+        all.extend(blocking(move || backed::all(&home)).await?);
         all.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(t) = token {
             // Tokens are volume IDs: the listing resumes after it.
-            if VolumeId::parse(t).is_none() {
+            if ids::fs_of_volume(t).is_none() {
                 return Err(error::busy("starting_token is not one this driver issued"));
             }
             all.retain(|v| v.id.as_str() > t);
@@ -667,6 +804,15 @@ impl ControllerEngine for CephFsEngine {
         secrets: &Secrets,
     ) -> Result<Expanded> {
         let gone = || error::not_found(format!("volume {} does not exist", error::bounded(id)));
+        if let Some(b) = BackedId::parse(id) {
+            let home = self.home_pool(secrets).await?;
+            let v = blocking(move || backed::describe(&home, &b)).await?;
+            return Err(error::precondition(format!(
+                "volume {} is a read-only view of a snapshot (backingSnapshot): it cannot \
+                 grow; restore the snapshot without backingSnapshot for a volume that can",
+                v.id
+            )));
+        }
         let v = VolumeId::parse(id).ok_or_else(gone)?;
         let sv = self.subvolumes(&v.fs, secrets).await?;
         blocking(move || {
@@ -721,6 +867,8 @@ mod tests {
             context: BTreeMap::from([("rootPath".into(), "/volumes/csi/x/uuid".into())]),
             created: 1_700_000_000,
             source: "cephfs-snap:a:0123456789abcdef0123456789abcdef".into(),
+            size: 1 << 30,
+            origin: "cephfs:a:csi:csi-vol-y".into(),
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
         assert_eq!(Record::decode("not json"), None);

@@ -10,6 +10,8 @@ use crate::error::{self, Result};
 
 pub const VOLUME: &str = "cephfs";
 pub const SNAPSHOT: &str = "cephfs-snap";
+/// A read-only volume that is a view of a snapshot (`backingSnapshot`).
+pub const BACKED: &str = "cephfs-ro";
 /// Subvolume snapshots we take (ceph-csi's prefix).
 pub const SNAP_PREFIX: &str = "csi-snap-";
 
@@ -96,6 +98,45 @@ impl VolumeId {
     }
 }
 
+/// A volume backed by a snapshot: no subvolume of its own, so its ID says
+/// only its file system and the hash of its request name; its record is
+/// in the home pool's index of such volumes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BackedId {
+    pub fs: String,
+    pub hash: String,
+}
+
+impl BackedId {
+    pub fn new(fs: &str, name: &str) -> BackedId {
+        BackedId { fs: fs.into(), hash: hash(name) }
+    }
+
+    pub fn parse(id: &str) -> Option<BackedId> {
+        let mut parts = id.split(':');
+        let (kind, fs, hash) = (parts.next()?, parts.next()?, parts.next()?);
+        let ok =
+            kind == BACKED && parts.next().is_none() && is_plain(fs, ID_PART_MAX) && is_hash(hash);
+        ok.then(|| BackedId { fs: fs.into(), hash: hash.into() })
+    }
+
+    pub fn id(&self) -> String {
+        format!("{BACKED}:{}:{}", self.fs, self.hash)
+    }
+}
+
+/// The file system of any volume ID this engine minted.
+pub fn fs_of_volume(id: &str) -> Option<String> {
+    VolumeId::parse(id).map(|v| v.fs).or_else(|| BackedId::parse(id).map(|b| b.fs))
+}
+
+/// The snapshot a clone's copy is made from, taken of its source (named
+/// for the clone, so a retry finds it; not ours to list).
+pub fn clone_snap(target: &VolumeId) -> String {
+    let hash = &target.subvolume[target.subvolume.len().saturating_sub(32)..];
+    format!("csi-clone-{hash}")
+}
+
 /// Where a snapshot is: its file system and the hash of its name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SnapshotId {
@@ -156,10 +197,19 @@ mod tests {
         }
         let s = SnapshotId::new("myfs", "snap-1");
         assert_eq!(SnapshotId::parse(&s.id()), Some(s.clone()));
-        assert_eq!(SnapshotId::of_snap("myfs", &s.snap()), Some(s));
+        assert_eq!(SnapshotId::of_snap("myfs", &s.snap()), Some(s.clone()));
         for bad in ["cephfs-snap:a", "cephfs-snap:a:XYZ", "cephfs:a:b:c", "cephfs-snap:a:b:c"] {
             assert_eq!(SnapshotId::parse(bad), None, "{bad}");
         }
         assert_eq!(SnapshotId::of_snap("a", "manual-snap"), None);
+        let b = BackedId::new("myfs", "pvc-2");
+        assert_eq!(BackedId::parse(&b.id()), Some(b.clone()));
+        assert_eq!(fs_of_volume(&b.id()).as_deref(), Some("myfs"));
+        assert_eq!(fs_of_volume(&v.id()).as_deref(), Some("myfs"));
+        assert_eq!(VolumeId::parse(&b.id()), None);
+        for bad in [&s.id(), "cephfs-ro:a", "cephfs-ro:a:b", "cephfs-ro:a:XYZ:c"] {
+            assert_eq!(BackedId::parse(bad), None, "{bad}");
+            assert_eq!(fs_of_volume(bad), None, "{bad}");
+        }
     }
 }

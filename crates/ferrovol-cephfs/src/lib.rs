@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod backed;
 pub mod controller;
 pub mod ids;
 pub mod node;
@@ -44,8 +45,8 @@ pub fn features() -> ferrovol_core::engine::Features {
         // sees it at once; the node has nothing to grow.
         expansion: ExpansionSite::Controller,
         node_expansion: false,
-        // Not yet: a copy needs the data copied (see the engine's issue).
-        clones: false,
+        // A copy of a snapshot taken for it, by the manager's cloner.
+        clones: true,
         filesystems: vec![Filesystem { name: FS_TYPE, minimum_size: 0 }],
         mount_modes,
         // A file system, not a device.

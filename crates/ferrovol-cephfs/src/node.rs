@@ -26,7 +26,7 @@ use ferrovol_host::node::{fs as nodefs, mountinfo};
 use ferrovol_host::offload::{self, NODE_WORK, QUICK};
 
 use crate::error::{self, Error, Result};
-use crate::ids::{self, VolumeId};
+use crate::ids;
 use crate::params::Mounter;
 
 const HELPER: &str = "ceph-fuse";
@@ -54,13 +54,18 @@ struct Place {
 /// everything in it is checked again here, not trusted because the
 /// controller wrote it.
 struct Mountable {
-    /// The subvolume's path inside the file system.
+    /// What ceph-fuse mounts: the subvolume's path inside the file system
+    /// (for a snapshot's data, the directory that holds the snapshots).
     root: String,
+    /// A snapshot's data under `root` (`.snap/<snapshot>/...`): what is
+    /// bound onto the staging path, always read-only. None: `root` itself.
+    snapshot: Option<PathBuf>,
     fuse_options: Option<String>,
 }
 
 impl Mountable {
-    fn from_context(ctx: &engine::Context, v: &VolumeId) -> Result<Mountable> {
+    /// `fs`: the file system the volume ID names.
+    fn from_context(ctx: &engine::Context, fs: &str) -> Result<Mountable> {
         let root = ctx.get("rootPath").map(String::as_str).unwrap_or_default();
         // An absolute path of plain names: no `.` or `..`, nothing a
         // helper could read as an option.
@@ -79,7 +84,7 @@ impl Mountable {
                 error::bounded(root)
             )));
         }
-        if ctx.get("fsName").is_some_and(|fs| *fs != v.fs) {
+        if ctx.get("fsName").is_some_and(|f| f != fs) {
             return Err(error::invalid("the volume context's fsName is not the volume's"));
         }
         if let Some(m) = ctx.get("mounter").filter(|m| !m.is_empty()) {
@@ -98,7 +103,23 @@ impl Mountable {
             Some(o) => Some(crate::params::mount_options("fuseMountOptions", o)?),
             None => None,
         };
-        Ok(Mountable { root: root.to_string(), fuse_options })
+        // ceph-fuse cannot mount a path inside `.snap`: it mounts the
+        // directory with the snapshots, and the snapshot's part is bound.
+        let names: Vec<&str> = root[1..].split('/').collect();
+        let (root, snapshot) = match names.iter().position(|c| *c == ".snap") {
+            None => (root.to_string(), None),
+            Some(at) if at > 0 && names.len() > at + 1 && !names[at + 1..].contains(&".snap") => {
+                (format!("/{}", names[..at].join("/")), Some(names[at..].iter().collect()))
+            }
+            Some(_) => {
+                return Err(error::invalid(format!(
+                    "the volume context's rootPath {:?} names no snapshot's data (one .snap, \
+                     below the subvolume, followed by the snapshot's name)",
+                    error::bounded(root)
+                )))
+            }
+        };
+        Ok(Mountable { root, snapshot, fuse_options })
     }
 }
 
@@ -178,7 +199,7 @@ impl NodeEngine for CephFsNode {
     }
 
     async fn check_known(&self, volume_id: &str) -> Result<()> {
-        match VolumeId::parse(volume_id) {
+        match ids::fs_of_volume(volume_id) {
             Some(_) => Ok(()),
             None => Err(error::not_found(format!(
                 "volume {} does not exist",
@@ -189,10 +210,10 @@ impl NodeEngine for CephFsNode {
 
     async fn stage(&self, request: &Stage) -> Result<()> {
         let id = request.volume.volume_id.clone();
-        let v = VolumeId::parse(&id).ok_or_else(|| {
+        let fs = ids::fs_of_volume(&id).ok_or_else(|| {
             error::not_found(format!("volume {} does not exist", error::bounded(&id)))
         })?;
-        let mountable = Mountable::from_context(&request.volume.volume_context, &v)?;
+        let mountable = Mountable::from_context(&request.volume.volume_context, &fs)?;
         let place = self.place(&id);
         let staging = request.staging.clone();
         let (dir, mnt, s) = (place.dir.clone(), place.mnt.clone(), staging.clone());
@@ -217,7 +238,7 @@ impl NodeEngine for CephFsNode {
         if staged {
             return Ok(());
         }
-        let result = self.mount_and_bind(request, &v, &mountable, &place).await;
+        let result = self.mount_and_bind(request, &fs, &mountable, &place).await;
         if result.is_err() {
             // A failed first stage leaves nothing behind.
             let _ = self.release(&request.volume.volume_id).await;
@@ -305,7 +326,7 @@ impl CephFsNode {
     async fn mount_and_bind(
         &self,
         request: &Stage,
-        v: &VolumeId,
+        fs: &str,
         mountable: &Mountable,
         place: &Place,
     ) -> Result<()> {
@@ -316,29 +337,43 @@ impl CephFsNode {
             offload::run("writing the key file", QUICK, move || helper::write_keyfile(&dir, &a))
                 .await?;
         let mut args = auth.args(keyfile.as_deref());
-        args.extend(["-f".into(), "--client_fs".into(), v.fs.clone().into()]);
+        args.extend(["-f".into(), "--client_fs".into(), fs.into()]);
         args.extend(["-r".into(), root.into(), "--fuse_disable_pagecache=true".into()]);
         if let Some(o) = &mountable.fuse_options {
             args.extend(["-o".into(), o.into()]);
         }
         args.push(OsString::from(&place.mnt));
-        let start = helper::Start {
-            program: HELPER,
-            args,
-            dir: &place.dir,
-            what: format!("{}{root}", v.fs),
-        };
+        let start =
+            helper::Start { program: HELPER, args, dir: &place.dir, what: format!("{fs}{root}") };
         let m = place.mnt.clone();
         helper::start(start, &place.mnt, move || helper::fuse_mounted(&m)).await?;
         let (kubelet, staging, mnt) =
             (request.kubelet_dir.clone(), request.staging.clone(), place.mnt.clone());
         let mut flags = request.mount_flags.clone();
         flags.extend(["nodev".to_string(), "nosuid".to_string()]);
-        let read_only = request.volume.read_only;
+        // A snapshot is read-only whatever the request says.
+        let read_only = request.volume.read_only || mountable.snapshot.is_some();
+        let snapshot = mountable.snapshot.clone();
         offload::run("binding the stage", NODE_WORK, move || {
             let onto = Beneath::open(&kubelet)?.dir(&staging)?;
-            let source = beneath::open_source(&mnt)?;
-            nodefs::bind(&source, &mnt, &onto, &flags, read_only)
+            match snapshot {
+                None => {
+                    let source = beneath::open_source(&mnt)?;
+                    nodefs::bind(&source, &mnt, &onto, &flags, read_only)
+                }
+                // Resolved beneath the helper's mount, no symlink followed.
+                Some(within) => {
+                    let at = mnt.join(&within);
+                    let source = Beneath::open(&mnt)?.existing(&at)?.ok_or_else(|| {
+                        error::not_found(format!(
+                            "the snapshot's data ({}) is not in the file system: was the \
+                             snapshot deleted?",
+                            within.display()
+                        ))
+                    })?;
+                    nodefs::bind(&source.fd, &at, &onto, &flags, read_only)
+                }
+            }
         })
         .await
     }
@@ -355,20 +390,28 @@ mod tests {
 
     #[test]
     fn a_hostile_volume_context_never_reaches_ceph_fuse() {
-        let v = VolumeId::new("myfs", "csi", "csi-vol-", "pvc-1");
+        let v = "myfs";
         let root = "/volumes/csi/csi-vol-1/0a1b2c3d-0000-4000-8000-000000000000";
         let good = Mountable::from_context(
             &context(&[("rootPath", root), ("fsName", "myfs"), ("fuseMountOptions", "debug")]),
-            &v,
+            v,
         )
         .unwrap();
         assert_eq!((good.root.as_str(), good.fuse_options.as_deref()), (root, Some("debug")));
+        assert_eq!(good.snapshot, None);
+        let snap = "/volumes/csi/csi-vol-1/.snap/csi-snap-2/0a1b";
+        let view = Mountable::from_context(&context(&[("rootPath", snap)]), v).unwrap();
+        assert_eq!(view.root, "/volumes/csi/csi-vol-1");
+        assert_eq!(view.snapshot.as_deref(), Some(Path::new(".snap/csi-snap-2/0a1b")));
         let long = format!("/{}", "a/".repeat(600));
         for (pairs, code) in [
             (vec![], Code::InvalidArgument),
             (vec![("rootPath", "volumes/csi/x")], Code::InvalidArgument),
             (vec![("rootPath", "/volumes/../../etc")], Code::InvalidArgument),
             (vec![("rootPath", "/volumes/./x")], Code::InvalidArgument),
+            (vec![("rootPath", "/.snap/x")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes/x/.snap")], Code::InvalidArgument),
+            (vec![("rootPath", "/volumes/x/.snap/a/.snap/b")], Code::InvalidArgument),
             (vec![("rootPath", "/volumes//x")], Code::InvalidArgument),
             (vec![("rootPath", "/volumes/x --id admin")], Code::InvalidArgument),
             (vec![("rootPath", "/volumes/x\0y")], Code::InvalidArgument),
@@ -382,7 +425,7 @@ mod tests {
                 Code::InvalidArgument,
             ),
         ] {
-            let e = Mountable::from_context(&context(&pairs), &v).err();
+            let e = Mountable::from_context(&context(&pairs), v).err();
             assert_eq!(e.map(|e| e.code()), Some(code), "{pairs:?}");
         }
     }

@@ -8,16 +8,17 @@
 //! A volume deleted with snapshots is kept by Ceph as `snapshot-retained`
 //! (no data path, no metadata: no longer a volume) until its last snapshot
 //! goes, and Ceph then purges it. Restores are made in the controller
-//! (see `controller.rs`).
+//! (see `controller.rs`); read-only views of a snapshot in `backed.rs`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrovol_ceph::{Cluster, Pool, Subvolumes};
 use ferrovol_core::engine::{self, Page, Secrets, Snapshot, SnapshotFilter, Snapshots};
 
+use crate::backed;
 use crate::controller::{describe, every_subvolume, CephFsEngine};
 use crate::error::{self, Kind, Result};
-use crate::ids::{SnapshotId, VolumeId};
+use crate::ids::{BackedId, SnapshotId, VolumeId};
 use crate::{blocking, ceph_error};
 
 fn claim_oid(s: &SnapshotId) -> String {
@@ -31,6 +32,9 @@ pub(crate) struct Claim {
     pub source: String,
     pub created: u64,
     pub size: u64,
+    /// Where the snapshot's data is in its file system (empty in claims
+    /// written before it was recorded).
+    pub root: String,
 }
 
 impl Claim {
@@ -40,6 +44,7 @@ impl Claim {
             "source": self.source,
             "created": self.created,
             "size": self.size,
+            "root": self.root,
         })
         .to_string()
     }
@@ -51,6 +56,7 @@ impl Claim {
             source: v["source"].as_str()?.to_string(),
             created: v["created"].as_u64()?,
             size: v["size"].as_u64()?,
+            root: v["root"].as_str().unwrap_or_default().to_string(),
         })
     }
 
@@ -58,6 +64,26 @@ impl Claim {
     fn source(&self) -> Result<VolumeId> {
         VolumeId::parse(&self.source)
             .ok_or_else(|| error::internal(format!("a snapshot claim names {:?}", self.source)))
+    }
+}
+
+/// Where snapshot `snap` of the subvolume whose data is at `path` keeps
+/// that data: the subvolume's directory (the path's parent) has the
+/// snapshots, each holding the data directory by the same name.
+pub(crate) fn root_of(path: &str, snap: &str) -> Option<String> {
+    let (dir, data) = path.rsplit_once('/').filter(|(d, n)| !d.is_empty() && !n.is_empty())?;
+    Some(format!("{dir}/.snap/{snap}/{data}"))
+}
+
+/// Removes a subvolume snapshot the CO deleted while volumes backed by it
+/// still used it, once the last of them goes (`origin`: the volume it was
+/// taken of).
+pub(crate) fn remove_kept(cluster: &Cluster, s: &SnapshotId, origin: &str) -> Result<()> {
+    let Some(v) = VolumeId::parse(origin) else { return Ok(()) };
+    let sv = Subvolumes::new(cluster.clone(), &v.fs);
+    match sv.remove_snapshot(&v.group, &v.subvolume, &s.snap()) {
+        Err(e) if e.is(libc::ENOENT) => Ok(()),
+        other => other.map_err(ceph_error),
     }
 }
 
@@ -127,6 +153,12 @@ impl Snapshots for CephFsEngine {
         secrets: &Secrets,
     ) -> Result<Snapshot> {
         let missing = || error::not_found(format!("source volume {source_volume} does not exist"));
+        if BackedId::parse(source_volume).is_some() {
+            return Err(error::invalid(format!(
+                "volume {source_volume} is a read-only view of a snapshot (backingSnapshot): \
+                 that snapshot is its data already"
+            )));
+        }
         let v = VolumeId::parse(source_volume).ok_or_else(missing)?;
         let s = SnapshotId::new(&v.fs, name);
         let home = self.home_pool(secrets).await?;
@@ -145,12 +177,24 @@ impl Snapshots for CephFsEngine {
                 }
                 // Unclaimed, or claimed by a snapshot that is gone.
                 _ => {
+                    let users = backed::users(&home, &s.id())?;
+                    if users > 0 {
+                        // A snapshot of this name was deleted but is kept
+                        // for the volumes that show it: never handed out
+                        // again as a new one.
+                        return Err(error::busy(format!(
+                            "a deleted snapshot named {name:?} is still shown by {users} \
+                             volume(s) backed by it; retry once they are deleted"
+                        )));
+                    }
                     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                    let path = sv.path(&v.group, &v.subvolume).map_err(ceph_error)?;
                     let c = Claim {
                         name: name.clone(),
                         source: source.clone(),
                         created: now.as_secs(),
                         size: volume.capacity,
+                        root: root_of(&path, &s.snap()).unwrap_or_default(),
                     };
                     home.write_object(&oid, c.encode().as_bytes()).map_err(ceph_error)?;
                     c
@@ -175,6 +219,14 @@ impl Snapshots for CephFsEngine {
         let id = id.to_string();
         blocking(move || {
             let Some(c) = claim_of(&home, &s)? else { return Ok(()) };
+            if backed::users(&home, &id)? > 0 {
+                // Volumes still show it: the CO's snapshot goes now, the
+                // data with the last of them (see backed.rs).
+                return match home.remove_object(&claim_oid(&s)) {
+                    Err(e) if e.is(libc::ENOENT) => Ok(()),
+                    other => other.map_err(ceph_error),
+                };
+            }
             let v = c.source()?;
             let sv = Subvolumes::new(cluster, &v.fs);
             // The last snapshot of a deleted (retained) volume takes the
@@ -252,5 +304,20 @@ impl Snapshots for CephFsEngine {
         }
         let next = engine::next_token(&mut all, max.max(1), |s| s.id.clone());
         Ok(Page { items: all, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_keeps_its_data_beside_the_subvolume_s() {
+        assert_eq!(
+            root_of("/volumes/csi/csi-vol-1/0a1b", "csi-snap-9").as_deref(),
+            Some("/volumes/csi/csi-vol-1/.snap/csi-snap-9/0a1b")
+        );
+        assert_eq!(root_of("/x", "s"), None);
+        assert_eq!(root_of("", "s"), None);
     }
 }

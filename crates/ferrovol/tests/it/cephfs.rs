@@ -27,6 +27,8 @@ use tonic::Code;
 
 const FS: &str = "ferrovolfs";
 const META_POOL: &str = "cephfs.ferrovolfs.meta";
+/// The omap object indexing volumes backed by a snapshot.
+const BACKED_INDEX: &str = "ferrovol.cephfs.backed";
 
 /// A subvolume group of this test's own, and everything the test made on
 /// this host; removed (and checked) on drop.
@@ -101,20 +103,46 @@ impl CephFs {
     }
 
     /// Name claims (volumes' and snapshots') that name a volume in this
-    /// test's group.
+    /// test's group, and entries of the index of volumes backed by a
+    /// snapshot of one.
     fn claims(&self) -> Vec<String> {
+        self.our_objects()
+            .into_iter()
+            .map(|(o, key, value)| format!("{o} {key}: {value}"))
+            .collect()
+    }
+
+    /// (object, omap key or "", value) of every record naming this test's
+    /// group.
+    fn our_objects(&self) -> Vec<(String, String, String)> {
         let objects = self.tool("rados", &["-p", META_POOL, "ls"]);
-        let mut ours = vec![];
-        for o in objects.lines().filter(|o| o.starts_with("ferrovol.cephfs.")) {
-            let out = std::process::Command::new("rados")
+        let mine = |value: &str| value.contains(&format!(":{}:", self.group));
+        let rados = |args: &[&str]| {
+            std::process::Command::new("rados")
                 .arg("-c")
                 .arg(&self.conf)
-                .args(["-p", META_POOL, "get", o, "-"])
+                .args(["-p", META_POOL])
+                .args(args)
                 .output()
-                .unwrap();
-            let value = String::from_utf8_lossy(&out.stdout).into_owned();
-            if value.contains(&format!(":{}:", self.group)) {
-                ours.push(value);
+                .unwrap()
+        };
+        let mut ours = vec![];
+        if objects.lines().any(|o| o == BACKED_INDEX) {
+            let keys = rados(&["listomapkeys", BACKED_INDEX]);
+            let out = self.root.path().join("omap-value");
+            for key in String::from_utf8_lossy(&keys.stdout).lines() {
+                rados(&["getomapval", BACKED_INDEX, key, out.to_str().unwrap()]);
+                let value = std::fs::read_to_string(&out).unwrap_or_default();
+                if mine(&value) {
+                    ours.push((BACKED_INDEX.to_string(), key.to_string(), value));
+                }
+            }
+        }
+        for o in objects.lines().filter(|o| o.starts_with("ferrovol.cephfs.") && *o != BACKED_INDEX)
+        {
+            let value = String::from_utf8_lossy(&rados(&["get", o, "-"]).stdout).into_owned();
+            if mine(&value) {
+                ours.push((o.to_string(), String::new(), value));
             }
         }
         ours
@@ -168,6 +196,15 @@ impl Drop for CephFs {
             ceph(&["fs", "subvolume", "rm", FS, &s, "--group_name", &self.group, "--force"]);
         }
         ceph(&["fs", "subvolumegroup", "rm", FS, &self.group, "--force"]);
+        // Claims a failed test left would make a re-run's names taken.
+        for (o, key, _) in self.our_objects() {
+            let args = match key.is_empty() {
+                true => vec!["-p", META_POOL, "rm", &o],
+                false => vec!["-p", META_POOL, "rmomapkey", &o, &key],
+            };
+            let _ =
+                std::process::Command::new("rados").arg("-c").arg(&self.conf).args(args).output();
+        }
     }
 }
 
@@ -453,6 +490,23 @@ fn cap_of_volume() -> csi::VolumeCapability {
     cap(Mode::MultiNodeMultiWriter)
 }
 
+/// A volume `pvc-src` whose `dir/data` read "before the snapshot" when
+/// snapshot `snap` was taken and "after the snapshot" since; unmounted.
+async fn snapshotted_source(
+    k: &mut Clients,
+    fs: &CephFs,
+    snap: &str,
+) -> (csi::Volume, csi::Snapshot) {
+    let v = new_volume(k, fs, "pvc-src", Mode::SingleNodeWriter).await;
+    let (staging, target) = mount(&mut k.n, fs, &v, "pod-src", Mode::SingleNodeWriter).await;
+    std::fs::create_dir(target.join("dir")).unwrap();
+    std::fs::write(target.join("dir/data"), b"before the snapshot").unwrap();
+    let s = k.c.create_snapshot(req::snapshot(snap, &v.volume_id)).await.unwrap();
+    std::fs::write(target.join("dir/data"), b"after the snapshot").unwrap();
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+    (v, s.into_inner().snapshot.unwrap())
+}
+
 /// Snapshots are the subvolume's own (O(1)); a restore holds the data of
 /// the instant it was taken; a snapshot outlives its volume (Ceph keeps the
 /// subvolume as `snapshot-retained`, no longer a volume) and still
@@ -462,21 +516,14 @@ async fn cephfs_snapshots_restore_and_outlive_their_volume() {
     let Some(fs) = cephfs("snap") else { return };
     let d = fs.driver("d", "node-a", &[]).start();
     let mut k = clients(&d).await;
-    let v = new_volume(&mut k, &fs, "pvc-src", Mode::SingleNodeWriter).await;
-    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-src", Mode::SingleNodeWriter).await;
-    std::fs::create_dir(target.join("dir")).unwrap();
-    std::fs::write(target.join("dir/data"), b"before the snapshot").unwrap();
-
-    let r = req::snapshot("snap-1", &v.volume_id);
-    let snap = k.c.create_snapshot(r.clone()).await.unwrap().into_inner().snapshot.unwrap();
-    let again = k.c.create_snapshot(r).await.unwrap().into_inner().snapshot.unwrap();
+    let (v, snap) = snapshotted_source(&mut k, &fs, "snap-1").await;
+    let again = k.c.create_snapshot(req::snapshot("snap-1", &v.volume_id)).await.unwrap();
+    let again = again.into_inner().snapshot.unwrap();
     assert_eq!(
         (again.snapshot_id.as_str(), again.source_volume_id.as_str()),
         (snap.snapshot_id.as_str(), v.volume_id.as_str())
     );
     assert!(snap.ready_to_use && snap.size_bytes == 64 * MIB, "{snap:?}");
-    std::fs::write(target.join("dir/data"), b"after the snapshot").unwrap();
-    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
 
     // A restore: the data of the snapshot's instant, in a volume of its own.
     let restore = |name: &str| csi::CreateVolumeRequest {
@@ -533,7 +580,7 @@ async fn cephfs_snapshots_restore_and_outlive_their_volume() {
 /// same copy and answers once it is complete; a restore deleted while it
 /// still copies is cancelled and leaves nothing.
 #[tokio::test]
-async fn cephfs_a_slow_restore_answers_aborted_and_a_deleted_one_is_cancelled() {
+async fn cephfs_slow_restores_and_clones_answer_aborted_and_deleted_ones_are_cancelled() {
     let Some(fs) = cephfs("slowrestore") else { return };
     let d = fs.driver("d", "node-a", &["--cephfs-restore-wait", "1ms"]).start();
     let mut k = clients(&d).await;
@@ -586,7 +633,311 @@ async fn cephfs_a_slow_restore_answers_aborted_and_a_deleted_one_is_cancelled() 
     k.c.delete_volume(req::delete(&abandoned.id())).await.unwrap();
     assert!(!fs.subvolumes().contains(&abandoned.subvolume), "the copy was cancelled and removed");
 
+    // A clone is the same copy, of a snapshot taken for it and removed
+    // once it is done: ABORTED while it runs, the data once it is done,
+    // and no snapshot of the clone's left on the source.
+    let source_subvolume = v.volume_id.rsplit(':').next().unwrap().to_string();
+    let own_snapshots = || {
+        let out = fs.tool(
+            "ceph",
+            &[
+                "fs",
+                "subvolume",
+                "snapshot",
+                "ls",
+                FS,
+                &source_subvolume,
+                "--group_name",
+                &fs.group,
+            ],
+        );
+        out.matches("csi-clone-").count()
+    };
+    let clone = |name: &str| csi::CreateVolumeRequest {
+        parameters: fs.params(),
+        volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource { volume_id: v.volume_id.clone() },
+            )),
+        }),
+        ..req::create(name, 64 * MIB)
+    };
+    let e = k.c.create_volume(clone("pvc-clone")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert_eq!(own_snapshots(), 1, "the clone copies a snapshot of its own");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let cloned = loop {
+        match k.c.create_volume(clone("pvc-clone")).await {
+            Ok(r) => break r.into_inner().volume.unwrap(),
+            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("clone: {e:?}"),
+        }
+    };
+    assert_eq!(own_snapshots(), 0, "the clone's snapshot goes when it is done");
+    let source = cloned.content_source.as_ref().and_then(|c| c.r#type.as_ref());
+    assert!(
+        matches!(source, Some(csi::volume_content_source::Type::Volume(s)) if s.volume_id == v.volume_id),
+        "{cloned:?}"
+    );
+    let (st, tg) = mount(&mut k.n, &fs, &cloned, "pod-clone", Mode::SingleNodeWriter).await;
+    for f in 0..4 {
+        let data = std::fs::read(tg.join(format!("f{f}"))).unwrap();
+        assert!(data.len() == 8 << 20 && data.chunks(1 << 20).all(|c| c == chunk.as_slice()));
+    }
+    unmount(&mut k.n, &cloned.volume_id, &st, &tg).await;
+    // Deleted mid-copy: cancelled, and its snapshot removed.
+    let e = k.c.create_volume(clone("pvc-clone-abandoned")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    let abandoned = ferrovol_cephfs::ids::VolumeId::new(
+        "ferrovolfs",
+        &fs.group,
+        "csi-vol-",
+        "pvc-clone-abandoned",
+    );
+    k.c.delete_volume(req::delete(&abandoned.id())).await.unwrap();
+    assert!(!fs.subvolumes().contains(&abandoned.subvolume), "the copy was cancelled and removed");
+    assert_eq!(own_snapshots(), 0, "the abandoned clone's snapshot is removed");
+
+    k.c.delete_volume(req::delete(&cloned.volume_id)).await.unwrap();
     k.c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
+    k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    fs.assert_clean();
+    drop(d);
+}
+
+/// `backingSnapshot: "true"`: a read-only volume that is the snapshot
+/// itself: nothing copied (no subvolume made), the snapshot's instant,
+/// read-only whatever the publish asks; the snapshot can be deleted while
+/// the view is in use and goes with it.
+#[tokio::test]
+async fn cephfs_a_read_only_restore_is_a_view_of_the_snapshot() {
+    let Some(fs) = cephfs("view") else { return };
+    let d = fs.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let (v, snap) = snapshotted_source(&mut k, &fs, "snap-v").await;
+
+    let view = |name: &str, mode: Mode| csi::CreateVolumeRequest {
+        parameters: {
+            let mut p = fs.params();
+            p.insert("backingSnapshot".into(), "true".into());
+            p
+        },
+        volume_capabilities: vec![cap(mode)],
+        ..req::from_snapshot(name, &snap.snapshot_id, 64 * MIB)
+    };
+    let before = fs.subvolumes();
+    let ro = k.c.create_volume(view("pvc-ro", Mode::MultiNodeReaderOnly)).await.unwrap();
+    let ro = ro.into_inner().volume.unwrap();
+    let again = k.c.create_volume(view("pvc-ro", Mode::MultiNodeReaderOnly)).await.unwrap();
+    assert_eq!(again.into_inner().volume.unwrap().volume_id, ro.volume_id);
+    assert_eq!(fs.subvolumes(), before, "a view copies nothing and makes no subvolume");
+    assert!(ro.volume_context["rootPath"].contains("/.snap/"), "{:?}", ro.volume_context);
+    assert_eq!(ro.capacity_bytes, 64 * MIB);
+
+    // Writable modes, or no snapshot: refused, naming why.
+    let e = k.c.create_volume(view("pvc-rw", Mode::MultiNodeMultiWriter)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("read-only"), "{e:?}");
+    let mut none = view("pvc-none", Mode::MultiNodeReaderOnly);
+    none.volume_content_source = None;
+    assert_eq!(k.c.create_volume(none).await.unwrap_err().code(), Code::InvalidArgument);
+    // The same name without backingSnapshot is another volume.
+    let e = k.c.create_volume(fs.create("pvc-ro", 64 * MIB, Mode::SingleNodeWriter)).await;
+    assert_eq!(e.unwrap_err().code(), Code::AlreadyExists);
+
+    // Listed and described like any volume; it neither grows nor is
+    // snapshotted (it is a snapshot).
+    let get = csi::ControllerGetVolumeRequest { volume_id: ro.volume_id.clone() };
+    let got = k.c.controller_get_volume(get).await.unwrap().into_inner();
+    assert_eq!(got.volume.unwrap().volume_id, ro.volume_id);
+    let listed = k.c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.entries.iter().any(|e| e.volume.as_ref().unwrap().volume_id == ro.volume_id));
+    let grow = csi::ControllerExpandVolumeRequest {
+        volume_id: ro.volume_id.clone(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 128 * MIB, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    assert_eq!(
+        k.c.controller_expand_volume(grow).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let e = k.c.create_snapshot(req::snapshot("snap-of-view", &ro.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Mounted on a node: the snapshot's instant, and read-only even
+    // though the publish does not ask for it.
+    let (st, tg) = mount(&mut k.n, &fs, &ro, "pod-ro", Mode::MultiNodeReaderOnly).await;
+    assert_eq!(std::fs::read(tg.join("dir/data")).unwrap(), b"before the snapshot");
+    let e = std::fs::write(tg.join("dir/data"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    assert_eq!(std::fs::write(st.join("new"), b"x").unwrap_err().raw_os_error(), Some(libc::EROFS));
+
+    // The CO deletes the snapshot while the view uses it: it goes from the
+    // CO's view, the data stays for the volume, and the name is not
+    // handed out again while it does.
+    k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
+    let by_id =
+        csi::ListSnapshotsRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() };
+    assert!(k.c.list_snapshots(by_id).await.unwrap().into_inner().entries.is_empty());
+    assert_eq!(std::fs::read(tg.join("dir/data")).unwrap(), b"before the snapshot");
+    let e = k.c.create_snapshot(req::snapshot("snap-v", &v.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    unmount(&mut k.n, &ro.volume_id, &st, &tg).await;
+
+    // The source goes (kept by Ceph for its snapshot), then the view: the
+    // snapshot goes with its last user, and the source with it.
+    k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    let source_subvolume = v.volume_id.rsplit(':').next().unwrap().to_string();
+    assert!(fs.subvolumes().contains(&source_subvolume), "kept for its snapshot");
+    k.c.delete_volume(req::delete(&ro.volume_id)).await.unwrap();
+    k.c.delete_volume(req::delete(&ro.volume_id)).await.expect("deleting again: OK");
+    let hash = ro.volume_id.rsplit(':').next().unwrap();
+    let objects = fs.tool("rados", &["-p", META_POOL, "ls"]);
+    assert!(!objects.contains(&format!("ferrovol.cephfs.name.{hash}")), "the view's name claim");
+    fs.assert_clean();
+    drop(d);
+}
+
+/// What a copy must keep of one entry of a tree.
+#[derive(Debug, PartialEq)]
+struct Entry {
+    path: String,
+    mode: u32,
+    owner: (u32, u32),
+    /// Contents (files), target (symlinks), nothing (directories).
+    data: Vec<u8>,
+    xattrs: Vec<(String, Vec<u8>)>,
+    /// Which earlier entry this one is a hard link of.
+    link_of: Option<String>,
+}
+
+/// Every entry under `root`, sorted by path.
+fn tree(root: &Path) -> Vec<Entry> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = vec![];
+    let mut inodes: HashMap<u64, String> = HashMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let data = match () {
+                _ if m.is_symlink() => {
+                    std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes()
+                }
+                _ if m.is_dir() => {
+                    todo.push(p.clone());
+                    vec![]
+                }
+                _ => std::fs::read(&p).unwrap(),
+            };
+            let mut names = vec![0u8; 4096];
+            let n = rustix::fs::llistxattr(&p, &mut names).unwrap_or(0);
+            let mut xattrs: Vec<(String, Vec<u8>)> = names[..n]
+                .split(|b| *b == 0)
+                .filter(|n| n.starts_with(b"user."))
+                .map(|n| {
+                    let name = String::from_utf8_lossy(n).into_owned();
+                    let mut v = vec![0u8; 4096];
+                    let len = rustix::fs::lgetxattr(&p, name.as_str(), &mut v).unwrap();
+                    v.truncate(len);
+                    (name, v)
+                })
+                .collect();
+            xattrs.sort();
+            let link_of = match m.is_file() && m.nlink() > 1 {
+                true => inodes.get(&m.ino()).cloned(),
+                false => None,
+            };
+            if m.is_file() && m.nlink() > 1 {
+                inodes.entry(m.ino()).or_insert_with(|| rel.clone());
+            }
+            out.push(Entry {
+                path: rel,
+                mode: m.mode(),
+                owner: (m.uid(), m.gid()),
+                data,
+                xattrs,
+                link_of,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// A restore and a clone hold the source's tree: contents (holes read as
+/// zeros), modes, owners and symlinks (dangling ones too). The manager's
+/// cloner drops extended attributes and copies each name of a hard link
+/// on its own: measured here, documented, not yet fixed.
+#[tokio::test]
+async fn cephfs_restores_and_clones_keep_the_tree() {
+    let Some(fs) = cephfs("tree") else { return };
+    let d = fs.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let v = new_volume(&mut k, &fs, "pvc-tree", Mode::SingleNodeWriter).await;
+    let (staging, target) = mount(&mut k.n, &fs, &v, "pod-tree", Mode::SingleNodeWriter).await;
+    let t = &target;
+    std::fs::create_dir_all(t.join("a/b")).unwrap();
+    std::fs::write(t.join("a/b/file"), b"some data").unwrap();
+    let holes = std::fs::File::create(t.join("holes")).unwrap();
+    holes.set_len(4 * MIB as u64).unwrap();
+    std::os::unix::fs::FileExt::write_at(&holes, b"middle", 2 * MIB as u64).unwrap();
+    drop(holes);
+    std::os::unix::fs::symlink("a/b/file", t.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nowhere/at/all", t.join("dangling")).unwrap();
+    std::fs::write(t.join("hard"), b"linked").unwrap();
+    std::fs::hard_link(t.join("hard"), t.join("a/hard-too")).unwrap();
+    rustix::fs::setxattr(
+        t.join("a/b/file").as_path(),
+        "user.origin",
+        b"ferrovol",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(t.join("a/b/file"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(t.join("a"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::lchown(t.join("a/b/file"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(t.join("link"), Some(4321), Some(8765)).unwrap();
+    let want = tree(t);
+    unmount(&mut k.n, &v.volume_id, &staging, &target).await;
+    let snap = k.c.create_snapshot(req::snapshot("snap-tree", &v.volume_id)).await.unwrap();
+    let snap = snap.into_inner().snapshot.unwrap();
+
+    let restore = csi::CreateVolumeRequest {
+        parameters: fs.params(),
+        volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+        ..req::from_snapshot("pvc-tree-r", &snap.snapshot_id, 64 * MIB)
+    };
+    let clone = csi::CreateVolumeRequest {
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Volume(
+                csi::volume_content_source::VolumeSource { volume_id: v.volume_id.clone() },
+            )),
+        }),
+        ..fs.create("pvc-tree-c", 64 * MIB, Mode::SingleNodeWriter)
+    };
+    for (r, pod) in [(restore, "pod-r"), (clone, "pod-c")] {
+        let made = k.c.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+        let (st, tg) = mount(&mut k.n, &fs, &made, pod, Mode::SingleNodeWriter).await;
+        let got = tree(&tg);
+        for (w, g) in want.iter().zip(&got) {
+            // What the manager's cloner does not keep (ferrovol's own
+            // copy is to): extended attributes, and hard links (each name
+            // is copied on its own, same data, no longer one inode).
+            let kept = |e: &Entry| (e.path.clone(), e.mode, e.owner, e.data.clone());
+            assert_eq!(kept(w), kept(g), "{pod}");
+        }
+        assert_eq!(want.len(), got.len(), "{pod}: {got:?}");
+        unmount(&mut k.n, &made.volume_id, &st, &tg).await;
+        k.c.delete_volume(req::delete(&made.volume_id)).await.unwrap();
+    }
     k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
     k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
     fs.assert_clean();
