@@ -466,6 +466,13 @@ def cross_checks(docs, binary):
         pkg = package_of.get(prog)
         check(pkg is not None, f"{prog} has a package in exec::package_for")
         check(pkg is not None and re.search(rf"\b{re.escape(pkg)}\b", runtime), f"runtime image installs {pkg} for {prog}")
+    # Every Ceph library an engine loads at run time is installed too.
+    ceph_rs = "".join(open(f).read() for f in glob.glob("crates/ferrovol-ceph/src/*.rs"))
+    loaded = set(re.findall(r'open\("lib[\w.]+", "([\w-]+)"\)', ceph_rs))
+    loaded |= set(re.findall(r'install the (lib[\w-]+) package\)', ceph_rs))
+    check({"librados2", "librbd1", "libcephfs2"} <= loaded, f"the Ceph libraries loaded are found in the source: {sorted(loaded)}")
+    for pkg in sorted(loaded):
+        check(re.search(rf"\b{re.escape(pkg)}\b", runtime), f"runtime image installs {pkg} (loaded at run time)")
     check(re.search(r'ENTRYPOINT \["/usr/local/bin/ferrovol"\]', runtime), "image entrypoint is ferrovol")
 
 

@@ -120,20 +120,20 @@ pub type CommandFn = unsafe extern "C" fn(
 /// Declares the function table: each field is a C function pointer looked
 /// up by its own name; `opt` fields may be missing from older libraries.
 macro_rules! api {
-    ($( $lib:ident : { $( $(#[$opt:ident])? fn $name:ident ( $($arg:ty),* ) $(-> $ret:ty)? ; )* } )*) => {
-        pub struct Api {
+    (struct $api:ident; $( $lib:ident : { $( $(#[$opt:ident])? fn $name:ident ( $($arg:ty),* ) $(-> $ret:ty)? ; )* } )*) => {
+        pub struct $api {
             $( $( pub $name: api!(@field $($opt)? unsafe extern "C" fn($($arg),*) $(-> $ret)?), )* )*
         }
 
-        impl Api {
+        impl $api {
             /// Looks every function up.
             ///
             /// # Safety
-            /// The libraries must be librados and librbd, whose functions
-            /// have the signatures declared here; the pointers are valid
-            /// while the libraries stay loaded.
-            pub unsafe fn load($($lib: &Library),*) -> Result<Api, String> {
-                Ok(Api {
+            /// The libraries must be the Ceph libraries named, whose
+            /// functions have the signatures declared here; the pointers
+            /// are valid while the libraries stay loaded.
+            pub unsafe fn load($($lib: &Library),*) -> Result<$api, String> {
+                Ok($api {
                     $( $( $name: api!(@get $($opt)? $lib, $name), )* )*
                 })
             }
@@ -152,6 +152,7 @@ macro_rules! api {
 }
 
 api! {
+    struct Api;
     rados: {
         fn rados_version(*mut c_int, *mut c_int, *mut c_int);
         fn rados_create2(*mut Rados, *const c_char, *const c_char, u64) -> c_int;
@@ -251,6 +252,78 @@ api! {
         fn rbd_group_snap_list_cleanup(*mut GroupSnapInfo, usize, usize) -> c_int;
     }
 }
+
+/// libcephfs (Ceph's file system client), loaded apart: only the CephFS
+/// engine's copies need it.
+pub type FsMount = *mut c_void;
+pub type FsDir = *mut c_void;
+/// What `ceph_readdir` hands out: glibc's 64-bit `struct dirent` (the
+/// header refuses any other).
+pub type Dirent = libc::dirent;
+
+/// `struct ceph_statx` (ceph_ll_client.h).
+#[repr(C)]
+pub struct Statx {
+    pub stx_mask: u32,
+    pub stx_blksize: u32,
+    pub stx_nlink: u32,
+    pub stx_uid: u32,
+    pub stx_gid: u32,
+    pub stx_mode: u16,
+    pub stx_ino: u64,
+    pub stx_size: u64,
+    pub stx_blocks: u64,
+    pub stx_dev: libc::dev_t,
+    pub stx_rdev: libc::dev_t,
+    pub stx_atime: libc::timespec,
+    pub stx_ctime: libc::timespec,
+    pub stx_mtime: libc::timespec,
+    pub stx_btime: libc::timespec,
+    pub stx_version: u64,
+}
+
+api! {
+    struct FsApi;
+    cephfs: {
+        fn ceph_version(*mut c_int, *mut c_int, *mut c_int) -> *const c_char;
+        fn ceph_create(*mut FsMount, *const c_char) -> c_int;
+        fn ceph_conf_read_file(FsMount, *const c_char) -> c_int;
+        fn ceph_conf_set(FsMount, *const c_char, *const c_char) -> c_int;
+        fn ceph_select_filesystem(FsMount, *const c_char) -> c_int;
+        fn ceph_mount(FsMount, *const c_char) -> c_int;
+        fn ceph_unmount(FsMount) -> c_int;
+        fn ceph_release(FsMount) -> c_int;
+        fn ceph_opendir(FsMount, *const c_char, *mut FsDir) -> c_int;
+        fn ceph_readdir(FsMount, FsDir) -> *mut Dirent;
+        fn ceph_closedir(FsMount, FsDir) -> c_int;
+        fn ceph_statx(FsMount, *const c_char, *mut Statx, u32, u32) -> c_int;
+        fn ceph_setattrx(FsMount, *const c_char, *mut Statx, c_int, c_int) -> c_int;
+        fn ceph_open(FsMount, *const c_char, c_int, libc::mode_t) -> c_int;
+        fn ceph_close(FsMount, c_int) -> c_int;
+        fn ceph_read(FsMount, c_int, *mut c_char, i64, i64) -> c_int;
+        fn ceph_write(FsMount, c_int, *const c_char, i64, i64) -> c_int;
+        fn ceph_ftruncate(FsMount, c_int, i64) -> c_int;
+        fn ceph_fsync(FsMount, c_int, c_int) -> c_int;
+        fn ceph_mkdir(FsMount, *const c_char, libc::mode_t) -> c_int;
+        fn ceph_rmdir(FsMount, *const c_char) -> c_int;
+        fn ceph_unlink(FsMount, *const c_char) -> c_int;
+        fn ceph_symlink(FsMount, *const c_char, *const c_char) -> c_int;
+        fn ceph_readlink(FsMount, *const c_char, *mut c_char, i64) -> c_int;
+        fn ceph_link(FsMount, *const c_char, *const c_char) -> c_int;
+        fn ceph_mknod(FsMount, *const c_char, libc::mode_t, libc::dev_t) -> c_int;
+        fn ceph_llistxattr(FsMount, *const c_char, *mut c_char, usize) -> c_int;
+        fn ceph_lgetxattr(FsMount, *const c_char, *const c_char, *mut c_void, usize) -> c_int;
+        fn ceph_lsetxattr(FsMount, *const c_char, *const c_char, *const c_void, usize, c_int) -> c_int;
+        fn ceph_sync_fs(FsMount) -> c_int;
+    }
+}
+
+pub const STATX_BASIC_STATS: u32 = 0x7ff;
+pub const SETATTR_MODE: c_int = 1;
+pub const SETATTR_UID: c_int = 1 << 1;
+pub const SETATTR_GID: c_int = 1 << 2;
+pub const SETATTR_MTIME: c_int = 1 << 3;
+pub const SETATTR_ATIME: c_int = 1 << 4;
 
 pub const OPTION_FORMAT: c_int = 0;
 pub const OPTION_FEATURES: c_int = 1;

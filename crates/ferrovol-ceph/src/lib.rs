@@ -20,6 +20,7 @@
 //! the only place with `unsafe` code: every block says why it is sound.
 
 pub mod ffi;
+pub mod fs;
 mod group;
 mod image;
 mod rados;

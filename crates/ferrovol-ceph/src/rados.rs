@@ -27,6 +27,41 @@ pub struct Connect<'a> {
     pub op_timeout: u64,
 }
 
+impl Connect<'_> {
+    /// Configures a client not yet connected: its config file (`read`),
+    /// then each option (`set`); `timeouts`: the options the library has
+    /// for `op_timeout` besides the mount timeout.
+    pub(crate) fn apply(
+        &self,
+        read: impl FnOnce(&Path) -> Result<()>,
+        set: impl Fn(&str, &str) -> Result<()>,
+        timeouts: &[&str],
+    ) -> Result<()> {
+        if let Some(conf) = self.conf {
+            read(conf)?;
+        }
+        if let Some(mon) = self.mon_host {
+            set("mon_host", mon)?;
+        }
+        if let Some(key) = self.key {
+            set("key", key)?;
+        }
+        if let Some(keyring) = self.keyring {
+            set("keyring", &keyring.to_string_lossy())?;
+        }
+        if self.op_timeout > 0 {
+            let t = self.op_timeout.to_string();
+            for option in timeouts.iter().chain(&["client_mount_timeout"]) {
+                set(option, &t)?;
+            }
+        }
+        // Our logs are ours: the library's own go nowhere unless
+        // configured.
+        set("log_to_stderr", "false")?;
+        set("err_to_stderr", "false")
+    }
+}
+
 impl fmt::Debug for Connect<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connect")
@@ -103,31 +138,18 @@ impl Cluster {
             })
             .map(drop)
         };
-        if let Some(conf) = how.conf {
+        let read = |conf: &Path| -> Result<()> {
             let c = cstring("config path", &conf.to_string_lossy())?;
             // SAFETY: as above.
             check(|| format!("reading {}", conf.display()), unsafe {
                 (api.rados_conf_read_file)(handle.0, c.as_ptr())
-            })?;
-        }
-        if let Some(mon) = how.mon_host {
-            set("mon_host", mon)?;
-        }
-        if let Some(key) = how.key {
-            set("key", key)?;
-        }
-        if let Some(keyring) = how.keyring {
-            set("keyring", &keyring.to_string_lossy())?;
-        }
-        if how.op_timeout > 0 {
-            let t = how.op_timeout.to_string();
-            set("rados_mon_op_timeout", &t)?;
-            set("rados_osd_op_timeout", &t)?;
-            set("client_mount_timeout", &t)?;
-        }
-        // Our logs are ours: librados' own go nowhere unless configured.
-        set("log_to_stderr", "false")?;
-        set("err_to_stderr", "false")?;
+            })
+            .map(drop)
+        };
+        // Not rados_mon_op_timeout: it also bounds manager commands, and a
+        // timed-out manager command crashes Pacific's librados when its
+        // reply comes (see `mgr_command`). Callers bound their waits.
+        how.apply(read, set, &["rados_osd_op_timeout"])?;
         // SAFETY: a configured, unconnected handle.
         check(|| format!("connecting to the cluster as {name}"), unsafe {
             (api.rados_connect)(handle.0)
@@ -168,6 +190,14 @@ impl Cluster {
     /// A manager command (JSON), as `ceph fs subvolume …` sends them;
     /// answers its output. The manager's modules answer errors with an
     /// errno and a message, which the error carries.
+    ///
+    /// Never timed out by librados (see [`Connect::apply`]): Pacific's
+    /// librados gives up waiting for a manager command after
+    /// `rados_mon_op_timeout` but leaves the command's reply buffers (the
+    /// C call's own locals) registered, and the late reply is then written
+    /// into freed memory: the process crashes. Seen here when a subvolume
+    /// removal waited on the capabilities of a killed client for longer
+    /// than the timeout.
     pub fn mgr_command(&self, json: &str) -> Result<String> {
         self.command("manager", api().rados_mgr_command, json)
     }

@@ -1,6 +1,7 @@
 //! Our declarations of Ceph's C structs and constants against Ceph's own
 //! headers: a C program compiled against the installed development
-//! headers (`librados-dev`, `librbd-dev`, which `.ci/run` installs) prints
+//! headers (`librados-dev`, `librbd-dev`, `libcephfs-dev`, which `.ci/run`
+//! installs) prints
 //! every struct's size and field offsets and every constant, and each must
 //! equal what Rust lays out and declares. A wrong declaration would
 //! otherwise be found only as memory corruption at run time.
@@ -65,6 +66,18 @@ fn facts() -> Vec<Fact> {
     });
     layout!(f, SnapSpec => "rbd_snap_spec_t" { id, namespace_type, name });
     layout!(f, Watcher => "rbd_image_watcher_t" { addr, id, cookie });
+    layout!(f, Statx => "struct ceph_statx" {
+        stx_mask, stx_blksize, stx_nlink, stx_uid, stx_gid, stx_mode, stx_ino, stx_size,
+        stx_blocks, stx_dev, stx_rdev, stx_atime, stx_ctime, stx_mtime, stx_btime, stx_version,
+    });
+    layout!(f, Dirent => "struct dirent" { d_ino, d_off, d_reclen, d_type, d_name });
+    constant!(f, ffi::STATX_BASIC_STATS => "CEPH_STATX_BASIC_STATS");
+    constant!(f, ffi::SETATTR_MODE => "CEPH_SETATTR_MODE");
+    constant!(f, ffi::SETATTR_UID => "CEPH_SETATTR_UID");
+    constant!(f, ffi::SETATTR_GID => "CEPH_SETATTR_GID");
+    constant!(f, ffi::SETATTR_MTIME => "CEPH_SETATTR_MTIME");
+    constant!(f, ffi::SETATTR_ATIME => "CEPH_SETATTR_ATIME");
+    constant!(f, ferrovol_ceph::fs::NOFOLLOW => "AT_SYMLINK_NOFOLLOW");
     constant!(f, ffi::OPTION_FORMAT => "RBD_IMAGE_OPTION_FORMAT");
     constant!(f, ffi::OPTION_FEATURES => "RBD_IMAGE_OPTION_FEATURES");
     constant!(f, ffi::OPTION_DATA_POOL => "RBD_IMAGE_OPTION_DATA_POOL");
@@ -105,8 +118,10 @@ fn c_side(facts: &[Fact]) -> Option<BTreeMap<String, u64>> {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut program = String::from(
-        "#include <stddef.h>\n#include <stdio.h>\n#include <rados/librados.h>\n\
-         #include <rbd/librbd.h>\n#include <rbd/features.h>\nint main(void) {\n",
+        "#define _FILE_OFFSET_BITS 64\n#include <stddef.h>\n#include <stdio.h>\n\
+         #include <dirent.h>\n#include <rados/librados.h>\n\
+         #include <rbd/librbd.h>\n#include <rbd/features.h>\n#include <cephfs/libcephfs.h>\n\
+         int main(void) {\n",
     );
     for (key, _, expr) in facts {
         program.push_str(&format!(

@@ -69,6 +69,59 @@ impl ClusterConfig {
     }
 }
 
+/// Credentials and where the cluster is: enough to connect again later.
+#[derive(Clone)]
+pub struct Login {
+    config: Arc<ClusterConfig>,
+    creds: Credentials,
+}
+
+impl Login {
+    /// Connects with `connect`, blocking; refused credentials are
+    /// UNAUTHENTICATED, a missing cluster FAILED_PRECONDITION.
+    fn with<T>(&self, connect: impl FnOnce(&ceph::Connect<'_>) -> ceph::Result<T>) -> Result<T> {
+        let (config, c) = (&self.config, &self.creds);
+        // A request's own secret, else the driver's default client.
+        let (user, key) = match &c.key {
+            Some(k) => (c.user.as_deref(), Some(k.as_str())),
+            None => (config.user.as_deref(), config.key.as_deref()),
+        };
+        let how = ceph::Connect {
+            conf: config.conf.as_deref(),
+            user,
+            key,
+            keyring: if key.is_some() { None } else { config.keyring.as_deref() },
+            mon_host: None,
+            op_timeout: config.op_timeout,
+        };
+        connect(&how).map_err(|e| match e.errno {
+            // Refused credentials: a wrong or malformed key, an unknown
+            // user (the caller's to fix, not retried as they are).
+            libc::EACCES | libc::EPERM => {
+                error::unauthenticated(format!("{e} (the cluster refused this user's key)"))
+            }
+            libc::EINVAL if key.is_some() => {
+                error::unauthenticated(format!("{e} (the key is not a valid Ceph key)"))
+            }
+            libc::ENOENT | libc::EINVAL => {
+                error::precondition(format!("{e} (check --ceph-conf and the credentials)"))
+            }
+            _ => ceph_error(e),
+        })
+    }
+
+    /// Who logs in (user and key): what tells two logins apart, never
+    /// shown.
+    pub fn identity(&self) -> String {
+        format!("{:?}\0{:?}", self.creds.user, self.creds.key)
+    }
+
+    /// Mounts file system `fs` (libcephfs), blocking.
+    pub fn mount_fs(&self, fs: &str) -> Result<ceph::fs::FsMount> {
+        self.with(|how| ceph::fs::FsMount::mount(how, fs))
+    }
+}
+
 /// Credentials one request uses.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Credentials {
@@ -144,39 +197,19 @@ impl Connections {
         {
             return Ok(c.clone());
         }
-        let (config, c) = (self.config.clone(), creds.clone());
-        let cluster = blocking(move || {
-            // A request's own secret, else the driver's default client.
-            let (user, key) = match &c.key {
-                Some(k) => (c.user.as_deref(), Some(k.as_str())),
-                None => (config.user.as_deref(), config.key.as_deref()),
-            };
-            let how = ceph::Connect {
-                conf: config.conf.as_deref(),
-                user,
-                key,
-                keyring: if key.is_some() { None } else { config.keyring.as_deref() },
-                mon_host: None,
-                op_timeout: config.op_timeout,
-            };
-            Cluster::connect(&how).map_err(|e| match e.errno {
-                // Refused credentials: a wrong or malformed key, an unknown
-                // user (the caller's to fix, not retried as they are).
-                libc::EACCES | libc::EPERM => {
-                    error::unauthenticated(format!("{e} (the cluster refused this user's key)"))
-                }
-                libc::EINVAL if key.is_some() => {
-                    error::unauthenticated(format!("{e} (the key is not a valid Ceph key)"))
-                }
-                libc::ENOENT | libc::EINVAL => {
-                    error::precondition(format!("{e} (check --ceph-conf and the credentials)"))
-                }
-                _ => ceph_error(e),
-            })
-        })
-        .await?;
+        let login = Login { config: self.config.clone(), creds: creds.clone() };
+        let cluster = blocking(move || login.with(Cluster::connect)).await?;
         let mut all = self.clusters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Ok(all.entry(creds.clone()).or_insert(cluster).clone())
+    }
+
+    /// What a file system client of the controller (libcephfs, for
+    /// copies) logs in with: the request's credentials (the admin pair
+    /// first), else the driver's default client. Kept by a copy that
+    /// outlives its request.
+    pub fn fs_login(&self, secrets: &Secrets) -> Result<Login> {
+        let creds = Credentials::from_secrets(secrets, true)?;
+        Ok(Login { config: self.config.clone(), creds })
     }
 
     /// The default credentials' connection.

@@ -8,6 +8,7 @@
 //! finds what was made and finishes it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrovol_ceph::{CephError, Cluster, NewSubvolume, Pool, Subvolumes};
@@ -18,6 +19,7 @@ use ferrovol_core::engine::{
 
 use crate::backed;
 use crate::connect::Connections;
+use crate::copies::{Copies, Outcome, Spec};
 use crate::error::{self, Error, Kind, Result};
 use crate::ids::{self, BackedId, SnapshotId, VolumeId};
 use crate::params::{self, Parameters};
@@ -39,6 +41,66 @@ pub struct Settings {
     /// How long a restore's CreateVolume waits for the copy before it
     /// answers ABORTED.
     pub restore_wait: Duration,
+    /// Who copies restores and clones.
+    pub copier: Copier,
+    /// How long a copy nobody asks about runs before it is abandoned and
+    /// removed.
+    pub abandon_after: Duration,
+}
+
+/// Who copies a snapshot's data into a restore or a clone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copier {
+    /// ferrovol itself, through libcephfs (parallel, keeps hard links and
+    /// extended attributes, resumes, abandons).
+    Ferrovol,
+    /// The Ceph manager's cloner (`ceph fs subvolume snapshot clone`).
+    Manager,
+}
+
+/// The omap object in the home pool indexing copies under way (key: the
+/// new volume's ID, value: its [`Marker`]): whoever sweeps reads one
+/// object, not every subvolume.
+const COPIES: &str = "ferrovol.cephfs.copies";
+
+/// A copy under way, as the index records it: where from, when someone
+/// last asked for it, and after how long without asking it is abandoned
+/// (its copier's rule, which whoever sweeps applies).
+struct Marker {
+    from: String,
+    source: String,
+    asked: u64,
+    abandon: u64,
+}
+
+impl Marker {
+    fn encode(&self) -> String {
+        serde_json::json!({
+            "from": self.from, "source": self.source, "asked": self.asked, "abandon": self.abandon,
+        })
+        .to_string()
+    }
+
+    fn decode(text: &str) -> Marker {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        Marker {
+            from: s("from"),
+            source: s("source"),
+            asked: v["asked"].as_u64().unwrap_or(0),
+            abandon: v["abandon"].as_u64().unwrap_or(ABANDON_AFTER.as_secs()),
+        }
+    }
+
+    fn stale(&self) -> bool {
+        now().saturating_sub(self.asked) > self.abandon
+    }
+
+    /// Whether it is time to record a new ask (a quarter of the abandon
+    /// time, so a sweeper never takes a copy still wanted).
+    fn due(&self) -> bool {
+        now().saturating_sub(self.asked) >= (self.abandon / 4).max(1)
+    }
 }
 
 pub struct CephFsEngine {
@@ -46,6 +108,8 @@ pub struct CephFsEngine {
     settings: Settings,
     /// The home file system's metadata pool, found on first use.
     home: tokio::sync::OnceCell<String>,
+    /// Copies under way (restores and clones, with our own copier).
+    copies: Arc<Copies>,
 }
 
 /// What we know of a volume beyond its subvolume: written once, last.
@@ -222,7 +286,8 @@ impl CephFsEngine {
             return Err(error::invalid("the CephFS engine needs at least one file system"));
         };
         ids::check_id_part("file system", home)?;
-        Ok(CephFsEngine { conn, settings, home: tokio::sync::OnceCell::new() })
+        let copies = Copies::new(settings.abandon_after);
+        Ok(CephFsEngine { conn, settings, home: tokio::sync::OnceCell::new(), copies })
     }
 
     fn home_fs(&self) -> &str {
@@ -288,7 +353,14 @@ impl CephFsEngine {
                 let from = VolumeId::parse(&claim.source).ok_or_else(|| {
                     error::internal(format!("a snapshot claim names {:?}", claim.source))
                 })?;
-                Some(Copy { from, snap: s.snap(), source: s.id(), size: claim.size, clone: false })
+                Some(Copy {
+                    from,
+                    snap: s.snap(),
+                    root: claim.root.clone(),
+                    source: s.id(),
+                    size: claim.size,
+                    clone: false,
+                })
             }
             Some(ContentSource::Volume(volume)) => {
                 if BackedId::parse(volume).is_some() {
@@ -311,7 +383,14 @@ impl CephFsEngine {
                 let (s2, f) = (sv.clone(), from.clone());
                 let size = blocking(move || describe(&s2, &f)).await?.capacity;
                 let snap = ids::clone_snap(&v);
-                Some(Copy { from, snap, source: volume.clone(), size, clone: true })
+                Some(Copy {
+                    from,
+                    snap,
+                    root: String::new(),
+                    source: volume.clone(),
+                    size,
+                    clone: true,
+                })
             }
         };
         let source_size = copy.as_ref().map_or(0, |c| c.size);
@@ -324,6 +403,12 @@ impl CephFsEngine {
         )?;
         let source = copy.as_ref().map(|c| c.source.clone()).unwrap_or_default();
         let restore_wait = self.settings.restore_wait;
+        let own = match (&copy, self.settings.copier) {
+            (Some(_), Copier::Ferrovol) => {
+                Some((self.conn.fs_login(&req.secrets)?, self.copies.clone()))
+            }
+            _ => None,
+        };
         let (name, fingerprint) = (req.name.clone(), p.fingerprint());
         let (required, limit) = (req.required_bytes, req.limit_bytes);
         let (pool, parameters) = (p.pool.clone(), req.parameters.clone());
@@ -375,7 +460,14 @@ impl CephFsEngine {
                     })?;
                 }
                 Some(c) => {
-                    copy_into(&sv, &home, c, &v, pool.as_deref(), restore_wait)?;
+                    match &own {
+                        Some((login, copies)) => {
+                            let new =
+                                NewSubvolume { size, pool_layout: pool.as_deref(), mode: None };
+                            own_copy(&sv, &home, c, &v, &new, restore_wait, login, copies)?
+                        }
+                        None => copy_into(&sv, &home, c, &v, pool.as_deref(), restore_wait)?,
+                    }
                     sv.resize(&v.group, &v.subvolume, size, false).map_err(ceph_error)?;
                 }
             }
@@ -402,6 +494,10 @@ impl CephFsEngine {
                 origin: String::new(),
             };
             sv.set_metadata(&v.group, &v.subvolume, META, &r.encode()).map_err(ceph_error)?;
+            if own.is_some() {
+                // Done: nothing left to sweep.
+                home.omap_remove(COPIES, &[&id]).map_err(ceph_error)?;
+            }
             describe(&sv, &v)
         })
         .await
@@ -413,11 +509,22 @@ impl CephFsEngine {
 /// a copy of a large snapshot must never hold a call for minutes.
 pub const RESTORE_WAIT: Duration = Duration::from_secs(20);
 
+/// How long a DeleteVolume waits for a copy into its volume to stop (a
+/// copy looks at its stop flag between 16 MiB ranges).
+const COPY_STOP_WAIT: Duration = Duration::from_secs(20);
+
+/// How long a copy nobody asks about runs before it is abandoned: the
+/// provisioner retries an ABORTED CreateVolume within seconds to minutes
+/// (its backoff caps at 5 minutes), so twice that.
+pub const ABANDON_AFTER: Duration = Duration::from_secs(600);
+
 /// What a new volume is copied from: a snapshot of subvolume `from`, ours
 /// (a restore) or taken for the copy (a clone: removed once it is done).
 struct Copy {
     from: VolumeId,
     snap: String,
+    /// Where the snapshot's data is, when its claim recorded it.
+    root: String,
     /// The request's source ID (a snapshot's or a volume's).
     source: String,
     size: u64,
@@ -430,6 +537,20 @@ struct Copy {
 fn clone_oid_of(v: &VolumeId) -> String {
     let hash = &v.subvolume[v.subvolume.len().saturating_sub(32)..];
     format!("ferrovol.cephfs.clone.{hash}")
+}
+
+/// A clone's own snapshot of its source, taken once: the object naming
+/// its source is written first, so a snapshot taken for the copy is never
+/// left behind unknown.
+fn take_clone_snapshot(sv: &Subvolumes, home: &Pool, c: &Copy, v: &VolumeId) -> Result<()> {
+    if !c.clone {
+        return Ok(());
+    }
+    home.write_object(&clone_oid_of(v), c.from.id().as_bytes()).map_err(ceph_error)?;
+    match sv.snapshot(&c.from.group, &c.from.subvolume, &c.snap) {
+        Err(e) if e.is(libc::EEXIST) => Ok(()),
+        other => other.map_err(|e| missing_or(e, || format!("volume {} does not exist", c.source))),
+    }
 }
 
 /// Copies `c` into the new subvolume `v` with the manager's cloner (a full
@@ -449,16 +570,7 @@ fn copy_into(
         Err(e) => return Err(ceph_error(e)),
     };
     if !started {
-        if c.clone {
-            // Recorded first: a snapshot taken for the copy is never left
-            // behind unknown.
-            home.write_object(&clone_oid_of(v), c.from.id().as_bytes()).map_err(ceph_error)?;
-            match sv.snapshot(&c.from.group, &c.from.subvolume, &c.snap) {
-                Err(e) if e.is(libc::EEXIST) => {}
-                other => other
-                    .map_err(|e| missing_or(e, || format!("volume {} does not exist", c.source)))?,
-            }
-        }
+        take_clone_snapshot(sv, home, c, v)?;
         match sv.clone_snapshot(
             &c.from.group,
             &c.from.subvolume,
@@ -497,6 +609,115 @@ fn copy_into(
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Where a snapshot's data is: recorded in its claim, else beside its
+/// subvolume's data path.
+fn snapshot_data(sv: &Subvolumes, c: &Copy) -> Result<String> {
+    if !c.root.is_empty() {
+        return Ok(c.root.clone());
+    }
+    let path = sv
+        .path(&c.from.group, &c.from.subvolume)
+        .map_err(|e| missing_or(e, || format!("the volume {} was taken of is gone", c.source)))?;
+    snapshots::root_of(&path, &c.snap)
+        .ok_or_else(|| error::internal(format!("the subvolume path {path:?} has no parent")))
+}
+
+/// Copies `c` into the new subvolume `v` with ferrovol's own copier (see
+/// `copy.rs`, `copies.rs`): makes the subvolume and marks it as a copy
+/// under way, starts the copy or finds the one running, and waits for it
+/// at most `wait`.
+#[allow(clippy::too_many_arguments)]
+fn own_copy(
+    sv: &Subvolumes,
+    home: &Pool,
+    c: &Copy,
+    v: &VolumeId,
+    new: &NewSubvolume<'_>,
+    wait: Duration,
+    login: &ferrovol_cephclient::connect::Login,
+    copies: &Arc<Copies>,
+) -> Result<()> {
+    let id = v.id();
+    let made = match sv.info(&v.group, &v.subvolume) {
+        Ok(_) => true,
+        Err(e) if e.is(libc::ENOENT) => false,
+        Err(e) => return Err(ceph_error(e)),
+    };
+    if !made {
+        take_clone_snapshot(sv, home, c, v)?;
+        let fs = sv.fs().to_string();
+        sv.create(&v.group, &v.subvolume, new)
+            .map_err(|e| named_by_class(e, || format!("making a subvolume in {fs}/{}", v.group)))?;
+    }
+    let from = snapshot_data(sv, c)?;
+    let to = sv.path(&v.group, &v.subvolume).map_err(ceph_error)?;
+    // Someone asks for it: recorded (now and then) for whoever sweeps.
+    let old = home.omap_get(COPIES, &id).map_err(ceph_error)?;
+    let old = old.map(|m| Marker::decode(&String::from_utf8_lossy(&m)));
+    if old.as_ref().is_none_or(Marker::due) {
+        let marker = Marker {
+            from: from.clone(),
+            source: c.source.clone(),
+            asked: now(),
+            abandon: copies.abandon_after().as_secs(),
+        };
+        home.omap_set(COPIES, &[(&id, marker.encode().as_bytes())]).map_err(ceph_error)?;
+    }
+    if made && !copies.is_running(&id) {
+        tracing::info!(volume = id, "resuming the copy from {from}");
+    }
+    let job = copies.ensure(&id, || Spec {
+        login: login.clone(),
+        fs: sv.fs().to_string(),
+        from,
+        to,
+        cleanup: abandoned_copy_cleanup(sv, home, v),
+    });
+    match job.wait(wait) {
+        Some(Outcome::Done) => {
+            copies.forget(&id);
+            drop_clone_snapshot(sv, home, v)
+        }
+        Some(Outcome::Failed(why)) => {
+            copies.forget(&id);
+            // Gone, so that a retry starts the copy again.
+            let _ = sv.remove(&v.group, &v.subvolume, false);
+            Err(error::unavailable(format!(
+                "the copy of {} failed ({why}); a retry starts it again",
+                c.source
+            )))
+        }
+        Some(Outcome::Stopped) => {
+            copies.forget(&id);
+            Err(error::busy(format!(
+                "the copy of {} was stopped; a retry starts it again",
+                c.source
+            )))
+        }
+        None => Err(error::busy(format!(
+            "copying {}: {} done; a retry answers once it is complete",
+            c.source,
+            job.progress.describe()
+        ))),
+    }
+}
+
+/// What removes an abandoned copy: its subvolume, the clone's snapshot and
+/// the name's claim.
+fn abandoned_copy_cleanup(sv: &Subvolumes, home: &Pool, v: &VolumeId) -> Box<dyn FnOnce() + Send> {
+    let (sv, home, v) = (sv.clone(), home.clone(), v.clone());
+    Box::new(move || {
+        if let Err(e) = sv.remove(&v.group, &v.subvolume, true) {
+            tracing::warn!(volume = v.id(), "removing an abandoned copy: {e}");
+        }
+        if let Err(e) = drop_clone_snapshot(&sv, &home, &v) {
+            tracing::warn!(volume = v.id(), "removing an abandoned clone's snapshot: {e:?}");
+        }
+        let _ = release_claim(&home, &claim_oid_of(&v), &v.id());
+        let _ = home.omap_remove(COPIES, &[&v.id()]);
+    })
 }
 
 /// Removes the snapshot a clone `v` was copied from, if it had one of its
@@ -663,6 +884,11 @@ impl ControllerEngine for CephFsEngine {
         let Some(v) = VolumeId::parse(id) else { return Ok(()) };
         let sv = self.subvolumes(&v.fs, secrets).await?;
         let home = self.home_pool(secrets).await?;
+        // A copy into it still running is stopped first.
+        let (copies, key) = (self.copies.clone(), id.to_string());
+        if !blocking(move || Ok(copies.stop(&key, COPY_STOP_WAIT))).await? {
+            return Err(error::busy(format!("the copy into {id} is still stopping; retry")));
+        }
         let id = id.to_string();
         blocking(move || {
             match record(&sv, &v) {
@@ -687,6 +913,7 @@ impl ControllerEngine for CephFsEngine {
                 other => other.map_err(ceph_error)?,
             }
             drop_clone_snapshot(&sv, &home, &v)?;
+            home.omap_remove(COPIES, &[&id]).map_err(ceph_error)?;
             release_claim(&home, &claim_oid_of(&v), &id)
         })
         .await
@@ -829,6 +1056,54 @@ impl ControllerEngine for CephFsEngine {
 }
 
 impl CephFsEngine {
+    /// Removes the copies nobody asks about any more, whoever started
+    /// them (this process before a restart, another replica): subvolumes
+    /// marked as copies under way whose marker was last renewed longer ago
+    /// than its copier's abandon time. A copy still wanted is renewed by
+    /// the provisioner's retries, whichever replica serves them, and a
+    /// restarted driver resumes it on the next retry. Answers how many
+    /// went.
+    pub async fn sweep_copies(&self) -> Result<usize> {
+        if self.settings.copier != Copier::Ferrovol {
+            return Ok(0);
+        }
+        let home = self.home_pool(&Secrets::default()).await?;
+        let cluster = self.conn.default_cluster().await?;
+        let copies = self.copies.clone();
+        blocking(move || {
+            let mut swept = 0;
+            let mut after = String::new();
+            loop {
+                let (page, more) = home.omap_page(COPIES, &after, "", 256).map_err(ceph_error)?;
+                for (id, value) in &page {
+                    let marker = Marker::decode(&String::from_utf8_lossy(value));
+                    let Some(v) = VolumeId::parse(id) else { continue };
+                    if !marker.stale() || copies.is_running(id) {
+                        continue;
+                    }
+                    tracing::warn!(
+                        volume = id,
+                        "a copy nobody asked about for {} s is abandoned and removed",
+                        now().saturating_sub(marker.asked)
+                    );
+                    let sv = Subvolumes::new(cluster.clone(), &v.fs);
+                    abandoned_copy_cleanup(&sv, &home, &v)();
+                    swept += 1;
+                }
+                match (more, page.last()) {
+                    (true, Some((k, _))) => after = k.clone(),
+                    _ => return Ok(swept),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Copies under way (a gauge for the metrics).
+    pub fn copies_running(&self) -> usize {
+        self.copies.running()
+    }
+
     /// Total bytes of the cluster and what the file system's data pool
     /// (`pool`, else its first) can still take.
     async fn space(&self, fs: &str, pool: Option<&str>) -> Result<(u64, u64)> {

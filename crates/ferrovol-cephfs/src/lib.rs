@@ -16,7 +16,10 @@
 #![forbid(unsafe_code)]
 
 mod backed;
+pub mod bench;
 pub mod controller;
+mod copies;
+pub mod copy;
 pub mod ids;
 pub mod node;
 pub mod params;

@@ -15,12 +15,11 @@ use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::transport::Channel;
 
-use ferrovol_csi::endpoint::{self, Endpoint};
 use ferrovol_tools::bench::limits::{cpu_seconds, report};
 use ferrovol_tools::bench::{
-    create, create_request, delete, node_paths, percentiles, snapshot, BenchArgs,
+    create, create_delete_pairs, create_request, delete, node_paths, off, percentiles, proc_kib,
+    snapshot, start_engine, BenchArgs,
 };
-use ferrovol_tools::scratch::{Options, Scratch};
 
 /// The image features every request of the run uses.
 static FEATURES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -69,17 +68,7 @@ async fn drain(pool: &Pool) -> Result<Duration, String> {
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
-    rss_kib_from(pid, "status", field)
-}
-
-/// A kB field of /proc/<pid>/<file>.
-fn rss_kib_from(pid: u32, file: &str, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", field)
 }
 
 fn p50(samples: &mut [Duration]) -> f64 {
@@ -97,14 +86,6 @@ async fn bare<T: Send + 'static>(
     .await?
 }
 
-/// Bare work on the blocking pool, through the one off-executor helper,
-/// to its end.
-async fn off<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    ferrovol_host::offload::to_completion("bench work", move || Ok(f()))
-        .await
-        .map_err(|e| e.message().to_string())
-}
-
 fn image_count(pool: &Pool) -> usize {
     pool.list_images().map(|l| l.len()).unwrap_or(0)
 }
@@ -116,38 +97,22 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         .ok_or("--engine rbd needs --ceph-conf (e.g. from scripts/ceph-dev-cluster start DIR)")?;
     let pool_name = args.rbd_pool.clone();
     let _ = FEATURES.set(args.rbd_image_features.clone());
-    let scratch = Scratch::start(Options {
-        local_pool: false,
-        name: "bench-rbd",
-        pool_dir: None,
-        pool_size: 0,
-        rust_log: "warn",
-        args: [
-            "--engine",
-            "rbd",
-            "--mode",
-            "all",
-            "--rbd-mapper",
-            "fuse",
-            "--rbd-pools",
-            &pool_name,
-            "--ceph-conf",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([conf.display().to_string()])
-        .collect(),
-    })
-    .await?;
-    let channel = endpoint::connect(&Endpoint::Unix(scratch.socket.clone()))
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    let pid = scratch.driver_pid().unwrap_or(0);
-    // The engine loads librbd and connects on its first call.
-    csi::identity_client::IdentityClient::new(channel.clone())
-        .probe(csi::ProbeRequest {})
-        .await
-        .map_err(|e| format!("Probe: {e}"))?;
+    let args_: Vec<String> = [
+        "--engine",
+        "rbd",
+        "--mode",
+        "all",
+        "--rbd-mapper",
+        "fuse",
+        "--rbd-pools",
+        &pool_name,
+        "--ceph-conf",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([conf.display().to_string()])
+    .collect();
+    let (scratch, channel, pid) = start_engine("bench-rbd", args_).await?;
     let idle = rss_kib(pid, "VmRSS:");
     let cluster = {
         let conf = conf.clone();
@@ -173,7 +138,7 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
     );
     println!("(\"reference\": ceph-csi's RBD driver on this kind of machine and cluster; static figures, not measured here)");
     println!("imageFeatures: {}", args.rbd_image_features);
-    let anon = rss_kib_from(pid, "smaps_rollup", "Anonymous:");
+    let anon = proc_kib(pid, "smaps_rollup", "Anonymous:");
     report(
         "driver RSS idle, engine loaded",
         &format!("{:.1} MiB", idle as f64 / 1024.0),
@@ -242,28 +207,9 @@ async fn provisioning(
     concurrency: usize,
     pairs: usize,
 ) -> Result<f64, String> {
-    let per_worker = pairs.div_ceil(concurrency);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..concurrency {
-        let mut c = ControllerClient::new(channel.clone());
-        let pool = pool.to_string();
-        workers.push(tokio::spawn(async move {
-            for i in 0..per_worker {
-                let v = create(
-                    &mut c,
-                    rbd_request(&pool, format!("bench-{concurrency}-{w}-{i}"), 1 << 30, None),
-                )
-                .await?;
-                delete(&mut c, v.volume_id).await?;
-            }
-            Ok::<_, String>(())
-        }));
-    }
-    for w in workers {
-        w.await.map_err(|e| e.to_string())??;
-    }
-    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+    let pool = pool.to_string();
+    let request = move |name| rbd_request(&pool, name, 1 << 30, None);
+    create_delete_pairs(channel, concurrency, pairs, request).await
 }
 
 async fn bare_pairs(pool: &Pool, concurrency: usize, pairs: usize) -> Result<f64, String> {

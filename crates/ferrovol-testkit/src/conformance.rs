@@ -204,6 +204,24 @@ impl<'a> Kit<'a> {
         request
     }
 
+    /// A CreateVolume that copies (a restore, a clone), retried while it
+    /// answers ABORTED as the provisioner retries it (an engine that copies
+    /// in the background answers that while the copy runs), bounded.
+    async fn create_copy(
+        &mut self,
+        r: csi::CreateVolumeRequest,
+    ) -> Result<tonic::Response<csi::CreateVolumeResponse>, tonic::Status> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            match self.c.create_volume(r.clone()).await {
+                Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn has(&self, c: Cap) -> bool {
         self.caps.contains(&c)
     }
@@ -447,7 +465,7 @@ impl<'a> Kit<'a> {
                 self.fail(check, format!("listing by id found {listed:?}"));
             }
             let restore = self.create_from("restore", from_snapshot(&snap.snapshot_id));
-            let restored = self.c.create_volume(restore).await;
+            let restored = self.create_copy(restore).await;
             let restored = restored.unwrap_or_else(|e| self.fail(check, format!("restore: {e:?}")));
             let restored = restored.into_inner().volume.unwrap();
             self.delete(&restored.volume_id).await;
@@ -483,7 +501,7 @@ impl<'a> Kit<'a> {
                     },
                 ),
             );
-            let cloned = self.c.create_volume(clone).await;
+            let cloned = self.create_copy(clone).await;
             let cloned = cloned.unwrap_or_else(|e| self.fail(check, format!("clone: {e:?}")));
             self.delete(&cloned.into_inner().volume.unwrap().volume_id).await;
         } else {

@@ -20,8 +20,8 @@ mod relay;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Which engine to measure: `local` (a temporary XFS pool) or `rbd`
-    /// (a Ceph cluster, --ceph-conf; e.g. scripts/ceph-dev-cluster).
+    /// Which engine to measure: `local` (a temporary XFS pool), `rbd` or
+    /// `cephfs` (a Ceph cluster, --ceph-conf; e.g. scripts/ceph-dev-cluster).
     #[arg(long, value_enum, default_value_t = BenchEngine::Local)]
     pub engine: BenchEngine,
     /// The RBD engine's cluster.
@@ -33,6 +33,15 @@ pub struct BenchArgs {
     /// RBD create+delete pairs per concurrency level.
     #[arg(long, default_value_t = 200)]
     pub rbd_pairs: usize,
+    /// The CephFS engine's file system.
+    #[arg(long, default_value = "cephfs")]
+    pub cephfs_fs: String,
+    /// CephFS create+delete pairs per concurrency level.
+    #[arg(long, default_value_t = 40)]
+    pub cephfs_pairs: usize,
+    /// CephFS: the files the many-files restore spreads --data-mib over.
+    #[arg(long, default_value_t = 10_000)]
+    pub cephfs_files: usize,
     /// The RBD StorageClass's imageFeatures (ceph-csi's default: layering).
     #[arg(long, default_value = "layering")]
     pub rbd_image_features: String,
@@ -60,6 +69,7 @@ pub struct BenchArgs {
 pub enum BenchEngine {
     Local,
     Rbd,
+    Cephfs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -162,6 +172,74 @@ pub async fn delete(c: &mut ControllerClient<Channel>, volume_id: String) -> Res
         .map_err(|e| e.to_string())
 }
 
+/// A Ceph engine's bench: this binary started as the driver with `args`
+/// (its own scratch directory), connected to and probed (the engine loads
+/// its libraries and connects on its first call). Answers the scratch,
+/// the channel and the driver's pid.
+pub async fn start_engine(
+    name: &'static str,
+    args: Vec<String>,
+) -> Result<(Scratch, Channel, u32), String> {
+    let options =
+        Options { local_pool: false, name, pool_dir: None, pool_size: 0, rust_log: "warn", args };
+    let scratch = Scratch::start(options).await?;
+    let channel = endpoint::connect(&Endpoint::Unix(scratch.socket.clone()))
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let pid = scratch.driver_pid().unwrap_or(0);
+    csi::identity_client::IdentityClient::new(channel.clone())
+        .probe(csi::ProbeRequest {})
+        .await
+        .map_err(|e| format!("Probe: {e}"))?;
+    Ok((scratch, channel, pid))
+}
+
+/// Create+delete pairs per second over the driver, `concurrency` callers
+/// at once, `pairs` in all; `request` makes the CreateVolume for a name.
+pub async fn create_delete_pairs(
+    channel: &Channel,
+    concurrency: usize,
+    pairs: usize,
+    request: impl Fn(String) -> csi::CreateVolumeRequest + Clone + Send + 'static,
+) -> Result<f64, String> {
+    let per_worker = pairs.div_ceil(concurrency);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let mut c = ControllerClient::new(channel.clone());
+        let request = request.clone();
+        workers.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let v = create(&mut c, request(format!("bench-{concurrency}-{w}-{i}"))).await?;
+                delete(&mut c, v.volume_id).await?;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())??;
+    }
+    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A kB field of /proc/<pid>/<file> (`status`, `smaps_rollup`), in KiB.
+pub fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Blocking bench work, off the executor through the one off-executor
+/// helper, to its end.
+pub async fn off<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    ferrovol_host::offload::to_completion("bench work", move || Ok(f()))
+        .await
+        .map_err(|e| e.message().to_string())
+}
+
 /// p50, p90 and max of a set of durations, in milliseconds.
 pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
     samples.sort();
@@ -171,11 +249,11 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    if args.engine == BenchEngine::Rbd {
+    if args.engine != BenchEngine::Local {
         // Beside the bare librbd calls it is made of: the RBD engine's own
         // crate runs it (this crate links no engine and no Ceph).
         return Err(
-            "the RBD bench runs from the ferrovol binary (ferrovol bench --engine rbd)".into()
+            "the Ceph engines' benches run from the ferrovol binary (ferrovol bench --engine rbd|cephfs)".into()
         );
     }
     let others = args.only.is_empty() || args.only.iter().any(|s| *s != Section::Relay);

@@ -174,7 +174,9 @@ pub struct RbdArgs {
     #[arg(long, env = "FERROVOL_RBD_MAPPER", value_enum, default_value = "auto")]
     pub rbd_mapper: ferrovol_rbd::mapper::Choice,
 
-    /// Seconds a Ceph monitor or OSD call may take before it fails.
+    /// Seconds connecting to Ceph or an OSD call may take before it fails.
+    /// Monitor and manager commands wait for their answer: Pacific's
+    /// librados cannot safely give up on a manager command.
     #[arg(long, env = "FERROVOL_CEPH_TIMEOUT", default_value_t = 30)]
     pub ceph_timeout: u64,
 
@@ -195,6 +197,36 @@ pub struct RbdArgs {
     #[arg(long, env = "FERROVOL_CEPHFS_RESTORE_WAIT", default_value = "20s",
           value_parser = ferrovol_csi::units::parse_duration)]
     pub cephfs_restore_wait: std::time::Duration,
+
+    /// CephFS: who copies a snapshot's data into a restore or a clone:
+    /// `ferrovol` (its own parallel copy through libcephfs: keeps hard
+    /// links and extended attributes, resumes after a restart) or
+    /// `manager` (the Ceph manager's cloner).
+    #[arg(long, env = "FERROVOL_CEPHFS_COPIER", value_enum, default_value_t = CephFsCopier::Ferrovol)]
+    pub cephfs_copier: CephFsCopier,
+
+    /// CephFS: how long a copy nobody asks about (the claim was deleted
+    /// and the provisioner stopped retrying) runs before it is stopped and
+    /// what it made removed.
+    #[arg(long, env = "FERROVOL_CEPHFS_COPY_ABANDON_AFTER", default_value = "10m",
+          value_parser = ferrovol_csi::units::parse_duration)]
+    pub cephfs_copy_abandon_after: std::time::Duration,
+}
+
+/// Who copies CephFS restores and clones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CephFsCopier {
+    Ferrovol,
+    Manager,
+}
+
+impl From<CephFsCopier> for ferrovol_cephfs::controller::Copier {
+    fn from(c: CephFsCopier) -> Self {
+        match c {
+            CephFsCopier::Ferrovol => Self::Ferrovol,
+            CephFsCopier::Manager => Self::Manager,
+        }
+    }
 }
 
 /// The storage engines ferrovol can serve.

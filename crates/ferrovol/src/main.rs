@@ -81,6 +81,9 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Bench(args) if args.engine == ferrovol_tools::bench::BenchEngine::Rbd => {
             ferrovol_rbd::bench::run(&args).await
         }
+        Command::Bench(args) if args.engine == ferrovol_tools::bench::BenchEngine::Cephfs => {
+            ferrovol_cephfs::bench::run(&args).await
+        }
         Command::Bench(args) => ferrovol_tools::bench::run(args).await,
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,
@@ -325,10 +328,27 @@ async fn cephfs(
                 let settings = controller::Settings {
                     filesystems: args.cephfs_filesystems.clone(),
                     restore_wait: args.cephfs_restore_wait,
+                    copier: args.cephfs_copier.into(),
+                    abandon_after: args.cephfs_copy_abandon_after,
                 };
                 let engine = controller::CephFsEngine::open(conn.clone(), settings)
                     .map_err(|e| e.message().to_string())?;
-                Some(Arc::new(engine))
+                let engine = Arc::new(engine);
+                // Copies nobody asks about any more (left by a previous
+                // run or another replica) are removed, now and then.
+                let sweeper = engine.clone();
+                let every = (args.cephfs_copy_abandon_after / 2)
+                    .clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(300));
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    loop {
+                        tick.tick().await;
+                        if let Err(e) = sweeper.sweep_copies().await {
+                            tracing::warn!("sweeping abandoned copies: {}", e.message());
+                        }
+                    }
+                });
+                Some(engine)
             }
             false => None,
         };

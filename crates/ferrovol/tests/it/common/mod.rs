@@ -244,6 +244,16 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // A failing test shows what the driver said (and how it ended).
+        if std::thread::panicking() {
+            let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("driver (exit: {status:?}), last lines:");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+        }
         self.kill();
     }
 }
