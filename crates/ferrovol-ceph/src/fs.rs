@@ -125,6 +125,10 @@ impl FsMount {
             .map(drop)
         };
         how.apply(read, set, &[])?;
+        // A copier's client writes each byte once: a small write-back
+        // cache is enough (libcephfs' default of 200 MiB is the driver's
+        // memory for nothing).
+        set("client_oc_size", &(32u64 << 20).to_string())?;
         let name = cstring("file system", fs)?;
         // SAFETY: an unmounted, configured handle.
         check(|| format!("choosing file system {fs}"), unsafe {
