@@ -234,22 +234,15 @@ impl CephFsEngine {
 /// when it was taken (a deleted source, kept for its snapshots, has no
 /// path to ask for); else from the source subvolume's path.
 fn snapshot_root(sv: &Subvolumes, s: &SnapshotId, claim: &Claim) -> Result<String> {
-    if !claim.root.is_empty() {
-        return Ok(claim.root.clone());
-    }
-    let v = VolumeId::parse(&claim.source)
+    let from = VolumeId::parse(&claim.source)
         .ok_or_else(|| error::internal(format!("a snapshot claim names {:?}", claim.source)))?;
-    let other = Subvolumes::new(sv.cluster().clone(), &v.fs);
-    let path = other.path(&v.group, &v.subvolume).map_err(|e| match e.errno {
-        libc::ENOENT => error::precondition(format!(
+    snapshots::data_path(sv.cluster(), &claim.root, &from, &s.snap(), || {
+        error::precondition(format!(
             "the volume snapshot {} was taken of is deleted, and the snapshot does not record \
              where its data is: restore it without backingSnapshot",
             s.id()
-        )),
-        _ => ceph_error(e),
-    })?;
-    snapshots::root_of(&path, &s.snap())
-        .ok_or_else(|| error::internal(format!("the subvolume path {path:?} has no parent")))
+        ))
+    })
 }
 
 #[cfg(test)]

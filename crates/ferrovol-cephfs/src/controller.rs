@@ -614,14 +614,9 @@ fn copy_into(
 /// Where a snapshot's data is: recorded in its claim, else beside its
 /// subvolume's data path.
 fn snapshot_data(sv: &Subvolumes, c: &Copy) -> Result<String> {
-    if !c.root.is_empty() {
-        return Ok(c.root.clone());
-    }
-    let path = sv
-        .path(&c.from.group, &c.from.subvolume)
-        .map_err(|e| missing_or(e, || format!("the volume {} was taken of is gone", c.source)))?;
-    snapshots::root_of(&path, &c.snap)
-        .ok_or_else(|| error::internal(format!("the subvolume path {path:?} has no parent")))
+    snapshots::data_path(sv.cluster(), &c.root, &c.from, &c.snap, || {
+        error::not_found(format!("the volume {} was taken of is gone", c.source))
+    })
 }
 
 /// Copies `c` into the new subvolume `v` with ferrovol's own copier (see
@@ -1097,11 +1092,6 @@ impl CephFsEngine {
             }
         })
         .await
-    }
-
-    /// Copies under way (a gauge for the metrics).
-    pub fn copies_running(&self) -> usize {
-        self.copies.running()
     }
 
     /// Total bytes of the cluster and what the file system's data pool

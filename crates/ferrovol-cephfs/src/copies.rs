@@ -135,11 +135,6 @@ impl Copies {
         ended
     }
 
-    /// Copies running now.
-    pub fn running(&self) -> usize {
-        self.jobs().len()
-    }
-
     /// Whether a copy into `key` runs in this process.
     pub fn is_running(&self, key: &str) -> bool {
         self.jobs().contains_key(key)

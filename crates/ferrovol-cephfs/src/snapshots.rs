@@ -17,7 +17,7 @@ use ferrovol_core::engine::{self, Page, Secrets, Snapshot, SnapshotFilter, Snaps
 
 use crate::backed;
 use crate::controller::{describe, every_subvolume, CephFsEngine};
-use crate::error::{self, Kind, Result};
+use crate::error::{self, Error, Kind, Result};
 use crate::ids::{BackedId, SnapshotId, VolumeId};
 use crate::{blocking, ceph_error};
 
@@ -73,6 +73,28 @@ impl Claim {
 pub(crate) fn root_of(path: &str, snap: &str) -> Option<String> {
     let (dir, data) = path.rsplit_once('/').filter(|(d, n)| !d.is_empty() && !n.is_empty())?;
     Some(format!("{dir}/.snap/{snap}/{data}"))
+}
+
+/// Where snapshot `snap` of subvolume `from` keeps its data: `recorded`
+/// (its claim's record) when there is one, else beside the subvolume's
+/// data path; `gone` is the error when the subvolume has no path any more.
+pub(crate) fn data_path(
+    cluster: &Cluster,
+    recorded: &str,
+    from: &VolumeId,
+    snap: &str,
+    gone: impl FnOnce() -> Error,
+) -> Result<String> {
+    if !recorded.is_empty() {
+        return Ok(recorded.to_string());
+    }
+    let sv = Subvolumes::new(cluster.clone(), &from.fs);
+    let path = sv.path(&from.group, &from.subvolume).map_err(|e| match e.errno {
+        libc::ENOENT => gone(),
+        _ => ceph_error(e),
+    })?;
+    root_of(&path, snap)
+        .ok_or_else(|| error::internal(format!("the subvolume path {path:?} has no parent")))
 }
 
 /// Removes a subvolume snapshot the CO deleted while volumes backed by it
