@@ -646,14 +646,23 @@ def check_cephfs(docs, binary):
         check(c["driver"] == name, "CephFS VolumeSnapshotClass driver")
     check(bool(of_kind(docs, "VolumeSnapshotClass")) == snapshots,
           "CephFS: a VolumeSnapshotClass exactly when the engine takes snapshots")
-    check(not of_kind(docs, "VolumeGroupSnapshotClass"), "CephFS: no group snapshot class (no group snapshots)")
+    groups = "GroupSnapshots for CephFsEngine" in open("crates/ferrovol-cephfs/src/groups.rs").read()
+    for c in of_kind(docs, "VolumeGroupSnapshotClass"):
+        check(c["driver"] == name, "CephFS VolumeGroupSnapshotClass driver")
+    check(bool(of_kind(docs, "VolumeGroupSnapshotClass")) == groups,
+          "CephFS: a VolumeGroupSnapshotClass exactly when the engine takes group snapshots")
+    check((arg(ccs["csi-snapshotter"], "--feature-gates") == "CSIVolumeGroupSnapshot=true") == groups,
+          "CephFS: the snapshotter's group snapshot gate on exactly when the engine takes them")
     check_ceph_secret("CephFS", docs, dep)
     sa, ns = dep["spec"]["template"]["spec"]["serviceAccountName"], dep["metadata"]["namespace"]
     roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
     bindings = of_kind(docs, "RoleBinding") + of_kind(docs, "ClusterRoleBinding")
     for resource, verb in [("persistentvolumes", "create"), ("secrets", "get"),
                            ("persistentvolumeclaims/status", "patch"), ("leases", "update"),
-                           ("volumesnapshotcontents", "update")]:
+                           ("volumesnapshotcontents", "update"), ("volumesnapshotcontents", "create"),
+                           ("volumegroupsnapshotcontents", "update"),
+                           ("volumegroupsnapshotcontents/status", "update"),
+                           ("volumegroupsnapshotclasses", "get")]:
         check(grants(roles, bindings, sa, ns, resource, verb), f"CephFS controller may {verb} {resource}")
 
 

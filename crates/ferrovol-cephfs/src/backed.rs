@@ -28,9 +28,6 @@ use crate::{blocking, ceph_error};
 /// The omap object indexing the volumes backed by snapshots.
 const INDEX: &str = "ferrovol.cephfs.backed";
 
-/// Entries read per step of a walk over the index.
-const PAGE: u64 = 512;
-
 /// The record of a backed volume; None when there is none.
 pub(crate) fn record(home: &Pool, b: &BackedId) -> Result<Option<Record>> {
     let id = b.id();
@@ -50,20 +47,10 @@ pub(crate) fn describe(home: &Pool, b: &BackedId) -> Result<Volume> {
 
 /// Every backed volume's record.
 fn records(home: &Pool) -> Result<Vec<Record>> {
-    let mut out = vec![];
-    let mut after = String::new();
-    loop {
-        let (page, more) = home.omap_page(INDEX, &after, "", PAGE).map_err(ceph_error)?;
-        if let Some((k, _)) = page.last() {
-            after = k.clone();
-        }
-        out.extend(
-            page.into_iter().filter_map(|(_, v)| Record::decode(&String::from_utf8_lossy(&v))),
-        );
-        if !more {
-            return Ok(out);
-        }
-    }
+    Ok(crate::index(home, INDEX)?
+        .into_iter()
+        .filter_map(|(_, v)| Record::decode(&String::from_utf8_lossy(&v)))
+        .collect())
 }
 
 /// Every backed volume, as the CO sees it.
@@ -154,6 +141,17 @@ impl CephFsEngine {
             let id = b.id();
             check_claim(&home, &sv, &name, &id)?;
             let (_, claim) = snapshots::find(&home, sv.cluster(), &s)?;
+            if !claim.group.is_empty() {
+                // Its data is under the group's directory snapshot, which
+                // a node would have to mount whole (every subvolume of the
+                // group): a copy shows the member alone.
+                return Err(error::invalid(format!(
+                    "snapshot {} is a member of group snapshot {}: restore it without \
+                     backingSnapshot (a copy)",
+                    s.id(),
+                    claim.group
+                )));
+            }
             if let Some(r) = record(&home, &b)? {
                 if r.params != fingerprint || r.name != name || r.source != s.id() {
                     return Err(error::exists(format!(

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferrovol_ceph::{CephError, Cluster, NewSubvolume, Pool, Subvolumes};
 use ferrovol_core::engine::{
     self, AccessType, Capacity, Condition, ContentSource, ControllerEngine, EngineStats, Expanded,
-    Features, NewVolume, Page, Secrets, Snapshots, Topology, Volume,
+    Features, GroupSnapshots, NewVolume, Page, Secrets, Snapshots, Topology, Volume,
 };
 
 use crate::backed;
@@ -109,7 +109,7 @@ pub struct CephFsEngine {
     /// The home file system's metadata pool, found on first use.
     home: tokio::sync::OnceCell<String>,
     /// Copies under way (restores and clones, with our own copier).
-    copies: Arc<Copies>,
+    pub(crate) copies: Arc<Copies>,
 }
 
 /// What we know of a volume beyond its subvolume: written once, last.
@@ -360,6 +360,7 @@ impl CephFsEngine {
                     source: s.id(),
                     size: claim.size,
                     clone: false,
+                    member: !claim.group.is_empty(),
                 })
             }
             Some(ContentSource::Volume(volume)) => {
@@ -390,6 +391,7 @@ impl CephFsEngine {
                     source: volume.clone(),
                     size,
                     clone: true,
+                    member: false,
                 })
             }
         };
@@ -403,8 +405,10 @@ impl CephFsEngine {
         )?;
         let source = copy.as_ref().map(|c| c.source.clone()).unwrap_or_default();
         let restore_wait = self.settings.restore_wait;
+        // A group member is no subvolume snapshot, so the manager's cloner
+        // cannot copy it: ours does, whichever copier is chosen.
         let own = match (&copy, self.settings.copier) {
-            (Some(_), Copier::Ferrovol) => {
+            (Some(c), copier) if c.member || copier == Copier::Ferrovol => {
                 Some((self.conn.fs_login(&req.secrets)?, self.copies.clone()))
             }
             _ => None,
@@ -529,6 +533,21 @@ struct Copy {
     source: String,
     size: u64,
     clone: bool,
+    /// The snapshot is a member of a group snapshot.
+    member: bool,
+}
+
+/// Whether a copy under way reads from `root` or below it (a snapshot's
+/// data, or a group snapshot's directory).
+pub(crate) fn copying_from(home: &Pool, root: &str) -> Result<bool> {
+    if root.is_empty() {
+        return Ok(false);
+    }
+    let below = format!("{root}/");
+    Ok(crate::index(home, COPIES)?.iter().any(|(_, m)| {
+        let from = Marker::decode(&String::from_utf8_lossy(m)).from;
+        from == root || from.starts_with(&below)
+    }))
 }
 
 /// The object that records the source of a clone's own snapshot while the
@@ -847,6 +866,8 @@ impl ControllerEngine for CephFsEngine {
                 None => break,
             }
         }
+        let home = self.home_pool(&Secrets::default()).await?;
+        stats.groups = blocking(move || crate::groups::count(&home)).await?;
         if let Ok((total, avail)) = self.space(self.home_fs(), None).await {
             stats.storage_capacity_bytes = total;
             stats.storage_used_bytes = total.saturating_sub(avail);
@@ -1012,6 +1033,10 @@ impl ControllerEngine for CephFsEngine {
             maximum_volume_size: MAXIMUM_VOLUME,
             minimum_volume_size: GRANULARITY,
         })
+    }
+
+    fn groups(&self) -> Option<&dyn GroupSnapshots> {
+        Some(self)
     }
 
     fn snapshots(&self) -> Option<&dyn Snapshots> {

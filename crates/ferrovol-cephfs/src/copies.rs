@@ -144,9 +144,9 @@ impl Copies {
         self.abandon_after
     }
 
-    /// One client per file system and credentials for every copy: made
-    /// once, one at a time.
-    fn mount(&self, login: &Login, fs: &str) -> Result<Arc<FsMount>, String> {
+    /// One client per file system and credentials for every copy (and the
+    /// group snapshots): made once, one at a time.
+    pub fn client(&self, login: &Login, fs: &str) -> Result<Arc<FsMount>, String> {
         let mut mounts = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (login.identity(), fs.to_string());
         if let Some(m) = mounts.get(&key) {
@@ -177,7 +177,7 @@ impl Copies {
         let idle = || job.idle() > self.abandon_after;
         let result = std::thread::scope(|s| {
             let copy = s.spawn(|| {
-                let result = self.mount(&spec.login, &spec.fs).and_then(|m| {
+                let result = self.client(&spec.login, &spec.fs).and_then(|m| {
                     match copy_tree(&m, &spec.from, &spec.to, WORKERS, &job.progress) {
                         Ok(()) => Ok(()),
                         Err(CopyError::Stopped) => Err(String::new()),

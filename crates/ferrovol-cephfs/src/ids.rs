@@ -12,6 +12,7 @@ pub const VOLUME: &str = "cephfs";
 pub const SNAPSHOT: &str = "cephfs-snap";
 /// A read-only volume that is a view of a snapshot (`backingSnapshot`).
 pub const BACKED: &str = "cephfs-ro";
+pub const GROUP: &str = "cephfs-group";
 /// Subvolume snapshots we take (ceph-csi's prefix).
 pub const SNAP_PREFIX: &str = "csi-snap-";
 
@@ -175,6 +176,42 @@ impl SnapshotId {
     }
 }
 
+/// Where a group snapshot is: its file system and the hash of its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupId {
+    pub fs: String,
+    pub hash: String,
+}
+
+impl GroupId {
+    pub fn new(fs: &str, name: &str) -> GroupId {
+        GroupId { fs: fs.into(), hash: hash(name) }
+    }
+
+    pub fn parse(id: &str) -> Option<GroupId> {
+        let mut parts = id.split(':');
+        let (kind, fs, hash) = (parts.next()?, parts.next()?, parts.next()?);
+        let ok =
+            kind == GROUP && parts.next().is_none() && is_plain(fs, ID_PART_MAX) && is_hash(hash);
+        ok.then(|| GroupId { fs: fs.into(), hash: hash.into() })
+    }
+
+    pub fn id(&self) -> String {
+        format!("{GROUP}:{}:{}", self.fs, self.hash)
+    }
+
+    /// The snapshot of the members' subvolume group directory.
+    pub fn snap(&self) -> String {
+        format!("csi-group-{}", self.hash)
+    }
+
+    /// The snapshot of member `volume` (an ID): named by the group and
+    /// the volume, so a retry finds the same one.
+    pub fn member(&self, volume: &str) -> SnapshotId {
+        SnapshotId::new(&self.fs, &format!("{}/{volume}", self.id()))
+    }
+}
+
 fn is_hash(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
@@ -202,6 +239,12 @@ mod tests {
             assert_eq!(SnapshotId::parse(bad), None, "{bad}");
         }
         assert_eq!(SnapshotId::of_snap("a", "manual-snap"), None);
+        let g = GroupId::new("myfs", "group-1");
+        assert_eq!(GroupId::parse(&g.id()), Some(g.clone()));
+        assert_ne!(g.member(&v.id()), g.member("cephfs:myfs:csi:csi-vol-other"));
+        for bad in [&s.id(), "cephfs-group:a", "cephfs-group:a:XYZ", "cephfs-group:a:b:c"] {
+            assert_eq!(GroupId::parse(bad), None, "{bad}");
+        }
         let b = BackedId::new("myfs", "pvc-2");
         assert_eq!(BackedId::parse(&b.id()), Some(b.clone()));
         assert_eq!(fs_of_volume(&b.id()).as_deref(), Some("myfs"));

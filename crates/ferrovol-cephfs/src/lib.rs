@@ -20,6 +20,7 @@ pub mod bench;
 pub mod controller;
 mod copies;
 pub mod copy;
+mod groups;
 pub mod ids;
 pub mod node;
 pub mod params;
@@ -33,6 +34,24 @@ pub const DRIVER_NAME: &str = "cephfs.csi.ferrovol.io";
 
 /// The `fs_type` of the engine's volumes (the default: an empty one).
 pub const FS_TYPE: &str = "cephfs";
+
+/// Every entry of an omap index object in the home pool (none when it
+/// does not exist), read a page at a time.
+pub(crate) fn index(
+    home: &ferrovol_ceph::Pool,
+    oid: &str,
+) -> error::Result<Vec<(String, Vec<u8>)>> {
+    const PAGE: u64 = 512;
+    let mut out: Vec<(String, Vec<u8>)> = vec![];
+    loop {
+        let after = out.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        let (page, more) = home.omap_page(oid, &after, "", PAGE).map_err(ceph_error)?;
+        out.extend(page);
+        if !more {
+            return Ok(out);
+        }
+    }
+}
 
 /// What both halves answer.
 pub fn features() -> ferrovol_core::engine::Features {
@@ -48,7 +67,8 @@ pub fn features() -> ferrovol_core::engine::Features {
         // sees it at once; the node has nothing to grow.
         expansion: ExpansionSite::Controller,
         node_expansion: false,
-        // A copy of a snapshot taken for it, by the manager's cloner.
+        // A copy of a snapshot taken for it (ferrovol's copier, or the
+        // manager's cloner).
         clones: true,
         filesystems: vec![Filesystem { name: FS_TYPE, minimum_size: 0 }],
         mount_modes,

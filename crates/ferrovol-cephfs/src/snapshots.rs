@@ -15,13 +15,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferrovol_ceph::{Cluster, Pool, Subvolumes};
 use ferrovol_core::engine::{self, Page, Secrets, Snapshot, SnapshotFilter, Snapshots};
 
-use crate::backed;
-use crate::controller::{describe, every_subvolume, CephFsEngine};
+use crate::controller::{self, describe, every_subvolume, CephFsEngine};
 use crate::error::{self, Error, Kind, Result};
 use crate::ids::{BackedId, SnapshotId, VolumeId};
+use crate::{backed, groups};
 use crate::{blocking, ceph_error};
 
-fn claim_oid(s: &SnapshotId) -> String {
+pub(crate) fn claim_oid(s: &SnapshotId) -> String {
     format!("ferrovol.cephfs.snap.{}", s.hash)
 }
 
@@ -35,16 +35,19 @@ pub(crate) struct Claim {
     /// Where the snapshot's data is in its file system (empty in claims
     /// written before it was recorded).
     pub root: String,
+    /// The group snapshot it is a member of (an ID; empty: none).
+    pub group: String,
 }
 
 impl Claim {
-    fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         serde_json::json!({
             "name": self.name,
             "source": self.source,
             "created": self.created,
             "size": self.size,
             "root": self.root,
+            "group": self.group,
         })
         .to_string()
     }
@@ -57,6 +60,7 @@ impl Claim {
             created: v["created"].as_u64()?,
             size: v["size"].as_u64()?,
             root: v["root"].as_str().unwrap_or_default().to_string(),
+            group: v["group"].as_str().unwrap_or_default().to_string(),
         })
     }
 
@@ -109,13 +113,16 @@ pub(crate) fn remove_kept(cluster: &Cluster, s: &SnapshotId, origin: &str) -> Re
     }
 }
 
-fn claim_of(home: &Pool, s: &SnapshotId) -> Result<Option<Claim>> {
+pub(crate) fn claim_of(home: &Pool, s: &SnapshotId) -> Result<Option<Claim>> {
     Ok(home.read_object(&claim_oid(s)).map_err(ceph_error)?.as_deref().and_then(Claim::decode))
 }
 
 /// Whether the subvolume snapshot stands (its subvolume gone, or retained
-/// without it: no).
-fn taken(cluster: &Cluster, s: &SnapshotId, c: &Claim) -> Result<bool> {
+/// without it: no); a group member's, whether its group's does.
+fn taken(home: &Pool, cluster: &Cluster, s: &SnapshotId, c: &Claim) -> Result<bool> {
+    if !c.group.is_empty() {
+        return groups::is_taken(home, &c.group);
+    }
     let v = c.source()?;
     let sv = Subvolumes::new(cluster.clone(), &v.fs);
     match sv.snapshots(&v.group, &v.subvolume) {
@@ -125,7 +132,7 @@ fn taken(cluster: &Cluster, s: &SnapshotId, c: &Claim) -> Result<bool> {
     }
 }
 
-fn snapshot_of(s: &SnapshotId, c: &Claim) -> Snapshot {
+pub(crate) fn snapshot_of(s: &SnapshotId, c: &Claim) -> Snapshot {
     Snapshot {
         id: s.id(),
         name: c.name.clone(),
@@ -133,7 +140,7 @@ fn snapshot_of(s: &SnapshotId, c: &Claim) -> Snapshot {
         size: c.size,
         created: UNIX_EPOCH + Duration::from_secs(c.created),
         ready: true,
-        group_id: None,
+        group_id: (!c.group.is_empty()).then(|| c.group.clone()),
     }
 }
 
@@ -142,7 +149,7 @@ fn snapshot_of(s: &SnapshotId, c: &Claim) -> Snapshot {
 pub(crate) fn find(home: &Pool, cluster: &Cluster, s: &SnapshotId) -> Result<(Snapshot, Claim)> {
     let gone = || error::not_found(format!("snapshot {} does not exist", s.id()));
     let c = claim_of(home, s)?.ok_or_else(gone)?;
-    if !taken(cluster, s, &c)? {
+    if !taken(home, cluster, s, &c)? {
         return Err(gone());
     }
     Ok((snapshot_of(s, &c), c))
@@ -190,8 +197,14 @@ impl Snapshots for CephFsEngine {
             let volume = describe(&sv, &v)?;
             let oid = claim_oid(&s);
             let claim = match claim_of(&home, &s)? {
+                Some(c) if !c.group.is_empty() => {
+                    return Err(error::exists(format!(
+                        "snapshot name {name:?} is taken by a member of group snapshot {}",
+                        c.group
+                    )))
+                }
                 Some(c) if c.source == source => c,
-                Some(c) if taken(sv.cluster(), &s, &c)? => {
+                Some(c) if taken(&home, sv.cluster(), &s, &c)? => {
                     return Err(error::exists(format!(
                         "snapshot name {name:?} is taken by a snapshot of {}",
                         c.source
@@ -217,12 +230,13 @@ impl Snapshots for CephFsEngine {
                         created: now.as_secs(),
                         size: volume.capacity,
                         root: root_of(&path, &s.snap()).unwrap_or_default(),
+                        group: String::new(),
                     };
                     home.write_object(&oid, c.encode().as_bytes()).map_err(ceph_error)?;
                     c
                 }
             };
-            if !taken(sv.cluster(), &s, &claim)? {
+            if !taken(&home, sv.cluster(), &s, &claim)? {
                 match sv.snapshot(&v.group, &v.subvolume, &s.snap()) {
                     Err(e) if e.is(libc::EEXIST) => {}
                     other => other.map_err(ceph_error)?,
@@ -241,6 +255,21 @@ impl Snapshots for CephFsEngine {
         let id = id.to_string();
         blocking(move || {
             let Some(c) = claim_of(&home, &s)? else { return Ok(()) };
+            if !c.group.is_empty() {
+                // As the other engines answer a member deleted alone (its
+                // data is the group's snapshot, which goes with the group):
+                // the caller must delete the group; FAILED_PRECONDITION
+                // would be retried.
+                return Err(error::invalid(format!(
+                    "snapshot {id} is part of group snapshot {}: delete the group snapshot",
+                    c.group
+                )));
+            }
+            if controller::copying_from(&home, &c.root)? {
+                return Err(error::busy(format!(
+                    "snapshot {id} is still being copied into a restore; retry once it is done"
+                )));
+            }
             if backed::users(&home, &id)? > 0 {
                 // Volumes still show it: the CO's snapshot goes now, the
                 // data with the last of them (see backed.rs).
@@ -305,9 +334,11 @@ impl Snapshots for CephFsEngine {
             if let Some(source) = &filter.source_volume {
                 let Some(v) = VolumeId::parse(source) else { return Ok(vec![]) };
                 let sv = Subvolumes::new(cluster.clone(), &v.fs);
-                return of_subvolume(&home, &sv, &v);
+                let mut all = of_subvolume(&home, &sv, &v)?;
+                all.extend(groups::members(&home, Some(source))?);
+                return Ok(all);
             }
-            let mut all = vec![];
+            let mut all = groups::members(&home, None)?;
             for fs in filesystems {
                 let sv = Subvolumes::new(cluster.clone(), &fs);
                 for v in every_subvolume(&sv)? {

@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::req::{self, publish_req, stage_req, unpublish_req, unstage_req, MIB};
-use common::{Driver, DriverBuilder};
+use common::{last_seq, Driver, DriverBuilder, Lockstep};
 use ferrovol_csi as csi;
 use ferrovol_csi::controller_client::ControllerClient;
+use ferrovol_csi::group_controller_client::GroupControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use ferrovol_csi::volume_capability::access_mode::Mode;
 use ferrovol_csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
@@ -27,9 +28,10 @@ use tonic::Code;
 
 const FS: &str = "ferrovolfs";
 const META_POOL: &str = "cephfs.ferrovolfs.meta";
-/// The omap objects indexing volumes backed by a snapshot and copies
-/// under way.
-const INDEXES: [&str; 2] = ["ferrovol.cephfs.backed", "ferrovol.cephfs.copies"];
+/// The omap objects indexing volumes backed by a snapshot, copies under
+/// way and group snapshots.
+const INDEXES: [&str; 3] =
+    ["ferrovol.cephfs.backed", "ferrovol.cephfs.copies", "ferrovol.cephfs.groups"];
 
 /// A subvolume group of this test's own, and everything the test made on
 /// this host; removed (and checked) on drop.
@@ -1037,6 +1039,191 @@ async fn cephfs_a_copy_resumes_after_a_restart_and_an_abandoned_one_is_removed()
     k.c.delete_volume(req::delete(&restored.volume_id)).await.unwrap();
     k.c.delete_snapshot(req::delete_snapshot(&snap.snapshot_id)).await.unwrap();
     k.c.delete_volume(req::delete(&v.volume_id)).await.unwrap();
+    fs.assert_clean();
+    drop(d);
+}
+
+/// Restores each snapshot (a copy), mounts it and answers the last
+/// sequence number its log holds; everything restored is removed again.
+async fn restored_seqs(k: &mut Clients, fs: &CephFs, snaps: &[String], tag: &str) -> Vec<u64> {
+    let mut seqs = vec![];
+    for (i, s) in snaps.iter().enumerate() {
+        let r = csi::CreateVolumeRequest {
+            parameters: fs.params(),
+            volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
+            ..req::from_snapshot(&format!("pvc-{tag}-{i}"), s, 64 * MIB)
+        };
+        let r = created(&mut k.c, r).await;
+        let (st, tg) =
+            mount(&mut k.n, fs, &r, &format!("pod-{tag}-{i}"), Mode::SingleNodeWriter).await;
+        seqs.push(last_seq(&tg.join("log")));
+        unmount(&mut k.n, &r.volume_id, &st, &tg).await;
+        k.c.delete_volume(req::delete(&r.volume_id)).await.unwrap();
+    }
+    seqs
+}
+
+/// Group snapshots on Pacific (no quiesce API): one MDS snapshot of the
+/// members' subvolume group, taken while a writer appends to both members
+/// in lockstep, restores members from one instant, where two single
+/// snapshots taken one after the other do not agree. Members are listed
+/// with their group, are deleted only with it, restore after their source
+/// volume is gone, and the group's snapshot goes with the group.
+#[tokio::test]
+async fn cephfs_group_snapshots_are_one_instant_and_members_restore() {
+    let Some(fs) = cephfs("group") else { return };
+    let d = fs.driver("d", "node-a", &[]).start();
+    let mut k = clients(&d).await;
+    let mut g = GroupControllerClient::new(d.channel().await);
+    let mut vols = vec![];
+    for i in 0..2 {
+        let v = new_volume(&mut k, &fs, &format!("pvc-g{i}"), Mode::SingleNodeWriter).await;
+        let (st, tg) = mount(&mut k.n, &fs, &v, &format!("pod-g{i}"), Mode::SingleNodeWriter).await;
+        vols.push((v.volume_id.clone(), st, tg));
+    }
+    let ids: Vec<String> = vols.iter().map(|v| v.0.clone()).collect();
+    let group_req = |name: &str, ids: &[String]| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: ids.to_vec(),
+        ..Default::default()
+    };
+
+    // One group snapshot while the writer runs, then two single snapshots
+    // one after the other, the writer steps further on at the second.
+    let writer = Lockstep::start_durable(&vols);
+    let taken = g.create_volume_group_snapshot(group_req("group-1", &ids)).await.unwrap();
+    let taken = taken.into_inner().group_snapshot.unwrap();
+    let mut singles = vec![];
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            writer.advance(3);
+        }
+        let s = k.c.create_snapshot(req::snapshot(&format!("single-{i}"), id)).await.unwrap();
+        singles.push(s.into_inner().snapshot.unwrap().snapshot_id);
+    }
+    let steps = writer.stop();
+    assert!(steps > 20, "{steps}");
+    for (v, st, tg) in &vols {
+        unmount(&mut k.n, v, st, tg).await;
+    }
+
+    assert_eq!(taken.snapshots.len(), 2);
+    assert!(taken.ready_to_use && taken.creation_time.is_some());
+    assert!(taken
+        .snapshots
+        .iter()
+        .all(|s| s.group_snapshot_id == taken.group_snapshot_id && s.ready_to_use));
+    let again = g.create_volume_group_snapshot(group_req("group-1", &ids)).await.unwrap();
+    assert_eq!(again.into_inner().group_snapshot.unwrap(), taken, "same name, same members");
+    let e = g.create_volume_group_snapshot(group_req("group-1", &ids[..1])).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let got = g
+        .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: taken.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner().group_snapshot.unwrap(), taken);
+    // Members of two subvolume groups cannot be one directory's snapshot.
+    let mut elsewhere = fs.create("pvc-elsewhere", 64 * MIB, Mode::SingleNodeWriter);
+    elsewhere.parameters.insert("subvolumeGroup".into(), format!("{}-b", fs.group));
+    let other = k.c.create_volume(elsewhere).await.unwrap().into_inner().volume.unwrap();
+    let mixed = [ids[0].clone(), other.volume_id.clone()];
+    let e = g.create_volume_group_snapshot(group_req("group-mixed", &mixed)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    k.c.delete_volume(req::delete(&other.volume_id)).await.unwrap();
+    let missing = [ids[0].clone(), format!("cephfs:{FS}:{}:csi-vol-gone", fs.group)];
+    let e = g.create_volume_group_snapshot(group_req("group-gone", &missing)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let members: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            let m = taken.snapshots.iter().find(|s| &s.source_volume_id == id).unwrap();
+            m.snapshot_id.clone()
+        })
+        .collect();
+    let e = k.c.delete_snapshot(req::delete_snapshot(&members[0])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "a member goes with its group");
+    let lister = k.c.clone();
+    let listed = |filter: csi::ListSnapshotsRequest| {
+        let mut c = lister.clone();
+        async move {
+            let entries = c.list_snapshots(filter).await.unwrap().into_inner().entries;
+            entries.into_iter().map(|e| e.snapshot.unwrap()).collect::<Vec<_>>()
+        }
+    };
+    let by_id =
+        listed(csi::ListSnapshotsRequest { snapshot_id: members[0].clone(), ..Default::default() })
+            .await;
+    assert_eq!(by_id.len(), 1);
+    assert_eq!(by_id[0].group_snapshot_id, taken.group_snapshot_id);
+    let by_source = listed(csi::ListSnapshotsRequest {
+        source_volume_id: ids[1].clone(),
+        ..Default::default()
+    })
+    .await;
+    let found: Vec<&str> = by_source.iter().map(|s| s.snapshot_id.as_str()).collect();
+    assert!(
+        found.contains(&members[1].as_str()) && found.contains(&singles[1].as_str()),
+        "{found:?}"
+    );
+    assert_eq!(found.len(), 2, "{found:?}");
+    let all = listed(csi::ListSnapshotsRequest::default()).await;
+    assert!(members.iter().all(|m| all.iter().any(|s| &s.snapshot_id == m)), "{all:?}");
+    // A read-only view of a member would show its whole group: refused.
+    let mut view = csi::CreateVolumeRequest {
+        parameters: fs.params(),
+        volume_capabilities: vec![cap(Mode::MultiNodeReaderOnly)],
+        ..req::from_snapshot("pvc-member-view", &members[0], 64 * MIB)
+    };
+    view.parameters.insert("backingSnapshot".into(), "true".into());
+    let e = k.c.create_volume(view).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // The first member's volume goes; its member still restores (the MDS
+    // keeps what the group's snapshot holds). Members restore within one
+    // step of each other; the single snapshots, taken apart, do not.
+    let singles_seqs = restored_seqs(&mut k, &fs, &singles, "rs").await;
+    for s in &singles {
+        k.c.delete_snapshot(req::delete_snapshot(s)).await.unwrap();
+    }
+    k.c.delete_volume(req::delete(&ids[0])).await.unwrap();
+    let group_seqs = restored_seqs(&mut k, &fs, &members, "rg").await;
+    eprintln!(
+        "group members {group_seqs:?}, separate snapshots {singles_seqs:?}, of {steps} steps"
+    );
+    let (a, b) = (group_seqs[0], group_seqs[1]);
+    assert!(
+        a > 0 && (a == b || a == b + 1),
+        "group members agree: {group_seqs:?} of {steps} steps"
+    );
+    let (a, b) = (singles_seqs[0], singles_seqs[1]);
+    assert!(b > a + 1, "separate snapshots see different instants: {singles_seqs:?} of {steps}");
+
+    g.delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: taken.group_snapshot_id.clone(),
+        snapshot_ids: members.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = g
+        .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: taken.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let gone =
+        listed(csi::ListSnapshotsRequest { snapshot_id: members[1].clone(), ..Default::default() })
+            .await;
+    assert!(gone.is_empty(), "{gone:?}");
+    k.c.delete_volume(req::delete(&ids[1])).await.unwrap();
+    // The group directory has no snapshot left: the group itself goes.
+    fs.tool("ceph", &["fs", "subvolumegroup", "rm", FS, &fs.group]);
     fs.assert_clean();
     drop(d);
 }
