@@ -856,6 +856,10 @@ impl ControllerEngine for CephFsEngine {
 
     async fn stats(&self) -> Result<EngineStats> {
         let mut stats = EngineStats::default();
+        // First: the copies' figures as of the scrape, not after the
+        // listing's manager calls.
+        (stats.copies_running, stats.copies_done_bytes, stats.copies_size_bytes) =
+            self.copies.totals();
         let mut token = None;
         loop {
             let page = self.list_volumes(token.as_deref(), 1000).await?;

@@ -70,6 +70,10 @@ impl Job {
         outcome.clone()
     }
 
+    fn ended(&self) -> bool {
+        self.outcome.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
     fn end(&self, o: Outcome) {
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(o);
         self.ended.notify_all();
@@ -138,6 +142,16 @@ impl Copies {
     /// Whether a copy into `key` runs in this process.
     pub fn is_running(&self, key: &str) -> bool {
         self.jobs().contains_key(key)
+    }
+
+    /// (copies running, bytes copied, bytes to copy in all) for metrics.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        let jobs = self.jobs();
+        let running: Vec<_> = jobs.values().filter(|j| !j.ended()).collect();
+        let sum = |f: fn(&Progress) -> &std::sync::atomic::AtomicU64| {
+            running.iter().map(|j| f(&j.progress).load(Ordering::Relaxed)).sum::<u64>()
+        };
+        (running.len() as u64, sum(|p| &p.bytes_done), sum(|p| &p.bytes_total))
     }
 
     pub fn abandon_after(&self) -> Duration {

@@ -20,6 +20,7 @@ pub mod bench;
 pub mod controller;
 mod copies;
 pub mod copy;
+pub mod demo;
 mod groups;
 pub mod ids;
 pub mod node;

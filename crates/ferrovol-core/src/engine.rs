@@ -159,6 +159,13 @@ pub struct EngineStats {
     pub storage_capacity_bytes: u64,
     pub storage_used_bytes: u64,
     pub provisioned_bytes: u64,
+    /// Copies under way in the background (restores and clones that
+    /// answer ABORTED until they are complete), the bytes they have copied
+    /// and the bytes they copy in all (known once each scanned its
+    /// source). Engines whose copies are instant leave them at zero.
+    pub copies_running: u64,
+    pub copies_done_bytes: u64,
+    pub copies_size_bytes: u64,
     /// Engine-specific facts exported as an info metric (the local engine:
     /// its copy method).
     pub facts: BTreeMap<String, String>,

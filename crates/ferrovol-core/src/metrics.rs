@@ -60,6 +60,9 @@ pub struct Metrics {
     pool_capacity: Gauge,
     pool_used: Gauge,
     provisioned: Gauge,
+    copies: Gauge,
+    copies_done: Gauge,
+    copies_size: Gauge,
     attached: Gauge,
     staged: Gauge,
     published: Gauge,
@@ -109,6 +112,21 @@ impl Metrics {
             gauge(&mut registry, "ferrovol_pool_used_bytes", "Bytes used in the pool filesystem");
         let provisioned =
             gauge(&mut registry, "ferrovol_pool_provisioned_bytes", "Sum of volume capacities");
+        let copies = gauge(
+            &mut registry,
+            "ferrovol_copies_running",
+            "Restores and clones being copied in the background",
+        );
+        let copies_done = gauge(
+            &mut registry,
+            "ferrovol_copies_done_bytes",
+            "Bytes the copies under way have copied",
+        );
+        let copies_size = gauge(
+            &mut registry,
+            "ferrovol_copies_size_bytes",
+            "Bytes the copies under way copy in all",
+        );
         let attached = gauge(
             &mut registry,
             "ferrovol_devices_attached",
@@ -151,6 +169,9 @@ impl Metrics {
             pool_capacity,
             pool_used,
             provisioned,
+            copies,
+            copies_done,
+            copies_size,
             attached,
             staged,
             published,
@@ -189,6 +210,9 @@ impl Metrics {
         set(&self.pool_capacity, stats.storage_capacity_bytes);
         set(&self.pool_used, stats.storage_used_bytes);
         set(&self.provisioned, stats.provisioned_bytes);
+        set(&self.copies, stats.copies_running);
+        set(&self.copies_done, stats.copies_done_bytes);
+        set(&self.copies_size, stats.copies_size_bytes);
         set(&self.attached, staged.len() as u64);
         set(&self.staged, node.0);
         set(&self.published, node.1);

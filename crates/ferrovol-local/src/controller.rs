@@ -51,6 +51,8 @@ impl ControllerEngine for LocalEngine {
             storage_used_bytes: used,
             provisioned_bytes: volumes.iter().map(|v| v.capacity).sum(),
             facts: BTreeMap::from([("cow_method".to_string(), self.method.as_str().to_string())]),
+            // Copies are reflinks (or a bounded copy) inside the call.
+            ..Default::default()
         })
     }
 

@@ -17,6 +17,17 @@ use crate::{has_capability, CAP_SYS_ADMIN, CAP_SYS_RESOURCE};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
+    /// Which engine walks through: `local` (a temporary XFS pool) or
+    /// `cephfs` (a Ceph file system, --ceph-conf and --cephfs-fs; e.g.
+    /// scripts/ceph-dev-cluster start DIR --cephfs).
+    #[arg(long, value_enum, default_value_t = DemoEngine::Local)]
+    pub engine: DemoEngine,
+    /// The CephFS engine's cluster.
+    #[arg(long)]
+    pub ceph_conf: Option<PathBuf>,
+    /// The CephFS engine's file system.
+    #[arg(long, default_value = "cephfs")]
+    pub cephfs_fs: String,
     /// Use this driver instead of starting one (its kubelet dir must be
     /// --kubelet-dir).
     #[arg(long)]
@@ -24,6 +35,12 @@ pub struct DemoArgs {
     /// The driver's kubelet dir, when --endpoint is given.
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoEngine {
+    Local,
+    Cephfs,
 }
 
 const GIB: i64 = 1 << 30;

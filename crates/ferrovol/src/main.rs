@@ -86,6 +86,13 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Bench(args) => ferrovol_tools::bench::run(args).await,
         Command::Probe(args) => ferrovol_tools::prober::run(args).await,
+        Command::Demo(args) if args.engine == ferrovol_tools::demo::DemoEngine::Cephfs => {
+            let conf = args.ceph_conf.ok_or(
+                "--engine cephfs needs --ceph-conf (e.g. from scripts/ceph-dev-cluster start DIR \
+                 --cephfs)",
+            )?;
+            ferrovol_cephfs::demo::run(&conf, &args.cephfs_fs).await
+        }
         Command::Demo(args) => ferrovol_tools::demo::run(args).await,
         Command::Ctl(_) => Err("ctl is dispatched by main".into()),
         Command::Link(LinkCommand::Certs { out, nodes, days, force }) => {

@@ -601,13 +601,15 @@ async fn cephfs_snapshots_restore_and_outlive_their_volume() {
 #[tokio::test]
 async fn cephfs_slow_restores_and_clones_answer_aborted_and_deleted_ones_are_cancelled() {
     let Some(fs) = cephfs("slowrestore") else { return };
-    let d = fs.driver("d", "node-a", &["--cephfs-restore-wait", "1ms"]).start();
+    let flags = ["--cephfs-restore-wait", "1ms", "--metrics-addr", "127.0.0.1:0"];
+    let mut d = fs.driver("d", "node-a", &flags).start();
+    let metrics = common::logged_addr(&d.wait_for_log("metrics listening").unwrap());
     let mut k = clients(&d).await;
     let v = new_volume(&mut k, &fs, "pvc-big", Mode::SingleNodeWriter).await;
     let (staging, target) = mount(&mut k.n, &fs, &v, "pod-big", Mode::SingleNodeWriter).await;
     let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     for f in 0..4 {
-        let data: Vec<u8> = chunk.iter().cycle().take(8 << 20).copied().collect();
+        let data: Vec<u8> = chunk.iter().cycle().take(16 << 20).copied().collect();
         std::fs::write(target.join(format!("f{f}")), data).unwrap();
     }
     unmount(&mut k.n, &v.volume_id, &staging, &target).await;
@@ -623,11 +625,25 @@ async fn cephfs_slow_restores_and_clones_answer_aborted_and_deleted_ones_are_can
     let first = k.c.create_volume(restore("pvc-slow")).await.unwrap_err();
     assert_eq!(first.code(), Code::Aborted, "{first:?}");
     assert!(first.message().contains("copy"), "{first:?}");
+    // The copy's progress is a metric too (read while it runs: 64 MiB at
+    // this cluster's pace takes far longer than a scrape).
+    let (status, body) = common::http_get(&metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |series: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in {body}"))
+    };
+    assert_eq!(value("ferrovol_copies_running"), 1.0, "{body}");
+    let (done, size) = (value("ferrovol_copies_done_bytes"), value("ferrovol_copies_size_bytes"));
+    assert!(done <= size && (size == 0.0 || size == (64 << 20) as f64), "{done} of {size}");
     let restored = created(&mut k.c, restore("pvc-slow")).await;
+    let (_, body) = common::http_get(&metrics, "/metrics").await;
+    assert!(body.contains("\nferrovol_copies_running 0\n"), "the copy ended: {body}");
     let (st, tg) = mount(&mut k.n, &fs, &restored, "pod-slow", Mode::SingleNodeWriter).await;
     for f in 0..4 {
         let data = std::fs::read(tg.join(format!("f{f}"))).unwrap();
-        assert_eq!(data.len(), 8 << 20);
+        assert_eq!(data.len(), 16 << 20);
         assert!(data.chunks(1 << 20).all(|c| c == chunk.as_slice()), "f{f} differs");
     }
     unmount(&mut k.n, &restored.volume_id, &st, &tg).await;
@@ -685,7 +701,7 @@ async fn cephfs_slow_restores_and_clones_answer_aborted_and_deleted_ones_are_can
     let (st, tg) = mount(&mut k.n, &fs, &cloned, "pod-clone", Mode::SingleNodeWriter).await;
     for f in 0..4 {
         let data = std::fs::read(tg.join(format!("f{f}"))).unwrap();
-        assert!(data.len() == 8 << 20 && data.chunks(1 << 20).all(|c| c == chunk.as_slice()));
+        assert!(data.len() == 16 << 20 && data.chunks(1 << 20).all(|c| c == chunk.as_slice()));
     }
     unmount(&mut k.n, &cloned.volume_id, &st, &tg).await;
     // Deleted mid-copy: cancelled, and its snapshot removed.
@@ -1226,4 +1242,49 @@ async fn cephfs_group_snapshots_are_one_instant_and_members_restore() {
     fs.tool("ceph", &["fs", "subvolumegroup", "rm", FS, &fs.group]);
     fs.assert_clean();
     drop(d);
+}
+
+/// The user's walkthrough with a CephFS class, as `ferrovol demo --engine
+/// cephfs` runs it through a pipe: a claim, a snapshot, a restore, a clone,
+/// an expansion the pod sees at once, a group snapshot, and one claim
+/// mounted read-write on two nodes (two driver processes); nothing of it
+/// is left in Ceph or on this host.
+#[test]
+fn cephfs_the_walkthrough_runs_on_a_cephfs_class() {
+    let Some(mut fs) = cephfs("demo") else { return };
+    let child = std::process::Command::new(common::BIN)
+        .args(["demo", "--engine", "cephfs", "--cephfs-fs", FS, "--ceph-conf"])
+        .arg(&fs.conf)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in [
+        "restored ibdata1 holds the same bytes: true",
+        "cloned ibdata1 holds the same bytes: true",
+        "quota now 2048 MiB (node expansion required: false)",
+        "to 2048 MiB without remounting",
+        "2 members, one instant",
+        "node-a reads node-b's write: true",
+        "everything cleaned up.",
+        "Demo complete.",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    // The demo's group, claims, mounts and helpers are gone.
+    fs.group = format!("ferrovol-demo-{pid}");
+    let groups = fs.tool("ceph", &["fs", "subvolumegroup", "ls", FS, "--format", "json"]);
+    assert!(!groups.contains(&fs.group), "{groups}");
+    assert_eq!(fs.claims(), Vec::<String>::new(), "the demo's claims are left");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&format!("ferrovol-demo-cephfs-node-a-{pid}")), "{mounts}");
+    assert!(!mounts.contains(&format!("ferrovol-demo-cephfs-node-b-{pid}")), "{mounts}");
+    for node in ["a", "b"] {
+        let work = std::env::temp_dir().join(format!("ferrovol-demo-cephfs-node-{node}-{pid}"));
+        assert!(common::ceph::helpers("ceph-fuse", &work).is_empty(), "helpers of node-{node}");
+    }
 }
