@@ -425,13 +425,19 @@ impl CephFsEngine {
         ];
         blocking(move || {
             let oid = claim_oid(&name);
-            check_claim(&home, &sv, &name, &id)?;
-            let exists = match record(&sv, &v) {
-                Ok(r) => Some(r),
-                Err(e) if e.kind() == Kind::NotFound => None,
-                // A restore still copying: its record comes once it is done.
-                Err(e) if e.kind() == Kind::Unavailable && copy.is_some() => Some(None),
-                Err(e) => return Err(e),
+            // The claim is written before anything is made and removed
+            // after everything is gone: a name not claimed for this ID has
+            // no volume to find (one manager call saved per new volume).
+            let exists = match check_claim(&home, &sv, &name, &id)? {
+                false => None,
+                true => match record(&sv, &v) {
+                    Ok(r) => Some(r),
+                    Err(e) if e.kind() == Kind::NotFound => None,
+                    // A restore still copying: its record comes once it is
+                    // done.
+                    Err(e) if e.kind() == Kind::Unavailable && copy.is_some() => Some(None),
+                    Err(e) => return Err(e),
+                },
             };
             if let Some(Some(r)) = &exists {
                 if r.params != fingerprint || r.name != name || r.source != source {
@@ -451,19 +457,31 @@ impl CephFsEngine {
             }
             home.write_object(&oid, id.as_bytes()).map_err(ceph_error)?;
             let fs = sv.fs().to_string();
-            sv.create_group(&v.group).map_err(|e| {
-                named_by_class(e, || format!("file system {fs:?} (fsName) cannot hold groups"))
-            })?;
+            let make_group = || {
+                sv.create_group(&v.group).map_err(|e| {
+                    named_by_class(e, || format!("file system {fs:?} (fsName) cannot hold groups"))
+                })
+            };
             match &copy {
                 None => {
                     let new = NewSubvolume { size, pool_layout: pool.as_deref(), mode: None };
-                    sv.create(&v.group, &v.subvolume, &new).map_err(|e| {
+                    let made = |e| {
                         named_by_class(e, || {
                             format!("making a subvolume in {fs}/{} (pool {pool:?})", v.group)
                         })
-                    })?;
+                    };
+                    // The group is made when the manager says it is
+                    // missing, not asked for every volume.
+                    match sv.create(&v.group, &v.subvolume, &new) {
+                        Err(e) if e.is(libc::ENOENT) => {
+                            make_group()?;
+                            sv.create(&v.group, &v.subvolume, &new).map_err(made)?;
+                        }
+                        other => other.map_err(made)?,
+                    }
                 }
                 Some(c) => {
+                    make_group()?;
                     match &own {
                         Some((login, copies)) => {
                             let new =
@@ -502,7 +520,8 @@ impl CephFsEngine {
                 // Done: nothing left to sweep.
                 home.omap_remove(COPIES, &[&id]).map_err(ceph_error)?;
             }
-            describe(&sv, &v)
+            // What was just made, as made: its quota is `size`.
+            Ok(volume_of(r, size))
         })
         .await
     }
@@ -783,16 +802,18 @@ pub(crate) fn every_subvolume(sv: &Subvolumes) -> Result<Vec<VolumeId>> {
 
 /// One name, one volume: a claim of `name` for another volume that still
 /// exists is ALREADY_EXISTS; one whose volume is gone is taken over.
-pub(crate) fn check_claim(home: &Pool, sv: &Subvolumes, name: &str, id: &str) -> Result<()> {
-    if let Some(other) = home.read_object(&claim_oid(name)).map_err(ceph_error)? {
-        let other = String::from_utf8_lossy(&other).into_owned();
-        if other != id && claimed_volume_exists(home, sv, &other)? {
-            return Err(error::exists(format!(
-                "volume name {name:?} is taken by {other}, made with other parameters"
-            )));
-        }
+/// Answers whether the name is claimed for `id` already.
+pub(crate) fn check_claim(home: &Pool, sv: &Subvolumes, name: &str, id: &str) -> Result<bool> {
+    let Some(other) = home.read_object(&claim_oid(name)).map_err(ceph_error)? else {
+        return Ok(false);
+    };
+    let other = String::from_utf8_lossy(&other).into_owned();
+    if other != id && claimed_volume_exists(home, sv, &other)? {
+        return Err(error::exists(format!(
+            "volume name {name:?} is taken by {other}, made with other parameters"
+        )));
     }
-    Ok(())
+    Ok(other == id)
 }
 
 /// Releases the claim of a volume's name if it still names this volume.
@@ -910,15 +931,18 @@ impl ControllerEngine for CephFsEngine {
             return Err(error::busy(format!("the copy into {id} is still stopping; retry")));
         }
         let id = id.to_string();
+        let manager = self.settings.copier == Copier::Manager;
         blocking(move || {
-            match record(&sv, &v) {
-                Ok(_) => {}
-                Err(e) if e.kind() == Kind::NotFound => {}
-                // A restore still copying: it is stopped, then removed.
-                Err(e) if e.kind() == Kind::Unavailable => {
-                    let _ = sv.cancel_clone(&v.group, &v.subvolume);
+            // A restore the manager's cloner still copies is cancelled
+            // first (ours was stopped above).
+            if manager {
+                match record(&sv, &v) {
+                    Err(e) if e.kind() == Kind::Unavailable => {
+                        let _ = sv.cancel_clone(&v.group, &v.subvolume);
+                    }
+                    Err(e) if e.kind() != Kind::NotFound => return Err(e),
+                    _ => {}
                 }
-                Err(e) => return Err(e),
             }
             // Snapshots outlive their volume: Ceph keeps a subvolume with
             // snapshots as `snapshot-retained` (no data path, no record)
