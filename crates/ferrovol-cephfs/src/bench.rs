@@ -15,8 +15,8 @@ use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use ferrovol_tools::bench::limits::report;
 use ferrovol_tools::bench::{
-    create, create_delete_pairs, delete, node_paths, off, percentiles, proc_kib, snapshot,
-    start_engine, BenchArgs,
+    create, create_delete_pairs, delete, fio, median, node_paths, off, percentiles, proc_kib,
+    snapshot, start_engine, BenchArgs, FIO_ROUNDS,
 };
 use tonic::transport::Channel;
 
@@ -108,6 +108,9 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
         restores(&channel, &sv, &conf, &fs, args.data_mib, count, what).await?;
     }
     node_cycle(&channel, &scratch.work, &fs, args.samples.min(11)).await?;
+    if args.fio_seconds > 0 {
+        data_path(&channel, &scratch.work, &conf, &fs, args.fio_seconds).await?;
+    }
     report("driver RSS peak", &format!("{:.1} MiB", rss_mib(pid, "VmHWM:")), "", "");
     let s = sv.clone();
     let left = off(move || s.list(GROUP)).await?.unwrap_or_default();
@@ -356,4 +359,104 @@ async fn node_cycle(
     report("node stage+publish+unpublish+unstage p50", &format!("{p50:.0} ms"), "", "");
     println!("    (through ceph-fuse; max {max:.0} ms, {samples} samples)");
     delete(&mut c, v.volume_id).await
+}
+
+/// fio through a volume the driver staged and published (its ceph-fuse,
+/// its bind mounts) beside the same fio through a bare ceph-fuse mount of
+/// the same subvolume with the same options: the limit the driver can
+/// reach.
+async fn data_path(
+    channel: &Channel,
+    work: &Path,
+    conf: &Path,
+    fs: &str,
+    seconds: u64,
+) -> Result<(), String> {
+    use csi::volume_capability::access_mode::Mode;
+    let mut c = ControllerClient::new(channel.clone());
+    let mut n = NodeClient::new(channel.clone());
+    let mut r = request(fs, "bench-fio".into(), None, false);
+    // Two fio files of 512 MiB each, side by side in the one subvolume.
+    r.capacity_range = Some(csi::CapacityRange { required_bytes: 2 << 30, limit_bytes: 0 });
+    let v = create(&mut c, r).await?;
+    let (staging, target) = node_paths(work, "cephfs-fio")?;
+    for stage in [true, false] {
+        let step = match stage {
+            true => n
+                .node_stage_volume(csi::NodeStageVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
+                    volume_context: v.volume_context.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            false => n
+                .node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
+                    volume_context: v.volume_context.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        };
+        step.map_err(text)?;
+    }
+    let root = v.volume_context.get("rootPath").cloned().unwrap_or_default();
+    let bare = work.join("bare-ceph-fuse");
+    std::fs::create_dir_all(&bare).map_err(text)?;
+    let mounted = std::process::Command::new("ceph-fuse")
+        .arg("-c")
+        .arg(conf)
+        .args(["--client_fs", fs, "-r", &root, "--fuse_disable_pagecache=true"])
+        .arg(&bare)
+        .output()
+        .map_err(|e| format!("running ceph-fuse: {e}"))?;
+    let jobs = [
+        ("read", "1M", "seq read 1M"),
+        ("write", "1M", "seq write 1M"),
+        ("randread", "4k", "rand read 4k"),
+        ("randwrite", "4k", "rand write 4k"),
+    ];
+    let (through, direct) = (target.join("fio.dat"), bare.join("fio-bare.dat"));
+    let result = match mounted.status.success() {
+        false => Err(format!(
+            "a bare ceph-fuse mount failed: {}",
+            String::from_utf8_lossy(&mounted.stderr)
+        )),
+        true => (|| -> Result<(), String> {
+            for (rw, bs, label) in jobs {
+                // Alternated, medians kept: this machine's I/O rate drifts
+                // between runs as much as the gap measured.
+                let (mut ours, mut limit) = (Vec::new(), Vec::new());
+                for _ in 0..FIO_ROUNDS {
+                    ours.push(fio(&through, rw, bs, seconds)?);
+                    limit.push(fio(&direct, rw, bs, seconds)?);
+                }
+                let ((bw, iops), (bare_bw, bare_iops)) = (median(&mut ours), median(&mut limit));
+                let pct = if bare_bw > 0.0 { bw / bare_bw * 100.0 } else { 0.0 };
+                println!(
+                    "fio {label:<14}: volume {:>7.1} MiB/s {:>7.0} IOPS | bare ceph-fuse {:>7.1} \
+                     MiB/s {:>7.0} IOPS | {pct:.0}%",
+                    bw / 1024.0,
+                    iops,
+                    bare_bw / 1024.0,
+                    bare_iops
+                );
+            }
+            Ok(())
+        })(),
+    };
+    let _ = std::fs::remove_file(&direct);
+    let _ = std::fs::remove_file(&through);
+    if mounted.status.success() {
+        let _ = rustix::mount::unmount(&bare, rustix::mount::UnmountFlags::empty());
+    }
+    ferrovol_tools::bench::unpublish_unstage(&mut n, &v.volume_id, &staging, &target).await?;
+    delete(&mut c, v.volume_id).await?;
+    result
 }

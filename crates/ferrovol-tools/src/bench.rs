@@ -464,9 +464,9 @@ async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(
     Ok(())
 }
 
-const FIO_ROUNDS: usize = 3;
+pub const FIO_ROUNDS: usize = 3;
 
-fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
+pub fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     v[v.len() / 2]
 }
