@@ -98,9 +98,13 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
 
     for concurrency in [1usize, 8] {
         let rate = provisioning(&channel, &fs, concurrency, args.cephfs_pairs).await?;
-        let bare = bare_pairs(&sv, concurrency, args.cephfs_pairs).await?;
+        let bare = bare_pairs(&sv, concurrency, args.cephfs_pairs, false).await?;
+        let calls = bare_pairs(&sv, concurrency, args.cephfs_pairs, true).await?;
         report(&format!("create+delete pairs/s, c={concurrency}"), &format!("{rate:.1}"), "", "");
-        println!("    (bare subvolume create+rm: {bare:.1} pairs/s)");
+        println!(
+            "    (bare subvolume create+rm: {bare:.1} pairs/s; with getpath and metadata set, \
+             the driver's manager calls: {calls:.1})"
+        );
     }
     snapshots(&channel, &sv, &fs, args.samples.min(11)).await?;
     let files = args.cephfs_files.max(1);
@@ -132,7 +136,14 @@ async fn provisioning(
     create_delete_pairs(channel, concurrency, pairs, make).await
 }
 
-async fn bare_pairs(sv: &Subvolumes, concurrency: usize, pairs: usize) -> Result<f64, String> {
+/// Bare subvolume create+rm pairs per second; `as_driver`: with the two
+/// further manager calls a CreateVolume makes (getpath, metadata set).
+async fn bare_pairs(
+    sv: &Subvolumes,
+    concurrency: usize,
+    pairs: usize,
+    as_driver: bool,
+) -> Result<f64, String> {
     let per_worker = pairs.div_ceil(concurrency);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -143,6 +154,10 @@ async fn bare_pairs(sv: &Subvolumes, concurrency: usize, pairs: usize) -> Result
             for i in 0..per_worker {
                 let name = format!("bench-bare-{concurrency}-{w}-{i}");
                 sv.create(GROUP, &name, &new).map_err(text)?;
+                if as_driver {
+                    sv.path(GROUP, &name).map_err(text)?;
+                    sv.set_metadata(GROUP, &name, "bench", "x").map_err(text)?;
+                }
                 sv.remove(GROUP, &name, false).map_err(text)?;
             }
             Ok::<_, String>(())
