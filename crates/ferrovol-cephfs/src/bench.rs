@@ -15,8 +15,8 @@ use ferrovol_csi::controller_client::ControllerClient;
 use ferrovol_csi::node_client::NodeClient;
 use ferrovol_tools::bench::limits::report;
 use ferrovol_tools::bench::{
-    create, create_delete_pairs, delete, fio, median, node_paths, off, percentiles, proc_kib,
-    snapshot, start_engine, BenchArgs, FIO_ROUNDS,
+    create, create_delete_pairs, delete, fio_beside, node_paths, off, percentiles, proc_kib,
+    snapshot, start_engine, BenchArgs,
 };
 use tonic::transport::Channel;
 
@@ -333,6 +333,36 @@ async fn restores(
     delete(&mut c, src.volume_id).await
 }
 
+/// Stages and publishes `v` (a read-write-many mount) as the kubelet does.
+async fn stage_publish(
+    n: &mut NodeClient<Channel>,
+    v: &csi::Volume,
+    staging: &Path,
+    target: &Path,
+) -> Result<(), String> {
+    use csi::volume_capability::access_mode::Mode;
+    n.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .map_err(text)?;
+    n.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
+        volume_context: v.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .map_err(text)?;
+    Ok(())
+}
+
 /// Stage+publish+unpublish+unstage through ceph-fuse.
 async fn node_cycle(
     channel: &Channel,
@@ -340,7 +370,6 @@ async fn node_cycle(
     fs: &str,
     samples: usize,
 ) -> Result<(), String> {
-    use csi::volume_capability::access_mode::Mode;
     let mut c = ControllerClient::new(channel.clone());
     let mut n = NodeClient::new(channel.clone());
     let v = create(&mut c, request(fs, "bench-node".into(), None, false)).await?;
@@ -348,25 +377,7 @@ async fn node_cycle(
     let mut times = vec![];
     for _ in 0..samples {
         let t = Instant::now();
-        n.node_stage_volume(csi::NodeStageVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: staging.display().to_string(),
-            volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
-            volume_context: v.volume_context.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(text)?;
-        n.node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
-            volume_context: v.volume_context.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(text)?;
+        stage_publish(&mut n, &v, &staging, &target).await?;
         ferrovol_tools::bench::unpublish_unstage(&mut n, &v.volume_id, &staging, &target).await?;
         times.push(t.elapsed());
     }
@@ -387,7 +398,6 @@ async fn data_path(
     fs: &str,
     seconds: u64,
 ) -> Result<(), String> {
-    use csi::volume_capability::access_mode::Mode;
     let mut c = ControllerClient::new(channel.clone());
     let mut n = NodeClient::new(channel.clone());
     let mut r = request(fs, "bench-fio".into(), None, false);
@@ -395,32 +405,7 @@ async fn data_path(
     r.capacity_range = Some(csi::CapacityRange { required_bytes: 2 << 30, limit_bytes: 0 });
     let v = create(&mut c, r).await?;
     let (staging, target) = node_paths(work, "cephfs-fio")?;
-    for stage in [true, false] {
-        let step = match stage {
-            true => n
-                .node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    staging_target_path: staging.display().to_string(),
-                    volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
-                    volume_context: v.volume_context.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map(drop),
-            false => n
-                .node_publish_volume(csi::NodePublishVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    staging_target_path: staging.display().to_string(),
-                    target_path: target.display().to_string(),
-                    volume_capability: Some(cap(Mode::MultiNodeMultiWriter)),
-                    volume_context: v.volume_context.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map(drop),
-        };
-        step.map_err(text)?;
-    }
+    stage_publish(&mut n, &v, &staging, &target).await?;
     let root = v.volume_context.get("rootPath").cloned().unwrap_or_default();
     let bare = work.join("bare-ceph-fuse");
     std::fs::create_dir_all(&bare).map_err(text)?;
@@ -431,40 +416,13 @@ async fn data_path(
         .arg(&bare)
         .output()
         .map_err(|e| format!("running ceph-fuse: {e}"))?;
-    let jobs = [
-        ("read", "1M", "seq read 1M"),
-        ("write", "1M", "seq write 1M"),
-        ("randread", "4k", "rand read 4k"),
-        ("randwrite", "4k", "rand write 4k"),
-    ];
     let (through, direct) = (target.join("fio.dat"), bare.join("fio-bare.dat"));
     let result = match mounted.status.success() {
         false => Err(format!(
             "a bare ceph-fuse mount failed: {}",
             String::from_utf8_lossy(&mounted.stderr)
         )),
-        true => (|| -> Result<(), String> {
-            for (rw, bs, label) in jobs {
-                // Alternated, medians kept: this machine's I/O rate drifts
-                // between runs as much as the gap measured.
-                let (mut ours, mut limit) = (Vec::new(), Vec::new());
-                for _ in 0..FIO_ROUNDS {
-                    ours.push(fio(&through, rw, bs, seconds)?);
-                    limit.push(fio(&direct, rw, bs, seconds)?);
-                }
-                let ((bw, iops), (bare_bw, bare_iops)) = (median(&mut ours), median(&mut limit));
-                let pct = if bare_bw > 0.0 { bw / bare_bw * 100.0 } else { 0.0 };
-                println!(
-                    "fio {label:<14}: volume {:>7.1} MiB/s {:>7.0} IOPS | bare ceph-fuse {:>7.1} \
-                     MiB/s {:>7.0} IOPS | {pct:.0}%",
-                    bw / 1024.0,
-                    iops,
-                    bare_bw / 1024.0,
-                    bare_iops
-                );
-            }
-            Ok(())
-        })(),
+        true => fio_beside(&through, &direct, "bare ceph-fuse", seconds),
     };
     let _ = std::fs::remove_file(&direct);
     let _ = std::fs::remove_file(&through);

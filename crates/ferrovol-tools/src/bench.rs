@@ -464,9 +464,9 @@ async fn node_cycles(channel: &Channel, work: &Path, samples: usize) -> Result<(
     Ok(())
 }
 
-pub const FIO_ROUNDS: usize = 3;
+const FIO_ROUNDS: usize = 3;
 
-pub fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
+fn median(v: &mut [(f64, f64)]) -> (f64, f64) {
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     v[v.len() / 2]
 }
@@ -658,6 +658,36 @@ pub fn fio(file: &Path, rw: &str, bs: &str, seconds: u64) -> Result<(f64, f64), 
     Ok(if rw.contains("read") { (num(6), num(7)) } else { (num(47), num(48)) })
 }
 
+/// The fio jobs a data path is measured with, on `ours` beside `limit`
+/// (named `what`): printed per job, volume then limit and their ratio.
+pub fn fio_beside(ours: &Path, limit: &Path, what: &str, seconds: u64) -> Result<(), String> {
+    let jobs = [
+        ("read", "1M", "seq read 1M"),
+        ("write", "1M", "seq write 1M"),
+        ("randread", "4k", "rand read 4k"),
+        ("randwrite", "4k", "rand write 4k"),
+    ];
+    for (rw, bs, label) in jobs {
+        // This machine's I/O rate drifts between runs as much as the gap
+        // we measure: alternate the two sides and keep medians.
+        let (mut vol, mut lim) = (Vec::new(), Vec::new());
+        for _ in 0..FIO_ROUNDS {
+            vol.push(fio(ours, rw, bs, seconds)?);
+            lim.push(fio(limit, rw, bs, seconds)?);
+        }
+        let ((vol_bw, vol_iops), (lim_bw, lim_iops)) = (median(&mut vol), median(&mut lim));
+        let pct = if lim_bw > 0.0 { vol_bw / lim_bw * 100.0 } else { 0.0 };
+        println!(
+            "fio {label:<14}: volume {:>8.1} MiB/s {:>8.0} IOPS | {what} {:>8.1} MiB/s {:>8.0} IOPS | {pct:.0}%",
+            vol_bw / 1024.0,
+            vol_iops,
+            lim_bw / 1024.0,
+            lim_iops
+        );
+    }
+    Ok(())
+}
+
 /// fio through a published volume vs the same fio on a file in the pool.
 async fn data_path(
     channel: &Channel,
@@ -672,33 +702,7 @@ async fn data_path(
     stage_publish(&mut n, &id, &staging, &target).await?;
     let through = target.join("fio.dat");
     let direct = pool_dir.join("fio-direct.dat");
-    let jobs = [
-        ("read", "1M", "seq read 1M"),
-        ("write", "1M", "seq write 1M"),
-        ("randread", "4k", "rand read 4k"),
-        ("randwrite", "4k", "rand write 4k"),
-    ];
-    let result = (|| -> Result<(), String> {
-        for (rw, bs, label) in jobs {
-            // This machine's I/O rate drifts between runs as much as the gap
-            // we measure: alternate the two sides and keep medians.
-            let (mut vol, mut dir) = (Vec::new(), Vec::new());
-            for _ in 0..FIO_ROUNDS {
-                vol.push(fio(&through, rw, bs, seconds)?);
-                dir.push(fio(&direct, rw, bs, seconds)?);
-            }
-            let ((vol_bw, vol_iops), (dir_bw, dir_iops)) = (median(&mut vol), median(&mut dir));
-            let pct = if dir_bw > 0.0 { vol_bw / dir_bw * 100.0 } else { 0.0 };
-            println!(
-                "fio {label:<14}: volume {:>8.1} MiB/s {:>8.0} IOPS | pool file {:>8.1} MiB/s {:>8.0} IOPS | {pct:.0}%",
-                vol_bw / 1024.0,
-                vol_iops,
-                dir_bw / 1024.0,
-                dir_iops
-            );
-        }
-        Ok(())
-    })();
+    let result = fio_beside(&through, &direct, "pool file", seconds);
     let _ = std::fs::remove_file(&direct);
     let _ = std::fs::remove_file(&through);
     unpublish_unstage(&mut n, &id, &staging, &target).await?;
