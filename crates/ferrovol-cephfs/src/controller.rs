@@ -1120,29 +1120,22 @@ impl CephFsEngine {
         let copies = self.copies.clone();
         blocking(move || {
             let mut swept = 0;
-            let mut after = String::new();
-            loop {
-                let (page, more) = home.omap_page(COPIES, &after, "", 256).map_err(ceph_error)?;
-                for (id, value) in &page {
-                    let marker = Marker::decode(&String::from_utf8_lossy(value));
-                    let Some(v) = VolumeId::parse(id) else { continue };
-                    if !marker.stale() || copies.is_running(id) {
-                        continue;
-                    }
-                    tracing::warn!(
-                        volume = id,
-                        "a copy nobody asked about for {} s is abandoned and removed",
-                        now().saturating_sub(marker.asked)
-                    );
-                    let sv = Subvolumes::new(cluster.clone(), &v.fs);
-                    abandoned_copy_cleanup(&sv, &home, &v)();
-                    swept += 1;
+            for (id, value) in crate::index(&home, COPIES)? {
+                let marker = Marker::decode(&String::from_utf8_lossy(&value));
+                let Some(v) = VolumeId::parse(&id) else { continue };
+                if !marker.stale() || copies.is_running(&id) {
+                    continue;
                 }
-                match (more, page.last()) {
-                    (true, Some((k, _))) => after = k.clone(),
-                    _ => return Ok(swept),
-                }
+                tracing::warn!(
+                    volume = id,
+                    "a copy nobody asked about for {} s is abandoned and removed",
+                    now().saturating_sub(marker.asked)
+                );
+                let sv = Subvolumes::new(cluster.clone(), &v.fs);
+                abandoned_copy_cleanup(&sv, &home, &v)();
+                swept += 1;
             }
+            Ok(swept)
         })
         .await
     }

@@ -19,7 +19,7 @@
 //! copier. The groups are entries of one omap index in the home pool; a
 //! group is taken once its entry says so (written after the MDS snapshot).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use ferrovol_ceph::{Pool, Subvolumes};
 use ferrovol_cephclient::connect::Login;
@@ -197,6 +197,9 @@ fn create(
             e
         }
     };
+    // This attempt takes the snapshot (seconds are what is recorded): the
+    // entry and the members say when, written once.
+    e.created = now();
     // The members' claims first: whatever happens next, the entry names
     // every object a delete must remove.
     for (v, path, capacity) in &found {
@@ -233,16 +236,6 @@ fn create(
     }
     let window = started.elapsed();
     e.taken = true;
-    e.created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    for v in &e.members {
-        // The instant the MDS took: the members say so too.
-        let s = g.member(v);
-        if let Some(mut c) = snapshots::claim_of(home, &s)? {
-            c.created = e.created;
-            home.write_object(&snapshots::claim_oid(&s), c.encode().as_bytes())
-                .map_err(ceph_error)?;
-        }
-    }
     save(home, g, &e)?;
     Ok((group_of(home, g, &e)?, window))
 }
