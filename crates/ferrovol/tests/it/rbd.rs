@@ -950,11 +950,14 @@ async fn rbd_long_clone_chains_are_flattened_and_half_made_images_adopted() {
         k.c.create_volume(clone("pvc-2", &b)).await.unwrap().into_inner().volume.unwrap().volume_id;
     // A clone of pvc-2 while its flatten may run: ABORTED (retried) until
     // the flatten is done, never NOT_FOUND.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let d2 = loop {
         match k.c.create_volume(clone("pvc-3", &c)).await {
             Ok(r) => break r.into_inner().volume.unwrap().volume_id,
             Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
         }
+        assert!(std::time::Instant::now() < deadline, "the flatten never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     k.c.delete_volume(req::delete(&d2)).await.unwrap();
     let parent = |v: &str| {

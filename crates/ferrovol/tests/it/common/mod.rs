@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferrovol_csi::endpoint::{self, Endpoint};
 use tonic::transport::Channel;
@@ -167,28 +167,26 @@ impl Driver {
     }
 
     /// Waits for a log line containing `needle`; None if the process ended
-    /// (or went silent past the start timeout) first.
+    /// or the start timeout passed first. The timeout bounds the whole wait,
+    /// not the gap between lines: a process that keeps logging something
+    /// else (a link retrying) must not hold a test for ever.
     pub fn wait_for_log(&mut self, needle: &str) -> Option<String> {
         if let Some(l) = self.logs.lock().unwrap().iter().find(|l| l.contains(needle)) {
             return Some(l.clone());
         }
-        loop {
-            match self.lines.recv_timeout(START_TIMEOUT) {
-                Ok(line) if line.contains(needle) => return Some(line),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
+        self.next_line_with(needle)
     }
 
     /// Waits until `needle` has been logged at least `n` times in all.
     pub fn wait_for_log_count(&mut self, needle: &str, n: usize) -> bool {
+        let deadline = Instant::now() + START_TIMEOUT;
         loop {
             // Lines reach `logs` before the channel: nothing is missed.
             if self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count() >= n {
                 return true;
             }
-            if self.lines.recv_timeout(START_TIMEOUT).is_err() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.lines.recv_timeout(left).is_err() {
                 return false;
             }
         }
@@ -197,8 +195,15 @@ impl Driver {
     /// Like `wait_for_log`, but only for lines logged from now on.
     pub fn wait_for_new_log(&mut self, needle: &str) -> Option<String> {
         while self.lines.try_recv().is_ok() {}
+        self.next_line_with(needle)
+    }
+
+    /// The next line containing `needle`, within the start timeout in all.
+    fn next_line_with(&mut self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match self.lines.recv_timeout(START_TIMEOUT) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return Some(line),
                 Ok(_) => continue,
                 Err(_) => return None,
@@ -856,16 +861,21 @@ impl Lockstep {
                 }
             })
         };
-        while steps.load(Ordering::Relaxed) < warm_up {
-            std::thread::yield_now();
-        }
-        Lockstep { stop, steps, thread }
+        let writer = Lockstep { stop, steps, thread };
+        writer.wait_for(warm_up);
+        writer
     }
 
     /// Returns once `n` more steps are written to every member.
     pub fn advance(&self, n: u64) {
-        let target = self.steps.load(Ordering::Relaxed) + n;
+        self.wait_for(self.steps.load(Ordering::Relaxed) + n);
+    }
+
+    /// Until `target` steps are written; a writer that stopped (its volume
+    /// full, its file gone) fails the test instead of spinning it for ever.
+    fn wait_for(&self, target: u64) {
         while self.steps.load(Ordering::Relaxed) < target {
+            assert!(!self.thread.is_finished(), "the lockstep writer stopped short of {target}");
             std::thread::yield_now();
         }
     }
