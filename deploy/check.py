@@ -501,6 +501,14 @@ def check_ceph_workloads(label, engine, docs, binary, name, dep, ds):
         check(vol.get("configMap", {}).get("name") == cm["metadata"]["name"] and conf_file in cm["data"],
               f"{label} {w['kind']} mounts the Ceph config at --ceph-conf")
     check(node.get("securityContext", {}).get("privileged") is True, f"{label} node container is privileged")
+    # The fuse helpers outlive the container: started in a cgroup of the
+    # host's (a hostPath of /sys/fs/cgroup), with the host's PID namespace.
+    cgroup = arg(node, "--helper-cgroup") or ""
+    cgroup_root = cgroup.rsplit("/", 1)[0]
+    check(ds["spec"]["template"]["spec"].get("hostPID") is True,
+          f"{label} node: hostPID, so the helpers do not die with the pod's PID namespace")
+    check(volume_at(ds, node, cgroup_root).get("hostPath", {}).get("path") == "/sys/fs/cgroup",
+          f"{label} node: --helper-cgroup ({cgroup!r}) is in the host's cgroup file system")
     kubelet = [m for m in node["volumeMounts"] if m["name"] == "kubelet-dir"][0]
     check(kubelet.get("mountPropagation") == "Bidirectional" and arg(node, "--kubelet-dir") == kubelet["mountPath"],
           f"{label} node: kubelet dir mounted Bidirectional at --kubelet-dir")
@@ -588,7 +596,7 @@ def check_rbd(docs, binary):
     # starting.
     for v in ds["spec"]["template"]["spec"]["volumes"]:
         hp = v.get("hostPath")
-        if hp and hp["path"] not in ("/dev", "/sys") and not hp["path"].startswith("/var/lib/kubelet") \
+        if hp and hp["path"] not in ("/dev", "/sys", "/sys/fs/cgroup") and not hp["path"].startswith("/var/lib/kubelet") \
                 and hp.get("type") == "Directory":
             check(False, f"RBD node: hostPath {hp['path']} must not require an existing directory")
     # Each sidecar's account may do what it does.

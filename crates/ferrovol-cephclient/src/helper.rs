@@ -50,6 +50,18 @@ impl Auth {
     }
 }
 
+/// Where this node's helpers run (`--helper-cgroup`), set once at start-up:
+/// a setting of the whole process, as the node's mounts are.
+static CGROUP: std::sync::OnceLock<exec::HelperCgroup> = std::sync::OnceLock::new();
+
+/// Starts every helper from now on in the cgroup at `dir` (made if
+/// missing, and checked): they then outlive the node container, not only
+/// the driver process.
+pub fn run_in_cgroup(dir: &Path) -> Result<()> {
+    let _ = CGROUP.set(exec::HelperCgroup::open(dir)?);
+    Ok(())
+}
+
 /// Whether a program is on the PATH.
 pub fn installed(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -116,7 +128,7 @@ where
     F: Fn() -> Result<bool> + Clone + Send + 'static,
 {
     let log = start.dir.join(format!("{}.log", start.program));
-    let pid = exec::spawn_detached(start.program, &start.args, &log)?;
+    let pid = exec::spawn_detached(start.program, &start.args, &log, CGROUP.get())?;
     let pid_file = start.pid_file();
     offload::run("recording the helper", QUICK, move || {
         std::fs::write(pid_file, pid.to_string()).map_err(io("writing the helper's pid"))

@@ -174,6 +174,14 @@ pub struct RbdArgs {
     #[arg(long, env = "FERROVOL_RBD_MAPPER", value_enum, default_value = "auto")]
     pub rbd_mapper: ferrovol_rbd::mapper::Choice,
 
+    /// A cgroup v2 directory (made if missing) the node's fuse helpers
+    /// (ceph-fuse, rbd-fuse) are started in, outside the node container's
+    /// cgroup, so the pods' mounts outlive a restart of the container, not
+    /// only of the driver: the host's cgroup file system mounted in the
+    /// container, e.g. /host/sys/fs/cgroup/ferrovol-helpers, with hostPID.
+    #[arg(long, env = "FERROVOL_HELPER_CGROUP")]
+    pub helper_cgroup: Option<PathBuf>,
+
     /// Seconds connecting to Ceph or an OSD call may take before it fails.
     /// Monitor and manager commands wait for their answer: Pacific's
     /// librados cannot safely give up on a manager command.

@@ -314,6 +314,21 @@ fn ceph_connections(
             .map_err(|e| format!("--ceph-secret-dir: {}", e.message()))?;
     }
     let conn = connect::Connections::new(config).map_err(|e| e.message().to_string())?;
+    if let Some(dir) = &args.helper_cgroup {
+        if !common.mode.node() {
+            return Err("--helper-cgroup is for the node half (--mode node or all)".into());
+        }
+        ferrovol_cephclient::helper::run_in_cgroup(dir)
+            .map_err(|e| format!("--helper-cgroup: {}", e.message()))?;
+        if std::process::id() == 1 {
+            // The first process of a PID namespace: the kernel kills every
+            // process of the namespace when it exits, whatever their cgroup.
+            tracing::warn!(
+                "this driver is PID 1 of its PID namespace: its helpers still end with it \
+                 (run the node pod with hostPID: true)"
+            );
+        }
+    }
     Ok(conn)
 }
 

@@ -408,7 +408,11 @@ impl NodeService {
             refuse_foreign_mount(&id, &mounts, &all, &staging)?;
             refuse_foreign_mount(&id, &mounts, &all, &marker)?;
             let paths = Beneath::open(&kubelet)?;
-            if paths.existing(&marker)?.is_some() {
+            // A filesystem staged here is never looked into for a block
+            // stage's file: it may be dead (its fuse helper gone, every
+            // lookup ENOTCONN), and it must still come down.
+            let mounted = |p: &Path| all.iter().any(|m| m.mount_point == p);
+            if mounted(&marker) || (!mounted(&staging) && paths.existing(&marker)?.is_some()) {
                 unmount_all_and_remove(&paths, &marker)?;
             }
             unmount_all(&paths, &staging)
@@ -461,9 +465,17 @@ impl NodeService {
         // A statfs of a network filesystem blocks while its server is away:
         // measured off the executor, and given up on after a deadline.
         let at = path.clone();
-        let usage = offload::run("measuring the volume", QUICK, move || usage(&at)).await?;
+        let measured = offload::run("measuring the volume", QUICK, move || usage(&at)).await?;
+        let (usage, unmeasured) = match measured {
+            Ok(usage) => (usage, None),
+            // The volume's own mount whose filesystem does not answer (its
+            // fuse helper gone: ENOTCONN): an abnormal volume, which the
+            // caller can act on, not a failed call.
+            Err(why) => (vec![], Some(why)),
+        };
         let problem = match engine.condition(&req.volume_id, &mount).await? {
             Abnormal(m) => Some(m),
+            Healthy if unmeasured.is_some() => unmeasured,
             Healthy if mount.super_read_only() && !mount.has_option("ro") => Some(
                 "the filesystem was remounted read-only by the kernel (I/O or filesystem errors)"
                     .into(),
@@ -506,22 +518,30 @@ impl NodeService {
 }
 
 /// NodeGetVolumeStats' usage of what is at `path`: a device's size, or a
-/// filesystem's bytes and inodes.
-fn usage(path: &Path) -> Result<Vec<csi::VolumeUsage>> {
+/// filesystem's bytes and inodes; the inner error says why a path that is
+/// there cannot be measured.
+fn usage(path: &Path) -> Result<std::result::Result<Vec<csi::VolumeUsage>, String>> {
     use csi::volume_usage::Unit;
-    let meta = std::fs::metadata(path)
-        .map_err(|_| error::not_found(format!("volume path {} does not exist", path.display())))?;
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(error::not_found(format!("volume path {} does not exist", path.display())))
+        }
+        Err(e) => return Ok(Err(format!("its filesystem does not answer: {e}"))),
+    };
     if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
         let total = nodefs::block_device_size(path)?;
-        return Ok(vec![csi::VolumeUsage {
+        return Ok(Ok(vec![csi::VolumeUsage {
             total: total as i64,
             unit: Unit::Bytes as i32,
             ..Default::default()
-        }]);
+        }]));
     }
-    let st = rustix::fs::statvfs(path)
-        .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
-    Ok(filesystem_usage(&Counts {
+    let st = match rustix::fs::statvfs(path) {
+        Ok(st) => st,
+        Err(e) => return Ok(Err(format!("its filesystem does not answer: {e}"))),
+    };
+    Ok(Ok(filesystem_usage(&Counts {
         block: st.f_frsize,
         blocks: st.f_blocks,
         free: st.f_bfree,
@@ -529,7 +549,7 @@ fn usage(path: &Path) -> Result<Vec<csi::VolumeUsage>> {
         files: st.f_files,
         files_free: st.f_ffree,
         files_available: st.f_favail,
-    }))
+    })))
 }
 
 /// A filesystem's counts, as statvfs gives them.

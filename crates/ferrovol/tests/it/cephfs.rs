@@ -415,6 +415,149 @@ async fn cephfs_mounts_survive_a_driver_restart() {
     drop(d);
 }
 
+/// Two cgroups (v2) standing for a node container and the place its
+/// helpers run (`--helper-cgroup`); whatever is left in them is killed and
+/// they are removed on drop.
+struct Cgroups {
+    root: PathBuf,
+    container: PathBuf,
+    helpers: PathBuf,
+}
+
+impl Cgroups {
+    fn new(test: &str) -> Cgroups {
+        let mounts = ferrovol_host::node::mountinfo::read().unwrap();
+        let unified = mounts.iter().find(|m| m.fs_type == "cgroup2").expect("a cgroup v2 mount");
+        let root = unified.mount_point.join(format!("ferrovol-{test}-{}", std::process::id()));
+        let (container, helpers) = (root.join("container"), root.join("helpers"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&container).unwrap();
+        Cgroups { root, container, helpers }
+    }
+
+    /// A driver started as a container runs: in the container's cgroup,
+    /// and in a cgroup namespace rooted there (as on a cgroup v2 host, where
+    /// nothing outside the container's cgroup can be named from inside).
+    fn containerised(&self, driver: DriverBuilder) -> Driver {
+        let procs = self.container.join("cgroup.procs");
+        let enter = format!("echo $$ > {} && exec unshare --cgroup \"$@\"", procs.display());
+        let d = driver.wrapped_in(["sh".to_string(), "-c".into(), enter, "sh".into()]).start();
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap();
+        assert_ne!(ns(&d.pid().to_string()), ns("self"), "a cgroup namespace of its own");
+        d
+    }
+
+    /// What a runtime does to stop a container: every process of its
+    /// cgroup killed at once, whatever its session; done when the cgroup
+    /// says it holds none (its `populated 0`), as a runtime waits for.
+    fn kill_container(&self) {
+        std::fs::write(self.container.join("cgroup.kill"), "1").unwrap();
+        let events = self.container.join("cgroup.events");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&events).unwrap().contains("populated 0") {
+            assert!(Instant::now() < deadline, "the container's processes outlived the kill");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The cgroup `pid` is in, relative to the mount (`/ferrovol-…/helpers`).
+    fn of(pid: i32) -> String {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_string()
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for cg in [&self.container, &self.helpers] {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| !p.is_empty())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
+
+/// A restart of the node container, not only of the driver: the runtime
+/// kills every process of the container's cgroup (runc writes its
+/// `cgroup.kill`), sessions or not. The driver runs as in a container (its
+/// cgroup, a cgroup namespace of its own). With `--helper-cgroup`, ceph-fuse
+/// was started outside that cgroup and the pod's mount lives on; without it,
+/// the same kill takes ceph-fuse, and the pod's mount is dead (`Transport
+/// endpoint is not connected`: what ceph-csi's users report). The driver
+/// started again finds the live stage, says the dead one is abnormal, and
+/// takes both down.
+#[tokio::test]
+async fn cephfs_mounts_outlive_the_node_container() {
+    let Some(fs) = cephfs("container") else { return };
+    let cg = Cgroups::new("container");
+    let outside = ["--helper-cgroup".to_string(), cg.helpers.display().to_string()];
+    let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
+    let builder = |extra: &[&str]| fs.driver("d", "node-a", extra);
+
+    // A directory that is no cgroup is refused at start-up, by name.
+    let plain = fs.root.path().join("not-a-cgroup");
+    let plain = ["--helper-cgroup".to_string(), plain.display().to_string()];
+    let mut refused = builder(&plain.iter().map(String::as_str).collect::<Vec<_>>()).spawn();
+    assert!(!refused.wait().success());
+    assert!(refused.logs().contains("is not inside a cgroup v2 file system"), "{}", refused.logs());
+
+    let mut d = cg.containerised(builder(&outside));
+    let mut k = clients(&d).await;
+    let v1 = new_volume(&mut k, &fs, "pvc-kept", Mode::SingleNodeWriter).await;
+    let (staging1, target1) = mount(&mut k.n, &fs, &v1, "pod-1", Mode::SingleNodeWriter).await;
+    std::fs::write(target1.join("data"), b"before").unwrap();
+    let kept = fs.helpers();
+    assert_eq!(kept.len(), 1);
+    assert!(Cgroups::of(kept[0]).ends_with("/helpers"), "{}", Cgroups::of(kept[0]));
+    cg.kill_container();
+    assert!(!d.wait().success(), "the driver was killed with its container");
+    assert_eq!(fs.helpers(), kept, "ceph-fuse outlived the container");
+    std::fs::write(target1.join("more"), b"while the container was gone").unwrap();
+
+    // The control: a driver without the flag, its ceph-fuse in the
+    // container, killed with it.
+    d = cg.containerised(builder(&[]));
+    let mut k = clients(&d).await;
+    let v2 = new_volume(&mut k, &fs, "pvc-lost", Mode::SingleNodeWriter).await;
+    let (staging2, target2) = mount(&mut k.n, &fs, &v2, "pod-2", Mode::SingleNodeWriter).await;
+    let lost: Vec<i32> = fs.helpers().into_iter().filter(|p| !kept.contains(p)).collect();
+    assert_eq!(lost.len(), 1);
+    assert!(Cgroups::of(lost[0]).ends_with("/container"), "{}", Cgroups::of(lost[0]));
+    cg.kill_container();
+    d.wait();
+    assert_eq!(fs.helpers(), kept, "the container's ceph-fuse died with it");
+    let dead = std::fs::read_dir(&target2).map(|_| ()).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
+    assert_eq!(std::fs::read(target1.join("data")).unwrap(), b"before");
+
+    // Started again: the kept stage serves, the lost one is abnormal, and
+    // both are taken down.
+    let d = builder(&outside).start();
+    let mut k = clients(&d).await;
+    let condition = |v: &csi::Volume, target: &Path| csi::NodeGetVolumeStatsRequest {
+        volume_id: v.volume_id.clone(),
+        volume_path: target.display().to_string(),
+        ..Default::default()
+    };
+    let stats = k.n.node_get_volume_stats(condition(&v1, &target1)).await.unwrap().into_inner();
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+    let stats = k.n.node_get_volume_stats(condition(&v2, &target2)).await.unwrap().into_inner();
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(true), "the dead mount");
+    unmount(&mut k.n, &v2.volume_id, &staging2, &target2).await;
+    unmount(&mut k.n, &v1.volume_id, &staging1, &target1).await;
+    assert!(fs.helpers().is_empty(), "unstage stopped ceph-fuse");
+    k.c.delete_volume(req::delete(&v1.volume_id)).await.unwrap();
+    k.c.delete_volume(req::delete(&v2.volume_id)).await.unwrap();
+    fs.assert_clean();
+    drop(d);
+}
+
 /// One name is one volume whatever the parameters; ceph-csi's keys we do
 /// not support, unknown keys and raw block are refused by name; expansion
 /// raises the quota, which a mounted pod sees without a remount.
