@@ -248,6 +248,13 @@ fn record(sv: &Subvolumes, v: &VolumeId) -> Result<Option<Record>> {
     Ok(text.as_deref().and_then(Record::decode).filter(|r| r.volume == v.id()))
 }
 
+/// A volume a listing may show: a subvolume not yet described, or a view
+/// of a snapshot (described by its index entry).
+enum Candidate {
+    Sub(Subvolumes, VolumeId),
+    View(Volume),
+}
+
 /// The volume a subvolume holds, as the CO sees it.
 pub(crate) fn describe(sv: &Subvolumes, v: &VolumeId) -> Result<Volume> {
     let id = v.id();
@@ -1010,37 +1017,53 @@ impl ControllerEngine for CephFsEngine {
 
     /// Every subvolume with our record in the covered file systems, by ID.
     async fn list_volumes(&self, token: Option<&str>, max: usize) -> Result<Page<Volume>> {
-        let mut all = vec![];
+        if token.is_some_and(|t| ids::fs_of_volume(t).is_none()) {
+            return Err(error::busy("starting_token is not one this driver issued"));
+        }
+        // Every candidate's ID is cheap (one listing per subvolume group,
+        // one index read for the views); describing a subvolume costs two
+        // manager calls. So only the page's candidates are described, in
+        // ID order, from after the token: a listing of N volumes costs N
+        // descriptions in all, not N per page.
+        let mut candidates: Vec<(String, Candidate)> = vec![];
         for fs in &self.settings.filesystems {
             let sv = self.subvolumes(fs, &Secrets::default()).await?;
-            let found = blocking(move || {
-                let mut found = vec![];
-                for v in every_subvolume(&sv)? {
-                    match describe(&sv, &v) {
-                        Ok(vol) => found.push(vol),
+            let listed = blocking({
+                let sv = sv.clone();
+                move || every_subvolume(&sv)
+            })
+            .await?;
+            candidates.extend(listed.into_iter().map(|v| (v.id(), Candidate::Sub(sv.clone(), v))));
+        }
+        let home = self.home_pool(&Secrets::default()).await?;
+        let views = blocking(move || backed::all(&home)).await?;
+        candidates.extend(views.into_iter().map(|v| (v.id.clone(), Candidate::View(v))));
+        candidates.retain(|(id, _)| token.is_none_or(|t| id.as_str() > t));
+        candidates.sort_by(|a, b| a.0.cmp(&b.0));
+        let want = max.max(1);
+        let mut page = blocking(move || {
+            let mut page = Vec::with_capacity(want + 1);
+            // One past the page: whether another page follows.
+            for (_, c) in candidates {
+                if page.len() > want {
+                    break;
+                }
+                match c {
+                    Candidate::View(v) => page.push(v),
+                    Candidate::Sub(sv, v) => match describe(&sv, &v) {
+                        Ok(vol) => page.push(vol),
                         // Not ours, half made, gone meanwhile, or a
                         // restore still copying.
                         Err(e) if matches!(e.kind(), Kind::NotFound | Kind::Unavailable) => {}
                         Err(e) => return Err(e),
-                    }
+                    },
                 }
-                Ok(found)
-            })
-            .await?;
-            all.extend(found);
-        }
-        let home = self.home_pool(&Secrets::default()).await?;
-        all.extend(blocking(move || backed::all(&home)).await?);
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        if let Some(t) = token {
-            // Tokens are volume IDs: the listing resumes after it.
-            if ids::fs_of_volume(t).is_none() {
-                return Err(error::busy("starting_token is not one this driver issued"));
             }
-            all.retain(|v| v.id.as_str() > t);
-        }
-        let next = engine::next_token(&mut all, max.max(1), |v| v.id.clone());
-        Ok(Page { items: all, next })
+            Ok(page)
+        })
+        .await?;
+        let next = engine::next_token(&mut page, want, |v| v.id.clone());
+        Ok(Page { items: page, next })
     }
 
     async fn capacity(
