@@ -415,74 +415,6 @@ async fn cephfs_mounts_survive_a_driver_restart() {
     drop(d);
 }
 
-/// Two cgroups (v2) standing for a node container and the place its
-/// helpers run (`--helper-cgroup`); whatever is left in them is killed and
-/// they are removed on drop.
-struct Cgroups {
-    root: PathBuf,
-    container: PathBuf,
-    helpers: PathBuf,
-}
-
-impl Cgroups {
-    fn new(test: &str) -> Cgroups {
-        let mounts = ferrovol_host::node::mountinfo::read().unwrap();
-        let unified = mounts.iter().find(|m| m.fs_type == "cgroup2").expect("a cgroup v2 mount");
-        let root = unified.mount_point.join(format!("ferrovol-{test}-{}", std::process::id()));
-        let (container, helpers) = (root.join("container"), root.join("helpers"));
-        std::fs::create_dir(&root).unwrap();
-        std::fs::create_dir(&container).unwrap();
-        Cgroups { root, container, helpers }
-    }
-
-    /// A driver started as a container runs: in the container's cgroup,
-    /// and in a cgroup namespace rooted there (as on a cgroup v2 host, where
-    /// nothing outside the container's cgroup can be named from inside).
-    fn containerised(&self, driver: DriverBuilder) -> Driver {
-        let procs = self.container.join("cgroup.procs");
-        let enter = format!("echo $$ > {} && exec unshare --cgroup \"$@\"", procs.display());
-        let d = driver.wrapped_in(["sh".to_string(), "-c".into(), enter, "sh".into()]).start();
-        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap();
-        assert_ne!(ns(&d.pid().to_string()), ns("self"), "a cgroup namespace of its own");
-        d
-    }
-
-    /// What a runtime does to stop a container: every process of its
-    /// cgroup killed at once, whatever its session; done when the cgroup
-    /// says it holds none (its `populated 0`), as a runtime waits for.
-    fn kill_container(&self) {
-        std::fs::write(self.container.join("cgroup.kill"), "1").unwrap();
-        let events = self.container.join("cgroup.events");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&events).unwrap().contains("populated 0") {
-            assert!(Instant::now() < deadline, "the container's processes outlived the kill");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The cgroup `pid` is in, relative to the mount (`/ferrovol-…/helpers`).
-    fn of(pid: i32) -> String {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_string()
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for cg in [&self.container, &self.helpers] {
-            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| !p.is_empty())
-                && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = std::fs::remove_dir(cg);
-        }
-        let _ = std::fs::remove_dir(&self.root);
-    }
-}
-
 /// A restart of the node container, not only of the driver: the runtime
 /// kills every process of the container's cgroup (runc writes its
 /// `cgroup.kill`), sessions or not. The driver runs as in a container (its
@@ -495,7 +427,7 @@ impl Drop for Cgroups {
 #[tokio::test]
 async fn cephfs_mounts_outlive_the_node_container() {
     let Some(fs) = cephfs("container") else { return };
-    let cg = Cgroups::new("container");
+    let cg = common::Cgroups::new("container");
     let outside = ["--helper-cgroup".to_string(), cg.helpers.display().to_string()];
     let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
     let builder = |extra: &[&str]| fs.driver("d", "node-a", extra);
@@ -514,7 +446,7 @@ async fn cephfs_mounts_outlive_the_node_container() {
     std::fs::write(target1.join("data"), b"before").unwrap();
     let kept = fs.helpers();
     assert_eq!(kept.len(), 1);
-    assert!(Cgroups::of(kept[0]).ends_with("/helpers"), "{}", Cgroups::of(kept[0]));
+    assert!(common::Cgroups::of(kept[0]).ends_with("/helpers"), "{}", common::Cgroups::of(kept[0]));
     cg.kill_container();
     assert!(!d.wait().success(), "the driver was killed with its container");
     assert_eq!(fs.helpers(), kept, "ceph-fuse outlived the container");
@@ -528,7 +460,11 @@ async fn cephfs_mounts_outlive_the_node_container() {
     let (staging2, target2) = mount(&mut k.n, &fs, &v2, "pod-2", Mode::SingleNodeWriter).await;
     let lost: Vec<i32> = fs.helpers().into_iter().filter(|p| !kept.contains(p)).collect();
     assert_eq!(lost.len(), 1);
-    assert!(Cgroups::of(lost[0]).ends_with("/container"), "{}", Cgroups::of(lost[0]));
+    assert!(
+        common::Cgroups::of(lost[0]).ends_with("/container"),
+        "{}",
+        common::Cgroups::of(lost[0])
+    );
     cg.kill_container();
     d.wait();
     assert_eq!(fs.helpers(), kept, "the container's ceph-fuse died with it");

@@ -533,11 +533,19 @@ async fn unmount(k: &mut Clients, id: &str, staging: &Path, target: &Path) {
     k.n.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
 }
 
+/// rbd-fuse and a loop device serve a mounted volume; the node container
+/// is stopped as a runtime stops it (every process of its cgroup killed,
+/// the driver included), and rbd-fuse, started with `--helper-cgroup` in a
+/// cgroup of the host's, lives on with the pod's mount; the restarted
+/// driver finds the mapping.
 #[tokio::test]
-async fn rbd_node_maps_with_rbd_fuse_and_survives_a_driver_restart() {
+async fn rbd_node_maps_with_rbd_fuse_and_survives_its_container() {
     let Some(ceph) = ceph("node") else { return };
-    let builder = || ceph.driver("d", "node-a", &[]);
-    let mut d = builder().start();
+    let cg = common::Cgroups::new("rbd-node");
+    let outside = ["--helper-cgroup".to_string(), cg.helpers.display().to_string()];
+    let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
+    let builder = || ceph.driver("d", "node-a", &outside);
+    let mut d = cg.containerised(builder());
     let mut k = clients(&d).await;
     let v = new_volume(&mut k, &ceph, "pvc-n", 64 * MIB).await;
     let (staging, target) = mount(&mut k, &ceph, &v, "pv-n", "ext4").await;
@@ -547,12 +555,15 @@ async fn rbd_node_maps_with_rbd_fuse_and_survives_a_driver_restart() {
     let loops = ceph.loops();
     assert_eq!(loops.len(), 1);
 
-    // The driver dies; the helper (its own session) and the mount do not.
-    d.kill();
-    assert_eq!(ceph.helpers(), helpers, "the helper outlived the driver");
+    // The container dies; the helper (its own session, a cgroup outside)
+    // and the mount do not.
+    assert!(common::Cgroups::of(helpers[0]).ends_with("/helpers"));
+    cg.kill_container();
+    assert!(!d.wait().success(), "the driver was killed with its container");
+    assert_eq!(ceph.helpers(), helpers, "the helper outlived the container");
     std::fs::write(target.join("more"), b"written while the driver was down").unwrap();
 
-    d = builder().start();
+    d = cg.containerised(builder());
     let mut k = clients(&d).await;
     // The kubelet retries the stage: the same device, no second helper.
     k.n.node_stage_volume(stage_req(&v, &staging, req::mount_cap("ext4"))).await.unwrap();

@@ -1022,3 +1022,71 @@ pub mod ceph {
         out
     }
 }
+
+/// Two cgroups (v2) standing for a node container and the place its
+/// helpers run (`--helper-cgroup`); whatever is left in them is killed and
+/// they are removed on drop.
+pub struct Cgroups {
+    root: PathBuf,
+    container: PathBuf,
+    pub helpers: PathBuf,
+}
+
+impl Cgroups {
+    pub fn new(test: &str) -> Cgroups {
+        let mounts = ferrovol_host::node::mountinfo::read().unwrap();
+        let unified = mounts.iter().find(|m| m.fs_type == "cgroup2").expect("a cgroup v2 mount");
+        let root = unified.mount_point.join(format!("ferrovol-{test}-{}", std::process::id()));
+        let (container, helpers) = (root.join("container"), root.join("helpers"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&container).unwrap();
+        Cgroups { root, container, helpers }
+    }
+
+    /// A driver started as a container runs: in the container's cgroup,
+    /// and in a cgroup namespace rooted there (as on a cgroup v2 host, where
+    /// nothing outside the container's cgroup can be named from inside).
+    pub fn containerised(&self, driver: DriverBuilder) -> Driver {
+        let procs = self.container.join("cgroup.procs");
+        let enter = format!("echo $$ > {} && exec unshare --cgroup \"$@\"", procs.display());
+        let d = driver.wrapped_in(["sh".to_string(), "-c".into(), enter, "sh".into()]).start();
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap();
+        assert_ne!(ns(&d.pid().to_string()), ns("self"), "a cgroup namespace of its own");
+        d
+    }
+
+    /// What a runtime does to stop a container: every process of its
+    /// cgroup killed at once, whatever its session; done when the cgroup
+    /// says it holds none (its `populated 0`), as a runtime waits for.
+    pub fn kill_container(&self) {
+        std::fs::write(self.container.join("cgroup.kill"), "1").unwrap();
+        let events = self.container.join("cgroup.events");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&events).unwrap().contains("populated 0") {
+            assert!(Instant::now() < deadline, "the container's processes outlived the kill");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The cgroup `pid` is in, relative to the mount (`/ferrovol-…/helpers`).
+    pub fn of(pid: i32) -> String {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_string()
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for cg in [&self.container, &self.helpers] {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| !p.is_empty())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_dir(&self.root);
+    }
+}
