@@ -106,10 +106,17 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
              the driver's manager calls: {calls:.1})"
         );
     }
+    // The peak so far after each phase (it only grows): which phase
+    // raises it.
+    let peak_after = |phase: &str| {
+        println!("    (driver RSS peak after {phase}: {:.1} MiB)", rss_mib(pid, "VmHWM:"));
+    };
+    peak_after("the pairs");
     snapshots(&channel, &sv, &fs, args.samples.min(11)).await?;
     let files = args.cephfs_files.max(1);
     for (what, count) in [("one file", 1usize), ("many files", files)] {
         restores(&channel, &sv, &conf, &fs, args.data_mib, count, what).await?;
+        peak_after(&format!("the restores of {what}"));
     }
     node_cycle(&channel, &scratch.work, &fs, args.samples.min(11)).await?;
     if args.fio_seconds > 0 {

@@ -297,10 +297,25 @@ impl Beneath {
         let Some((dir, name)) = self.parent_of(path)? else { return Ok(false) };
         let mut at = proc_path(&dir);
         at.push(name);
-        match rustix::mount::unmount(&at, rustix::mount::UnmountFlags::NOFOLLOW) {
-            Ok(()) => Ok(true),
-            Err(Errno::INVAL | Errno::NOENT) => Ok(false),
-            Err(e) => Err(error::internal(format!("unmounting {}: {e}", shown(path)))),
+        // EBUSY can be a moment's: a process forked meanwhile (a helper
+        // this driver starts for another volume) holds a copy of every
+        // descriptor, a publish's own into this mount among them, until it
+        // execs and its close-on-exec ones go. Tried again for up to about
+        // 2.5 s; past that, the mount is in use, which the caller can retry.
+        let mut pause = std::time::Duration::from_millis(5);
+        for _ in 0..9 {
+            match rustix::mount::unmount(&at, rustix::mount::UnmountFlags::NOFOLLOW) {
+                Ok(()) => return Ok(true),
+                Err(Errno::INVAL | Errno::NOENT) => return Ok(false),
+                Err(Errno::BUSY) => std::thread::sleep(pause),
+                Err(e) => return Err(error::internal(format!("unmounting {}: {e}", shown(path)))),
+            }
+            pause *= 2;
         }
+        Err(error::busy(format!(
+            "{} is in use (a process has a file or its working directory in it); retry once \
+             it is closed",
+            shown(path)
+        )))
     }
 }

@@ -222,6 +222,33 @@ async fn read_write_once_pod_allows_one_target() {
     e.kubelet.assert_clean();
 }
 
+/// A pod's mount some process is still in (its working directory there)
+/// cannot be unmounted: NodeUnpublishVolume says so (ABORTED: retry once it
+/// is closed), not INTERNAL, and leaves the mount; once the process is
+/// gone, the retry unpublishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unpublish_of_a_mount_in_use_is_refused_until_it_is_free() {
+    let e = env(PoolFs::Ext4).await;
+    let (mut c, mut n) = e.clients().await;
+    let cap = req::mount_cap("ext4");
+    let id = new_volume(&mut c, "in-use", 64 * MIB, cap.clone()).await;
+    let (staging, target) = (e.kubelet.staging("pv"), e.kubelet.target("pod", "pv"));
+    n.node_stage_volume(stage_req(&id, &staging, cap.clone())).await.unwrap();
+    n.node_publish_volume(publish_req(&id, &staging, &target, cap, false)).await.unwrap();
+    let mut holder =
+        std::process::Command::new("sleep").arg("600").current_dir(&target).spawn().unwrap();
+    let busy = n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap_err();
+    let _ = holder.kill();
+    holder.wait().unwrap();
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+    assert!(busy.message().contains("in use"), "{busy:?}");
+    assert!(is_mounted(&target), "the pod's mount is left as it was");
+    n.node_unpublish_volume(unpublish_req(&id, &target)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging)).await.unwrap();
+    c.delete_volume(req::delete(&id)).await.unwrap();
+    e.kubelet.assert_clean();
+}
+
 async fn online_expansion(fs_type: &str) {
     let e = env(PoolFs::Ext4).await;
     let (mut c, mut n) = e.clients().await;

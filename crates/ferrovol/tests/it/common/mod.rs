@@ -874,8 +874,10 @@ impl Lockstep {
     /// Until `target` steps are written; a writer that stopped (its volume
     /// full, its file gone) fails the test instead of spinning it for ever.
     fn wait_for(&self, target: u64) {
+        let deadline = Instant::now() + START_TIMEOUT;
         while self.steps.load(Ordering::Relaxed) < target {
             assert!(!self.thread.is_finished(), "the lockstep writer stopped short of {target}");
+            assert!(Instant::now() < deadline, "the lockstep writer is stuck short of {target}");
             std::thread::yield_now();
         }
     }
