@@ -391,14 +391,7 @@ async fn cephfs_mounts_survive_a_driver_restart() {
     k.n.node_stage_volume(stage).await.unwrap();
     assert_eq!(fs.helpers(), helpers);
     let stats =
-        k.n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: target.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        k.n.node_get_volume_stats(req::stats(&v.volume_id, &target)).await.unwrap().into_inner();
     let bytes = &stats.usage[0];
     assert_eq!(bytes.total, 64 * MIB, "statfs shows the quota: {stats:?}");
     assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
@@ -476,14 +469,11 @@ async fn cephfs_mounts_outlive_the_node_container() {
     // both are taken down.
     let d = builder(&outside).start();
     let mut k = clients(&d).await;
-    let condition = |v: &csi::Volume, target: &Path| csi::NodeGetVolumeStatsRequest {
-        volume_id: v.volume_id.clone(),
-        volume_path: target.display().to_string(),
-        ..Default::default()
-    };
-    let stats = k.n.node_get_volume_stats(condition(&v1, &target1)).await.unwrap().into_inner();
+    let stats =
+        k.n.node_get_volume_stats(req::stats(&v1.volume_id, &target1)).await.unwrap().into_inner();
     assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
-    let stats = k.n.node_get_volume_stats(condition(&v2, &target2)).await.unwrap().into_inner();
+    let stats =
+        k.n.node_get_volume_stats(req::stats(&v2.volume_id, &target2)).await.unwrap().into_inner();
     assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(true), "the dead mount");
     unmount(&mut k.n, &v2.volume_id, &staging2, &target2).await;
     unmount(&mut k.n, &v1.volume_id, &staging1, &target1).await;

@@ -10,19 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::req::{self, MIB};
-use common::req::{new_volume, publish_req, stage_req, unpublish_req, unstage_req};
+use common::req::{new_volume, publish_req, stage_req, stats, unpublish_req, unstage_req};
 use common::{env, is_mounted, DriverBuilder, Kubelet, PoolFs, TestPool};
 use ferrovol_csi as csi;
 use ferrovol_csi::node_client::NodeClient;
 use tonic::Code;
-
-fn stats(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
-    csi::NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: path.display().to_string(),
-        ..Default::default()
-    }
-}
 
 fn expand(id: &str, path: &Path, bytes: i64) -> csi::NodeExpandVolumeRequest {
     csi::NodeExpandVolumeRequest {

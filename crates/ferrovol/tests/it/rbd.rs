@@ -572,15 +572,7 @@ async fn rbd_node_maps_with_rbd_fuse_and_survives_its_container() {
         ceph.loops().iter().map(|l| &l.device).collect::<Vec<_>>(),
         loops.iter().map(|l| &l.device).collect::<Vec<_>>()
     );
-    let stats =
-        k.n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.clone(),
-            volume_path: target.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = k.n.node_get_volume_stats(req::stats(&v, &target)).await.unwrap().into_inner();
     assert!(!stats.usage.is_empty());
 
     // Deleting a mapped volume is refused while its helper has it open.
@@ -895,13 +887,7 @@ async fn rbd_a_dead_nodes_lock_is_broken_when_the_volume_moves() {
         .unwrap();
     }
     // node-a's driver (if it still ran) says so rather than "healthy".
-    let stats =
-        k.n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.clone(),
-            volume_path: staging.display().to_string(),
-            ..Default::default()
-        })
-        .await;
+    let stats = k.n.node_get_volume_stats(req::stats(&v, &staging)).await;
     let condition = stats.map(|s| s.into_inner().volume_condition.unwrap_or_default());
     assert!(
         condition.as_ref().map_or(true, |c| c.abnormal),

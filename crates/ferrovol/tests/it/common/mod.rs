@@ -385,6 +385,14 @@ pub mod req {
     pub const GIB: i64 = 1 << 30;
     pub const MIB: i64 = 1 << 20;
 
+    pub fn stats(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
+        csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.display().to_string(),
+            ..Default::default()
+        }
+    }
+
     pub fn mount_cap(fs: &str) -> csi::VolumeCapability {
         csi::VolumeCapability {
             access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
